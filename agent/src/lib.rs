@@ -1,0 +1,8 @@
+//! `cph-agent`: the node service of a cloud phone host.
+//!
+//! It runs on every bare-metal server under systemd, owns that server's
+//! phones through `cph-runtime`, registers and heartbeats with the control
+//! plane, and executes the jobs the CPH API asks of a phone or a server.
+
+pub mod config;
+pub mod telemetry;

@@ -1,0 +1,4 @@
+//! `cph`: the control plane of the cloud phone platform and the `cph` command.
+//!
+//! It serves the Huawei Cloud Phone Host (CPH) REST API over a fleet of hosts,
+//! each run by a `cph-agent`, and `cph up` runs a whole platform on one machine.
