@@ -5,4 +5,5 @@
 //! plane, and executes the jobs the CPH API asks of a phone or a server.
 
 pub mod config;
+pub mod protocol;
 pub mod telemetry;

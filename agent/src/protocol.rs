@@ -1,0 +1,391 @@
+//! The agent protocol: HTTP+JSON between the control plane and each node agent.
+//!
+//! These are wire types only; both sides convert them to and from their own
+//! domain types. Every request carries `Authorization: Bearer <node token>`.
+//!
+//! Agent side (served by `cph-agent`, called by the control plane):
+//! - `GET  /v1/inventory`          -> [`Inventory`]
+//! - `POST /v1/servers`            [`CreateServer`] -> [`Accepted`] (phones are created as jobs)
+//! - `DELETE /v1/servers/{id}`     -> [`Accepted`]
+//! - `POST /v1/jobs`               [`JobRequest`] -> [`JobStatus`] (idempotent on `job_id`)
+//! - `GET  /v1/jobs/{job_id}`      -> [`JobStatus`]
+//! - `GET  /v1/phones`             -> `Vec<PhoneState>`
+//!
+//! Control-plane side (served by `cph`, called by agents):
+//! - `POST /agent/v1/register`     [`Inventory`] -> [`Registered`]
+//! - `POST /agent/v1/heartbeat`    [`Heartbeat`] -> [`Accepted`]
+//! - `POST /agent/v1/jobs`         `Vec<JobStatus>` -> [`Accepted`] (status reports)
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the node token (`Authorization: Bearer <token>`).
+pub const AUTHORIZATION: &str = "authorization";
+/// Largest `execute_msg` a job reports, in bytes (the reference's limit).
+pub const EXECUTE_MSG_MAX: usize = 1024;
+
+/// What a host has and runs; sent at registration and on request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Stable host identity (machine-id), the key the control plane files it under.
+    pub node_id: String,
+    pub hostname: String,
+    /// URL the control plane reaches this agent's protocol at.
+    pub agent_url: String,
+    pub agent_version: String,
+    /// Server flavor this host serves (e.g. `physical.rx1.xlarge`, `dev.small`).
+    pub server_model: String,
+    /// Address phones' access ports are reached at from the private network.
+    pub server_ip: String,
+    /// Address reached from the internet, when the host has one.
+    pub public_ip: Option<String>,
+    pub cpus: u32,
+    pub numa_nodes: u32,
+    pub gpus: u32,
+    pub memory_mb: u64,
+    /// Phones this host can hold for its server model's phone flavor.
+    pub phone_capacity: u32,
+    /// What the host lacks (binderfs, cgroup controllers, ...), in words.
+    pub missing: Vec<String>,
+    pub phones: Vec<PhoneState>,
+}
+
+/// Answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registered {
+    pub node_id: String,
+    /// Seconds between heartbeats the control plane expects.
+    pub heartbeat_secs: u64,
+}
+
+/// Periodic liveness report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_id: String,
+    pub phones: Vec<PhoneState>,
+    /// Jobs that changed since the last report.
+    pub jobs: Vec<JobStatus>,
+}
+
+/// Generic acknowledgement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub accepted: bool,
+}
+
+/// A phone flavor as the agent needs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneFlavor {
+    pub flavor_id: String,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    /// Phones per server for this flavor.
+    pub phone_capacity: u32,
+    /// `core_bind_strategy` from the flavor's `extend_spec`.
+    pub core_bind_strategy: String,
+    /// The rest of `extend_spec` (thinpool/sharepool sizes, encode server spec...).
+    pub extend_spec: serde_json::Value,
+}
+
+/// A phone image as the agent needs it: where to fetch the rootfs archive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub image_id: String,
+    /// `file:///abs/path.tar.gz` or `obs://bucket/key`.
+    pub url: String,
+}
+
+/// A user port of a phone (the reference's `ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub name: String,
+    pub listen_port: u16,
+    pub internet_accessible: bool,
+}
+
+/// One phone to create on a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneSpec {
+    pub phone_id: String,
+    pub phone_name: String,
+    /// Placement slot on the host (0-based).
+    pub slot: u32,
+    pub property: BTreeMap<String, String>,
+}
+
+/// Create a server's phones on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateServer {
+    pub server_id: String,
+    pub server_name: String,
+    pub flavor: PhoneFlavor,
+    pub image: ImageRef,
+    pub ports: Vec<PortSpec>,
+    /// Server-wide shared bandwidth in Mbit/s.
+    pub band_width_size: u32,
+    /// Public key for ADB/SSH access, if the order named a keypair.
+    pub public_key: Option<String>,
+    pub phones: Vec<PhoneSpec>,
+}
+
+/// Phone lifecycle as the agent sees it; the control plane maps it to the
+/// API's phone status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhoneRunState {
+    Creating,
+    Running,
+    Stopped,
+    Restarting,
+    Resetting,
+    Exited,
+    Failed,
+    Deleting,
+}
+
+/// A phone's access address for one port (`access_infos` of the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessInfo {
+    /// `adb`, `vnc` or the user port's name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub phone_ip: String,
+    pub listen_port: u16,
+    pub access_port: u16,
+    pub internet_accessible: bool,
+}
+
+/// A phone's state as reported by its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneState {
+    pub phone_id: String,
+    pub server_id: String,
+    pub phone_name: String,
+    pub state: PhoneRunState,
+    /// Exit code or failure reason when `state` is exited or failed.
+    pub reason: Option<String>,
+    pub image_id: String,
+    pub slot: u32,
+    pub access_infos: Vec<AccessInfo>,
+    pub property: BTreeMap<String, String>,
+    /// `direct` or `routing`.
+    pub traffic_type: String,
+}
+
+/// An object in the object store (`obs://bucket/key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub bucket: String,
+    pub key: String,
+}
+
+/// What a job does. The control plane validates the API's input and sends it
+/// in this typed form; the agent never parses CPH `content` strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Create (or re-create) one phone of a server already sent with [`CreateServer`].
+    CreatePhone {
+        phone: PhoneSpec,
+    },
+    StartPhone,
+    StopPhone,
+    RestartPhone {
+        image_id: Option<String>,
+        property: Option<BTreeMap<String, String>>,
+    },
+    ResetPhone {
+        image: Option<ImageRef>,
+        property: Option<BTreeMap<String, String>>,
+    },
+    RenamePhone {
+        new_name: String,
+    },
+    UpdateProperty {
+        property: BTreeMap<String, String>,
+    },
+    DeletePhone,
+    /// `push`: a tar extracted into the phone's root.
+    Push {
+        object: ObjectRef,
+    },
+    /// `install`/`install-multiple`: `flags` such as `-t -r`; first APK is the base.
+    Install {
+        flags: Vec<String>,
+        objects: Vec<ObjectRef>,
+    },
+    Uninstall {
+        flags: Vec<String>,
+        package: String,
+    },
+    /// Async `shell`.
+    Shell {
+        command: String,
+    },
+    /// Sync `shell`: answered within `timeout_ms`.
+    SyncShell {
+        command: String,
+        timeout_ms: u64,
+    },
+    /// `batch-storage` export of `/data`, `/cache` subtrees as a tar.
+    Export {
+        object: ObjectRef,
+        include: Vec<String>,
+        exclude: Vec<String>,
+    },
+    /// `batch-restore` from an export tar.
+    Restore {
+        object: ObjectRef,
+    },
+    /// Whole-phone migration: export here then restore on `target`.
+    Migrate {
+        object: ObjectRef,
+        keep_property: bool,
+    },
+    SharePushFiles {
+        object: ObjectRef,
+        target_dir: String,
+    },
+    ShareListFiles {
+        path: String,
+        offset: u32,
+        limit: u32,
+    },
+    ShareDeleteFiles {
+        paths: Vec<String>,
+    },
+    SharePushApps {
+        object: ObjectRef,
+        package_name: String,
+    },
+    ShareDeleteApps {
+        package_names: Vec<String>,
+    },
+    UpdateKeypair {
+        public_key: String,
+    },
+    /// `direct` or `routing`.
+    SetTraffic {
+        traffic_type: String,
+    },
+    /// Server-wide shared bandwidth in Mbit/s.
+    UpdateBandwidth {
+        band_width_size: u32,
+    },
+    RestartEncodeServer,
+}
+
+/// A job sent to an agent: one target (a phone or, for server jobs, the server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job_id: String,
+    pub request_id: String,
+    pub server_id: String,
+    /// Target phone, or `None` for a server-wide job.
+    pub phone_id: Option<String>,
+    #[serde(flatten)]
+    pub kind: JobKind,
+}
+
+/// Job status codes of the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "i32", try_from = "i32")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl From<JobState> for i32 {
+    fn from(s: JobState) -> i32 {
+        match s {
+            JobState::Running => 1,
+            JobState::Succeeded => 2,
+            JobState::Failed => -1,
+        }
+    }
+}
+
+impl TryFrom<i32> for JobState {
+    type Error = String;
+    fn try_from(v: i32) -> Result<Self, Self::Error> {
+        match v {
+            1 => Ok(Self::Running),
+            2 => Ok(Self::Succeeded),
+            -1 => Ok(Self::Failed),
+            other => Err(format!("unknown job status {other}")),
+        }
+    }
+}
+
+/// A job's status as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub status: JobState,
+    /// The reference's `CPS.xxxx` code when failed.
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    /// Output for the user, at most [`EXECUTE_MSG_MAX`] bytes.
+    pub execute_msg: Option<String>,
+}
+
+/// Cuts `msg` to at most [`EXECUTE_MSG_MAX`] bytes on a character boundary.
+pub fn cap_execute_msg(msg: &str) -> String {
+    if msg.len() <= EXECUTE_MSG_MAX {
+        return msg.to_string();
+    }
+    let mut end = EXECUTE_MSG_MAX;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_state_uses_reference_codes() {
+        assert_eq!(
+            serde_json::to_string(&JobState::Failed).expect("json"),
+            "-1"
+        );
+        assert_eq!(
+            serde_json::from_str::<JobState>("2").expect("json"),
+            JobState::Succeeded
+        );
+        assert!(serde_json::from_str::<JobState>("7").is_err());
+    }
+
+    #[test]
+    fn job_request_is_flat_with_kind_tag() {
+        let req = JobRequest {
+            job_id: "j1".into(),
+            request_id: "r1".into(),
+            server_id: "s1".into(),
+            phone_id: Some("p1".into()),
+            kind: JobKind::SyncShell {
+                command: "echo hi".into(),
+                timeout_ms: 2000,
+            },
+        };
+        let v = serde_json::to_value(&req).expect("json");
+        assert_eq!(v["kind"], "sync_shell");
+        assert_eq!(v["command"], "echo hi");
+        let back: JobRequest = serde_json::from_value(v).expect("round trip");
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn execute_msg_is_capped_on_char_boundary() {
+        let long = "é".repeat(600); // 1,200 bytes
+        let capped = cap_execute_msg(&long);
+        assert!(capped.len() <= EXECUTE_MSG_MAX);
+        assert_eq!(capped.len() % 2, 0);
+        assert_eq!(cap_execute_msg("short"), "short");
+    }
+}
