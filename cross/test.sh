@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
-cargo_x() { cargo --config cross/config.toml "$@" --target "$target"; }
+cargo_x() { local sub=$1; shift; cargo --config cross/config.toml "$sub" --target "$target" "$@"; }
 
 if [ "${1:-}" = "--release-only" ]; then
     cargo_x build --release --bins
