@@ -21,4 +21,4 @@ fi
 rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu \
     || rustup target add aarch64-unknown-linux-gnu
 
-python3 -m pip install -q --disable-pip-version-check -r "$(dirname "$0")/../tests/sdk/requirements.txt"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r "$(dirname "$0")/../tests/sdk/requirements.txt"
