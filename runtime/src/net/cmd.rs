@@ -85,6 +85,11 @@ pub fn tc_class_show(dev: &str) -> Invocation {
     Invocation::new("tc", &["class", "show", "dev", dev])
 }
 
+/// `tc qdisc show dev <dev>`.
+pub fn tc_qdisc_show(dev: &str) -> Invocation {
+    Invocation::new("tc", &["qdisc", "show", "dev", dev])
+}
+
 /// `ss -H -l -n -t -u`: the listening TCP and UDP sockets.
 pub fn ss_listening() -> Invocation {
     Invocation::new("ss", &["-H", "-l", "-n", "-t", "-u"])

@@ -136,7 +136,12 @@ impl<R: Runner> NetManager<R> {
         self.host_ip(lines)?;
         self.host(cmd::sysctl("net.ipv4.ip_forward", "1"))?;
         self.host_nft(nft::render_table(&self.cfg, self.state.phones.values()))?;
+        let qdiscs = self.host(cmd::tc_qdisc_show(&self.cfg.bridge))?;
         let mut tcl = tc::render_root(&self.cfg, self.state.shared_bandwidth_mbit);
+        if tc::has_htb_root(&qdiscs) {
+            // HTB cannot change its root in place; classes are replaced below.
+            tcl.remove(0);
+        }
         for p in self.state.phones.values() {
             tcl.extend(tc::render_phone_add(
                 &self.cfg,

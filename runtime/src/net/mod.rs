@@ -19,6 +19,7 @@ mod manager;
 pub mod nft;
 mod state;
 pub mod tc;
+pub mod testbed;
 mod validate;
 
 pub use config::{Ipv4Net, NetConfig};

@@ -20,6 +20,8 @@ pub const PHONE_GUARANTEED_KBIT: u64 = 100;
 pub const LEAF_QUEUE_PACKETS: u32 = 256;
 /// One full-size Ethernet frame, the least burst and the DRR quantum.
 const MTU_BYTES: u64 = 1514;
+/// The largest GSO segment.
+const GSO_BYTES: u64 = 65536;
 
 /// The ceiling of a phone class, kbit/s.
 pub fn phone_ceil_kbit(limit: BandwidthLimit, shared_mbit: u32) -> u64 {
@@ -30,9 +32,10 @@ pub fn phone_ceil_kbit(limit: BandwidthLimit, shared_mbit: u32) -> u64 {
     }
 }
 
-/// Burst in bytes: 5 ms at the rate, at least two frames.
+/// Burst in bytes: 10 ms at the rate, at least one 64 KiB GSO segment, so
+/// the large segments veth and bridges carry do not starve the bucket.
 fn burst_bytes(kbit: u64) -> u64 {
-    (kbit * 1000 / 8 / 200).max(2 * MTU_BYTES)
+    (kbit * 1000 / 8 / 100).max(GSO_BYTES)
 }
 
 fn server_class(verb: &str, cfg: &NetConfig, shared_mbit: u32) -> String {
@@ -113,6 +116,11 @@ pub fn render_shared_change<'a>(
     v
 }
 
+/// Whether `tc qdisc show` lists our HTB root (`qdisc htb 1: root`).
+pub fn has_htb_root(show: &str) -> bool {
+    show.lines().any(|l| l.starts_with("qdisc htb 1: root"))
+}
+
 /// Class minors present under `1:` in `tc class show` output (server class
 /// excluded).
 pub fn parse_class_minors(show: &str) -> Vec<u32> {
@@ -157,19 +165,19 @@ mod tests {
         );
         assert_eq!(
             root[1],
-            "class replace dev cphbr0 parent 1: classid 1:1 htb rate 300000kbit ceil 300000kbit burst 187500 cburst 187500"
+            "class replace dev cphbr0 parent 1: classid 1:1 htb rate 300000kbit ceil 300000kbit burst 375000 cburst 375000"
         );
         let p = phone(BandwidthLimit::Kbit(10_000));
         assert_eq!(
             render_phone_add(&cfg, &p, 300),
             vec![
-                "class replace dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 10000kbit burst 3028 cburst 6250 quantum 1514".to_string(),
+                "class replace dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 10000kbit burst 65536 cburst 65536 quantum 1514".to_string(),
                 "qdisc replace dev cphbr0 parent 1:10 handle 10: pfifo limit 256".to_string(),
             ]
         );
         assert_eq!(
             render_phone_change(&cfg, &phone(BandwidthLimit::Unlimited), 15)[0],
-            "class change dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 15000kbit burst 3028 cburst 9375 quantum 1514"
+            "class change dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 15000kbit burst 65536 cburst 65536 quantum 1514"
         );
         // A limit above the server rate is capped by it; a tiny one keeps it.
         assert_eq!(
@@ -197,5 +205,7 @@ mod tests {
                     class htb 1:10 parent 1:1 leaf 10: prio 0 rate 100Kbit ceil 10Mbit burst 3028b cburst 6250b \n\
                     class htb 1:1a parent 1:1 leaf 1a: prio 0 rate 100Kbit ceil 15Mbit burst 3028b cburst 9375b \n";
         assert_eq!(parse_class_minors(show), vec![0x10, 0x1a]);
+        assert!(has_htb_root("qdisc htb 1: root refcnt 2 r2q 10 default 0 direct_packets_stat 0\n"));
+        assert!(!has_htb_root("qdisc noqueue 0: root refcnt 2\n"));
     }
 }
