@@ -71,7 +71,10 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     // Private port: refused from outside, reachable from the private network.
     let refused = echo_from(&public, access(db), b"x").unwrap_err();
     assert!(refused.contains("refused"), "{refused}");
-    assert_eq!(echo_from(&private, access(db), b"inside").unwrap(), b"inside");
+    assert_eq!(
+        echo_from(&private, access(db), b"inside").unwrap(),
+        b"inside"
+    );
     // The phone address itself is not open to the outside.
     let direct = SocketAddr::from(([10, 210, 0, 2], 20000));
     assert!(echo_from(&public, direct, b"x").is_err());
@@ -87,19 +90,27 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     // Ports persisted; a second phone never shares an access port, and a
     // host listener inside the range is skipped.
     let state = std::fs::read_to_string(&cfg.state_path).unwrap();
-    assert!(state.contains("\"access_port\": "));
+    assert!(state.contains("\"access_port\":"));
     spawn_echo(&host, 12002).unwrap();
     let phone_b = tb.phone_netns().unwrap();
-    let info_b = net.add_phone("phone-b", &phone_b, &[port("web", 20000, true)], -1).unwrap();
+    let info_b = net
+        .add_phone("phone-b", &phone_b, &[port("web", 20000, true)], -1)
+        .unwrap();
     assert_eq!(info_b[0].phone_ip, "10.210.0.3");
-    assert!(![web, db, 12002].contains(&info_b[0].access_port), "{info_b:?}");
+    assert!(
+        ![web, db, 12002].contains(&info_b[0].access_port),
+        "{info_b:?}"
+    );
 
     // Bad input changes nothing.
     let before = in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]);
     for (bad, field) in [
         (vec![port("web", 9000, true)], "listen_port"),
         (vec![port("adb", 20000, true)], "name"),
-        (vec![port("a", 20000, true), port("b", 20000, true)], "listen_port"),
+        (
+            vec![port("a", 20000, true), port("b", 20000, true)],
+            "listen_port",
+        ),
     ] {
         match net.set_ports("phone-a", &bad) {
             Err(NetError::Invalid { field: f, .. }) => assert_eq!(f, field),
@@ -108,13 +119,21 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     }
     assert!(matches!(
         net.add_phone("phone-c", &phone_b, &[], 0),
-        Err(NetError::Invalid { field: "com.cph.bandwidth_limit", .. })
+        Err(NetError::Invalid {
+            field: "com.cph.bandwidth_limit",
+            ..
+        })
     ));
-    assert_eq!(in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]), before);
+    assert_eq!(
+        in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]),
+        before
+    );
     assert!(!net.host_links().unwrap().contains(&cfg.veth_name(2)));
 
     // Unmapping the public port: new connections refused, map shrinks.
-    let info = net.set_ports("phone-a", &[port("db", 20001, false)]).unwrap();
+    let info = net
+        .set_ports("phone-a", &[port("db", 20001, false)])
+        .unwrap();
     assert_eq!(info[0].access_port, db, "kept port keeps its access port");
     assert!(echo_from(&public, access(web), b"x").is_err());
     assert_eq!(echo_from(&private, access(db), b"still").unwrap(), b"still");
@@ -124,7 +143,10 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     let tables = in_ns(&host, "nft", &["list", "tables"]);
     assert!(!tables.contains(&cfg.table), "{tables}");
     let links = in_ns(&host, "ip", &["-o", "link", "show"]);
-    assert!(!links.contains(&cfg.bridge) && !links.contains(&cfg.veth_prefix), "{links}");
+    assert!(
+        !links.contains(&cfg.bridge) && !links.contains(&cfg.veth_prefix),
+        "{links}"
+    );
     assert!(!in_ns(&phone_ns, "ip", &["-o", "link", "show"]).contains("eth0"));
     assert!(!cfg.state_path.exists());
 }
@@ -164,20 +186,34 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
             "{what}: goodput {:.2} Mbit/s = {ratio:.3} of the limit, layer 2 {l2:.3}",
             got / 1e6
         );
-        assert!((0.93..=1.0).contains(&ratio), "{what}: goodput ratio {ratio:.3}");
+        assert!(
+            (0.93..=1.0).contains(&ratio),
+            "{what}: goodput ratio {ratio:.3}"
+        );
         assert!((0.97..=1.03).contains(&l2), "{what}: layer-2 ratio {l2:.3}");
     };
     check(measure(&tb, &rx, ap), 10e6, "phone limit 10000 kbit/s");
     net.set_bandwidth_limit("phone-bw", 18_000).unwrap();
     let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
     assert!(classes.contains("ceil 18Mbit"), "{classes}");
-    check(measure(&tb, &rx, ap), 18e6, "phone limit changed to 18000 kbit/s");
+    check(
+        measure(&tb, &rx, ap),
+        18e6,
+        "phone limit changed to 18000 kbit/s",
+    );
     net.set_bandwidth_limit("phone-bw", -1).unwrap();
     net.set_shared_bandwidth(14).unwrap();
-    check(measure(&tb, &rx, ap), 14e6, "unlimited phone, shared 14 Mbit/s");
+    check(
+        measure(&tb, &rx, ap),
+        14e6,
+        "unlimited phone, shared 14 Mbit/s",
+    );
     assert!(matches!(
         net.set_shared_bandwidth(301),
-        Err(NetError::Invalid { field: "band_width_size", .. })
+        Err(NetError::Invalid {
+            field: "band_width_size",
+            ..
+        })
     ));
     net.teardown().unwrap();
     assert!(!in_ns(&host, "ip", &["-o", "link", "show"]).contains(&cfg.bridge));
@@ -204,12 +240,19 @@ fn traffic_diversion_and_reconcile_after_restart() {
 
     // Traffic diversion switches the default route live.
     let enc = std::net::Ipv4Addr::new(10, 210, 0, 250);
-    net.set_traffic("phone-r", TrafficType::Routing(enc)).unwrap();
+    net.set_traffic("phone-r", TrafficType::Routing(enc))
+        .unwrap();
     let route = in_ns(&phone_ns, "ip", &["route", "show", "default"]);
     assert!(route.contains("via 10.210.0.250"), "{route}");
     assert!(matches!(
-        net.set_traffic("phone-r", TrafficType::Routing("192.0.2.1".parse().unwrap())),
-        Err(NetError::Invalid { field: "traffic_type", .. })
+        net.set_traffic(
+            "phone-r",
+            TrafficType::Routing("192.0.2.1".parse().unwrap())
+        ),
+        Err(NetError::Invalid {
+            field: "traffic_type",
+            ..
+        })
     ));
     net.set_traffic("phone-r", TrafficType::Direct).unwrap();
     let route = in_ns(&phone_ns, "ip", &["route", "show", "default"]);
@@ -222,7 +265,8 @@ fn traffic_diversion_and_reconcile_after_restart() {
         use std::io::{Read, Write};
         let r = (|| {
             let mut s = std::net::TcpStream::connect(access(ap)).map_err(|e| e.to_string())?;
-            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
             while let Ok(msg) = rx.recv() {
                 s.write_all(&msg).map_err(|e| e.to_string())?;
                 let mut got = vec![0; msg.len()];
@@ -236,22 +280,51 @@ fn traffic_diversion_and_reconcile_after_restart() {
         }
     });
     tx.send(b"before".to_vec()).unwrap();
-    assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap(), b"before");
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap(),
+        b"before"
+    );
 
     // "Restart": a new manager from the state file, with a leaked link of
     // ours and a stale class present; reconcile twice (idempotent).
     drop(net);
-    in_ns(&host, "ip", &["link", "add", &cfg.veth_name(42), "type", "veth", "peer", "name", "leak42"]);
+    in_ns(
+        &host,
+        "ip",
+        &[
+            "link",
+            "add",
+            &cfg.veth_name(42),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "leak42",
+        ],
+    );
     let mut net = NetManager::open(cfg.clone(), 300).unwrap();
     net.reconcile().unwrap();
     net.reconcile().unwrap();
     tx.send(b"after".to_vec()).unwrap();
-    assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap(), b"after");
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap(),
+        b"after"
+    );
     assert_eq!(echo_from(&public, access(ap), b"new").unwrap(), b"new");
     let links = net.host_links().unwrap();
     assert!(!links.contains(&cfg.veth_name(42)));
     let table = in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]);
-    assert_eq!(table.matches(&format!("{SERVER_IP} . {ap}")).count(), 1, "{table}");
+    assert_eq!(
+        table.matches(&format!("{SERVER_IP} . {ap}")).count(),
+        1,
+        "{table}"
+    );
     let tables = in_ns(&host, "nft", &["list", "tables"]);
     assert_eq!(tables.matches(&cfg.table).count(), 1);
     let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
@@ -265,5 +338,8 @@ fn traffic_diversion_and_reconcile_after_restart() {
     drop(tx);
     net.teardown().unwrap();
     assert!(!in_ns(&host, "nft", &["list", "tables"]).contains(&cfg.table));
-    assert_eq!(in_ns(&host, "ip", &["-o", "link", "show"]).lines().count(), 3);
+    assert_eq!(
+        in_ns(&host, "ip", &["-o", "link", "show"]).lines().count(),
+        3
+    );
 }

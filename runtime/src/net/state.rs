@@ -118,7 +118,7 @@ impl NetState {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| NetError::StateCorrupt {
+        let bytes = serde_json::to_vec(self).map_err(|e| NetError::StateCorrupt {
             path: path.to_path_buf(),
             source: e,
         })?;

@@ -205,7 +205,9 @@ mod tests {
                     class htb 1:10 parent 1:1 leaf 10: prio 0 rate 100Kbit ceil 10Mbit burst 3028b cburst 6250b \n\
                     class htb 1:1a parent 1:1 leaf 1a: prio 0 rate 100Kbit ceil 15Mbit burst 3028b cburst 9375b \n";
         assert_eq!(parse_class_minors(show), vec![0x10, 0x1a]);
-        assert!(has_htb_root("qdisc htb 1: root refcnt 2 r2q 10 default 0 direct_packets_stat 0\n"));
+        assert!(has_htb_root(
+            "qdisc htb 1: root refcnt 2 r2q 10 default 0 direct_packets_stat 0\n"
+        ));
         assert!(!has_htb_root("qdisc noqueue 0: root refcnt 2\n"));
     }
 }

@@ -67,8 +67,12 @@ impl Testbed {
             run(&["netns", "add", ns])?;
         }
         let (h, p, v) = (tb.host.clone(), tb.public.clone(), tb.private.clone());
-        run(&["-n", &h, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &p])?;
-        run(&["-n", &h, "link", "add", "up1", "type", "veth", "peer", "name", "eth0", "netns", &v])?;
+        run(&[
+            "-n", &h, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &p,
+        ])?;
+        run(&[
+            "-n", &h, "link", "add", "up1", "type", "veth", "peer", "name", "eth0", "netns", &v,
+        ])?;
         for (ns, dev, addr) in [
             (&h, "up0", format!("{SERVER_IP}/24")),
             (&h, "up1", format!("{PRIVATE_GW_IP}/24")),
@@ -79,8 +83,24 @@ impl Testbed {
             run(&["-n", ns, "link", "set", dev, "up"])?;
             run(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        run(&["-n", &p, "route", "add", "default", "via", &SERVER_IP.to_string()])?;
-        run(&["-n", &v, "route", "add", "default", "via", &PRIVATE_GW_IP.to_string()])?;
+        run(&[
+            "-n",
+            &p,
+            "route",
+            "add",
+            "default",
+            "via",
+            &SERVER_IP.to_string(),
+        ])?;
+        run(&[
+            "-n",
+            &v,
+            "route",
+            "add",
+            "default",
+            "via",
+            &PRIVATE_GW_IP.to_string(),
+        ])?;
         tb.phones.clear();
         Ok(tb)
     }
@@ -236,8 +256,10 @@ pub fn spawn_sink(
 /// Connects from inside a namespace, sends `msg` and returns the echo.
 pub fn echo_from(netns: &Path, to: SocketAddr, msg: &'static [u8]) -> Result<Vec<u8>, String> {
     in_netns(netns, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let mut s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
         s.write_all(msg).map_err(|e| e.to_string())?;
         let mut got = vec![0u8; msg.len()];
         s.read_exact(&mut got).map_err(|e| e.to_string())?;
@@ -251,7 +273,8 @@ pub fn echo_from(netns: &Path, to: SocketAddr, msg: &'static [u8]) -> Result<Vec
 /// Sends as fast as possible for `secs` from inside a namespace.
 pub fn blast_from(netns: &Path, to: SocketAddr, secs: f64) -> Result<u64, String> {
     in_netns(netns, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        let mut s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
         let buf = vec![0x5au8; 1 << 16];
         let start = std::time::Instant::now();
         let mut sent = 0u64;
