@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use criterion::Criterion;
 use cph_runtime::net::cmd::{self, Runner, SystemRunner};
 use cph_runtime::net::testbed::{
     blast_from, goodput_bps, in_netns, netns_path, spawn_echo, spawn_sink, Testbed, SERVER_IP,
@@ -21,6 +20,7 @@ use cph_runtime::net::{
     nft, BandwidthLimit, Ipv4Net, NetConfig, NetManager, NetState, PhoneNet, PortMapping,
     PortRequest, TrafficType,
 };
+use criterion::Criterion;
 
 const PORTS_PER_PHONE: u32 = 100;
 const FIRST_PORT: u16 = 10000;
@@ -76,7 +76,10 @@ fn fake_state(cfg: &NetConfig, n: u32) -> NetState {
             PhoneNet {
                 phone_id: id,
                 index: i,
-                ip: cfg.subnet.host(i + 2).expect("subnet holds the fake phones"),
+                ip: cfg
+                    .subnet
+                    .host(i + 2)
+                    .expect("subnet holds the fake phones"),
                 host_if: cfg.veth_name(i),
                 netns: PathBuf::from("/nonexistent/fake-phone"),
                 ports: mappings(u32::from(FIRST_PORT) + i * PORTS_PER_PHONE),
@@ -152,10 +155,12 @@ fn main() {
         let public2 = public.clone();
         c.bench_function(&format!("portmap/crr_newest_port/{n}"), |b| {
             b.iter_custom(|iters| {
-                let ds = in_netns(&public2, move || (0..iters).map(|_| crr(to)).collect::<Vec<_>>())
-                    .join()
-                    .expect("client thread")
-                    .expect("client netns");
+                let ds = in_netns(&public2, move || {
+                    (0..iters).map(|_| crr(to)).collect::<Vec<_>>()
+                })
+                .join()
+                .expect("client thread")
+                .expect("client netns");
                 let total = ds.iter().sum();
                 rec.borrow_mut().extend(ds);
                 total
@@ -283,19 +288,17 @@ fn main() {
         .expect("nft list");
     eprintln!("nft tables in the bench host namespace: {}", tables.trim());
     let flowtable = format!(
-        "table ip {t}ft {{ flowtable f {{ hook ingress priority 0; devices = {{ up1 }} }} }}\n",
+        "table ip {t}ft {{\n\tflowtable f {{\n\t\thook ingress priority 0; devices = {{ up1 }};\n\t}}\n}}\n",
         t = cfg.table
     );
     match SystemRunner.run(&cmd::nft_batch(flowtable).in_netns(Some(&host))) {
         Ok(_) => eprintln!("nftables flowtable available (not used by this build)"),
         Err(e) => eprintln!("nftables flowtable unavailable on this kernel: {e}"),
     }
-    let _ = SystemRunner.run(
-        &cmd::nft_batch(format!("delete table ip {}ft\n", cfg.table)).in_netns(Some(&host)),
-    );
-    let _ = SystemRunner.run(
-        &cmd::tc_batch(&[format!("qdisc del dev {} root", cfg.bridge)]).in_netns(Some(&host)),
-    );
+    let _ = SystemRunner
+        .run(&cmd::nft_batch(format!("delete table ip {}ft\n", cfg.table)).in_netns(Some(&host)));
+    let _ = SystemRunner
+        .run(&cmd::tc_batch(&[format!("qdisc del dev {} root", cfg.bridge)]).in_netns(Some(&host)));
     let (tx, rx) = std::sync::mpsc::channel();
     spawn_sink(&phone_ns, 20099, tx).expect("sink");
     let info = net

@@ -130,10 +130,22 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     );
     assert!(!net.host_links().unwrap().contains(&cfg.veth_name(2)));
 
-    // Unmapping the public port: new connections refused, map shrinks.
+    // Unmapping the public port: its conntrack entries go, the kept port's
+    // stay, new connections are refused.
+    let ct_ports = || {
+        cph_runtime::net::cmd::parse_conntrack_reply_ports(&in_ns(
+            &host,
+            "conntrack",
+            &["-L", "--reply-src", "10.210.0.2"],
+        ))
+    };
+    assert!(ct_ports().contains(&("tcp".to_string(), 20000)));
     let info = net
         .set_ports("phone-a", &[port("db", 20001, false)])
         .unwrap();
+    let after = ct_ports();
+    assert!(!after.contains(&("tcp".to_string(), 20000)), "{after:?}");
+    assert!(after.contains(&("tcp".to_string(), 20001)), "{after:?}");
     assert_eq!(info[0].access_port, db, "kept port keeps its access port");
     assert!(echo_from(&public, access(web), b"x").is_err());
     assert_eq!(echo_from(&private, access(db), b"still").unwrap(), b"still");

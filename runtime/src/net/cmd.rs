@@ -127,6 +127,29 @@ impl ConntrackDelete {
     }
 }
 
+/// `conntrack -L --reply-src <ip>`: the connections answered by a phone.
+pub fn conntrack_list_reply_src(phone_ip: std::net::Ipv4Addr) -> Invocation {
+    Invocation::new("conntrack", &["-L", "--reply-src", &phone_ip.to_string()])
+}
+
+/// The (protocol, phone-side port) pairs of `conntrack -L` lines: the
+/// protocol is the first word, the phone's port the reply tuple's `sport`
+/// (the second `sport=`).
+pub fn parse_conntrack_reply_ports(out: &str) -> std::collections::BTreeSet<(String, u16)> {
+    out.lines()
+        .filter_map(|l| {
+            let proto = l.split_whitespace().next()?.to_string();
+            let port = l
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("sport="))
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((proto, port))
+        })
+        .collect()
+}
+
 fn join_lines(lines: &[String]) -> String {
     let mut s = String::new();
     for l in lines {
@@ -225,6 +248,21 @@ mod tests {
         let inv = nft_batch("add table ip t\n".into()).in_netns(Some(Path::new("/run/netns/x")));
         assert_eq!(inv.display(), "nft -f -");
         assert_eq!(inv.netns.as_deref(), Some(Path::new("/run/netns/x")));
+    }
+
+    #[test]
+    fn conntrack_listing_yields_reply_ports() {
+        let out = "tcp      6 431999 ESTABLISHED src=10.210.101.2 dst=10.210.100.1 sport=40000 dport=12001 src=10.210.0.2 dst=10.210.101.2 sport=20001 dport=40000 [ASSURED] mark=0 use=1\n\
+                   udp      17 29 src=10.210.101.2 dst=10.210.100.1 sport=5000 dport=12002 src=10.210.0.2 dst=10.210.101.2 sport=20002 dport=5000 mark=0 use=1\n";
+        let got = parse_conntrack_reply_ports(out);
+        assert_eq!(
+            got,
+            [("tcp".to_string(), 20001), ("udp".to_string(), 20002)].into()
+        );
+        assert_eq!(
+            conntrack_list_reply_src(std::net::Ipv4Addr::new(10, 210, 0, 2)).display(),
+            "conntrack -L --reply-src 10.210.0.2"
+        );
     }
 
     #[test]

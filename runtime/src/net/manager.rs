@@ -335,9 +335,21 @@ impl<R: Runner> NetManager<R> {
         self.state.port_cursor = cursor;
         self.state.phones.insert(phone_id.to_string(), new);
         self.save()?;
-        for port in dropped {
-            for proto in ["tcp", "udp"] {
-                self.drop_conntrack(old.ip, Some((proto, port)));
+        if !dropped.is_empty() {
+            // One listing, then a delete only where a dropped port has flows.
+            let live = match self.host(cmd::conntrack_list_reply_src(old.ip)) {
+                Ok(out) => cmd::parse_conntrack_reply_ports(&out),
+                Err(e) => {
+                    warn!(phone_id, error = %e, "cannot list conntrack entries");
+                    Default::default()
+                }
+            };
+            for port in dropped {
+                for proto in ["tcp", "udp"] {
+                    if live.contains(&(proto.to_string(), port)) {
+                        self.drop_conntrack(old.ip, Some((proto, port)));
+                    }
+                }
             }
         }
         self.access_info(phone_id)
