@@ -17,7 +17,7 @@ use cph_runtime::net::testbed::{
     blast_from, goodput_bps, in_netns, netns_path, spawn_echo, spawn_sink, Testbed, SERVER_IP,
 };
 use cph_runtime::net::{
-    nft, BandwidthLimit, Ipv4Net, NetConfig, NetManager, NetState, PhoneNet, PortMapping,
+    nft, tc, BandwidthLimit, Ipv4Net, NetConfig, NetManager, NetState, PhoneNet, PortMapping,
     PortRequest, TrafficType,
 };
 use criterion::Criterion;
@@ -278,6 +278,36 @@ fn main() {
         ours: percentile(&mut rc_samples.borrow_mut(), 0.5).as_secs_f64() * 1e3,
         // Plain `nft -f` load of a 40k map measured on this machine.
         anchor: 542.0,
+        unit: "ms",
+    });
+
+    // Pieces of the API call: the state file at 40,000 mappings, and a
+    // live bandwidth change as one `tc -batch` (`tc class change`).
+    let mut saves = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        net.state().save(&cfg.state_path).expect("save state");
+        saves.push(t.elapsed());
+    }
+    metrics.push(Metric {
+        metric: "state_save_40k_p50".into(),
+        ours: percentile(&mut saves, 0.5).as_secs_f64() * 1e3,
+        anchor: 5.0,
+        unit: "ms",
+    });
+    let mut phone = net.phone(REAL_PHONE).expect("real phone").clone();
+    let mut changes = Vec::new();
+    for i in 0..20u32 {
+        phone.bandwidth = BandwidthLimit::Kbit(10_000 + i * 1000);
+        let inv = cmd::tc_batch(&tc::render_phone_change(&cfg, &phone, 2000)).in_netns(Some(&host));
+        let t = Instant::now();
+        SystemRunner.run(&inv).expect("tc class change");
+        changes.push(t.elapsed());
+    }
+    metrics.push(Metric {
+        metric: "tc_limit_change_p50".into(),
+        ours: percentile(&mut changes, 0.5).as_secs_f64() * 1e3,
+        anchor: 10.0,
         unit: "ms",
     });
 
