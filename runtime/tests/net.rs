@@ -250,12 +250,73 @@ fn traffic_diversion_and_reconcile_after_restart() {
     let ap = info[0].access_port;
     spawn_echo(&phone_ns, 20000).unwrap();
 
-    // Traffic diversion switches the default route live.
+    // Traffic diversion switches the default route live. An "encoding
+    // container" on the bridge forwards the phone's traffic onwards.
     let enc = std::net::Ipv4Addr::new(10, 210, 0, 250);
+    let enc_ns = tb.phone_netns().unwrap();
+    let enc_path = enc_ns.display().to_string();
+    in_ns(
+        &host,
+        "ip",
+        &[
+            "link", "add", "encv", "type", "veth", "peer", "name", "eth0", "netns", &enc_path,
+        ],
+    );
+    in_ns(
+        &host,
+        "ip",
+        &["link", "set", "encv", "master", &cfg.bridge, "up"],
+    );
+    in_ns(
+        &enc_ns,
+        "ip",
+        &["addr", "add", "10.210.0.250/24", "dev", "eth0"],
+    );
+    in_ns(&enc_ns, "ip", &["link", "set", "eth0", "up"]);
+    in_ns(
+        &enc_ns,
+        "ip",
+        &["route", "add", "default", "via", "10.210.0.1"],
+    );
+    in_ns(&enc_ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+    in_ns(
+        &enc_ns,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.conf.all.send_redirects=0"],
+    );
+    in_ns(
+        &enc_ns,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.conf.eth0.send_redirects=0"],
+    );
+    // /proc/net/dev belongs to the reader's namespace (sysfs would not).
+    let enc_rx = || -> u64 {
+        let out = in_ns(&enc_ns, "cat", &["/proc/net/dev"]);
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("eth0:"))
+            .unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    spawn_echo(&public, 30001).unwrap();
+    let outside = SocketAddr::from(([10, 210, 100, 2], 30001));
+    let before = enc_rx();
+    assert_eq!(echo_from(&phone_ns, outside, b"direct").unwrap(), b"direct");
+    let direct_pkts = enc_rx() - before;
     net.set_traffic("phone-r", TrafficType::Routing(enc))
         .unwrap();
     let route = in_ns(&phone_ns, "ip", &["route", "show", "default"]);
     assert!(route.contains("via 10.210.0.250"), "{route}");
+    let before = enc_rx();
+    assert_eq!(
+        echo_from(&phone_ns, outside, b"diverted").unwrap(),
+        b"diverted"
+    );
+    let routed_pkts = enc_rx() - before;
+    assert!(
+        routed_pkts >= 4 && routed_pkts > direct_pkts + 3,
+        "direct {direct_pkts}, routed {routed_pkts}"
+    );
     assert!(matches!(
         net.set_traffic(
             "phone-r",
@@ -350,8 +411,9 @@ fn traffic_diversion_and_reconcile_after_restart() {
     drop(tx);
     net.teardown().unwrap();
     assert!(!in_ns(&host, "nft", &["list", "tables"]).contains(&cfg.table));
-    assert_eq!(
-        in_ns(&host, "ip", &["-o", "link", "show"]).lines().count(),
-        3
+    let left = in_ns(&host, "ip", &["-o", "link", "show"]);
+    assert!(
+        !left.contains(&cfg.bridge) && !left.contains(&cfg.veth_prefix),
+        "{left}"
     );
 }
