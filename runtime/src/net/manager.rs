@@ -214,7 +214,8 @@ impl<R: Runner> NetManager<R> {
         let h = &p.host_if;
         self.host_ip(vec![
             format!(
-                "link add {h} type veth peer name {PHONE_IF} netns {}",
+                "link add {h} type veth peer name {PHONE_IF} address {} netns {}",
+                phone_mac(p.ip),
                 p.netns.display()
             ),
             format!("link set {h} master {br}"),
@@ -486,6 +487,14 @@ impl<R: Runner> NetManager<R> {
     }
 }
 
+/// The phone interface's MAC, derived from its address (locally
+/// administered), so a re-plumbed phone keeps it and neighbours' ARP
+/// entries stay valid.
+pub fn phone_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:c9:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
 /// Link names from `ip -o link show` (`2: name@peer: <...`).
 pub fn parse_link_names(out: &str) -> Vec<String> {
     out.lines()
@@ -520,5 +529,6 @@ mod tests {
                   tcp   LISTEN 0      4096            [::]:10005          [::]:*\n\
                   udp   UNCONN 0      0       127.0.0.53%lo:53        0.0.0.0:*\n";
         assert_eq!(parse_listening_ports(ss), [22, 53, 10005].into());
+        assert_eq!(phone_mac(Ipv4Addr::new(10, 210, 0, 2)), "02:c9:0a:d2:00:02");
     }
 }
