@@ -9,4 +9,5 @@
 //! Pure planning is kept apart from applying it, so plans are tested without
 //! root and appliers are tested for real, as root.
 
+pub mod net;
 pub mod privilege;

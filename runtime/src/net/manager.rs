@@ -1,0 +1,534 @@
+//! Applies network plans to the kernel and keeps the state file in step.
+//!
+//! Every public operation validates and plans first (pure), then applies
+//! with as few outside commands as possible (one `ip -batch`, one `nft -f`
+//! transaction, one `tc -batch`), rolls back what it created when a later
+//! step fails, and saves the state last.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use super::cmd::{self, ConntrackDelete, Invocation, Runner, SystemRunner};
+use super::state::NetState;
+use super::validate::{validate_bandwidth_limit, validate_ports, validate_shared_bandwidth};
+use super::{
+    nft, tc, AccessInfo, BandwidthLimit, NetConfig, NetError, PhoneNet, PortRequest, TrafficType,
+};
+
+/// Name of the phone's interface inside its namespace.
+pub const PHONE_IF: &str = "eth0";
+
+/// The agent's phone networking: one per host.
+pub struct NetManager<R: Runner = SystemRunner> {
+    cfg: NetConfig,
+    runner: R,
+    state: NetState,
+}
+
+impl NetManager<SystemRunner> {
+    /// Opens with the real command runner.
+    pub fn open(cfg: NetConfig, shared_bandwidth_mbit: u32) -> Result<Self, NetError> {
+        Self::with_runner(cfg, SystemRunner, shared_bandwidth_mbit)
+    }
+}
+
+impl<R: Runner> NetManager<R> {
+    /// Loads the state file (if any) without touching the kernel. The shared
+    /// bandwidth is taken from the state when one exists.
+    pub fn with_runner(
+        cfg: NetConfig,
+        runner: R,
+        shared_bandwidth_mbit: u32,
+    ) -> Result<Self, NetError> {
+        cfg.check()?;
+        let mut state = NetState::load(&cfg.state_path)?;
+        if state.shared_bandwidth_mbit == 0 {
+            state.shared_bandwidth_mbit = validate_shared_bandwidth(shared_bandwidth_mbit)?;
+        }
+        Ok(Self { cfg, runner, state })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> &NetState {
+        &self.state
+    }
+
+    pub fn phone(&self, phone_id: &str) -> Option<&PhoneNet> {
+        self.state.phones.get(phone_id)
+    }
+
+    fn host(&self, inv: Invocation) -> Result<String, NetError> {
+        let inv = inv.in_netns(self.cfg.host_netns.as_deref());
+        self.runner.run(&inv)
+    }
+
+    fn host_ip(&self, lines: Vec<String>) -> Result<(), NetError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.host(cmd::ip_batch(&lines)).map(drop)
+    }
+
+    fn host_tc(&self, lines: Vec<String>) -> Result<(), NetError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.host(cmd::tc_batch(&lines)).map(drop)
+    }
+
+    fn host_nft(&self, text: String) -> Result<(), NetError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.host(cmd::nft_batch(text)).map(drop)
+    }
+
+    fn save(&self) -> Result<(), NetError> {
+        self.state.save(&self.cfg.state_path)
+    }
+
+    fn gateway(&self) -> Result<Ipv4Addr, NetError> {
+        self.cfg
+            .bridge_ip()
+            .ok_or_else(|| NetError::AddressesExhausted {
+                subnet: self.cfg.subnet.to_string(),
+            })
+    }
+
+    /// Names of the links in the host namespace.
+    pub fn host_links(&self) -> Result<Vec<String>, NetError> {
+        Ok(parse_link_names(&self.host(cmd::ip_links())?))
+    }
+
+    fn nft_table_exists(&self) -> Result<bool, NetError> {
+        let out = self.host(cmd::nft_list_tables())?;
+        let want = format!("table ip {}", self.cfg.table);
+        Ok(out.lines().any(|l| l.trim() == want))
+    }
+
+    /// Ports with a listening socket on the host.
+    fn busy_ports(&self) -> Result<BTreeSet<u16>, NetError> {
+        Ok(parse_listening_ports(&self.host(cmd::ss_listening())?))
+    }
+
+    /// Creates or repairs the host side: bridge with the gateway address,
+    /// forwarding, the whole nftables table from the state, the HTB root and
+    /// every phone class. Idempotent; a full reconcile calls it.
+    pub fn setup_host(&mut self) -> Result<(), NetError> {
+        let gw = self.gateway()?;
+        let br = self.cfg.bridge.clone();
+        let links = self.host_links()?;
+        let mut lines = Vec::new();
+        if !links.contains(&br) {
+            lines.push(format!("link add {br} txqueuelen 1000 type bridge"));
+        }
+        lines.push(format!(
+            "addr replace {gw}/{} dev {br}",
+            self.cfg.subnet.prefix
+        ));
+        lines.push(format!("link set {br} up"));
+        self.host_ip(lines)?;
+        self.host(cmd::sysctl("net.ipv4.ip_forward", "1"))?;
+        self.host_nft(nft::render_table(&self.cfg, self.state.phones.values()))?;
+        let qdiscs = self.host(cmd::tc_qdisc_show(&self.cfg.bridge))?;
+        let mut tcl = tc::render_root(&self.cfg, self.state.shared_bandwidth_mbit);
+        if tc::has_htb_root(&qdiscs) {
+            // HTB cannot change its root in place; classes are replaced below.
+            tcl.remove(0);
+        }
+        for p in self.state.phones.values() {
+            tcl.extend(tc::render_phone_add(
+                &self.cfg,
+                p,
+                self.state.shared_bandwidth_mbit,
+            ));
+        }
+        self.host_tc(tcl)
+    }
+
+    /// After an agent restart: rebuilds the nftables table and tc tree from
+    /// the state in place (established connections keep their conntrack
+    /// bindings), re-plumbs phones whose namespace exists but whose veth is
+    /// gone, and deletes links and classes of ours the state does not know.
+    pub fn reconcile(&mut self) -> Result<(), NetError> {
+        self.setup_host()?;
+        let links = self.host_links()?;
+        let known: BTreeSet<&str> = self
+            .state
+            .phones
+            .values()
+            .map(|p| p.host_if.as_str())
+            .collect();
+        let mut stale = Vec::new();
+        for l in &links {
+            let ours = l
+                .strip_prefix(&self.cfg.veth_prefix)
+                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()));
+            if ours && !known.contains(l.as_str()) {
+                stale.push(format!("link del {l}"));
+            }
+        }
+        if !stale.is_empty() {
+            info!(count = stale.len(), "deleting stale phone links");
+            self.host_ip(stale)?;
+        }
+        let missing: Vec<PhoneNet> = self
+            .state
+            .phones
+            .values()
+            .filter(|p| !links.contains(&p.host_if))
+            .cloned()
+            .collect();
+        for p in missing {
+            if p.netns.exists() {
+                info!(phone_id = %p.phone_id, "re-plumbing phone veth");
+                self.plumb(&p)?;
+            } else {
+                warn!(phone_id = %p.phone_id, netns = %p.netns.display(), "phone namespace gone; waiting for attach");
+            }
+        }
+        let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&self.cfg.bridge))?);
+        let wanted: BTreeSet<u32> = self
+            .state
+            .phones
+            .values()
+            .map(|p| nft::class_minor(p.index))
+            .collect();
+        let dels: Vec<String> = present
+            .into_iter()
+            .filter(|m| !wanted.contains(m))
+            .flat_map(|m| tc::render_phone_delete(&self.cfg, m - 0x10))
+            .collect();
+        self.host_tc(dels)
+    }
+
+    /// Creates the veth pair into the phone namespace and configures it.
+    fn plumb(&self, p: &PhoneNet) -> Result<(), NetError> {
+        let br = &self.cfg.bridge;
+        let h = &p.host_if;
+        self.host_ip(vec![
+            format!(
+                "link add {h} type veth peer name {PHONE_IF} address {} netns {}",
+                phone_mac(p.ip),
+                p.netns.display()
+            ),
+            format!("link set {h} master {br}"),
+            format!("link set {h} up"),
+        ])?;
+        let gw = match p.traffic {
+            TrafficType::Direct => self.gateway()?,
+            TrafficType::Routing(enc) => enc,
+        };
+        let inside = cmd::ip_batch(&[
+            "link set lo up".into(),
+            format!(
+                "addr replace {}/{} dev {PHONE_IF}",
+                p.ip, self.cfg.subnet.prefix
+            ),
+            format!("link set {PHONE_IF} up"),
+            format!("route replace default via {gw} dev {PHONE_IF}"),
+        ])
+        .in_netns(Some(&p.netns));
+        if let Err(e) = self.runner.run(&inside) {
+            let _ = self.host_ip(vec![format!("link del {h}")]);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives a phone its network: slot, address, veth into `netns`, port
+    /// mappings, download limit. Nothing is changed if validation fails.
+    pub fn add_phone(
+        &mut self,
+        phone_id: &str,
+        netns: &Path,
+        ports: &[PortRequest],
+        bandwidth_limit_kbit: i64,
+    ) -> Result<Vec<AccessInfo>, NetError> {
+        if self.state.phones.contains_key(phone_id) {
+            return Err(NetError::PhoneExists {
+                phone_id: phone_id.to_string(),
+            });
+        }
+        validate_ports(ports, self.cfg.max_ports_per_phone)?;
+        let bandwidth = validate_bandwidth_limit(bandwidth_limit_kbit)?;
+        let (index, ip) = self.state.next_slot(&self.cfg)?;
+        let busy = self.busy_ports()?;
+        let (mappings, cursor) = self.state.plan_ports(&self.cfg, phone_id, ports, &busy)?;
+        let phone = PhoneNet {
+            phone_id: phone_id.to_string(),
+            index,
+            ip,
+            host_if: self.cfg.veth_name(index),
+            netns: netns.to_path_buf(),
+            ports: mappings,
+            bandwidth,
+            traffic: TrafficType::Direct,
+        };
+        self.plumb(&phone)?;
+        let applied = self
+            .host_tc(tc::render_phone_add(
+                &self.cfg,
+                &phone,
+                self.state.shared_bandwidth_mbit,
+            ))
+            .and_then(|()| self.host_nft(nft::render_phone_delta(&self.cfg, None, Some(&phone))));
+        if let Err(e) = applied {
+            let _ = self.host_tc(tc::render_phone_delete(&self.cfg, index));
+            let _ = self.host_ip(vec![format!("link del {}", phone.host_if)]);
+            return Err(e);
+        }
+        info!(phone_id, %ip, ports = phone.ports.len(), "phone network added");
+        self.state.port_cursor = cursor;
+        self.state.phones.insert(phone_id.to_string(), phone);
+        self.save()?;
+        self.access_info(phone_id)
+    }
+
+    /// Moves a known phone into a new namespace (its container restarted),
+    /// keeping address, ports and limit.
+    pub fn attach_phone(&mut self, phone_id: &str, netns: &Path) -> Result<(), NetError> {
+        let mut p = self.known(phone_id)?.clone();
+        if self.host_links()?.contains(&p.host_if) {
+            self.host_ip(vec![format!("link del {}", p.host_if)])?;
+        }
+        p.netns = netns.to_path_buf();
+        self.plumb(&p)?;
+        self.state.phones.insert(phone_id.to_string(), p);
+        self.save()
+    }
+
+    fn known(&self, phone_id: &str) -> Result<&PhoneNet, NetError> {
+        self.state
+            .phones
+            .get(phone_id)
+            .ok_or_else(|| NetError::UnknownPhone {
+                phone_id: phone_id.to_string(),
+            })
+    }
+
+    /// Replaces a phone's port mappings in one transaction; kept listen ports
+    /// keep their access ports, dropped ones lose their conntrack entries.
+    pub fn set_ports(
+        &mut self,
+        phone_id: &str,
+        ports: &[PortRequest],
+    ) -> Result<Vec<AccessInfo>, NetError> {
+        let old = self.known(phone_id)?.clone();
+        validate_ports(ports, self.cfg.max_ports_per_phone)?;
+        let busy = self.busy_ports()?;
+        let (mappings, cursor) = self.state.plan_ports(&self.cfg, phone_id, ports, &busy)?;
+        let mut new = old.clone();
+        new.ports = mappings;
+        self.host_nft(nft::render_phone_delta(&self.cfg, Some(&old), Some(&new)))?;
+        let dropped: Vec<u16> = old
+            .ports
+            .iter()
+            .filter(|m| !new.ports.iter().any(|n| n == *m))
+            .map(|m| m.listen_port)
+            .collect();
+        self.state.port_cursor = cursor;
+        self.state.phones.insert(phone_id.to_string(), new);
+        self.save()?;
+        if !dropped.is_empty() {
+            // One listing, then a delete only where a dropped port has flows.
+            let live = match self.host(cmd::conntrack_list_reply_src(old.ip)) {
+                Ok(out) => cmd::parse_conntrack_reply_ports(&out),
+                Err(e) => {
+                    warn!(phone_id, error = %e, "cannot list conntrack entries");
+                    Default::default()
+                }
+            };
+            for port in dropped {
+                for proto in ["tcp", "udp"] {
+                    if live.contains(&(proto.to_string(), port)) {
+                        self.drop_conntrack(old.ip, Some((proto, port)));
+                    }
+                }
+            }
+        }
+        self.access_info(phone_id)
+    }
+
+    fn drop_conntrack(&self, phone_ip: Ipv4Addr, listen_port: Option<(&'static str, u16)>) {
+        let inv = ConntrackDelete {
+            phone_ip,
+            listen_port,
+        }
+        .render();
+        match self.host(inv) {
+            Ok(_) => {}
+            // conntrack exits 1 when nothing matched.
+            Err(NetError::Command { status: 1, .. }) => {}
+            Err(e) => warn!(%phone_ip, error = %e, "cannot drop conntrack entries"),
+        }
+    }
+
+    /// Changes a phone's `com.cph.bandwidth_limit` in place (kbit/s, -1 =
+    /// unlimited).
+    pub fn set_bandwidth_limit(&mut self, phone_id: &str, kbit: i64) -> Result<(), NetError> {
+        let limit: BandwidthLimit = validate_bandwidth_limit(kbit)?;
+        let mut p = self.known(phone_id)?.clone();
+        p.bandwidth = limit;
+        self.host_tc(tc::render_phone_change(
+            &self.cfg,
+            &p,
+            self.state.shared_bandwidth_mbit,
+        ))?;
+        self.state.phones.insert(phone_id.to_string(), p);
+        self.save()
+    }
+
+    /// Changes the server's shared bandwidth (Mbit/s) live.
+    pub fn set_shared_bandwidth(&mut self, mbit: u32) -> Result<(), NetError> {
+        let mbit = validate_shared_bandwidth(mbit)?;
+        self.host_tc(tc::render_shared_change(
+            &self.cfg,
+            mbit,
+            self.state.phones.values(),
+        ))?;
+        self.state.shared_bandwidth_mbit = mbit;
+        self.save()
+    }
+
+    /// Switches a phone's default route: `Direct` through the bridge,
+    /// `Routing(ip)` through the encoding container at `ip` (on the subnet).
+    pub fn set_traffic(&mut self, phone_id: &str, traffic: TrafficType) -> Result<(), NetError> {
+        let mut p = self.known(phone_id)?.clone();
+        let gw = match traffic {
+            TrafficType::Direct => self.gateway()?,
+            TrafficType::Routing(enc) => {
+                if !self.cfg.subnet.contains(enc) || enc == p.ip {
+                    return Err(NetError::invalid(
+                        "traffic_type",
+                        format!(
+                            "encoding container address {enc} is not a neighbour on {}",
+                            self.cfg.subnet
+                        ),
+                    ));
+                }
+                enc
+            }
+        };
+        let inv = cmd::ip_batch(&[format!("route replace default via {gw} dev {PHONE_IF}")])
+            .in_netns(Some(&p.netns));
+        self.runner.run(&inv)?;
+        p.traffic = traffic;
+        self.state.phones.insert(phone_id.to_string(), p);
+        self.save()
+    }
+
+    /// Removes a phone's network: map elements, class, veth, conntrack.
+    pub fn remove_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
+        let p = self.known(phone_id)?.clone();
+        self.host_nft(nft::render_phone_delta(&self.cfg, Some(&p), None))?;
+        let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&self.cfg.bridge))?);
+        if present.contains(&nft::class_minor(p.index)) {
+            self.host_tc(tc::render_phone_delete(&self.cfg, p.index))?;
+        }
+        if self.host_links()?.contains(&p.host_if) {
+            self.host_ip(vec![format!("link del {}", p.host_if)])?;
+        }
+        self.state.phones.remove(phone_id);
+        self.save()?;
+        self.drop_conntrack(p.ip, None);
+        info!(phone_id, "phone network removed");
+        Ok(())
+    }
+
+    /// The access info the API shows for a phone.
+    pub fn access_info(&self, phone_id: &str) -> Result<Vec<AccessInfo>, NetError> {
+        self.state.access_info(&self.cfg, phone_id)
+    }
+
+    /// Removes everything this manager created: the table, the bridge (and
+    /// its tc tree), every phone veth, their conntrack entries and the state
+    /// file.
+    pub fn teardown(&mut self) -> Result<(), NetError> {
+        if self.nft_table_exists()? {
+            self.host_nft(nft::render_delete_table(&self.cfg))?;
+        }
+        let links = self.host_links()?;
+        let mut lines: Vec<String> = self
+            .state
+            .phones
+            .values()
+            .filter(|p| links.contains(&p.host_if))
+            .map(|p| format!("link del {}", p.host_if))
+            .collect();
+        if links.contains(&self.cfg.bridge) {
+            lines.push(format!("link del {}", self.cfg.bridge));
+        }
+        self.host_ip(lines)?;
+        let ips: Vec<Ipv4Addr> = self.state.phones.values().map(|p| p.ip).collect();
+        for ip in ips {
+            self.drop_conntrack(ip, None);
+        }
+        self.state.phones.clear();
+        match std::fs::remove_file(&self.cfg.state_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(NetError::State {
+                path: self.cfg.state_path.clone(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Where the state file lives.
+    pub fn state_path(&self) -> PathBuf {
+        self.cfg.state_path.clone()
+    }
+}
+
+/// The phone interface's MAC, derived from its address (locally
+/// administered), so a re-plumbed phone keeps it and neighbours' ARP
+/// entries stay valid.
+pub fn phone_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:c9:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// Link names from `ip -o link show` (`2: name@peer: <...`).
+pub fn parse_link_names(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let name = l.split(':').nth(1)?.trim();
+            Some(name.split('@').next().unwrap_or(name).to_string())
+        })
+        .collect()
+}
+
+/// Local ports from `ss -H -l -n -t -u` (`tcp LISTEN 0 128 0.0.0.0:22 ...`).
+pub fn parse_listening_ports(out: &str) -> BTreeSet<u16> {
+    out.lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(4)?;
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_links_and_listeners() {
+        let links = "1: lo: <LOOPBACK,UP> mtu 65536 qdisc noqueue\n\
+                     5: cphv0@if4: <BROADCAST,MULTICAST,UP> mtu 1500 master cphbr0\n\
+                     6: cphbr0: <BROADCAST> mtu 1500\n";
+        assert_eq!(parse_link_names(links), ["lo", "cphv0", "cphbr0"]);
+        let ss = "tcp   LISTEN 0      128          0.0.0.0:22        0.0.0.0:*\n\
+                  tcp   LISTEN 0      4096            [::]:10005          [::]:*\n\
+                  udp   UNCONN 0      0       127.0.0.53%lo:53        0.0.0.0:*\n";
+        assert_eq!(parse_listening_ports(ss), [22, 53, 10005].into());
+        assert_eq!(phone_mac(Ipv4Addr::new(10, 210, 0, 2)), "02:c9:0a:d2:00:02");
+    }
+}

@@ -1,0 +1,213 @@
+//! The HTB tree shaping downloads towards phones, rendered as `tc -batch -`
+//! lines. It sits on the bridge (the host side of every phone): class `1:1`
+//! is the server and carries the shared bandwidth; each phone has a child
+//! `1:<slot + 0x10>` whose ceiling is its `com.cph.bandwidth_limit`, or the
+//! server rate when unlimited. Children get a small guaranteed rate and
+//! borrow the rest from the server class, so together they never exceed the
+//! shared bandwidth. Forwarded packets are put in their phone's class by the
+//! nftables `phone_class` map (`meta priority`), so no tc filters are needed;
+//! host-local traffic stays unclassified and unshaped.
+//!
+//! Units: tc `kbit` is 1,000 bit/s (`kbps` would be kilobytes per second);
+//! the API's kbit/s and Mbit/s are decimal too, so 1 Mbit/s is `1000kbit`.
+
+use super::nft::class_minor;
+use super::{BandwidthLimit, NetConfig, PhoneNet};
+
+/// Guaranteed rate of a phone class, kbit/s; the rest is borrowed.
+pub const PHONE_GUARANTEED_KBIT: u64 = 100;
+/// Leaf queue length, packets.
+pub const LEAF_QUEUE_PACKETS: u32 = 256;
+/// One full-size Ethernet frame, the least burst and the DRR quantum.
+const MTU_BYTES: u64 = 1514;
+/// The largest GSO segment.
+const GSO_BYTES: u64 = 65536;
+
+/// The ceiling of a phone class, kbit/s.
+pub fn phone_ceil_kbit(limit: BandwidthLimit, shared_mbit: u32) -> u64 {
+    let server = u64::from(shared_mbit) * 1000;
+    match limit {
+        BandwidthLimit::Unlimited => server,
+        BandwidthLimit::Kbit(k) => u64::from(k).min(server),
+    }
+}
+
+/// Burst in bytes: 10 ms at the rate, at least one 64 KiB GSO segment, so
+/// the large segments veth and bridges carry do not starve the bucket.
+fn burst_bytes(kbit: u64) -> u64 {
+    (kbit * 1000 / 8 / 100).max(GSO_BYTES)
+}
+
+fn server_class(verb: &str, cfg: &NetConfig, shared_mbit: u32) -> String {
+    let k = u64::from(shared_mbit) * 1000;
+    let b = burst_bytes(k);
+    format!(
+        "class {verb} dev {} parent 1: classid 1:1 htb rate {k}kbit ceil {k}kbit burst {b} cburst {b}",
+        cfg.bridge
+    )
+}
+
+fn phone_class(verb: &str, cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> String {
+    let ceil = phone_ceil_kbit(p.bandwidth, shared_mbit);
+    let rate = ceil.min(PHONE_GUARANTEED_KBIT);
+    format!(
+        "class {verb} dev {} parent 1:1 classid 1:{:x} htb rate {rate}kbit ceil {ceil}kbit burst {} cburst {} quantum {MTU_BYTES}",
+        cfg.bridge,
+        class_minor(p.index),
+        burst_bytes(rate),
+        burst_bytes(ceil),
+    )
+}
+
+fn phone_leaf(cfg: &NetConfig, p: &PhoneNet) -> String {
+    let minor = class_minor(p.index);
+    format!(
+        "qdisc replace dev {} parent 1:{minor:x} handle {minor:x}: pfifo limit {LEAF_QUEUE_PACKETS}",
+        cfg.bridge
+    )
+}
+
+/// The root qdisc and server class (idempotent: `replace`).
+pub fn render_root(cfg: &NetConfig, shared_mbit: u32) -> Vec<String> {
+    vec![
+        format!(
+            "qdisc replace dev {} root handle 1: htb default 0",
+            cfg.bridge
+        ),
+        server_class("replace", cfg, shared_mbit),
+    ]
+}
+
+/// A phone's class and leaf queue (idempotent: `replace`).
+pub fn render_phone_add(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
+    vec![
+        phone_class("replace", cfg, p, shared_mbit),
+        phone_leaf(cfg, p),
+    ]
+}
+
+/// Changes a phone's ceiling in place; queued packets and flows stay.
+pub fn render_phone_change(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
+    vec![phone_class("change", cfg, p, shared_mbit)]
+}
+
+/// Removes a phone's class (its leaf queue goes with it).
+pub fn render_phone_delete(cfg: &NetConfig, index: u32) -> Vec<String> {
+    vec![format!(
+        "class del dev {} classid 1:{:x}",
+        cfg.bridge,
+        class_minor(index)
+    )]
+}
+
+/// Changes the shared bandwidth live: the server class and every phone
+/// ceiling that depends on it.
+pub fn render_shared_change<'a>(
+    cfg: &NetConfig,
+    shared_mbit: u32,
+    phones: impl IntoIterator<Item = &'a PhoneNet>,
+) -> Vec<String> {
+    let mut v = vec![server_class("change", cfg, shared_mbit)];
+    v.extend(
+        phones
+            .into_iter()
+            .map(|p| phone_class("change", cfg, p, shared_mbit)),
+    );
+    v
+}
+
+/// Whether `tc qdisc show` lists our HTB root (`qdisc htb 1: root`).
+pub fn has_htb_root(show: &str) -> bool {
+    show.lines().any(|l| l.starts_with("qdisc htb 1: root"))
+}
+
+/// Class minors present under `1:` in `tc class show` output (server class
+/// excluded).
+pub fn parse_class_minors(show: &str) -> Vec<u32> {
+    show.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next()? == "class" && it.next()? == "htb").then_some(())?;
+            let id = it.next()?.strip_prefix("1:")?;
+            u32::from_str_radix(id, 16).ok()
+        })
+        .filter(|&m| m != 1)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::state::tests::config;
+    use crate::net::TrafficType;
+    use std::net::Ipv4Addr;
+
+    fn phone(limit: BandwidthLimit) -> PhoneNet {
+        PhoneNet {
+            phone_id: "p".into(),
+            index: 0,
+            ip: Ipv4Addr::new(10, 201, 0, 2),
+            host_if: "cphv0".into(),
+            netns: "/run/netns/p".into(),
+            ports: vec![],
+            bandwidth: limit,
+            traffic: TrafficType::Direct,
+        }
+    }
+
+    #[test]
+    fn units_are_decimal_kbit() {
+        let cfg = config(10000, 10100);
+        let root = render_root(&cfg, 300);
+        assert_eq!(
+            root[0],
+            "qdisc replace dev cphbr0 root handle 1: htb default 0"
+        );
+        assert_eq!(
+            root[1],
+            "class replace dev cphbr0 parent 1: classid 1:1 htb rate 300000kbit ceil 300000kbit burst 375000 cburst 375000"
+        );
+        let p = phone(BandwidthLimit::Kbit(10_000));
+        assert_eq!(
+            render_phone_add(&cfg, &p, 300),
+            vec![
+                "class replace dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 10000kbit burst 65536 cburst 65536 quantum 1514".to_string(),
+                "qdisc replace dev cphbr0 parent 1:10 handle 10: pfifo limit 256".to_string(),
+            ]
+        );
+        assert_eq!(
+            render_phone_change(&cfg, &phone(BandwidthLimit::Unlimited), 15)[0],
+            "class change dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 15000kbit burst 65536 cburst 65536 quantum 1514"
+        );
+        // A limit above the server rate is capped by it; a tiny one keeps it.
+        assert_eq!(
+            phone_ceil_kbit(BandwidthLimit::Kbit(99_999_999), 2000),
+            2_000_000
+        );
+        assert_eq!(phone_ceil_kbit(BandwidthLimit::Kbit(1), 2000), 1);
+        assert!(
+            render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(1)), 5)[0]
+                .contains("rate 1kbit ceil 1kbit")
+        );
+        assert_eq!(
+            render_phone_delete(&cfg, 0)[0],
+            "class del dev cphbr0 classid 1:10"
+        );
+        let shared = render_shared_change(&cfg, 50, [&p]);
+        assert_eq!(shared.len(), 2);
+        assert!(shared[0]
+            .starts_with("class change dev cphbr0 parent 1: classid 1:1 htb rate 50000kbit"));
+    }
+
+    #[test]
+    fn parses_class_listing() {
+        let show = "class htb 1:1 root rate 15Mbit ceil 15Mbit burst 1600b cburst 1600b \n\
+                    class htb 1:10 parent 1:1 leaf 10: prio 0 rate 100Kbit ceil 10Mbit burst 3028b cburst 6250b \n\
+                    class htb 1:1a parent 1:1 leaf 1a: prio 0 rate 100Kbit ceil 15Mbit burst 3028b cburst 9375b \n";
+        assert_eq!(parse_class_minors(show), vec![0x10, 0x1a]);
+        assert!(has_htb_root(
+            "qdisc htb 1: root refcnt 2 r2q 10 default 0 direct_packets_stat 0\n"
+        ));
+        assert!(!has_htb_root("qdisc noqueue 0: root refcnt 2\n"));
+    }
+}

@@ -1,0 +1,419 @@
+//! Phone networking against the real kernel: namespaces, veth, bridge,
+//! nftables and tc, all inside private namespaces of a [`Testbed`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cph_runtime::net::cmd::{Invocation, Runner, SystemRunner};
+use cph_runtime::net::testbed::{
+    blast_from, echo_from, goodput_bps, netns_path, spawn_echo, spawn_sink, Testbed, SERVER_IP,
+};
+use cph_runtime::net::{NetError, NetManager, PortRequest, TrafficType};
+
+fn port(name: &str, listen: u16, public: bool) -> PortRequest {
+    PortRequest {
+        name: name.into(),
+        listen_port: listen,
+        internet_accessible: public,
+        system: false,
+    }
+}
+
+fn in_ns(ns: &Path, program: &'static str, args: &[&str]) -> String {
+    SystemRunner
+        .run(&Invocation {
+            program,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stdin: None,
+            netns: Some(ns.to_path_buf()),
+        })
+        .unwrap()
+}
+
+fn access(port: u16) -> SocketAddr {
+    SocketAddr::from((SERVER_IP, port))
+}
+
+#[test]
+fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
+    if !cph_runtime::privilege::check("port_mapping_reaches_phone") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new("pm", dir.path()).unwrap();
+    let cfg = tb.config(12000, 12100);
+    let host = netns_path(&tb.host);
+    let (public, private) = (netns_path(&tb.public), netns_path(&tb.private));
+    let mut net = NetManager::open(cfg.clone(), 300).unwrap();
+    net.setup_host().unwrap();
+    let phone_ns = tb.phone_netns().unwrap();
+    let info = net
+        .add_phone(
+            "phone-a",
+            &phone_ns,
+            &[port("web", 20000, true), port("db", 20001, false)],
+            -1,
+        )
+        .unwrap();
+    assert_eq!(info.len(), 2);
+    assert_eq!(info[0].phone_ip, "10.210.0.2");
+    assert_eq!(info[0].server_ip, SERVER_IP.to_string());
+    assert_eq!(info[0].public_ip, "203.0.113.10");
+    assert_eq!(info[1].public_ip, "");
+    let (web, db) = (info[0].access_port, info[1].access_port);
+    assert_ne!(web, db);
+    spawn_echo(&phone_ns, 20000).unwrap();
+    spawn_echo(&phone_ns, 20001).unwrap();
+
+    // Internet-accessible port: reachable from the outside client.
+    assert_eq!(echo_from(&public, access(web), b"hello").unwrap(), b"hello");
+    // Private port: refused from outside, reachable from the private network.
+    let refused = echo_from(&public, access(db), b"x").unwrap_err();
+    assert!(refused.contains("refused"), "{refused}");
+    assert_eq!(
+        echo_from(&private, access(db), b"inside").unwrap(),
+        b"inside"
+    );
+    // The phone address itself is not open to the outside.
+    let direct = SocketAddr::from(([10, 210, 0, 2], 20000));
+    assert!(echo_from(&public, direct, b"x").is_err());
+    assert_eq!(echo_from(&private, direct, b"routed").unwrap(), b"routed");
+
+    // Egress from the phone is masqueraded behind the server address.
+    spawn_echo(&public, 30000).unwrap();
+    let out = SocketAddr::from(([10, 210, 100, 2], 30000));
+    assert_eq!(echo_from(&phone_ns, out, b"out").unwrap(), b"out");
+    let ct = in_ns(&host, "conntrack", &["-L", "-p", "tcp", "--dport", "30000"]);
+    assert!(ct.contains("src=10.210.0.2"), "{ct}");
+
+    // Ports persisted; a second phone never shares an access port, and a
+    // host listener inside the range is skipped.
+    let state = std::fs::read_to_string(&cfg.state_path).unwrap();
+    assert!(state.contains("\"access_port\":"));
+    spawn_echo(&host, 12002).unwrap();
+    let phone_b = tb.phone_netns().unwrap();
+    let info_b = net
+        .add_phone("phone-b", &phone_b, &[port("web", 20000, true)], -1)
+        .unwrap();
+    assert_eq!(info_b[0].phone_ip, "10.210.0.3");
+    assert!(
+        ![web, db, 12002].contains(&info_b[0].access_port),
+        "{info_b:?}"
+    );
+
+    // Bad input changes nothing.
+    let before = in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]);
+    for (bad, field) in [
+        (vec![port("web", 9000, true)], "listen_port"),
+        (vec![port("adb", 20000, true)], "name"),
+        (
+            vec![port("a", 20000, true), port("b", 20000, true)],
+            "listen_port",
+        ),
+    ] {
+        match net.set_ports("phone-a", &bad) {
+            Err(NetError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected invalid {field}, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        net.add_phone("phone-c", &phone_b, &[], 0),
+        Err(NetError::Invalid {
+            field: "com.cph.bandwidth_limit",
+            ..
+        })
+    ));
+    assert_eq!(
+        in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]),
+        before
+    );
+    assert!(!net.host_links().unwrap().contains(&cfg.veth_name(2)));
+
+    // Unmapping the public port: its conntrack entries go, the kept port's
+    // stay, new connections are refused.
+    let ct_ports = || {
+        cph_runtime::net::cmd::parse_conntrack_reply_ports(&in_ns(
+            &host,
+            "conntrack",
+            &["-L", "--reply-src", "10.210.0.2"],
+        ))
+    };
+    assert!(ct_ports().contains(&("tcp".to_string(), 20000)));
+    let info = net
+        .set_ports("phone-a", &[port("db", 20001, false)])
+        .unwrap();
+    let after = ct_ports();
+    assert!(!after.contains(&("tcp".to_string(), 20000)), "{after:?}");
+    assert!(after.contains(&("tcp".to_string(), 20001)), "{after:?}");
+    assert_eq!(info[0].access_port, db, "kept port keeps its access port");
+    assert!(echo_from(&public, access(web), b"x").is_err());
+    assert_eq!(echo_from(&private, access(db), b"still").unwrap(), b"still");
+
+    net.remove_phone("phone-b").unwrap();
+    net.teardown().unwrap();
+    let tables = in_ns(&host, "nft", &["list", "tables"]);
+    assert!(!tables.contains(&cfg.table), "{tables}");
+    let links = in_ns(&host, "ip", &["-o", "link", "show"]);
+    assert!(
+        !links.contains(&cfg.bridge) && !links.contains(&cfg.veth_prefix),
+        "{links}"
+    );
+    assert!(!in_ns(&phone_ns, "ip", &["-o", "link", "show"]).contains("eth0"));
+    assert!(!cfg.state_path.exists());
+}
+
+fn measure(tb: &Testbed, rx: &std::sync::mpsc::Receiver<Vec<(u64, f64)>>, to: u16) -> f64 {
+    let public = netns_path(&tb.public);
+    blast_from(&public, access(to), 2.2).unwrap();
+    let samples = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    goodput_bps(&samples, 0.5, 2.1).unwrap()
+}
+
+#[test]
+fn bandwidth_limits_shape_downloads_and_change_live() {
+    if !cph_runtime::privilege::check("bandwidth_limits_shape_downloads") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new("bw", dir.path()).unwrap();
+    let cfg = tb.config(13000, 13100);
+    let host = netns_path(&tb.host);
+    let mut net = NetManager::open(cfg.clone(), 1000).unwrap();
+    net.setup_host().unwrap();
+    let phone_ns = tb.phone_netns().unwrap();
+    let info = net
+        .add_phone("phone-bw", &phone_ns, &[port("sink", 20000, true)], 10_000)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_sink(&phone_ns, 20000, tx).unwrap();
+    let ap = info[0].access_port;
+
+    // TCP goodput carries 1448 payload bytes per 1514-byte frame (95.6%);
+    // the shaper counts frames, so the layer-2 rate is goodput * 1514/1448.
+    let check = |got: f64, limit_bps: f64, what: &str| {
+        let ratio = got / limit_bps;
+        let l2 = ratio * 1514.0 / 1448.0;
+        eprintln!(
+            "{what}: goodput {:.2} Mbit/s = {ratio:.3} of the limit, layer 2 {l2:.3}",
+            got / 1e6
+        );
+        assert!(
+            (0.93..=1.0).contains(&ratio),
+            "{what}: goodput ratio {ratio:.3}"
+        );
+        assert!((0.97..=1.03).contains(&l2), "{what}: layer-2 ratio {l2:.3}");
+    };
+    check(measure(&tb, &rx, ap), 10e6, "phone limit 10000 kbit/s");
+    net.set_bandwidth_limit("phone-bw", 18_000).unwrap();
+    let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
+    assert!(classes.contains("ceil 18Mbit"), "{classes}");
+    check(
+        measure(&tb, &rx, ap),
+        18e6,
+        "phone limit changed to 18000 kbit/s",
+    );
+    net.set_bandwidth_limit("phone-bw", -1).unwrap();
+    net.set_shared_bandwidth(14).unwrap();
+    check(
+        measure(&tb, &rx, ap),
+        14e6,
+        "unlimited phone, shared 14 Mbit/s",
+    );
+    assert!(matches!(
+        net.set_shared_bandwidth(301),
+        Err(NetError::Invalid {
+            field: "band_width_size",
+            ..
+        })
+    ));
+    net.teardown().unwrap();
+    assert!(!in_ns(&host, "ip", &["-o", "link", "show"]).contains(&cfg.bridge));
+}
+
+#[test]
+fn traffic_diversion_and_reconcile_after_restart() {
+    if !cph_runtime::privilege::check("traffic_diversion_and_reconcile") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new("rc", dir.path()).unwrap();
+    let cfg = tb.config(14000, 14100);
+    let host = netns_path(&tb.host);
+    let public = netns_path(&tb.public);
+    let mut net = NetManager::open(cfg.clone(), 300).unwrap();
+    net.setup_host().unwrap();
+    let phone_ns = tb.phone_netns().unwrap();
+    let info = net
+        .add_phone("phone-r", &phone_ns, &[port("web", 20000, true)], 5000)
+        .unwrap();
+    let ap = info[0].access_port;
+    spawn_echo(&phone_ns, 20000).unwrap();
+
+    // Traffic diversion switches the default route live. An "encoding
+    // container" on the bridge forwards the phone's traffic onwards.
+    let enc = std::net::Ipv4Addr::new(10, 210, 0, 250);
+    let enc_ns = tb.phone_netns().unwrap();
+    let enc_path = enc_ns.display().to_string();
+    in_ns(
+        &host,
+        "ip",
+        &[
+            "link", "add", "encv", "type", "veth", "peer", "name", "eth0", "netns", &enc_path,
+        ],
+    );
+    in_ns(
+        &host,
+        "ip",
+        &["link", "set", "encv", "master", &cfg.bridge, "up"],
+    );
+    in_ns(
+        &enc_ns,
+        "ip",
+        &["addr", "add", "10.210.0.250/24", "dev", "eth0"],
+    );
+    in_ns(&enc_ns, "ip", &["link", "set", "eth0", "up"]);
+    in_ns(
+        &enc_ns,
+        "ip",
+        &["route", "add", "default", "via", "10.210.0.1"],
+    );
+    in_ns(&enc_ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+    in_ns(
+        &enc_ns,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.conf.all.send_redirects=0"],
+    );
+    in_ns(
+        &enc_ns,
+        "sysctl",
+        &["-q", "-w", "net.ipv4.conf.eth0.send_redirects=0"],
+    );
+    // /proc/net/dev belongs to the reader's namespace (sysfs would not).
+    let enc_rx = || -> u64 {
+        let out = in_ns(&enc_ns, "cat", &["/proc/net/dev"]);
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("eth0:"))
+            .unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    spawn_echo(&public, 30001).unwrap();
+    let outside = SocketAddr::from(([10, 210, 100, 2], 30001));
+    let before = enc_rx();
+    assert_eq!(echo_from(&phone_ns, outside, b"direct").unwrap(), b"direct");
+    let direct_pkts = enc_rx() - before;
+    net.set_traffic("phone-r", TrafficType::Routing(enc))
+        .unwrap();
+    let route = in_ns(&phone_ns, "ip", &["route", "show", "default"]);
+    assert!(route.contains("via 10.210.0.250"), "{route}");
+    let before = enc_rx();
+    assert_eq!(
+        echo_from(&phone_ns, outside, b"diverted").unwrap(),
+        b"diverted"
+    );
+    let routed_pkts = enc_rx() - before;
+    assert!(
+        routed_pkts >= 4 && routed_pkts > direct_pkts + 3,
+        "direct {direct_pkts}, routed {routed_pkts}"
+    );
+    assert!(matches!(
+        net.set_traffic(
+            "phone-r",
+            TrafficType::Routing("192.0.2.1".parse().unwrap())
+        ),
+        Err(NetError::Invalid {
+            field: "traffic_type",
+            ..
+        })
+    ));
+    net.set_traffic("phone-r", TrafficType::Direct).unwrap();
+    let route = in_ns(&phone_ns, "ip", &["route", "show", "default"]);
+    assert!(route.contains("via 10.210.0.1"), "{route}");
+
+    // An established connection through the access port.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<Vec<u8>, String>>();
+    cph_runtime::net::testbed::in_netns(&public, move || {
+        use std::io::{Read, Write};
+        let r = (|| {
+            let mut s = std::net::TcpStream::connect(access(ap)).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+            while let Ok(msg) = rx.recv() {
+                s.write_all(&msg).map_err(|e| e.to_string())?;
+                let mut got = vec![0; msg.len()];
+                s.read_exact(&mut got).map_err(|e| e.to_string())?;
+                done_tx.send(Ok(got)).map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        })();
+        if let Err(e) = r {
+            let _ = done_tx.send(Err(e));
+        }
+    });
+    tx.send(b"before".to_vec()).unwrap();
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap(),
+        b"before"
+    );
+
+    // "Restart": a new manager from the state file, with a leaked link of
+    // ours and a stale class present; reconcile twice (idempotent).
+    drop(net);
+    in_ns(
+        &host,
+        "ip",
+        &[
+            "link",
+            "add",
+            &cfg.veth_name(42),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "leak42",
+        ],
+    );
+    let mut net = NetManager::open(cfg.clone(), 300).unwrap();
+    net.reconcile().unwrap();
+    net.reconcile().unwrap();
+    tx.send(b"after".to_vec()).unwrap();
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap(),
+        b"after"
+    );
+    assert_eq!(echo_from(&public, access(ap), b"new").unwrap(), b"new");
+    let links = net.host_links().unwrap();
+    assert!(!links.contains(&cfg.veth_name(42)));
+    let table = in_ns(&host, "nft", &["list", "table", "ip", &cfg.table]);
+    assert_eq!(
+        table.matches(&format!("{SERVER_IP} . {ap}")).count(),
+        1,
+        "{table}"
+    );
+    let tables = in_ns(&host, "nft", &["list", "tables"]);
+    assert_eq!(tables.matches(&cfg.table).count(), 1);
+    let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
+    assert_eq!(classes.lines().count(), 2, "{classes}");
+    assert!(classes.contains("ceil 5Mbit"), "{classes}");
+
+    // A phone whose veth vanished (container restart) is re-plumbed.
+    in_ns(&host, "ip", &["link", "del", &cfg.veth_name(0)]);
+    net.reconcile().unwrap();
+    assert_eq!(echo_from(&public, access(ap), b"again").unwrap(), b"again");
+    drop(tx);
+    net.teardown().unwrap();
+    assert!(!in_ns(&host, "nft", &["list", "tables"]).contains(&cfg.table));
+    let left = in_ns(&host, "ip", &["-o", "link", "show"]);
+    assert!(
+        !left.contains(&cfg.bridge) && !left.contains(&cfg.veth_prefix),
+        "{left}"
+    );
+}
