@@ -10,4 +10,5 @@
 //! root and appliers are tested for real, as root.
 
 pub mod net;
+pub mod placement;
 pub mod privilege;
