@@ -26,12 +26,9 @@ const PORTS_PER_PHONE: u32 = 100;
 const FIRST_PORT: u16 = 10000;
 const REAL_PHONE: &str = "real-phone";
 
-struct Metric {
-    metric: String,
-    ours: f64,
-    anchor: f64,
-    unit: &'static str,
-}
+#[path = "common/report.rs"]
+mod report;
+use report::Metric;
 
 fn percentile(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
@@ -388,21 +385,5 @@ fn main() {
         return;
     }
 
-    let out: Vec<serde_json::Value> = metrics
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "metric": m.metric,
-                "ours": m.ours,
-                "anchor": m.anchor,
-                "unit": m.unit,
-                "ratio": if m.anchor > 0.0 { m.ours / m.anchor } else { 0.0 },
-            })
-        })
-        .collect();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-report");
-    std::fs::create_dir_all(&dir).expect("report dir");
-    let text = serde_json::to_string_pretty(&out).expect("json");
-    std::fs::write(dir.join("portmap.json"), &text).expect("write report");
-    println!("{text}");
+    report::write("portmap", &metrics);
 }

@@ -24,10 +24,70 @@ struct Cli {
 enum Command {
     /// Print the effective configuration as TOML.
     Config,
+    /// Print the placement plan of a phone flavor on a host: slot, CPUs,
+    /// NUMA node and GPU per phone, with the plan's quality figures.
+    Plan(PlanArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Root of the host's sysfs (a snapshot works too).
+    #[arg(long, default_value = "/sys")]
+    sysfs_root: PathBuf,
+    /// The flavor's core_bind_strategy (e.g. common_hosted_c60).
+    #[arg(long)]
+    strategy: String,
+    /// The flavor's phone_capacity.
+    #[arg(long)]
+    capacity: u32,
+    /// vCPUs per phone.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Memory per phone in MiB (0: not checked).
+    #[arg(long, default_value_t = 0)]
+    memory_mb: u64,
+    /// CPUs reserved for the agent and encoding server, as a CPU list
+    /// (default: the first CPU of each NUMA node).
+    #[arg(long)]
+    reserved: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_plan(args: &PlanArgs) -> anyhow::Result<()> {
+    use cph_runtime::placement::{cpulist, figures, plan, report, PlanRequest, Topology};
+    let topo = Topology::discover(&args.sysfs_root)?;
+    let request = PlanRequest {
+        strategy: args.strategy.clone(),
+        capacity: args.capacity,
+        vcpus: args.vcpus,
+        memory_mb: args.memory_mb,
+        reserved: args.reserved.as_deref().map(cpulist::parse).transpose()?,
+    };
+    let started = std::time::Instant::now();
+    let plan = plan(&topo, &request)?;
+    let mut fig = figures(&topo, &plan);
+    fig.plan_time_us = Some(started.elapsed().as_secs_f64() * 1e6);
+    if args.json {
+        println!("{}", report::to_json(&plan, &fig));
+    } else {
+        print!("{}", report::to_table(&plan, &fig));
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cph-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let mut cfg = match &cli.config {
         Some(path) => AgentConfig::load(path)?,
         None => AgentConfig::default(),
@@ -37,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     }
     telemetry::init(cfg.log_format);
     match cli.command {
+        Some(Command::Plan(args)) => print_plan(&args),
         Some(Command::Config) => {
             print!("{}", toml::to_string(&cfg).context("render config")?);
             Ok(())

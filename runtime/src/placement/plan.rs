@@ -163,7 +163,8 @@ pub fn plan(topo: &Topology, req: &PlanRequest) -> Result<Plan, PlacementError> 
         });
     }
 
-    let ratio = match (strategy.cpu, strategy.ratio) {
+    // The ratio to start from: explicit, or the least that offers enough seats.
+    let first_ratio = match (strategy.cpu, strategy.ratio) {
         (_, Some(r)) => r,
         (CpuPolicy::SharedNode, None) => strategy.max_ratio,
         (_, None) => {
@@ -181,49 +182,49 @@ pub fn plan(topo: &Topology, req: &PlanRequest) -> Result<Plan, PlacementError> 
             u32::try_from(r).unwrap_or(u32::MAX).max(1)
         }
     };
-
+    let last_ratio = strategy
+        .ratio
+        .unwrap_or(strategy.max_ratio)
+        .max(first_ratio);
     let memory_of = |node: u32| {
         topo.nodes
             .iter()
             .find(|n| n.id == node)
             .map_or(0, |n| n.memory_mb)
     };
-    let mut domains = build_domains(&per_node, v, &memory_of);
-    for d in &mut domains {
-        d.groups = build_groups(d, v, ratio, strategy.cpu, false);
-    }
-    let seats = |domains: &[Domain]| -> u64 {
-        domains
-            .iter()
-            .flat_map(|d| &d.groups)
-            .map(|g| u64::from(g.cap))
-            .sum()
-    };
-    let mut cluster_tiled = true;
-    if seats(&domains) < u64::from(req.capacity) {
-        // Clusters cut by the reserved set strand CPUs; tile whole nodes.
-        for d in &mut domains {
-            d.groups = build_groups(d, v, ratio, strategy.cpu, true);
-        }
-        cluster_tiled = false;
-    }
 
-    // Domain quotas.
-    let caps: Vec<u32> = domains
-        .iter()
-        .map(|d| d.groups.iter().map(|g| g.cap).sum::<u32>())
-        .collect();
-    let caps: Vec<u32> = caps
-        .iter()
-        .zip(&domains)
-        .map(|(&cap, d)| match req.memory_mb {
-            0 => cap,
-            m if d.memory_mb == 0 => cap.min(u32::try_from(u64::MAX / m).unwrap_or(u32::MAX)),
-            m => cap.min(u32::try_from(d.memory_mb / m).unwrap_or(u32::MAX)),
-        })
-        .collect();
-    let total_cap: u64 = caps.iter().map(|&c| u64::from(c)).sum();
-    if total_cap < u64::from(req.capacity) {
+    // Rounding per cluster and per node can leave a derived ratio a few
+    // seats short: raise it (up to the strategy's cap) rather than span
+    // NUMA nodes or refuse. Clusters come first; whole nodes when clusters
+    // cut by the reserved set strand CPUs.
+    let mut fit = None;
+    let mut best_cap = 0u64;
+    'ratios: for ratio in first_ratio..=last_ratio {
+        for whole_node in [false, true] {
+            let mut domains = build_domains(&per_node, v, &memory_of);
+            for d in &mut domains {
+                d.groups = build_groups(d, v, ratio, strategy.cpu, whole_node);
+            }
+            let caps: Vec<u32> = domains
+                .iter()
+                .map(|d| {
+                    let cap = d.groups.iter().map(|g| g.cap).sum::<u32>();
+                    match req.memory_mb {
+                        0 => cap,
+                        _ if d.memory_mb == 0 => cap,
+                        m => cap.min(u32::try_from(d.memory_mb / m).unwrap_or(u32::MAX)),
+                    }
+                })
+                .collect();
+            let total: u64 = caps.iter().map(|&c| u64::from(c)).sum();
+            best_cap = best_cap.max(total);
+            if total >= u64::from(req.capacity) {
+                fit = Some((ratio, !whole_node, domains, caps));
+                break 'ratios;
+            }
+        }
+    }
+    let Some((ratio, cluster_tiled, domains, caps)) = fit else {
         let mem_note = if req.memory_mb > 0 {
             format!(" and {} MiB of memory each", req.memory_mb)
         } else {
@@ -231,12 +232,12 @@ pub fn plan(topo: &Topology, req: &PlanRequest) -> Result<Plan, PlacementError> 
         };
         return Err(PlacementError::Insufficient {
             reason: format!(
-                "{} fits {total_cap} phones of {v} vcpus{mem_note} at {ratio} phones per cpu, \
-                 {} asked",
+                "{} fits {best_cap} phones of {v} vcpus{mem_note} at up to {last_ratio} phones \
+                 per cpu, {} asked",
                 strategy.name, req.capacity
             ),
         });
-    }
+    };
     let quotas = match strategy.numa {
         NumaPolicy::Spread | NumaPolicy::Single => {
             let weights: Vec<u64> = domains.iter().map(|d| d.cpus.len() as u64).collect();
