@@ -17,4 +17,4 @@ if [ "${1:-}" = "--release-only" ]; then
 fi
 cargo_x build --workspace --bins
 file "target/$target/debug/cph" "target/$target/debug/cph-agent"
-CPH_TEST_UNPRIVILEGED=1 cargo_x test --workspace --lib --bins --tests -- --test-threads=2
+CPH_TEST_UNPRIVILEGED=1 RUST_TEST_THREADS=2 cargo_x test --workspace --lib --bins --tests

@@ -8,7 +8,7 @@ scripts/install-deps.sh
 image/build-test-image.sh >/dev/null
 export CPH_TEST_IMAGE="$PWD/target/images/cph-test-image.tar.gz"
 cargo build --bins
-cargo test --workspace --all-targets -- --test-threads="${CPH_TEST_THREADS:-2}"
+RUST_TEST_THREADS="${CPH_TEST_THREADS:-2}" cargo test --workspace --all-targets
 if compgen -G "tests/sdk/test_*.py" >/dev/null; then
     python3 -m pytest -q tests/sdk
 fi

@@ -1,0 +1,171 @@
+//! One cgroup per phone under the agent's parent cgroup, through cgroups-rs
+//! for v1 (this host: controllers under `/sys/fs/cgroup/<controller>`) and v2
+//! (unified). cpuset cpus and mems, cpu shares and CFS quota, memory with swap
+//! off, pids, the device allow-list (v1) and the freezer.
+
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::cpuset::CpuSetController;
+use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
+use cgroups_rs::fs::freezer::FreezerController;
+use cgroups_rs::fs::hierarchies;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Cgroup, MaxValue};
+use cgroups_rs::CgroupPid;
+
+use super::spec::ContainerSpec;
+use super::ContainerError;
+
+/// Character devices every phone may use: null, zero, full, random,
+/// urandom, tty, ptmx and the devpts ptys.
+const BASE_DEVICES: &[(i64, i64)] = &[
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (5, 0),
+    (5, 2),
+    (136, -1),
+];
+
+fn err(name: &str, step: &'static str, e: impl std::fmt::Display) -> ContainerError {
+    ContainerError::Cgroup {
+        name: name.to_string(),
+        step,
+        reason: e.to_string(),
+    }
+}
+
+/// The cgroup path of a phone relative to each hierarchy's root.
+pub(crate) fn path(parent: &str, name: &str) -> String {
+    format!("{parent}/{name}")
+}
+
+/// Handle of an existing (or not yet created) phone cgroup.
+pub(crate) fn load(parent: &str, name: &str) -> Cgroup {
+    Cgroup::load(hierarchies::auto(), path(parent, name))
+}
+
+/// Creates the phone's cgroup and applies the spec's limits.
+pub(crate) fn create(parent: &str, spec: &ContainerSpec) -> Result<Cgroup, ContainerError> {
+    let name = spec.name.as_str();
+    let cg =
+        Cgroup::new(hierarchies::auto(), path(parent, name)).map_err(|e| err(name, "create", e))?;
+    if let Err(e) = apply(&cg, spec) {
+        let _ = cg.delete();
+        return Err(e);
+    }
+    Ok(cg)
+}
+
+fn apply(cg: &Cgroup, spec: &ContainerSpec) -> Result<(), ContainerError> {
+    let name = spec.name.as_str();
+    if let Some(c) = cg.controller_of::<CpuSetController>() {
+        if let Some(cpus) = &spec.cpus {
+            c.set_cpus(cpus).map_err(|e| err(name, "cpuset.cpus", e))?;
+        }
+        if let Some(mems) = &spec.mems {
+            c.set_mems(mems).map_err(|e| err(name, "cpuset.mems", e))?;
+        }
+    }
+    if let Some(c) = cg.controller_of::<CpuController>() {
+        if let Some(shares) = spec.cpu_shares {
+            c.set_shares(shares)
+                .map_err(|e| err(name, "cpu.shares", e))?;
+        }
+        if let Some(quota) = spec.cpu_quota_us {
+            c.set_cfs_quota_and_period(Some(quota), Some(100_000))
+                .map_err(|e| err(name, "cpu quota", e))?;
+        }
+    }
+    if let (Some(c), Some(limit)) = (cg.controller_of::<MemController>(), spec.memory_limit) {
+        c.set_limit(limit)
+            .map_err(|e| err(name, "memory limit", e))?;
+        // Swap off: memory+swap equals memory. v1 hosts without swap
+        // accounting have no memsw file; that is already no swap for us.
+        if cg.v2() {
+            c.set_memswap_limit(0)
+                .map_err(|e| err(name, "memory.swap.max", e))?;
+        } else {
+            let _ = c.set_memswap_limit(limit);
+        }
+    }
+    if let (Some(c), Some(max)) = (cg.controller_of::<PidController>(), spec.pids_limit) {
+        c.set_pid_max(MaxValue::Value(max))
+            .map_err(|e| err(name, "pids.max", e))?;
+    }
+    if let Some(c) = cg.controller_of::<DevicesController>() {
+        let rwm = DevicePermissions::all();
+        c.deny_device(DeviceType::All, -1, -1, &rwm)
+            .map_err(|e| err(name, "devices.deny", e))?;
+        for &(major, minor) in BASE_DEVICES {
+            c.allow_device(DeviceType::Char, major, minor, &rwm)
+                .map_err(|e| err(name, "devices.allow", e))?;
+        }
+        for dev in &spec.devices {
+            let (major, minor) = device_numbers(&dev.path).map_err(|e| {
+                err(
+                    name,
+                    "stat extra device",
+                    format!("{}: {e}", dev.path.display()),
+                )
+            })?;
+            c.allow_device(DeviceType::Char, major, minor, &rwm)
+                .map_err(|e| err(name, "devices.allow", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Major and minor numbers of a character device node.
+pub(crate) fn device_numbers(path: &std::path::Path) -> std::io::Result<(i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(path)?.rdev();
+    Ok((
+        i64::from(nix::sys::stat::major(rdev) as u32),
+        i64::from(nix::sys::stat::minor(rdev) as u32),
+    ))
+}
+
+/// Moves a process into the phone's cgroup.
+pub(crate) fn join(cg: &Cgroup, pid: i32, name: &str) -> Result<(), ContainerError> {
+    cg.add_task_by_tgid(CgroupPid::from(pid as u64))
+        .map_err(|e| err(name, "join", e))
+}
+
+/// Pids in the phone's cgroup.
+pub(crate) fn procs(cg: &Cgroup) -> Vec<i32> {
+    cg.procs().into_iter().map(|p| p.pid as i32).collect()
+}
+
+pub(crate) fn freeze(cg: &Cgroup, name: &str, frozen: bool) -> Result<(), ContainerError> {
+    let c = cg
+        .controller_of::<FreezerController>()
+        .ok_or_else(|| err(name, "freezer", "no freezer controller"))?;
+    if frozen {
+        c.freeze().map_err(|e| err(name, "freeze", e))
+    } else {
+        c.thaw().map_err(|e| err(name, "thaw", e))
+    }
+}
+
+/// Kills every process of the phone and removes its cgroup.
+pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
+    // A frozen cgroup cannot die: thaw first.
+    let _ = freeze(cg, name, false);
+    for _ in 0..200 {
+        let pids = procs(cg);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    cg.delete().map_err(|e| err(name, "delete", e))
+}

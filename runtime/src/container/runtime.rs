@@ -1,0 +1,249 @@
+//! The runtime handle: start, observe, exec into, stop and delete phones
+//! kept in one state directory under one parent cgroup.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use super::exec::{self, ExecOutput};
+use super::spec::ContainerSpec;
+use super::state::{self, ContainerState, Status};
+use super::{cgroup, ContainerError};
+
+/// Phones of one agent.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    state_dir: PathBuf,
+    cgroup_parent: String,
+    shim: PathBuf,
+}
+
+impl Runtime {
+    /// A handle over `state_dir`; phones' cgroups live under
+    /// `cgroup_parent` in every hierarchy; `shim` is the `cph-shim` binary.
+    /// Phones already running there are adopted as they are.
+    pub fn new(state_dir: &Path, cgroup_parent: &str, shim: &Path) -> Result<Self, ContainerError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| ContainerError::Io {
+            name: String::new(),
+            step: "create state dir",
+            source,
+        })?;
+        Ok(Self {
+            state_dir: state_dir.to_path_buf(),
+            cgroup_parent: cgroup_parent.to_string(),
+            shim: shim.to_path_buf(),
+        })
+    }
+
+    /// Creates and starts a phone; returns once init runs (or the start failed
+    /// and everything made for it is gone).
+    pub fn start(&self, spec: &ContainerSpec) -> Result<ContainerState, ContainerError> {
+        spec.validate()?;
+        let name = spec.name.as_str();
+        let dir = state::dir(&self.state_dir, name);
+        if dir.exists() {
+            match self.state(name) {
+                Ok(st) if matches!(st.status, Status::Exited { .. } | Status::Failed { .. }) => {
+                    // A stopped phone starts again in place.
+                    let _ = std::fs::remove_file(state::state_path(&self.state_dir, name));
+                }
+                Ok(_) => {
+                    return Err(ContainerError::Exists {
+                        name: name.to_string(),
+                    })
+                }
+                Err(_) if !state::state_path(&self.state_dir, name).exists() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io {
+            name: name.to_string(),
+            step: "create phone state dir",
+            source,
+        })?;
+        state::write_json(&dir.join("spec.json"), spec, name)?;
+        let result = self.spawn_shim(name);
+        if let Err(e) = &result {
+            warn!(phone = name, error = %e, "phone failed to start");
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = cgroup::load(&self.cgroup_parent, name).delete();
+        }
+        result
+    }
+
+    fn spawn_shim(&self, name: &str) -> Result<ContainerState, ContainerError> {
+        let out = Command::new(&self.shim)
+            .arg("start")
+            .arg(&self.state_dir)
+            .arg(name)
+            .arg(&self.cgroup_parent)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|source| ContainerError::Io {
+                name: name.to_string(),
+                step: "run cph-shim",
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().next().unwrap_or("");
+        if let Some(pid) = line.strip_prefix("ok ") {
+            info!(phone = name, pid = pid.trim(), "phone started");
+            return self.state(name);
+        }
+        let reason = line
+            .strip_prefix("err ")
+            .unwrap_or("shim reported nothing")
+            .to_string();
+        Err(ContainerError::StartFailed {
+            name: name.to_string(),
+            reason,
+        })
+    }
+
+    /// The phone's state, checked against the live process: a recorded pid
+    /// that is gone or was recycled reads as exited.
+    pub fn state(&self, name: &str) -> Result<ContainerState, ContainerError> {
+        let path = state::state_path(&self.state_dir, name);
+        if !path.exists() {
+            return Err(ContainerError::NotFound {
+                name: name.to_string(),
+            });
+        }
+        let mut st: ContainerState = state::read_json(&path, name)?;
+        if matches!(st.status, Status::Running | Status::Paused) {
+            if !state::alive(st.pid, st.start_time) {
+                st.status = Status::Exited { code: -1 };
+            } else if self.frozen(name) {
+                st.status = Status::Paused;
+            }
+        }
+        Ok(st)
+    }
+
+    fn frozen(&self, name: &str) -> bool {
+        let cg = cgroup::load(&self.cgroup_parent, name);
+        cg.controller_of::<cgroups_rs::fs::freezer::FreezerController>()
+            .and_then(|f| f.state().ok())
+            .is_some_and(|s| matches!(s, cgroups_rs::FreezerState::Frozen))
+    }
+
+    /// Every phone in the state directory.
+    pub fn list(&self) -> Result<Vec<ContainerState>, ContainerError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.state_dir).map_err(|source| ContainerError::Io {
+            name: String::new(),
+            step: "list state dir",
+            source,
+        })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(st) = self.state(&name) {
+                out.push(st);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The spec a phone was started with.
+    pub fn spec(&self, name: &str) -> Result<ContainerSpec, ContainerError> {
+        state::read_json(&state::dir(&self.state_dir, name).join("spec.json"), name)
+    }
+
+    /// Runs `argv` inside a running phone; stdout and stderr are kept up to
+    /// `cap` bytes each; past `timeout` the exec's process tree is killed.
+    pub fn exec(
+        &self,
+        name: &str,
+        argv: &[&str],
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<ExecOutput, ContainerError> {
+        let st = self.state(name)?;
+        if st.status != Status::Running {
+            return Err(ContainerError::NotRunning {
+                name: name.to_string(),
+            });
+        }
+        let mut cmd = Command::new(&self.shim);
+        cmd.arg("exec")
+            .arg(&self.state_dir)
+            .arg(name)
+            .arg(&self.cgroup_parent)
+            .arg("--")
+            .args(argv);
+        exec::run(cmd, name, timeout, cap)
+    }
+
+    /// SIGTERM to init, up to `grace` to exit, then SIGKILL of everything in
+    /// the phone's cgroup, which is removed. Returns the final status.
+    pub fn stop(&self, name: &str, grace: Duration) -> Result<Status, ContainerError> {
+        let st = self.state(name)?;
+        let cg = cgroup::load(&self.cgroup_parent, name);
+        if matches!(st.status, Status::Running | Status::Paused) {
+            let _ = cgroup::freeze(&cg, name, false);
+            let _ = kill(Pid::from_raw(st.pid), Signal::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while state::alive(st.pid, st.start_time) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        cgroup::destroy(&cg, name)?;
+        // The shim records the exit status once it has reaped init.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let now = self.state(name)?;
+            if !matches!(now.status, Status::Running | Status::Paused) || Instant::now() >= deadline
+            {
+                info!(phone = name, status = ?now.status, "phone stopped");
+                return Ok(now.status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the phone and starts it again on the same rootfs.
+    pub fn restart(&self, name: &str, grace: Duration) -> Result<ContainerState, ContainerError> {
+        let spec = self.spec(name)?;
+        self.stop(name, grace)?;
+        self.start(&spec)
+    }
+
+    /// Freezes every process of the phone.
+    pub fn pause(&self, name: &str) -> Result<(), ContainerError> {
+        cgroup::freeze(&cgroup::load(&self.cgroup_parent, name), name, true)
+    }
+
+    /// Thaws a paused phone.
+    pub fn resume(&self, name: &str) -> Result<(), ContainerError> {
+        cgroup::freeze(&cgroup::load(&self.cgroup_parent, name), name, false)
+    }
+
+    /// Stops the phone if needed and removes its cgroup and state.
+    pub fn delete(&self, name: &str, grace: Duration) -> Result<(), ContainerError> {
+        let dir = state::dir(&self.state_dir, name);
+        if !dir.exists() {
+            return Err(ContainerError::NotFound {
+                name: name.to_string(),
+            });
+        }
+        if state::state_path(&self.state_dir, name).exists() {
+            self.stop(name, grace)?;
+        }
+        std::fs::remove_dir_all(&dir).map_err(|source| ContainerError::Io {
+            name: name.to_string(),
+            step: "remove state dir",
+            source,
+        })
+    }
+
+    /// Path of the phone's cgroup relative to each hierarchy root.
+    pub fn cgroup_path(&self, name: &str) -> String {
+        cgroup::path(&self.cgroup_parent, name)
+    }
+}

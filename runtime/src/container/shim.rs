@@ -1,0 +1,590 @@
+//! The shim: one small monitor process per phone, run as the `cph-shim`
+//! binary (single-threaded, so fork and clone are safe).
+//!
+//! `cph-shim start STATE_DIR NAME CGROUP_PARENT` detaches (new session,
+//! fork), creates the phone's cgroup, clones init into new mount, PID, UTS,
+//! IPC, network and cgroup namespaces, reports `ok PID` or `err REASON` on
+//! stdout, then waits for init and records its exit status in the state file.
+//!
+//! `cph-shim exec STATE_DIR NAME CGROUP_PARENT -- ARGV...` joins a running
+//! phone's cgroup and namespaces, chroots into its root and runs ARGV as a
+//! child, exiting with its status.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{chdir, execve, execvpe, fork, pivot_root, sethostname, setsid, ForkResult, Pid};
+
+use super::cgroup;
+use super::spec::ContainerSpec;
+use super::state::{self, ContainerState, Status};
+
+/// Entry point of the `cph-shim` binary; returns the process exit code.
+pub fn shim_main(args: &[String]) -> i32 {
+    match args.get(1).map(String::as_str) {
+        Some("start") if args.len() == 5 => start(Path::new(&args[2]), &args[3], &args[4]),
+        Some("exec") if args.len() > 6 && args[5] == "--" => {
+            exec(Path::new(&args[2]), &args[3], &args[4], &args[6..])
+        }
+        _ => {
+            eprintln!("usage: cph-shim start STATE_DIR NAME CGROUP_PARENT | exec STATE_DIR NAME CGROUP_PARENT -- ARGV...");
+            2
+        }
+    }
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Points stdio at /dev/null so the caller's pipes see EOF.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors of this
+            // single-threaded process; `null` stays open until it returns.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+fn start(root: &Path, name: &str, parent: &str) -> i32 {
+    let spec: ContainerSpec =
+        match state::read_json(&state::dir(root, name).join("spec.json"), name) {
+            Ok(s) => s,
+            Err(e) => {
+                report(&format!("err {e}"));
+                return 1;
+            }
+        };
+    let _ = setsid();
+    // SAFETY: this process is single-threaded.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => return 0,
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            report(&format!("err fork monitor: {e}"));
+            return 1;
+        }
+    }
+    // Keep the monitor alive when the caller's terminal or agent goes away.
+    let _ = setsid();
+    match monitor(root, &spec, parent) {
+        Ok(()) => 0,
+        Err(reason) => {
+            report(&format!("err {reason}"));
+            1
+        }
+    }
+}
+
+/// Creates the phone, reports, then holds init until it exits.
+fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String> {
+    let name = spec.name.as_str();
+    let dir = state::dir(root, name);
+    let views = write_views(&dir, spec).map_err(|e| format!("proc views: {e}"))?;
+    let cg = cgroup::create(parent, spec).map_err(|e| e.to_string())?;
+
+    // Init's console: its own log, never the caller's pipes (which would
+    // then never see end-of-file).
+    let console: OwnedFd = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("console.log"))
+        .map_err(|e| format!("console log: {e}"))?
+        .into();
+    let null: OwnedFd = std::fs::File::open("/dev/null")
+        .map_err(|e| format!("open /dev/null: {e}"))?
+        .into();
+    let (go_r, go_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWCGROUP;
+    let mut stack = vec![0u8; 1024 * 1024];
+    let child_spec = spec.clone();
+    let cb = Box::new(move || -> isize {
+        // SAFETY: dup2 onto the standard descriptors of the cloned child,
+        // which runs alone; both sources stay open until exec.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(console.as_raw_fd(), 1);
+            libc::dup2(console.as_raw_fd(), 2);
+        }
+        let mut byte = [0u8; 1];
+        let _ = nix::unistd::read(go_r.as_fd(), &mut byte);
+        let reason = match init_child(&child_spec, &views) {
+            Ok(never) => match never {},
+            Err(reason) => reason,
+        };
+        let _ = nix::unistd::write(&err_w, reason.as_bytes());
+        127
+    });
+    // SAFETY: single-threaded process; the child only runs `cb` on its own
+    // stack and then execs or exits.
+    let child = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD)) };
+    let child = match child {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = cgroup::destroy(&cg, name);
+            return Err(format!("clone namespaces: {e}"));
+        }
+    };
+    let fail = |reason: String| -> Result<(), String> {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        let _ = cgroup::destroy(&cg, name);
+        Err(reason)
+    };
+    if let Err(e) = cgroup::join(&cg, child.as_raw(), name) {
+        return fail(e.to_string());
+    }
+    if let Err(e) = nix::unistd::write(&go_w, b"g") {
+        return fail(format!("release init: {e}"));
+    }
+    drop(go_w);
+    // The error pipe closes on a successful exec.
+    let mut reason = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = nix::unistd::read(err_r.as_fd(), &mut buf) {
+        if n == 0 {
+            break;
+        }
+        reason.extend_from_slice(&buf[..n]);
+    }
+    if !reason.is_empty() {
+        return fail(String::from_utf8_lossy(&reason).into_owned());
+    }
+    // An init that dies at once is a failed start, not a running phone.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+        if !matches!(status, WaitStatus::StillAlive) {
+            let _ = cgroup::destroy(&cg, name);
+            return Err(format!("init exited at once ({})", describe(status)));
+        }
+    }
+    let start_time = state::start_time(child.as_raw()).unwrap_or(0);
+    let mut st = ContainerState {
+        name: name.to_string(),
+        pid: child.as_raw(),
+        start_time,
+        shim_pid: std::process::id() as i32,
+        status: Status::Running,
+    };
+    let path = state::state_path(root, name);
+    if let Err(e) = state::write_json(&path, &st, name) {
+        return fail(e.to_string());
+    }
+    report(&format!("ok {}", child.as_raw()));
+    detach_stdio();
+
+    let code = loop {
+        match waitpid(child, None) {
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    break code;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break -1,
+        }
+    };
+    st.status = Status::Exited { code };
+    let _ = state::write_json(&path, &st, name);
+    Ok(())
+}
+
+fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+fn describe(status: WaitStatus) -> String {
+    match exit_code(status) {
+        Some(code) => format!("exit status {code}"),
+        None => format!("{status:?}"),
+    }
+}
+
+/// Files shown over `/proc` and `/sys` entries inside the phone so it sizes
+/// itself to its own limits (the lxcfs idea, computed at start).
+struct Views {
+    meminfo: Option<PathBuf>,
+    cpuinfo: Option<PathBuf>,
+    cpu_online: Option<PathBuf>,
+}
+
+fn write_views(dir: &Path, spec: &ContainerSpec) -> std::io::Result<Views> {
+    let mut v = Views {
+        meminfo: None,
+        cpuinfo: None,
+        cpu_online: None,
+    };
+    if let Some(limit) = spec.memory_limit {
+        let kb = limit / 1024;
+        let text = format!(
+            "MemTotal:       {kb:>8} kB\nMemFree:        {kb:>8} kB\nMemAvailable:   {kb:>8} kB\n\
+             Buffers:               0 kB\nCached:                0 kB\nSwapCached:            0 kB\n\
+             SwapTotal:             0 kB\nSwapFree:              0 kB\n"
+        );
+        let p = dir.join("meminfo");
+        std::fs::write(&p, text)?;
+        v.meminfo = Some(p);
+    }
+    if let Some(cpus) = &spec.cpus {
+        let n = crate::placement::cpulist::parse(cpus)
+            .map(|l| l.len())
+            .unwrap_or(1)
+            .max(1);
+        let p = dir.join("cpu_online");
+        std::fs::write(
+            &p,
+            format!(
+                "{}\n",
+                crate::placement::cpulist::format(&(0..n as u32).collect::<Vec<_>>())
+            ),
+        )?;
+        v.cpu_online = Some(p);
+        // The first n processor blocks of the host's cpuinfo, renumbered.
+        let host = std::fs::read_to_string("/proc/cpuinfo")?;
+        let blocks: Vec<&str> = host
+            .split("\n\n")
+            .filter(|b| b.contains("processor"))
+            .collect();
+        if !blocks.is_empty() {
+            let mut out = String::new();
+            for i in 0..n {
+                let block = blocks[i % blocks.len()];
+                for line in block.lines() {
+                    if line.starts_with("processor") {
+                        out.push_str(&format!("processor\t: {i}\n"));
+                    } else {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+                out.push('\n');
+            }
+            let p = dir.join("cpuinfo");
+            std::fs::write(&p, out)?;
+            v.cpuinfo = Some(p);
+        }
+    }
+    Ok(v)
+}
+
+/// Runs in the cloned child: builds the phone's mounts and execs init.
+fn init_child(spec: &ContainerSpec, views: &Views) -> Result<std::convert::Infallible, String> {
+    let rootfs = &spec.rootfs;
+    let m = |src: Option<&Path>,
+             target: &Path,
+             fstype: Option<&str>,
+             flags: MsFlags,
+             data: Option<&str>,
+             what: &str| {
+        mount(src, target, fstype, flags, data)
+            .map_err(|e| format!("mount {what} at {}: {e}", target.display()))
+    };
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+        "private /",
+    )?;
+    m(
+        Some(rootfs),
+        rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+        "rootfs",
+    )?;
+    let at = |rel: &str| rootfs.join(rel);
+    let mkdir =
+        |p: &Path| std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()));
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+
+    mkdir(&at("proc"))?;
+    m(
+        Some(Path::new("proc")),
+        &at("proc"),
+        Some("proc"),
+        nodev,
+        None,
+        "proc",
+    )?;
+    // /proc/sys and /proc/sysrq-trigger read-only, as OCI runtimes do.
+    m(
+        Some(&at("proc/sys")),
+        &at("proc/sys"),
+        None,
+        MsFlags::MS_BIND,
+        None,
+        "proc/sys",
+    )?;
+    m(
+        None,
+        &at("proc/sys"),
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+        "proc/sys ro",
+    )?;
+    mkdir(&at("sys"))?;
+    m(
+        Some(Path::new("sysfs")),
+        &at("sys"),
+        Some("sysfs"),
+        nodev | MsFlags::MS_RDONLY,
+        None,
+        "sysfs",
+    )?;
+
+    mkdir(&at("dev"))?;
+    m(
+        Some(Path::new("tmpfs")),
+        &at("dev"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+        "/dev tmpfs",
+    )?;
+    for (node, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = at("dev").join(node);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| format!("mknod {}: {e}", p.display()))?;
+    }
+    mkdir(&at("dev/pts"))?;
+    m(
+        Some(Path::new("devpts")),
+        &at("dev/pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+        "devpts",
+    )?;
+    std::os::unix::fs::symlink("pts/ptmx", at("dev/ptmx"))
+        .map_err(|e| format!("ptmx link: {e}"))?;
+    mkdir(&at("dev/shm"))?;
+    m(
+        Some(Path::new("tmpfs")),
+        &at("dev/shm"),
+        Some("tmpfs"),
+        nodev,
+        Some("mode=1777"),
+        "/dev/shm",
+    )?;
+    for dev in &spec.devices {
+        let rel = dev.path.strip_prefix("/").unwrap_or(&dev.path);
+        let target = rootfs.join(rel);
+        if let Some(p) = target.parent() {
+            mkdir(p)?;
+        }
+        std::fs::File::create(&target)
+            .map_err(|e| format!("device node {}: {e}", target.display()))?;
+        m(
+            Some(&dev.path),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+            "device",
+        )?;
+    }
+
+    for (file, rel) in [
+        (&views.meminfo, "proc/meminfo"),
+        (&views.cpuinfo, "proc/cpuinfo"),
+        (&views.cpu_online, "sys/devices/system/cpu/online"),
+    ] {
+        if let Some(src) = file {
+            if at(rel).exists() {
+                m(
+                    Some(src),
+                    &at(rel),
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                    "proc view",
+                )?;
+            }
+        }
+    }
+    for b in &spec.mounts {
+        let rel = b.target.strip_prefix("/").unwrap_or(&b.target);
+        let target = rootfs.join(rel);
+        if b.source.is_dir() {
+            mkdir(&target)?;
+        } else {
+            if let Some(p) = target.parent() {
+                mkdir(p)?;
+            }
+            if !target.exists() {
+                std::fs::File::create(&target)
+                    .map_err(|e| format!("mount point {}: {e}", target.display()))?;
+            }
+        }
+        m(
+            Some(&b.source),
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            "bind",
+        )?;
+        if b.read_only {
+            m(
+                None,
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+                "bind ro",
+            )?;
+        }
+    }
+
+    sethostname(&spec.name).map_err(|e| format!("sethostname: {e}"))?;
+    chdir(rootfs).map_err(|e| format!("chdir rootfs: {e}"))?;
+    pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    let argv = cstrings(&spec.init)?;
+    let env = cstrings(&spec.env)?;
+    match execve(&argv[0], &argv, &env) {
+        Ok(never) => match never {},
+        Err(e) => Err(format!("exec {}: {e}", spec.init[0])),
+    }
+}
+
+fn cstrings(list: &[String]) -> Result<Vec<CString>, String> {
+    list.iter()
+        .map(|s| CString::new(s.as_str()).map_err(|_| format!("{s:?} holds a NUL byte")))
+        .collect()
+}
+
+/// `cph-shim exec`: runs ARGV inside a running phone.
+fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
+    let fail = |msg: String| {
+        eprintln!("cph-shim exec {name}: {msg}");
+        126
+    };
+    let st: ContainerState = match state::read_json(&state::state_path(root, name), name) {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    if !state::alive(st.pid, st.start_time) {
+        return fail("phone is not running".to_string());
+    }
+    let open = |what: &str| -> Result<OwnedFd, String> {
+        std::fs::File::open(format!("/proc/{}/{what}", st.pid))
+            .map(OwnedFd::from)
+            .map_err(|e| format!("open {what}: {e}"))
+    };
+    let result = (|| -> Result<(OwnedFd, Vec<OwnedFd>), String> {
+        let root_fd = open("root")?;
+        let ns = [
+            "ns/ipc",
+            "ns/uts",
+            "ns/net",
+            "ns/cgroup",
+            "ns/pid",
+            "ns/mnt",
+        ]
+        .iter()
+        .map(|n| open(n))
+        .collect::<Result<Vec<_>, _>>()?;
+        Ok((root_fd, ns))
+    })();
+    let (root_fd, ns) = match result {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    // Join the cgroup while the host's /sys/fs/cgroup is still visible.
+    let cg = cgroup::load(parent, name);
+    if let Err(e) = cgroup::join(&cg, std::process::id() as i32, name) {
+        return fail(e.to_string());
+    }
+    for fd in &ns {
+        if let Err(e) = setns(fd, CloneFlags::empty()) {
+            return fail(format!("setns: {e}"));
+        }
+    }
+    let argv = match cstrings(argv) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let env = match cstrings(&["PATH=/system/bin:/bin:/sbin:/usr/bin:/usr/sbin".to_string()]) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    // SAFETY: single-threaded process.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let r = nix::unistd::fchdir(&root_fd)
+                .and_then(|()| nix::unistd::chroot("."))
+                .and_then(|()| chdir("/"));
+            if let Err(e) = r {
+                eprintln!("cph-shim exec {name}: enter root: {e}");
+                std::process::exit(126);
+            }
+            let e = execvpe(&argv[0], &argv, &env).err();
+            eprintln!(
+                "cph-shim exec {name}: {}: {}",
+                argv[0].to_string_lossy(),
+                e.map_or(String::new(), |e| e.to_string())
+            );
+            std::process::exit(127);
+        }
+        Ok(ForkResult::Parent { child }) => wait_child(child),
+        Err(e) => fail(format!("fork: {e}")),
+    }
+}
+
+fn wait_child(child: Pid) -> i32 {
+    loop {
+        match waitpid(child, None) {
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    return code;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 125,
+        }
+    }
+}
