@@ -2,3 +2,5 @@
 //!
 //! It serves the Huawei Cloud Phone Host (CPH) REST API over a fleet of hosts,
 //! each run by a `cph-agent`, and `cph up` runs a whole platform on one machine.
+
+pub mod up;

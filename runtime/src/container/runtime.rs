@@ -194,16 +194,21 @@ impl Runtime {
             }
         }
         cgroup::destroy(&cg, name)?;
-        // The shim records the exit status once it has reaped init.
+        // The shim records the exit status once it has reaped init; wait for
+        // that record (or for the shim to be gone) rather than guess.
+        let path = state::state_path(&self.state_dir, name);
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let now = self.state(name)?;
-            if !matches!(now.status, Status::Running | Status::Paused) || Instant::now() >= deadline
-            {
+            let recorded: ContainerState = state::read_json(&path, name)?;
+            let shim_alive =
+                recorded.shim_pid > 0 && kill(Pid::from_raw(recorded.shim_pid), None).is_ok();
+            let settled = !matches!(recorded.status, Status::Running | Status::Paused);
+            if settled || !shim_alive || Instant::now() >= deadline {
+                let now = self.state(name)?;
                 info!(phone = name, status = ?now.status, "phone stopped");
                 return Ok(now.status);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
