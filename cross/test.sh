@@ -12,7 +12,7 @@ cargo_x() { local sub=$1; shift; cargo --config cross/config.toml "$sub" --targe
 
 if [ "${1:-}" = "--release-only" ]; then
     cargo_x build --release --bins
-    ls -l "target/$target/release/cph" "target/$target/release/cph-agent"
+    ls -l "target/$target/release/cph" "target/$target/release/cph-agent" "target/$target/release/cph-shim"
     exit 0
 fi
 cargo_x build --workspace --bins
