@@ -171,13 +171,17 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     if !reason.is_empty() {
         return fail(String::from_utf8_lossy(&reason).into_owned());
     }
-    // An init that dies at once is a failed start, not a running phone.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-        if !matches!(status, WaitStatus::StillAlive) {
-            let _ = cgroup::destroy(&cg, name);
-            return Err(format!("init exited at once ({})", describe(status)));
+    // An init that dies at once is a failed start, not a running phone:
+    // watch it for a short window before reporting it started.
+    let window = std::time::Instant::now() + std::time::Duration::from_millis(15);
+    while std::time::Instant::now() < window {
+        if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            if !matches!(status, WaitStatus::StillAlive) {
+                let _ = cgroup::destroy(&cg, name);
+                return Err(format!("init exited at once ({})", describe(status)));
+            }
         }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let start_time = state::start_time(child.as_raw()).unwrap_or(0);
     let mut st = ContainerState {

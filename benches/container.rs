@@ -1,0 +1,224 @@
+//! Phone start-to-ready and exec round trip, ours next to `runc run` and
+//! `runc exec` of an equivalent OCI bundle on the same rootfs, in one run.
+//! (crun refuses this host's hybrid cgroup layout, so runc is the anchor.)
+//! Needs root; otherwise it says why and measures nothing.
+//! Writes `target/bench-report/container.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cph_runtime::container::{ContainerSpec, Runtime};
+use criterion::Criterion;
+
+#[path = "common/report.rs"]
+mod report;
+use report::Metric;
+
+fn image() -> PathBuf {
+    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = repo.join("target/images/cph-test-image.tar.gz");
+    if !path.exists() {
+        let ok = Command::new(repo.join("image/build-test-image.sh"))
+            .arg(&path)
+            .status()
+            .expect("build test image")
+            .success();
+        assert!(ok, "building the test image failed");
+    }
+    path
+}
+
+/// `cph-shim` from this build's target directory, built first if missing
+/// (it belongs to the runtime package, so cargo does not build it for a bench).
+fn shim() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let shim = profile_dir.join("cph-shim");
+    if !shim.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        run(&mut cmd);
+    }
+    shim
+}
+
+fn wait_ready(marker: &Path) -> Duration {
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "phone never became ready"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    start.elapsed()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes a runc bundle whose config runs the test image's init on `rootfs`.
+fn runc_bundle(dir: &Path, rootfs: &Path) {
+    run(Command::new("runc").arg("spec").arg("--bundle").arg(dir));
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read config")).expect("json");
+    cfg["root"]["path"] = serde_json::json!(rootfs);
+    cfg["root"]["readonly"] = serde_json::json!(false);
+    cfg["process"]["terminal"] = serde_json::json!(false);
+    cfg["process"]["args"] = serde_json::json!(["/init"]);
+    cfg["hostname"] = serde_json::json!("runc-phone");
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).expect("write config");
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    if !cph_runtime::privilege::check("container bench") {
+        return;
+    }
+    if Command::new("runc").arg("--version").output().is_err() {
+        eprintln!("SKIPPED container bench: runc is not installed (apt-get install runc)");
+        return;
+    }
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300))
+        .configure_from_args();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rootfs = tmp.path().join("rootfs");
+    std::fs::create_dir(&rootfs).expect("mkdir");
+    run(Command::new("tar")
+        .arg("xzf")
+        .arg(image())
+        .arg("-C")
+        .arg(&rootfs));
+    let marker = rootfs.join("run/cph-ready");
+    let parent = format!("cph-bench-{}", std::process::id());
+    let rt = Runtime::new(&tmp.path().join("state"), &parent, &shim()).expect("runtime");
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir(&bundle).expect("mkdir bundle");
+    runc_bundle(&bundle, &rootfs);
+    let runc_id = format!("cph-bench-{}", std::process::id());
+    let spec = ContainerSpec::new("bench-phone", &rootfs);
+
+    let ours_start = |n: u64| -> Duration {
+        let mut total = Duration::ZERO;
+        for _ in 0..n {
+            let _ = std::fs::remove_file(&marker);
+            let t = Instant::now();
+            rt.start(&spec).expect("start");
+            wait_ready(&marker);
+            total += t.elapsed();
+            rt.delete("bench-phone", Duration::from_secs(5))
+                .expect("delete");
+        }
+        total
+    };
+    let runc_start = |n: u64| -> Duration {
+        let mut total = Duration::ZERO;
+        for _ in 0..n {
+            let _ = std::fs::remove_file(&marker);
+            let t = Instant::now();
+            run(Command::new("runc")
+                .args(["run", "--detach", "--bundle"])
+                .arg(&bundle)
+                .arg(&runc_id)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()));
+            wait_ready(&marker);
+            total += t.elapsed();
+            run(Command::new("runc").args(["delete", "--force", &runc_id]));
+        }
+        total
+    };
+    let mut group = c.benchmark_group("start_to_ready");
+    group.bench_function("ours", |b| b.iter_custom(ours_start));
+    group.bench_function("runc", |b| b.iter_custom(runc_start));
+    group.finish();
+
+    // Exec round trips against a running phone of each kind.
+    rt.start(&spec).expect("start");
+    wait_ready(&marker);
+    let ours_exec = || {
+        let out = rt
+            .exec("bench-phone", &["true"], Duration::from_secs(5), 1024)
+            .expect("exec");
+        assert_eq!(out.exit_code, Some(0));
+    };
+    let mut group = c.benchmark_group("exec_round_trip");
+    group.bench_function("ours", |b| b.iter(ours_exec));
+    let ours_exec_times: Vec<Duration> = (0..15)
+        .map(|_| {
+            let t = Instant::now();
+            ours_exec();
+            t.elapsed()
+        })
+        .collect();
+    rt.delete("bench-phone", Duration::from_secs(5))
+        .expect("delete");
+    let _ = std::fs::remove_file(&marker);
+    run(Command::new("runc")
+        .args(["run", "--detach", "--bundle"])
+        .arg(&bundle)
+        .arg(&runc_id)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null()));
+    wait_ready(&marker);
+    let runc_exec = || run(Command::new("runc").args(["exec", &runc_id, "true"]));
+    group.bench_function("runc", |b| b.iter(runc_exec));
+    group.finish();
+    let runc_exec_times: Vec<Duration> = (0..15)
+        .map(|_| {
+            let t = Instant::now();
+            runc_exec();
+            t.elapsed()
+        })
+        .collect();
+    run(Command::new("runc").args(["delete", "--force", &runc_id]));
+
+    let ours_ready = median((0..7).map(|_| ours_start(1)).collect());
+    let runc_ready = median((0..7).map(|_| runc_start(1)).collect());
+    for ctrl in [
+        "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
+    ] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&parent));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    report::write(
+        "container",
+        &[
+            Metric {
+                metric: "start-to-ready (median)".to_string(),
+                ours: ms(ours_ready),
+                anchor: ms(runc_ready),
+                unit: "ms",
+            },
+            Metric {
+                metric: "exec round trip (median)".to_string(),
+                ours: ms(median(ours_exec_times)),
+                anchor: ms(median(runc_exec_times)),
+                unit: "ms",
+            },
+        ],
+    );
+    c.final_summary();
+}
