@@ -131,6 +131,11 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
             spec.memory_limit = i64::try_from(opts.memory_mb * 1024 * 1024).ok();
             spec.pids_limit = Some(4096);
             spec.init.push(format!("androidboot.serialno={name}"));
+            // The slot's GPU: allowed in the device cgroup and bound at /dev/dri.
+            if let Some(dev) = slot.render_device().filter(|d| Path::new(d).exists()) {
+                spec.devices
+                    .push(cph_runtime::container::DeviceNode { path: dev.into() });
+            }
             rt.start(&spec)?;
         }
         let st = rt.state(&name)?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use cph_runtime::container::{ContainerError, ContainerSpec, Runtime, Status};
+use cph_runtime::container::{ContainerError, ContainerSpec, DeviceNode, Runtime, Status};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -139,6 +139,13 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     spec.memory_limit = Some(256 * 1024 * 1024);
     spec.pids_limit = Some(100);
     spec.cpu_shares = Some(512);
+    // An extra device the host has (tun stands in for binder, fuse, render nodes).
+    let tun = Path::new("/dev/net/tun").exists();
+    if tun {
+        spec.devices.push(DeviceNode {
+            path: "/dev/net/tun".into(),
+        });
+    }
     let st = f.rt.start(&spec).expect("start");
     assert_eq!(st.status, Status::Running);
     f.wait_ready();
@@ -166,7 +173,13 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/online").0, "0");
     assert_eq!(f.sh(&name, "grep -c ^processor /proc/cpuinfo").0, "1");
     let devs = f.sh(&name, "ls /dev | sort | tr '\\n' ' '").0;
-    assert_eq!(devs, "full null ptmx pts random shm tty urandom zero");
+    if tun {
+        assert_eq!(devs, "full net null ptmx pts random shm tty urandom zero");
+        assert!(cgroup_file("devices", &cg, "devices.list").contains("c 10:200 rwm"));
+        assert_eq!(f.sh(&name, "test -c /dev/net/tun && echo yes").0, "yes");
+    } else {
+        assert_eq!(devs, "full null ptmx pts random shm tty urandom zero");
+    }
     assert_eq!(f.sh(&name, "getprop ro.product.model").0, "cph-test");
 
     // Exit codes and the timeout that kills the exec's whole tree.
