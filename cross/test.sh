@@ -17,4 +17,6 @@ if [ "${1:-}" = "--release-only" ]; then
 fi
 cargo_x build --workspace --bins
 file "target/$target/debug/cph" "target/$target/debug/cph-agent"
+# Tests that start the project's binaries run them through the emulator too.
+export CPH_SPAWN_WRAPPER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
 CPH_TEST_UNPRIVILEGED=1 RUST_TEST_THREADS=2 cargo_x test --workspace --lib --bins --tests

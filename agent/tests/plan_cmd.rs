@@ -9,8 +9,24 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The agent binary, run through `CPH_SPAWN_WRAPPER` when set: under QEMU
+/// user emulation (cross/test.sh) a foreign-architecture child needs the
+/// emulator in front of it.
+fn agent() -> Command {
+    let bin = env!("CARGO_BIN_EXE_cph-agent");
+    match std::env::var("CPH_SPAWN_WRAPPER") {
+        Ok(wrapper) if !wrapper.trim().is_empty() => {
+            let mut parts = wrapper.split_whitespace();
+            let mut cmd = Command::new(parts.next().unwrap_or_default());
+            cmd.args(parts).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
+}
+
 fn plan(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cph-agent"))
+    agent()
         .arg("plan")
         .args(args)
         .output()
