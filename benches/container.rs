@@ -32,22 +32,20 @@ fn image() -> PathBuf {
     path
 }
 
-/// `cph-shim` from this build's target directory, built first if missing
-/// (it belongs to the runtime package, so cargo does not build it for a bench).
+/// `cph-shim` from this build's target directory, brought up to date first
+/// (it belongs to the runtime package, so cargo does not build it for a
+/// bench; a stale shim would measure old code).
 fn shim() -> PathBuf {
     let exe = std::env::current_exe().expect("bench path");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let shim = profile_dir.join("cph-shim");
-    if !shim.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        run(&mut cmd);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
+    if profile_dir.ends_with("release") {
+        cmd.arg("--release");
     }
-    shim
+    run(&mut cmd);
+    profile_dir.join("cph-shim")
 }
 
 fn wait_ready(marker: &Path) -> Duration {
