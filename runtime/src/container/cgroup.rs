@@ -144,9 +144,34 @@ pub(crate) fn freeze(cg: &Cgroup, name: &str, frozen: bool) -> Result<(), Contai
         .controller_of::<FreezerController>()
         .ok_or_else(|| err(name, "freezer", "no freezer controller"))?;
     if frozen {
-        c.freeze().map_err(|e| err(name, "freeze", e))
+        c.freeze().map_err(|e| err(name, "freeze", e))?;
     } else {
-        c.thaw().map_err(|e| err(name, "thaw", e))
+        c.thaw().map_err(|e| err(name, "thaw", e))?;
+    }
+    // v1 passes through FREEZING while tasks stop: wait for the end state.
+    let want = if frozen {
+        cgroups_rs::FreezerState::Frozen
+    } else {
+        cgroups_rs::FreezerState::Thawed
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let state = c.state().map_err(|e| err(name, "freezer state", e))?;
+        if std::mem::discriminant(&state) == std::mem::discriminant(&want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(err(
+                name,
+                "freezer",
+                "did not reach the requested state within 5 s",
+            ));
+        }
+        if frozen {
+            // Retry the write, as a task may have been forking.
+            let _ = c.freeze();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

@@ -129,7 +129,12 @@ impl Runtime {
         let cg = cgroup::load(&self.cgroup_parent, name);
         cg.controller_of::<cgroups_rs::fs::freezer::FreezerController>()
             .and_then(|f| f.state().ok())
-            .is_some_and(|s| matches!(s, cgroups_rs::FreezerState::Frozen))
+            .is_some_and(|s| {
+                matches!(
+                    s,
+                    cgroups_rs::FreezerState::Frozen | cgroups_rs::FreezerState::Freezing
+                )
+            })
     }
 
     /// Every phone in the state directory.
