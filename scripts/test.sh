@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The second command of the README: the whole test suite on this machine.
 # As root the privileged tests (namespaces, cgroups, btrfs, nftables, tc) run
-# for real; otherwise they print why they are skipped.
+# for real; otherwise they print why they are skipped. Then the official-SDK
+# tests run against a real `cph up` in a fresh data directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -9,6 +10,28 @@ image/build-test-image.sh >/dev/null
 export CPH_TEST_IMAGE="$PWD/target/images/cph-test-image.tar.gz"
 cargo build --bins
 RUST_TEST_THREADS="${CPH_TEST_THREADS:-2}" cargo test --workspace --all-targets
-if compgen -G "tests/sdk/test_*.py" >/dev/null; then
-    python3 -m pytest -q tests/sdk
-fi
+# The extractor again as on kernels without openat2 (before 5.6).
+CPH_NO_OPENAT2=1 cargo test -p cph-runtime --test archive
+
+# The platform of the README's first command, on ports of its own.
+data=$(mktemp -d /tmp/cph-e2e.XXXXXX)
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+api=$(port); agent=$(port); obs=$(port)
+target/debug/cph up --data-dir "$data" --image "$CPH_TEST_IMAGE" \
+    --listen "127.0.0.1:$api" --agent-listen "127.0.0.1:$agent" --obs-listen "127.0.0.1:$obs" \
+    >"$data/up.log" 2>&1 &
+up_pid=$!
+cleanup() {
+    kill -TERM "$up_pid" 2>/dev/null || true
+    wait "$up_pid" 2>/dev/null || true
+    target/debug/cph phone purge --data-dir "$data" >/dev/null 2>&1 || true
+    rm -rf "$data"
+}
+trap cleanup EXIT
+for _ in $(seq 1 120); do
+    [ -s "$data/credentials.json" ] && [ -s "$data/agent.toml" ] && break
+    kill -0 "$up_pid" 2>/dev/null || { cat "$data/up.log"; exit 1; }
+    sleep 0.5
+done
+CPH_CREDENTIALS="$data/credentials.json" python3 -m pytest -q tests/sdk || {
+    echo "== cph up log"; cat "$data/up.log"; tail -50 "$data"/logs/*.log; exit 1; }

@@ -21,28 +21,172 @@ enum Command {
     Version,
     /// Run the platform on this machine until Ctrl-C.
     Up {
-        /// Where phones, images and state are kept.
+        /// Where the platform keeps its state, phones and objects.
         #[arg(long, default_value = "/var/lib/cph")]
         data_dir: PathBuf,
-        /// Phone image (rootfs tar or tar.gz).
+        /// Phone image (rootfs tar or tar.gz) of the catalog's test image.
         #[arg(long, default_value = "target/images/cph-test-image.tar.gz")]
         image: PathBuf,
-        /// Phones of the development flavor.
-        #[arg(long, default_value_t = 1)]
+        /// Address of the CPH API.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// Address of the local agent's protocol.
+        #[arg(long, default_value = "127.0.0.1:8600")]
+        agent_listen: std::net::SocketAddr,
+        /// Address of the embedded object store.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        obs_listen: std::net::SocketAddr,
+        /// Phones of the local server.
+        #[arg(long, default_value_t = 2)]
         phones: u32,
-        /// Memory per phone in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory_mb: u64,
+    },
+    /// Serve the CPH API (control plane) until Ctrl-C or SIGTERM.
+    Serve {
+        #[arg(long, default_value = "/var/lib/cph")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Test phone image URL (`file:///...` or `obs://bucket/key`).
+        #[arg(long, env = "CPH_TEST_IMAGE_URL")]
+        test_image_url: Option<String>,
+        /// Seconds between agent heartbeats.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+    },
+    /// Projects, credentials and users of a data dir.
+    Admin {
+        #[arg(long, default_value = "/var/lib/cph", global = true)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: AdminCommand,
     },
     /// Phones on this machine.
     Phone {
         #[command(subcommand)]
         command: PhoneCommand,
     },
+    /// List the project's servers (client of a running platform).
+    Servers {
+        #[command(flatten)]
+        creds: CredsArg,
+    },
+    /// List the project's phones (client of a running platform).
+    Phones {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// Only the phones of this server.
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Run a shell command in phones and print each one's output.
+    Shell {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// Phone ids.
+        #[arg(required = true)]
+        phones: Vec<String>,
+        /// The command (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Push a tar into phones' root: a local file (uploaded to the
+    /// platform's object store first) or an obs:// URL.
+    Push {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// The tar: a local path or obs://bucket/key.tar.
+        file: String,
+        /// Phone ids.
+        #[arg(required = true)]
+        phones: Vec<String>,
+    },
+    /// Follow jobs to their end with a progress bar.
+    Job {
+        #[command(flatten)]
+        creds: CredsArg,
+        #[arg(required = true)]
+        job_ids: Vec<String>,
+    },
+}
+
+/// Where the client finds the project's endpoint and AK/SK.
+#[derive(clap::Args)]
+struct CredsArg {
+    /// `credentials.json` as `cph up` writes it.
+    #[arg(
+        long = "credentials",
+        env = "CPH_CREDENTIALS",
+        default_value = "/var/lib/cph/credentials.json"
+    )]
+    path: PathBuf,
+}
+
+/// Runs a client action; a failed job makes the command fail.
+fn client(creds: &CredsArg, action: cph::client::Action) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let ok = rt.block_on(cph::client::run(&creds.path, action))?;
+    if ok {
+        Ok(())
+    } else {
+        anyhow::bail!("a job failed")
+    }
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Projects.
+    Project {
+        #[command(subcommand)]
+        command: AdminProject,
+    },
+    /// AK/SK credentials.
+    Credential {
+        #[command(subcommand)]
+        command: AdminCredential,
+    },
+    /// IAM password users.
+    User {
+        #[command(subcommand)]
+        command: AdminUser,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminProject {
+    /// Create a project; prints its id.
+    Create { name: String },
+    /// List projects.
+    List,
+}
+
+#[derive(Subcommand)]
+enum AdminCredential {
+    /// Create an AK/SK pair; prints `project_id ak sk`.
+    Create {
+        #[arg(long)]
+        project: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminUser {
+    /// Create a user (or reset its password).
+    Create {
+        name: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long, env = "CPH_USER_PASSWORD")]
+        password: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum PhoneCommand {
+    /// Stop and delete every phone container of a `cph up` data dir.
+    Purge {
+        #[arg(long, default_value = "/var/lib/cph")]
+        data_dir: PathBuf,
+    },
     /// List phones and their states.
     List {
         #[arg(long, default_value = "/var/lib/cph")]
@@ -81,14 +225,107 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up {
             data_dir,
             image,
+            listen,
+            agent_listen,
+            obs_listen,
             phones,
-            memory_mb,
         } => Ok(cph::up::up(&cph::up::UpOptions {
             data_dir,
             image,
+            listen,
+            agent_listen,
+            obs_listen,
             phones,
-            memory_mb,
         })?),
+        Command::Serve {
+            data_dir,
+            listen,
+            test_image_url,
+            heartbeat_secs,
+        } => {
+            let mut cfg = cph::serve::ServeConfig::new(data_dir);
+            cfg.heartbeat_secs = heartbeat_secs;
+            if let Some(u) = test_image_url {
+                cfg.test_image_url = u;
+            }
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen).await?;
+                let shutdown = async {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                };
+                cph::serve::serve(cfg, listener, shutdown).await?;
+                anyhow::Ok(())
+            })
+        }
+        Command::Admin { data_dir, command } => match command {
+            AdminCommand::Project {
+                command: AdminProject::Create { name },
+            } => {
+                println!("{}", cph::admin::project_create(&data_dir, &name)?);
+                Ok(())
+            }
+            AdminCommand::Project {
+                command: AdminProject::List,
+            } => {
+                for l in cph::admin::project_list(&data_dir)? {
+                    println!("{l}");
+                }
+                Ok(())
+            }
+            AdminCommand::Credential {
+                command: AdminCredential::Create { project },
+            } => {
+                let (p, ak, sk) = cph::admin::credential_create(&data_dir, &project)?;
+                println!("project_id {p}\nak {ak}\nsk {sk}");
+                Ok(())
+            }
+            AdminCommand::User {
+                command:
+                    AdminUser::Create {
+                        name,
+                        project,
+                        password,
+                    },
+            } => {
+                let p = cph::admin::user_create(&data_dir, &name, &password, &project)?;
+                println!("user {name} in project {p}");
+                Ok(())
+            }
+        },
+        Command::Servers { creds } => client(&creds, cph::client::Action::Servers),
+        Command::Phones { creds, server } => {
+            client(&creds, cph::client::Action::Phones { server_id: server })
+        }
+        Command::Shell {
+            creds,
+            phones,
+            command,
+        } => client(
+            &creds,
+            cph::client::Action::Shell {
+                phones,
+                command: command.join(" "),
+            },
+        ),
+        Command::Push {
+            creds,
+            file,
+            phones,
+        } => client(&creds, cph::client::Action::Push { phones, file }),
+        Command::Job { creds, job_ids } => client(&creds, cph::client::Action::Jobs { job_ids }),
+        Command::Phone {
+            command: PhoneCommand::Purge { data_dir },
+        } => cph::up::purge(&data_dir).map_err(Into::into),
         Command::Phone {
             command: PhoneCommand::List { data_dir },
         } => {

@@ -1,19 +1,24 @@
-//! `cph up`: the platform on this one machine, as far as it exists today.
+//! `cph up`: the whole platform on this one machine.
 //!
-//! Prepares a data directory, unpacks the phone image once, plans the
-//! development flavor's placement on this host (`dev_small`), and runs its
-//! phones as real containers under `cph-runtime`, until Ctrl-C stops them
-//! (their root filesystems, and so their data, stay in the data directory;
-//! the next `cph up` starts the same phones again). The CPH API control plane
-//! and the node agent join this command as they land.
+//! Runs the three services a fleet runs, as the same binaries a fleet runs
+//! them: the embedded S3-protocol object store (`cph-agent object-store`),
+//! the control plane (`cph serve`) and one node agent (`cph-agent run`)
+//! registered with it. The first start creates a default project with AK/SK
+//! credentials and writes them, with the endpoints, to
+//! `<data-dir>/credentials.json`; later starts reuse everything in the data
+//! directory. Ctrl-C (or SIGTERM) stops the services; the phones' data stays,
+//! and the next `cph up` resumes the same platform.
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use cph_runtime::container::{ContainerSpec, Runtime, Status};
-use cph_runtime::placement::{self, PlanRequest, Topology};
+use serde::{Deserialize, Serialize};
 
-/// Errors of `cph up` and the phone commands.
+use cph_runtime::container::Runtime;
+
+/// Errors of `cph up` and the local phone commands.
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
     #[error("{what} {path}: {source}")]
@@ -22,14 +27,38 @@ pub enum UpError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("image {path} cannot be unpacked: {reason}")]
-    Image { path: PathBuf, reason: String },
-    #[error(transparent)]
-    Placement(#[from] placement::PlacementError),
+    #[error(
+        "{name} not found next to {exe}; build the workspace (cargo build --workspace --bins)"
+    )]
+    NoBinary { name: &'static str, exe: PathBuf },
+    #[error("phone image {0} not found; build it with image/build-test-image.sh")]
+    NoImage(PathBuf),
+    #[error("{service} did not come up on {addr} within {secs} s; its log: {log}")]
+    NotUp {
+        service: &'static str,
+        addr: SocketAddr,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("{service} exited with {status} while starting; its log: {log}")]
+    Exited {
+        service: &'static str,
+        status: std::process::ExitStatus,
+        log: PathBuf,
+    },
+    #[error(
+        "{service} exited with {status} after {restarts} restarts in 5 minutes; its log: {log}"
+    )]
+    Failed {
+        service: &'static str,
+        status: std::process::ExitStatus,
+        restarts: usize,
+        log: PathBuf,
+    },
+    #[error("{what}: {reason}")]
+    Bootstrap { what: &'static str, reason: String },
     #[error(transparent)]
     Container(#[from] cph_runtime::container::ContainerError),
-    #[error("cph-shim not found next to {exe}; build the workspace (cargo build --workspace)")]
-    NoShim { exe: PathBuf },
 }
 
 /// Options of `cph up`.
@@ -38,9 +67,34 @@ pub struct UpOptions {
     pub data_dir: PathBuf,
     /// Phone image: a rootfs tar, optionally gzip.
     pub image: PathBuf,
-    /// Phones of the development flavor to run.
+    /// Address of the CPH API.
+    pub listen: SocketAddr,
+    /// Address of the local agent's protocol.
+    pub agent_listen: SocketAddr,
+    /// Address of the embedded object store.
+    pub obs_listen: SocketAddr,
+    /// Phones of the local server (the development flavor's capacity).
     pub phones: u32,
-    pub memory_mb: u64,
+}
+
+/// What a client needs to use the platform; `<data-dir>/credentials.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub endpoint: String,
+    pub project_id: String,
+    pub ak: String,
+    pub sk: String,
+    pub obs_endpoint: String,
+    pub obs_ak: String,
+    pub obs_sk: String,
+}
+
+/// Secrets shared between the local services, kept across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Secrets {
+    node_token: String,
+    obs_ak: String,
+    obs_sk: String,
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> UpError + 'a {
@@ -51,146 +105,510 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// The runtime over a data directory, with the shim installed beside `cph`.
-pub fn runtime(data_dir: &Path) -> Result<Runtime, UpError> {
+/// A project binary installed beside the running `cph`.
+fn sibling(name: &'static str) -> Result<PathBuf, UpError> {
     let exe = std::env::current_exe().map_err(io("locate", Path::new("cph")))?;
-    let shim = exe.with_file_name("cph-shim");
-    if !shim.exists() {
-        return Err(UpError::NoShim { exe });
-    }
-    Ok(Runtime::new(&data_dir.join("containers"), "cph", &shim)?)
-}
-
-/// Unpacks `image` into `dest` once: into a temporary directory first, renamed
-/// into place only when complete, so a failed unpack leaves nothing behind.
-fn unpack_once(image: &Path, dest: &Path) -> Result<(), UpError> {
-    if dest.exists() {
-        return Ok(());
-    }
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-    let tmp = dest.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
-    let file = std::fs::File::open(image).map_err(io("open image", image))?;
-    let mut magic = [0u8; 2];
-    let gz = {
-        use std::io::Read;
-        let mut f = &file;
-        f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
-    };
-    let file = std::fs::File::open(image).map_err(io("open image", image))?;
-    let reader: Box<dyn std::io::Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(file))
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
     } else {
-        Box::new(file)
-    };
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_unpack_xattrs(false);
-    if let Err(e) = archive.unpack(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(UpError::Image {
-            path: image.to_path_buf(),
-            reason: e.to_string(),
-        });
+        Err(UpError::NoBinary { name, exe })
     }
-    std::fs::rename(&tmp, dest).map_err(io("rename", dest))
 }
 
-/// Runs the platform until Ctrl-C or SIGTERM.
-pub fn up(opts: &UpOptions) -> Result<(), UpError> {
-    let rt = runtime(&opts.data_dir)?;
-    let topo = Topology::discover(Path::new("/sys"))?;
-    let vcpus = u32::try_from(topo.cpus.len()).unwrap_or(1).clamp(1, 2);
-    let plan = placement::Checkpoint::load_or_plan(
-        &opts.data_dir.join("placement.json"),
-        &topo,
-        &PlanRequest {
-            strategy: "dev_small".to_string(),
-            capacity: opts.phones,
-            vcpus,
-            memory_mb: opts.memory_mb,
-            reserved: None,
-        },
-        &Default::default(),
-    )?
-    .checkpoint
-    .plan;
-    let mut names = Vec::new();
-    for slot in &plan.slots {
-        let name = format!("cph-dev-{:04}", slot.slot + 1);
-        let rootfs = opts.data_dir.join("phones").join(&name).join("rootfs");
-        unpack_once(&opts.image, &rootfs)?;
-        let running = matches!(rt.state(&name).map(|s| s.status), Ok(Status::Running));
-        if !running {
-            let mut spec = ContainerSpec::new(&name, &rootfs);
-            spec.cpus = Some(slot.cpuset());
-            spec.mems = Some(slot.mems_list());
-            spec.cpu_shares = Some(slot.cpu_shares);
-            spec.memory_limit = i64::try_from(opts.memory_mb * 1024 * 1024).ok();
-            spec.pids_limit = Some(4096);
-            spec.init.push(format!("androidboot.serialno={name}"));
-            // The slot's GPU: allowed in the device cgroup and bound at /dev/dri.
-            if let Some(dev) = slot.render_device().filter(|d| Path::new(d).exists()) {
-                spec.devices
-                    .push(cph_runtime::container::DeviceNode { path: dev.into() });
-            }
-            rt.start(&spec)?;
+/// `cph phone purge`: the local agent deletes every phone (containers,
+/// volumes, networks) and takes its phone network and pool mounts off the
+/// host; without an agent config, the containers alone are deleted.
+pub fn purge(data_dir: &Path) -> Result<(), UpError> {
+    let config = data_dir.join("agent.toml");
+    if config.is_file() {
+        let agent = sibling("cph-agent")?;
+        let status = Command::new(&agent)
+            .arg("--config")
+            .arg(&config)
+            .arg("purge")
+            .status()
+            .map_err(io("run", &agent))?;
+        if status.success() {
+            return Ok(());
         }
-        let st = rt.state(&name)?;
-        println!(
-            "phone {name}: {:?}, pid {}, cpus {}, rootfs {}",
-            st.status,
-            st.pid,
-            slot.cpuset(),
-            rootfs.display()
-        );
-        names.push(name);
+        tracing::warn!(%status, "cph-agent purge failed; deleting the containers alone");
     }
-    println!(
-        "\ncph is up with {} phone(s); data in {}.\n  cph phone list --data-dir {}\n  cph phone exec --data-dir {} {} -- getprop\nCtrl-C stops the phones (their data stays).",
-        names.len(),
-        opts.data_dir.display(),
-        opts.data_dir.display(),
-        opts.data_dir.display(),
-        names.first().map_or("NAME", String::as_str)
-    );
-    wait_for_ctrl_c();
-    for name in &names {
-        let status = rt.stop(name, Duration::from_secs(10))?;
-        println!("phone {name}: {status:?}");
+    let rt = runtime(data_dir)?;
+    for st in rt.list()? {
+        rt.delete(&st.name, Duration::from_secs(5))?;
+        println!("deleted {}", st.name);
     }
     Ok(())
 }
 
-/// Waits for Ctrl-C (SIGINT) or SIGTERM (systemd, `timeout`).
-fn wait_for_ctrl_c() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+/// The runtime of the local agent's phones (its state directory in the data dir).
+pub fn runtime(data_dir: &Path) -> Result<Runtime, UpError> {
+    let shim = sibling("cph-shim")?;
+    Ok(Runtime::new(
+        &data_dir.join("agent").join("containers"),
+        "cph",
+        &shim,
+    )?)
+}
+
+fn random_hex(bytes: usize) -> Result<String, UpError> {
+    use std::io::Read;
+    let path = Path::new("/dev/urandom");
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(io("read", path))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn load_or_create_secrets(path: &Path) -> Result<Secrets, UpError> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if let Ok(s) = serde_json::from_str(&text) {
+            return Ok(s);
+        }
+    }
+    let s = Secrets {
+        node_token: random_hex(24)?,
+        obs_ak: format!("CPHOBS{}", random_hex(7)?.to_uppercase()),
+        obs_sk: random_hex(20)?,
+    };
+    write_private(path, &serde_json::to_vec_pretty(&s).unwrap_or_default())?;
+    Ok(s)
+}
+
+/// Writes a file readable by root only, atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), UpError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot wait for signals");
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+/// Restarts of one service within [`RESTART_WINDOW`] before `cph up` gives up.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(300);
+
+/// One supervised service process: restarted when it dies, killed with
+/// SIGTERM when dropped.
+struct Service {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    addr: SocketAddr,
+    restarts: Vec<Instant>,
+}
+
+fn start_child(
+    program: &std::ffi::OsStr,
+    args: &[std::ffi::OsString],
+    log: &Path,
+) -> Result<Child, UpError> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io("open log", log))?;
+    let err = out.try_clone().map_err(io("open log", log))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // Own process group: Ctrl-C in the terminal reaches `cph up` only,
+    // which then stops the services in order.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn().map_err(io("start", log))
+}
+
+impl Service {
+    fn spawn(
+        name: &'static str,
+        cmd: Command,
+        log: PathBuf,
+        addr: SocketAddr,
+    ) -> Result<Self, UpError> {
+        let program = cmd.get_program().to_os_string();
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let child = start_child(&program, &args, &log)?;
+        let mut svc = Self {
+            name,
+            child,
+            log,
+            program,
+            args,
+            addr,
+            restarts: Vec::new(),
+        };
+        svc.wait_listening(addr, Duration::from_secs(60))?;
+        Ok(svc)
+    }
+
+    /// Starts the service again after it died, unless it died too often.
+    fn restart(&mut self, status: std::process::ExitStatus) -> Result<(), UpError> {
+        let now = Instant::now();
+        self.restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if self.restarts.len() >= MAX_RESTARTS {
+            return Err(UpError::Failed {
+                service: self.name,
+                status,
+                restarts: self.restarts.len(),
+                log: self.log.clone(),
+            });
+        }
+        self.restarts.push(now);
+        self.child = start_child(&self.program, &self.args, &self.log)?;
+        self.wait_listening(self.addr, Duration::from_secs(60))
+    }
+
+    fn wait_listening(&mut self, addr: SocketAddr, limit: Duration) -> Result<(), UpError> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(UpError::Exited {
+                    service: self.name,
+                    status,
+                    log: self.log.clone(),
+                });
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(UpError::NotUp {
+                    service: self.name,
+                    addr,
+                    secs: limit.as_secs(),
+                    log: self.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if self.exited().is_some() {
             return;
         }
-    };
-    rt.block_on(async {
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if self.exited().is_some() {
+                return;
             }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(20));
+    }
+}
+
+fn local_url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A small number (0-99) fixed by the data directory, so platforms of
+/// different data directories on one machine use different bridges, nft
+/// tables, subnets and access ports.
+fn instance_number(data_dir: &Path) -> u32 {
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let mut h: u32 = 0x811c_9dc5;
+    for b in path.to_string_lossy().bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h % 100
+}
+
+/// The local agent's configuration, rewritten at every start.
+fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let n = instance_number(&opts.data_dir);
+    let first_port = 20000 + (n % 20) * 500;
+    format!(
+        "# Written by `cph up` at every start.\n\
+         control_plane_url = {cp}\n\
+         node_token = {token}\n\
+         listen = {listen}\n\
+         state_dir = {state}\n\
+         server_model = {model}\n\
+         phone_capacity = {cap}\n\
+         \n\
+         [storage]\n\
+         backend = \"overlay\"\n\
+         pool = {pool}\n\
+         \n\
+         [network]\n\
+         enabled = true\n\
+         bridge = \"cphup{n}\"\n\
+         subnet = \"172.31.{subnet}.0/24\"\n\
+         nft_table = \"cph_up_{n}\"\n\
+         veth_prefix = \"cu{n}x\"\n\
+         access_port_first = {first_port}\n\
+         access_port_last = {last_port}\n\
+         \n\
+         [object_store]\n\
+         endpoint = {obs}\n\
+         access_key = {ak}\n\
+         secret_key = {sk}\n\
+         path_style = true\n",
+        cp = q(&local_url(opts.listen)),
+        token = q(&secrets.node_token),
+        listen = q(&opts.agent_listen.to_string()),
+        state = q(&dir.to_string_lossy()),
+        pool = q(&dir.join("pool").to_string_lossy()),
+        model = q(crate::catalog::DEV_SERVER_MODEL),
+        cap = opts.phones,
+        obs = q(&local_url(opts.obs_listen)),
+        ak = q(&secrets.obs_ak),
+        sk = q(&secrets.obs_sk),
+        subnet = 100 + n,
+        last_port = first_port + 499,
+    )
+}
+
+/// Runs the platform until Ctrl-C or SIGTERM.
+pub fn up(opts: &UpOptions) -> Result<(), UpError> {
+    let data = &opts.data_dir;
+    std::fs::create_dir_all(data).map_err(io("create", data))?;
+    let image =
+        std::fs::canonicalize(&opts.image).map_err(|_| UpError::NoImage(opts.image.clone()))?;
+    let cph = std::env::current_exe().map_err(io("locate", Path::new("cph")))?;
+    let agent_bin = sibling("cph-agent")?;
+    sibling("cph-shim")?;
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs).map_err(io("create", &logs))?;
+    let secrets = load_or_create_secrets(&data.join("secrets.json"))?;
+
+    let obs_root = data.join("objects");
+    std::fs::create_dir_all(&obs_root).map_err(io("create", &obs_root))?;
+    let mut obs = Command::new(&agent_bin);
+    obs.arg("object-store")
+        .arg("--root")
+        .arg(&obs_root)
+        .arg("--listen")
+        .arg(opts.obs_listen.to_string())
+        .arg("--ak")
+        .arg(&secrets.obs_ak)
+        .arg("--sk")
+        .arg(&secrets.obs_sk);
+    let obs = Service::spawn(
+        "object store",
+        obs,
+        logs.join("object-store.log"),
+        opts.obs_listen,
+    )?;
+
+    let control = data.join("control");
+    std::fs::create_dir_all(&control).map_err(io("create", &control))?;
+    let image_url = format!("file://{}", image.display());
+    write_private(&control.join("node-token"), secrets.node_token.as_bytes())?;
+    let creds = bootstrap(&control, opts, &secrets)?;
+    let mut cp = Command::new(&cph);
+    cp.arg("serve")
+        .arg("--data-dir")
+        .arg(&control)
+        .arg("--listen")
+        .arg(opts.listen.to_string())
+        .arg("--test-image-url")
+        .arg(&image_url);
+    let cp = Service::spawn(
+        "control plane",
+        cp,
+        logs.join("control-plane.log"),
+        opts.listen,
+    )?;
+
+    let agent_dir = data.join("agent");
+    std::fs::create_dir_all(&agent_dir).map_err(io("create", &agent_dir))?;
+    let agent_toml = data.join("agent.toml");
+    write_private(
+        &agent_toml,
+        agent_config(opts, &secrets, &agent_dir).as_bytes(),
+    )?;
+    let mut agent = Command::new(&agent_bin);
+    agent.arg("--config").arg(&agent_toml).arg("run");
+    let agent = Service::spawn("agent", agent, logs.join("agent.log"), opts.agent_listen)?;
+
+    println!(
+        "cph is up.\n  CPH API      {}\n  project id   {}\n  AK / SK      {} / {}\n  object store {} (AK {})\n  credentials  {}\n  logs         {}\n\
+         Buy the local server with the development flavor, e.g. with the official SDK or\n  cph server list --data-dir {}\n\
+         Ctrl-C stops the services; phones' data stays in {}.",
+        creds.endpoint,
+        creds.project_id,
+        creds.ak,
+        creds.sk,
+        creds.obs_endpoint,
+        creds.obs_ak,
+        data.join("credentials.json").display(),
+        logs.display(),
+        data.display(),
+        data.display(),
+    );
+    let mut services = vec![agent, cp, obs];
+    let result = wait_for_signal_or_exit(&mut services);
+    // Agent first (it finishes or checkpoints its jobs), the store last.
+    for svc in &mut services {
+        svc.stop(Duration::from_secs(30));
+    }
+    result
+}
+
+/// Creates (once) the default project, its AK/SK and a keypair named
+/// `default`, and writes `credentials.json`.
+fn bootstrap(control: &Path, opts: &UpOptions, secrets: &Secrets) -> Result<Credentials, UpError> {
+    let path = opts.data_dir.join("credentials.json");
+    let endpoint = local_url(opts.listen);
+    let obs_endpoint = local_url(opts.obs_listen);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(mut c) = serde_json::from_str::<Credentials>(&text) {
+            c.endpoint = endpoint;
+            c.obs_endpoint = obs_endpoint;
+            write_private(&path, &serde_json::to_vec_pretty(&c).unwrap_or_default())?;
+            return Ok(c);
+        }
+    }
+    let fail = |what: &'static str| {
+        move |e: crate::store::StoreError| UpError::Bootstrap {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let project =
+        crate::admin::project_create(control, "default").map_err(fail("create project"))?;
+    let (project_id, ak, sk) =
+        crate::admin::credential_create(control, &project).map_err(fail("create credential"))?;
+    crate::admin::keypair_create(control, &project_id, "default", DEV_PUBLIC_KEY)
+        .map_err(fail("create keypair"))?;
+    let creds = Credentials {
+        endpoint,
+        project_id,
+        ak,
+        sk,
+        obs_endpoint,
+        obs_ak: secrets.obs_ak.clone(),
+        obs_sk: secrets.obs_sk.clone(),
+    };
+    write_private(
+        &path,
+        &serde_json::to_vec_pretty(&creds).unwrap_or_default(),
+    )?;
+    Ok(creds)
+}
+
+/// Public key of the default keypair (replace it with `cph admin` for real use).
+const DEV_PUBLIC_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcphdevelopmentkeypairnotforproduction000 cph-up";
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM, or for a service to die.
+/// Waits for SIGINT/SIGTERM; a service that dies meanwhile is restarted
+/// (phones keep running through an agent restart), and one that keeps
+/// dying stops the platform with an error.
+fn wait_for_signal_or_exit(services: &mut [Service]) -> Result<(), UpError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        tracing::warn!("cannot block signals; stopping on service exit only");
+    }
+    loop {
+        // Poll for a pending signal once per 200 ms.
+        let ts = nix::sys::time::TimeSpec::from_duration(Duration::from_millis(200));
+        // SAFETY: sigtimedwait only reads the set and writes no info (null).
+        let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), ts.as_ref()) };
+        if r > 0 {
+            tracing::info!(signal = r, "stopping");
+            return Ok(());
+        }
+        for svc in services.iter_mut() {
+            if let Some(status) = svc.exited() {
+                tracing::warn!(service = svc.name, %status, log = %svc.log.display(), "service exited; restarting it");
+                svc.restart(status)?;
+                tracing::info!(service = svc.name, "service restarted");
             }
         }
-    });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_config_is_valid_with_overlay_storage_and_its_own_network() {
+        let opts = UpOptions {
+            data_dir: PathBuf::from("/var/lib/cph"),
+            image: PathBuf::from("image.tar.gz"),
+            listen: "127.0.0.1:8443".parse().expect("addr"),
+            agent_listen: "127.0.0.1:8600".parse().expect("addr"),
+            obs_listen: "127.0.0.1:9000".parse().expect("addr"),
+            phones: 2,
+        };
+        let secrets = Secrets {
+            node_token: "t".into(),
+            obs_ak: "ak".into(),
+            obs_sk: "sk".into(),
+        };
+        let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
+        let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
+        assert_eq!(
+            cfg.storage.backend,
+            cph_agent::config::StorageBackend::Overlay
+        );
+        assert_eq!(
+            cfg.storage.pool,
+            Some(PathBuf::from("/var/lib/cph/agent/pool"))
+        );
+        assert!(cfg.network.enabled);
+        assert_ne!(
+            cfg.network.bridge,
+            cph_agent::config::NetworkConfig::default().bridge
+        );
+        assert!(cfg.object_store.is_some());
+
+        // Another data directory: other names, subnet and ports.
+        let other = UpOptions {
+            data_dir: PathBuf::from("/srv/cph-second"),
+            ..opts
+        };
+        let text2 = agent_config(&other, &secrets, Path::new("/srv/cph-second/agent"));
+        let cfg2: cph_agent::config::AgentConfig = toml::from_str(&text2).expect("valid config");
+        assert_ne!(
+            instance_number(&other.data_dir),
+            instance_number(Path::new("/var/lib/cph"))
+        );
+        assert_ne!(cfg.network.bridge, cfg2.network.bridge);
+        assert_ne!(cfg.network.nft_table, cfg2.network.nft_table);
+        assert_ne!(cfg.network.subnet, cfg2.network.subnet);
+        assert!(cfg2.network.bridge.len() <= 15);
+    }
 }

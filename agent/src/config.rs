@@ -36,6 +36,169 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Log line format: `text` or `json`.
     pub log_format: LogFormat,
+    /// URL the control plane reaches this agent at (default: `http://<listen>`).
+    pub advertise_url: Option<String>,
+    /// Server flavor this host serves.
+    pub server_model: String,
+    /// Phones this host holds (sizes kernel limits, reported in the inventory).
+    pub phone_capacity: u32,
+    /// Address phones' access ports are reached at (default: the listen address's host).
+    pub server_ip: Option<String>,
+    /// Jobs running at once on this server (sync shell not counted).
+    pub max_parallel_jobs: usize,
+    /// Phones created at once by a CreateServer.
+    pub max_parallel_creates: usize,
+    /// Seconds running jobs get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Time limit of an async shell job, seconds.
+    pub shell_timeout_secs: u64,
+    /// Heartbeat period until the control plane names one, seconds.
+    pub heartbeat_secs: u64,
+    /// `cph-shim` binary (default: next to `cph-agent`).
+    pub shim: Option<PathBuf>,
+    /// cgroup parent of the phones.
+    pub cgroup_parent: String,
+    /// Raise kernel limits for the phone capacity at start.
+    pub prepare_host: bool,
+    /// Root of the sysctl tree written by host preparation.
+    pub sysctl_root: PathBuf,
+    /// Phone volumes.
+    pub storage: StorageConfig,
+    /// Phone networking.
+    pub network: NetworkConfig,
+    /// Object store holding images, APKs, push and export archives.
+    pub object_store: Option<ObjectStoreConfig>,
+}
+
+/// Phone volumes: where images and per-phone copy-on-write volumes live.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Which backend holds the pool.
+    pub backend: StorageBackend,
+    /// `overlay`: the pool directory (default `<state_dir>/pool`).
+    /// `btrfs`: a block device, or a sparse file made with `pool_size_gb`
+    /// and attached to a loop device (default `<state_dir>/pool.img`).
+    pub pool: Option<PathBuf>,
+    /// `btrfs` on a file: the file's size in GiB when it is created.
+    pub pool_size_gb: u64,
+    /// `btrfs`: where the pool is mounted (default `<state_dir>/pool`).
+    pub mount_point: Option<PathBuf>,
+    /// Sharepool cap in GiB (0: no cap beyond the pool's size).
+    pub share_size_gb: u64,
+}
+
+/// The storage backends of `cph-runtime` the agent runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Images are directories, a phone's rootfs an overlayfs mount over its
+    /// image; needs no sizes, does not enforce the flavor's disk size.
+    #[default]
+    Overlay,
+    /// btrfs subvolume snapshots with qgroup limits (production).
+    Btrfs,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Overlay,
+            pool: None,
+            pool_size_gb: 0,
+            mount_point: None,
+            share_size_gb: 0,
+        }
+    }
+}
+
+/// Phone networking: a bridge carrying the phone subnet, one network
+/// namespace and veth per phone, access ports mapped by nftables DNAT on the
+/// server address, download bandwidth shaped with tc. Every name is the
+/// agent's own so two agents (or tests) on one host do not collide.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Give phones a network. When off (or when the host lacks nft, tc or
+    /// ip), phones run in an empty namespace of their own.
+    pub enabled: bool,
+    /// Host bridge carrying the phone subnet (at most 15 characters).
+    pub bridge: String,
+    /// Phone subnet; the bridge takes its first address.
+    pub subnet: String,
+    /// The agent's nftables table (family `ip`).
+    pub nft_table: String,
+    /// Prefix of the host-side veth names (1-10 characters, not ending in a
+    /// digit); the phone's network slot follows.
+    pub veth_prefix: String,
+    /// Inclusive range of host access ports mapped to phones' ports.
+    pub access_port_first: u16,
+    pub access_port_last: u16,
+    /// Source prefixes of the private network, the only ones reaching ports
+    /// that are not internet accessible (and ADB/VNC).
+    pub private_prefixes: Vec<String>,
+    /// Public address shown for internet-accessible ports.
+    pub public_ip: Option<String>,
+    /// Address of the encoding container phones route through with
+    /// `traffic_type = routing` (default: the subnet's last host address).
+    pub encoder_ip: Option<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bridge: "cph0".to_string(),
+            subnet: "172.31.0.0/24".to_string(),
+            nft_table: "cph".to_string(),
+            veth_prefix: "cphv".to_string(),
+            access_port_first: 20000,
+            access_port_last: 29999,
+            private_prefixes: vec![
+                "10.0.0.0/8".to_string(),
+                "172.16.0.0/12".to_string(),
+                "192.168.0.0/16".to_string(),
+            ],
+            public_ip: None,
+            encoder_ip: None,
+        }
+    }
+}
+
+/// S3-protocol object store access.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+}
+
+impl ObjectStoreConfig {
+    /// The client configuration of this store.
+    pub fn client_config(&self) -> crate::objstore::ObjectStoreConfig {
+        crate::objstore::ObjectStoreConfig {
+            region: self.region.clone(),
+            path_style: self.path_style,
+            ..crate::objstore::ObjectStoreConfig::local(
+                self.endpoint.clone(),
+                self.access_key.clone(),
+                self.secret_key.clone(),
+            )
+        }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for AgentConfig {
@@ -46,6 +209,22 @@ impl Default for AgentConfig {
             listen: "127.0.0.1:8600".to_string(),
             state_dir: PathBuf::from("/var/lib/cph-agent"),
             log_format: LogFormat::Text,
+            advertise_url: None,
+            server_model: "dev.small".to_string(),
+            phone_capacity: 2,
+            server_ip: None,
+            max_parallel_jobs: 8,
+            max_parallel_creates: 4,
+            shutdown_grace_secs: 30,
+            shell_timeout_secs: 60,
+            heartbeat_secs: 15,
+            shim: None,
+            cgroup_parent: "cph".to_string(),
+            prepare_host: true,
+            sysctl_root: PathBuf::from("/proc/sys"),
+            storage: StorageConfig::default(),
+            network: NetworkConfig::default(),
+            object_store: None,
         }
     }
 }
@@ -78,6 +257,28 @@ mod tests {
     fn unknown_key_is_an_error() {
         let err = toml::from_str::<AgentConfig>("nonsense = 1").expect_err("unknown key");
         assert!(err.to_string().contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn storage_and_network_sections_parse() {
+        let cfg: AgentConfig = toml::from_str(
+            "[storage]\nbackend = \"btrfs\"\npool = \"/dev/sdb\"\n\
+             [network]\nbridge = \"cphx\"\nsubnet = \"10.99.0.0/24\"\naccess_port_first = 41000\n",
+        )
+        .expect("config parses");
+        assert_eq!(cfg.storage.backend, StorageBackend::Btrfs);
+        assert_eq!(cfg.storage.pool, Some(PathBuf::from("/dev/sdb")));
+        assert_eq!(cfg.network.bridge, "cphx");
+        assert_eq!(cfg.network.access_port_first, 41000);
+        assert_eq!(cfg.network.access_port_last, 29999);
+        assert!(cfg.network.enabled);
+        assert_eq!(
+            AgentConfig::default().storage.backend,
+            StorageBackend::Overlay
+        );
+        let err = toml::from_str::<AgentConfig>("[storage]\nbackend = \"dir\"\n")
+            .expect_err("dir is gone");
+        assert!(err.to_string().contains("overlay"), "{err}");
     }
 
     #[test]

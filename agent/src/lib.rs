@@ -4,6 +4,9 @@
 //! phones through `cph-runtime`, registers and heartbeats with the control
 //! plane, and executes the jobs the CPH API asks of a phone or a server.
 
+pub mod apk;
 pub mod config;
+pub mod daemon;
+pub mod objstore;
 pub mod protocol;
 pub mod telemetry;

@@ -22,11 +22,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent daemon (the agent protocol, phones and jobs).
+    Run,
     /// Print the effective configuration as TOML.
     Config,
+    /// Delete every phone of this agent (containers, volumes, networks) and
+    /// take its phone network and pool mounts off the host. Stop the agent first.
+    Purge,
     /// Print the placement plan of a phone flavor on a host: slot, CPUs,
     /// NUMA node and GPU per phone, with the plan's quality figures.
     Plan(PlanArgs),
+    /// Serve a directory over the S3 protocol (the embedded object store)
+    /// until SIGINT or SIGTERM.
+    ObjectStore(ObjectStoreArgs),
+}
+
+#[derive(clap::Args)]
+struct ObjectStoreArgs {
+    /// Directory holding the buckets (one sub-directory each).
+    #[arg(long)]
+    root: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: std::net::SocketAddr,
+    /// Access key id clients sign with.
+    #[arg(long, env = "CPH_OBJSTORE_AK")]
+    ak: String,
+    /// Secret access key clients sign with.
+    #[arg(long, env = "CPH_OBJSTORE_SK", hide_env_values = true)]
+    sk: String,
+    /// Bucket to create at start (repeatable).
+    #[arg(long = "bucket")]
+    buckets: Vec<String>,
+}
+
+fn object_store(args: ObjectStoreArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("start the tokio runtime")?;
+    runtime.block_on(cph_agent::objstore::server::run_until_signal(
+        args.root,
+        args.listen,
+        args.ak,
+        args.sk,
+        &args.buckets,
+    ))?;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -98,6 +137,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(cfg.log_format);
     match cli.command {
         Some(Command::Plan(args)) => print_plan(&args),
+        Some(Command::ObjectStore(args)) => object_store(args),
+        Some(Command::Run) => Ok(cph_agent::daemon::run(cfg)?),
+        Some(Command::Purge) => {
+            for id in cph_agent::daemon::purge(cfg)? {
+                println!("deleted phone {id}");
+            }
+            Ok(())
+        }
         Some(Command::Config) => {
             print!("{}", toml::to_string(&cfg).context("render config")?);
             Ok(())

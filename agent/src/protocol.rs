@@ -181,6 +181,25 @@ pub struct ObjectRef {
     pub key: String,
 }
 
+/// Where a migration lands: the target phone, its server and host, and the
+/// source's properties to copy when asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateTarget {
+    pub phone_id: String,
+    pub server_id: String,
+    pub node_id: String,
+    #[serde(default)]
+    pub property: BTreeMap<String, String>,
+}
+
+/// Bucket that migrations pass through when the request names none (the
+/// source's agent creates it when missing).
+pub const MIGRATE_BUCKET: &str = "cph-migrate";
+
+/// Suffix of the agent job id of a migration's restore phase: the CPH job
+/// keeps its id, the target agent sees `<job_id>` + this.
+pub const MIGRATE_RESTORE_SUFFIX: &str = "-restore";
+
 /// What a job does. The control plane validates the API's input and sends it
 /// in this typed form; the agent never parses CPH `content` strings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,14 +254,21 @@ pub enum JobKind {
         include: Vec<String>,
         exclude: Vec<String>,
     },
-    /// `batch-restore` from an export tar.
+    /// `batch-restore` from an export tar; `property` (a migration's
+    /// copied properties) is applied after it.
     Restore {
         object: ObjectRef,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        property: Option<BTreeMap<String, String>>,
     },
-    /// Whole-phone migration: export here then restore on `target`.
+    /// Whole-phone migration, source side: the phone is stopped and written
+    /// to `object`. The control plane then sends the target's agent a
+    /// [`JobKind::Restore`] under the same CPH job (the agent ignores `target`).
     Migrate {
         object: ObjectRef,
         keep_property: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<MigrateTarget>,
     },
     SharePushFiles {
         object: ObjectRef,

@@ -9,7 +9,9 @@
 //! Pure planning is kept apart from applying it, so plans are tested without
 //! root and appliers are tested for real, as root.
 
+pub mod archive;
 pub mod container;
 pub mod net;
 pub mod placement;
 pub mod privilege;
+pub mod storage;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use cph_runtime::container::{ContainerError, ContainerSpec, DeviceNode, Runtime, Status};
+use cph_runtime::container::{
+    binder, netns, ContainerError, ContainerSpec, DeviceNode, Runtime, Status,
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -172,7 +174,15 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     );
     assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/online").0, "0");
     assert_eq!(f.sh(&name, "grep -c ^processor /proc/cpuinfo").0, "1");
-    let devs = f.sh(&name, "ls /dev | sort | tr '\\n' ' '").0;
+    let mut devs = f.sh(&name, "ls /dev | sort | tr '\\n' ' '").0;
+    if binder::available() {
+        for d in ["binder ", "binderfs ", "hwbinder ", "vndbinder "] {
+            assert!(devs.contains(d), "{d}missing from {devs}");
+            devs = devs.replacen(d, "", 1);
+        }
+    }
+    assert_eq!(f.sh(&name, "grep -c '^cpu[0-9]' /proc/stat").0, "1");
+    assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/present").0, "0");
     if tun {
         assert_eq!(devs, "full net null ptmx pts random shm tty urandom zero");
         assert!(cgroup_file("devices", &cg, "devices.list").contains("c 10:200 rwm"));
@@ -278,6 +288,39 @@ fn phones_outlive_the_runtime_handle_and_are_adopted() {
     }
 }
 
+/// What a phone named `name` left on the host: cgroup dirs in any
+/// controller, its state dir, mounts naming it, a shim process for it.
+fn leftovers(f: &Fixture, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let cg = f.rt.cgroup_path(name);
+    for ctrl in [
+        "cpuset", "cpu", "cpuacct", "memory", "pids", "devices", "freezer", "blkio", "unified",
+    ] {
+        let p = Path::new("/sys/fs/cgroup").join(ctrl).join(&cg);
+        if p.exists() {
+            out.push(format!("cgroup {}", p.display()));
+        }
+    }
+    if f.state.join(name).exists() {
+        out.push("state dir".to_string());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mounts.lines().any(|l| l.contains(name)) {
+        out.push("mount".to_string());
+    }
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let shim = args
+            .first()
+            .is_some_and(|a| String::from_utf8_lossy(a).ends_with("cph-shim"));
+        if shim && args.contains(&name.as_bytes()) {
+            out.push(format!("shim process {:?}", e.file_name()));
+        }
+    }
+    out
+}
+
 #[test]
 fn bad_specs_fail_clearly_and_leave_nothing() {
     if !cph_runtime::privilege::check("bad_specs_fail_clearly_and_leave_nothing") {
@@ -285,22 +328,22 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
     }
     let mut f = Fixture::new();
     let empty = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(ContainerSpec, &str)> = vec![
+    type Check = fn(&ContainerError) -> bool;
+    let cases: Vec<(ContainerSpec, Check)> = vec![
         (
             ContainerSpec::new(&unique("missing"), Path::new("/nonexistent/rootfs")),
-            "is not a directory",
+            |e| matches!(e, ContainerError::RootfsMissing { .. }),
         ),
-        (
-            ContainerSpec::new(&unique("empty"), empty.path()),
-            "is empty",
-        ),
+        (ContainerSpec::new(&unique("empty"), empty.path()), |e| {
+            matches!(e, ContainerError::RootfsEmpty { .. })
+        }),
         (
             {
                 let mut s = f.spec(&unique("noexec"));
                 s.init = vec!["/system/build.prop".into()];
                 s
             },
-            "not an executable",
+            |e| matches!(e, ContainerError::InitNotExecutable { .. }),
         ),
         (
             {
@@ -308,7 +351,7 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
                 s.memory_limit = Some(1024);
                 s
             },
-            "below the minimum",
+            |e| matches!(e, ContainerError::MemoryTooLow { limit: 1024, .. }),
         ),
         (
             {
@@ -316,7 +359,33 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
                 s.cpus = Some("999".into());
                 s
             },
-            "not online",
+            |e| {
+                matches!(
+                    e,
+                    ContainerError::NotOnHost {
+                        field: "cpus",
+                        missing: 999,
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            {
+                let mut s = f.spec(&unique("numa"));
+                s.mems = Some("63".into());
+                s
+            },
+            |e| {
+                matches!(
+                    e,
+                    ContainerError::NotOnHost {
+                        field: "mems",
+                        missing: 63,
+                        ..
+                    }
+                )
+            },
         ),
         (
             {
@@ -324,29 +393,295 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
                 s.init = vec!["/bin/true".into()];
                 s
             },
-            "exited at once",
+            |e| matches!(e, ContainerError::InitExited { code: 0, .. }),
         ),
-        (ContainerSpec::new("bad/name", &f.rootfs), "must be 1-63"),
+        (
+            {
+                let mut s = f.spec(&unique("fails"));
+                s.init = vec!["/bin/false".into()];
+                s
+            },
+            |e| matches!(e, ContainerError::InitExited { code: 1, .. }),
+        ),
+        (ContainerSpec::new("bad/name", &f.rootfs), |e| {
+            matches!(e, ContainerError::InvalidSpec { .. })
+        }),
     ];
-    for (spec, want) in cases {
+    for (spec, check) in cases {
         let err = f.rt.start(&spec).expect_err("bad spec must fail");
-        assert!(err.to_string().contains(want), "{}: {err}", spec.name);
+        assert!(check(&err), "{}: unexpected error {err:?}", spec.name);
         assert!(
             err.to_string().contains(&spec.name),
             "error names the phone: {err}"
         );
-        assert!(
-            !f.state.join(&spec.name).exists(),
-            "{}: state left behind",
+        assert_eq!(
+            leftovers(&f, &spec.name),
+            Vec::<String>::new(),
+            "{}",
             spec.name
         );
-        let cg = Path::new("/sys/fs/cgroup/memory").join(f.rt.cgroup_path(&spec.name));
-        assert!(!cg.exists(), "{}: cgroup left behind", spec.name);
+        // The failure is reported with its reason until the name is reused.
+        match f.rt.state(&spec.name).expect("failed state").status {
+            Status::Failed { reason } => assert_eq!(reason, err.to_string()),
+            other => panic!("{}: {other:?}", spec.name),
+        }
     }
-    // A duplicate name while the first runs.
+    // A duplicate name while the first runs: refused, the first untouched.
     let name = unique("dup");
     let spec = f.spec(&name);
-    f.rt.start(&spec).expect("start");
+    let first = f.rt.start(&spec).expect("start");
     let err = f.rt.start(&spec).expect_err("duplicate");
     assert!(matches!(err, ContainerError::Exists { .. }), "{err}");
+    let st = f.rt.state(&name).expect("state");
+    assert_eq!((st.pid, st.status), (first.pid, Status::Running));
+    f.rt.delete(&name, Duration::from_secs(5)).expect("delete");
+    assert_eq!(leftovers(&f, &name), Vec::<String>::new());
+}
+
+/// Deletes a named network namespace made by `ip netns add`, whatever happens.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn phone_joins_a_named_network_namespace() {
+    if !cph_runtime::privilege::check("phone_joins_a_named_network_namespace") {
+        return;
+    }
+    let ns = unique("cphns");
+    let made = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED phone_joins_a_named_network_namespace: ip netns add failed");
+        return;
+    }
+    let _guard = NetnsGuard(ns.clone());
+    let file = netns::path(&ns);
+    let mut f = Fixture::new();
+    let name = unique("netns");
+    let mut spec = f.spec(&name);
+    spec.netns = Some(file.clone());
+    let st = f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(&file).expect("stat netns").ino();
+    let link = std::fs::read_link(format!("/proc/{}/ns/net", st.pid)).expect("readlink");
+    assert_eq!(link.to_string_lossy(), format!("net:[{ino}]"));
+    // A link made in the namespace from the host is the phone's.
+    let dummy = std::process::Command::new("ip")
+        .args(["-n", &ns, "link", "add", "cphd0", "type", "dummy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if dummy {
+        assert!(f.sh(&name, "ls /sys/class/net").0.contains("cphd0"));
+    }
+    f.rt.delete(&name, Duration::from_secs(5)).expect("delete");
+    assert!(file.exists(), "the namespace belongs to its creator");
+
+    // The helper makes what ip netns makes; a file that is not a netns is refused.
+    let own = unique("cphown");
+    let p = netns::create(&own).expect("create netns");
+    let ok = std::process::Command::new("ip")
+        .args(["-n", &own, "link", "show", "lo"])
+        .status()
+        .is_ok_and(|s| s.success());
+    netns::remove(&own).expect("remove netns");
+    assert!(ok, "ip -n does not see the helper's namespace");
+    assert!(!p.exists());
+    let mut bad = f.spec(&unique("badns"));
+    bad.netns = Some(f.rootfs.join("init"));
+    let err = f.rt.start(&bad).expect_err("not a netns");
+    assert!(matches!(err, ContainerError::InvalidSpec { .. }), "{err}");
+}
+
+#[test]
+fn boot_properties_and_limits_are_visible_inside() {
+    if !cph_runtime::privilege::check("boot_properties_and_limits_are_visible_inside") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let name = unique("boot");
+    let mut spec = f.spec(&name);
+    let serial = unique("serial");
+    spec.boot_properties
+        .insert("serialno".into(), serial.clone());
+    spec.boot_properties.insert("hardware".into(), "cph".into());
+    // The host's last CPU, so the phone's CPU 0 is a renumbered one.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online");
+    let last = online
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .expect("cpu")
+        .to_string();
+    spec.cpus = Some(last.clone());
+    spec.memory_limit = Some(128 * 1024 * 1024);
+    f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    assert_eq!(f.sh(&name, "getprop ro.boot.serialno").0, serial);
+    assert_eq!(f.sh(&name, "getprop ro.boot.hardware").0, "cph");
+    let cmdline = f.sh(&name, "cat /proc/cmdline").0;
+    assert!(
+        cmdline.contains(&format!("androidboot.serialno={serial}")),
+        "{cmdline}"
+    );
+    let init = f.sh(&name, "tr '\\0' ' ' < /proc/1/cmdline").0;
+    assert!(init.contains("androidboot.hardware=cph"), "{init}");
+
+    assert_eq!(
+        f.sh(&name, "grep MemTotal /proc/meminfo | tr -s ' '").0,
+        "MemTotal: 131072 kB"
+    );
+    assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/online").0, "0");
+    assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/possible").0, "0");
+    assert_eq!(
+        f.sh(&name, "grep ^processor /proc/cpuinfo | tr -d ' \\t'")
+            .0,
+        "processor:0"
+    );
+    let stat = f
+        .sh(&name, "grep ^cpu /proc/stat | cut -d' ' -f1 | tr '\\n' ' '")
+        .0;
+    assert_eq!(stat, "cpu cpu0");
+    assert!(f.sh(&name, "grep -c ^btime /proc/stat").0 == "1");
+    assert_eq!(f.sh(&name, "nproc").0, "1");
+}
+
+#[test]
+fn memory_view_follows_use_inside() {
+    if !cph_runtime::privilege::check("memory_view_follows_use_inside") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let name = unique("memview");
+    let mut spec = f.spec(&name);
+    spec.memory_limit = Some(256 * 1024 * 1024);
+    f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    let field = |f: &Fixture, key: &str| -> u64 {
+        let line = f.sh(&name, &format!("grep ^{key}: /proc/meminfo")).0;
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+    };
+    assert_eq!(field(&f, "MemTotal"), 256 * 1024);
+    let before = field(&f, "MemFree");
+    // 96 MiB written to the phone's own tmpfs is charged to its cgroup.
+    let (_, code) = f.sh(
+        &name,
+        "dd if=/dev/zero of=/dev/shm/fill bs=1M count=96 2>/dev/null",
+    );
+    assert_eq!(code, Some(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = field(&f, "MemFree");
+        if before.saturating_sub(now) >= 80 * 1024 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "MemFree stayed at {now} kB (was {before} kB) after using 96 MiB"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(field(&f, "MemAvailable") <= 256 * 1024);
+    f.sh(&name, "rm /dev/shm/fill");
+}
+
+#[test]
+fn phones_get_their_own_binder_devices() {
+    if !cph_runtime::privilege::check("phones_get_their_own_binder_devices") {
+        return;
+    }
+    if !binder::available() {
+        eprintln!(
+            "SKIPPED phones_get_their_own_binder_devices: host kernel has no binderfs (no binder in /proc/filesystems)"
+        );
+        return;
+    }
+    let mut f = Fixture::new();
+    let a = unique("bindera");
+    let b = unique("binderb");
+    let spec_a = f.spec(&a);
+    let spec_b = f.spec(&b);
+    f.rt.start(&spec_a).expect("start a");
+    f.rt.start(&spec_b).expect("start b");
+    let nodes = |n: &str| {
+        let (out, code) = f.sh(
+            n,
+            "for d in binder hwbinder vndbinder; do test -c /dev/$d || exit 9; stat -L -c '%t:%T' /dev/$d; done",
+        );
+        assert_eq!(code, Some(0), "{n}: binder devices missing");
+        out
+    };
+    let (na, nb) = (nodes(&a), nodes(&b));
+    assert_ne!(na, nb, "phones share binder devices");
+}
+
+#[test]
+fn state_changes_are_reported() {
+    if !cph_runtime::privilege::check("state_changes_are_reported") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let name = unique("events");
+    let spec = f.spec(&name);
+    let mut seen = std::collections::BTreeMap::new();
+    assert!(f.rt.changes(&mut seen).expect("changes").is_empty());
+    let st = f.rt.start(&spec).expect("start");
+    let ch = f.rt.changes(&mut seen).expect("changes");
+    assert_eq!(ch.len(), 1);
+    assert_eq!(
+        (ch[0].old.clone(), ch[0].new.clone()),
+        (None, Some(Status::Running))
+    );
+    assert!(f.rt.changes(&mut seen).expect("changes").is_empty());
+    f.wait_ready();
+    f.rt.pause(&name).expect("pause");
+    let ch = f.rt.changes(&mut seen).expect("changes");
+    assert_eq!(ch[0].new, Some(Status::Paused));
+    f.rt.resume(&name).expect("resume");
+    f.rt.changes(&mut seen).expect("changes");
+    // init killed from outside: exited with 128 + SIGKILL, as the shim recorded.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let change = loop {
+        let ch = f.rt.changes(&mut seen).expect("changes");
+        if let Some(c) = ch.into_iter().next() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "exit not reported");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        matches!(change.new, Some(Status::Exited { code }) if code == 137 || code == -1),
+        "{change:?}"
+    );
+    f.rt.delete(&name, Duration::from_secs(1)).expect("delete");
+    let ch = f.rt.changes(&mut seen).expect("changes");
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].new, None);
+    // A failed start is reported with its reason.
+    let mut bad = f.spec(&name);
+    bad.init = vec!["/bin/false".into()];
+    let err = f.rt.start(&bad).expect_err("fails");
+    let ch = f.rt.changes(&mut seen).expect("changes");
+    assert_eq!(
+        ch[0].new,
+        Some(Status::Failed {
+            reason: err.to_string()
+        })
+    );
 }

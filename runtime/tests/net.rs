@@ -417,3 +417,266 @@ fn traffic_diversion_and_reconcile_after_restart() {
         "{left}"
     );
 }
+
+/// `nft -j list map` elements as `(key, data)` text pairs; a concatenation
+/// reads `a . b`, like `nft` text.
+fn nft_json_elements(host: &Path, table: &str, map: &str) -> Vec<(String, String)> {
+    let out = in_ns(host, "nft", &["-j", "list", "map", "ip", table, map]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let text = |x: &serde_json::Value| -> String {
+        match x.get("concat").and_then(|c| c.as_array()) {
+            Some(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" . "),
+            None => x.as_str().map_or_else(|| x.to_string(), str::to_string),
+        }
+    };
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("map"))
+        .flat_map(|m| m["elem"].as_array().cloned().unwrap_or_default())
+        .map(|e| (text(&e[0]), text(&e[1])))
+        .collect()
+}
+
+#[test]
+fn netlink_elements_match_nft_both_ways_batches_are_atomic_conntrack_drops() {
+    use cph_runtime::net::nfnl::{
+        DiagSocket, ElemBatch, Element, Kind, MapChange, NfnlError, Op, Socket, Value,
+    };
+    use cph_runtime::net::{nft, BandwidthLimit, PhoneNet, PortMapping};
+    use std::net::Ipv4Addr;
+
+    if !cph_runtime::privilege::check("netlink_elements_match_nft") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tb = Testbed::new("nl", dir.path()).unwrap();
+    let cfg = tb.config(15000, 15100);
+    let host = netns_path(&tb.host);
+    let t = cfg.table.as_str();
+    SystemRunner
+        .run(&cph_runtime::net::cmd::nft_batch(nft::render_table(&cfg, [])).in_netns(Some(&host)))
+        .unwrap();
+    let mut sock = Socket::open(Some(&host)).unwrap();
+
+    // Added over netlink, read back by `nft -j`.
+    let mapping = |listen, access, public| PortMapping {
+        name: format!("p{listen}"),
+        listen_port: listen,
+        access_port: access,
+        internet_accessible: public,
+        system: false,
+    };
+    let phone = PhoneNet {
+        phone_id: "nl-phone".into(),
+        index: 3,
+        ip: Ipv4Addr::new(10, 210, 0, 5),
+        host_if: "unused".into(),
+        netns: "/nonexistent".into(),
+        ports: vec![mapping(20000, 15001, true), mapping(20001, 15002, false)],
+        bandwidth: BandwidthLimit::Unlimited,
+        traffic: TrafficType::Direct,
+    };
+    sock.apply(&nft::phone_delta(&cfg, None, Some(&phone)))
+        .unwrap();
+    let pair = |k: &str, d: &str| (k.to_string(), d.to_string());
+    assert_eq!(
+        nft_json_elements(&host, t, "public_ports"),
+        [pair("10.210.100.1 . 15001", "10.210.0.5 . 20000")]
+    );
+    assert_eq!(
+        nft_json_elements(&host, t, "private_ports"),
+        [pair("10.210.100.1 . 15002", "10.210.0.5 . 20001")]
+    );
+    assert_eq!(
+        nft_json_elements(&host, t, "phone_class"),
+        [pair("10.210.0.5", "1:13")]
+    );
+
+    // Added by `nft`, read back over netlink: the same bytes.
+    in_ns(
+        &host,
+        "nft",
+        &[
+            "add",
+            "element",
+            "ip",
+            t,
+            "public_ports",
+            "{ 10.210.100.1 . 15099 : 10.210.0.9 . 21000 }",
+        ],
+    );
+    in_ns(
+        &host,
+        "nft",
+        &[
+            "add",
+            "element",
+            "ip",
+            t,
+            "phone_class",
+            "{ 10.210.0.9 : 1:1f }",
+        ],
+    );
+    let listed = sock.list(t, "public_ports").unwrap();
+    let want_key = Value::AddrPort(SERVER_IP, 15099);
+    let want_data = Value::AddrPort(Ipv4Addr::new(10, 210, 0, 9), 21000);
+    let got = listed
+        .iter()
+        .find(|e| e.key == want_key.to_bytes())
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(got.data.as_deref(), Some(&want_data.to_bytes()[..]));
+    assert_eq!(
+        Value::decode(Kind::AddrPort, got.data.as_deref().unwrap()),
+        Some(want_data)
+    );
+    assert_eq!(listed.len(), 2);
+    let classes = sock.list(t, "phone_class").unwrap();
+    let class9 = classes
+        .iter()
+        .find(|e| e.key == Value::Addr(Ipv4Addr::new(10, 210, 0, 9)).to_bytes())
+        .unwrap();
+    assert_eq!(
+        Value::decode(Kind::ClassId, class9.data.as_deref().unwrap()),
+        Some(Value::ClassId {
+            major: 1,
+            minor: 0x1f
+        })
+    );
+
+    // A batch with one bad change applies nothing, and the error names the
+    // table, map and the element the kernel pointed at.
+    let before = in_ns(&host, "nft", &["list", "table", "ip", t]);
+    let el = |p: u16, data: Option<Value>| Element {
+        key: Value::AddrPort(SERVER_IP, p),
+        data,
+    };
+    let bad = ElemBatch {
+        table: cfg.table.clone(),
+        changes: vec![
+            MapChange {
+                op: Op::Add,
+                map: "public_ports".into(),
+                elements: vec![el(15050, Some(want_data))],
+            },
+            MapChange {
+                op: Op::Delete,
+                map: "private_ports".into(),
+                elements: vec![el(15002, None), el(15077, None)],
+            },
+        ],
+    };
+    match sock.apply(&bad) {
+        Err(NfnlError::Kernel {
+            op,
+            table,
+            map,
+            element,
+            errno,
+            ..
+        }) => {
+            assert_eq!(
+                (op, table.as_str(), map.as_str(), element.as_str()),
+                ("delete", t, "private_ports", "10.210.100.1 . 15077")
+            );
+            assert_eq!(errno, nix::errno::Errno::ENOENT);
+        }
+        other => panic!("expected a kernel refusal, got {other:?}"),
+    }
+    assert_eq!(in_ns(&host, "nft", &["list", "table", "ip", t]), before);
+    let missing = ElemBatch {
+        table: format!("{t}missing"),
+        changes: bad.changes[..1].to_vec(),
+    };
+    let e = sock.apply(&missing).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("table ip {t}missing")),
+        "{e}"
+    );
+    // The socket stays usable after refusals; the phone's elements go.
+    sock.apply(&nft::phone_delta(&cfg, Some(&phone), None))
+        .unwrap();
+    assert_eq!(
+        nft_json_elements(&host, t, "public_ports"),
+        [pair("10.210.100.1 . 15099", "10.210.0.9 . 21000")]
+    );
+    assert!(nft_json_elements(&host, t, "private_ports").is_empty());
+    assert_eq!(
+        nft_json_elements(&host, t, "phone_class"),
+        [pair("10.210.0.9", "1:1f")]
+    );
+
+    // Conntrack over the same socket: entries answered by the phone are
+    // listed (only those) and deleted; a second deletion finds none.
+    for (proto, phone_ip, phone_port, client_port) in [
+        ("tcp", "10.210.0.5", "20000", "40000"),
+        ("udp", "10.210.0.5", "20001", "40000"),
+        ("tcp", "10.210.0.6", "20000", "40001"),
+    ] {
+        let mut args = vec!["-I", "-p", proto, "-s", "10.210.101.2", "-d"];
+        args.extend([
+            "10.210.100.1",
+            "--sport",
+            client_port,
+            "--dport",
+            "15001",
+            "--reply-src",
+            phone_ip,
+            "--reply-dst",
+            "10.210.101.2",
+            "--reply-port-src",
+            phone_port,
+            "--reply-port-dst",
+            client_port,
+            "--timeout",
+            "100",
+        ]);
+        if proto == "tcp" {
+            args.extend(["--state", "ESTABLISHED"]);
+        }
+        in_ns(&host, "conntrack", &args);
+    }
+    let ip5 = Ipv4Addr::new(10, 210, 0, 5);
+    let mut flows = sock.conntrack_flows_of(ip5).unwrap();
+    flows.sort_by_key(|f| f.proto);
+    let seen: Vec<(u8, u16)> = flows.iter().map(|f| (f.proto, f.phone_port)).collect();
+    assert_eq!(seen, [(6, 20000), (17, 20001)]);
+    assert_eq!(sock.conntrack_delete(ip5, &flows).unwrap(), 2);
+    assert!(sock.conntrack_flows_of(ip5).unwrap().is_empty());
+    assert_eq!(sock.conntrack_delete(ip5, &flows).unwrap(), 0);
+    let other = in_ns(&host, "conntrack", &["-L", "--reply-src", "10.210.0.6"]);
+    assert!(other.contains("sport=20000"), "{other}");
+
+    // Listening ports over sock_diag are what `ss -l -t -u` shows.
+    let held = cph_runtime::net::testbed::in_netns(&host, || {
+        (
+            std::net::TcpListener::bind("0.0.0.0:15555").unwrap(),
+            std::net::UdpSocket::bind("0.0.0.0:15556").unwrap(),
+            std::net::TcpListener::bind("[::]:15557").ok(),
+        )
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let ours = DiagSocket::open(Some(&host))
+        .unwrap()
+        .listening_ports()
+        .unwrap();
+    let ss = cph_runtime::net::cmd::parse_listening_ports(&in_ns(
+        &host,
+        "ss",
+        &["-H", "-l", "-n", "-t", "-u"],
+    ));
+    assert_eq!(ours, ss);
+    assert!(ours.contains(&15555) && ours.contains(&15556), "{ours:?}");
+    assert_eq!(ours.contains(&15557), held.2.is_some(), "{ours:?}");
+    drop(held);
+}

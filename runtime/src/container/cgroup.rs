@@ -103,6 +103,13 @@ fn apply(cg: &Cgroup, spec: &ContainerSpec) -> Result<(), ContainerError> {
             c.allow_device(DeviceType::Char, major, minor, &rwm)
                 .map_err(|e| err(name, "devices.allow", e))?;
         }
+        // The phone's own binderfs devices (any minor of binderfs's major).
+        if super::binder::available() {
+            if let Some(major) = super::binder::major() {
+                c.allow_device(DeviceType::Char, major, -1, &rwm)
+                    .map_err(|e| err(name, "devices.allow binder", e))?;
+            }
+        }
         for dev in &spec.devices {
             let (major, minor) = device_numbers(&dev.path).map_err(|e| {
                 err(
@@ -132,6 +139,12 @@ pub(crate) fn device_numbers(path: &std::path::Path) -> std::io::Result<(i64, i6
 pub(crate) fn join(cg: &Cgroup, pid: i32, name: &str) -> Result<(), ContainerError> {
     cg.add_task_by_tgid(CgroupPid::from(pid as u64))
         .map_err(|e| err(name, "join", e))
+}
+
+/// Memory the phone uses now: `(usage, page cache)` in bytes.
+pub(crate) fn memory_usage(cg: &Cgroup) -> Option<(u64, u64)> {
+    let m = cg.controller_of::<MemController>()?.memory_stat();
+    Some((m.usage_in_bytes, m.stat.cache))
 }
 
 /// Pids in the phone's cgroup.

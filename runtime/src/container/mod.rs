@@ -8,16 +8,29 @@
 //! caller (new session, double fork), so phones outlive the agent; a new
 //! [`Runtime`] over the same state directory re-adopts them, checking each
 //! pid against its recorded start time so a recycled pid is never trusted.
+//!
+//! Android needs: each phone gets its own binderfs instance (`binder`,
+//! `hwbinder`, `vndbinder`) when the host kernel has binderfs, and boot
+//! properties reach init as `androidboot.*` arguments. Inside, `/proc/meminfo`,
+//! `/proc/cpuinfo`, `/proc/stat` and the CPU lists under
+//! `/sys/devices/system/cpu` show the phone's own memory limit and cpuset.
+//!
+//! State changes: [`Runtime::state`] and [`Runtime::list`] report each
+//! phone's [`Status`] (running, paused, exited with code, failed to start
+//! with reason); [`Runtime::changes`] polls them against what the caller saw
+//! last and returns the differences as [`StatusChange`]s.
 
+pub mod binder;
 mod cgroup;
 mod exec;
+pub mod netns;
 mod runtime;
 pub mod shim;
 mod spec;
 mod state;
 
 pub use exec::ExecOutput;
-pub use runtime::Runtime;
+pub use runtime::{Runtime, StatusChange};
 pub use spec::{BindMount, ContainerSpec, DeviceNode};
 pub use state::{ContainerState, Status};
 
@@ -28,6 +41,24 @@ use std::path::PathBuf;
 pub enum ContainerError {
     #[error("phone {name}: invalid spec: {reason}")]
     InvalidSpec { name: String, reason: String },
+    #[error("phone {name}: rootfs {} does not exist or is not a directory", path.display())]
+    RootfsMissing { name: String, path: PathBuf },
+    #[error("phone {name}: rootfs {} is empty", path.display())]
+    RootfsEmpty { name: String, path: PathBuf },
+    #[error("phone {name}: init {init} is not an executable file in the rootfs")]
+    InitNotExecutable { name: String, init: String },
+    #[error("phone {name}: init exited at once with status {code}")]
+    InitExited { name: String, code: i32 },
+    #[error("phone {name}: {field} {list}: {missing} is not online on this host")]
+    NotOnHost {
+        name: String,
+        /// `cpus` or `mems`.
+        field: &'static str,
+        list: String,
+        missing: u32,
+    },
+    #[error("phone {name}: memory limit {limit} bytes is below the minimum {min}")]
+    MemoryTooLow { name: String, limit: i64, min: i64 },
     #[error("phone {name} already exists")]
     Exists { name: String },
     #[error("phone {name} does not exist")]

@@ -1,8 +1,10 @@
 //! The runtime handle: start, observe, exec into, stop and delete phones
 //! kept in one state directory under one parent cgroup.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -20,7 +22,22 @@ pub struct Runtime {
     state_dir: PathBuf,
     cgroup_parent: String,
     shim: PathBuf,
+    /// Phones whose last start failed, with the reason, reported as
+    /// [`Status::Failed`] (nothing of them is left on disk); shared by clones
+    /// of this handle, kept until the next start or delete of the name.
+    failures: Arc<Mutex<BTreeMap<String, String>>>,
 }
+
+/// One difference found by [`Runtime::changes`]: `old` is what the caller
+/// saw last (`None`: not known), `new` what holds now (`None`: gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub name: String,
+    pub old: Option<Status>,
+    pub new: Option<Status>,
+}
+
+static NO_BINDERFS: Once = Once::new();
 
 impl Runtime {
     /// A handle over `state_dir`; phones' cgroups live under
@@ -36,13 +53,43 @@ impl Runtime {
             state_dir: state_dir.to_path_buf(),
             cgroup_parent: cgroup_parent.to_string(),
             shim: shim.to_path_buf(),
+            failures: Arc::default(),
         })
     }
 
     /// Creates and starts a phone; returns once init runs (or the start failed
     /// and everything made for it is gone).
     pub fn start(&self, spec: &ContainerSpec) -> Result<ContainerState, ContainerError> {
+        let result = self.start_inner(spec);
+        match &result {
+            Ok(_) => {
+                self.forget_failure(&spec.name);
+            }
+            // A duplicate leaves the running phone's status alone.
+            Err(ContainerError::Exists { .. }) => {}
+            Err(e) => {
+                if let Ok(mut f) = self.failures.lock() {
+                    f.insert(spec.name.clone(), e.to_string());
+                }
+            }
+        }
+        result
+    }
+
+    fn forget_failure(&self, name: &str) -> bool {
+        self.failures
+            .lock()
+            .map(|mut f| f.remove(name).is_some())
+            .unwrap_or(false)
+    }
+
+    fn start_inner(&self, spec: &ContainerSpec) -> Result<ContainerState, ContainerError> {
         spec.validate()?;
+        if !super::binder::available() {
+            NO_BINDERFS.call_once(|| {
+                warn!("host kernel has no binderfs: phones get no binder devices (Android images will not boot; others do)");
+            });
+        }
         let name = spec.name.as_str();
         let dir = state::dir(&self.state_dir, name);
         if dir.exists() {
@@ -99,6 +146,15 @@ impl Runtime {
             .strip_prefix("err ")
             .unwrap_or("shim reported nothing")
             .to_string();
+        if let Some(code) = reason
+            .strip_prefix(super::shim::EXITED_AT_ONCE)
+            .and_then(|c| c.trim().parse().ok())
+        {
+            return Err(ContainerError::InitExited {
+                name: name.to_string(),
+                code,
+            });
+        }
         Err(ContainerError::StartFailed {
             name: name.to_string(),
             reason,
@@ -110,6 +166,16 @@ impl Runtime {
     pub fn state(&self, name: &str) -> Result<ContainerState, ContainerError> {
         let path = state::state_path(&self.state_dir, name);
         if !path.exists() {
+            let failed = self.failures.lock().ok().and_then(|f| f.get(name).cloned());
+            if let Some(reason) = failed {
+                return Ok(ContainerState {
+                    name: name.to_string(),
+                    pid: 0,
+                    start_time: 0,
+                    shim_pid: 0,
+                    status: Status::Failed { reason },
+                });
+            }
             return Err(ContainerError::NotFound {
                 name: name.to_string(),
             });
@@ -137,9 +203,42 @@ impl Runtime {
             })
     }
 
-    /// Every phone in the state directory.
+    /// Every phone in the state directory, and those whose last start
+    /// through this handle failed.
+    /// Removes the parent cgroup from every hierarchy once it holds no
+    /// phone: `rmdir` refuses a cgroup with children or tasks, so this is a
+    /// no-op while one is left.
+    pub fn release_parent(&self) {
+        let root = Path::new("/sys/fs/cgroup");
+        let mut dirs = vec![root.join(&self.cgroup_parent)];
+        if let Ok(entries) = std::fs::read_dir(root) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path().join(&self.cgroup_parent)),
+            );
+        }
+        for d in dirs.iter().filter(|d| d.is_dir()) {
+            if let Err(e) = std::fs::remove_dir(d) {
+                warn!(cgroup = %d.display(), error = %e, "parent cgroup not removed");
+            }
+        }
+    }
+
     pub fn list(&self) -> Result<Vec<ContainerState>, ContainerError> {
         let mut out = Vec::new();
+        let failed: Vec<String> = self
+            .failures
+            .lock()
+            .map(|f| f.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in failed {
+            if !state::state_path(&self.state_dir, &name).exists() {
+                if let Ok(st) = self.state(&name) {
+                    out.push(st);
+                }
+            }
+        }
         let entries = std::fs::read_dir(&self.state_dir).map_err(|source| ContainerError::Io {
             name: String::new(),
             step: "list state dir",
@@ -152,6 +251,44 @@ impl Runtime {
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// State changes since the caller last looked: compares [`Self::list`]
+    /// with `seen` (name to the status the caller knows), returns each
+    /// difference and updates `seen`. Polling this is how the agent learns
+    /// that a phone started, was paused, exited (with its code), failed to
+    /// start (with the reason) or was deleted.
+    pub fn changes(
+        &self,
+        seen: &mut BTreeMap<String, Status>,
+    ) -> Result<Vec<StatusChange>, ContainerError> {
+        let now: BTreeMap<String, Status> = self
+            .list()?
+            .into_iter()
+            .map(|st| (st.name, st.status))
+            .collect();
+        let mut out = Vec::new();
+        for (name, status) in &now {
+            let old = seen.get(name);
+            if old != Some(status) {
+                out.push(StatusChange {
+                    name: name.clone(),
+                    old: old.cloned(),
+                    new: Some(status.clone()),
+                });
+            }
+        }
+        for (name, old) in seen.iter() {
+            if !now.contains_key(name) {
+                out.push(StatusChange {
+                    name: name.clone(),
+                    old: Some(old.clone()),
+                    new: None,
+                });
+            }
+        }
+        *seen = now;
         Ok(out)
     }
 
@@ -237,7 +374,11 @@ impl Runtime {
     /// Stops the phone if needed and removes its cgroup and state.
     pub fn delete(&self, name: &str, grace: Duration) -> Result<(), ContainerError> {
         let dir = state::dir(&self.state_dir, name);
+        let was_failed = self.forget_failure(name);
         if !dir.exists() {
+            if was_failed {
+                return Ok(());
+            }
             return Err(ContainerError::NotFound {
                 name: name.to_string(),
             });

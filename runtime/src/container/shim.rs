@@ -96,6 +96,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let dir = state::dir(root, name);
     let views = write_views(&dir, spec).map_err(|e| format!("proc views: {e}"))?;
     let cg = cgroup::create(parent, spec).map_err(|e| e.to_string())?;
+    let binderfs = super::binder::available();
 
     // Init's console: its own log, never the caller's pipes (which would
     // then never see end-of-file).
@@ -111,14 +112,26 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let (go_r, go_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let flags = CloneFlags::CLONE_NEWNS
+    // A named network namespace is joined by init; otherwise it gets a new one.
+    let netns: Option<OwnedFd> = match &spec.netns {
+        Some(p) => Some(
+            std::fs::File::open(p)
+                .map_err(|e| format!("open netns {}: {e}", p.display()))?
+                .into(),
+        ),
+        None => None,
+    };
+    let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWCGROUP;
+    if netns.is_none() {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
     let mut stack = vec![0u8; 1024 * 1024];
     let child_spec = spec.clone();
+    let child_views = views.clone();
     let cb = Box::new(move || -> isize {
         // SAFETY: dup2 onto the standard descriptors of the cloned child,
         // which runs alone; both sources stay open until exec.
@@ -129,7 +142,13 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         }
         let mut byte = [0u8; 1];
         let _ = nix::unistd::read(go_r.as_fd(), &mut byte);
-        let reason = match init_child(&child_spec, &views) {
+        if let Some(fd) = &netns {
+            if let Err(e) = setns(fd, CloneFlags::CLONE_NEWNET) {
+                let _ = nix::unistd::write(&err_w, format!("join netns: {e}").as_bytes());
+                return 127;
+            }
+        }
+        let reason = match init_child(&child_spec, &child_views, binderfs) {
             Ok(never) => match never {},
             Err(reason) => reason,
         };
@@ -178,7 +197,10 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             if !matches!(status, WaitStatus::StillAlive) {
                 let _ = cgroup::destroy(&cg, name);
-                return Err(format!("init exited at once ({})", describe(status)));
+                return match exit_code(status) {
+                    Some(code) => Err(format!("{EXITED_AT_ONCE}{code}")),
+                    None => Err(format!("init exited at once ({status:?})")),
+                };
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -198,20 +220,70 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     report(&format!("ok {}", child.as_raw()));
     detach_stdio();
 
-    let code = loop {
-        match waitpid(child, None) {
-            Ok(status) => {
-                if let Some(code) = exit_code(status) {
-                    break code;
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break -1,
-        }
-    };
+    let code = hold(child, &views, spec, &cg);
     st.status = Status::Exited { code };
     let _ = state::write_json(&path, &st, name);
     Ok(())
+}
+
+/// How often the views inside a running phone are brought up to date.
+const VIEW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Holds init until it exits, returning its exit code; meanwhile keeps the
+/// phone's `/proc` views current (memory in use, CPU times), as lxcfs does
+/// on every read. Waits on a pidfd so the exit is seen at once.
+fn hold(child: Pid, views: &Views, spec: &ContainerSpec, cg: &cgroups_rs::fs::Cgroup) -> i32 {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
+    let pidfd: Option<OwnedFd> = (raw >= 0).then(|| {
+        // SAFETY: `raw` is a freshly opened descriptor owned by nobody else.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) }
+    });
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    return code;
+                }
+                continue;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return -1,
+        }
+        refresh_views(views, spec, cg);
+        match &pidfd {
+            Some(fd) => {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut p, 1, VIEW_REFRESH.as_millis() as libc::c_int) };
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Rewrites a view file in place: it is bind-mounted over a `/proc` entry,
+/// so its inode must stay the same.
+fn rewrite(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.set_len(text.len() as u64)
+}
+
+fn refresh_views(views: &Views, spec: &ContainerSpec, cg: &cgroups_rs::fs::Cgroup) {
+    if let (Some(path), Some(limit)) = (&views.meminfo, spec.memory_limit) {
+        let _ = rewrite(path, &meminfo_view(limit, cgroup::memory_usage(cg)));
+    }
+    if let (Some(path), Some(cpus)) = (&views.stat, &views.cpus) {
+        if let Ok(host) = std::fs::read_to_string("/proc/stat") {
+            let _ = rewrite(path, &stat_view(&host, cpus));
+        }
+    }
 }
 
 fn exit_code(status: WaitStatus) -> Option<i32> {
@@ -222,82 +294,184 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
     }
 }
 
-fn describe(status: WaitStatus) -> String {
-    match exit_code(status) {
-        Some(code) => format!("exit status {code}"),
-        None => format!("{status:?}"),
-    }
-}
+/// Start failure line of an init that exited within the watch window,
+/// followed by its exit status; the runtime turns it into
+/// [`super::ContainerError::InitExited`].
+pub const EXITED_AT_ONCE: &str = "init exited at once: status ";
 
 /// Files shown over `/proc` and `/sys` entries inside the phone so it sizes
-/// itself to its own limits (the lxcfs idea, computed at start).
+/// itself to its own limits (the lxcfs idea: written at start, then kept
+/// current by the shim while the phone runs).
+#[derive(Clone)]
 struct Views {
     meminfo: Option<PathBuf>,
     cpuinfo: Option<PathBuf>,
-    cpu_online: Option<PathBuf>,
+    stat: Option<PathBuf>,
+    /// `0-(n-1)` for the cpuset's n CPUs: `online`, `present`, `possible`.
+    cpu_list: Option<PathBuf>,
+    /// `androidboot.*` boot properties, as a kernel command line.
+    cmdline: Option<PathBuf>,
+    /// The host CPUs of the cpuset, in order (the `stat` view's source).
+    cpus: Option<Vec<u32>>,
 }
 
 fn write_views(dir: &Path, spec: &ContainerSpec) -> std::io::Result<Views> {
     let mut v = Views {
         meminfo: None,
         cpuinfo: None,
-        cpu_online: None,
+        stat: None,
+        cpu_list: None,
+        cmdline: None,
+        cpus: None,
     };
     if let Some(limit) = spec.memory_limit {
-        let kb = limit / 1024;
-        let text = format!(
-            "MemTotal:       {kb:>8} kB\nMemFree:        {kb:>8} kB\nMemAvailable:   {kb:>8} kB\n\
-             Buffers:               0 kB\nCached:                0 kB\nSwapCached:            0 kB\n\
-             SwapTotal:             0 kB\nSwapFree:              0 kB\n"
-        );
         let p = dir.join("meminfo");
-        std::fs::write(&p, text)?;
+        std::fs::write(&p, meminfo_view(limit, None))?;
         v.meminfo = Some(p);
     }
     if let Some(cpus) = &spec.cpus {
-        let n = crate::placement::cpulist::parse(cpus)
-            .map(|l| l.len())
-            .unwrap_or(1)
-            .max(1);
-        let p = dir.join("cpu_online");
+        let mut list = crate::placement::cpulist::parse(cpus).unwrap_or_default();
+        list.sort_unstable();
+        list.dedup();
+        if list.is_empty() {
+            list.push(0);
+        }
+        let n = list.len() as u32;
+        let p = dir.join("cpu_list");
         std::fs::write(
             &p,
             format!(
                 "{}\n",
-                crate::placement::cpulist::format(&(0..n as u32).collect::<Vec<_>>())
+                crate::placement::cpulist::format(&(0..n).collect::<Vec<_>>())
             ),
         )?;
-        v.cpu_online = Some(p);
-        // The first n processor blocks of the host's cpuinfo, renumbered.
+        v.cpu_list = Some(p);
         let host = std::fs::read_to_string("/proc/cpuinfo")?;
-        let blocks: Vec<&str> = host
-            .split("\n\n")
-            .filter(|b| b.contains("processor"))
-            .collect();
-        if !blocks.is_empty() {
-            let mut out = String::new();
-            for i in 0..n {
-                let block = blocks[i % blocks.len()];
-                for line in block.lines() {
-                    if line.starts_with("processor") {
-                        out.push_str(&format!("processor\t: {i}\n"));
-                    } else {
-                        out.push_str(line);
-                        out.push('\n');
-                    }
-                }
-                out.push('\n');
-            }
+        if let Some(text) = cpuinfo_view(&host, &list) {
             let p = dir.join("cpuinfo");
-            std::fs::write(&p, out)?;
+            std::fs::write(&p, text)?;
             v.cpuinfo = Some(p);
         }
+        let host = std::fs::read_to_string("/proc/stat")?;
+        let p = dir.join("stat");
+        std::fs::write(&p, stat_view(&host, &list))?;
+        v.stat = Some(p);
+        v.cpus = Some(list);
+    }
+    if !spec.boot_properties.is_empty() {
+        let line: Vec<String> = spec
+            .boot_properties
+            .iter()
+            .map(|(k, val)| {
+                if val.contains(' ') {
+                    format!("androidboot.{k}=\"{val}\"")
+                } else {
+                    format!("androidboot.{k}={val}")
+                }
+            })
+            .collect();
+        let p = dir.join("cmdline");
+        std::fs::write(&p, format!("{}\n", line.join(" ")))?;
+        v.cmdline = Some(p);
     }
     Ok(v)
 }
 
+/// `/proc/meminfo` of a phone limited to `limit` bytes, without swap, with
+/// `usage` (bytes in use, of which page cache) from its memory cgroup.
+fn meminfo_view(limit: i64, usage: Option<(u64, u64)>) -> String {
+    let total = limit.max(0) as u64 / 1024;
+    let (used, cache) = usage.map_or((0, 0), |(u, c)| (u / 1024, c.min(u) / 1024));
+    let used = used.min(total);
+    let free = total - used;
+    let available = (free + cache).min(total);
+    format!(
+        "MemTotal:       {total:>8} kB\nMemFree:        {free:>8} kB\nMemAvailable:   {available:>8} kB\n\
+         Buffers:               0 kB\nCached:         {cache:>8} kB\nSwapCached:            0 kB\n\
+         SwapTotal:             0 kB\nSwapFree:              0 kB\n"
+    )
+}
+
+/// The host's `/proc/cpuinfo` blocks of the cpuset's CPUs, renumbered from 0.
+fn cpuinfo_view(host: &str, cpus: &[u32]) -> Option<String> {
+    let blocks: Vec<&str> = host
+        .split("\n\n")
+        .filter(|b| b.lines().any(|l| l.starts_with("processor")))
+        .collect();
+    if blocks.is_empty() {
+        return None;
+    }
+    let number = |b: &str| -> Option<u32> {
+        b.lines()
+            .find(|l| l.starts_with("processor"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    let mut out = String::new();
+    for (i, cpu) in cpus.iter().enumerate() {
+        let block = blocks
+            .iter()
+            .find(|b| number(b) == Some(*cpu))
+            .unwrap_or(&blocks[i % blocks.len()]);
+        for line in block.lines() {
+            if line.starts_with("processor") {
+                out.push_str(&format!("processor\t: {i}\n"));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
+/// The host's `/proc/stat` with only the cpuset's `cpuN` lines, renumbered
+/// from 0, and the `cpu` total summed over them; other lines as they are.
+fn stat_view(host: &str, cpus: &[u32]) -> String {
+    let mut per_cpu: Vec<(u32, Vec<u64>)> = Vec::new();
+    let mut rest = Vec::new();
+    for line in host.lines() {
+        let mut it = line.split_whitespace();
+        let key = it.next().unwrap_or("");
+        if key == "cpu" {
+            continue;
+        }
+        if let Some(num) = key.strip_prefix("cpu").and_then(|n| n.parse::<u32>().ok()) {
+            per_cpu.push((num, it.filter_map(|f| f.parse().ok()).collect()));
+        } else {
+            rest.push(line);
+        }
+    }
+    let chosen: Vec<&Vec<u64>> = cpus
+        .iter()
+        .filter_map(|c| per_cpu.iter().find(|(n, _)| n == c).map(|(_, f)| f))
+        .collect();
+    let width = chosen.iter().map(|f| f.len()).max().unwrap_or(10);
+    let mut total = vec![0u64; width];
+    for fields in &chosen {
+        for (t, f) in total.iter_mut().zip(fields.iter()) {
+            *t += f;
+        }
+    }
+    let join = |f: &[u64]| f.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    let mut out = format!("cpu  {}\n", join(&total));
+    for (i, fields) in chosen.iter().enumerate() {
+        out.push_str(&format!("cpu{i} {}\n", join(fields)));
+    }
+    for line in rest {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Runs in the cloned child: builds the phone's mounts and execs init.
-fn init_child(spec: &ContainerSpec, views: &Views) -> Result<std::convert::Infallible, String> {
+fn init_child(
+    spec: &ContainerSpec,
+    views: &Views,
+    binderfs: bool,
+) -> Result<std::convert::Infallible, String> {
     let rootfs = &spec.rootfs;
     let m = |src: Option<&Path>,
              target: &Path,
@@ -411,6 +585,9 @@ fn init_child(spec: &ContainerSpec, views: &Views) -> Result<std::convert::Infal
         Some("mode=1777"),
         "/dev/shm",
     )?;
+    if binderfs {
+        super::binder::setup(&at("dev"))?;
+    }
     for dev in &spec.devices {
         let rel = dev.path.strip_prefix("/").unwrap_or(&dev.path);
         let target = rootfs.join(rel);
@@ -432,7 +609,11 @@ fn init_child(spec: &ContainerSpec, views: &Views) -> Result<std::convert::Infal
     for (file, rel) in [
         (&views.meminfo, "proc/meminfo"),
         (&views.cpuinfo, "proc/cpuinfo"),
-        (&views.cpu_online, "sys/devices/system/cpu/online"),
+        (&views.stat, "proc/stat"),
+        (&views.cmdline, "proc/cmdline"),
+        (&views.cpu_list, "sys/devices/system/cpu/online"),
+        (&views.cpu_list, "sys/devices/system/cpu/present"),
+        (&views.cpu_list, "sys/devices/system/cpu/possible"),
     ] {
         if let Some(src) = file {
             if at(rel).exists() {
@@ -487,7 +668,7 @@ fn init_child(spec: &ContainerSpec, views: &Views) -> Result<std::convert::Infal
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
 
-    let argv = cstrings(&spec.init)?;
+    let argv = cstrings(&spec.init_argv())?;
     let env = cstrings(&spec.env)?;
     match execve(&argv[0], &argv, &env) {
         Ok(never) => match never {},
@@ -590,5 +771,53 @@ fn wait_child(child: Pid) -> i32 {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return 125,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cpu  10 0 20 300 0 0 0 0 0 0\ncpu0 4 0 8 100 0 0 0 0 0 0\n\
+        cpu1 6 0 12 200 0 0 0 0 0 0\nintr 5 1\nctxt 9\nbtime 1700000000\n";
+
+    #[test]
+    fn meminfo_view_counts_use_and_cache_within_the_limit() {
+        let mib = 1024 * 1024;
+        let v = meminfo_view(256 * mib, Some((100 * mib as u64, 30 * mib as u64)));
+        let kb = |key: &str| -> u64 {
+            v.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+                .expect("field")
+        };
+        assert_eq!(kb("MemTotal:"), 256 * 1024);
+        assert_eq!(kb("MemFree:"), 156 * 1024);
+        assert_eq!(kb("MemAvailable:"), 186 * 1024);
+        assert_eq!(kb("Cached:"), 30 * 1024);
+        // Usage over the limit (kernel slack) never shows negative memory.
+        let over = meminfo_view(64 * mib, Some((80 * mib as u64, 0)));
+        assert!(over.contains("MemFree:               0 kB"), "{over}");
+    }
+
+    #[test]
+    fn stat_view_keeps_the_cpuset_renumbered_and_sums_it() {
+        let v = stat_view(STAT, &[1]);
+        assert_eq!(
+            v,
+            "cpu  6 0 12 200 0 0 0 0 0 0\ncpu0 6 0 12 200 0 0 0 0 0 0\n\
+             intr 5 1\nctxt 9\nbtime 1700000000\n"
+        );
+        let v = stat_view(STAT, &[0, 1]);
+        assert!(v.starts_with("cpu  10 0 20 300 0 0 0 0 0 0\ncpu0 4 "));
+        assert!(v.contains("cpu1 6 "));
+    }
+
+    #[test]
+    fn cpuinfo_view_takes_the_cpuset_blocks_renumbered() {
+        let host = "processor\t: 0\nBogoMIPS\t: 1\n\nprocessor\t: 1\nBogoMIPS\t: 2\n\n";
+        let v = cpuinfo_view(host, &[1]).expect("view");
+        assert_eq!(v, "processor\t: 0\nBogoMIPS\t: 2\n\n");
     }
 }

@@ -1,5 +1,6 @@
 //! What a phone container is made of.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -48,12 +49,35 @@ pub struct ContainerSpec {
     pub pids_limit: Option<i64>,
     pub devices: Vec<DeviceNode>,
     pub mounts: Vec<BindMount>,
+    /// An existing network namespace file (e.g. `/run/netns/<name>`, as
+    /// `ip netns add` or [`super::netns::create`] make) that init joins
+    /// instead of a fresh, empty one; the phone network module plumbs the
+    /// phone's veth into that path.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// Boot properties, given to init as `androidboot.KEY=VALUE` arguments
+    /// (and shown in the phone's `/proc/cmdline`), which Android's init turns
+    /// into `ro.boot.KEY`.
+    #[serde(default)]
+    pub boot_properties: BTreeMap<String, String>,
 }
 
 /// The kernel will not run a memory cgroup below a few MiB; refuse earlier.
 pub const MIN_MEMORY_LIMIT: i64 = 8 * 1024 * 1024;
 
 impl ContainerSpec {
+    /// Init's argument vector: the init command, then one
+    /// `androidboot.KEY=VALUE` per boot property.
+    pub fn init_argv(&self) -> Vec<String> {
+        let mut argv = self.init.clone();
+        argv.extend(
+            self.boot_properties
+                .iter()
+                .map(|(k, v)| format!("androidboot.{k}={v}")),
+        );
+        argv
+    }
+
     /// A spec with the image's defaults: `/init`, no limits.
     pub fn new(name: &str, rootfs: &Path) -> Self {
         Self {
@@ -69,6 +93,8 @@ impl ContainerSpec {
             pids_limit: None,
             devices: Vec::new(),
             mounts: Vec::new(),
+            netns: None,
+            boot_properties: BTreeMap::new(),
         }
     }
 
@@ -92,16 +118,19 @@ impl ContainerSpec {
             )));
         }
         if !self.rootfs.is_dir() {
-            return Err(bad(format!(
-                "rootfs {} is not a directory",
-                self.rootfs.display()
-            )));
+            return Err(ContainerError::RootfsMissing {
+                name: self.name.clone(),
+                path: self.rootfs.clone(),
+            });
         }
         let empty = std::fs::read_dir(&self.rootfs)
             .map(|mut d| d.next().is_none())
             .unwrap_or(true);
         if empty {
-            return Err(bad(format!("rootfs {} is empty", self.rootfs.display())));
+            return Err(ContainerError::RootfsEmpty {
+                name: self.name.clone(),
+                path: self.rootfs.clone(),
+            });
         }
         let Some(init) = self.init.first() else {
             return Err(bad("init command is empty".to_string()));
@@ -123,15 +152,18 @@ impl ContainerSpec {
             })
             .unwrap_or(false);
         if !executable {
-            return Err(bad(format!(
-                "init {init} is not an executable file in the rootfs"
-            )));
+            return Err(ContainerError::InitNotExecutable {
+                name: self.name.clone(),
+                init: init.clone(),
+            });
         }
         if let Some(limit) = self.memory_limit {
             if limit < MIN_MEMORY_LIMIT {
-                return Err(bad(format!(
-                    "memory limit {limit} bytes is below the minimum {MIN_MEMORY_LIMIT}"
-                )));
+                return Err(ContainerError::MemoryTooLow {
+                    name: self.name.clone(),
+                    limit,
+                    min: MIN_MEMORY_LIMIT,
+                });
             }
         }
         for (field, list) in [("cpus", &self.cpus), ("mems", &self.mems)] {
@@ -147,11 +179,38 @@ impl ContainerSpec {
                     .ok()
                     .and_then(|t| crate::placement::cpulist::parse(&t).ok())
                     .unwrap_or_else(|| vec![0]);
-                if let Some(missing) = wanted.iter().find(|c| !have.contains(c)) {
-                    return Err(bad(format!(
-                        "{field} {list}: {missing} is not online on this host"
-                    )));
+                if let Some(&missing) = wanted.iter().find(|c| !have.contains(c)) {
+                    return Err(ContainerError::NotOnHost {
+                        name: self.name.clone(),
+                        field,
+                        list: list.clone(),
+                        missing,
+                    });
                 }
+            }
+        }
+        for (key, value) in &self.boot_properties {
+            let key_ok = !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !key_ok {
+                return Err(bad(format!(
+                    "boot property {key:?} must be letters, digits, '.', '_' or '-'"
+                )));
+            }
+            if value.chars().any(|c| c.is_control() || c == '"') {
+                return Err(bad(format!(
+                    "boot property {key}: value {value:?} holds a control character or '\"'"
+                )));
+            }
+        }
+        if let Some(ns) = &self.netns {
+            if !super::netns::is_netns(ns) {
+                return Err(bad(format!(
+                    "netns {} is not a network namespace file",
+                    ns.display()
+                )));
             }
         }
         for m in &self.mounts {

@@ -1,6 +1,8 @@
-//! Outside commands as data. Every kernel change of this module is one of the
-//! typed commands below (`ip`, `tc`, `nft`, `conntrack`, `ss`, `sysctl`),
-//! rendered to an argv plus optional stdin, and executed by one [`Runner`].
+//! Outside commands as data. Every kernel change of this module that does
+//! not go over netlink ([`super::nfnl`]: map elements, conntrack) is one of
+//! the typed commands below (`ip`, `tc`, `nft`, `conntrack`, `ss`,
+//! `sysctl`), rendered to an argv plus optional stdin, and executed by one
+//! [`Runner`].
 //! Batches (`ip -batch -`, `tc -batch -`, `nft -f -`) keep a change to one
 //! process and, for nft, one atomic transaction.
 
@@ -93,6 +95,18 @@ pub fn tc_qdisc_show(dev: &str) -> Invocation {
 /// `ss -H -l -n -t -u`: the listening TCP and UDP sockets.
 pub fn ss_listening() -> Invocation {
     Invocation::new("ss", &["-H", "-l", "-n", "-t", "-u"])
+}
+
+/// Local ports from `ss -H -l -n -t -u` (`tcp LISTEN 0 128 0.0.0.0:22 ...`).
+/// The manager reads the same sockets over sock_diag
+/// ([`super::nfnl::DiagSocket`]); this stays for checks against `ss`.
+pub fn parse_listening_ports(out: &str) -> std::collections::BTreeSet<u16> {
+    out.lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(4)?;
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
 }
 
 /// `sysctl -q -w key=value`.

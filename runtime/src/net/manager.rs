@@ -1,17 +1,21 @@
 //! Applies network plans to the kernel and keeps the state file in step.
 //!
 //! Every public operation validates and plans first (pure), then applies
-//! with as few outside commands as possible (one `ip -batch`, one `nft -f`
-//! transaction, one `tc -batch`), rolls back what it created when a later
-//! step fails, and saves the state last.
+//! with as few outside commands as possible (one `ip -batch`, one `tc
+//! -batch`, one nftables transaction: `nft -f` for the whole table, a netlink
+//! batch for a phone's map elements), rolls back what it created when a
+//! later step fails, and saves the state last. The port hot path starts no
+//! process: listening ports, map elements and conntrack entries all go over
+//! netlink ([`super::nfnl`]).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::cmd::{self, ConntrackDelete, Invocation, Runner, SystemRunner};
+use super::cmd::{self, Invocation, Runner, SystemRunner};
+use super::nfnl;
 use super::state::NetState;
 use super::validate::{validate_bandwidth_limit, validate_ports, validate_shared_bandwidth};
 use super::{
@@ -26,6 +30,11 @@ pub struct NetManager<R: Runner = SystemRunner> {
     cfg: NetConfig,
     runner: R,
     state: NetState,
+    /// Netlink sockets in the host namespace (map elements and conntrack;
+    /// listening sockets), opened on first use and reopened after a socket
+    /// error.
+    nfnl: Option<nfnl::Socket>,
+    diag: Option<nfnl::DiagSocket>,
 }
 
 impl NetManager<SystemRunner> {
@@ -48,7 +57,13 @@ impl<R: Runner> NetManager<R> {
         if state.shared_bandwidth_mbit == 0 {
             state.shared_bandwidth_mbit = validate_shared_bandwidth(shared_bandwidth_mbit)?;
         }
-        Ok(Self { cfg, runner, state })
+        Ok(Self {
+            cfg,
+            runner,
+            state,
+            nfnl: None,
+            diag: None,
+        })
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -89,6 +104,38 @@ impl<R: Runner> NetManager<R> {
         self.host(cmd::nft_batch(text)).map(drop)
     }
 
+    /// Runs `f` on the netlink socket in the host namespace, opening it on
+    /// first use; after socket trouble (not a refusal) it is reopened.
+    fn netlink<T>(
+        &mut self,
+        f: impl FnOnce(&mut nfnl::Socket) -> Result<T, nfnl::NfnlError>,
+    ) -> Result<T, nfnl::NfnlError> {
+        let sock = match &mut self.nfnl {
+            Some(s) => s,
+            None => self
+                .nfnl
+                .insert(nfnl::Socket::open(self.cfg.host_netns.as_deref())?),
+        };
+        let r = f(sock);
+        if r.as_ref().is_err_and(|e| e.errno().is_none()) {
+            self.nfnl = None;
+        }
+        r
+    }
+
+    /// Applies one phone's element changes as one netlink transaction.
+    fn apply_phone_delta(
+        &mut self,
+        old: Option<&PhoneNet>,
+        new: Option<&PhoneNet>,
+    ) -> Result<(), NetError> {
+        let batch = nft::phone_delta(&self.cfg, old, new);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.netlink(|s| s.apply(&batch)).map_err(NetError::from)
+    }
+
     fn save(&self) -> Result<(), NetError> {
         self.state.save(&self.cfg.state_path)
     }
@@ -112,9 +159,20 @@ impl<R: Runner> NetManager<R> {
         Ok(out.lines().any(|l| l.trim() == want))
     }
 
-    /// Ports with a listening socket on the host.
-    fn busy_ports(&self) -> Result<BTreeSet<u16>, NetError> {
-        Ok(parse_listening_ports(&self.host(cmd::ss_listening())?))
+    /// Ports with a listening socket on the host (what `ss -l -t -u`
+    /// shows, read over sock_diag).
+    fn busy_ports(&mut self) -> Result<BTreeSet<u16>, NetError> {
+        let sock = match &mut self.diag {
+            Some(s) => s,
+            None => self
+                .diag
+                .insert(nfnl::DiagSocket::open(self.cfg.host_netns.as_deref())?),
+        };
+        let r = sock.listening_ports();
+        if r.as_ref().is_err_and(|e| e.errno().is_none()) {
+            self.diag = None;
+        }
+        Ok(r?)
     }
 
     /// Creates or repairs the host side: bridge with the gateway address,
@@ -278,7 +336,7 @@ impl<R: Runner> NetManager<R> {
                 &phone,
                 self.state.shared_bandwidth_mbit,
             ))
-            .and_then(|()| self.host_nft(nft::render_phone_delta(&self.cfg, None, Some(&phone))));
+            .and_then(|()| self.apply_phone_delta(None, Some(&phone)));
         if let Err(e) = applied {
             let _ = self.host_tc(tc::render_phone_delete(&self.cfg, index));
             let _ = self.host_ip(vec![format!("link del {}", phone.host_if)]);
@@ -326,8 +384,8 @@ impl<R: Runner> NetManager<R> {
         let (mappings, cursor) = self.state.plan_ports(&self.cfg, phone_id, ports, &busy)?;
         let mut new = old.clone();
         new.ports = mappings;
-        self.host_nft(nft::render_phone_delta(&self.cfg, Some(&old), Some(&new)))?;
-        let dropped: Vec<u16> = old
+        self.apply_phone_delta(Some(&old), Some(&new))?;
+        let dropped: BTreeSet<u16> = old
             .ports
             .iter()
             .filter(|m| !new.ports.iter().any(|n| n == *m))
@@ -337,35 +395,36 @@ impl<R: Runner> NetManager<R> {
         self.state.phones.insert(phone_id.to_string(), new);
         self.save()?;
         if !dropped.is_empty() {
-            // One listing, then a delete only where a dropped port has flows.
-            let live = match self.host(cmd::conntrack_list_reply_src(old.ip)) {
-                Ok(out) => cmd::parse_conntrack_reply_ports(&out),
-                Err(e) => {
-                    warn!(phone_id, error = %e, "cannot list conntrack entries");
-                    Default::default()
-                }
-            };
-            for port in dropped {
-                for proto in ["tcp", "udp"] {
-                    if live.contains(&(proto.to_string(), port)) {
-                        self.drop_conntrack(old.ip, Some((proto, port)));
-                    }
-                }
-            }
+            self.drop_conntrack(old.ip, Some(&dropped));
         }
         self.access_info(phone_id)
     }
 
-    fn drop_conntrack(&self, phone_ip: Ipv4Addr, listen_port: Option<(&'static str, u16)>) {
-        let inv = ConntrackDelete {
-            phone_ip,
-            listen_port,
-        }
-        .render();
-        match self.host(inv) {
-            Ok(_) => {}
-            // conntrack exits 1 when nothing matched.
-            Err(NetError::Command { status: 1, .. }) => {}
+    /// Drops the conntrack entries the phone answers: all, or those from
+    /// one of `ports` (TCP and UDP). One filtered listing, then a deletion
+    /// only where flows exist; failures are logged, not returned.
+    fn drop_conntrack(&mut self, phone_ip: Ipv4Addr, ports: Option<&BTreeSet<u16>>) {
+        let wanted = |f: &nfnl::Flow| match ports {
+            None => true,
+            Some(p) => {
+                let tcp_udp = [libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(&i32::from(f.proto));
+                tcp_udp && p.contains(&f.phone_port)
+            }
+        };
+        let dropped = self.netlink(|s| {
+            let flows: Vec<nfnl::Flow> = s
+                .conntrack_flows_of(phone_ip)?
+                .into_iter()
+                .filter(wanted)
+                .collect();
+            if flows.is_empty() {
+                return Ok(0);
+            }
+            s.conntrack_delete(phone_ip, &flows)
+        });
+        match dropped {
+            Ok(0) => {}
+            Ok(count) => debug!(%phone_ip, count, "conntrack entries dropped"),
             Err(e) => warn!(%phone_ip, error = %e, "cannot drop conntrack entries"),
         }
     }
@@ -427,7 +486,7 @@ impl<R: Runner> NetManager<R> {
     /// Removes a phone's network: map elements, class, veth, conntrack.
     pub fn remove_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
         let p = self.known(phone_id)?.clone();
-        self.host_nft(nft::render_phone_delta(&self.cfg, Some(&p), None))?;
+        self.apply_phone_delta(Some(&p), None)?;
         let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&self.cfg.bridge))?);
         if present.contains(&nft::class_minor(p.index)) {
             self.host_tc(tc::render_phone_delete(&self.cfg, p.index))?;
@@ -505,16 +564,6 @@ pub fn parse_link_names(out: &str) -> Vec<String> {
         .collect()
 }
 
-/// Local ports from `ss -H -l -n -t -u` (`tcp LISTEN 0 128 0.0.0.0:22 ...`).
-pub fn parse_listening_ports(out: &str) -> BTreeSet<u16> {
-    out.lines()
-        .filter_map(|l| {
-            let local = l.split_whitespace().nth(4)?;
-            local.rsplit(':').next()?.parse().ok()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,7 +577,7 @@ mod tests {
         let ss = "tcp   LISTEN 0      128          0.0.0.0:22        0.0.0.0:*\n\
                   tcp   LISTEN 0      4096            [::]:10005          [::]:*\n\
                   udp   UNCONN 0      0       127.0.0.53%lo:53        0.0.0.0:*\n";
-        assert_eq!(parse_listening_ports(ss), [22, 53, 10005].into());
+        assert_eq!(cmd::parse_listening_ports(ss), [22, 53, 10005].into());
         assert_eq!(phone_mac(Ipv4Addr::new(10, 210, 0, 2)), "02:c9:0a:d2:00:02");
     }
 }

@@ -6,8 +6,9 @@
 //!
 //! Inbound access goes through one nftables table owned by the agent: a DNAT
 //! rule over a map `server ip . access port : phone ip . listen port`, so a
-//! lookup costs the same at 40,000 mappings as at one, and a phone's change is
-//! one atomic `nft -f -` transaction. Downloads towards phones are shaped by
+//! lookup costs the same at 40,000 mappings as at one. The table is written
+//! whole with `nft -f -`; a phone's change is one atomic netlink batch of map
+//! elements ([`nfnl`]), with no process start. Downloads towards phones are shaped by
 //! an HTB tree on the bridge: the server class carries the shared bandwidth,
 //! each phone a child class capped at its `com.cph.bandwidth_limit`.
 //! Planning (ports, addresses, rule and class text) is pure; [`NetManager`]
@@ -16,6 +17,7 @@
 pub mod cmd;
 mod config;
 mod manager;
+pub mod nfnl;
 pub mod nft;
 mod state;
 pub mod tc;
@@ -73,6 +75,34 @@ pub enum NetError {
         path: PathBuf,
         source: serde_json::Error,
     },
+}
+
+/// A refused or failed netlink batch. It maps onto the existing variants
+/// so callers that match [`NetError`] exhaustively need no change: kernel
+/// refusals become [`NetError::Command`] with the errno as status and the
+/// message naming table, map and element; socket trouble becomes
+/// [`NetError::Spawn`].
+impl From<nfnl::NfnlError> for NetError {
+    fn from(e: nfnl::NfnlError) -> Self {
+        let command = "nfnetlink batch".to_string();
+        match e.errno() {
+            Some(errno) => Self::Command {
+                command,
+                status: errno as i32,
+                stderr: e.to_string(),
+            },
+            None => {
+                let kind = match &e {
+                    nfnl::NfnlError::Open { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                Self::Spawn {
+                    command,
+                    source: std::io::Error::new(kind, e.to_string()),
+                }
+            }
+        }
+    }
 }
 
 impl NetError {

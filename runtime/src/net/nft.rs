@@ -7,12 +7,14 @@
 //! tags forwarded packets with their phone's tc class, forward isolation
 //! (new connections into the bridge only when DNATed, from the private
 //! network or from another phone) and egress masquerade. A full render
-//! replaces the table in one transaction; a phone's change touches only its
-//! map elements, also in one transaction.
+//! replaces the table in one transaction (`nft -f -`); a phone's change
+//! touches only its map elements, also in one transaction, planned here as
+//! typed elements and sent over netlink by [`super::nfnl`].
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
+use super::nfnl::{ElemBatch, Element, MapChange, Op, Value};
 use super::{NetConfig, PhoneNet, PortMapping};
 
 /// Map of internet-accessible mappings.
@@ -137,17 +139,28 @@ pub fn render_delete_table(cfg: &NetConfig) -> String {
     format!("delete table ip {}\n", cfg.table)
 }
 
+/// The key of a mapping: `server ip . access port`.
+fn key_value(cfg: &NetConfig, m: &PortMapping) -> Value {
+    Value::AddrPort(cfg.server_ip, m.access_port)
+}
+
+fn class_value(p: &PhoneNet) -> Value {
+    let minor = class_minor(p.index);
+    Value::ClassId {
+        major: 1,
+        // tc class minors are 16 bits: a slot past 0xffef already fails in
+        // `tc`, which add_phone runs before the elements are applied.
+        minor: u16::try_from(minor).unwrap_or(u16::MAX),
+    }
+}
+
 /// One phone's change as a single transaction: elements of `old` that are
 /// gone or changed are deleted, those of `new` that are new or changed are
 /// added, its class element follows presence. `None` is "no phone".
-pub fn render_phone_delta(
-    cfg: &NetConfig,
-    old: Option<&PhoneNet>,
-    new: Option<&PhoneNet>,
-) -> String {
-    let t = &cfg.table;
-    let mut del: [Vec<String>; 2] = [Vec::new(), Vec::new()];
-    let mut add: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+/// Applied over netlink ([`super::nfnl`]) or rendered as `nft -f` text.
+pub fn phone_delta(cfg: &NetConfig, old: Option<&PhoneNet>, new: Option<&PhoneNet>) -> ElemBatch {
+    let mut del: [Vec<Element>; 2] = [Vec::new(), Vec::new()];
+    let mut add: [Vec<Element>; 2] = [Vec::new(), Vec::new()];
     let slot = |m: &PortMapping| usize::from(map_of(m) == PRIVATE_MAP);
     let same = |a: &PhoneNet, am: &PortMapping, b: &PhoneNet, bm: &PortMapping| {
         a.ip == b.ip
@@ -162,7 +175,10 @@ pub fn render_phone_delta(
                     .any(|nm| nm.access_port == m.access_port && same(o, m, n, nm))
             });
             if !kept {
-                del[slot(m)].push(key(cfg, m));
+                del[slot(m)].push(Element {
+                    key: key_value(cfg, m),
+                    data: None,
+                });
             }
         }
     }
@@ -174,41 +190,60 @@ pub fn render_phone_delta(
                     .any(|om| om.access_port == m.access_port && same(o, om, n, m))
             });
             if !had {
-                add[slot(m)].push(element(cfg, n.ip, m));
+                add[slot(m)].push(Element {
+                    key: key_value(cfg, m),
+                    data: Some(Value::AddrPort(n.ip, m.listen_port)),
+                });
             }
         }
     }
-    let mut s = String::new();
-    for (i, name) in [PUBLIC_MAP, PRIVATE_MAP].iter().enumerate() {
-        if !del[i].is_empty() {
-            let _ = writeln!(
-                s,
-                "delete element ip {t} {name} {{ {} }}",
-                del[i].join(", ")
-            );
-        }
-    }
+    let change = |op, map: &str, elements| MapChange {
+        op,
+        map: map.to_string(),
+        elements,
+    };
+    let [del_public, del_private] = del;
+    let [add_public, add_private] = add;
+    let mut changes = vec![
+        change(Op::Delete, PUBLIC_MAP, del_public),
+        change(Op::Delete, PRIVATE_MAP, del_private),
+    ];
     match (old, new) {
         (Some(o), Some(n)) if o.ip == n.ip && o.index == n.index => {}
         _ => {
             if let Some(o) = old {
-                let _ = writeln!(s, "delete element ip {t} {CLASS_MAP} {{ {} }}", o.ip);
+                let key = Value::Addr(o.ip);
+                changes.push(change(
+                    Op::Delete,
+                    CLASS_MAP,
+                    vec![Element { key, data: None }],
+                ));
             }
             if let Some(n) = new {
-                let _ = writeln!(
-                    s,
-                    "add element ip {t} {CLASS_MAP} {{ {} }}",
-                    class_element(n)
-                );
+                let e = Element {
+                    key: Value::Addr(n.ip),
+                    data: Some(class_value(n)),
+                };
+                changes.push(change(Op::Add, CLASS_MAP, vec![e]));
             }
         }
     }
-    for (i, name) in [PUBLIC_MAP, PRIVATE_MAP].iter().enumerate() {
-        if !add[i].is_empty() {
-            let _ = writeln!(s, "add element ip {t} {name} {{ {} }}", add[i].join(", "));
-        }
+    changes.push(change(Op::Add, PUBLIC_MAP, add_public));
+    changes.push(change(Op::Add, PRIVATE_MAP, add_private));
+    changes.retain(|c| !c.elements.is_empty());
+    ElemBatch {
+        table: cfg.table.clone(),
+        changes,
     }
-    s
+}
+
+/// [`phone_delta`] as `nft -f -` text.
+pub fn render_phone_delta(
+    cfg: &NetConfig,
+    old: Option<&PhoneNet>,
+    new: Option<&PhoneNet>,
+) -> String {
+    phone_delta(cfg, old, new).render_nft()
 }
 
 #[cfg(test)]

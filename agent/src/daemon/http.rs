@@ -1,0 +1,173 @@
+//! The agent protocol's HTTP routes (see [`crate::protocol`]) with Bearer
+//! node-token authentication compared in constant time.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{Daemon, SubmitError};
+use crate::protocol::{Accepted, CreateServer, JobKind, JobRequest, AUTHORIZATION};
+
+/// Equality of two byte strings in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// Whether an `Authorization` header value carries `token`.
+pub fn authorized(header: Option<&str>, token: &str) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let presented = header.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    constant_time_eq(presented.as_bytes(), token.as_bytes())
+}
+
+fn error(status: StatusCode, code: &str, msg: impl std::fmt::Display) -> Response {
+    (
+        status,
+        Json(json!({"error_code": code, "error_msg": msg.to_string()})),
+    )
+        .into_response()
+}
+
+async fn auth(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !authorized(header, &d.cfg.node_token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "CPS.0001",
+            "node token missing or wrong",
+        );
+    }
+    next.run(req).await
+}
+
+/// The routes over a daemon.
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/inventory", get(inventory))
+        .route("/v1/servers", post(create_server))
+        .route("/v1/servers/{id}", delete(delete_server))
+        .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/phones", get(phones))
+        .layer(middleware::from_fn_with_state(Arc::clone(&d), auth))
+        .with_state(d)
+}
+
+async fn inventory(State(d): State<Arc<Daemon>>) -> Response {
+    let d2 = Arc::clone(&d);
+    match tokio::task::spawn_blocking(move || d2.inventory()).await {
+        Ok(inv) => Json(inv).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
+    }
+}
+
+async fn phones(State(d): State<Arc<Daemon>>) -> Response {
+    let d2 = Arc::clone(&d);
+    match tokio::task::spawn_blocking(move || d2.phones.states()).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
+    }
+}
+
+fn submit_error(e: SubmitError) -> Response {
+    match e {
+        SubmitError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, "CPS.0042", e),
+        SubmitError::Store(super::jobstore::JobStoreError::InvalidId(_)) => {
+            error(StatusCode::BAD_REQUEST, "CPS.0048", e)
+        }
+        SubmitError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
+    }
+}
+
+async fn submit(State(d): State<Arc<Daemon>>, Json(req): Json<JobRequest>) -> Response {
+    match d.submit(req).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => submit_error(e),
+    }
+}
+
+async fn job(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Response {
+    match d.store.get(&id) {
+        Some(s) => Json(s).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "CPS.0011",
+            format!("job {id} not found"),
+        ),
+    }
+}
+
+async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateServer>) -> Response {
+    if !d.accepting() {
+        return submit_error(SubmitError::ShuttingDown);
+    }
+    if let Err(e) = d.phones.put_server(&server) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &e.code, e.msg);
+    }
+    for phone in &server.phones {
+        let req = JobRequest {
+            job_id: format!("{}:create:{}", server.server_id, phone.phone_id),
+            request_id: format!("{}:create", server.server_id),
+            server_id: server.server_id.clone(),
+            phone_id: Some(phone.phone_id.clone()),
+            kind: JobKind::CreatePhone {
+                phone: phone.clone(),
+            },
+        };
+        if let Err(e) = d.submit(req).await {
+            return submit_error(e);
+        }
+    }
+    Json(Accepted { accepted: true }).into_response()
+}
+
+async fn delete_server(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Response {
+    let phones = d.phones.phones_of(&id);
+    for phone in phones {
+        let req = JobRequest {
+            job_id: format!("{id}:delete:{phone}"),
+            request_id: format!("{id}:delete"),
+            server_id: id.clone(),
+            phone_id: Some(phone),
+            kind: JobKind::DeletePhone,
+        };
+        if let Err(e) = d.submit(req).await {
+            return submit_error(e);
+        }
+    }
+    let _ = d.phones.remove_server(&id);
+    Json(Accepted { accepted: true }).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_must_match_exactly() {
+        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cretx"), "s3cret"));
+        assert!(!authorized(Some("s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+        assert!(!authorized(Some("Bearer "), ""));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

@@ -1,0 +1,247 @@
+//! Running one job against the phones: the protocol's [`JobKind`] mapped to
+//! phone lifecycle steps and in-phone commands. Runs on a blocking thread
+//! (the container runtime is synchronous). Each job either succeeds with an
+//! optional `execute_msg` or fails with a reference error code.
+//!
+//! Object-store jobs (push, install, export, restore, migrate, share files
+//! and apps) live in [`super::transfer`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::phones::Phones;
+use super::{transfer, JobFailure};
+use crate::objstore::ObjectStore;
+use crate::protocol::{JobKind, JobRequest, EXECUTE_MSG_MAX};
+
+/// The sync shell's limit (the reference answers within 2 s).
+pub const SYNC_SHELL_LIMIT: Duration = Duration::from_secs(2);
+
+/// What a job needs beyond the phones.
+pub struct JobContext<'a> {
+    pub phones: &'a Phones,
+    pub shell_timeout: Duration,
+    /// Host `authorized_keys` file for server keypairs.
+    pub authorized_keys: &'a Path,
+    /// The object store, when configured.
+    pub store: Option<&'a ObjectStore>,
+    /// The agent's async runtime (object-store transfers run on it).
+    pub handle: &'a tokio::runtime::Handle,
+    /// Agent-owned scratch space, never reachable from a phone.
+    pub staging_dir: &'a Path,
+}
+
+fn phone_of(req: &JobRequest) -> Result<&str, JobFailure> {
+    req.phone_id
+        .as_deref()
+        .ok_or_else(|| JobFailure::new("CPS.0004", format!("job {} names no phone", req.job_id)))
+}
+
+/// Output of a shell command as the reference reports it.
+fn shell_output(
+    ctx: &JobContext<'_>,
+    phone: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, JobFailure> {
+    ctx.phones.require_running(phone)?;
+    let out = ctx.phones.exec(
+        phone,
+        &["/bin/sh", "-c", command],
+        timeout,
+        EXECUTE_MSG_MAX * 4,
+    )?;
+    if out.timed_out {
+        return Err(JobFailure::new(
+            "CPS.0054",
+            format!("command timed out after {} ms", timeout.as_millis()),
+        ));
+    }
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    if out.exit_code != Some(0) {
+        return Err(JobFailure {
+            code: "CPS.0117".to_string(),
+            msg: format!("command exited with {:?}", out.exit_code),
+            execute_msg: Some(text),
+        });
+    }
+    Ok(text)
+}
+
+/// Runs `req`; returns its `execute_msg`.
+pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>, JobFailure> {
+    let phones = ctx.phones;
+    match &req.kind {
+        JobKind::CreatePhone { phone } => {
+            let server = phones.server(&req.server_id)?;
+            transfer::fetch_image(ctx, &server.image)?;
+            phones.create(&req.server_id, phone)?;
+            if let Some(key) = server
+                .public_key
+                .as_deref()
+                .filter(|k| !k.trim().is_empty())
+            {
+                install_key(ctx, &phone.phone_id, key)?;
+            }
+            Ok(None)
+        }
+        JobKind::StartPhone => phones.start(phone_of(req)?).map(|()| None),
+        JobKind::StopPhone => phones.stop(phone_of(req)?).map(|()| None),
+        JobKind::RestartPhone { property, .. } => phones
+            .restart(phone_of(req)?, property.as_ref())
+            .map(|()| None),
+        JobKind::ResetPhone { image, property } => {
+            if let Some(i) = image {
+                transfer::fetch_image(ctx, i)?;
+            }
+            phones
+                .reset(phone_of(req)?, image.as_ref(), property.as_ref())
+                .map(|()| None)
+        }
+        JobKind::RenamePhone { new_name } => phones.rename(phone_of(req)?, new_name).map(|()| None),
+        JobKind::UpdateProperty { property } => {
+            phones.update_property(phone_of(req)?, property).map(Some)
+        }
+        JobKind::DeletePhone => phones.delete(phone_of(req)?).map(|()| None),
+        JobKind::Shell { command } => {
+            shell_output(ctx, phone_of(req)?, command, ctx.shell_timeout).map(Some)
+        }
+        JobKind::SyncShell {
+            command,
+            timeout_ms,
+        } => {
+            let limit = Duration::from_millis(*timeout_ms).min(SYNC_SHELL_LIMIT);
+            let limit = if limit.is_zero() {
+                SYNC_SHELL_LIMIT
+            } else {
+                limit
+            };
+            shell_output(ctx, phone_of(req)?, command, limit).map(Some)
+        }
+        JobKind::Uninstall { flags, package } => {
+            let phone = phone_of(req)?;
+            if package.is_empty()
+                || !package
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+            {
+                return Err(JobFailure::new(
+                    "CPS.0173",
+                    format!("package name {package:?} is invalid"),
+                ));
+            }
+            ctx.phones.require_running(phone)?;
+            let mut argv: Vec<&str> = vec!["pm", "uninstall"];
+            argv.extend(flags.iter().map(String::as_str));
+            argv.push(package);
+            let out = phones.exec(phone, &argv, ctx.shell_timeout, EXECUTE_MSG_MAX)?;
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.exit_code == Some(0) {
+                Ok(Some(text))
+            } else {
+                Err(JobFailure {
+                    code: "CPS.0003".to_string(),
+                    msg: format!("pm uninstall {package} failed"),
+                    execute_msg: Some(text),
+                })
+            }
+        }
+        JobKind::UpdateKeypair { public_key } => update_keypair(ctx, req, public_key).map(Some),
+        JobKind::Push { object } => transfer::push(ctx, phone_of(req)?, object).map(Some),
+        JobKind::Install { flags, objects } => {
+            transfer::install(ctx, &req.job_id, phone_of(req)?, flags, objects).map(Some)
+        }
+        JobKind::Export {
+            object,
+            include,
+            exclude,
+        } => transfer::export(ctx, phone_of(req)?, object, include, exclude).map(Some),
+        JobKind::Restore { object, property } => {
+            transfer::restore(ctx, phone_of(req)?, object, property.as_ref()).map(Some)
+        }
+        JobKind::Migrate { object, .. } => {
+            transfer::migrate_out(ctx, phone_of(req)?, object).map(Some)
+        }
+        JobKind::SharePushFiles { object, target_dir } => {
+            transfer::share_push_files(ctx, object, target_dir).map(Some)
+        }
+        JobKind::ShareListFiles {
+            path,
+            offset,
+            limit,
+        } => transfer::share_list_files(ctx, path, *offset, *limit).map(Some),
+        JobKind::ShareDeleteFiles { paths } => transfer::share_delete_files(ctx, paths).map(Some),
+        JobKind::SharePushApps {
+            object,
+            package_name,
+        } => transfer::share_push_apps(ctx, object, package_name).map(Some),
+        JobKind::ShareDeleteApps { package_names } => {
+            transfer::share_delete_apps(ctx, package_names).map(Some)
+        }
+        JobKind::SetTraffic { traffic_type } => phones
+            .set_traffic(phone_of(req)?, traffic_type)
+            .map(|()| None),
+        JobKind::UpdateBandwidth { band_width_size } => phones
+            .update_bandwidth(&req.server_id, *band_width_size)
+            .map(|()| None),
+        JobKind::RestartEncodeServer => Err(JobFailure::new(
+            "CPS.0123",
+            "encoding server containers are not run by this agent yet",
+        )),
+    }
+}
+
+/// A public key as the reference accepts it: one line, at most 16 KiB.
+fn checked_key(public_key: &str) -> Result<&str, JobFailure> {
+    let key = public_key.trim();
+    if key.is_empty() || key.contains('\n') || key.len() > 16 * 1024 {
+        return Err(JobFailure::new("CPS.0118", "public key is invalid"));
+    }
+    Ok(key)
+}
+
+/// Writes the key into the phone's `/data/misc/adb/adb_keys` (where adbd
+/// reads it), beneath the phone's root, never through a link the phone made.
+fn install_key(ctx: &JobContext<'_>, phone: &str, public_key: &str) -> Result<(), JobFailure> {
+    let key = checked_key(public_key)?;
+    transfer::write_into_phone(
+        &ctx.phones.rootfs(phone)?,
+        "data/misc/adb/adb_keys",
+        format!("{key}\n").as_bytes(),
+    )
+}
+
+/// Keypair change of a server (or of one phone): the key goes into each
+/// phone, is recorded for the server's future phones, and is appended to
+/// the host's `authorized_keys` kept under the state dir.
+fn update_keypair(
+    ctx: &JobContext<'_>,
+    req: &JobRequest,
+    public_key: &str,
+) -> Result<String, JobFailure> {
+    let key = checked_key(public_key)?;
+    let phones = match &req.phone_id {
+        Some(p) => vec![p.clone()],
+        None => {
+            let mut server = ctx.phones.server(&req.server_id)?;
+            server.public_key = Some(key.to_string());
+            ctx.phones.put_server(&server)?;
+            ctx.phones.phones_of(&req.server_id)
+        }
+    };
+    for p in &phones {
+        install_key(ctx, p, key)?;
+    }
+    let existing = std::fs::read_to_string(ctx.authorized_keys).unwrap_or_default();
+    if !existing.lines().any(|l| l.trim() == key) {
+        if let Some(dir) = ctx.authorized_keys.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| JobFailure::internal(format!("create {}: {e}", dir.display())))?;
+        }
+        std::fs::write(ctx.authorized_keys, format!("{existing}{key}\n")).map_err(|e| {
+            JobFailure::internal(format!("write {}: {e}", ctx.authorized_keys.display()))
+        })?;
+    }
+    Ok(format!("key installed in {} phones", phones.len()))
+}

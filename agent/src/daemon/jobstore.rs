@@ -1,0 +1,295 @@
+//! Durable job records: one JSON file per job under `<state>/jobs/`, written
+//! to a temporary file, fsynced and renamed into place, so a record is either
+//! the old or the new one after a crash. A job is recorded before the agent
+//! acknowledges it; a repeated `job_id` returns the recorded status and never
+//! runs twice. On start, jobs still recorded as running were cut short by a
+//! crash or kill and are marked failed (CPS.0054) with the reason.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{cap_execute_msg, JobRequest, JobState, JobStatus};
+
+/// Errors of the job store.
+#[derive(Debug, thiserror::Error)]
+pub enum JobStoreError {
+    #[error("job store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job record {path} is not valid: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("job id {0:?} is invalid: 1-128 characters of A-Z a-z 0-9 . _ - :")]
+    InvalidId(String),
+}
+
+/// What is kept of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub request: JobRequest,
+    pub status: JobStatus,
+    /// Arrival order on this agent.
+    pub seq: u64,
+}
+
+/// The job records, on disk and in memory.
+#[derive(Debug)]
+pub struct JobStore {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    jobs: HashMap<String, JobRecord>,
+    next_seq: u64,
+}
+
+/// Outcome of [`JobStore::insert`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// A new job, recorded as running.
+    New(JobStatus),
+    /// The job id was known: its recorded status.
+    Existing(JobStatus),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JobStoreError + '_ {
+    move |source| JobStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks a job id is safe as a file name.
+pub fn valid_job_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl JobStore {
+    /// Opens (creating) the store in `dir`; running jobs left by a previous
+    /// process are marked failed. Returns the store and the ids so marked.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<String>), JobStoreError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut inner = Inner::default();
+        let mut interrupted = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = fs::read(&path).map_err(io(&path))?;
+            let mut rec: JobRecord =
+                serde_json::from_slice(&text).map_err(|e| JobStoreError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if rec.status.status == JobState::Running {
+                rec.status = failed(
+                    &rec.request.job_id,
+                    "CPS.0054",
+                    "job interrupted: the agent stopped while it ran",
+                    None,
+                );
+                let bytes =
+                    serde_json::to_vec_pretty(&rec).map_err(|e| JobStoreError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                write_atomic(&path, &bytes).map_err(io(&path))?;
+                interrupted.push(rec.request.job_id.clone());
+            }
+            inner.next_seq = inner.next_seq.max(rec.seq + 1);
+            inner.jobs.insert(rec.request.job_id.clone(), rec);
+        }
+        Ok((
+            Self {
+                dir: dir.to_path_buf(),
+                inner: Mutex::new(inner),
+            },
+            interrupted,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, rec: &JobRecord) -> Result<(), JobStoreError> {
+        let path = self.dir.join(format!("{}.json", rec.request.job_id));
+        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes).map_err(io(&path))
+    }
+
+    /// Records a new job as running (on disk first), or returns the status of
+    /// the job already recorded under that id.
+    pub fn insert(&self, request: &JobRequest) -> Result<Inserted, JobStoreError> {
+        if !valid_job_id(&request.job_id) {
+            return Err(JobStoreError::InvalidId(request.job_id.clone()));
+        }
+        let mut inner = self.lock();
+        if let Some(rec) = inner.jobs.get(&request.job_id) {
+            return Ok(Inserted::Existing(rec.status.clone()));
+        }
+        let rec = JobRecord {
+            request: request.clone(),
+            status: JobStatus {
+                job_id: request.job_id.clone(),
+                status: JobState::Running,
+                error_code: None,
+                error_msg: None,
+                execute_msg: None,
+            },
+            seq: inner.next_seq,
+        };
+        self.persist(&rec)?;
+        inner.next_seq += 1;
+        let status = rec.status.clone();
+        inner.jobs.insert(request.job_id.clone(), rec);
+        Ok(Inserted::New(status))
+    }
+
+    /// Records the final status of a job.
+    pub fn finish(&self, status: JobStatus) -> Result<(), JobStoreError> {
+        let mut inner = self.lock();
+        let Some(rec) = inner.jobs.get_mut(&status.job_id) else {
+            return Ok(());
+        };
+        rec.status = status;
+        let rec = rec.clone();
+        drop(inner);
+        self.persist(&rec)
+    }
+
+    /// A job's status.
+    pub fn get(&self, job_id: &str) -> Option<JobStatus> {
+        self.lock().jobs.get(job_id).map(|r| r.status.clone())
+    }
+
+    /// Every record, in arrival order.
+    pub fn all(&self) -> Vec<JobRecord> {
+        let mut v: Vec<JobRecord> = self.lock().jobs.values().cloned().collect();
+        v.sort_by_key(|r| r.seq);
+        v
+    }
+}
+
+/// A succeeded status with `execute_msg` capped.
+pub fn succeeded(job_id: &str, execute_msg: Option<&str>) -> JobStatus {
+    JobStatus {
+        job_id: job_id.to_string(),
+        status: JobState::Succeeded,
+        error_code: None,
+        error_msg: None,
+        execute_msg: execute_msg.map(cap_execute_msg),
+    }
+}
+
+/// A failed status with messages capped.
+pub fn failed(job_id: &str, code: &str, msg: &str, execute_msg: Option<&str>) -> JobStatus {
+    JobStatus {
+        job_id: job_id.to_string(),
+        status: JobState::Failed,
+        error_code: Some(code.to_string()),
+        error_msg: Some(cap_execute_msg(msg)),
+        execute_msg: execute_msg.map(cap_execute_msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::JobKind;
+
+    fn req(id: &str) -> JobRequest {
+        JobRequest {
+            job_id: id.into(),
+            request_id: "r".into(),
+            server_id: "s".into(),
+            phone_id: Some("p".into()),
+            kind: JobKind::StartPhone,
+        }
+    }
+
+    #[test]
+    fn repeated_id_returns_existing_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = JobStore::open(dir.path()).expect("open");
+        assert!(matches!(
+            store.insert(&req("j1")).expect("insert"),
+            Inserted::New(_)
+        ));
+        store.finish(succeeded("j1", Some("ok"))).expect("finish");
+        match store.insert(&req("j1")).expect("insert again") {
+            Inserted::Existing(s) => assert_eq!(s.status, JobState::Succeeded),
+            other => panic!("expected existing, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn running_jobs_fail_on_reopen_and_finished_ones_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = JobStore::open(dir.path()).expect("open");
+            store.insert(&req("a")).expect("a");
+            store.insert(&req("b")).expect("b");
+            store.finish(succeeded("b", None)).expect("finish b");
+        }
+        let (store, interrupted) = JobStore::open(dir.path()).expect("reopen");
+        assert_eq!(interrupted, vec!["a".to_string()]);
+        let a = store.get("a").expect("a kept");
+        assert_eq!(a.status, JobState::Failed);
+        assert_eq!(a.error_code.as_deref(), Some("CPS.0054"));
+        assert_eq!(store.get("b").expect("b").status, JobState::Succeeded);
+        let order: Vec<String> = store.all().into_iter().map(|r| r.request.job_id).collect();
+        assert_eq!(order, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unsafe_ids_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = JobStore::open(dir.path()).expect("open");
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(store.insert(&req(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn long_messages_are_capped() {
+        let s = failed("j", "CPS.0003", &"x".repeat(5000), Some(&"y".repeat(5000)));
+        assert_eq!(s.error_msg.map(|m| m.len()), Some(1024));
+        assert_eq!(s.execute_msg.map(|m| m.len()), Some(1024));
+    }
+}

@@ -1,0 +1,515 @@
+//! The node agent daemon (`cph-agent run`).
+//!
+//! Serves the agent protocol ([`crate::protocol`]) over HTTP on `listen`,
+//! every route behind `Authorization: Bearer <node_token>` (compared in
+//! constant time; an empty configured token refuses everything). Jobs are
+//! recorded on disk ([`jobstore`]) before they are acknowledged and are
+//! idempotent on `job_id`.
+//!
+//! Ordering: each phone (or, for server-wide jobs, each server) has a FIFO
+//! queue worked by one task, so a phone runs one job at a time in arrival
+//! order; at most `max_parallel_jobs` run at once on the host. A sync shell
+//! bypasses the queues and the limit: it runs at once, is answered within
+//! 2 s in the `POST /v1/jobs` response itself, and is recorded like any job.
+//!
+//! `POST /v1/servers` records the server and queues one `CreatePhone` job
+//! per phone with job id `<server_id>:create:<phone_id>` (visible through
+//! `GET /v1/jobs/{id}`); at most `max_parallel_creates` creations run at once.
+//! `DELETE /v1/servers/{id}` queues `<server_id>:delete` removing its phones.
+//!
+//! SIGTERM or SIGINT: new jobs are refused (503), running ones get
+//! `shutdown_grace_secs`, queued ones are marked failed, phones keep running
+//! (their shims are separate processes; the unit uses `KillMode=process`).
+//! With `NOTIFY_SOCKET` set, `READY=1` is sent once listening and
+//! `WATCHDOG=1` every half `WATCHDOG_USEC`.
+//!
+//! Keypairs: the host side of a server keypair goes to
+//! `<state_dir>/ssh/authorized_keys` (never root's own file).
+
+pub mod control;
+pub mod host;
+pub mod http;
+pub mod jobs;
+pub mod jobstore;
+pub mod network;
+pub mod notify;
+pub mod phones;
+pub mod transfer;
+pub mod volumes;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+use crate::config::AgentConfig;
+use crate::objstore::ObjectStore;
+use crate::protocol::{Inventory, JobKind, JobRequest, JobStatus};
+use jobstore::{Inserted, JobStore, JobStoreError};
+use phones::Phones;
+
+/// A job's failure: a reference error code and a message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {msg}")]
+pub struct JobFailure {
+    pub code: String,
+    pub msg: String,
+    /// Output worth showing the user (a failed command's output).
+    pub execute_msg: Option<String>,
+}
+
+impl JobFailure {
+    pub fn new(code: &str, msg: impl Into<String>) -> Self {
+        Self {
+            code: code.to_string(),
+            msg: msg.into(),
+            execute_msg: None,
+        }
+    }
+
+    /// CPS.0003, the reference's internal error.
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Self::new("CPS.0003", msg)
+    }
+}
+
+/// Errors starting or running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("agent state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    JobStore(#[from] JobStoreError),
+    #[error("agent phones: {0}")]
+    Phones(JobFailure),
+    #[error("agent storage: {0}")]
+    Storage(JobFailure),
+    #[error("agent listen address {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cph-shim not found at {0}; set `shim` in the config")]
+    NoShim(PathBuf),
+    #[error("agent server: {0}")]
+    Serve(std::io::Error),
+    #[error("agent object store: {0}")]
+    ObjectStore(crate::objstore::ObjectStoreError),
+}
+
+/// Why a job was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("agent is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] JobStoreError),
+}
+
+/// The running agent.
+pub struct Daemon {
+    pub cfg: AgentConfig,
+    pub store: JobStore,
+    pub phones: Arc<Phones>,
+    pub node_id: String,
+    pub missing: Vec<String>,
+    /// The object store of images, APKs, pushes and exports, when configured.
+    pub object_store: Option<ObjectStore>,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<JobRequest>>>,
+    jobs_limit: Arc<Semaphore>,
+    creates_limit: Arc<Semaphore>,
+    accepting: AtomicBool,
+    running: AtomicUsize,
+    idle: Notify,
+    /// Finished jobs not yet reported to the control plane.
+    pub(crate) unreported: Mutex<Vec<JobStatus>>,
+    pub(crate) report_now: Notify,
+}
+
+fn machine_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn shim_path(cfg: &AgentConfig) -> Result<PathBuf, DaemonError> {
+    let path = match &cfg.shim {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map(|e| e.with_file_name("cph-shim"))
+            .unwrap_or_else(|_| PathBuf::from("/usr/libexec/cph/cph-shim")),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(DaemonError::NoShim(path))
+    }
+}
+
+impl Daemon {
+    /// Opens the state (job store, phones), prepares the host.
+    pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, DaemonError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        if cfg.prepare_host {
+            for outcome in
+                host::apply_sysctls(&cfg.sysctl_root, &host::sysctl_needs(cfg.phone_capacity))
+            {
+                tracing::info!(?outcome, "host sysctl");
+            }
+        }
+        let mut missing = host::missing_features(
+            std::path::Path::new("/proc"),
+            std::path::Path::new("/sys/fs/cgroup"),
+        );
+        let object_store = match &cfg.object_store {
+            None => {
+                missing.push("object store (not configured)".to_string());
+                None
+            }
+            Some(o) => {
+                Some(ObjectStore::new(&o.client_config()).map_err(DaemonError::ObjectStore)?)
+            }
+        };
+        let (store, interrupted) = JobStore::open(&cfg.state_dir.join("jobs"))?;
+        let shim = shim_path(&cfg)?;
+        let node_id = machine_id();
+        let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &node_id);
+        let volumes = volumes::Volumes::open(storage).map_err(DaemonError::Storage)?;
+        let net = if cfg.network.enabled {
+            match network::Network::open(&cfg) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::error!(error = %e, "phones run without a network");
+                    missing.push(format!("phone networking ({e})"));
+                    None
+                }
+            }
+        } else {
+            missing.push("phone networking (disabled by config)".to_string());
+            None
+        };
+        let phones = Phones::open(&cfg.state_dir, &cfg.cgroup_parent, &shim, volumes, net)
+            .map_err(DaemonError::Phones)?;
+        let unreported: Vec<JobStatus> =
+            interrupted.iter().filter_map(|id| store.get(id)).collect();
+        for id in &interrupted {
+            tracing::warn!(job_id = %id, "job interrupted by an agent restart, marked failed");
+        }
+        let d = Arc::new(Self {
+            jobs_limit: Arc::new(Semaphore::new(cfg.max_parallel_jobs.max(1))),
+            creates_limit: Arc::new(Semaphore::new(cfg.max_parallel_creates.max(1))),
+            cfg,
+            store,
+            phones: Arc::new(phones),
+            node_id,
+            missing,
+            object_store,
+            queues: Mutex::new(HashMap::new()),
+            accepting: AtomicBool::new(true),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+            unreported: Mutex::new(unreported),
+            report_now: Notify::new(),
+        });
+        Ok(d)
+    }
+
+    /// Path of the host's `authorized_keys` the agent maintains.
+    pub fn authorized_keys(&self) -> PathBuf {
+        self.cfg.state_dir.join("ssh").join("authorized_keys")
+    }
+
+    /// Takes a job: recorded first, then queued (or, for a sync shell, run
+    /// at once and answered with its final status).
+    pub async fn submit(self: &Arc<Self>, req: JobRequest) -> Result<JobStatus, SubmitError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let status = match self.store.insert(&req)? {
+            Inserted::Existing(s) => return Ok(s),
+            Inserted::New(s) => s,
+        };
+        if matches!(req.kind, JobKind::SyncShell { .. }) {
+            return Ok(self.run_now(req).await);
+        }
+        let key = match (&req.kind, &req.phone_id) {
+            (JobKind::CreatePhone { phone }, _) => format!("phone:{}", phone.phone_id),
+            (_, Some(p)) => format!("phone:{p}"),
+            (_, None) => format!("server:{}", req.server_id),
+        };
+        let sender = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues
+                .entry(key)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(Arc::clone(self).work_queue(rx));
+                    tx
+                })
+                .clone()
+        };
+        if sender.send(req).is_err() {
+            tracing::error!("job queue closed");
+        }
+        Ok(status)
+    }
+
+    async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<JobRequest>) {
+        while let Some(req) = rx.recv().await {
+            let create = matches!(req.kind, JobKind::CreatePhone { .. });
+            let _create_permit = if create {
+                Arc::clone(&self.creates_limit).acquire_owned().await.ok()
+            } else {
+                None
+            };
+            let Ok(_permit) = Arc::clone(&self.jobs_limit).acquire_owned().await else {
+                return;
+            };
+            if !self.accepting.load(Ordering::SeqCst) {
+                let st = jobstore::failed(
+                    &req.job_id,
+                    "CPS.0042",
+                    "agent shut down before the job started",
+                    None,
+                );
+                self.finish(st);
+                continue;
+            }
+            self.run_now(req).await;
+        }
+    }
+
+    /// Runs a recorded job on a blocking thread and records its end.
+    async fn run_now(self: &Arc<Self>, req: JobRequest) -> JobStatus {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let me = Arc::clone(self);
+        let handle = tokio::runtime::Handle::current();
+        let job_id = req.job_id.clone();
+        tracing::info!(job_id = %job_id, kind = ?std::mem::discriminant(&req.kind), "job started");
+        let result = tokio::task::spawn_blocking(move || {
+            let ctx = jobs::JobContext {
+                phones: &me.phones,
+                shell_timeout: Duration::from_secs(me.cfg.shell_timeout_secs.max(1)),
+                authorized_keys: &me.authorized_keys(),
+                store: me.object_store.as_ref(),
+                handle: &handle,
+                staging_dir: &me.cfg.state_dir.join("staging"),
+            };
+            jobs::execute(&ctx, &req)
+        })
+        .await;
+        let status = match result {
+            Ok(Ok(msg)) => jobstore::succeeded(&job_id, msg.as_deref()),
+            Ok(Err(f)) => jobstore::failed(&job_id, &f.code, &f.msg, f.execute_msg.as_deref()),
+            Err(e) => jobstore::failed(&job_id, "CPS.0003", &format!("job task failed: {e}"), None),
+        };
+        tracing::info!(job_id = %job_id, status = ?status.status, error = ?status.error_msg, "job ended");
+        self.finish(status.clone());
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+        status
+    }
+
+    fn finish(&self, status: JobStatus) {
+        if let Err(e) = self.store.finish(status.clone()) {
+            tracing::error!(error = %e, job_id = %status.job_id, "job status not recorded");
+        }
+        self.unreported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(status);
+        self.report_now.notify_one();
+    }
+
+    /// Stops taking jobs and waits up to `grace` for running ones.
+    pub async fn drain(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running.load(Ordering::SeqCst) > 0 {
+            let idle = self.idle.notified();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                tracing::warn!(
+                    running = self.running.load(Ordering::SeqCst),
+                    "shutdown deadline passed with jobs running"
+                );
+                break;
+            }
+        }
+    }
+
+    /// Whether new jobs are taken.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// The host's inventory.
+    pub fn inventory(&self) -> Inventory {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb / 1024);
+        let listen_host = self
+            .cfg
+            .listen
+            .rsplit_once(':')
+            .map_or("127.0.0.1", |(h, _)| h);
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Inventory {
+            node_id: self.node_id.clone(),
+            hostname,
+            agent_url: self
+                .cfg
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", self.cfg.listen)),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            server_model: self.cfg.server_model.clone(),
+            // With a phone network, where its access ports are mapped.
+            server_ip: match self.phones.network() {
+                Some(net) => net.server_ip().to_string(),
+                None => self
+                    .cfg
+                    .server_ip
+                    .clone()
+                    .unwrap_or_else(|| listen_host.to_string()),
+            },
+            public_ip: self.cfg.network.public_ip.clone(),
+            cpus,
+            numa_nodes: 1,
+            gpus: 0,
+            memory_mb,
+            phone_capacity: self.cfg.phone_capacity,
+            missing: self.missing.clone(),
+            phones: self.phones.states(),
+        }
+    }
+}
+
+/// `cph-agent purge`: deletes every phone of this agent and takes down what
+/// it set up on the host (phone network, pool mounts). Not while the agent
+/// runs.
+pub fn purge(cfg: AgentConfig) -> Result<Vec<String>, DaemonError> {
+    let shim = shim_path(&cfg)?;
+    let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &machine_id());
+    let volumes = volumes::Volumes::open(storage).map_err(DaemonError::Storage)?;
+    let net = if cfg.network.enabled {
+        match network::Network::open(&cfg) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "phone network not opened; nothing of it to purge");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let phones = Phones::open(&cfg.state_dir, &cfg.cgroup_parent, &shim, volumes, net)
+        .map_err(DaemonError::Phones)?;
+    phones.purge().map_err(DaemonError::Phones)
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Serve)?;
+    rt.block_on(async move {
+        let listen = cfg.listen.clone();
+        let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+        let daemon = Daemon::open(cfg)?;
+        {
+            let d = Arc::clone(&daemon);
+            tokio::task::spawn_blocking(move || d.phones.reconcile())
+                .await
+                .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?;
+        }
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: listen.clone(),
+                source,
+            })?;
+        tracing::info!(listen = %listen, node_id = %daemon.node_id, "cph-agent listening");
+        let app = http::router(Arc::clone(&daemon));
+        let shutdown = Arc::new(Notify::new());
+        let server = {
+            let shutdown = Arc::clone(&shutdown);
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { shutdown.notified().await })
+                    .await
+            })
+        };
+        tokio::spawn(control::run(Arc::clone(&daemon)));
+        notify::notify("READY=1");
+        if let Some(every) = notify::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    notify::notify("WATCHDOG=1");
+                }
+            });
+        }
+        wait_for_signal().await;
+        tracing::info!("cph-agent stopping: no new jobs, phones keep running");
+        notify::notify("STOPPING=1");
+        daemon.drain(grace).await;
+        shutdown.notify_one();
+        match server.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DaemonError::Serve(e)),
+            Err(e) => Err(DaemonError::Serve(std::io::Error::other(e))),
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

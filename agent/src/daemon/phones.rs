@@ -1,0 +1,884 @@
+//! The phones of this host: servers and phones recorded under
+//! `<state>/servers/<id>.json` and `<state>/phones/<id>.json`, each phone a
+//! `cph-runtime` container named `cph-<phone_id>` whose state lives in
+//! `<state>/containers` (so a restarted agent re-adopts running phones: the
+//! runtime reads the same state directory and the shims kept running).
+//!
+//! Volumes ([`super::volumes`]): a phone's rootfs is a copy-on-write volume
+//! of the storage pool cloned from its image (imported once per image id),
+//! sized by the flavor's `disk_gb`; a reset clones it again, a delete drops
+//! it. The sharepool's `files/` and `apps/` are bind-mounted into every phone.
+//!
+//! Network ([`super::network`], when enabled): the phone's namespace, veth,
+//! address, port mappings and bandwidth class are made before its container
+//! first starts, and the container joins that namespace; `access_infos` are
+//! read from the network state. `com.cph.bandwidth_limit` is applied to the
+//! phone's class at create and on every property change.
+//!
+//! Placement: the flavor's `core_bind_strategy` planned over the host's
+//! topology and kept in `<state>/placement.json`; a phone takes the slot the
+//! control plane gave it.
+//!
+//! Properties: checked against the reference's attribute list (A.1); all are
+//! set with `setprop` when the phone starts; on an update of a running phone
+//! those not starting with `ro.` are set at once, the others at next start.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cph_runtime::container::{ContainerError, ContainerSpec, ExecOutput, Runtime, Status};
+use cph_runtime::placement::{self, PlanRequest, Slot, Topology};
+use cph_runtime::storage::{SharePaths, ShareUsage};
+use serde::{Deserialize, Serialize};
+
+use super::jobstore::write_atomic;
+use super::network::{network_fail, Network};
+use super::volumes::Volumes;
+use super::JobFailure;
+use crate::protocol::{CreateServer, ImageRef, PhoneRunState, PhoneSpec, PhoneState};
+
+/// Grace a phone gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the agent keeps of a phone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhoneRecord {
+    pub spec: PhoneSpec,
+    pub server_id: String,
+    pub image: ImageRef,
+    /// A transient state (creating, resetting...) shown instead of the container's.
+    #[serde(default)]
+    pub phase: Option<PhoneRunState>,
+    /// Why the last lifecycle step failed.
+    #[serde(default)]
+    pub failure: Option<String>,
+    /// Whether the phone was stopped on purpose.
+    #[serde(default)]
+    pub stopped: bool,
+    #[serde(default)]
+    pub traffic_type: String,
+}
+
+/// The phone registry over a container runtime.
+pub struct Phones {
+    state_dir: PathBuf,
+    rt: Runtime,
+    records: Mutex<HashMap<String, PhoneRecord>>,
+    servers: Mutex<HashMap<String, CreateServer>>,
+    /// Serializes placement planning (one checkpoint file).
+    plan_lock: Mutex<()>,
+    volumes: Volumes,
+    /// `None` when networking is off or the host lacks it.
+    net: Option<Network>,
+}
+
+fn io_fail(what: &str, path: &Path, e: impl std::fmt::Display) -> JobFailure {
+    JobFailure::internal(format!("{what} {}: {e}", path.display()))
+}
+
+/// The container name of a phone.
+pub fn container_name(phone_id: &str) -> String {
+    let clean: String = phone_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    format!("cph-{clean}")
+}
+
+fn container_fail(e: ContainerError) -> JobFailure {
+    match e {
+        ContainerError::NotRunning { .. } => JobFailure::new("CPS.0141", e.to_string()),
+        ContainerError::NotFound { .. } => JobFailure::new("CPS.0005", e.to_string()),
+        other => JobFailure::internal(other.to_string()),
+    }
+}
+
+fn read_dir_json<T: for<'de> Deserialize<'de>>(dir: &Path) -> Vec<T> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&p).map(|b| serde_json::from_slice::<T>(&b)) {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(err)) => tracing::warn!(path = %p.display(), error = %err, "record skipped"),
+            Err(err) => tracing::warn!(path = %p.display(), error = %err, "record unreadable"),
+        }
+    }
+    out
+}
+
+impl Phones {
+    /// Opens the registry over prepared volumes and the network (if any);
+    /// running containers are re-adopted by the runtime.
+    pub fn open(
+        state_dir: &Path,
+        cgroup_parent: &str,
+        shim: &Path,
+        volumes: Volumes,
+        net: Option<Network>,
+    ) -> Result<Self, JobFailure> {
+        let rt = Runtime::new(&state_dir.join("containers"), cgroup_parent, shim)
+            .map_err(container_fail)?;
+        for d in ["phones", "servers"] {
+            let p = state_dir.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| io_fail("create", &p, e))?;
+        }
+        let mut records = HashMap::new();
+        for mut r in read_dir_json::<PhoneRecord>(&state_dir.join("phones")) {
+            // A transient phase left by a killed agent is over.
+            if let Some(phase) = r.phase.take() {
+                if phase == PhoneRunState::Creating || phase == PhoneRunState::Resetting {
+                    r.failure = Some(format!("{phase:?} interrupted by an agent restart"));
+                }
+            }
+            records.insert(r.spec.phone_id.clone(), r);
+        }
+        let servers = read_dir_json::<CreateServer>(&state_dir.join("servers"))
+            .into_iter()
+            .map(|s| (s.server_id.clone(), s))
+            .collect();
+        Ok(Self {
+            state_dir: state_dir.to_path_buf(),
+            rt,
+            records: Mutex::new(records),
+            servers: Mutex::new(servers),
+            plan_lock: Mutex::new(()),
+            volumes,
+            net,
+        })
+    }
+
+    /// Deletes every phone (container, volume, network) and any container
+    /// left without a record, then takes the phone network and the pool's
+    /// mounts off the host. Returns the deleted phones' ids.
+    pub fn purge(&self) -> Result<Vec<String>, JobFailure> {
+        let mut ids: Vec<String> = self.records().keys().cloned().collect();
+        ids.sort();
+        for id in &ids {
+            self.delete(id)?;
+        }
+        for c in self.rt.list().map_err(container_fail)? {
+            match self.rt.delete(&c.name, STOP_GRACE) {
+                Ok(()) | Err(ContainerError::NotFound { .. }) => {}
+                Err(e) => return Err(container_fail(e)),
+            }
+        }
+        if let Some(net) = &self.net {
+            net.teardown().map_err(network_fail)?;
+        }
+        self.volumes.teardown()?;
+        self.rt.release_parent();
+        Ok(ids)
+    }
+
+    /// The phone network, when this agent has one.
+    pub fn network(&self) -> Option<&Network> {
+        self.net.as_ref()
+    }
+
+    /// The container runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, PhoneRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, rec: &PhoneRecord) -> Result<(), JobFailure> {
+        let path = self
+            .state_dir
+            .join("phones")
+            .join(format!("{}.json", container_name(&rec.spec.phone_id)));
+        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| io_fail("encode", &path, e))?;
+        write_atomic(&path, &bytes).map_err(|e| io_fail("write", &path, e))?;
+        self.records()
+            .insert(rec.spec.phone_id.clone(), rec.clone());
+        Ok(())
+    }
+
+    fn update(
+        &self,
+        phone_id: &str,
+        f: impl FnOnce(&mut PhoneRecord),
+    ) -> Result<PhoneRecord, JobFailure> {
+        let mut rec = self.record(phone_id)?;
+        f(&mut rec);
+        self.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// A phone's record.
+    pub fn record(&self, phone_id: &str) -> Result<PhoneRecord, JobFailure> {
+        self.records().get(phone_id).cloned().ok_or_else(|| {
+            JobFailure::new("CPS.0005", format!("phone {phone_id} is not on this host"))
+        })
+    }
+
+    /// Records a server (idempotent: the same id replaces its record).
+    pub fn put_server(&self, server: &CreateServer) -> Result<(), JobFailure> {
+        let path = self
+            .state_dir
+            .join("servers")
+            .join(format!("{}.json", container_name(&server.server_id)));
+        let bytes = serde_json::to_vec_pretty(server).map_err(|e| io_fail("encode", &path, e))?;
+        write_atomic(&path, &bytes).map_err(|e| io_fail("write", &path, e))?;
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server.server_id.clone(), server.clone());
+        Ok(())
+    }
+
+    /// A recorded server.
+    pub fn server(&self, server_id: &str) -> Result<CreateServer, JobFailure> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server_id)
+            .cloned()
+            .ok_or_else(|| {
+                JobFailure::new(
+                    "CPS.0159",
+                    format!("server {server_id} is not on this host"),
+                )
+            })
+    }
+
+    /// Forgets a server whose phones are gone.
+    pub fn remove_server(&self, server_id: &str) -> Result<(), JobFailure> {
+        let path = self
+            .state_dir
+            .join("servers")
+            .join(format!("{}.json", container_name(server_id)));
+        let _ = std::fs::remove_file(&path);
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(server_id);
+        Ok(())
+    }
+
+    /// Ids of a server's phones.
+    pub fn phones_of(&self, server_id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .records()
+            .values()
+            .filter(|r| r.server_id == server_id)
+            .map(|r| r.spec.phone_id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The phone's root filesystem on the host: its volume's rootfs
+    /// (CPS.0005 when the phone has no volume).
+    pub fn rootfs(&self, phone_id: &str) -> Result<PathBuf, JobFailure> {
+        self.volumes.rootfs(phone_id)
+    }
+
+    /// Imports an image into the pool from a tar or tar.gz stream, unless it
+    /// is there already: the hook for images that are not `file://`
+    /// archives (the object store's `obs://`).
+    /// Whether the image is imported already.
+    pub fn has_image(&self, image_id: &str) -> Result<bool, JobFailure> {
+        self.volumes.has_image(image_id)
+    }
+
+    pub fn import_from(
+        &self,
+        image: &ImageRef,
+        reader: Box<dyn std::io::Read + Send + '_>,
+    ) -> Result<(), JobFailure> {
+        self.volumes.import_from(image, reader)
+    }
+
+    /// The sharepool's host directories (`files/`, `apps/`); every phone has
+    /// them mounted at the fixed phone paths.
+    pub fn share_paths(&self) -> Result<SharePaths, JobFailure> {
+        self.volumes.share_paths()
+    }
+
+    /// Size, use and room of the sharepool.
+    pub fn share_usage(&self) -> Result<ShareUsage, JobFailure> {
+        self.volumes.share_usage()
+    }
+
+    fn slot(&self, server: &CreateServer, index: u32) -> Result<Slot, JobFailure> {
+        let _g = self.plan_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let topo = Topology::discover(Path::new("/sys"))
+            .map_err(|e| JobFailure::internal(e.to_string()))?;
+        let request = PlanRequest {
+            strategy: server.flavor.core_bind_strategy.clone(),
+            capacity: server.flavor.phone_capacity.max(index + 1),
+            vcpus: server.flavor.vcpus.max(1),
+            memory_mb: 0,
+            reserved: None,
+        };
+        let path = self.state_dir.join(format!(
+            "placement-{}.json",
+            container_name(&server.server_id)
+        ));
+        let loaded = placement::Checkpoint::load_or_plan(&path, &topo, &request, &BTreeSet::new())
+            .map_err(|e| {
+                JobFailure::internal(format!("placement of server {}: {e}", server.server_id))
+            })?;
+        loaded
+            .checkpoint
+            .plan
+            .slots
+            .iter()
+            .find(|s| s.slot == index)
+            .cloned()
+            .ok_or_else(|| JobFailure::internal(format!("placement has no slot {index}")))
+    }
+
+    /// The phone's network made or repaired (see [`Network::ensure_phone`]);
+    /// its namespace, or `None` without networking.
+    fn ensure_network(
+        &self,
+        rec: &PhoneRecord,
+        server: &CreateServer,
+    ) -> Result<Option<PathBuf>, JobFailure> {
+        let Some(net) = &self.net else {
+            return Ok(None);
+        };
+        if let Err(e) = net.set_shared_bandwidth(server.band_width_size) {
+            tracing::warn!(server_id = %server.server_id, error = %e, "shared bandwidth kept");
+        }
+        net.ensure_phone(
+            &rec.spec.phone_id,
+            &server.ports,
+            bandwidth_limit(&rec.spec.property),
+        )
+        .map(Some)
+        .map_err(network_fail)
+    }
+
+    fn container_spec(&self, rec: &PhoneRecord) -> Result<ContainerSpec, JobFailure> {
+        let server = self.server(&rec.server_id)?;
+        let slot = self.slot(&server, rec.spec.slot)?;
+        let name = container_name(&rec.spec.phone_id);
+        let mut spec = ContainerSpec::new(&name, &self.rootfs(&rec.spec.phone_id)?);
+        spec.netns = self.ensure_network(rec, &server)?;
+        spec.cpus = Some(slot.cpuset());
+        spec.mems = Some(slot.mems_list());
+        spec.cpu_shares = Some(slot.cpu_shares);
+        spec.memory_limit = i64::try_from(server.flavor.memory_mb * 1024 * 1024)
+            .ok()
+            .filter(|m| *m > 0);
+        spec.pids_limit = Some(4096);
+        for (source, target) in self.share_paths()?.mounts() {
+            spec.mounts.push(cph_runtime::container::BindMount {
+                source,
+                target,
+                read_only: true,
+            });
+        }
+        spec.init
+            .push(format!("androidboot.serialno={}", rec.spec.phone_id));
+        if let Some(dev) = slot.render_device().filter(|d| Path::new(d).exists()) {
+            spec.devices
+                .push(cph_runtime::container::DeviceNode { path: dev.into() });
+        }
+        Ok(spec)
+    }
+
+    /// Starts the phone's container and applies its properties.
+    fn boot(&self, rec: &PhoneRecord) -> Result<(), JobFailure> {
+        let spec = self.container_spec(rec)?;
+        let name = spec.name.clone();
+        if matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running)) {
+            return Ok(());
+        }
+        if self.rt.state(&name).is_ok() {
+            self.rt.delete(&name, STOP_GRACE).map_err(container_fail)?;
+        }
+        self.rt.start(&spec).map_err(container_fail)?;
+        self.wait_ready(&name);
+        for (k, v) in &rec.spec.property {
+            self.setprop(&name, k, v)?;
+        }
+        Ok(())
+    }
+
+    /// Waits (up to 5 s) for the image's readiness mark.
+    fn wait_ready(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(out) = self.rt.exec(
+                name,
+                &["/bin/sh", "-c", "test -e /run/cph-ready"],
+                Duration::from_secs(2),
+                64,
+            ) {
+                if out.exit_code == Some(0) {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn setprop(&self, name: &str, key: &str, value: &str) -> Result<(), JobFailure> {
+        let out = self
+            .rt
+            .exec(name, &["setprop", key, value], Duration::from_secs(5), 4096)
+            .map_err(container_fail)?;
+        if out.exit_code != Some(0) {
+            return Err(JobFailure::internal(format!(
+                "setprop {key} in {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates a phone: volume from the image, container started.
+    pub fn create(&self, server_id: &str, spec: &PhoneSpec) -> Result<(), JobFailure> {
+        validate_properties(&spec.property)?;
+        let server = self.server(server_id)?;
+        if let Ok(existing) = self.record(&spec.phone_id) {
+            if existing.phase.is_none() && existing.failure.is_none() {
+                // Already created (a repeated create): make sure it runs.
+                return self.start(&spec.phone_id);
+            }
+        }
+        let rec = PhoneRecord {
+            spec: spec.clone(),
+            server_id: server_id.to_string(),
+            image: server.image.clone(),
+            phase: Some(PhoneRunState::Creating),
+            failure: None,
+            stopped: false,
+            traffic_type: "direct".to_string(),
+        };
+        self.save(&rec)?;
+        let result = self
+            .volumes
+            .create(&spec.phone_id, &server.image, server.flavor.disk_gb)
+            .and_then(|_| self.boot(&rec));
+        self.finish_phase(&spec.phone_id, &result)?;
+        result
+    }
+
+    fn finish_phase(
+        &self,
+        phone_id: &str,
+        result: &Result<(), JobFailure>,
+    ) -> Result<(), JobFailure> {
+        self.update(phone_id, |r| {
+            r.phase = None;
+            r.failure = result.as_ref().err().map(|e| e.msg.clone());
+        })
+        .map(|_| ())
+    }
+
+    pub fn start(&self, phone_id: &str) -> Result<(), JobFailure> {
+        let rec = self.update(phone_id, |r| r.stopped = false)?;
+        let result = self.boot(&rec);
+        self.finish_phase(phone_id, &result)?;
+        result
+    }
+
+    pub fn stop(&self, phone_id: &str) -> Result<(), JobFailure> {
+        self.update(phone_id, |r| r.stopped = true)?;
+        let name = container_name(phone_id);
+        match self.rt.stop(&name, STOP_GRACE) {
+            Ok(_)
+            | Err(ContainerError::NotRunning { .. })
+            | Err(ContainerError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(container_fail(e)),
+        }
+    }
+
+    pub fn restart(
+        &self,
+        phone_id: &str,
+        property: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), JobFailure> {
+        if let Some(p) = property {
+            validate_properties(p)?;
+        }
+        self.update(phone_id, |r| {
+            r.phase = Some(PhoneRunState::Restarting);
+            if let Some(p) = property {
+                r.spec.property.extend(p.clone());
+            }
+        })?;
+        let stopped = self.stop(phone_id);
+        let result = stopped.and_then(|()| self.start(phone_id));
+        self.finish_phase(phone_id, &result)?;
+        result
+    }
+
+    /// Reset: the volume is made again from the (new) image, then started.
+    pub fn reset(
+        &self,
+        phone_id: &str,
+        image: Option<&ImageRef>,
+        property: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), JobFailure> {
+        if let Some(p) = property {
+            validate_properties(p)?;
+        }
+        let rec = self.update(phone_id, |r| {
+            r.phase = Some(PhoneRunState::Resetting);
+            if let Some(i) = image {
+                r.image = i.clone();
+            }
+            if let Some(p) = property {
+                r.spec.property = p.clone();
+            }
+        })?;
+        let result = self
+            .stop(phone_id)
+            .and_then(|()| {
+                let name = container_name(phone_id);
+                match self.rt.delete(&name, STOP_GRACE) {
+                    Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(container_fail(e)),
+                }
+            })
+            .and_then(|()| self.server(&rec.server_id))
+            .and_then(|server| {
+                self.volumes
+                    .reset(phone_id, &rec.image, server.flavor.disk_gb)
+            })
+            .and_then(|_| self.start(phone_id));
+        self.finish_phase(phone_id, &result)?;
+        result
+    }
+
+    pub fn rename(&self, phone_id: &str, new_name: &str) -> Result<(), JobFailure> {
+        if new_name.is_empty() || new_name.len() > 60 {
+            return Err(JobFailure::new(
+                "CPS.0025",
+                format!("phone name {new_name:?} is invalid"),
+            ));
+        }
+        self.update(phone_id, |r| r.spec.phone_name = new_name.to_string())
+            .map(|_| ())
+    }
+
+    /// Records new properties; live ones are set at once in a running phone.
+    pub fn update_property(
+        &self,
+        phone_id: &str,
+        property: &BTreeMap<String, String>,
+    ) -> Result<String, JobFailure> {
+        validate_properties(property)?;
+        let rec = self.update(phone_id, |r| r.spec.property.extend(property.clone()))?;
+        if let (Some(net), true) = (&self.net, property.contains_key(BANDWIDTH_LIMIT)) {
+            net.set_bandwidth_limit(phone_id, bandwidth_limit(&rec.spec.property))
+                .map_err(network_fail)?;
+        }
+        let name = container_name(phone_id);
+        let running = matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running));
+        let mut deferred = Vec::new();
+        for (k, v) in property {
+            if running && !k.starts_with("ro.") {
+                self.setprop(&name, k, v)?;
+            } else {
+                deferred.push(k.as_str());
+            }
+        }
+        Ok(if deferred.is_empty() {
+            "applied".to_string()
+        } else {
+            format!("applied at next start: {}", deferred.join(","))
+        })
+    }
+
+    /// Removes the phone: container, network, volume and record.
+    pub fn delete(&self, phone_id: &str) -> Result<(), JobFailure> {
+        self.update(phone_id, |r| r.phase = Some(PhoneRunState::Deleting))?;
+        let name = container_name(phone_id);
+        match self.rt.delete(&name, STOP_GRACE) {
+            Ok(()) | Err(ContainerError::NotFound { .. }) => {}
+            Err(e) => return Err(container_fail(e)),
+        }
+        if let Some(net) = &self.net {
+            net.remove_phone(phone_id).map_err(network_fail)?;
+        }
+        self.volumes.delete(phone_id)?;
+        let rec_path = self.state_dir.join("phones").join(format!("{name}.json"));
+        let _ = std::fs::remove_file(&rec_path);
+        self.records().remove(phone_id);
+        Ok(())
+    }
+
+    /// Runs a command in a running phone.
+    pub fn exec(
+        &self,
+        phone_id: &str,
+        argv: &[&str],
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<ExecOutput, JobFailure> {
+        self.record(phone_id)?;
+        self.rt
+            .exec(&container_name(phone_id), argv, timeout, cap)
+            .map_err(container_fail)
+    }
+
+    /// Fails with CPS.0141 unless the phone runs.
+    pub fn require_running(&self, phone_id: &str) -> Result<(), JobFailure> {
+        self.record(phone_id)?;
+        match self.rt.state(&container_name(phone_id)) {
+            Ok(st) if st.status == Status::Running => Ok(()),
+            _ => Err(JobFailure::new(
+                "CPS.0141",
+                format!("phone {phone_id} is not running"),
+            )),
+        }
+    }
+
+    /// Every phone's state.
+    pub fn states(&self) -> Vec<PhoneState> {
+        let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
+        let mut out: Vec<PhoneState> = recs.iter().map(|r| self.state_of(r)).collect();
+        out.sort_by(|a, b| a.phone_id.cmp(&b.phone_id));
+        out
+    }
+
+    fn state_of(&self, r: &PhoneRecord) -> PhoneState {
+        let (state, reason) = if let Some(phase) = r.phase {
+            (phase, None)
+        } else {
+            match self
+                .rt
+                .state(&container_name(&r.spec.phone_id))
+                .map(|s| s.status)
+            {
+                Ok(Status::Running) => (PhoneRunState::Running, None),
+                Ok(Status::Paused) => (PhoneRunState::Stopped, Some("paused".to_string())),
+                Ok(Status::Exited { code }) if r.stopped => {
+                    (PhoneRunState::Stopped, Some(format!("exit code {code}")))
+                }
+                Ok(Status::Exited { code }) => {
+                    (PhoneRunState::Exited, Some(format!("exit code {code}")))
+                }
+                Ok(Status::Failed { reason }) => (PhoneRunState::Failed, Some(reason)),
+                Err(_) if r.failure.is_some() => (PhoneRunState::Failed, r.failure.clone()),
+                Err(_) if r.stopped => (PhoneRunState::Stopped, None),
+                Err(e) => (PhoneRunState::Failed, Some(e.to_string())),
+            }
+        };
+        let reason = reason.or_else(|| {
+            if state == PhoneRunState::Failed {
+                r.failure.clone()
+            } else {
+                None
+            }
+        });
+        PhoneState {
+            phone_id: r.spec.phone_id.clone(),
+            server_id: r.server_id.clone(),
+            phone_name: r.spec.phone_name.clone(),
+            state,
+            reason,
+            image_id: r.image.image_id.clone(),
+            slot: r.spec.slot,
+            access_infos: self
+                .net
+                .as_ref()
+                .map(|n| n.access_infos(&r.spec.phone_id))
+                .unwrap_or_default(),
+            property: r.spec.property.clone(),
+            traffic_type: r.traffic_type.clone(),
+        }
+    }
+
+    /// Points the phone's default route at the bridge (`direct`) or the
+    /// encoding container (`routing`) and records it.
+    pub fn set_traffic(&self, phone_id: &str, traffic_type: &str) -> Result<(), JobFailure> {
+        self.record(phone_id)?;
+        if !matches!(traffic_type, "direct" | "routing") {
+            return Err(JobFailure::new(
+                "CPS.0207",
+                format!("traffic type {traffic_type:?} is neither direct nor routing"),
+            ));
+        }
+        self.require_network()?
+            .set_traffic(phone_id, traffic_type)
+            .map_err(network_fail)?;
+        self.update(phone_id, |r| r.traffic_type = traffic_type.to_string())
+            .map(|_| ())
+    }
+
+    /// Changes the server's shared bandwidth (Mbit/s) and records it.
+    pub fn update_bandwidth(&self, server_id: &str, mbit: u32) -> Result<(), JobFailure> {
+        let mut server = self.server(server_id)?;
+        self.require_network()?
+            .set_shared_bandwidth(mbit)
+            .map_err(network_fail)?;
+        server.band_width_size = mbit;
+        self.put_server(&server)
+    }
+
+    fn require_network(&self) -> Result<&Network, JobFailure> {
+        self.net
+            .as_ref()
+            .ok_or_else(|| JobFailure::internal("phone networking is not available on this agent"))
+    }
+
+    /// After an agent restart: phones that should run but whose container
+    /// exited (host reboot) are started again; running ones are left alone.
+    /// The network of phones without a record (a delete cut short) is
+    /// removed; volumes without a record are reported, never dropped.
+    pub fn reconcile(&self) {
+        let known: BTreeSet<String> = self.records().keys().cloned().collect();
+        if let Some(net) = &self.net {
+            net.retain_phones(&known);
+        }
+        match self.volumes.phones() {
+            Ok(ids) => {
+                for id in ids.iter().filter(|id| !known.contains(*id)) {
+                    tracing::warn!(phone_id = %id, "volume without a phone record");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "volumes not listed"),
+        }
+        let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
+        for r in recs {
+            if r.stopped || r.failure.is_some() {
+                continue;
+            }
+            let name = container_name(&r.spec.phone_id);
+            match self.rt.state(&name).map(|s| s.status) {
+                Ok(Status::Running) | Ok(Status::Paused) => {}
+                _ => {
+                    if let Err(e) = self.boot(&r) {
+                        tracing::warn!(phone = %r.spec.phone_id, error = %e, "phone not restarted");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Property holding a phone's download limit (kbit/s, -1 unlimited).
+pub const BANDWIDTH_LIMIT: &str = "com.cph.bandwidth_limit";
+
+/// The phone's `com.cph.bandwidth_limit`, -1 (unlimited) when unset.
+fn bandwidth_limit(property: &BTreeMap<String, String>) -> i64 {
+    property
+        .get(BANDWIDTH_LIMIT)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1)
+}
+
+/// The reference's attribute list (A.1) and whether each is an integer 0/1 flag.
+const PROPERTIES: &[(&str, bool)] = &[
+    ("com.cph.mainkeys", true),
+    ("disable.status.bar", true),
+    ("ro.permission.changed", true),
+    ("ro.install.auto", true),
+    ("ro.com.cph.non_root", true),
+    ("ro.com.cph.notification_disable", true),
+    ("com.cph.disable_fb_permission", true),
+    ("com.cph.bandwidth_limit", false),
+    ("ro.com.cph.toast_enable", true),
+    ("com.cph.cam_local_pic_path", false),
+    ("persist.sys.locale", false),
+    ("sys.prop.write_imsi", false),
+    ("sys.prop.write_phonenum", false),
+    ("sys.prop.write_wifissid", false),
+    ("gsm.sim.operator.iso-country", false),
+    ("gsm.sim.operator.numeric", false),
+    ("gsm.sim.operator.alpha", false),
+    ("gsm.operator.iso-country", false),
+    ("gsm.operator.numeric", false),
+    ("gsm.operator.alpha", false),
+    ("ro.hardware.gpu-renderer", false),
+    ("ro.board.platform", false),
+    ("ro.build.product", false),
+    ("ro.product.device", false),
+    ("ro.com.cph.sfs_enable", false),
+    ("ro.product.manufacturer", false),
+    ("ro.product.name", false),
+    ("qemu.hw.mainkeys", true),
+    ("ro.horizontal.screen", false),
+    ("com.cph.cg.sign_check_url", false),
+    ("com.cph.cg.event_notify_url", false),
+    ("com.cph.cg.heartbeat_url", false),
+    ("com.cph.cg.heartbeat_interval", false),
+    ("com.cph.cg.app_port", false),
+    ("com.cph.cg.h5_port", false),
+    ("ro.com.cph.cloud_app_engine", false),
+];
+
+/// Checks names against the attribute list (CPS.0163) and values (CPS.0164).
+pub fn validate_properties(property: &BTreeMap<String, String>) -> Result<(), JobFailure> {
+    for (k, v) in property {
+        let Some((_, flag)) = PROPERTIES.iter().find(|(n, _)| n == k) else {
+            return Err(JobFailure::new(
+                "CPS.0163",
+                format!("property {k} not supported"),
+            ));
+        };
+        let bad = v.len() > 256
+            || v.chars().any(char::is_control)
+            || (*flag && v != "0" && v != "1")
+            || (k == "com.cph.bandwidth_limit"
+                && !(v == "-1"
+                    || v.parse::<u32>()
+                        .is_ok_and(|n| (1..=99_999_999).contains(&n))));
+        if bad {
+            return Err(JobFailure::new(
+                "CPS.0164",
+                format!("invalid property {k}={v:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_checked_against_the_reference() {
+        let ok: BTreeMap<String, String> = [
+            ("com.cph.mainkeys".to_string(), "1".to_string()),
+            ("persist.sys.locale".into(), "en-US".into()),
+        ]
+        .into();
+        assert!(validate_properties(&ok).is_ok());
+        let unknown: BTreeMap<String, String> = [("foo.bar".to_string(), "1".to_string())].into();
+        assert_eq!(
+            validate_properties(&unknown).map_err(|e| e.code),
+            Err("CPS.0163".to_string())
+        );
+        let bad: BTreeMap<String, String> =
+            [("com.cph.mainkeys".to_string(), "7".to_string())].into();
+        assert_eq!(
+            validate_properties(&bad).map_err(|e| e.code),
+            Err("CPS.0164".to_string())
+        );
+        let bw: BTreeMap<String, String> =
+            [("com.cph.bandwidth_limit".to_string(), "0".to_string())].into();
+        assert!(validate_properties(&bw).is_err());
+    }
+
+    #[test]
+    fn container_names_are_safe() {
+        assert_eq!(container_name("ab/c.d"), "cph-ab-c-d");
+    }
+}

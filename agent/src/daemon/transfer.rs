@@ -1,0 +1,750 @@
+//! Jobs that move data between the object store and phones: `push`,
+//! `install`/`install-multiple`, `batch-storage` export, `batch-restore`,
+//! whole-phone migration, and the sharepool's files and apps.
+//!
+//! Everything streams: a tar is extracted while it downloads (the safe
+//! extractor of `cph_runtime::archive`, every path resolved beneath the
+//! target) and an export is uploaded while it is written. An APK is the one
+//! exception: it is staged in the agent's own directory (never reachable
+//! from a phone), checked (a zip with an `AndroidManifest.xml` naming its
+//! package), then placed in the phone through the same safe extractor and
+//! installed with the image's package manager.
+
+use std::collections::BTreeMap;
+use std::io::{self, Cursor, Read, Seek};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use cph_runtime::archive::{self, ArchiveError, ExtractOptions, ExtractReport, Ownership};
+use cph_runtime::storage::{capacity_report, list_share_dir, SharePaths, StorageError};
+
+use super::jobs::JobContext;
+use super::phones::validate_properties;
+use super::JobFailure;
+use crate::apk;
+use crate::objstore::{ObjectStore, ObjectStoreError, ObjectUrl, APK_MAX_BYTES, PUSH_MAX_BYTES};
+use crate::protocol::{ImageRef, ObjectRef, EXECUTE_MSG_MAX, MIGRATE_BUCKET};
+
+/// Time an installation may take inside the phone.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most APKs in one install-multiple (the reference's limit).
+const MAX_APKS: usize = 50;
+/// Flags `pm install` accepts from the API.
+const INSTALL_FLAGS: &[&str] = &["-r", "-t", "-d", "-g", "-f", "-l", "-s"];
+/// Where an installation's APKs are placed inside the phone.
+const INSTALL_DIR: &str = "data/local/tmp";
+/// What a whole-phone migration leaves out: the sharepool mounts (not the
+/// phone's data) and the runtime's own per-boot files.
+const MIGRATE_EXCLUDE: &[&str] = &["/data/media/share", "/dev", "/proc", "/sys", "/run"];
+
+fn url(o: &ObjectRef) -> String {
+    format!("obs://{}/{}", o.bucket, o.key)
+}
+
+fn store<'a>(ctx: &'a JobContext<'_>) -> Result<&'a ObjectStore, JobFailure> {
+    ctx.store.ok_or_else(|| {
+        JobFailure::new(
+            "CPS.0003",
+            "this agent has no object store configured ([object_store] in its config)",
+        )
+    })
+}
+
+/// A store failure as the reference reports it.
+pub fn store_failure(e: &ObjectStoreError) -> JobFailure {
+    match e {
+        ObjectStoreError::NotFound { .. } | ObjectStoreError::NoSuchBucket { .. } => {
+            JobFailure::new("CPS.0104", e.to_string())
+        }
+        ObjectStoreError::TooLarge { .. } | ObjectStoreError::InvalidUrl { .. } => {
+            JobFailure::new("CPS.0118", e.to_string())
+        }
+        _ => JobFailure::internal(e.to_string()),
+    }
+}
+
+/// An extraction failure: a store failure met while reading, a bad archive
+/// (CPS.0119), or a host failure; says what was written before it.
+fn archive_failure(object: &ObjectRef, e: &ArchiveError) -> JobFailure {
+    let mut f = match e.root_cause() {
+        ArchiveError::Read(io) => match ObjectStoreError::from_io(io) {
+            Some(s) => store_failure(s),
+            None => JobFailure::internal(format!("reading {}: {io}", url(object))),
+        },
+        c if e.is_bad_archive() => JobFailure::new(
+            "CPS.0119",
+            format!("{} is not a usable tar: {c}", url(object)),
+        ),
+        c @ (ArchiveError::Escape { .. }
+        | ArchiveError::Refused { .. }
+        | ArchiveError::TooLarge { .. }) => {
+            JobFailure::new("CPS.0119", format!("{} refused: {c}", url(object)))
+        }
+        c => JobFailure::internal(format!("extracting {}: {c}", url(object))),
+    };
+    if let Some(written) = e.written().filter(|w| !w.is_empty()) {
+        let mut list = String::new();
+        for p in written.iter() {
+            let line = format!("{}\n", p.display());
+            if list.len() + line.len() > EXECUTE_MSG_MAX - 64 {
+                list.push_str("...\n");
+                break;
+            }
+            list.push_str(&line);
+        }
+        f.msg.push_str(&format!(
+            "; {} paths were written before the failure",
+            written.len()
+        ));
+        f.execute_msg = Some(format!("written before the failure:\n{list}"));
+    }
+    f
+}
+
+/// Streams `object` (at most `limit` bytes) and extracts it beneath `target`.
+fn download_extract(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    limit: u64,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, JobFailure> {
+    let store = store(ctx)?;
+    let mut reader = ctx
+        .handle
+        .block_on(store.download_to_reader(&object.bucket, &object.key, limit))
+        .map_err(|e| store_failure(&e))?;
+    archive::extract(&mut reader, target, opts).map_err(|e| archive_failure(object, &e))
+}
+
+fn extracted(verb: &str, object: &ObjectRef, r: &ExtractReport) -> String {
+    format!(
+        "{verb} {}: {} files, {} directories, {} links, {} bytes",
+        url(object),
+        r.files,
+        r.dirs,
+        r.symlinks + r.hardlinks,
+        r.bytes
+    )
+}
+
+fn phone_extract_options() -> ExtractOptions {
+    ExtractOptions {
+        sync: true,
+        ownership: Ownership::Archive,
+        ..ExtractOptions::default()
+    }
+}
+
+/// Most bytes an image archive may have.
+const IMAGE_MAX_BYTES: u64 = 64 << 30;
+
+/// Imports an `obs://` image from the store once (its tar streamed into the
+/// image volume); other images are imported by the phone lifecycle itself.
+pub fn fetch_image(ctx: &JobContext<'_>, image: &ImageRef) -> Result<(), JobFailure> {
+    if !image.url.starts_with("obs://") || ctx.phones.has_image(&image.image_id)? {
+        return Ok(());
+    }
+    let url = ObjectUrl::parse(&image.url)
+        .map_err(|e| JobFailure::new("CPS.0166", format!("image {}: {e}", image.image_id)))?;
+    let store = store(ctx)?;
+    let reader = ctx
+        .handle
+        .block_on(store.download_to_reader(&url.bucket, &url.key, IMAGE_MAX_BYTES))
+        .map_err(|e| match e {
+            ObjectStoreError::NotFound { .. } | ObjectStoreError::NoSuchBucket { .. } => {
+                JobFailure::new("CPS.0166", format!("image {}: {e}", image.image_id))
+            }
+            e => store_failure(&e),
+        })?;
+    ctx.phones.import_from(image, Box::new(reader))
+}
+
+/// `push`: the tar is extracted into the phone's root.
+pub fn push(ctx: &JobContext<'_>, phone: &str, object: &ObjectRef) -> Result<String, JobFailure> {
+    ctx.phones.require_running(phone)?;
+    let root = ctx.phones.rootfs(phone)?;
+    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?;
+    Ok(extracted("pushed", object, &report))
+}
+
+/// An APK downloaded into the agent's staging directory and checked.
+struct StagedApk {
+    path: PathBuf,
+    package: String,
+    size: u64,
+}
+
+fn stage_apk(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    dir: &Path,
+    index: usize,
+) -> Result<StagedApk, JobFailure> {
+    if !object.key.ends_with(".apk") {
+        return Err(JobFailure::new(
+            "CPS.0119",
+            format!("{} does not end with .apk", url(object)),
+        ));
+    }
+    let store = store(ctx)?;
+    let mut reader = ctx
+        .handle
+        .block_on(store.download_to_reader(&object.bucket, &object.key, APK_MAX_BYTES))
+        .map_err(|e| store_failure(&e))?;
+    let path = dir.join(format!("{index}.apk"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| JobFailure::internal(format!("create {}: {e}", path.display())))?;
+    let size =
+        io::copy(&mut reader, &mut file).map_err(|e| match ObjectStoreError::from_io(&e) {
+            Some(s) => store_failure(s),
+            None => JobFailure::internal(format!("downloading {}: {e}", url(object))),
+        })?;
+    file.rewind()
+        .map_err(|e| JobFailure::internal(format!("rewind {}: {e}", path.display())))?;
+    let package = apk::package_name(io::BufReader::new(&file))
+        .map_err(|e| JobFailure::new("CPS.0119", format!("{} is not an APK: {e}", url(object))))?;
+    Ok(StagedApk {
+        path,
+        package,
+        size,
+    })
+}
+
+/// A one-file tar stream: `name` holding `size` bytes from `data`.
+fn single_file_tar<R: Read>(name: &str, size: u64, data: R) -> io::Result<impl Read> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path(name)?;
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let pad = (512 - (size % 512) as usize) % 512;
+    let mut tail = vec![0u8; pad];
+    tail.extend_from_slice(&[0u8; 1024]);
+    Ok(Cursor::new(header.as_bytes().to_vec())
+        .chain(data.take(size))
+        .chain(Cursor::new(tail)))
+}
+
+/// Removes the agent's staging directory when the job ends.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(path = %self.0.display(), error = %e, "staging directory not removed");
+        }
+    }
+}
+
+/// `install` / `install-multiple`: the APKs are downloaded, checked, placed
+/// in the phone and installed with `pm` and the given flags.
+pub fn install(
+    ctx: &JobContext<'_>,
+    job_id: &str,
+    phone: &str,
+    flags: &[String],
+    objects: &[ObjectRef],
+) -> Result<String, JobFailure> {
+    if let Some(bad) = flags.iter().find(|f| !INSTALL_FLAGS.contains(&f.as_str())) {
+        return Err(JobFailure::new(
+            "CPS.0118",
+            format!(
+                "install option {bad} is not supported (allowed: {})",
+                INSTALL_FLAGS.join(" ")
+            ),
+        ));
+    }
+    if objects.is_empty() || objects.len() > MAX_APKS {
+        return Err(JobFailure::new(
+            "CPS.0118",
+            format!(
+                "an installation takes 1 to {MAX_APKS} APKs, not {}",
+                objects.len()
+            ),
+        ));
+    }
+    ctx.phones.require_running(phone)?;
+    let tag: String = job_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect();
+    let staging = ctx.staging_dir.join(format!("install-{tag}"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| JobFailure::internal(format!("create {}: {e}", staging.display())))?;
+    let _cleanup = Staging(staging.clone());
+    let mut apks = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        apks.push(stage_apk(ctx, o, &staging, i)?);
+    }
+    let package = apks[0].package.clone();
+    if let Some(other) = apks.iter().find(|a| a.package != package) {
+        return Err(JobFailure::new(
+            "CPS.0118",
+            format!(
+                "install-multiple takes the APKs of one application: {} and {} differ",
+                package, other.package
+            ),
+        ));
+    }
+
+    // Into the phone beneath its root, through the extractor.
+    let in_phone = format!("{INSTALL_DIR}/cph-install-{tag}");
+    let root = ctx.phones.rootfs(phone)?;
+    let mut phone_paths = Vec::new();
+    for (i, a) in apks.iter().enumerate() {
+        let name = format!("{in_phone}/{i}.apk");
+        let file = std::fs::File::open(&a.path)
+            .map_err(|e| JobFailure::internal(format!("open {}: {e}", a.path.display())))?;
+        let tar = single_file_tar(&name, a.size, io::BufReader::new(file))
+            .map_err(|e| JobFailure::internal(format!("apk entry {name}: {e}")))?;
+        archive::extract(tar, &root, &ExtractOptions::default())
+            .map_err(|e| archive_failure(&objects[i], &e))?;
+        phone_paths.push(format!("/{name}"));
+    }
+    let verb = if objects.len() > 1 {
+        "install-multiple"
+    } else {
+        "install"
+    };
+    let mut argv: Vec<&str> = vec!["pm", verb];
+    argv.extend(flags.iter().map(String::as_str));
+    argv.extend(phone_paths.iter().map(String::as_str));
+    let out = ctx
+        .phones
+        .exec(phone, &argv, INSTALL_TIMEOUT, EXECUTE_MSG_MAX);
+    let cleanup = format!("/{in_phone}");
+    if let Err(e) = ctx.phones.exec(
+        phone,
+        &["rm", "-rf", cleanup.as_str()],
+        Duration::from_secs(30),
+        256,
+    ) {
+        tracing::warn!(phone, error = %e, "installation files left in the phone");
+    }
+    let out = out?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .trim()
+    .to_string();
+    if out.timed_out {
+        return Err(JobFailure::new(
+            "CPS.0054",
+            format!(
+                "pm {verb} {package} did not finish in {} s",
+                INSTALL_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    if out.exit_code != Some(0) || !text.contains("Success") {
+        return Err(JobFailure {
+            code: "CPS.0003".to_string(),
+            msg: format!("pm {verb} {package} failed"),
+            execute_msg: Some(text),
+        });
+    }
+    Ok(format!("{package}: {text}"))
+}
+
+/// An export path: absolute, beneath `/data` or `/cache`, no `..`.
+fn export_path(p: &str) -> bool {
+    let path = Path::new(p);
+    let mut comps = path.components();
+    comps.next() == Some(Component::RootDir)
+        && matches!(comps.next(), Some(Component::Normal(n)) if n == "data" || n == "cache")
+        && comps.all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Writes a tar of `root` (filtered) straight to the store.
+fn upload_tar(
+    ctx: &JobContext<'_>,
+    root: &Path,
+    include: &[String],
+    exclude: &[String],
+    object: &ObjectRef,
+) -> Result<String, JobFailure> {
+    let store = store(ctx)?;
+    let _rt = ctx.handle.enter();
+    let mut writer = store
+        .writer(&object.bucket, &object.key)
+        .map_err(|e| store_failure(&e))?;
+    let report = archive::write_tar(root, include, exclude, &mut writer).map_err(|e| {
+        match e.root_cause() {
+            ArchiveError::Io { source, .. } => match ObjectStoreError::from_io(source) {
+                Some(s) => JobFailure::new("CPS.0108", s.to_string()),
+                None => JobFailure::internal(format!("export to {}: {e}", url(object))),
+            },
+            _ => JobFailure::internal(format!("export to {}: {e}", url(object))),
+        }
+    })?;
+    let up = writer
+        .finish()
+        .map_err(|e| JobFailure::new("CPS.0108", e.to_string()))?;
+    Ok(format!(
+        "exported to {}: {} files, {} directories, {} links, {} bytes of data, {} bytes stored",
+        url(object),
+        report.files,
+        report.dirs,
+        report.symlinks + report.hardlinks,
+        report.bytes,
+        up.bytes
+    ))
+}
+
+/// `batch-storage`: the listed `/data` and `/cache` paths (exclude wins)
+/// written as a tar to the store.
+pub fn export(
+    ctx: &JobContext<'_>,
+    phone: &str,
+    object: &ObjectRef,
+    include: &[String],
+    exclude: &[String],
+) -> Result<String, JobFailure> {
+    if include.is_empty() || !include.iter().all(|p| export_path(p)) {
+        return Err(JobFailure::new(
+            "CPS.0168",
+            format!("include_files must be paths beneath /data or /cache: {include:?}"),
+        ));
+    }
+    if !exclude.iter().all(|p| export_path(p)) {
+        return Err(JobFailure::new(
+            "CPS.0169",
+            format!("exclude_files must be paths beneath /data or /cache: {exclude:?}"),
+        ));
+    }
+    ctx.phones.record(phone)?;
+    upload_tar(ctx, &ctx.phones.rootfs(phone)?, include, exclude, object)
+}
+
+/// Stops the phone when it runs; starts it again when dropped.
+struct Stopped<'a, 'b> {
+    ctx: &'a JobContext<'b>,
+    phone: &'a str,
+    was_running: bool,
+}
+
+impl<'a, 'b> Stopped<'a, 'b> {
+    fn new(ctx: &'a JobContext<'b>, phone: &'a str) -> Result<Self, JobFailure> {
+        let was_running = ctx.phones.require_running(phone).is_ok();
+        if was_running {
+            ctx.phones.stop(phone)?;
+        }
+        Ok(Self {
+            ctx,
+            phone,
+            was_running,
+        })
+    }
+
+    fn restart(mut self) -> Result<(), JobFailure> {
+        let result = if self.was_running {
+            self.ctx.phones.start(self.phone)
+        } else {
+            Ok(())
+        };
+        self.was_running = false;
+        result
+    }
+}
+
+impl Drop for Stopped<'_, '_> {
+    fn drop(&mut self) {
+        if self.was_running {
+            if let Err(e) = self.ctx.phones.start(self.phone) {
+                tracing::warn!(phone = self.phone, error = %e, "phone not started again");
+            }
+        }
+    }
+}
+
+/// `batch-restore` (and a migration's target side): the phone is stopped,
+/// the archive extracted over its root, the properties recorded, and the
+/// phone started again if it was running.
+pub fn restore(
+    ctx: &JobContext<'_>,
+    phone: &str,
+    object: &ObjectRef,
+    property: Option<&BTreeMap<String, String>>,
+) -> Result<String, JobFailure> {
+    ctx.phones.record(phone)?;
+    if let Some(p) = property {
+        validate_properties(p)?;
+    }
+    store(ctx)?;
+    let stopped = Stopped::new(ctx, phone)?;
+    let root = ctx.phones.rootfs(phone)?;
+    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?;
+    if let Some(p) = property.filter(|p| !p.is_empty()) {
+        ctx.phones.update_property(phone, p)?;
+    }
+    stopped.restart()?;
+    Ok(extracted("restored", object, &report))
+}
+
+/// Whole-phone migration, source side: the phone is stopped and its whole
+/// root written to the store (the control plane has the target restore
+/// it). The phone stays stopped, as the reference asks.
+pub fn migrate_out(
+    ctx: &JobContext<'_>,
+    phone: &str,
+    object: &ObjectRef,
+) -> Result<String, JobFailure> {
+    ctx.phones.record(phone)?;
+    let store = store(ctx)?;
+    if object.bucket == MIGRATE_BUCKET {
+        ctx.handle
+            .block_on(store.create_bucket(&object.bucket))
+            .map_err(|e| JobFailure::new("CPS.0102", e.to_string()))?;
+    }
+    ctx.phones.stop(phone)?;
+    let exclude: Vec<String> = MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect();
+    upload_tar(ctx, &ctx.phones.rootfs(phone)?, &[], &exclude, object)
+}
+
+fn share_failure(code: &str, e: StorageError) -> JobFailure {
+    match e {
+        StorageError::BadSharePath(_) => JobFailure::new(code, e.to_string()),
+        StorageError::Io { ref source, .. } if source.kind() == io::ErrorKind::NotFound => {
+            JobFailure::new(code, e.to_string())
+        }
+        other => JobFailure::internal(other.to_string()),
+    }
+}
+
+/// Host path of a sharepool path as the API names it: `/data/x` lies in the
+/// shared files tree, `/apps/...` style paths are not accepted here. Every
+/// existing component must be a real directory (a symlink pushed in a tar
+/// never redirects a listing or a deletion outside the pool).
+fn share_files_path(paths: &SharePaths, api_path: &str) -> Result<PathBuf, JobFailure> {
+    let bad = || JobFailure::new("CPS.0155", format!("share path {api_path:?} is invalid"));
+    let rel = api_path.trim_end_matches('/');
+    let full = format!("/files{rel}");
+    let host = cph_runtime::storage::share::resolve_share_path(paths, &full).map_err(|_| bad())?;
+    let mut at = paths.files.clone();
+    let rest = host.strip_prefix(&paths.files).map_err(|_| bad())?;
+    let comps: Vec<_> = rest.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        at.push(c);
+        let last = i + 1 == comps.len();
+        match at.symlink_metadata() {
+            Ok(md) if md.file_type().is_symlink() && !last => return Err(bad()),
+            Ok(md) if !last && !md.is_dir() => return Err(bad()),
+            _ => {}
+        }
+    }
+    Ok(host)
+}
+
+/// Share files push: the tar is extracted into the shared files tree.
+pub fn share_push_files(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    target_dir: &str,
+) -> Result<String, JobFailure> {
+    let paths = ctx.phones.share_paths()?;
+    let target = share_files_path(&paths, target_dir)?;
+    std::fs::create_dir_all(&target)
+        .map_err(|e| JobFailure::internal(format!("create {}: {e}", target.display())))?;
+    let usage = ctx.phones.share_usage()?;
+    let opts = ExtractOptions {
+        sync: true,
+        max_bytes: Some(usage.avail),
+        ..ExtractOptions::default()
+    };
+    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &target, &opts)?;
+    Ok(extracted("pushed to the share", object, &report))
+}
+
+/// Share files listing in the reference's form.
+pub fn share_list_files(
+    ctx: &JobContext<'_>,
+    path: &str,
+    offset: u32,
+    limit: u32,
+) -> Result<String, JobFailure> {
+    let paths = ctx.phones.share_paths()?;
+    share_files_path(&paths, path)?;
+    let rel = format!("/files{}", path.trim_end_matches('/'));
+    let listing = list_share_dir(&paths, &rel, offset as usize, limit.max(1) as usize)
+        .map_err(|e| share_failure("CPS.0155", e))?;
+    let usage = ctx.phones.share_usage()?;
+    let (capacity, max) = capacity_report(&usage);
+    let msg = serde_json::json!({
+        "files_in_path": {"total": listing.total, "count": listing.count, "files": listing.files},
+        "share_base_capacity": capacity,
+        "share_base_max_size": max,
+    });
+    Ok(msg.to_string())
+}
+
+/// Removes a sharepool entry: a directory with its tree, anything else
+/// (links included, never followed) by itself. `false` when it is not there.
+fn remove_entry(path: &Path) -> Result<bool, JobFailure> {
+    let result = match path.symlink_metadata() {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => return Ok(false),
+    };
+    result
+        .map(|()| true)
+        .map_err(|e| JobFailure::internal(format!("delete {}: {e}", path.display())))
+}
+
+/// Share files deletion; a path that does not exist is reported, not fatal.
+pub fn share_delete_files(
+    ctx: &JobContext<'_>,
+    api_paths: &[String],
+) -> Result<String, JobFailure> {
+    let paths = ctx.phones.share_paths()?;
+    let mut resolved = Vec::new();
+    for p in api_paths {
+        let host = share_files_path(&paths, p)?;
+        if host == paths.files {
+            return Err(JobFailure::new(
+                "CPS.0155",
+                "the share's root cannot be deleted",
+            ));
+        }
+        resolved.push((p, host));
+    }
+    let mut missing = Vec::new();
+    for (p, host) in resolved {
+        if !remove_entry(&host)? {
+            missing.push(p.as_str());
+        }
+    }
+    Ok(if missing.is_empty() {
+        format!("deleted {} paths", api_paths.len())
+    } else {
+        format!("deleted; not found: {}", missing.join(" "))
+    })
+}
+
+/// Share apps push: the application's tar is extracted into
+/// `apps/<package>/`, replacing an earlier version only when complete.
+pub fn share_push_apps(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    package: &str,
+) -> Result<String, JobFailure> {
+    if !apk::valid_package(package) {
+        return Err(JobFailure::new(
+            "CPS.0173",
+            format!("package name {package:?} is invalid"),
+        ));
+    }
+    let paths = ctx.phones.share_paths()?;
+    let usage = ctx.phones.share_usage()?;
+    let target = paths.apps.join(package);
+    let fresh = paths.apps.join(format!(".{package}.new"));
+    let _ = std::fs::remove_dir_all(&fresh);
+    let opts = ExtractOptions {
+        sync: true,
+        staging: true,
+        max_bytes: Some(usage.avail),
+        ..ExtractOptions::default()
+    };
+    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &fresh, &opts)?;
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&fresh, &target)
+        .map_err(|e| JobFailure::internal(format!("rename {}: {e}", target.display())))?;
+    Ok(extracted(
+        &format!("shared app {package} from"),
+        object,
+        &report,
+    ))
+}
+
+/// Share apps deletion.
+pub fn share_delete_apps(ctx: &JobContext<'_>, packages: &[String]) -> Result<String, JobFailure> {
+    if let Some(bad) = packages.iter().find(|p| !apk::valid_package(p)) {
+        return Err(JobFailure::new(
+            "CPS.0173",
+            format!("package name {bad:?} is invalid"),
+        ));
+    }
+    let paths = ctx.phones.share_paths()?;
+    let mut missing = Vec::new();
+    for p in packages {
+        if !remove_entry(&paths.apps.join(p))? {
+            missing.push(p.as_str());
+        }
+    }
+    Ok(if missing.is_empty() {
+        format!("deleted {} shared apps", packages.len())
+    } else {
+        format!("deleted; not found: {}", missing.join(" "))
+    })
+}
+
+/// Writes `data` beneath the phone's root at `rel` through the extractor
+/// (used for small files the agent places in a phone).
+pub fn write_into_phone(root: &Path, rel: &str, data: &[u8]) -> Result<(), JobFailure> {
+    let tar = single_file_tar(rel, data.len() as u64, data)
+        .map_err(|e| JobFailure::internal(format!("entry {rel}: {e}")))?;
+    archive::extract(tar, root, &ExtractOptions::default())
+        .map(drop)
+        .map_err(|e| JobFailure::internal(format!("write {rel} in the phone: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_paths_stay_in_data_and_cache() {
+        assert!(export_path("/data/app"));
+        assert!(export_path("/cache"));
+        assert!(export_path("/data/media/0/DCIM"));
+        assert!(!export_path("/system"));
+        assert!(!export_path("data/app"));
+        assert!(!export_path("/data/../etc"));
+        assert!(!export_path("/database"));
+        assert!(!export_path("/"));
+    }
+
+    #[test]
+    fn single_file_tar_extracts_beneath_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body = vec![7u8; 1000];
+        let tar = single_file_tar("data/local/tmp/x/0.apk", 1000, &body[..]).expect("tar");
+        archive::extract(tar, dir.path(), &ExtractOptions::default()).expect("extract");
+        let got = std::fs::read(dir.path().join("data/local/tmp/x/0.apk")).expect("read");
+        assert_eq!(got, body);
+    }
+
+    #[test]
+    fn share_paths_never_follow_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SharePaths {
+            files: dir.path().join("files"),
+            apps: dir.path().join("apps"),
+        };
+        std::fs::create_dir_all(paths.files.join("data/real")).expect("mkdir");
+        std::os::unix::fs::symlink("/etc", paths.files.join("data/link")).expect("symlink");
+        assert!(share_files_path(&paths, "/data/real/x").is_ok());
+        assert!(
+            share_files_path(&paths, "/data/link").is_ok(),
+            "the link itself"
+        );
+        assert_eq!(
+            share_files_path(&paths, "/data/link/passwd").map_err(|e| e.code),
+            Err("CPS.0155".to_string())
+        );
+        assert!(share_files_path(&paths, "/data/../x").is_err());
+        assert_eq!(
+            share_files_path(&paths, "/").expect("root"),
+            paths.files.clone()
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Object-store client configuration, as it appears in the agent's TOML.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ObjectStoreError, MAX_PARTS, MIN_PART_BYTES};
+
+/// Where the store is and how to talk to it.
+///
+/// ```toml
+/// [object_store]
+/// endpoint = "https://obs.cn-north-4.myhuaweicloud.com"
+/// region = "cn-north-4"
+/// ak = "..."
+/// sk = "..."
+/// path_style = false
+/// ```
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectStoreConfig {
+    /// Base URL, `http://` or `https://`, without bucket.
+    pub endpoint: String,
+    /// Signing region (OBS: the region id, e.g. `cn-north-4`).
+    pub region: String,
+    /// Access key id (`access_key` is accepted too).
+    #[serde(alias = "access_key")]
+    pub ak: String,
+    /// Secret access key (`secret_key` is accepted too).
+    #[serde(alias = "secret_key")]
+    pub sk: String,
+    /// `true`: `endpoint/bucket/key` (local stores); `false`:
+    /// `bucket.endpoint/key` (public OBS endpoints refuse path style).
+    pub path_style: bool,
+    /// Attempts per request, the first included (exponential backoff between).
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds (doubling, with jitter).
+    pub initial_backoff_ms: u64,
+    /// TCP connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Timeout of one attempt of a request in milliseconds (a part, not the
+    /// whole object).
+    pub attempt_timeout_ms: u64,
+    /// Streaming sizes.
+    pub transfer: TransferConfig,
+}
+
+/// Part sizes and parallelism of streamed transfers. Memory held by one
+/// transfer is at most about `part_bytes * (parts_in_flight + queued_parts + 1)`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferConfig {
+    /// Bytes per ranged GET and per uploaded part (at least 5 MiB).
+    pub part_bytes: usize,
+    /// Ranged GETs or part uploads running at once.
+    pub parts_in_flight: usize,
+    /// Finished parts waiting for the reader (download) or parts written
+    /// but not yet being uploaded (upload).
+    pub queued_parts: usize,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            part_bytes: 8 << 20,
+            parts_in_flight: 4,
+            queued_parts: 2,
+        }
+    }
+}
+
+impl TransferConfig {
+    /// Upper bound of the bytes one transfer buffers.
+    pub fn memory_bound(&self) -> u64 {
+        (self.part_bytes as u64) * (self.parts_in_flight + self.queued_parts + 1) as u64
+    }
+
+    /// Largest object an upload with these parts can produce.
+    pub fn max_upload_bytes(&self) -> u64 {
+        (self.part_bytes as u64) * MAX_PARTS as u64
+    }
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        ObjectStoreConfig {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: "local".into(),
+            ak: String::new(),
+            sk: String::new(),
+            path_style: true,
+            max_attempts: 4,
+            initial_backoff_ms: 200,
+            connect_timeout_ms: 5_000,
+            attempt_timeout_ms: 120_000,
+            transfer: TransferConfig::default(),
+        }
+    }
+}
+
+// The secret key never reaches logs.
+impl std::fmt::Debug for ObjectStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStoreConfig")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("ak", &self.ak)
+            .field("sk", &"<redacted>")
+            .field("path_style", &self.path_style)
+            .field("max_attempts", &self.max_attempts)
+            .field("transfer", &self.transfer)
+            .finish()
+    }
+}
+
+impl ObjectStoreConfig {
+    /// A path-style configuration for a local store at `endpoint`.
+    pub fn local(
+        endpoint: impl Into<String>,
+        ak: impl Into<String>,
+        sk: impl Into<String>,
+    ) -> Self {
+        ObjectStoreConfig {
+            endpoint: endpoint.into(),
+            ak: ak.into(),
+            sk: sk.into(),
+            ..ObjectStoreConfig::default()
+        }
+    }
+
+    /// Checks the values a client cannot work with.
+    pub fn validate(&self) -> Result<(), ObjectStoreError> {
+        let bad = |what: String| Err(ObjectStoreError::Config(what));
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            return bad(format!(
+                "endpoint {:?} is not an http or https url",
+                self.endpoint
+            ));
+        }
+        if self.region.is_empty() {
+            return bad("region is empty".into());
+        }
+        if self.ak.is_empty() || self.sk.is_empty() {
+            return bad("ak and sk must both be set".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1".into());
+        }
+        let t = &self.transfer;
+        if t.part_bytes < MIN_PART_BYTES {
+            return bad(format!(
+                "transfer.part_bytes {} is below the S3 minimum of {MIN_PART_BYTES}",
+                t.part_bytes
+            ));
+        }
+        if t.parts_in_flight == 0 || t.queued_parts == 0 {
+            return bad(
+                "transfer.parts_in_flight and transfer.queued_parts must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub(crate) fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    pub(crate) fn initial_backoff(&self) -> Duration {
+        Duration::from_millis(self.initial_backoff_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_defaults() {
+        let cfg: ObjectStoreConfig = toml::from_str(
+            "endpoint = \"https://obs.cn-north-4.myhuaweicloud.com\"\nregion = \"cn-north-4\"\nak = \"a\"\nsk = \"s\"\npath_style = false\n",
+        )
+        .unwrap();
+        assert!(!cfg.path_style);
+        assert_eq!(cfg.transfer, TransferConfig::default());
+        cfg.validate().unwrap();
+        let back: ObjectStoreConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert!(back == cfg);
+        assert!(!format!("{cfg:?}").contains("\"s\""));
+        let aliased: ObjectStoreConfig = toml::from_str(
+            "endpoint = \"http://127.0.0.1:9000\"\naccess_key = \"a\"\nsecret_key = \"s\"\n",
+        )
+        .unwrap();
+        assert_eq!((aliased.ak.as_str(), aliased.sk.as_str()), ("a", "s"));
+        assert!(aliased.path_style);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut cfg = ObjectStoreConfig::local("http://127.0.0.1:1", "a", "s");
+        cfg.transfer.part_bytes = 1 << 20;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("part_bytes"), "{e}");
+        let cfg = ObjectStoreConfig::local("127.0.0.1:1", "a", "s");
+        assert!(cfg.validate().unwrap_err().to_string().contains("endpoint"));
+    }
+
+    #[test]
+    fn default_memory_bound_is_about_64_mib() {
+        assert!(TransferConfig::default().memory_bound() <= 64 << 20);
+    }
+}

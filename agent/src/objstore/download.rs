@@ -1,0 +1,264 @@
+//! Streaming download: a few ranged GETs in flight, handed in order to a
+//! synchronous reader.
+//!
+//! A producer task keeps `parts_in_flight` part fetches running, awaits the
+//! oldest, and sends its bytes through a channel of `queued_parts` slots;
+//! [`ObjectReader`] takes them on a blocking thread (a tar extractor reads
+//! while later parts download). Memory is bounded by the part size times
+//! the parts in flight plus the queue plus the one being read.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::client::ObjectStore;
+use super::error::{chain, map_sdk};
+use super::{ObjectInfo, ObjectStoreError};
+
+/// Byte counts of a download, for tests and reports.
+#[derive(Debug, Default)]
+pub struct DownloadStats {
+    /// Bytes fetched but not yet read.
+    buffered: AtomicU64,
+    /// The most bytes ever buffered at once.
+    peak: AtomicU64,
+    /// Bytes handed to the reader.
+    read: AtomicU64,
+}
+
+impl DownloadStats {
+    fn add(&self, n: u64) {
+        let now = self.buffered.fetch_add(n, Ordering::AcqRel) + n;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: u64) {
+        self.buffered.fetch_sub(n, Ordering::AcqRel);
+        self.read.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// The most bytes held in memory at once by this download.
+    pub fn peak_buffered(&self) -> u64 {
+        self.peak.load(Ordering::Acquire)
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
+    }
+}
+
+/// A synchronous reader over an object being downloaded.
+///
+/// Its `read` blocks: use it on a blocking thread
+/// (`tokio::task::spawn_blocking`) or a thread outside the runtime, never
+/// inside an async task. Errors are `io::Error`s carrying an
+/// [`ObjectStoreError`] ([`ObjectStoreError::from_io`]). Dropping it stops
+/// the download.
+pub struct ObjectReader {
+    rx: mpsc::Receiver<Result<Bytes, ObjectStoreError>>,
+    current: Bytes,
+    bucket: String,
+    info: ObjectInfo,
+    stats: Arc<DownloadStats>,
+    producer: JoinHandle<()>,
+    done: bool,
+}
+
+impl ObjectReader {
+    /// The object as the HEAD before the download saw it.
+    pub fn info(&self) -> &ObjectInfo {
+        &self.info
+    }
+
+    pub fn stats(&self) -> Arc<DownloadStats> {
+        self.stats.clone()
+    }
+}
+
+impl io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while !self.current.has_remaining() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(part)) => self.current = part,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Err(e.into_io());
+                }
+                None => {
+                    self.done = true;
+                    if self.stats.bytes_read() != self.info.size {
+                        return Err(ObjectStoreError::Aborted {
+                            bucket: self.bucket.clone(),
+                            key: self.info.key.clone(),
+                            detail: "the download task ended early".into(),
+                        }
+                        .into_io());
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.remaining());
+        self.current.copy_to_slice(&mut buf[..n]);
+        self.stats.sub(n as u64);
+        Ok(n)
+    }
+}
+
+impl Drop for ObjectReader {
+    fn drop(&mut self) {
+        self.producer.abort();
+    }
+}
+
+impl ObjectStore {
+    /// Starts a streaming download of `bucket/key`: HEAD first, refusing an
+    /// object over `limit` bytes before anything is fetched, then ranged GETs
+    /// of `transfer.part_bytes` with `transfer.parts_in_flight` at once.
+    pub async fn download_to_reader(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: u64,
+    ) -> Result<ObjectReader, ObjectStoreError> {
+        let info = self.check_size(bucket, key, limit).await?;
+        let t = &self.inner.transfer;
+        let (tx, rx) = mpsc::channel(t.queued_parts.max(1));
+        let stats = Arc::new(DownloadStats::default());
+        let producer = tokio::spawn(produce(
+            self.clone(),
+            bucket.to_string(),
+            info.clone(),
+            tx,
+            stats.clone(),
+        ));
+        Ok(ObjectReader {
+            rx,
+            current: Bytes::new(),
+            bucket: bucket.to_string(),
+            info,
+            stats,
+            producer,
+            done: false,
+        })
+    }
+
+    /// Downloads `bucket/key` and hands the reader to `consume` on a blocking
+    /// thread (e.g. `|r| archive::extract(r, target, &opts)`).
+    pub async fn download_with<T, F>(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: u64,
+        consume: F,
+    ) -> Result<T, ObjectStoreError>
+    where
+        F: FnOnce(&mut ObjectReader) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut reader = self.download_to_reader(bucket, key, limit).await?;
+        tokio::task::spawn_blocking(move || consume(&mut reader))
+            .await
+            .map_err(|e| ObjectStoreError::Aborted {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+                detail: format!("reader thread: {e}"),
+            })
+    }
+
+    /// One ranged GET, its whole body in memory.
+    async fn get_range(
+        &self,
+        bucket: &str,
+        key: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Bytes, ObjectStoreError> {
+        let out = self
+            .inner
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, &self.ctx("get", bucket, key)))?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| ObjectStoreError::Unreachable {
+                endpoint: self.inner.endpoint.clone(),
+                detail: format!("reading obs://{bucket}/{key} at {start}: {}", chain(&e)),
+            })?
+            .into_bytes();
+        if data.len() as u64 != len {
+            return Err(ObjectStoreError::Inconsistent {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+                detail: format!("bytes {start}.. gave {} bytes, expected {len}", data.len()),
+            });
+        }
+        Ok(data)
+    }
+}
+
+async fn produce(
+    store: ObjectStore,
+    bucket: String,
+    info: ObjectInfo,
+    tx: mpsc::Sender<Result<Bytes, ObjectStoreError>>,
+    stats: Arc<DownloadStats>,
+) {
+    let part = store.inner.transfer.part_bytes as u64;
+    let in_flight = store.inner.transfer.parts_in_flight.max(1);
+    let mut next = 0u64;
+    let mut running: VecDeque<JoinHandle<Result<Bytes, ObjectStoreError>>> = VecDeque::new();
+    loop {
+        while running.len() < in_flight && next < info.size {
+            let len = part.min(info.size - next);
+            let (s, b, k, st) = (
+                store.clone(),
+                bucket.clone(),
+                info.key.clone(),
+                stats.clone(),
+            );
+            running.push_back(tokio::spawn(async move {
+                let data = s.get_range(&b, &k, next, len).await?;
+                st.add(data.len() as u64);
+                Ok(data)
+            }));
+            next += len;
+        }
+        let Some(oldest) = running.pop_front() else {
+            break;
+        };
+        let result = match oldest.await {
+            Ok(r) => r,
+            Err(e) => Err(ObjectStoreError::Aborted {
+                bucket: bucket.clone(),
+                key: info.key.clone(),
+                detail: format!("part task: {e}"),
+            }),
+        };
+        let failed = result.is_err();
+        if tx.send(result).await.is_err() || failed {
+            break;
+        }
+    }
+    for task in running {
+        task.abort();
+    }
+}

@@ -1,0 +1,370 @@
+//! Streaming upload: a synchronous writer feeding a multipart upload.
+//!
+//! [`ObjectWriter`] fills one part at a time; each full part goes through a
+//! channel of `queued_parts` slots to an uploader task that keeps up to
+//! `parts_in_flight` UploadPart requests running. The multipart upload is
+//! created with the first full part, so an object smaller than one part is a
+//! single PUT. Finishing completes the upload; dropping the writer unfinished
+//! (or any failure) aborts it, so no partial object appears.
+
+use std::io;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::client::ObjectStore;
+use super::error::map_sdk;
+use super::{ObjectStoreError, MAX_PARTS};
+
+/// What an upload stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadReport {
+    pub bytes: u64,
+    /// Parts of the multipart upload; 0 for a single PUT.
+    pub parts: usize,
+}
+
+enum Msg {
+    Part(Bytes),
+    Finish,
+}
+
+/// A synchronous writer that uploads `bucket/key` while it is written.
+///
+/// `write` blocks when the upload falls behind: use it on a blocking thread
+/// (`tokio::task::spawn_blocking`), never inside an async task. Call
+/// [`ObjectWriter::finish`] to complete the object; a writer dropped
+/// unfinished aborts the upload.
+pub struct ObjectWriter {
+    store: ObjectStore,
+    handle: Handle,
+    bucket: String,
+    key: String,
+    part_bytes: usize,
+    buf: Vec<u8>,
+    total: u64,
+    tx: Option<mpsc::Sender<Msg>>,
+    task: Option<JoinHandle<Result<usize, ObjectStoreError>>>,
+}
+
+impl ObjectStore {
+    /// A writer for `bucket/key`. Must be called within a tokio runtime (its
+    /// uploads run there), then used from a blocking thread.
+    pub fn writer(&self, bucket: &str, key: &str) -> Result<ObjectWriter, ObjectStoreError> {
+        let handle = Handle::try_current().map_err(|_| ObjectStoreError::NoRuntime)?;
+        let part_bytes = self.inner.transfer.part_bytes;
+        Ok(ObjectWriter {
+            store: self.clone(),
+            handle,
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            part_bytes,
+            buf: Vec::new(),
+            total: 0,
+            tx: None,
+            task: None,
+        })
+    }
+
+    /// Runs `produce` on a blocking thread with a writer to `bucket/key`
+    /// (e.g. a tar export) and completes the upload when it returns `Ok`.
+    pub async fn upload_with<F>(
+        &self,
+        bucket: &str,
+        key: &str,
+        produce: F,
+    ) -> Result<UploadReport, UploadError>
+    where
+        F: FnOnce(&mut ObjectWriter) -> io::Result<()> + Send + 'static,
+    {
+        let mut writer = self.writer(bucket, key)?;
+        let (b, k) = (bucket.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            produce(&mut writer).map_err(UploadError::Produce)?;
+            writer.finish().map_err(UploadError::Store)
+        })
+        .await
+        .map_err(|e| {
+            UploadError::Store(ObjectStoreError::Aborted {
+                bucket: b,
+                key: k,
+                detail: format!("writer thread: {e}"),
+            })
+        })?
+    }
+}
+
+/// Why [`ObjectStore::upload_with`] failed: the producer or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("producing the upload: {0}")]
+    Produce(#[source] io::Error),
+    #[error(transparent)]
+    Store(#[from] ObjectStoreError),
+}
+
+impl ObjectWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.total
+    }
+
+    /// Sends the last part and completes the upload (or PUTs a small object
+    /// whole). Blocks: call it where `write` is called.
+    pub fn finish(mut self) -> Result<UploadReport, ObjectStoreError> {
+        let bytes = self.total;
+        if self.tx.is_none() {
+            let data = Bytes::from(std::mem::take(&mut self.buf));
+            let (store, bucket, key) = (self.store.clone(), self.bucket.clone(), self.key.clone());
+            self.handle
+                .block_on(async move { store.put_bytes(&bucket, &key, data).await })?;
+            return Ok(UploadReport { bytes, parts: 0 });
+        }
+        if !self.buf.is_empty() {
+            self.send_part()?;
+        }
+        if let Some(tx) = self.tx.take() {
+            if tx.blocking_send(Msg::Finish).is_err() {
+                return Err(self.task_error());
+            }
+        }
+        let parts = self.join()?;
+        Ok(UploadReport { bytes, parts })
+    }
+
+    fn send_part(&mut self) -> Result<(), ObjectStoreError> {
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        if self.tx.is_none() {
+            let (tx, rx) = mpsc::channel(self.store.inner.transfer.queued_parts.max(1));
+            let (store, bucket, key) = (self.store.clone(), self.bucket.clone(), self.key.clone());
+            self.task = Some(self.handle.spawn(upload(store, bucket, key, rx)));
+            self.tx = Some(tx);
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.blocking_send(Msg::Part(data)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.tx = None;
+            return Err(self.task_error());
+        }
+        Ok(())
+    }
+
+    /// The result of the uploader task, waited for.
+    fn join(&mut self) -> Result<usize, ObjectStoreError> {
+        let Some(task) = self.task.take() else {
+            return Err(self.aborted("the uploader is gone"));
+        };
+        match self.handle.block_on(task) {
+            Ok(r) => r,
+            Err(e) => Err(self.aborted(&format!("uploader task: {e}"))),
+        }
+    }
+
+    fn task_error(&mut self) -> ObjectStoreError {
+        match self.join() {
+            Err(e) => e,
+            Ok(_) => self.aborted("the uploader stopped early"),
+        }
+    }
+
+    fn aborted(&self, detail: &str) -> ObjectStoreError {
+        ObjectStoreError::Aborted {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl io::Write for ObjectWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.part_bytes);
+        }
+        let n = data.len().min(self.part_bytes - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        self.total += n as u64;
+        if self.buf.len() == self.part_bytes {
+            self.send_part().map_err(ObjectStoreError::into_io)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        // An unfinished writer closes the channel without `Finish`: the
+        // uploader aborts the multipart upload on its own.
+        self.tx.take();
+    }
+}
+
+/// The uploader task: returns the number of parts of the completed upload.
+async fn upload(
+    store: ObjectStore,
+    bucket: String,
+    key: String,
+    mut rx: mpsc::Receiver<Msg>,
+) -> Result<usize, ObjectStoreError> {
+    let client = &store.inner.client;
+    let created = client
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .map_err(|e| map_sdk(e, &store.ctx("create multipart upload", &bucket, &key)))?;
+    let Some(upload_id) = created.upload_id else {
+        return Err(ObjectStoreError::Request {
+            op: "create multipart upload",
+            bucket,
+            key,
+            detail: "the answer has no upload id".into(),
+        });
+    };
+    let result = upload_parts(&store, &bucket, &key, &upload_id, &mut rx).await;
+    let result = match result {
+        Ok(parts) => complete(&store, &bucket, &key, &upload_id, parts).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        if let Err(e) = client
+            .abort_multipart_upload()
+            .bucket(&bucket)
+            .key(&key)
+            .upload_id(&upload_id)
+            .send()
+            .await
+        {
+            let e = map_sdk(e, &store.ctx("abort multipart upload", &bucket, &key));
+            tracing::warn!(bucket = %bucket, key = %key, error = %e, "aborting multipart upload");
+        }
+    }
+    result
+}
+
+async fn upload_parts(
+    store: &ObjectStore,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    rx: &mut mpsc::Receiver<Msg>,
+) -> Result<Vec<CompletedPart>, ObjectStoreError> {
+    let in_flight = store.inner.transfer.parts_in_flight.max(1);
+    let mut running: JoinSet<Result<CompletedPart, ObjectStoreError>> = JoinSet::new();
+    let mut done = Vec::new();
+    let mut number = 0i32;
+    let finished = loop {
+        let Some(msg) = rx.recv().await else {
+            break false;
+        };
+        let data = match msg {
+            Msg::Part(data) => data,
+            Msg::Finish => break true,
+        };
+        number += 1;
+        if number as usize > MAX_PARTS {
+            return Err(ObjectStoreError::UploadTooLarge {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+                limit: store.inner.transfer.max_upload_bytes(),
+                parts: MAX_PARTS,
+            });
+        }
+        while running.len() >= in_flight {
+            done.push(joined(running.join_next().await, bucket, key)?);
+        }
+        let (s, b, k, id) = (
+            store.clone(),
+            bucket.to_string(),
+            key.to_string(),
+            upload_id.to_string(),
+        );
+        running.spawn(async move {
+            let out = s
+                .inner
+                .client
+                .upload_part()
+                .bucket(&b)
+                .key(&k)
+                .upload_id(&id)
+                .part_number(number)
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| map_sdk(e, &s.ctx("upload part", &b, &k)))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag)
+                .build())
+        });
+    };
+    while !running.is_empty() {
+        done.push(joined(running.join_next().await, bucket, key)?);
+    }
+    if !finished {
+        return Err(ObjectStoreError::Aborted {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            detail: "the writer was dropped before finishing".into(),
+        });
+    }
+    done.sort_by_key(|p| p.part_number);
+    Ok(done)
+}
+
+fn joined(
+    r: Option<Result<Result<CompletedPart, ObjectStoreError>, tokio::task::JoinError>>,
+    bucket: &str,
+    key: &str,
+) -> Result<CompletedPart, ObjectStoreError> {
+    match r {
+        Some(Ok(part)) => part,
+        Some(Err(e)) => Err(ObjectStoreError::Aborted {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            detail: format!("part upload task: {e}"),
+        }),
+        None => Err(ObjectStoreError::Aborted {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            detail: "no part upload to wait for".into(),
+        }),
+    }
+}
+
+async fn complete(
+    store: &ObjectStore,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+    parts: Vec<CompletedPart>,
+) -> Result<usize, ObjectStoreError> {
+    let n = parts.len();
+    store
+        .inner
+        .client
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| map_sdk(e, &store.ctx("complete multipart upload", bucket, key)))?;
+    Ok(n)
+}

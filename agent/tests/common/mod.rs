@@ -1,0 +1,350 @@
+//! What the agent's end-to-end tests share: the test image, the real
+//! `cph-agent` binary over a temporary state dir, one-request HTTP, job
+//! helpers, and a guard that kills the agent and deletes every container of
+//! the test whatever happens.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cph_runtime::container::Runtime;
+use serde_json::{json, Value};
+
+pub fn image() -> PathBuf {
+    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = repo.join("target/images/cph-test-image.tar.gz");
+    if !path.exists() {
+        let ok = Command::new(repo.join("image/build-test-image.sh"))
+            .arg(&path)
+            .status()
+            .expect("run build-test-image.sh")
+            .success();
+        assert!(ok, "building the test image failed");
+    }
+    path
+}
+
+/// `cph-shim` of this build, brought up to date (it belongs to the runtime package).
+pub fn shim() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_cph-agent"));
+    let dir = exe.parent().expect("bin dir").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
+    if dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let ok = cmd.status().expect("cargo build cph-shim").success();
+    assert!(ok, "building cph-shim failed");
+    dir.join("cph-shim")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// One HTTP/1.1 request; returns status and JSON body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connect agent");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read");
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("http response");
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let json_body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (
+        status,
+        serde_json::from_str(&json_body).unwrap_or(Value::Null),
+    )
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// The real `cph-agent run`, killed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    config: PathBuf,
+    pub addr: String,
+}
+
+impl Agent {
+    pub fn start(config: &Path, addr: &str) -> Self {
+        let exe = env!("CARGO_BIN_EXE_cph-agent");
+        let mut cmd = match std::env::var_os("CPH_SPAWN_WRAPPER") {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("--config").arg(config).arg("run");
+        let child = cmd.spawn().expect("spawn cph-agent");
+        let agent = Self {
+            child: Some(child),
+            config: config.to_path_buf(),
+            addr: addr.to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cph-agent did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Self::start(&self.config.clone(), &self.addr.clone());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deletes every container left in the test's state dir and its cgroups,
+/// then its phones' network namespaces and every mount under the state dir
+/// (overlay volumes), so the temporary directory can go.
+pub struct Cleanup {
+    pub state: PathBuf,
+    pub parent: String,
+    pub shim: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(rt) = Runtime::new(&self.state.join("containers"), &self.parent, &self.shim) {
+            for c in rt.list().unwrap_or_default() {
+                let _ = rt.delete(&c.name, Duration::from_secs(5));
+            }
+        }
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/cpuset",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/cpu,cpuacct",
+            "/sys/fs/cgroup/devices",
+            "/sys/fs/cgroup/freezer",
+        ] {
+            let _ = std::fs::remove_dir(Path::new(root).join(&self.parent));
+        }
+        let net_state = std::fs::read(self.state.join("network.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        if let Some(phones) = net_state.as_ref().and_then(|s| s["phones"].as_object()) {
+            for p in phones.values() {
+                if let Some(ns) = p["netns"].as_str() {
+                    let _ = Command::new("umount").args(["-l", ns]).status();
+                    let _ = std::fs::remove_file(ns);
+                }
+            }
+        }
+        for m in mounts_under(&self.state).into_iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        for dev in loops_under(&self.state) {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        }
+    }
+}
+
+/// Loop devices whose backing file is below `dir` (btrfs pool files).
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, file)| Path::new(file.trim()).starts_with(dir))
+        .map(|(dev, _)| dev.to_string())
+        .collect()
+}
+
+pub fn wait_job(addr: &str, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, body) = http(addr, "GET", &format!("/v1/jobs/{id}"), token, None);
+        assert_eq!(code, 200, "job {id}: {body}");
+        if body["status"] != 1 {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "job {id} still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn job(id: &str, server: &str, phone: &str, kind: Value) -> Value {
+    let mut v = server_job(id, server, kind);
+    v["phone_id"] = json!(phone);
+    v
+}
+
+/// A job of the server itself (no phone).
+pub fn server_job(id: &str, server: &str, kind: Value) -> Value {
+    let mut v = json!({"job_id": id, "request_id": "r", "server_id": server});
+    if let (Some(o), Some(k)) = (v.as_object_mut(), kind.as_object()) {
+        o.extend(k.clone());
+    }
+    v
+}
+
+/// Network names of one test agent, unique per process and call, so tests
+/// run in parallel with each other and with a real agent on the host.
+#[derive(Debug, Clone)]
+pub struct TestNet {
+    pub bridge: String,
+    pub table: String,
+    /// Hex digits between `v` and `p`: no other test's prefix starts with it.
+    pub veth_prefix: String,
+    pub subnet_prefix: String,
+    pub port_first: u16,
+    pub port_last: u16,
+}
+
+static NET_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl TestNet {
+    pub fn unique() -> Self {
+        let pid = std::process::id();
+        let n = NET_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let k = pid.wrapping_mul(8).wrapping_add(n);
+        let first = 30000 + (k % 1000) as u16 * 20;
+        Self {
+            bridge: format!("cb{pid}x{n}"),
+            table: format!("ct{pid}_{n}"),
+            veth_prefix: format!("v{:x}p", pid.wrapping_mul(100).wrapping_add(n)),
+            subnet_prefix: format!("10.{}.{}", 100 + k % 100, (k / 100) % 256),
+            port_first: first,
+            port_last: first + 19,
+        }
+    }
+
+    /// The subnet, e.g. `10.123.45.0/24`.
+    pub fn subnet(&self) -> String {
+        format!("{}.0/24", self.subnet_prefix)
+    }
+
+    /// The `[network]` section of the agent config.
+    pub fn toml(&self) -> String {
+        format!(
+            "[network]\nenabled = true\nbridge = \"{}\"\nsubnet = \"{}\"\nnft_table = \"{}\"\nveth_prefix = \"{}\"\naccess_port_first = {}\naccess_port_last = {}\n",
+            self.bridge,
+            self.subnet(),
+            self.table,
+            self.veth_prefix,
+            self.port_first,
+            self.port_last
+        )
+    }
+
+    /// Host links of this test's phones.
+    pub fn veths(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|n| n.starts_with(&self.veth_prefix))
+            .collect()
+    }
+}
+
+/// Removes the host side of a test agent's network: its nftables table,
+/// veths and bridge. Declare it before [`Cleanup`] so it runs after the
+/// containers and namespaces are gone.
+pub struct HostGuard {
+    pub net: TestNet,
+}
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.net.table])
+            .status();
+        for l in self.net.veths() {
+            let _ = Command::new("ip").args(["link", "del", &l]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.net.bridge])
+            .status();
+    }
+}
+
+/// Mount points at or below `dir`, outermost first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,225 @@
+//! The real `cph-agent run` binary over a temporary state dir, driving real
+//! phone containers of the test image through the agent protocol: token
+//! refusal, server creation, sync and async shell, property update,
+//! idempotent job ids, a kill mid-job and restart (the job ends failed, the
+//! phone keeps running), server deletion. Guards kill the agent and delete
+//! every container, volume mount and network object of the test whatever
+//! happens.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+mod common;
+
+use common::{free_port, http, image, job, shim, wait_job, Agent};
+
+#[test]
+fn agent_runs_phones_and_jobs_through_the_protocol() {
+    if !cph_runtime::privilege::check("agent_runs_phones_and_jobs_through_the_protocol") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let pid = std::process::id();
+    let parent = format!("cph-agentd-{pid}");
+    let shim = shim();
+    let net = common::TestNet::unique();
+    let _host = common::HostGuard { net: net.clone() };
+    let _cleanup = common::Cleanup {
+        state: state.clone(),
+        parent: parent.clone(),
+        shim: shim.clone(),
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = format!("tok-{pid}");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\nshell_timeout_secs = 60\n{}",
+            state.display(),
+            shim.display(),
+            net.toml()
+        ),
+    )
+    .expect("write config");
+    let mut agent = Agent::start(&config, &addr);
+
+    // A wrong or missing token is refused.
+    assert_eq!(http(&addr, "GET", "/v1/phones", "wrong", None).0, 401);
+    assert_eq!(http(&addr, "GET", "/v1/inventory", &token, None).0, 200);
+
+    let server = format!("s{pid}");
+    let phone = format!("p{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "test",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [], "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let created = wait_job(&addr, &token, &format!("{server}:create:{phone}"));
+    assert_eq!(created["status"], 2, "{created}");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "{phones}");
+
+    // Sync shell answers in the response.
+    let (code, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sync-1",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "command": "echo hi", "timeout_ms": 2000}),
+        )),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(st["execute_msg"], "hi\n");
+    // The same id again returns the recorded status; the new command never runs.
+    let (_, again) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sync-1",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "command": "echo other", "timeout_ms": 2000}),
+        )),
+    );
+    assert_eq!(again["execute_msg"], "hi\n");
+
+    // Async shell.
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sh-1",
+            &server,
+            &phone,
+            json!({"kind": "shell", "command": "getprop ro.product.model"}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "sh-1");
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(st["execute_msg"].as_str().map(str::trim), Some("cph-test"));
+
+    // Property: a live one is set in the phone at once; an unknown one is refused.
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "prop-1",
+            &server,
+            &phone,
+            json!({"kind": "update_property", "property": {"com.cph.mainkeys": "1"}}),
+        )),
+    );
+    assert_eq!(wait_job(&addr, &token, "prop-1")["status"], 2);
+    let (_, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sync-2",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "command": "getprop com.cph.mainkeys", "timeout_ms": 2000}),
+        )),
+    );
+    assert_eq!(st["execute_msg"].as_str().map(str::trim), Some("1"), "{st}");
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "prop-2",
+            &server,
+            &phone,
+            json!({"kind": "update_property", "property": {"no.such": "1"}}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "prop-2");
+    assert_eq!(st["status"], -1);
+    assert_eq!(st["error_code"], "CPS.0163");
+
+    // A sync shell over its 2 s limit fails instead of waiting.
+    let (_, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sync-3",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "command": "sleep 10", "timeout_ms": 60000}),
+        )),
+    );
+    assert_eq!(st["status"], -1, "{st}");
+
+    // Kill the agent in the middle of a long job: after restart the job is
+    // failed, never running, and the phone still runs.
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "long-1",
+            &server,
+            &phone,
+            json!({"kind": "shell", "command": "sleep 30"}),
+        )),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    agent.restart();
+    let st = wait_job(&addr, &token, "long-1");
+    assert_eq!(st["status"], -1, "{st}");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "{phones}");
+    let (_, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "sync-4",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "command": "echo still", "timeout_ms": 2000}),
+        )),
+    );
+    assert_eq!(st["execute_msg"], "still\n", "{st}");
+
+    // Deleting the server removes its phones.
+    let (code, _) = http(
+        &addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        &token,
+        None,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        wait_job(&addr, &token, &format!("{server}:delete:{phone}"))["status"],
+        2
+    );
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones, json!([]));
+}

@@ -1,0 +1,590 @@
+//! A phone's storage and network end to end, through the real `cph-agent
+//! run` and the agent protocol: each phone's rootfs is an overlay volume of
+//! the pool (two phones do not see each other's writes, a reset restores the
+//! image); each phone has its own network namespace with its address, and a
+//! TCP connection to its mapped access port on the host reaches a listener
+//! inside it; bandwidth limits and traffic diversion change tc classes and
+//! routes; an agent restart reconciles without duplicates; deleting the
+//! server leaves no namespace, veth, nftables element or volume. A second
+//! test runs a phone on a btrfs pool (loop-backed file) with networking off.
+//! Names are unique per process and guards remove everything whatever
+//! happens.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{
+    free_port, http, image, job, mounts_under, server_job, shim, wait_job, Agent, Cleanup,
+    HostGuard, TestNet,
+};
+use serde_json::{json, Value};
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a sync shell in the phone; returns (status, execute_msg).
+fn sh(addr: &str, token: &str, server: &str, phone: &str, id: &str, cmd: &str) -> (i64, String) {
+    let (code, st) = http(
+        addr,
+        "POST",
+        "/v1/jobs",
+        token,
+        Some(&job(
+            id,
+            server,
+            phone,
+            json!({"kind": "sync_shell", "command": cmd, "timeout_ms": 2000}),
+        )),
+    );
+    assert_eq!(code, 200, "{st}");
+    (
+        st["status"].as_i64().unwrap_or(0),
+        st["execute_msg"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Submits a job and waits for it to succeed.
+fn ok_job(addr: &str, token: &str, body: Value) -> Value {
+    let id = body["job_id"].as_str().expect("job id").to_string();
+    let (code, st) = http(addr, "POST", "/v1/jobs", token, Some(&body));
+    assert_eq!(code, 200, "{st}");
+    let st = wait_job(addr, token, &id);
+    assert_eq!(st["status"], 2, "{st}");
+    st
+}
+
+fn phones(addr: &str, token: &str) -> Vec<Value> {
+    let (code, v) = http(addr, "GET", "/v1/phones", token, None);
+    assert_eq!(code, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn phone<'a>(all: &'a [Value], id: &str) -> &'a Value {
+    all.iter()
+        .find(|p| p["phone_id"] == id)
+        .unwrap_or_else(|| panic!("phone {id} missing in {all:?}"))
+}
+
+fn access(p: &Value, kind: &str) -> (String, u16) {
+    let a = p["access_infos"]
+        .as_array()
+        .and_then(|v| v.iter().find(|a| a["type"] == kind))
+        .unwrap_or_else(|| panic!("no {kind} access info in {p}"));
+    (
+        a["phone_ip"].as_str().expect("phone ip").to_string(),
+        a["access_port"].as_u64().expect("access port") as u16,
+    )
+}
+
+/// Sends a line to `to` and reads the echo, retrying while the listener
+/// comes up.
+fn echo(to: SocketAddr, msg: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(format!("{msg}\n").as_bytes())?;
+            let mut buf = vec![0u8; msg.len() + 1];
+            s.read_exact(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf).trim().to_string())
+        })();
+        match attempt {
+            Ok(text) => return text,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("echo via {to}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("echo via {to}: {e}"),
+        }
+    }
+}
+
+fn netns_name(phone: &str) -> String {
+    format!("cph-{phone}")
+}
+
+fn tc_classes(bridge: &str) -> String {
+    run("tc", &["class", "show", "dev", bridge])
+}
+
+fn nft_map(table: &str, map: &str) -> String {
+    run("nft", &["list", "map", "ip", table, map])
+}
+
+/// Elements of an nft map listing (the `elements = { a : b, ... }` part).
+fn map_elements(listing: &str) -> usize {
+    listing
+        .split_once("elements = {")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or(0, |(items, _)| items.matches(" : ").count())
+}
+
+#[test]
+fn phones_get_volumes_and_networks_of_their_own() {
+    if !cph_runtime::privilege::check("phones_get_volumes_and_networks_of_their_own") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let pid = std::process::id();
+    let parent = format!("cph-lifecycle-{pid}");
+    let shim = shim();
+    let net = TestNet::unique();
+    let _host = HostGuard { net: net.clone() };
+    let _cleanup = Cleanup {
+        state: state.clone(),
+        parent: parent.clone(),
+        shim: shim.clone(),
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = format!("tok-{pid}");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n[storage]\nbackend = \"overlay\"\n\n{}",
+            state.display(),
+            shim.display(),
+            net.toml()
+        ),
+    )
+    .expect("write config");
+    let mut agent = Agent::start(&config, &addr);
+    let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
+    let missing = inv["missing"].to_string();
+    assert!(!missing.contains("phone networking"), "{missing}");
+    let server_ip: std::net::Ipv4Addr = inv["server_ip"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("server ip in {inv}"));
+    assert!(!server_ip.is_loopback(), "{inv}");
+
+    let server = format!("ls{pid}");
+    let (a, b) = (format!("la{pid}"), format!("lb{pid}"));
+    let create = json!({
+        "server_id": server, "server_name": "lifecycle",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 2,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
+        "band_width_size": 10, "public_key": null,
+        "phones": [
+            {"phone_id": a, "phone_name": "phone-a", "slot": 0,
+             "property": {"com.cph.bandwidth_limit": "5000"}},
+            {"phone_id": b, "phone_name": "phone-b", "slot": 1, "property": {}}
+        ]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    for p in [&a, &b] {
+        let st = wait_job(&addr, &token, &format!("{server}:create:{p}"));
+        assert_eq!(st["status"], 2, "{st}");
+    }
+    let all = phones(&addr, &token);
+    for p in [&a, &b] {
+        assert_eq!(phone(&all, p)["state"], "running", "{all:?}");
+    }
+
+    // Storage: each rootfs is an overlay mount of the pool.
+    let pool = state.join("pool");
+    for p in [&a, &b] {
+        let root = pool.join("volumes").join(p).join("rootfs");
+        assert!(
+            mounts_under(&pool).contains(&root),
+            "{} is not mounted",
+            root.display()
+        );
+    }
+    assert!(pool.join("images/img/system/build.prop").is_file());
+    // Writes stay in their phone.
+    let (st, _) = sh(
+        &addr,
+        &token,
+        &server,
+        &a,
+        "w-a",
+        "echo mine > /data/only-a",
+    );
+    assert_eq!(st, 2);
+    let (_, seen) = sh(&addr, &token, &server, &a, "r-a", "cat /data/only-a");
+    assert_eq!(seen.trim(), "mine");
+    let (_, other) = sh(
+        &addr,
+        &token,
+        &server,
+        &b,
+        "r-b",
+        "cat /data/only-a 2>/dev/null || echo absent",
+    );
+    assert_eq!(other.trim(), "absent");
+    assert!(pool
+        .join("volumes")
+        .join(&a)
+        .join("upper/data/only-a")
+        .is_file());
+    assert!(!pool.join("images/img/data/only-a").exists());
+
+    // Network: own namespace with its address, distinct per phone.
+    let (ip_a, web_a) = access(phone(&all, &a), "web");
+    let (ip_b, web_b) = access(phone(&all, &b), "web");
+    assert_ne!(ip_a, ip_b);
+    assert_ne!(web_a, web_b);
+    for (p, ip) in [(&a, &ip_a), (&b, &ip_b)] {
+        assert!(ip.starts_with(&format!("{}.", net.subnet_prefix)), "{ip}");
+        let ns = netns_name(p);
+        assert!(Path::new("/run/netns").join(&ns).exists());
+        let inside = run(
+            "ip",
+            &["-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"],
+        );
+        assert!(inside.contains(&format!("{ip}/24")), "{inside}");
+        let (_, in_phone) = sh(
+            &addr,
+            &token,
+            &server,
+            p,
+            &format!("ip-{p}"),
+            "ip -4 -o addr show dev eth0",
+        );
+        assert!(in_phone.contains(ip.as_str()), "{in_phone}");
+        for kind in ["adb", "vnc"] {
+            let (_, port) = access(phone(&all, p), kind);
+            assert!((net.port_first..=net.port_last).contains(&port));
+        }
+    }
+    assert_eq!(net.veths().len(), 2, "{:?}", net.veths());
+
+    // A TCP connection to the access port on the host reaches the phone.
+    let (st, msg) = sh(
+        &addr,
+        &token,
+        &server,
+        &a,
+        "nc-a",
+        "nc -ll -p 20000 -e /bin/cat </dev/null >/dev/null 2>&1 &",
+    );
+    assert_eq!(st, 2, "{msg}");
+    assert_eq!(
+        echo(SocketAddr::from((server_ip, web_a)), "ping-a"),
+        "ping-a"
+    );
+    let public = nft_map(&net.table, "public_ports");
+    assert!(
+        public.contains(&format!("{server_ip} . {web_a} : {ip_a} . 20000")),
+        "{public}"
+    );
+    let private = nft_map(&net.table, "private_ports");
+    let (_, adb_a) = access(phone(&all, &a), "adb");
+    assert!(
+        private.contains(&format!("{server_ip} . {adb_a} : {ip_a} . 5555")),
+        "{private}"
+    );
+
+    // Bandwidth: phone a is capped at its property, phone b at the server.
+    let classes = tc_classes(&net.bridge);
+    assert!(classes.contains("ceil 5Mbit"), "{classes}");
+    assert!(classes.contains("rate 10Mbit ceil 10Mbit"), "{classes}");
+    ok_job(
+        &addr,
+        &token,
+        job(
+            "bw-prop",
+            &server,
+            &a,
+            json!({"kind": "update_property", "property": {"com.cph.bandwidth_limit": "8000"}}),
+        ),
+    );
+    let classes = tc_classes(&net.bridge);
+    assert!(classes.contains("ceil 8Mbit"), "{classes}");
+    assert!(!classes.contains("ceil 5Mbit"), "{classes}");
+    ok_job(
+        &addr,
+        &token,
+        server_job(
+            "bw-shared",
+            &server,
+            json!({"kind": "update_bandwidth", "band_width_size": 20}),
+        ),
+    );
+    let classes = tc_classes(&net.bridge);
+    assert!(classes.contains("rate 20Mbit ceil 20Mbit"), "{classes}");
+
+    // Traffic diversion moves the default route; a bad type is refused.
+    let ns_a = netns_name(&a);
+    let gw = format!("{}.1", net.subnet_prefix);
+    let encoder = format!("{}.254", net.subnet_prefix);
+    ok_job(
+        &addr,
+        &token,
+        job(
+            "tr-1",
+            &server,
+            &a,
+            json!({"kind": "set_traffic", "traffic_type": "routing"}),
+        ),
+    );
+    let route = run("ip", &["-n", &ns_a, "route", "show", "default"]);
+    assert!(route.contains(&format!("via {encoder}")), "{route}");
+    assert_eq!(phone(&phones(&addr, &token), &a)["traffic_type"], "routing");
+    ok_job(
+        &addr,
+        &token,
+        job(
+            "tr-2",
+            &server,
+            &a,
+            json!({"kind": "set_traffic", "traffic_type": "direct"}),
+        ),
+    );
+    let route = run("ip", &["-n", &ns_a, "route", "show", "default"]);
+    assert!(route.contains(&format!("via {gw}")), "{route}");
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "tr-3",
+            &server,
+            &a,
+            json!({"kind": "set_traffic", "traffic_type": "sideways"}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "tr-3");
+    assert_eq!(st["error_code"], "CPS.0207", "{st}");
+
+    // Reset restores the image; the network stays as it was.
+    ok_job(
+        &addr,
+        &token,
+        job(
+            "reset-a",
+            &server,
+            &a,
+            json!({"kind": "reset_phone", "image": null, "property": null}),
+        ),
+    );
+    let (_, after) = sh(
+        &addr,
+        &token,
+        &server,
+        &a,
+        "r-a2",
+        "cat /data/only-a 2>/dev/null || echo absent",
+    );
+    assert_eq!(after.trim(), "absent");
+    let all = phones(&addr, &token);
+    assert_eq!(phone(&all, &a)["state"], "running");
+    assert_eq!(access(phone(&all, &a), "web"), (ip_a.clone(), web_a));
+
+    // A restarted agent reconciles in place: nothing doubled, still reachable.
+    let before = (
+        map_elements(&nft_map(&net.table, "public_ports")),
+        map_elements(&nft_map(&net.table, "private_ports")),
+        tc_classes(&net.bridge).lines().count(),
+    );
+    agent.restart();
+    let after = (
+        map_elements(&nft_map(&net.table, "public_ports")),
+        map_elements(&nft_map(&net.table, "private_ports")),
+        tc_classes(&net.bridge).lines().count(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(before.0, 2);
+    assert_eq!(before.1, 4);
+    assert_eq!(net.veths().len(), 2);
+    let (st, _) = sh(
+        &addr,
+        &token,
+        &server,
+        &b,
+        "nc-b",
+        "nc -ll -p 20000 -e /bin/cat </dev/null >/dev/null 2>&1 &",
+    );
+    assert_eq!(st, 2);
+    assert_eq!(
+        echo(SocketAddr::from((server_ip, web_b)), "ping-b"),
+        "ping-b"
+    );
+
+    // Deleting the server leaves nothing behind.
+    let (code, _) = http(
+        &addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        &token,
+        None,
+    );
+    assert_eq!(code, 200);
+    for p in [&a, &b] {
+        let st = wait_job(&addr, &token, &format!("{server}:delete:{p}"));
+        assert_eq!(st["status"], 2, "{st}");
+        assert!(!Path::new("/run/netns").join(netns_name(p)).exists());
+    }
+    assert!(phones(&addr, &token).is_empty());
+    assert!(net.veths().is_empty(), "{:?}", net.veths());
+    assert_eq!(map_elements(&nft_map(&net.table, "public_ports")), 0);
+    assert_eq!(map_elements(&nft_map(&net.table, "private_ports")), 0);
+    assert_eq!(map_elements(&nft_map(&net.table, "phone_class")), 0);
+    let classes = tc_classes(&net.bridge);
+    assert_eq!(
+        classes.lines().count(),
+        1,
+        "only the server class: {classes}"
+    );
+    let volumes: Vec<_> = std::fs::read_dir(pool.join("volumes"))
+        .expect("volumes dir")
+        .collect();
+    assert!(volumes.is_empty(), "{volumes:?}");
+    assert!(
+        !mounts_under(&pool)
+            .iter()
+            .any(|m| m.starts_with(pool.join("volumes"))),
+        "{:?}",
+        mounts_under(&pool)
+    );
+}
+
+/// Whether this host can make btrfs pools (tools and kernel).
+fn btrfs_available(test: &str) -> bool {
+    let tools = Command::new("mkfs.btrfs").arg("--version").output().is_ok();
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !tools || !fs.contains("btrfs") {
+        eprintln!("SKIPPED {test}: mkfs.btrfs or the btrfs kernel module is missing");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn btrfs_volumes_and_phones_without_a_network() {
+    let name = "btrfs_volumes_and_phones_without_a_network";
+    if !cph_runtime::privilege::check(name) || !btrfs_available(name) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let pid = std::process::id();
+    let parent = format!("cph-lifecycle-bt-{pid}");
+    let shim = shim();
+    let _cleanup = Cleanup {
+        state: state.clone(),
+        parent: parent.clone(),
+        shim: shim.clone(),
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = format!("tok-{pid}");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n\n[network]\nenabled = false\n",
+            state.display(),
+            shim.display(),
+        ),
+    )
+    .expect("write config");
+    let _agent = Agent::start(&config, &addr);
+    let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
+    assert!(
+        inv["missing"]
+            .to_string()
+            .contains("phone networking (disabled by config)"),
+        "{inv}"
+    );
+
+    let server = format!("bs{pid}");
+    let phone_id = format!("bp{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "btrfs",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
+        "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_job(&addr, &token, &format!("{server}:create:{phone_id}"));
+    assert_eq!(st["status"], 2, "{st}");
+    let all = phones(&addr, &token);
+    let p = phone(&all, &phone_id);
+    assert_eq!(p["state"], "running", "{p}");
+    assert_eq!(p["access_infos"], json!([]), "{p}");
+
+    // The volume is a btrfs subvolume of the pool mounted under the state dir.
+    let vol = state.join("pool/volumes").join(&phone_id);
+    let fstype = run("stat", &["-f", "-c", "%T", &vol.to_string_lossy()]);
+    assert_eq!(fstype.trim(), "btrfs");
+    let ino = run("stat", &["-c", "%i", &vol.to_string_lossy()]);
+    assert_eq!(ino.trim(), "256", "a subvolume root has inode 256");
+    let (st, _) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "w",
+        "echo x > /data/mark",
+    );
+    assert_eq!(st, 2);
+    assert!(vol.join("data/mark").is_file());
+    ok_job(
+        &addr,
+        &token,
+        job(
+            "reset",
+            &server,
+            &phone_id,
+            json!({"kind": "reset_phone", "image": null, "property": null}),
+        ),
+    );
+    assert!(!vol.join("data/mark").exists());
+
+    // Network jobs fail cleanly; the phone keeps running.
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "tr",
+            &server,
+            &phone_id,
+            json!({"kind": "set_traffic", "traffic_type": "routing"}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "tr");
+    assert_eq!(st["status"], -1, "{st}");
+    assert_eq!(st["error_code"], "CPS.0003", "{st}");
+    assert_eq!(phone(&phones(&addr, &token), &phone_id)["state"], "running");
+
+    let (code, _) = http(
+        &addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        &token,
+        None,
+    );
+    assert_eq!(code, 200);
+    let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(!vol.exists());
+    assert!(state.join("pool/images/img").is_dir(), "images stay");
+}

@@ -1,0 +1,387 @@
+//! The object-store client against the real embedded S3 server on loopback:
+//! whole-object operations, typed errors, size limits before download,
+//! streamed download and multipart upload with bounded memory, credentials,
+//! and a tar exported to the store and extracted back while streaming.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use cph_agent::objstore::{
+    serve, EmbeddedStore, ObjectStore, ObjectStoreConfig, ObjectStoreError, ObjectUrl,
+};
+
+const AK: &str = "test-ak";
+const SK: &str = "test-sk-0123456789";
+const BUCKET: &str = "push-bucket";
+const MIB: usize = 1 << 20;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: EmbeddedStore,
+    store: ObjectStore,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve(dir.path().join("store"), listener, AK.into(), SK.into())
+        .await
+        .unwrap();
+    let store = ObjectStore::new(&server.client_config()).unwrap();
+    store.create_bucket(BUCKET).await.unwrap();
+    Fixture {
+        _dir: dir,
+        server,
+        store,
+    }
+}
+
+/// Deterministic bytes that differ at every offset (xorshift).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_head_list_delete() {
+    let f = fixture().await;
+    let s = &f.store;
+    s.put_bytes(BUCKET, "my_apps/a.tar", b"hello".to_vec())
+        .await
+        .unwrap();
+    s.put_bytes(BUCKET, "my_apps/b.apk", vec![7u8; 1000])
+        .await
+        .unwrap();
+    s.put_bytes(BUCKET, "other/c", b"c".to_vec()).await.unwrap();
+    assert_eq!(s.head(BUCKET, "my_apps/b.apk").await.unwrap().size, 1000);
+    assert_eq!(
+        &s.get_bytes(BUCKET, "my_apps/a.tar", 100).await.unwrap()[..],
+        b"hello"
+    );
+    let listed: Vec<(String, u64)> = s
+        .list(BUCKET, "my_apps/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("my_apps/a.tar".to_string(), 5),
+            ("my_apps/b.apk".to_string(), 1000)
+        ]
+    );
+    assert_eq!(s.list(BUCKET, "").await.unwrap().len(), 3);
+    s.delete(BUCKET, "my_apps/a.tar").await.unwrap();
+    assert!(matches!(
+        s.head(BUCKET, "my_apps/a.tar").await,
+        Err(ObjectStoreError::NotFound { .. })
+    ));
+    assert_eq!(s.list(BUCKET, "my_apps/").await.unwrap().len(), 1);
+    // Objects are plain files beneath the root, one directory per bucket.
+    assert!(f.server.root().join(BUCKET).join("other/c").is_file());
+    // Creating an existing bucket is fine.
+    s.create_bucket(BUCKET).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_object_and_bucket_are_typed() {
+    let f = fixture().await;
+    let s = &f.store;
+    let e = s.head(BUCKET, "nope.tar").await.unwrap_err();
+    assert!(
+        matches!(&e, ObjectStoreError::NotFound { key, .. } if key == "nope.tar"),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("obs://push-bucket/nope.tar"), "{e}");
+    let e = s.get_bytes(BUCKET, "nope.tar", 10).await.unwrap_err();
+    assert!(matches!(e, ObjectStoreError::NotFound { .. }), "{e:?}");
+    let e = s
+        .download_to_reader(BUCKET, "nope.tar", 10)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, ObjectStoreError::NotFound { .. }), "{e:?}");
+    let e = s.list("no-such-bucket", "").await.unwrap_err();
+    assert!(matches!(e, ObjectStoreError::NoSuchBucket { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_limit_refused_before_download() {
+    let f = fixture().await;
+    let data = pattern(3 * MIB, 1);
+    f.store
+        .put_bytes(BUCKET, "big.tar", data.clone())
+        .await
+        .unwrap();
+    let limit = MIB as u64;
+    let e = f
+        .store
+        .download_to_reader(BUCKET, "big.tar", limit)
+        .await
+        .err()
+        .unwrap();
+    match &e {
+        ObjectStoreError::TooLarge { size, limit: l, .. } => {
+            assert_eq!(*size, data.len() as u64);
+            assert_eq!(*l, limit);
+        }
+        other => panic!("expected too large, got {other:?}"),
+    }
+    assert!(e.to_string().contains("over the limit"), "{e}");
+    let e = f
+        .store
+        .get_bytes(BUCKET, "big.tar", limit)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ObjectStoreError::TooLarge { .. }), "{e:?}");
+    // At the limit it passes.
+    let got = f
+        .store
+        .get_bytes(BUCKET, "big.tar", data.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), data.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_download_is_identical_with_bounded_memory() {
+    let f = fixture().await;
+    let data = pattern(40 * MIB + 12_345, 2);
+    f.store
+        .put_bytes(BUCKET, "stream.bin", data.clone())
+        .await
+        .unwrap();
+    let mut reader = f
+        .store
+        .download_to_reader(BUCKET, "stream.bin", u64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(reader.info().size, data.len() as u64);
+    let stats = reader.stats();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut first = [0u8; 1];
+        reader.read_exact(&mut first).unwrap();
+        // A slow consumer: the download fills its buffers and must stop there.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut rest = Vec::new();
+        let mut chunk = vec![0u8; 61 * 1024];
+        loop {
+            let n = reader.read(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        let mut all = first.to_vec();
+        all.extend_from_slice(&rest);
+        all
+    })
+    .await
+    .unwrap();
+    assert!(got == data, "streamed bytes differ");
+    let bound = ObjectStoreConfig::default().transfer.memory_bound();
+    assert!(
+        stats.peak_buffered() <= bound,
+        "peak {} over {bound}",
+        stats.peak_buffered()
+    );
+    assert!(stats.peak_buffered() < data.len() as u64);
+    assert_eq!(stats.bytes_read(), data.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_uploads_multipart_and_small_objects_whole() {
+    let f = fixture().await;
+    let data = pattern(20 * MIB + 777, 3);
+    let mut w = f.store.writer(BUCKET, "export/phone.tar").unwrap();
+    let payload = data.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        // Odd-sized writes, as a tar writer makes.
+        for chunk in payload.chunks(100_003) {
+            w.write_all(chunk).unwrap();
+        }
+        assert_eq!(w.written(), payload.len() as u64);
+        w.finish()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(report.parts, 3, "8 MiB parts: 8 + 8 + 4");
+    let got = f
+        .store
+        .get_bytes(BUCKET, "export/phone.tar", u64::MAX)
+        .await
+        .unwrap();
+    assert!(got[..] == data[..], "uploaded bytes differ");
+
+    let report = f
+        .store
+        .upload_with(BUCKET, "export/small", |w| w.write_all(b"small object"))
+        .await
+        .unwrap();
+    assert_eq!(report.parts, 0);
+    assert_eq!(
+        &f.store
+            .get_bytes(BUCKET, "export/small", 100)
+            .await
+            .unwrap()[..],
+        b"small object"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upload_leaves_no_object() {
+    let f = fixture().await;
+    let e = f
+        .store
+        .upload_with(BUCKET, "export/failed.tar", |w| {
+            w.write_all(&pattern(9 * MIB, 4))?;
+            Err(std::io::Error::other("phone stopped"))
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("phone stopped"), "{e}");
+    // The uploader aborts on its own; give it a moment to finish.
+    for _ in 0..50 {
+        if f.store.list(BUCKET, "export/").await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        f.store.head(BUCKET, "export/failed.tar").await,
+        Err(ObjectStoreError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_refused() {
+    let f = fixture().await;
+    f.store.put_bytes(BUCKET, "k", b"v".to_vec()).await.unwrap();
+    for (ak, sk) in [(AK, "wrong-secret"), ("wrong-ak", SK)] {
+        let mut cfg = f.server.client_config();
+        cfg.ak = ak.into();
+        cfg.sk = sk.into();
+        cfg.max_attempts = 1;
+        let bad = ObjectStore::new(&cfg).unwrap();
+        let e = bad.get_bytes(BUCKET, "k", 10).await.unwrap_err();
+        assert!(
+            matches!(e, ObjectStoreError::AccessDenied { .. }),
+            "{ak}: {e:?}"
+        );
+        let e = bad
+            .put_bytes(BUCKET, "k2", b"v".to_vec())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ObjectStoreError::AccessDenied { .. }),
+            "{ak}: {e:?}"
+        );
+    }
+    assert!(matches!(
+        f.store.head(BUCKET, "k2").await,
+        Err(ObjectStoreError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_store_is_unreachable() {
+    let f = fixture().await;
+    let mut cfg = f.server.client_config();
+    cfg.max_attempts = 2;
+    cfg.initial_backoff_ms = 10;
+    f.server.shutdown().await.unwrap();
+    let s = ObjectStore::new(&cfg).unwrap();
+    let e = s.head(BUCKET, "k").await.unwrap_err();
+    assert!(matches!(e, ObjectStoreError::Unreachable { .. }), "{e:?}");
+    assert!(e.is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addressing_follows_path_style_setting() {
+    let hour = Duration::from_secs(3600);
+    let local =
+        ObjectStore::new(&ObjectStoreConfig::local("http://127.0.0.1:9000", "a", "s")).unwrap();
+    let url = local
+        .presigned_get("push-bucket", "my_apps/test.tar", hour)
+        .await
+        .unwrap();
+    assert!(
+        url.starts_with("http://127.0.0.1:9000/push-bucket/my_apps/test.tar?"),
+        "{url}"
+    );
+    let obs = ObjectStore::new(&ObjectStoreConfig {
+        endpoint: "https://obs.cn-north-4.myhuaweicloud.com".into(),
+        region: "cn-north-4".into(),
+        ak: "a".into(),
+        sk: "s".into(),
+        path_style: false,
+        ..ObjectStoreConfig::default()
+    })
+    .unwrap();
+    let url = obs
+        .presigned_get("push-bucket", "my_apps/test.tar", hour)
+        .await
+        .unwrap();
+    assert!(
+        url.starts_with("https://push-bucket.obs.cn-north-4.myhuaweicloud.com/my_apps/test.tar?"),
+        "{url}"
+    );
+    assert!(url.contains("X-Amz-Credential=a%2F"), "{url}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tar_exported_to_store_and_extracted_while_streaming() {
+    use cph_runtime::archive::{extract, write_tar, ExtractOptions};
+    let f = fixture().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("data/app")).unwrap();
+    std::fs::write(src.join("data/app/big.bin"), pattern(11 * MIB, 5)).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("data/app/f{i}")), format!("file {i}")).unwrap();
+    }
+    let root = src.clone();
+    let up = f
+        .store
+        .upload_with(BUCKET, "export/data.tar", move |w| {
+            write_tar(&root, &[], &[], w)
+                .map(|_| ())
+                .map_err(std::io::Error::other)
+        })
+        .await
+        .unwrap();
+    assert!(up.parts >= 2, "{up:?}");
+    let url = ObjectUrl::parse("obs://push-bucket/export/data.tar").unwrap();
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let target = dst.clone();
+    let report = f
+        .store
+        .download_with(
+            &url.bucket,
+            &url.key,
+            cph_agent::objstore::PUSH_MAX_BYTES,
+            move |r| extract(r, &target, &ExtractOptions::default()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.files, 51);
+    assert!(std::fs::read(dst.join("data/app/big.bin")).unwrap() == pattern(11 * MIB, 5));
+    assert_eq!(
+        std::fs::read_to_string(dst.join("data/app/f7")).unwrap(),
+        "file 7"
+    );
+}

@@ -1,0 +1,474 @@
+//! Object-store jobs end to end: the real `cph-agent run` with a real phone
+//! of the test image and the embedded S3 store, driven through the agent
+//! protocol. Push (good, escaping, missing, not a tar), install of an
+//! APK-shaped zip and refusal of a non-APK, export with include/exclude,
+//! restore, share files push/list/delete, share apps push/delete, and the
+//! source side of a migration. Every effect is checked inside the phone or
+//! in the store.
+
+mod common;
+
+use common::{http, job, server_job, wait_job, Agent, Cleanup};
+use cph_agent::objstore::{serve, ObjectStore};
+use serde_json::{json, Value};
+
+const AK: &str = "transfer-ak";
+const SK: &str = "transfer-sk-0123456789";
+const BUCKET: &str = "jobs-bucket";
+
+/// A tar of `(path, contents)` regular files.
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, path, *data).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// A tar whose only entry climbs out of the target (`../../<name>`), with
+/// the name written into the header directly as a hostile tool would.
+fn escaping_tar(name: &str) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    let path = format!("../../{name}");
+    h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(b"evil");
+    out.resize(512 * 2, 0);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+/// An APK-shaped zip: a manifest naming `package`, and a dex.
+fn apk(package: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = std::io::Cursor::new(Vec::new());
+    {
+        let mut w = zip::ZipWriter::new(&mut out);
+        let opts = zip::write::SimpleFileOptions::default();
+        w.start_file("AndroidManifest.xml", opts).expect("zip");
+        write!(
+            w,
+            "<?xml version=\"1.0\"?><manifest package=\"{package}\"></manifest>"
+        )
+        .expect("zip");
+        w.start_file("classes.dex", opts).expect("zip");
+        w.write_all(b"dex\n035\0").expect("zip");
+        w.finish().expect("zip");
+    }
+    out.into_inner()
+}
+
+fn tar_names(data: &[u8]) -> Vec<String> {
+    let mut ar = tar::Archive::new(data);
+    ar.entries()
+        .expect("entries")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+struct Phone {
+    addr: String,
+    token: String,
+    server: String,
+    phone: String,
+    n: u32,
+}
+
+impl Phone {
+    /// Submits a job request (its `job_id` filled in here) and waits for its end.
+    fn submit(&mut self, request: impl FnOnce(&str) -> Value) -> Value {
+        self.n += 1;
+        let id = format!("t{}-{}", std::process::id(), self.n);
+        let (code, body) = http(
+            &self.addr,
+            "POST",
+            "/v1/jobs",
+            &self.token,
+            Some(&request(&id)),
+        );
+        assert_eq!(code, 200, "{body}");
+        wait_job(&self.addr, &self.token, &id)
+    }
+
+    fn run(&mut self, kind: Value) -> Value {
+        let (server, phone) = (self.server.clone(), self.phone.clone());
+        self.submit(|id| job(id, &server, &phone, kind))
+    }
+
+    fn run_server(&mut self, kind: Value) -> Value {
+        let server = self.server.clone();
+        self.submit(|id| server_job(id, &server, kind))
+    }
+
+    fn sh(&mut self, command: &str) -> String {
+        let st = self.run(json!({"kind": "sync_shell", "command": command, "timeout_ms": 2000}));
+        assert_eq!(st["status"], 2, "{command}: {st}");
+        st["execute_msg"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn state(&self) -> Value {
+        let (_, phones) = http(&self.addr, "GET", "/v1/phones", &self.token, None);
+        phones[0]["state"].clone()
+    }
+}
+
+fn obj(key: &str) -> Value {
+    json!({"bucket": BUCKET, "key": key})
+}
+
+fn assert_failed(st: &Value, code: &str) {
+    assert_eq!(st["status"], -1, "{st}");
+    assert_eq!(st["error_code"], code, "{st}");
+}
+
+#[test]
+fn object_store_jobs_on_a_real_phone() {
+    if !cph_runtime::privilege::check("object_store_jobs_on_a_real_phone") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind store");
+    let server_store = rt
+        .block_on(serve(
+            tmp.path().join("store"),
+            listener,
+            AK.into(),
+            SK.into(),
+        ))
+        .expect("embedded store");
+    let store = ObjectStore::new(&server_store.client_config()).expect("client");
+    rt.block_on(store.create_bucket(BUCKET)).expect("bucket");
+    let put = |key: &str, data: Vec<u8>| {
+        rt.block_on(store.put_bytes(BUCKET, key, data))
+            .expect("put object");
+    };
+
+    let state = tmp.path().join("state");
+    let pid = std::process::id();
+    let parent = format!("cph-transfer-{pid}");
+    let shim = common::shim();
+    let net = common::TestNet::unique();
+    let _host = common::HostGuard { net: net.clone() };
+    let _cleanup = Cleanup {
+        state: state.clone(),
+        parent: parent.clone(),
+        shim: shim.clone(),
+    };
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let token = format!("tok-{pid}");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n{}\n[object_store]\nendpoint = \"{}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n",
+            state.display(),
+            shim.display(),
+            net.toml(),
+            server_store.endpoint(),
+        ),
+    )
+    .expect("write config");
+    let _agent = Agent::start(&config, &addr);
+
+    let server = format!("ts{pid}");
+    let phone_id = format!("tp{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "transfer",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", common::image().display())},
+        "ports": [], "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let created = wait_job(&addr, &token, &format!("{server}:create:{phone_id}"));
+    assert_eq!(created["status"], 2, "{created}");
+    let mut p = Phone {
+        addr: addr.clone(),
+        token: token.clone(),
+        server: server.clone(),
+        phone: phone_id.clone(),
+        n: 0,
+    };
+
+    // Push: the tar lands in the phone's root.
+    put(
+        "push/ok.tar",
+        tar_of(&[
+            ("data/local/pushed/hello.txt", b"hello push"),
+            ("data/local/pushed/skip/no.txt", b"not exported"),
+        ]),
+    );
+    let st = p.run(json!({"kind": "push", "object": obj("push/ok.tar")}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.sh("cat /data/local/pushed/hello.txt"), "hello push");
+
+    // Bad pushes fail with the reference's codes and write nothing outside.
+    let escape_name = format!("escaped-{pid}.txt");
+    put("push/escape.tar", escaping_tar(&escape_name));
+    assert_failed(
+        &p.run(json!({"kind": "push", "object": obj("push/escape.tar")})),
+        "CPS.0119",
+    );
+    for dir in [
+        tmp.path().to_path_buf(),
+        state.clone(),
+        state.join("phones"),
+        std::path::PathBuf::from("/"),
+    ] {
+        assert!(!dir.join(&escape_name).exists(), "escaped into {dir:?}");
+    }
+    put("push/garbage.tar", vec![0x5a; 4096]);
+    assert_failed(
+        &p.run(json!({"kind": "push", "object": obj("push/garbage.tar")})),
+        "CPS.0119",
+    );
+    assert_failed(
+        &p.run(json!({"kind": "push", "object": obj("push/missing.tar")})),
+        "CPS.0104",
+    );
+
+    // Install: checked, placed, installed by the image's pm; its files gone after.
+    put("apps/game.apk", apk("com.example.game"));
+    let st =
+        p.run(json!({"kind": "install", "flags": ["-r", "-t"], "objects": [obj("apps/game.apk")]}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(
+        p.sh("pm list packages")
+            .contains("package:com.example.game"),
+        "package not installed"
+    );
+    assert_eq!(
+        p.sh("ls /data/local/tmp | grep -c cph-install || true")
+            .trim(),
+        "0"
+    );
+    put("apps/not.apk", b"this is not a zip".to_vec());
+    assert_failed(
+        &p.run(json!({"kind": "install", "flags": [], "objects": [obj("apps/not.apk")]})),
+        "CPS.0119",
+    );
+    put("apps/split.apk", apk("com.other.app"));
+    assert_failed(
+        &p.run(json!({"kind": "install", "flags": ["-r"],
+                      "objects": [obj("apps/game.apk"), obj("apps/split.apk")]})),
+        "CPS.0118",
+    );
+    assert_failed(
+        &p.run(json!({"kind": "install", "flags": ["--evil"], "objects": [obj("apps/game.apk")]})),
+        "CPS.0118",
+    );
+
+    // Export: include/exclude over /data, written to the store.
+    let st = p.run(json!({"kind": "export", "object": obj("export/phone.tar"),
+                          "include": ["/data/local/pushed"], "exclude": ["/data/local/pushed/skip"]}));
+    assert_eq!(st["status"], 2, "{st}");
+    let exported = rt
+        .block_on(store.get_bytes(BUCKET, "export/phone.tar", 1 << 30))
+        .expect("export object");
+    let names = tar_names(&exported);
+    assert!(
+        names.iter().any(|n| n == "data/local/pushed/hello.txt"),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("skip")), "{names:?}");
+    assert_failed(
+        &p.run(json!({"kind": "export", "object": obj("export/bad.tar"),
+                      "include": ["/system"], "exclude": []})),
+        "CPS.0168",
+    );
+
+    // Restore brings the exported bytes back; the phone runs again after.
+    p.sh("echo changed > /data/local/pushed/hello.txt");
+    // (A migration's target phase is a restore carrying the source's properties.)
+    let st = p.run(json!({"kind": "restore", "object": obj("export/phone.tar"),
+                          "property": {"persist.sys.locale": "fr-FR"}}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "running");
+    assert_eq!(p.sh("cat /data/local/pushed/hello.txt"), "hello push");
+    assert_eq!(p.sh("getprop persist.sys.locale").trim(), "fr-FR");
+
+    // Share files: pushed once for the server, seen in the phone, listed, deleted.
+    put(
+        "share/files.tar",
+        tar_of(&[("data/shared.txt", b"for every phone")]),
+    );
+    let st = p.run_server(
+        json!({"kind": "share_push_files", "object": obj("share/files.tar"), "target_dir": "/"}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("cat /data/media/share/files/data/shared.txt"),
+        "for every phone"
+    );
+    assert!(
+        p.sh("touch /data/media/share/files/x 2>&1 || echo refused")
+            .contains("refused"),
+        "the share is read-only inside phones"
+    );
+    let st = p
+        .run_server(json!({"kind": "share_list_files", "path": "/data", "offset": 0, "limit": 10}));
+    assert_eq!(st["status"], 2, "{st}");
+    let listing: Value =
+        serde_json::from_str(st["execute_msg"].as_str().unwrap_or("null")).expect("listing json");
+    assert_eq!(listing["files_in_path"]["total"], 1, "{listing}");
+    assert!(
+        listing["files_in_path"]["files"][0]
+            .as_str()
+            .unwrap_or("")
+            .ends_with(" shared.txt"),
+        "{listing}"
+    );
+    assert!(listing["share_base_capacity"].is_string(), "{listing}");
+    let st = p.run_server(json!({"kind": "share_delete_files", "paths": ["/data/shared.txt"]}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("test -e /data/media/share/files/data/shared.txt && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+    assert_failed(
+        &p.run_server(json!({"kind": "share_delete_files", "paths": ["/data/../../etc"]})),
+        "CPS.0155",
+    );
+
+    // Share apps.
+    put(
+        "share/app.tar",
+        tar_of(&[("base.apk", &apk("com.example.shared"))]),
+    );
+    let st = p.run_server(
+        json!({"kind": "share_push_apps", "object": obj("share/app.tar"),
+                                 "package_name": "com.example.shared"}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("test -s /data/media/share/apps/com.example.shared/base.apk && echo yes")
+            .trim(),
+        "yes"
+    );
+    let st =
+        p.run_server(json!({"kind": "share_delete_apps", "package_names": ["com.example.shared"]}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("test -e /data/media/share/apps/com.example.shared && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+
+    // Keypair: the key lands in the phone's adb_keys; a link the phone
+    // planted never steers the write onto the host.
+    let key = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{pid} test@cph");
+    let st = p.run(json!({"kind": "update_keypair", "public_key": key}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.sh("cat /data/misc/adb/adb_keys").trim(), key);
+    // The server's keypair change (the API's form) reaches all its phones.
+    let server_key = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAS{pid} server@cph");
+    let st = p.run_server(json!({"kind": "update_keypair", "public_key": server_key}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.sh("cat /data/misc/adb/adb_keys").trim(), server_key);
+    let hosts =
+        std::fs::read_to_string(state.join("ssh/authorized_keys")).expect("authorized_keys");
+    assert!(hosts.lines().any(|l| l == server_key), "{hosts}");
+    p.sh("rm -rf /data/misc/adb && ln -s / /data/misc/adb");
+    let st = p.run(json!({"kind": "update_keypair", "public_key": key}));
+    assert_eq!(st["status"], -1, "{st}");
+    assert!(!std::path::Path::new("/adb_keys").exists());
+
+    // Migration, source side: stopped, whole phone in the store.
+    let st = p
+        .run(json!({"kind": "migrate", "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}, "keep_property": true}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "stopped");
+    let whole = rt
+        .block_on(store.get_bytes("cph-migrate", "m/phone.tar", 1 << 30))
+        .expect("migration object");
+    let names = tar_names(&whole);
+    assert!(names.iter().any(|n| n == "init"), "no init in {names:?}");
+    assert!(
+        names.iter().any(|n| n == "data/local/pushed/hello.txt"),
+        "no data in the migration"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("data/media/share/")));
+
+    // A job on a stopped phone: CPS.0141.
+    assert_failed(
+        &p.run(json!({"kind": "push", "object": obj("push/ok.tar")})),
+        "CPS.0141",
+    );
+
+    // Reset from an image in the store: imported once, the phone runs it
+    // and what was pushed before is gone.
+    put(
+        "images/test.tar.gz",
+        std::fs::read(common::image()).expect("read test image"),
+    );
+    let obs_image = json!({"image_id": format!("obs-img-{pid}"),
+                           "url": format!("obs://{BUCKET}/images/test.tar.gz")});
+    let st = p.run(json!({"kind": "reset_phone", "image": obs_image, "property": null}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "running");
+    assert_eq!(
+        p.sh("test -e /data/local/pushed/hello.txt && echo yes || echo no")
+            .trim(),
+        "no"
+    );
+    let missing =
+        json!({"image_id": "obs-missing", "url": format!("obs://{BUCKET}/images/none.tar")});
+    assert_failed(
+        &p.run(json!({"kind": "reset_phone", "image": missing, "property": null})),
+        "CPS.0166",
+    );
+
+    // `cph-agent purge` with the agent stopped: no container, volume mount,
+    // netns, veth, bridge or nft table of this agent is left on the host.
+    drop(_agent);
+    let purge = std::process::Command::new(env!("CARGO_BIN_EXE_cph-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("purge")
+        .output()
+        .expect("run cph-agent purge");
+    assert!(purge.status.success(), "{purge:?}");
+    assert!(String::from_utf8_lossy(&purge.stdout).contains(&phone_id));
+    let rt_check = cph_runtime::container::Runtime::new(&state.join("containers"), &parent, &shim)
+        .expect("runtime");
+    assert!(rt_check.list().expect("list").is_empty());
+    for ctrl in ["cpuset", "memory", "pids"] {
+        let dir = std::path::Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join(&parent);
+        assert!(!dir.exists(), "parent cgroup left: {}", dir.display());
+    }
+    assert!(common::mounts_under(tmp.path()).is_empty(), "mounts left");
+    assert!(net.veths().is_empty(), "veths left");
+    assert!(!std::path::Path::new(&format!("/run/netns/cph-{phone_id}")).exists());
+    let tables = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains(&net.table));
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip");
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&format!("{}:", net.bridge)));
+    let _ = rt.block_on(server_store.shutdown());
+}

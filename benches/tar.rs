@@ -1,0 +1,348 @@
+//! The tar hot path: the same archives extracted by our extractor and by GNU
+//! `tar -xf` onto the same filesystem, each run ending with a filesystem
+//! sync (`syncfs` for ours, `sync -f` after GNU tar). Shapes: many small
+//! files, a few large files, a mix. Writes `target/bench-report/tar.json`
+//! with time ratios ours / GNU tar (target <= 0.8).
+//!
+//! Both keep ownership and modification times (GNU tar as root keeps
+//! owners by default; ours with `Ownership::Archive`).
+//!
+//! Ours also runs streamed from the embedded S3 store on loopback (ranged
+//! GETs in flight while the extractor writes), reported against ours from
+//! the local file (target: within 15%).
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use cph_runtime::archive::{extract, ExtractOptions, Ownership};
+use criterion::Criterion;
+
+#[path = "common/report.rs"]
+mod report;
+use report::Metric;
+
+struct Shape {
+    name: &'static str,
+    small_files: usize,
+    large_files: usize,
+    large_size: usize,
+}
+
+fn build(path: &Path, shape: &Shape) {
+    let out = BufWriter::with_capacity(1 << 20, File::create(path).expect("create archive"));
+    let mut b = tar::Builder::new(out);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let dirs = (shape.small_files / 100).max(1);
+    for d in 0..dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_mtime(1_600_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(0);
+        b.append_data(&mut h, format!("d{d:04}"), std::io::empty())
+            .expect("dir");
+    }
+    let mut data = vec![0u8; 16 * 1024];
+    for i in 0..shape.small_files {
+        // 512 B to 8 KiB, like app data and config trees.
+        let size = 512 + (next() % (8 * 1024 - 512)) as usize;
+        for (j, b) in data[..size].iter_mut().enumerate() {
+            *b = (i + j) as u8;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_mtime(1_600_000_000);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_size(size as u64);
+        b.append_data(&mut h, format!("d{:04}/f{i:06}", i % dirs), &data[..size])
+            .expect("file");
+    }
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    for i in 0..shape.large_files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_mtime(1_600_000_000);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_size(shape.large_size as u64);
+        let body = Repeat {
+            chunk: &chunk,
+            left: shape.large_size,
+            pos: 0,
+        };
+        b.append_data(&mut h, format!("large{i}.bin"), body)
+            .expect("large file");
+    }
+    b.into_inner().expect("finish archive");
+}
+
+/// A reader yielding `left` bytes of `chunk`, repeated.
+struct Repeat<'a> {
+    chunk: &'a [u8],
+    left: usize,
+    pos: usize,
+}
+
+impl std::io::Read for Repeat<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.left).min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos = (self.pos + n) % self.chunk.len();
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+fn ours(archive: &Path, dest: &Path) {
+    std::fs::create_dir(dest).expect("dest");
+    let opts = ExtractOptions {
+        sync: true,
+        ownership: Ownership::Archive,
+        ..Default::default()
+    };
+    let f = File::open(archive).expect("open archive");
+    extract(f, dest, &opts).expect("extract");
+}
+
+fn gnu(archive: &Path, dest: &Path) {
+    std::fs::create_dir(dest).expect("dest");
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dest)
+        .status()
+        .expect("run tar");
+    assert!(st.success(), "gnu tar failed");
+    let st = Command::new("sync")
+        .arg("-f")
+        .arg(dest)
+        .status()
+        .expect("run sync");
+    assert!(st.success(), "sync failed");
+}
+
+/// The embedded S3 store on loopback holding the bench's archives.
+struct Store {
+    rt: tokio::runtime::Runtime,
+    client: cph_agent::objstore::ObjectStore,
+    _server: cph_agent::objstore::EmbeddedStore,
+}
+
+const BUCKET: &str = "tar-bench";
+
+impl Store {
+    fn start(root: &Path) -> Store {
+        let rt = tokio::runtime::Runtime::new().expect("tokio");
+        let server = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            cph_agent::objstore::serve(
+                root.to_path_buf(),
+                l,
+                "bench-ak".into(),
+                "bench-sk-0123456789".into(),
+            )
+            .await
+            .expect("embedded store")
+        });
+        let client =
+            cph_agent::objstore::ObjectStore::new(&server.client_config()).expect("client");
+        rt.block_on(client.create_bucket(BUCKET)).expect("bucket");
+        Store {
+            rt,
+            client,
+            _server: server,
+        }
+    }
+
+    /// Uploads `file` as `key` (multipart for large archives).
+    fn put(&self, key: &str, file: &Path) {
+        let _g = self.rt.enter();
+        let mut w = self.client.writer(BUCKET, key).expect("writer");
+        let mut f = File::open(file).expect("open archive");
+        std::io::copy(&mut f, &mut w).expect("upload");
+        w.finish().expect("finish upload");
+    }
+
+    /// Extracts `key` into `dest` while it downloads.
+    fn extract(&self, key: &str, dest: &Path) {
+        std::fs::create_dir(dest).expect("dest");
+        let mut reader = self
+            .rt
+            .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
+            .expect("download");
+        let opts = ExtractOptions {
+            sync: true,
+            ownership: Ownership::Archive,
+            ..Default::default()
+        };
+        extract(&mut reader, dest, &opts).expect("extract streamed");
+    }
+}
+
+/// One way of extracting an archive into a new directory.
+type Extractor<'a> = dyn Fn(&Path, &Path) + 'a;
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    if Command::new("tar").arg("--version").output().is_err() {
+        eprintln!("skipping tar bench: GNU tar not installed");
+        return;
+    }
+    let shapes = if full {
+        vec![
+            Shape {
+                name: "small_100k",
+                small_files: 100_000,
+                large_files: 0,
+                large_size: 0,
+            },
+            Shape {
+                name: "large_4x256m",
+                small_files: 0,
+                large_files: 4,
+                large_size: 256 << 20,
+            },
+            Shape {
+                name: "mix_20k_plus_8x32m",
+                small_files: 20_000,
+                large_files: 8,
+                large_size: 32 << 20,
+            },
+        ]
+    } else {
+        vec![
+            Shape {
+                name: "small_500",
+                small_files: 500,
+                large_files: 0,
+                large_size: 0,
+            },
+            Shape {
+                name: "mix_200_plus_2x4m",
+                small_files: 200,
+                large_files: 2,
+                large_size: 4 << 20,
+            },
+        ]
+    };
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
+    if full {
+        c = c.configure_from_args();
+    }
+    // Archives and extractions on the same filesystem, next to the build.
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&base).expect("target dir");
+    let dir = tempfile::Builder::new()
+        .prefix("tar-bench-")
+        .tempdir_in(&base)
+        .expect("tempdir");
+    let store = Store::start(&dir.path().join("objects"));
+    let mut metrics = Vec::new();
+    for shape in &shapes {
+        let archive = dir.path().join(format!("{}.tar", shape.name));
+        build(&archive, shape);
+        let key = format!("{}.tar", shape.name);
+        store.put(&key, &archive);
+        let streamed = |_: &Path, dest: &Path| store.extract(&key, dest);
+        let mut times: Vec<Vec<Duration>> = Vec::new();
+        let runs: [(&str, &Extractor); 3] = [
+            ("ours", &ours),
+            ("gnu_tar", &gnu),
+            ("ours_streamed", &streamed),
+        ];
+        for (label, run) in runs {
+            let samples = Rc::new(RefCell::new(Vec::new()));
+            let rec = samples.clone();
+            let counter = RefCell::new(0u64);
+            let archive = archive.clone();
+            let root: PathBuf = dir.path().to_path_buf();
+            c.bench_function(&format!("tar/{}/{label}", shape.name), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let n = {
+                            let mut k = counter.borrow_mut();
+                            *k += 1;
+                            *k
+                        };
+                        let dest = root.join(format!("x-{label}-{n}"));
+                        let t = Instant::now();
+                        run(&archive, &dest);
+                        let d = t.elapsed();
+                        std::fs::remove_dir_all(&dest).expect("clean dest");
+                        // Untimed: the removal's writeback must not land on
+                        // the next run (whichever extractor it is).
+                        Command::new("sync")
+                            .arg("-f")
+                            .arg(&root)
+                            .status()
+                            .expect("run sync");
+                        total += d;
+                        rec.borrow_mut().push(d);
+                    }
+                    total
+                })
+            });
+            let v = samples.borrow().clone();
+            times.push(v);
+        }
+        let ours_t = median(&mut times[0]).as_secs_f64() * 1e3;
+        let gnu_t = median(&mut times[1]).as_secs_f64() * 1e3;
+        let streamed_t = median(&mut times[2]).as_secs_f64() * 1e3;
+        metrics.push(Metric {
+            metric: format!("extract_{}_time", shape.name),
+            ours: ours_t,
+            anchor: gnu_t,
+            unit: "ms",
+        });
+        metrics.push(Metric {
+            metric: format!("extract_{}_streamed_vs_local_time", shape.name),
+            ours: streamed_t,
+            anchor: ours_t,
+            unit: "ms",
+        });
+        std::fs::remove_file(&archive).expect("remove archive");
+    }
+    c.final_summary();
+    if !full {
+        eprintln!(
+            "tar smoke run done ({} metrics); no report written",
+            metrics.len()
+        );
+        for m in &metrics {
+            eprintln!(
+                "{}: ours {:.1} ms, anchor {:.1} ms",
+                m.metric, m.ours, m.anchor
+            );
+        }
+        return;
+    }
+    report::write("tar", &metrics);
+}

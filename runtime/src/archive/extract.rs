@@ -1,0 +1,1161 @@
+//! The extraction pipeline: the calling thread reads the stream, validates
+//! each entry, resolves and creates directories (so a directory always
+//! exists before anything is queued into it) and hands files and links to a
+//! few writer threads over bounded channels; the bytes in flight are capped
+//! by a budget, so memory stays bounded whatever the archive.
+//!
+//! Entries are routed to a writer by a hash of their path (a hard link by its
+//! target's path), so two entries naming the same path, and a link after its
+//! target, are handled in archive order. When a directory lookup would pass
+//! through a symlink this archive created, all writers are drained first.
+//! A regular file costs `openat2` (from the cached parent fd), `write`,
+//! `utimensat` (when mtimes are kept), `fchown` (when ownership is mapped)
+//! and `close`; writer threads run with a private zero umask so the mode
+//! given to `openat2` is final.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use super::path::{bytes_path, prefixes, sanitize, RelPath};
+use super::sys;
+use super::{ArchiveError, ExtractOptions, ExtractReport, Skipped, SpecialFiles, WrittenPaths};
+
+/// Read buffer over the source.
+const READ_BUFFER: usize = 1 << 20;
+/// Files up to this size travel as one message; larger ones in chunks.
+const CHUNK: usize = 1 << 20;
+/// Bytes of file data queued to writers at most.
+const BUDGET: usize = 32 << 20;
+/// Batches queued per writer at most.
+const QUEUE: usize = 64;
+/// Jobs are handed to a writer in batches of this many (or bytes), so the
+/// channel's wake-ups are amortised over many files.
+const BATCH: usize = 64;
+const BATCH_BYTES: usize = 512 << 10;
+/// Writer threads at most; `MAX_THREADS * BATCH_BYTES + CHUNK` stays under
+/// `BUDGET`, so the parser never waits on bytes it has not handed out yet.
+const MAX_THREADS: usize = 16;
+/// Cached directory fds at most (the cache is cleared when full).
+const DIR_CACHE: usize = 512;
+
+/// Attributes applied to a created file or link.
+struct Meta {
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    mtime: Option<i64>,
+    xattrs: Vec<(CString, Vec<u8>)>,
+}
+
+enum Job {
+    /// A regular file: its first bytes (a range of the batch's data);
+    /// `total` beyond them means chunks follow on the same writer.
+    File {
+        parent: Arc<OwnedFd>,
+        rel: RelPath,
+        meta: Meta,
+        data: std::ops::Range<usize>,
+        total: u64,
+    },
+    Chunk(Vec<u8>),
+    Symlink {
+        parent: Arc<OwnedFd>,
+        rel: RelPath,
+        target: CString,
+        meta: Meta,
+    },
+    Hardlink {
+        parent: Arc<OwnedFd>,
+        rel: RelPath,
+        tparent: Arc<OwnedFd>,
+        tname: CString,
+    },
+    Barrier(SyncSender<()>),
+}
+
+/// Jobs for one writer with the data of their small files in one buffer
+/// (one allocation per batch rather than per file).
+struct Batch {
+    jobs: Vec<Job>,
+    data: Vec<u8>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            jobs: Vec::with_capacity(BATCH),
+            data: Vec::new(),
+        }
+    }
+
+    /// Bytes of file data this batch holds against the budget.
+    fn held(&self) -> usize {
+        self.data.len()
+            + self
+                .jobs
+                .iter()
+                .map(|j| match j {
+                    Job::Chunk(d) => d.len(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Caps the bytes of file data in flight between the parser and writers.
+struct Budget {
+    state: Mutex<BudgetState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    used: usize,
+    waiting: bool,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Budget {
+            state: Mutex::new(BudgetState::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, n: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.used > 0 && st.used + n > BUDGET {
+            st.waiting = true;
+            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.used += n;
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.used = st.used.saturating_sub(n);
+        // Waking costs a syscall: only when the parser waits.
+        if st.waiting {
+            st.waiting = false;
+            self.freed.notify_all();
+        }
+    }
+}
+
+struct Shared {
+    target: PathBuf,
+    abort: AtomicBool,
+    error: Mutex<Option<ArchiveError>>,
+    budget: Budget,
+    track: bool,
+}
+
+impl Shared {
+    fn fail(&self, e: ArchiveError) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    fn take_error(&self) -> Option<ArchiveError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn full(&self, rel: &[u8]) -> PathBuf {
+        self.target.join(bytes_path(rel))
+    }
+}
+
+/// The writer threads.
+struct Pool {
+    txs: Vec<SyncSender<Batch>>,
+    pending: Vec<Batch>,
+    handles: Vec<JoinHandle<WrittenPaths>>,
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    fn new(n: usize, shared: Arc<Shared>) -> Result<Self, ArchiveError> {
+        let mut pool = Pool {
+            txs: Vec::new(),
+            pending: Vec::new(),
+            handles: Vec::new(),
+            shared,
+        };
+        for i in 0..n {
+            let (tx, rx) = sync_channel(QUEUE);
+            let shared = pool.shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("tar-writer-{i}"))
+                .spawn(move || writer(rx, &shared))
+                .map_err(|e| ArchiveError::io("spawn writer thread for", &pool.shared.target, e))?;
+            pool.txs.push(tx);
+            pool.pending.push(Batch::new());
+            pool.handles.push(h);
+        }
+        Ok(pool)
+    }
+
+    /// Queues `job` (holding `bytes` of data) on writer `i`; false when
+    /// writers stopped.
+    fn send(&mut self, i: usize, job: Job, bytes: usize) -> bool {
+        let i = i % self.txs.len();
+        let batch = &mut self.pending[i];
+        batch.jobs.push(job);
+        if batch.jobs.len() >= BATCH || batch.data.len() + bytes >= BATCH_BYTES {
+            return self.flush(i);
+        }
+        true
+    }
+
+    /// The data buffer of writer `i`'s next batch, with room for `n` more
+    /// bytes (the pending batch is sent first when it would overflow).
+    fn buffer(&mut self, i: usize, n: usize) -> Result<&mut Vec<u8>, Stop> {
+        let i = i % self.txs.len();
+        if self.pending[i].data.len() + n > BATCH_BYTES + CHUNK && !self.flush(i) {
+            return Err(Stop);
+        }
+        let data = &mut self.pending[i].data;
+        if data.capacity() == 0 {
+            data.reserve_exact(BATCH_BYTES + CHUNK);
+        }
+        Ok(data)
+    }
+
+    fn flush(&mut self, i: usize) -> bool {
+        if self.pending[i].jobs.is_empty() {
+            return true;
+        }
+        let b = std::mem::replace(&mut self.pending[i], Batch::new());
+        self.txs[i].send(b).is_ok()
+    }
+
+    fn flush_all(&mut self) -> bool {
+        (0..self.txs.len()).all(|i| self.flush(i))
+    }
+
+    /// Waits until every writer processed everything queued so far.
+    fn barrier(&mut self) -> bool {
+        if !self.flush_all() {
+            return false;
+        }
+        let mut acks = Vec::new();
+        for tx in &self.txs {
+            let (atx, arx) = sync_channel(1);
+            let barrier = Batch {
+                jobs: vec![Job::Barrier(atx)],
+                data: Vec::new(),
+            };
+            if tx.send(barrier).is_err() {
+                return false;
+            }
+            acks.push(arx);
+        }
+        acks.into_iter().all(|a| a.recv().is_ok())
+    }
+
+    fn finish(mut self, written: &mut WrittenPaths) -> Result<(), ArchiveError> {
+        self.flush_all();
+        drop(self.txs);
+        let mut panicked = false;
+        for h in self.handles {
+            match h.join() {
+                Ok(w) => written.append(w),
+                Err(_) => panicked = true,
+            }
+        }
+        if panicked {
+            return Err(ArchiveError::WriterPanic(self.shared.target.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
+    let mut w = Writer {
+        shared,
+        written: WrittenPaths::default(),
+        open: None,
+    };
+    if let Err(e) = sys::private_zero_umask() {
+        shared.fail(ArchiveError::io("set writer umask for", &shared.target, e));
+    }
+    for batch in rx {
+        let held = batch.held();
+        for job in batch.jobs {
+            if let Job::Barrier(ack) = job {
+                let _ = ack.send(());
+                continue;
+            }
+            if !shared.abort.load(Ordering::SeqCst) {
+                if let Err(e) = w.run(job, &batch.data) {
+                    w.open = None;
+                    shared.fail(e);
+                }
+            }
+        }
+        shared.budget.release(held);
+    }
+    w.written
+}
+
+/// A large file being written in chunks.
+struct OpenFile {
+    fd: OwnedFd,
+    rel: RelPath,
+    meta: Meta,
+    left: u64,
+}
+
+struct Writer<'a> {
+    shared: &'a Shared,
+    written: WrittenPaths,
+    open: Option<OpenFile>,
+}
+
+impl Writer<'_> {
+    fn record(&mut self, rel: &RelPath) {
+        if self.shared.track {
+            self.written.push(&rel.joined);
+        }
+    }
+
+    fn io(&self, op: &'static str, rel: &RelPath, e: io::Error) -> ArchiveError {
+        ArchiveError::io(op, self.shared.full(&rel.joined), e)
+    }
+
+    fn run(&mut self, job: Job, batch: &[u8]) -> Result<(), ArchiveError> {
+        match job {
+            Job::File {
+                parent,
+                rel,
+                meta,
+                data,
+                total,
+            } => {
+                let name = cname(&rel)?;
+                let fd = self.create(&parent, &rel, &name, meta.mode)?;
+                self.record(&rel);
+                let data = &batch[data];
+                if !data.is_empty() {
+                    sys::write_all(fd.as_raw_fd(), data).map_err(|e| self.io("write", &rel, e))?;
+                }
+                let left = total - data.len() as u64;
+                let file = OpenFile {
+                    fd,
+                    rel,
+                    meta,
+                    left,
+                };
+                if left == 0 {
+                    self.close(file)
+                } else {
+                    self.open = Some(file);
+                    Ok(())
+                }
+            }
+            Job::Chunk(data) => {
+                let Some(mut file) = self.open.take() else {
+                    return Ok(());
+                };
+                sys::write_all(file.fd.as_raw_fd(), &data)
+                    .map_err(|e| self.io("write", &file.rel, e))?;
+                file.left = file.left.saturating_sub(data.len() as u64);
+                if file.left == 0 {
+                    self.close(file)
+                } else {
+                    self.open = Some(file);
+                    Ok(())
+                }
+            }
+            Job::Symlink {
+                parent,
+                rel,
+                target,
+                meta,
+            } => {
+                let name = cname(&rel)?;
+                let dir = parent.as_raw_fd();
+                replace(dir, &name, || sys::symlinkat(&target, dir, &name))
+                    .map_err(|e| self.io("create symlink", &rel, e))?;
+                self.record(&rel);
+                if let Some((uid, gid)) = meta.owner {
+                    sys::lchownat(dir, &name, uid, gid).map_err(|e| self.io("chown", &rel, e))?;
+                }
+                if let Some(m) = meta.mtime {
+                    sys::set_mtime(dir, Some(&name), m)
+                        .map_err(|e| self.io("set mtime of", &rel, e))?;
+                }
+                Ok(())
+            }
+            Job::Hardlink {
+                parent,
+                rel,
+                tparent,
+                tname,
+            } => {
+                let name = cname(&rel)?;
+                let dir = parent.as_raw_fd();
+                replace(dir, &name, || {
+                    sys::linkat(tparent.as_raw_fd(), &tname, dir, &name)
+                })
+                .map_err(|e| self.io("create hard link", &rel, e))?;
+                self.record(&rel);
+                Ok(())
+            }
+            Job::Barrier(_) => Ok(()),
+        }
+    }
+
+    /// Creates `name` exclusively; an existing non-directory is unlinked
+    /// first, so an existing inode (or a symlink) is never written through.
+    fn create(
+        &self,
+        parent: &OwnedFd,
+        rel: &RelPath,
+        name: &CString,
+        mode: u32,
+    ) -> Result<OwnedFd, ArchiveError> {
+        let dir = parent.as_raw_fd();
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY;
+        let mut fd = None;
+        replace(dir, name, || {
+            fd = Some(sys::openat2(dir, name, flags, mode)?);
+            Ok(())
+        })
+        .map_err(|e| self.io("create", rel, e))?;
+        fd.ok_or_else(|| self.io("create", rel, io::Error::from(io::ErrorKind::NotFound)))
+    }
+
+    fn close(&mut self, file: OpenFile) -> Result<(), ArchiveError> {
+        let fd = file.fd.as_raw_fd();
+        if let Some((uid, gid)) = file.meta.owner {
+            sys::fchown(fd, uid, gid).map_err(|e| self.io("chown", &file.rel, e))?;
+        }
+        for (name, value) in &file.meta.xattrs {
+            sys::fsetxattr(fd, name, value).map_err(|e| self.io("set xattr on", &file.rel, e))?;
+        }
+        if let Some(m) = file.meta.mtime {
+            sys::set_mtime(fd, None, m).map_err(|e| self.io("set mtime of", &file.rel, e))?;
+        }
+        sys::close(file.fd).map_err(|e| self.io("close", &file.rel, e))
+    }
+}
+
+/// Runs `make`; on `EEXIST` unlinks the existing non-directory and retries once.
+fn replace(dir: i32, name: &CString, mut make: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            sys::unlinkat(dir, name, false)?;
+            make()
+        }
+        r => r,
+    }
+}
+
+fn cname(rel: &RelPath) -> Result<CString, ArchiveError> {
+    sys::cstr(rel.name()).map_err(|e| ArchiveError::io("name", rel.to_path_buf(), e))
+}
+
+/// What the tar parser sees: the (decompressed) stream, noting whether it
+/// reached end of input and whether the underlying source failed.
+struct Tracked<R> {
+    inner: R,
+    state: Arc<Mutex<SourceState>>,
+}
+
+#[derive(Default)]
+struct SourceState {
+    eof: bool,
+    source_error: Option<io::Error>,
+}
+
+impl<R: Read> Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// The raw source: its own failures are kept so they are not mistaken for
+/// a corrupt archive.
+struct Source<R> {
+    inner: R,
+    state: Arc<Mutex<SourceState>>,
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let kind = e.kind();
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if st.source_error.is_none() {
+                        st.source_error = Some(e);
+                    }
+                    return Err(io::Error::new(kind, "archive source failed"));
+                }
+                Ok(n) => return Ok(n),
+            }
+        }
+    }
+}
+
+fn classify(e: io::Error, entries: u64, state: &Mutex<SourceState>) -> ArchiveError {
+    if let Some(src) = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .source_error
+        .take()
+    {
+        return ArchiveError::Read(src);
+    }
+    if entries == 0 {
+        return ArchiveError::NotATar {
+            detail: e.to_string(),
+        };
+    }
+    if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("entire block") {
+        return ArchiveError::Truncated { entries };
+    }
+    ArchiveError::Corrupt {
+        entries,
+        detail: e.to_string(),
+    }
+}
+
+/// A created directory whose final attributes are applied at the end (its
+/// mtime would otherwise change as entries land in it).
+struct DirMeta {
+    rel: Vec<u8>,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    mtime: Option<i64>,
+}
+
+/// Parser-side state: the directory cache and what the parser created.
+struct Parser<'o> {
+    opts: &'o ExtractOptions,
+    shared: Arc<Shared>,
+    pool: Pool,
+    root: Arc<OwnedFd>,
+    dirs: HashMap<Vec<u8>, Arc<OwnedFd>>,
+    symlinks: HashSet<Vec<u8>>,
+    deferred: Vec<DirMeta>,
+    written: WrittenPaths,
+    report: ExtractReport,
+    umask: u32,
+}
+
+/// Stops the parse loop early because a writer failed (its error is in `Shared`).
+struct Stop;
+
+enum Fail {
+    Stop,
+    Err(ArchiveError),
+}
+
+impl From<ArchiveError> for Fail {
+    fn from(e: ArchiveError) -> Self {
+        Fail::Err(e)
+    }
+}
+
+impl From<Stop> for Fail {
+    fn from(_: Stop) -> Self {
+        Fail::Stop
+    }
+}
+
+impl Parser<'_> {
+    fn full(&self, rel: &[u8]) -> PathBuf {
+        self.shared.full(rel)
+    }
+
+    fn escape(rel: &[u8]) -> ArchiveError {
+        ArchiveError::Escape {
+            entry: bytes_path(rel),
+            reason: "resolves through a symlink leading outside the target",
+        }
+    }
+
+    /// The directory `rel` beneath the target, created (with parents) when
+    /// missing; `entry` names the archive entry for errors.
+    fn dir(&mut self, rel: &[u8]) -> Result<Arc<OwnedFd>, Fail> {
+        if rel.is_empty() {
+            return Ok(self.root.clone());
+        }
+        if let Some(fd) = self.dirs.get(rel) {
+            return Ok(fd.clone());
+        }
+        if !self.symlinks.is_empty() && prefixes(rel).any(|p| self.symlinks.contains(p)) {
+            // A symlink of this archive may still be queued: let it land.
+            if !self.pool.barrier() {
+                return Err(Fail::Stop);
+            }
+        }
+        let c =
+            sys::cstr(rel).map_err(|e| ArchiveError::io("open directory", self.full(rel), e))?;
+        let fd = match sys::open_dir_follow(self.root.as_raw_fd(), &c) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let p = sanitize(rel).map_err(|_| Self::escape(rel))?;
+                let mode = 0o755 & !self.umask;
+                return self.mkdir(&p, mode, None);
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP)) => {
+                return Err(Self::escape(rel).into())
+            }
+            Err(e) => return Err(ArchiveError::io("open directory", self.full(rel), e).into()),
+        };
+        Ok(self.cache(rel, fd))
+    }
+
+    fn cache(&mut self, rel: &[u8], fd: OwnedFd) -> Arc<OwnedFd> {
+        if self.dirs.len() >= DIR_CACHE {
+            self.dirs.clear();
+        }
+        let fd = Arc::new(fd);
+        self.dirs.insert(rel.to_vec(), fd.clone());
+        fd
+    }
+
+    /// Creates directory `p` (its parent first); `meta` is the archive's
+    /// entry for it, or `None` for an implied parent.
+    fn mkdir(
+        &mut self,
+        p: &RelPath,
+        mode: u32,
+        meta: Option<DirMeta>,
+    ) -> Result<Arc<OwnedFd>, Fail> {
+        let parent = self.dir(p.parent())?;
+        let name = cname(p)?;
+        match sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700) {
+            Ok(()) => {
+                if self.shared.track {
+                    self.written.push(&p.joined);
+                }
+                self.report.dirs += 1;
+                let owner = self.opts.ownership.map(0, 0);
+                self.deferred.push(meta.unwrap_or(DirMeta {
+                    rel: p.joined.clone(),
+                    mode,
+                    owner,
+                    mtime: None,
+                }));
+                let fd = sys::open_dir(parent.as_raw_fd(), &name).map_err(|e| {
+                    match e.raw_os_error() {
+                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
+                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
+                    }
+                })?;
+                Ok(self.cache(&p.joined, fd))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                // Exists (maybe raced, maybe a symlink to a directory beneath).
+                let c = sys::cstr(&p.joined)
+                    .map_err(|e| ArchiveError::io("open directory", self.full(&p.joined), e))?;
+                let fd = sys::open_dir_follow(self.root.as_raw_fd(), &c).map_err(|e| {
+                    match e.raw_os_error() {
+                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
+                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
+                    }
+                })?;
+                Ok(self.cache(&p.joined, fd))
+            }
+            Err(e) => Err(ArchiveError::io("create directory", self.full(&p.joined), e).into()),
+        }
+    }
+
+    fn writer_for(&self, rel: &[u8]) -> usize {
+        // FNV-1a: cheap and spreads sibling names.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in rel {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h >> 7) as usize
+    }
+
+    fn send(&mut self, i: usize, job: Job) -> Result<(), Stop> {
+        let bytes = match &job {
+            Job::Chunk(data) => data.len(),
+            _ => 0,
+        };
+        if self.pool.send(i, job, bytes) {
+            Ok(())
+        } else {
+            Err(Stop)
+        }
+    }
+
+    fn check(&self) -> Result<(), Stop> {
+        if self.shared.abort.load(Ordering::Relaxed) {
+            Err(Stop)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn meta<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        entries: u64,
+        state: &Mutex<SourceState>,
+    ) -> Result<Meta, ArchiveError> {
+        let h = entry.header();
+        let corrupt = |e: io::Error| ArchiveError::Corrupt {
+            entries,
+            detail: e.to_string(),
+        };
+        let mode = h.mode().map_err(corrupt)? & 0o1777;
+        // Empty numeric fields (some writers leave them blank) read as 0.
+        let owner = match self.opts.ownership {
+            super::Ownership::Unchanged => None,
+            o => o.map(h.uid().unwrap_or(0), h.gid().unwrap_or(0)),
+        };
+        let mtime = if self.opts.preserve_mtime {
+            h.mtime().ok().map(|m| m as i64)
+        } else {
+            None
+        };
+        let mut xattrs = Vec::new();
+        if let Some(exts) = entry
+            .pax_extensions()
+            .map_err(|e| classify(e, entries, state))?
+        {
+            for ext in exts {
+                let ext = ext.map_err(corrupt)?;
+                let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+                    continue;
+                };
+                let allowed = self
+                    .opts
+                    .xattr_prefixes
+                    .iter()
+                    .any(|p| name.starts_with(p.as_bytes()));
+                match (allowed, CString::new(name)) {
+                    (true, Ok(n)) => xattrs.push((n, ext.value_bytes().to_vec())),
+                    _ => self.report.xattrs_dropped += 1,
+                }
+            }
+        }
+        Ok(Meta {
+            mode,
+            owner,
+            mtime,
+            xattrs,
+        })
+    }
+
+    fn entry<R: Read>(
+        &mut self,
+        mut entry: tar::Entry<'_, R>,
+        entries: u64,
+        state: &Mutex<SourceState>,
+    ) -> Result<(), Fail> {
+        use tar::EntryType as T;
+        self.check()?;
+        let kind = entry.header().entry_type();
+        let raw = entry.path_bytes().into_owned();
+        let rel = sanitize(&raw).map_err(|r| ArchiveError::Escape {
+            entry: bytes_path(&raw),
+            reason: r.reason(),
+        })?;
+        let special = match kind {
+            T::Char => Some("character device"),
+            T::Block => Some("block device"),
+            T::Fifo => Some("fifo"),
+            _ => None,
+        };
+        if let Some(what) = special {
+            return match self.opts.special {
+                SpecialFiles::Refuse => Err(ArchiveError::Refused {
+                    entry: rel.to_path_buf(),
+                    kind: what,
+                }
+                .into()),
+                SpecialFiles::Skip => {
+                    self.report.skipped.push(Skipped {
+                        path: rel.to_path_buf(),
+                        kind: what,
+                    });
+                    Ok(())
+                }
+            };
+        }
+        match kind {
+            T::XGlobalHeader | T::GNULongName | T::GNULongLink | T::XHeader => return Ok(()),
+            T::Regular | T::Continuous | T::GNUSparse | T::Directory | T::Symlink | T::Link => {}
+            _ if kind.as_byte() == b'V' => return Ok(()),
+            _ => {
+                return Err(ArchiveError::Refused {
+                    entry: rel.to_path_buf(),
+                    kind: "entry of an unknown type",
+                }
+                .into())
+            }
+        }
+        if rel.is_root() {
+            if kind == T::Directory {
+                return Ok(());
+            }
+            return Err(ArchiveError::Refused {
+                entry: bytes_path(&raw),
+                kind: "non-directory naming the target itself",
+            }
+            .into());
+        }
+        let meta = self.meta(&mut entry, entries, state)?;
+        match kind {
+            T::Directory => {
+                if self.dirs.contains_key(&rel.joined) {
+                    return Ok(());
+                }
+                let dm = DirMeta {
+                    rel: rel.joined.clone(),
+                    mode: meta.mode,
+                    owner: meta.owner,
+                    mtime: meta.mtime,
+                };
+                self.mkdir(&rel, meta.mode, Some(dm))?;
+            }
+            T::Symlink => {
+                let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+                let target = sys::cstr(&target).map_err(|_| ArchiveError::Escape {
+                    entry: rel.to_path_buf(),
+                    reason: "symlink target contains a NUL byte",
+                })?;
+                let parent = self.dir(rel.parent())?;
+                let prefix = rel.joined.clone();
+                self.dirs.retain(|k, _| !k.starts_with(&prefix));
+                self.symlinks.insert(rel.joined.clone());
+                self.report.symlinks += 1;
+                let i = self.writer_for(&rel.joined);
+                self.send(
+                    i,
+                    Job::Symlink {
+                        parent,
+                        rel,
+                        target,
+                        meta,
+                    },
+                )?;
+            }
+            T::Link => {
+                let raw_target = entry.link_name_bytes().unwrap_or_default().into_owned();
+                let t = sanitize(&raw_target).map_err(|r| ArchiveError::Escape {
+                    entry: rel.to_path_buf(),
+                    reason: match r {
+                        super::path::Refusal::Absolute => "hard link to an absolute path",
+                        super::path::Refusal::DotDot => "hard link target contains `..`",
+                        super::path::Refusal::Nul => "hard link target contains a NUL byte",
+                    },
+                })?;
+                if t.is_root() {
+                    return Err(ArchiveError::Refused {
+                        entry: rel.to_path_buf(),
+                        kind: "hard link to the target directory",
+                    }
+                    .into());
+                }
+                let tparent = self.dir(t.parent())?;
+                let tname = cname(&t)?;
+                let parent = self.dir(rel.parent())?;
+                self.report.hardlinks += 1;
+                let i = self.writer_for(&t.joined);
+                self.send(
+                    i,
+                    Job::Hardlink {
+                        parent,
+                        rel,
+                        tparent,
+                        tname,
+                    },
+                )?;
+            }
+            _ => self.file(entry, rel, meta, entries, state)?,
+        }
+        Ok(())
+    }
+
+    fn file<R: Read>(
+        &mut self,
+        mut entry: tar::Entry<'_, R>,
+        rel: RelPath,
+        meta: Meta,
+        entries: u64,
+        state: &Mutex<SourceState>,
+    ) -> Result<(), Fail> {
+        let size = entry.size();
+        let total = self.report.bytes.saturating_add(size);
+        if let Some(limit) = self.opts.max_bytes {
+            if total > limit {
+                return Err(ArchiveError::TooLarge {
+                    entry: rel.to_path_buf(),
+                    limit,
+                }
+                .into());
+            }
+        }
+        self.report.bytes = total;
+        self.report.files += 1;
+        let parent = self.dir(rel.parent())?;
+        let i = self.writer_for(&rel.joined);
+        let truncated = |e: io::Error| match classify(e, entries, state) {
+            ArchiveError::NotATar { .. } => ArchiveError::Truncated { entries },
+            e => e,
+        };
+        let budget = &self.shared.budget;
+        let first = size.min(CHUNK as u64) as usize;
+        budget.acquire(first);
+        let buf = self.pool.buffer(i, first)?;
+        let start = buf.len();
+        buf.resize(start + first, 0);
+        if let Err(e) = entry.read_exact(&mut buf[start..]) {
+            buf.truncate(start);
+            budget.release(first);
+            return Err(truncated(e).into());
+        }
+        self.send(
+            i,
+            Job::File {
+                parent,
+                rel,
+                meta,
+                data: start..start + first,
+                total: size,
+            },
+        )?;
+        let mut left = size - first as u64;
+        while left > 0 {
+            self.check()?;
+            let n = left.min(CHUNK as u64) as usize;
+            let budget = &self.shared.budget;
+            budget.acquire(n);
+            let mut data = vec![0u8; n];
+            if let Err(e) = entry.read_exact(&mut data) {
+                budget.release(n);
+                return Err(truncated(e).into());
+            }
+            self.send(i, Job::Chunk(data))?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Applies the deferred attributes of created directories, deepest first.
+fn finish_dirs(root: &OwnedFd, deferred: &[DirMeta], shared: &Shared) -> Result<(), ArchiveError> {
+    for d in deferred.iter().rev() {
+        let full = || shared.full(&d.rel);
+        let c = sys::cstr(&d.rel).map_err(|e| ArchiveError::io("open directory", full(), e))?;
+        let fd = sys::open_dir(root.as_raw_fd(), &c).map_err(|e| match e.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::ELOOP) => Parser::escape(&d.rel),
+            _ => ArchiveError::io("open directory", full(), e),
+        })?;
+        let raw = fd.as_raw_fd();
+        if let Some((uid, gid)) = d.owner {
+            sys::fchown(raw, uid, gid).map_err(|e| ArchiveError::io("chown", full(), e))?;
+        }
+        sys::fchmod(raw, d.mode).map_err(|e| ArchiveError::io("chmod", full(), e))?;
+        if let Some(m) = d.mtime {
+            sys::set_mtime(raw, None, m)
+                .map_err(|e| ArchiveError::io("set mtime of", full(), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 4)
+}
+
+/// Opens `target` and calls `syncfs` on its filesystem.
+pub(super) fn sync_dir(target: &Path) -> Result<(), ArchiveError> {
+    let dir =
+        std::fs::File::open(target).map_err(|e| ArchiveError::io("open target", target, e))?;
+    sys::syncfs(dir.as_raw_fd()).map_err(|e| ArchiveError::io("syncfs", target, e))
+}
+
+/// Extracts `reader` beneath the existing directory `target`.
+pub(super) fn run<R: Read>(
+    reader: R,
+    target: &Path,
+    opts: &ExtractOptions,
+    track: bool,
+) -> Result<ExtractReport, ArchiveError> {
+    let root: OwnedFd = std::fs::File::open(target)
+        .and_then(|f| {
+            if f.metadata()?.is_dir() {
+                Ok(f.into())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::ENOTDIR))
+            }
+        })
+        .map_err(|e| ArchiveError::io("open target", target, e))?;
+    let state = Arc::new(Mutex::new(SourceState::default()));
+    // Headers and small files are read through one large buffer, so the
+    // source costs a read per MiB rather than two per entry.
+    let mut src = io::BufReader::with_capacity(
+        READ_BUFFER,
+        Source {
+            inner: reader,
+            state: state.clone(),
+        },
+    );
+    let mut head = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match src.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(classify(e, 1, &state)),
+        }
+    }
+    if got == 0 {
+        return Err(ArchiveError::NotATar {
+            detail: "empty input".into(),
+        });
+    }
+    let chained = io::Cursor::new(head[..got].to_vec()).chain(src);
+    let stream: Box<dyn Read + '_> = if head[..got] == [0x1f, 0x8b] {
+        Box::new(flate2::read::MultiGzDecoder::new(chained))
+    } else {
+        Box::new(chained)
+    };
+    let mut archive = tar::Archive::new(Tracked {
+        inner: stream,
+        state: state.clone(),
+    });
+
+    let shared = Arc::new(Shared {
+        target: target.to_path_buf(),
+        abort: AtomicBool::new(false),
+        error: Mutex::new(None),
+        budget: Budget::new(),
+        track,
+    });
+    let threads = if opts.threads == 0 {
+        default_threads()
+    } else {
+        opts.threads.min(MAX_THREADS)
+    };
+    let pool = Pool::new(threads, shared.clone())?;
+    let mut p = Parser {
+        opts,
+        shared: shared.clone(),
+        pool,
+        root: Arc::new(root),
+        dirs: HashMap::new(),
+        symlinks: HashSet::new(),
+        deferred: Vec::new(),
+        written: WrittenPaths::default(),
+        report: ExtractReport::default(),
+        umask: process_umask(),
+    };
+
+    let mut parsed: Result<(), Fail> = Ok(());
+    let mut count = 0u64;
+    match archive.entries() {
+        Err(e) => parsed = Err(Fail::Err(classify(e, 0, &state))),
+        Ok(entries) => {
+            for entry in entries {
+                let r = match entry {
+                    Ok(entry) => {
+                        count += 1;
+                        p.entry(entry, count, &state)
+                    }
+                    Err(e) => Err(Fail::Err(classify(e, count, &state))),
+                };
+                if r.is_err() {
+                    parsed = r;
+                    break;
+                }
+            }
+        }
+    }
+    if parsed.is_ok() {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.eof {
+            // The stream ended without the end-of-archive blocks.
+            parsed = Err(Fail::Err(if count == 0 {
+                ArchiveError::NotATar {
+                    detail: "no tar header found".into(),
+                }
+            } else {
+                ArchiveError::Truncated { entries: count }
+            }));
+        }
+    }
+
+    let Parser {
+        pool,
+        mut written,
+        report,
+        deferred,
+        dirs,
+        root,
+        ..
+    } = p;
+    drop(dirs);
+    let joined = pool.finish(&mut written);
+    let writer_err = shared.take_error();
+    let err = match (parsed, joined, writer_err) {
+        (_, Err(e), _) => Some(e),
+        (Err(Fail::Err(e)), _, _) => Some(e),
+        (_, _, Some(e)) => Some(e),
+        (Err(Fail::Stop), _, None) => Some(ArchiveError::WriterPanic(target.to_path_buf())),
+        (Ok(()), Ok(()), None) => None,
+    };
+    let err = match err {
+        Some(e) => Some(e),
+        None => finish_dirs(&root, &deferred, &shared).err(),
+    };
+    let err = match err {
+        Some(e) => Some(e),
+        None if opts.sync => sys::syncfs(root.as_raw_fd())
+            .map_err(|e| ArchiveError::io("syncfs", target, e))
+            .err(),
+        None => None,
+    };
+    match err {
+        None => Ok(ExtractReport { written, ..report }),
+        Some(e) if written.is_empty() => Err(e),
+        Some(e) => Err(ArchiveError::Incomplete {
+            target: target.to_path_buf(),
+            cause: Box::new(e),
+            written,
+        }),
+    }
+}

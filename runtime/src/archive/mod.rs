@@ -1,0 +1,325 @@
+//! Safe, fast extraction of tar archives (optionally gzip) beneath a target
+//! directory, and the writer side used by exports.
+//!
+//! Extraction never writes outside the target: entry names are validated
+//! (`..`, absolute paths and NUL bytes are refused, whatever GNU long-name or
+//! PAX record carried them) and every lookup goes through `openat2(2)` with
+//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS` from directory fds that stay
+//! open, so a running phone swapping a directory for a symlink cannot steer a
+//! write outside. Files are created `O_EXCL` (an existing file is unlinked
+//! first, never written through), device nodes and fifos are refused or
+//! skipped, setuid/setgid bits are stripped, and xattrs come only from an
+//! allow-list. The calling thread parses the stream and a few writer threads
+//! create the files (see `extract.rs`); one `syncfs` ends the run when asked.
+
+mod extract;
+mod path;
+mod sys;
+mod write;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use write::{write_tar, WriteReport};
+
+/// Who owns what an archive creates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ownership {
+    /// Owned by the extracting process (no `chown` at all).
+    #[default]
+    Unchanged,
+    /// The uid/gid recorded in the archive.
+    Archive,
+    /// The archive's uid/gid plus a shift (a phone's user-namespace base).
+    Shift { uid: u32, gid: u32 },
+    /// Everything owned by one uid/gid.
+    Fixed { uid: u32, gid: u32 },
+}
+
+impl Ownership {
+    fn map(self, uid: u64, gid: u64) -> Option<(u32, u32)> {
+        let (u, g) = (uid as u32, gid as u32);
+        match self {
+            Ownership::Unchanged => None,
+            Ownership::Archive => Some((u, g)),
+            Ownership::Shift { uid, gid } => Some((u.wrapping_add(uid), g.wrapping_add(gid))),
+            Ownership::Fixed { uid, gid } => Some((uid, gid)),
+        }
+    }
+}
+
+/// What to do with device nodes and fifos found in an archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SpecialFiles {
+    /// Fail the extraction naming the entry.
+    #[default]
+    Refuse,
+    /// Skip them and list them in [`ExtractReport::skipped`].
+    Skip,
+}
+
+/// The xattr names allowed by default: `user.*` only. `security.capability`
+/// (file capabilities) can be added by callers importing system images; the
+/// rest of `security.*` and all of `trusted.*`/`system.*` stay out.
+pub const DEFAULT_XATTR_PREFIXES: &[&str] = &["user."];
+
+/// How an archive is extracted.
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    /// Refuse the archive once this many bytes of file data would be written.
+    pub max_bytes: Option<u64>,
+    /// Call `syncfs` on the target once at the end.
+    pub sync: bool,
+    /// Ownership of created files, directories and links.
+    pub ownership: Ownership,
+    /// Set modification times from the archive (as GNU tar does).
+    pub preserve_mtime: bool,
+    /// Device nodes and fifos: refuse (default) or skip.
+    pub special: SpecialFiles,
+    /// xattr name prefixes (from PAX `SCHILY.xattr.*` records) that are set;
+    /// others are dropped and counted in [`ExtractReport::xattrs_dropped`].
+    pub xattr_prefixes: Vec<String>,
+    /// Extract into a fresh sibling directory and rename it onto `target`
+    /// (which must not exist) only when everything succeeded: a failure
+    /// leaves `target` absent.
+    pub staging: bool,
+    /// Writer threads (0 picks from the available cores).
+    pub threads: usize,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            max_bytes: None,
+            sync: false,
+            ownership: Ownership::Unchanged,
+            preserve_mtime: true,
+            special: SpecialFiles::Refuse,
+            xattr_prefixes: DEFAULT_XATTR_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            staging: false,
+            threads: 0,
+        }
+    }
+}
+
+/// An entry that was not extracted, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub kind: &'static str,
+}
+
+/// Relative paths (beneath the target) an extraction created or replaced,
+/// stored compactly (one buffer) so a million entries stay small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WrittenPaths {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl WrittenPaths {
+    fn push(&mut self, rel: &[u8]) {
+        self.buf.extend_from_slice(rel);
+        self.buf.push(0);
+        self.count += 1;
+    }
+
+    fn append(&mut self, other: WrittenPaths) {
+        self.buf.extend_from_slice(&other.buf);
+        self.count += other.count;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The paths, relative to the target.
+    pub fn iter(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.buf
+            .split(|&b| b == 0)
+            .take(self.count)
+            .map(path::bytes_path)
+    }
+}
+
+/// What an extraction wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtractReport {
+    /// Regular files created.
+    pub files: u64,
+    /// Directories created (existing ones are not counted nor touched).
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    /// Bytes of file data written.
+    pub bytes: u64,
+    /// Entries skipped (device nodes and fifos under [`SpecialFiles::Skip`]).
+    pub skipped: Vec<Skipped>,
+    /// xattrs present in the archive but outside the allow-list.
+    pub xattrs_dropped: u64,
+    /// Everything created or replaced, relative to the target (empty when
+    /// staging, where the whole target is new).
+    pub written: WrittenPaths,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("input is not a tar archive: {detail}")]
+    NotATar { detail: String },
+    #[error("corrupt tar archive after {entries} entries: {detail}")]
+    Corrupt { entries: u64, detail: String },
+    #[error("tar archive is truncated after {entries} entries")]
+    Truncated { entries: u64 },
+    #[error("reading the archive: {0}")]
+    Read(#[source] io::Error),
+    #[error("entry {entry} escapes the target: {reason}")]
+    Escape {
+        entry: PathBuf,
+        reason: &'static str,
+    },
+    #[error("archive exceeds the limit of {limit} bytes at entry {entry}")]
+    TooLarge { entry: PathBuf, limit: u64 },
+    #[error("entry {entry} is a {kind}, which an archive may not create")]
+    Refused { entry: PathBuf, kind: &'static str },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("staging target {0} already exists")]
+    TargetExists(PathBuf),
+    #[error("writer thread for {0} panicked")]
+    WriterPanic(PathBuf),
+    #[error("extraction into {target} failed after writing {} paths: {cause}", written.len())]
+    Incomplete {
+        target: PathBuf,
+        cause: Box<ArchiveError>,
+        /// Exactly what was created or replaced before the failure.
+        written: WrittenPaths,
+    },
+}
+
+impl ArchiveError {
+    /// The underlying failure, looking through [`ArchiveError::Incomplete`].
+    pub fn root_cause(&self) -> &ArchiveError {
+        match self {
+            ArchiveError::Incomplete { cause, .. } => cause.root_cause(),
+            e => e,
+        }
+    }
+
+    /// Paths written before the failure (empty when nothing was or when a
+    /// staging directory was removed).
+    pub fn written(&self) -> Option<&WrittenPaths> {
+        match self {
+            ArchiveError::Incomplete { written, .. } => Some(written),
+            _ => None,
+        }
+    }
+
+    /// The input is not a usable tar (garbage, corrupt or truncated): the
+    /// caller's "not a tar" error rather than a host failure.
+    pub fn is_bad_archive(&self) -> bool {
+        matches!(
+            self.root_cause(),
+            ArchiveError::NotATar { .. }
+                | ArchiveError::Corrupt { .. }
+                | ArchiveError::Truncated { .. }
+        )
+    }
+
+    fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        ArchiveError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Extracts a tar stream (gzip detected from its magic bytes) beneath `target`.
+///
+/// Without staging, `target` must be an existing directory; on failure the
+/// error is [`ArchiveError::Incomplete`] listing what was written, or the
+/// bare cause when nothing was. With staging, `target` must not exist and is
+/// absent after a failure.
+pub fn extract<R: io::Read>(
+    reader: R,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, ArchiveError> {
+    if !opts.staging {
+        return extract::run(reader, target, opts, true);
+    }
+    if target.symlink_metadata().is_ok() {
+        return Err(ArchiveError::TargetExists(target.to_path_buf()));
+    }
+    let staging = staging_path(target);
+    std::fs::create_dir(&staging)
+        .map_err(|e| ArchiveError::io("create staging directory", &staging, e))?;
+    let result = extract::run(
+        reader,
+        &staging,
+        &ExtractOptions {
+            sync: false,
+            ..opts.clone()
+        },
+        false,
+    )
+    .and_then(|report| {
+        let from = sys::cstr(path_bytes(&staging))
+            .map_err(|e| ArchiveError::io("rename staging directory", &staging, e))?;
+        let to = sys::cstr(path_bytes(target))
+            .map_err(|e| ArchiveError::io("rename staging directory", target, e))?;
+        sys::rename_noreplace(&from, &to).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EEXIST) || e.raw_os_error() == Some(libc::ENOTEMPTY) {
+                ArchiveError::TargetExists(target.to_path_buf())
+            } else {
+                ArchiveError::io("rename staging directory onto", target, e)
+            }
+        })?;
+        Ok(report)
+    });
+    match result {
+        Ok(report) => {
+            if opts.sync {
+                extract::sync_dir(target)?;
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            if let Err(rm) = std::fs::remove_dir_all(&staging) {
+                tracing::warn!(path = %staging.display(), error = %rm, "removing staging directory");
+            }
+            Err(match e {
+                ArchiveError::Incomplete { cause, .. } => *cause,
+                e => e,
+            })
+        }
+    }
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes()
+}
+
+fn staging_path(target: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "target".into());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!(".{name}.staging-{}-{n}", std::process::id()))
+}

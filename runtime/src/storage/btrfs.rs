@@ -1,0 +1,603 @@
+//! The btrfs backend: one btrfs filesystem on a block device or on a
+//! loop-attached sparse file. Images are read-only subvolumes; a phone's
+//! volume is a writable snapshot of one (constant time, copy-on-write) whose
+//! qgroup carries a referenced-bytes limit, so writes past the phone's disk
+//! size fail with EDQUOT. The sharepool is a subvolume with its own limit.
+//!
+//! Layout under the mount point: `.cph-owner`, `images/<id>`,
+//! `volumes/<phone>`, `meta/<phone>.json`, `share/{files,apps}`.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::cmd::{self, Btrfs, Invocation, Losetup, Mount, Runner, SystemRunner};
+use super::{
+    claim_owner, image_extract_options, is_mount_point, list_ids, read_owner, validate_id,
+    ImportOutcome, SharePaths, ShareUsage, Storage, StorageError, VolumeMeta,
+};
+
+/// Offset and value of the btrfs superblock magic.
+const BTRFS_MAGIC_OFFSET: u64 = 0x10040;
+const BTRFS_MAGIC: &[u8; 8] = b"_BHRfS_M";
+/// Label given to filesystems this backend creates.
+pub const POOL_LABEL: &str = "cph-pool";
+/// Smallest pool mkfs.btrfs accepts comfortably.
+pub const MIN_POOL_BYTES: u64 = 128 << 20;
+
+/// What the pool lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolDevice {
+    /// A block device (partition or disk), formatted if it holds no btrfs.
+    Block(PathBuf),
+    /// A sparse file of `size_bytes`, created if absent, attached to a loop
+    /// device (re-attached after a reboot).
+    LoopFile { path: PathBuf, size_bytes: u64 },
+}
+
+/// Where and for whom the pool is prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BtrfsConfig {
+    pub device: PoolDevice,
+    pub mount_point: PathBuf,
+    /// Id of the agent owning the pool (written to the owner marker).
+    pub owner: String,
+    /// Sharepool cap in bytes (`max_share_disk_size_g`).
+    pub max_share_bytes: u64,
+}
+
+/// The btrfs backend.
+pub struct BtrfsStorage {
+    cfg: BtrfsConfig,
+    runner: Box<dyn Runner>,
+    /// Serializes imports and volume changes of this handle.
+    lock: Mutex<()>,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl BtrfsStorage {
+    pub fn new(cfg: BtrfsConfig) -> Self {
+        Self::with_runner(cfg, Box::new(SystemRunner))
+    }
+
+    pub fn with_runner(cfg: BtrfsConfig, runner: Box<dyn Runner>) -> Self {
+        Self {
+            cfg,
+            runner,
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> &BtrfsConfig {
+        &self.cfg
+    }
+
+    fn run(&self, inv: Invocation) -> Result<String, StorageError> {
+        self.runner.run(&inv)
+    }
+
+    fn btrfs(&self, c: Btrfs) -> Result<String, StorageError> {
+        self.run(c.render())
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn root(&self) -> Result<&Path, StorageError> {
+        let mp = self.cfg.mount_point.as_path();
+        if !is_mount_point(mp) {
+            return Err(StorageError::NotPrepared(format!(
+                "{} is not mounted",
+                mp.display()
+            )));
+        }
+        Ok(mp)
+    }
+
+    fn image_dir(&self, id: &str) -> PathBuf {
+        self.cfg.mount_point.join("images").join(id)
+    }
+
+    fn volume_dir(&self, id: &str) -> PathBuf {
+        self.cfg.mount_point.join("volumes").join(id)
+    }
+
+    fn meta_file(&self, id: &str) -> PathBuf {
+        self.cfg.mount_point.join("meta").join(format!("{id}.json"))
+    }
+
+    /// The loop devices currently backing the pool file.
+    fn loops_of(&self, file: &Path) -> Result<Vec<String>, StorageError> {
+        let out = self.run(Losetup::Find { file: s(file) }.render())?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Finds or makes the device: `(device, attached by this call, file
+    /// created by this call)`.
+    fn open_device(&self) -> Result<(String, bool, bool), StorageError> {
+        match &self.cfg.device {
+            PoolDevice::Block(p) => {
+                if !p.exists() {
+                    return Err(StorageError::BadDevice {
+                        path: p.clone(),
+                        reason: "no such device".into(),
+                    });
+                }
+                Ok((s(p), false, false))
+            }
+            PoolDevice::LoopFile { path, size_bytes } => {
+                let mut created = false;
+                if !path.exists() {
+                    if *size_bytes < MIN_POOL_BYTES {
+                        return Err(StorageError::BadDevice {
+                            path: path.clone(),
+                            reason: format!("pool size {size_bytes} is below {MIN_POOL_BYTES}"),
+                        });
+                    }
+                    check_space(path, *size_bytes)?;
+                    create_sparse(path, *size_bytes)?;
+                    created = true;
+                }
+                if let Some(dev) = self.loops_of(path)?.into_iter().next() {
+                    return Ok((dev, false, created));
+                }
+                match self.run(Losetup::Attach { file: s(path) }.render()) {
+                    Ok(out) => Ok((out.trim().to_string(), true, created)),
+                    Err(e) => {
+                        if created {
+                            let _ = std::fs::remove_file(path);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn undo_device(&self, dev: &str, attached: bool, created: bool) {
+        if attached {
+            if let Err(e) = self.run(
+                Losetup::Detach {
+                    device: dev.to_string(),
+                }
+                .render(),
+            ) {
+                tracing::warn!(device = dev, error = %e, "detaching loop device");
+            }
+        }
+        if let (true, PoolDevice::LoopFile { path, .. }) = (created, &self.cfg.device) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn mount_pool(&self) -> Result<(), StorageError> {
+        let mp = &self.cfg.mount_point;
+        let (dev, attached, created) = self.open_device()?;
+        let result = (|| {
+            if !has_btrfs_magic(Path::new(&dev))? {
+                self.run(cmd::mkfs_btrfs(&dev, POOL_LABEL))?;
+            }
+            std::fs::create_dir_all(mp).map_err(|e| StorageError::io("create", mp, e))?;
+            self.run(
+                Mount {
+                    fstype: Some("btrfs"),
+                    options: vec!["noatime".into()],
+                    source: dev.clone(),
+                    target: s(mp),
+                }
+                .render(),
+            )?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.undo_device(&dev, attached, created);
+            return Err(e);
+        }
+        if let Some(owner) = read_owner(mp) {
+            if owner != self.cfg.owner {
+                if let Err(e) = self.run(cmd::umount(&s(mp))) {
+                    tracing::warn!(mount = %mp.display(), error = %e, "unmounting foreign pool");
+                }
+                self.undo_device(&dev, attached, false);
+                return Err(StorageError::OwnerConflict {
+                    path: mp.clone(),
+                    owner,
+                    wanted: self.cfg.owner.clone(),
+                });
+            }
+        }
+        tracing::info!(device = %dev, mount = %mp.display(), "btrfs pool mounted");
+        Ok(())
+    }
+
+    fn ensure_layout(&self) -> Result<(), StorageError> {
+        let mp = &self.cfg.mount_point;
+        claim_owner(mp, &self.cfg.owner)?;
+        self.btrfs(Btrfs::QuotaEnable { mount: s(mp) })?;
+        for d in ["images", "volumes", "meta"] {
+            let p = mp.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+        }
+        let share = mp.join("share");
+        if !share.exists() {
+            self.btrfs(Btrfs::SubvolumeCreate { path: s(&share) })?;
+        }
+        for d in ["files", "apps"] {
+            let p = share.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+        }
+        if self.cfg.max_share_bytes > 0 {
+            self.btrfs(Btrfs::QgroupLimit {
+                bytes: self.cfg.max_share_bytes,
+                path: s(&share),
+            })?;
+        }
+        // Leftovers of an import or reset interrupted by a crash.
+        for dir in [mp.join("images"), mp.join("volumes")] {
+            let rd = std::fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".staging-") || name.starts_with(".reset-") {
+                    tracing::warn!(path = %e.path().display(), "removing interrupted staging");
+                    self.delete_subvolume(&e.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_subvolume(&self, path: &Path) -> Result<(), StorageError> {
+        self.btrfs(Btrfs::SubvolumeDelete { path: s(path) })
+            .map(|_| ())
+    }
+
+    fn subvol_id(&self, path: &Path) -> Result<u64, StorageError> {
+        let out = self.run(Invocation::new(
+            "btrfs",
+            &["inspect-internal", "rootid", &s(path)],
+        ))?;
+        out.trim().parse().map_err(|_| StorageError::Metadata {
+            path: path.to_path_buf(),
+            detail: format!("unexpected subvolume id {:?}", out.trim()),
+        })
+    }
+
+    /// Snapshots the image into `dest` and applies the size cap; nothing is
+    /// left when the cap cannot be set.
+    fn clone_image(&self, image_id: &str, dest: &Path, size: u64) -> Result<(), StorageError> {
+        let image = self.image_dir(image_id);
+        if !image.is_dir() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        self.btrfs(Btrfs::Snapshot {
+            source: s(&image),
+            dest: s(dest),
+            read_only: false,
+        })?;
+        if size > 0 {
+            if let Err(e) = self.btrfs(Btrfs::QgroupLimit {
+                bytes: size,
+                path: s(dest),
+            }) {
+                let _ = self.delete_subvolume(dest);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Storage for BtrfsStorage {
+    fn prepare(&self) -> Result<(), StorageError> {
+        let _g = self.guard();
+        let mp = &self.cfg.mount_point;
+        if is_mount_point(mp) {
+            if let Some(owner) = read_owner(mp) {
+                if owner != self.cfg.owner {
+                    return Err(StorageError::OwnerConflict {
+                        path: mp.clone(),
+                        owner,
+                        wanted: self.cfg.owner.clone(),
+                    });
+                }
+            }
+        } else {
+            self.mount_pool()?;
+        }
+        self.ensure_layout()
+    }
+
+    fn import_image(
+        &self,
+        image_id: &str,
+        reader: Box<dyn Read + Send + '_>,
+    ) -> Result<ImportOutcome, StorageError> {
+        validate_id("image", image_id)?;
+        let root = self.root()?;
+        let _g = self.guard();
+        let dest = self.image_dir(image_id);
+        if dest.exists() {
+            return Ok(ImportOutcome {
+                path: dest,
+                imported: false,
+                bytes: 0,
+            });
+        }
+        let staging = root.join("images").join(format!(
+            ".staging-{image_id}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        self.btrfs(Btrfs::SubvolumeCreate { path: s(&staging) })?;
+        let report = match crate::archive::extract(reader, &staging, &image_extract_options(false))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.delete_subvolume(&staging)?;
+                return Err(StorageError::BadImage {
+                    image_id: image_id.to_string(),
+                    source: e,
+                });
+            }
+        };
+        let snap = self.btrfs(Btrfs::Snapshot {
+            source: s(&staging),
+            dest: s(&dest),
+            read_only: true,
+        });
+        self.delete_subvolume(&staging)?;
+        snap?;
+        tracing::info!(image_id, bytes = report.bytes, "image imported");
+        Ok(ImportOutcome {
+            path: dest,
+            imported: true,
+            bytes: report.bytes,
+        })
+    }
+
+    fn has_image(&self, image_id: &str) -> Result<bool, StorageError> {
+        validate_id("image", image_id)?;
+        self.root()?;
+        Ok(self.image_dir(image_id).is_dir())
+    }
+
+    fn list_images(&self) -> Result<Vec<String>, StorageError> {
+        let root = self.root()?;
+        list_ids(&root.join("images"), None)
+    }
+
+    fn delete_image(&self, image_id: &str) -> Result<(), StorageError> {
+        validate_id("image", image_id)?;
+        self.root()?;
+        let _g = self.guard();
+        let dir = self.image_dir(image_id);
+        if !dir.exists() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        self.delete_subvolume(&dir)
+    }
+
+    fn create_volume(
+        &self,
+        phone_id: &str,
+        image_id: &str,
+        disk_size_bytes: u64,
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        validate_id("image", image_id)?;
+        self.root()?;
+        let _g = self.guard();
+        let vol = self.volume_dir(phone_id);
+        if vol.exists() {
+            return Err(StorageError::VolumeExists(phone_id.to_string()));
+        }
+        self.clone_image(image_id, &vol, disk_size_bytes)?;
+        let meta = VolumeMeta {
+            image_id: image_id.to_string(),
+            disk_size_bytes,
+        };
+        if let Err(e) = meta.save(&self.meta_file(phone_id)) {
+            let _ = self.delete_subvolume(&vol);
+            return Err(e);
+        }
+        tracing::info!(phone_id, image_id, disk_size_bytes, "volume created");
+        Ok(vol)
+    }
+
+    fn reset_volume(
+        &self,
+        phone_id: &str,
+        image_id: Option<&str>,
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        if let Some(i) = image_id {
+            validate_id("image", i)?;
+        }
+        let root = self.root()?;
+        let _g = self.guard();
+        let vol = self.volume_dir(phone_id);
+        let meta_path = self.meta_file(phone_id);
+        if !vol.exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        let mut meta = VolumeMeta::load(&meta_path)?;
+        let image = image_id.unwrap_or(&meta.image_id).to_string();
+        let tmp = root.join("volumes").join(format!(".reset-{phone_id}"));
+        if tmp.exists() {
+            self.delete_subvolume(&tmp)?;
+        }
+        self.clone_image(&image, &tmp, meta.disk_size_bytes)?;
+        if let Err(e) = self.delete_subvolume(&vol) {
+            let _ = self.delete_subvolume(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &vol).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        meta.image_id = image;
+        meta.save(&meta_path)?;
+        tracing::info!(phone_id, image_id = %meta.image_id, "volume reset");
+        Ok(vol)
+    }
+
+    fn delete_volume(&self, phone_id: &str) -> Result<(), StorageError> {
+        validate_id("phone", phone_id)?;
+        self.root()?;
+        let _g = self.guard();
+        let vol = self.volume_dir(phone_id);
+        if vol.exists() {
+            self.delete_subvolume(&vol)?;
+        }
+        let meta = self.meta_file(phone_id);
+        match std::fs::remove_file(&meta) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("remove", meta, e)),
+        }
+    }
+
+    fn volume_path(&self, phone_id: &str) -> Result<Option<PathBuf>, StorageError> {
+        validate_id("phone", phone_id)?;
+        self.root()?;
+        let vol = self.volume_dir(phone_id);
+        Ok(vol.is_dir().then_some(vol))
+    }
+
+    fn list_volumes(&self) -> Result<Vec<String>, StorageError> {
+        let root = self.root()?;
+        list_ids(&root.join("volumes"), None)
+    }
+
+    fn share_paths(&self) -> Result<SharePaths, StorageError> {
+        let root = self.root()?;
+        Ok(SharePaths {
+            files: root.join("share/files"),
+            apps: root.join("share/apps"),
+        })
+    }
+
+    fn share_usage(&self) -> Result<ShareUsage, StorageError> {
+        let root = self.root()?;
+        let share = root.join("share");
+        let id = self.subvol_id(&share)?;
+        let out = self.btrfs(Btrfs::QgroupShow { path: s(root) })?;
+        let (used, _) = cmd::parse_qgroup(&out, id).ok_or_else(|| StorageError::Metadata {
+            path: share.clone(),
+            detail: format!("no qgroup 0/{id}"),
+        })?;
+        let vfs = nix::sys::statvfs::statvfs(root)
+            .map_err(|e| StorageError::io("statvfs", root, e.into()))?;
+        let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
+        let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+        let max = self.cfg.max_share_bytes;
+        let size = if max > 0 { max.min(fs_size) } else { fs_size };
+        Ok(ShareUsage {
+            size,
+            used,
+            avail: size.saturating_sub(used).min(fs_avail),
+            max: if max > 0 { max } else { fs_size },
+        })
+    }
+
+    fn teardown(&self) -> Result<(), StorageError> {
+        let _g = self.guard();
+        let mp = &self.cfg.mount_point;
+        if is_mount_point(mp) {
+            self.run(cmd::umount(&s(mp)))?;
+        }
+        if let PoolDevice::LoopFile { path, .. } = &self.cfg.device {
+            if path.exists() {
+                for dev in self.loops_of(path)? {
+                    self.run(Losetup::Detach { device: dev }.render())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the device or file holds a btrfs superblock.
+pub fn has_btrfs_magic(dev: &Path) -> Result<bool, StorageError> {
+    let mut f = std::fs::File::open(dev).map_err(|e| StorageError::io("open", dev, e))?;
+    let mut buf = [0u8; 8];
+    if f.seek(SeekFrom::Start(BTRFS_MAGIC_OFFSET)).is_err() {
+        return Ok(false);
+    }
+    match f.read_exact(&mut buf) {
+        Ok(()) => Ok(&buf == BTRFS_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(StorageError::io("read superblock", dev, e)),
+    }
+}
+
+/// Refuses a pool file the filesystem holding it has no room for.
+pub fn check_space(file: &Path, wanted: u64) -> Result<(), StorageError> {
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let vfs = nix::sys::statvfs::statvfs(parent)
+        .map_err(|e| StorageError::io("statvfs", parent, e.into()))?;
+    let available = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    if available < wanted {
+        return Err(StorageError::InsufficientSpace {
+            path: file.to_path_buf(),
+            wanted,
+            available,
+        });
+    }
+    Ok(())
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), StorageError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| StorageError::io("create pool file", path, e))?;
+    if let Err(e) = f.set_len(size) {
+        let _ = std::fs::remove_file(path);
+        return Err(StorageError::io("size pool file", path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_is_detected_only_at_its_offset() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("dev");
+        std::fs::write(&f, vec![0u8; 0x10100]).unwrap();
+        assert!(!has_btrfs_magic(&f).unwrap());
+        let mut data = vec![0u8; 0x10100];
+        data[0x10040..0x10048].copy_from_slice(BTRFS_MAGIC);
+        std::fs::write(&f, data).unwrap();
+        assert!(has_btrfs_magic(&f).unwrap());
+        std::fs::write(&f, b"short").unwrap();
+        assert!(!has_btrfs_magic(&f).unwrap());
+    }
+
+    #[test]
+    fn space_check_refuses_more_than_free() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pool.img");
+        assert!(matches!(
+            check_space(&f, u64::MAX / 2),
+            Err(StorageError::InsufficientSpace { .. })
+        ));
+        check_space(&f, 1).unwrap();
+    }
+}

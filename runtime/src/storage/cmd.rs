@@ -1,0 +1,313 @@
+//! Outside commands of the disk layout as data: `losetup`, `mkfs.btrfs`,
+//! `mount`, `umount`, `btrfs` and the LVM tools are typed values rendered to
+//! an argv, so tests assert on the rendered text; one [`Runner`] runs them.
+
+use std::process::{Command, Stdio};
+
+use super::StorageError;
+
+/// One rendered outside command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub program: &'static str,
+    pub args: Vec<String>,
+}
+
+impl Invocation {
+    pub(crate) fn new<S: AsRef<str>>(program: &'static str, args: &[S]) -> Self {
+        Self {
+            program,
+            args: args.iter().map(|a| a.as_ref().to_string()).collect(),
+        }
+    }
+
+    /// The command line as text, for logs, errors and tests.
+    pub fn display(&self) -> String {
+        let mut s = self.program.to_string();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+}
+
+/// A loop-device operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Losetup {
+    /// Attach a file to the first free loop device and print its name.
+    Attach { file: String },
+    /// List the loop devices backing a file (`NAME` column only).
+    Find { file: String },
+    /// Detach a loop device.
+    Detach { device: String },
+}
+
+impl Losetup {
+    pub fn render(&self) -> Invocation {
+        match self {
+            Losetup::Attach { file } => {
+                Invocation::new("losetup", &["--find", "--show", "--nooverlap", file])
+            }
+            Losetup::Find { file } => Invocation::new(
+                "losetup",
+                &["--noheadings", "--output", "NAME", "--associated", file],
+            ),
+            Losetup::Detach { device } => Invocation::new("losetup", &["--detach", device]),
+        }
+    }
+}
+
+/// `mkfs.btrfs` of a whole device with a label.
+pub fn mkfs_btrfs(device: &str, label: &str) -> Invocation {
+    Invocation::new("mkfs.btrfs", &["-q", "-f", "-L", label, device])
+}
+
+/// `mount [-t fstype] [-o options] source target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub fstype: Option<&'static str>,
+    pub options: Vec<String>,
+    pub source: String,
+    pub target: String,
+}
+
+impl Mount {
+    pub fn render(&self) -> Invocation {
+        let mut args: Vec<String> = Vec::new();
+        if let Some(t) = self.fstype {
+            args.extend(["-t".into(), t.into()]);
+        }
+        if !self.options.is_empty() {
+            args.extend(["-o".into(), self.options.join(",")]);
+        }
+        args.push(self.source.clone());
+        args.push(self.target.clone());
+        Invocation::new("mount", &args)
+    }
+}
+
+/// `umount target`.
+pub fn umount(target: &str) -> Invocation {
+    Invocation::new("umount", &[target])
+}
+
+/// A `btrfs` subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Btrfs {
+    QuotaEnable {
+        mount: String,
+    },
+    SubvolumeCreate {
+        path: String,
+    },
+    /// A snapshot; read-only for images, writable for phones.
+    Snapshot {
+        source: String,
+        dest: String,
+        read_only: bool,
+    },
+    SubvolumeDelete {
+        path: String,
+    },
+    /// Referenced-bytes limit on the subvolume's own qgroup.
+    QgroupLimit {
+        bytes: u64,
+        path: String,
+    },
+    /// The qgroups of a filesystem in raw bytes, referenced and limits.
+    QgroupShow {
+        path: String,
+    },
+    /// Whether a path is a subvolume (`btrfs subvolume show`).
+    SubvolumeShow {
+        path: String,
+    },
+}
+
+impl Btrfs {
+    pub fn render(&self) -> Invocation {
+        match self {
+            Btrfs::QuotaEnable { mount } => Invocation::new("btrfs", &["quota", "enable", mount]),
+            Btrfs::SubvolumeCreate { path } => {
+                Invocation::new("btrfs", &["-q", "subvolume", "create", path])
+            }
+            Btrfs::Snapshot {
+                source,
+                dest,
+                read_only,
+            } => {
+                let mut args = vec!["-q", "subvolume", "snapshot"];
+                if *read_only {
+                    args.push("-r");
+                }
+                args.extend([source.as_str(), dest.as_str()]);
+                Invocation::new("btrfs", &args)
+            }
+            Btrfs::SubvolumeDelete { path } => Invocation::new(
+                "btrfs",
+                &["-q", "subvolume", "delete", "--commit-after", path],
+            ),
+            Btrfs::QgroupLimit { bytes, path } => {
+                Invocation::new("btrfs", &["qgroup", "limit", &bytes.to_string(), path])
+            }
+            Btrfs::QgroupShow { path } => {
+                Invocation::new("btrfs", &["qgroup", "show", "-r", "--raw", path])
+            }
+            Btrfs::SubvolumeShow { path } => Invocation::new("btrfs", &["subvolume", "show", path]),
+        }
+    }
+}
+
+/// Executes invocations; [`SystemRunner`] is the real one.
+pub trait Runner: Send + Sync {
+    /// Runs the command and returns its stdout; a non-zero exit is an error
+    /// carrying stderr.
+    fn run(&self, inv: &Invocation) -> Result<String, StorageError>;
+}
+
+/// Runs commands as child processes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemRunner;
+
+impl Runner for SystemRunner {
+    fn run(&self, inv: &Invocation) -> Result<String, StorageError> {
+        tracing::debug!(command = %inv.display(), "storage command");
+        let out = Command::new(inv.program)
+            .args(&inv.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| StorageError::Spawn {
+                command: inv.display(),
+                source: e,
+            })?;
+        if !out.status.success() {
+            return Err(StorageError::Command {
+                command: inv.display(),
+                status: out.status.code().unwrap_or(-1),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The referenced bytes and referenced limit of qgroup `0/<subvol id>` in
+/// `btrfs qgroup show -r --raw` output (`qgroupid rfer excl max_rfer ...`).
+pub fn parse_qgroup(out: &str, subvol_id: u64) -> Option<(u64, Option<u64>)> {
+    let want = format!("0/{subvol_id}");
+    out.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        if w.next()? != want {
+            return None;
+        }
+        let rfer = w.next()?.parse().ok()?;
+        let _excl = w.next()?;
+        let max = w.next().and_then(|m| m.parse().ok());
+        Some((rfer, max))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losetup_renders() {
+        let f = "/var/lib/cph/pool.img".to_string();
+        assert_eq!(
+            Losetup::Attach { file: f.clone() }.render().display(),
+            "losetup --find --show --nooverlap /var/lib/cph/pool.img"
+        );
+        assert_eq!(
+            Losetup::Find { file: f }.render().display(),
+            "losetup --noheadings --output NAME --associated /var/lib/cph/pool.img"
+        );
+        assert_eq!(
+            Losetup::Detach {
+                device: "/dev/loop3".into()
+            }
+            .render()
+            .display(),
+            "losetup --detach /dev/loop3"
+        );
+    }
+
+    #[test]
+    fn mount_and_mkfs_render() {
+        let m = Mount {
+            fstype: Some("btrfs"),
+            options: vec!["noatime".into(), "user_subvol_rm_allowed".into()],
+            source: "/dev/loop3".into(),
+            target: "/srv/pool".into(),
+        };
+        assert_eq!(
+            m.render().display(),
+            "mount -t btrfs -o noatime,user_subvol_rm_allowed /dev/loop3 /srv/pool"
+        );
+        assert_eq!(
+            mkfs_btrfs("/dev/loop3", "cph").display(),
+            "mkfs.btrfs -q -f -L cph /dev/loop3"
+        );
+        assert_eq!(umount("/srv/pool").display(), "umount /srv/pool");
+    }
+
+    #[test]
+    fn btrfs_subcommands_render() {
+        let cases = [
+            (
+                Btrfs::Snapshot {
+                    source: "/p/images/a".into(),
+                    dest: "/p/volumes/x".into(),
+                    read_only: false,
+                },
+                "btrfs -q subvolume snapshot /p/images/a /p/volumes/x",
+            ),
+            (
+                Btrfs::Snapshot {
+                    source: "/p/images/.s".into(),
+                    dest: "/p/images/a".into(),
+                    read_only: true,
+                },
+                "btrfs -q subvolume snapshot -r /p/images/.s /p/images/a",
+            ),
+            (
+                Btrfs::QgroupLimit {
+                    bytes: 1 << 30,
+                    path: "/p/volumes/x".into(),
+                },
+                "btrfs qgroup limit 1073741824 /p/volumes/x",
+            ),
+            (
+                Btrfs::SubvolumeDelete {
+                    path: "/p/volumes/x".into(),
+                },
+                "btrfs -q subvolume delete --commit-after /p/volumes/x",
+            ),
+            (
+                Btrfs::QuotaEnable { mount: "/p".into() },
+                "btrfs quota enable /p",
+            ),
+            (
+                Btrfs::QgroupShow { path: "/p".into() },
+                "btrfs qgroup show -r --raw /p",
+            ),
+        ];
+        for (cmd, want) in cases {
+            assert_eq!(cmd.render().display(), want);
+        }
+    }
+
+    #[test]
+    fn qgroup_output_parses() {
+        let out = "qgroupid         rfer         excl     max_rfer \n\
+                   --------         ----         ----     -------- \n\
+                   0/5             16384        16384         none \n\
+                   0/256         1048576        65536     10485760 \n";
+        assert_eq!(parse_qgroup(out, 256), Some((1048576, Some(10485760))));
+        assert_eq!(parse_qgroup(out, 5), Some((16384, None)));
+        assert_eq!(parse_qgroup(out, 7), None);
+    }
+}

@@ -1,0 +1,341 @@
+//! Development backend, chosen explicitly: images are plain directories,
+//! a phone's rootfs is an overlayfs mount with the image as its read-only
+//! lower layer and a per-phone upper and work directory. Creation is
+//! constant time; there is no size limit (the flavor's disk size is not
+//! enforced), so production hosts use btrfs or LVM thin.
+//!
+//! Layout under the root: `.cph-owner`, `images/<id>`,
+//! `volumes/<phone>/{upper,work,rootfs}`, `meta/<phone>.json`,
+//! `share/{files,apps}`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::cmd::{self, Mount, Runner, SystemRunner};
+use super::{
+    image_extract_options, is_mount_point, list_ids, read_owner, validate_id, ImportOutcome,
+    SharePaths, ShareUsage, Storage, StorageError, VolumeMeta,
+};
+
+/// Where the development layout lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    pub root: PathBuf,
+    pub owner: String,
+    /// Reported as the sharepool's size; not enforced.
+    pub max_share_bytes: u64,
+}
+
+pub struct OverlayStorage {
+    cfg: OverlayConfig,
+    runner: Box<dyn Runner>,
+    lock: Mutex<()>,
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl OverlayStorage {
+    pub fn new(cfg: OverlayConfig) -> Self {
+        Self {
+            cfg,
+            runner: Box::new(SystemRunner),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, sub: &str) -> PathBuf {
+        self.cfg.root.join(sub)
+    }
+
+    fn vol(&self, phone: &str) -> PathBuf {
+        self.dir("volumes").join(phone)
+    }
+
+    fn meta_file(&self, phone: &str) -> PathBuf {
+        self.dir("meta").join(format!("{phone}.json"))
+    }
+
+    fn check_prepared(&self) -> Result<(), StorageError> {
+        if read_owner(&self.cfg.root).as_deref() != Some(self.cfg.owner.as_str()) {
+            return Err(StorageError::NotPrepared(format!(
+                "{} is not prepared by {}",
+                self.cfg.root.display(),
+                self.cfg.owner
+            )));
+        }
+        Ok(())
+    }
+
+    fn overlay_mount(&self, image_id: &str, vol: &Path) -> Mount {
+        Mount {
+            fstype: Some("overlay"),
+            options: vec![
+                format!("lowerdir={}", s(&self.dir("images").join(image_id))),
+                format!("upperdir={}", s(&vol.join("upper"))),
+                format!("workdir={}", s(&vol.join("work"))),
+            ],
+            source: "overlay".into(),
+            target: s(&vol.join("rootfs")),
+        }
+    }
+
+    /// Makes upper/work/rootfs and mounts the overlay.
+    fn assemble(&self, image_id: &str, vol: &Path) -> Result<(), StorageError> {
+        for d in ["upper", "work", "rootfs"] {
+            let p = vol.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+        }
+        self.runner
+            .run(&self.overlay_mount(image_id, vol).render())
+            .map(|_| ())
+    }
+
+    fn unmount(&self, vol: &Path) -> Result<(), StorageError> {
+        let rootfs = vol.join("rootfs");
+        if is_mount_point(&rootfs) {
+            self.runner.run(&cmd::umount(&s(&rootfs)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for OverlayStorage {
+    fn prepare(&self) -> Result<(), StorageError> {
+        let _g = self.guard();
+        let root = &self.cfg.root;
+        if let Some(owner) = read_owner(root) {
+            if owner != self.cfg.owner {
+                return Err(StorageError::OwnerConflict {
+                    path: root.clone(),
+                    owner,
+                    wanted: self.cfg.owner.clone(),
+                });
+            }
+        }
+        for d in ["images", "volumes", "meta", "share/files", "share/apps"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+        }
+        super::claim_owner(root, &self.cfg.owner)?;
+        // After a reboot the overlays are gone: mount them again.
+        for phone in list_ids(&self.dir("volumes"), None)? {
+            let vol = self.vol(&phone);
+            if is_mount_point(&vol.join("rootfs")) {
+                continue;
+            }
+            let meta = VolumeMeta::load(&self.meta_file(&phone))?;
+            self.assemble(&meta.image_id, &vol)?;
+        }
+        Ok(())
+    }
+
+    fn import_image(
+        &self,
+        image_id: &str,
+        reader: Box<dyn Read + Send + '_>,
+    ) -> Result<ImportOutcome, StorageError> {
+        validate_id("image", image_id)?;
+        self.check_prepared()?;
+        let _g = self.guard();
+        let dest = self.dir("images").join(image_id);
+        if dest.exists() {
+            return Ok(ImportOutcome {
+                path: dest,
+                imported: false,
+                bytes: 0,
+            });
+        }
+        let report =
+            crate::archive::extract(reader, &dest, &image_extract_options(true)).map_err(|e| {
+                StorageError::BadImage {
+                    image_id: image_id.to_string(),
+                    source: e,
+                }
+            })?;
+        Ok(ImportOutcome {
+            path: dest,
+            imported: true,
+            bytes: report.bytes,
+        })
+    }
+
+    fn has_image(&self, image_id: &str) -> Result<bool, StorageError> {
+        validate_id("image", image_id)?;
+        Ok(self.dir("images").join(image_id).is_dir())
+    }
+
+    fn list_images(&self) -> Result<Vec<String>, StorageError> {
+        list_ids(&self.dir("images"), None)
+    }
+
+    fn delete_image(&self, image_id: &str) -> Result<(), StorageError> {
+        validate_id("image", image_id)?;
+        let _g = self.guard();
+        let dir = self.dir("images").join(image_id);
+        if !dir.exists() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| StorageError::io("remove", dir, e))
+    }
+
+    fn create_volume(
+        &self,
+        phone_id: &str,
+        image_id: &str,
+        disk_size_bytes: u64,
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        validate_id("image", image_id)?;
+        self.check_prepared()?;
+        let _g = self.guard();
+        if !self.dir("images").join(image_id).is_dir() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        let vol = self.vol(phone_id);
+        if vol.exists() {
+            return Err(StorageError::VolumeExists(phone_id.to_string()));
+        }
+        let made = self.assemble(image_id, &vol).and_then(|_| {
+            VolumeMeta {
+                image_id: image_id.to_string(),
+                disk_size_bytes,
+            }
+            .save(&self.meta_file(phone_id))
+        });
+        if let Err(e) = made {
+            let _ = self.unmount(&vol);
+            let _ = std::fs::remove_dir_all(&vol);
+            return Err(e);
+        }
+        Ok(vol.join("rootfs"))
+    }
+
+    fn reset_volume(
+        &self,
+        phone_id: &str,
+        image_id: Option<&str>,
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        let _g = self.guard();
+        let vol = self.vol(phone_id);
+        let meta_path = self.meta_file(phone_id);
+        if !vol.exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        let mut meta = VolumeMeta::load(&meta_path)?;
+        let image = image_id.unwrap_or(&meta.image_id).to_string();
+        validate_id("image", &image)?;
+        if !self.dir("images").join(&image).is_dir() {
+            return Err(StorageError::UnknownImage(image));
+        }
+        self.unmount(&vol)?;
+        for d in ["upper", "work"] {
+            let p = vol.join(d);
+            std::fs::remove_dir_all(&p).map_err(|e| StorageError::io("remove", &p, e))?;
+        }
+        self.assemble(&image, &vol)?;
+        meta.image_id = image;
+        meta.save(&meta_path)?;
+        Ok(vol.join("rootfs"))
+    }
+
+    fn delete_volume(&self, phone_id: &str) -> Result<(), StorageError> {
+        validate_id("phone", phone_id)?;
+        let _g = self.guard();
+        let vol = self.vol(phone_id);
+        if vol.exists() {
+            self.unmount(&vol)?;
+            std::fs::remove_dir_all(&vol).map_err(|e| StorageError::io("remove", &vol, e))?;
+        }
+        let _ = std::fs::remove_file(self.meta_file(phone_id));
+        Ok(())
+    }
+
+    fn volume_path(&self, phone_id: &str) -> Result<Option<PathBuf>, StorageError> {
+        validate_id("phone", phone_id)?;
+        let r = self.vol(phone_id).join("rootfs");
+        Ok(r.is_dir().then_some(r))
+    }
+
+    fn list_volumes(&self) -> Result<Vec<String>, StorageError> {
+        list_ids(&self.dir("volumes"), None)
+    }
+
+    fn share_paths(&self) -> Result<SharePaths, StorageError> {
+        Ok(SharePaths {
+            files: self.dir("share/files"),
+            apps: self.dir("share/apps"),
+        })
+    }
+
+    fn share_usage(&self) -> Result<ShareUsage, StorageError> {
+        let share = self.dir("share");
+        let used = du(&share)?;
+        let vfs = nix::sys::statvfs::statvfs(&share)
+            .map_err(|e| StorageError::io("statvfs", &share, e.into()))?;
+        let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
+        let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+        let max = self.cfg.max_share_bytes;
+        let size = if max > 0 { max.min(fs_size) } else { fs_size };
+        Ok(ShareUsage {
+            size,
+            used,
+            avail: size.saturating_sub(used).min(fs_avail),
+            max: if max > 0 { max } else { fs_size },
+        })
+    }
+
+    fn teardown(&self) -> Result<(), StorageError> {
+        let _g = self.guard();
+        for phone in list_ids(&self.dir("volumes"), None)? {
+            self.unmount(&self.vol(&phone))?;
+        }
+        Ok(())
+    }
+}
+
+/// Allocated bytes under a directory (no symlinks followed).
+fn du(dir: &Path) -> Result<u64, StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d).map_err(|e| StorageError::io("list", &d, e))?;
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total += md.blocks() * 512;
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_mount_renders_layers() {
+        let st = OverlayStorage::new(OverlayConfig {
+            root: "/dev-pool".into(),
+            owner: "a".into(),
+            max_share_bytes: 0,
+        });
+        let m = st.overlay_mount("img", Path::new("/dev-pool/volumes/p1"));
+        assert_eq!(
+            m.render().display(),
+            "mount -t overlay -o lowerdir=/dev-pool/images/img,upperdir=/dev-pool/volumes/p1/upper,workdir=/dev-pool/volumes/p1/work overlay /dev-pool/volumes/p1/rootfs"
+        );
+    }
+}

@@ -1,0 +1,798 @@
+//! Tar extraction and export against the real filesystem: round trips and
+//! malicious archives (each refused with nothing written outside the
+//! target, checked on a sentinel directory next to it).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cph_runtime::archive::{
+    extract, write_tar, ArchiveError, ExtractOptions, Ownership, SpecialFiles,
+};
+use tar::{Builder, EntryType, Header};
+
+/// A target directory and a sentinel directory beside it holding one file.
+struct Scene {
+    _dir: tempfile::TempDir,
+    target: PathBuf,
+    outside: PathBuf,
+}
+
+impl Scene {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target");
+        let outside = dir.path().join("outside");
+        fs::create_dir(&target).expect("target");
+        fs::create_dir(&outside).expect("outside");
+        fs::write(outside.join("secret"), b"secret").expect("secret");
+        Scene {
+            _dir: dir,
+            target,
+            outside,
+        }
+    }
+
+    /// The sentinel holds exactly its one untouched file and the
+    /// target's parent nothing new.
+    fn assert_outside_untouched(&self) {
+        let names: Vec<_> = fs::read_dir(&self.outside)
+            .expect("read outside")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
+        let md = fs::symlink_metadata(self.outside.join("secret")).expect("secret");
+        assert!(md.is_file());
+        assert_eq!(md.nlink(), 1, "secret gained a hard link");
+        assert_eq!(
+            fs::read(self.outside.join("secret")).expect("read"),
+            b"secret"
+        );
+        let mut top: Vec<_> = fs::read_dir(self.target.parent().expect("parent"))
+            .expect("read parent")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+            .collect();
+        top.sort();
+        assert_eq!(top, vec!["outside", "target"]);
+    }
+
+    fn extract(&self, tar: &[u8]) -> Result<cph_runtime::archive::ExtractReport, ArchiveError> {
+        extract(tar, &self.target, &ExtractOptions::default())
+    }
+}
+
+/// A header with `name` written verbatim (no validation by the builder).
+fn raw_header(name: &[u8], kind: EntryType, size: u64, link: Option<&[u8]>) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(1_600_000_000);
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name);
+        if let Some(l) = link {
+            old.linkname[..l.len()].copy_from_slice(l);
+        }
+    }
+    h.set_cksum();
+    h
+}
+
+fn append_raw(
+    b: &mut Builder<Vec<u8>>,
+    name: &[u8],
+    kind: EntryType,
+    data: &[u8],
+    link: Option<&[u8]>,
+) {
+    let h = raw_header(name, kind, data.len() as u64, link);
+    b.append(&h, data).expect("append");
+}
+
+fn file_header(size: u64, mode: u32) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_mtime(1_600_000_000);
+    h.set_uid(1000);
+    h.set_gid(1000);
+    h
+}
+
+fn add_file(b: &mut Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = file_header(data.len() as u64, mode);
+    b.append_data(&mut h, path, data).expect("append file");
+}
+
+fn add_dir(b: &mut Builder<Vec<u8>>, path: &str, mode: u32) {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_mtime(1_500_000_000);
+    b.append_data(&mut h, path, std::io::empty())
+        .expect("append dir");
+}
+
+fn add_link(b: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, target: &str) {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_mtime(1_600_000_000);
+    b.append_link(&mut h, path, target).expect("append link");
+}
+
+fn finish(b: Builder<Vec<u8>>) -> Vec<u8> {
+    b.into_inner().expect("finish tar")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn sample_tree() -> Vec<u8> {
+    let mut b = Builder::new(Vec::new());
+    add_dir(&mut b, "etc", 0o750);
+    add_file(&mut b, "etc/conf", b"key=value\n", 0o640);
+    add_file(&mut b, "bin/tool", b"#!/bin/sh\necho hi\n", 0o755);
+    add_file(&mut b, "empty", b"", 0o600);
+    let long = format!("{}/{}", "d".repeat(120), "n".repeat(150));
+    add_file(&mut b, &long, b"long name", 0o644);
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    add_file(&mut b, "data/big.bin", &big, 0o644);
+    add_link(&mut b, EntryType::Symlink, "bin/sh", "tool");
+    add_link(&mut b, EntryType::Symlink, "abs", "/system/bin/sh");
+    add_link(&mut b, EntryType::Link, "etc/conf.hard", "etc/conf");
+    finish(b)
+}
+
+fn check_sample_tree(t: &Path) {
+    assert_eq!(fs::read(t.join("etc/conf")).expect("conf"), b"key=value\n");
+    let conf = fs::metadata(t.join("etc/conf")).expect("conf md");
+    assert_eq!(conf.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(conf.mtime(), 1_600_000_000);
+    assert_eq!(conf.nlink(), 2, "hard link shares the inode");
+    let etc = fs::metadata(t.join("etc")).expect("etc md");
+    assert_eq!(etc.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(etc.mtime(), 1_500_000_000);
+    assert_eq!(
+        fs::metadata(t.join("bin/tool"))
+            .expect("tool")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    assert_eq!(fs::read(t.join("empty")).expect("empty").len(), 0);
+    let long = t.join("d".repeat(120)).join("n".repeat(150));
+    assert_eq!(fs::read(long).expect("long"), b"long name");
+    let big = fs::read(t.join("data/big.bin")).expect("big");
+    assert_eq!(big.len(), 3 * 1024 * 1024 + 17);
+    assert!(big.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    assert_eq!(
+        fs::read_link(t.join("bin/sh")).expect("sh"),
+        Path::new("tool")
+    );
+    assert_eq!(
+        fs::read_link(t.join("abs")).expect("abs"),
+        Path::new("/system/bin/sh")
+    );
+    assert_eq!(
+        fs::metadata(t.join("etc/conf.hard")).expect("hard").ino(),
+        conf.ino()
+    );
+}
+
+#[test]
+fn round_trip_files_dirs_links_long_names_modes() {
+    let s = Scene::new();
+    let report = s.extract(&sample_tree()).expect("extract");
+    check_sample_tree(&s.target);
+    assert_eq!(report.files, 5);
+    assert_eq!(report.symlinks, 2);
+    assert_eq!(report.hardlinks, 1);
+    // etc, bin, data and the long directory.
+    assert_eq!(report.dirs, 4);
+    assert_eq!(report.bytes, 10 + 18 + 9 + 3 * 1024 * 1024 + 17);
+    let written: Vec<PathBuf> = report.written.iter().collect();
+    assert_eq!(written.len(), 12);
+    assert!(written.contains(&PathBuf::from("etc/conf.hard")));
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn single_writer_and_many_writers_agree() {
+    for threads in [1, 4] {
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            threads,
+            sync: true,
+            ..Default::default()
+        };
+        extract(&sample_tree()[..], &s.target, &opts).expect("extract");
+        check_sample_tree(&s.target);
+    }
+}
+
+#[test]
+fn existing_files_are_replaced_not_written_through() {
+    let s = Scene::new();
+    // A planted symlink and a hard link to the sentinel at the final component.
+    std::os::unix::fs::symlink(s.outside.join("secret"), s.target.join("f")).expect("symlink");
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "f", b"new", 0o644);
+    s.extract(&finish(b)).expect("extract");
+    assert_eq!(fs::read(s.target.join("f")).expect("f"), b"new");
+    assert!(fs::symlink_metadata(s.target.join("f"))
+        .expect("md")
+        .is_file());
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn dotdot_is_refused() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    append_raw(&mut b, b"../outside/x", EntryType::Regular, b"pwn", None);
+    let e = s.extract(&finish(b)).expect_err("refused");
+    match e.root_cause() {
+        ArchiveError::Escape { entry, .. } => assert_eq!(entry, Path::new("../outside/x")),
+        other => panic!("unexpected {other}"),
+    }
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn absolute_path_is_refused() {
+    let s = Scene::new();
+    let abs = s.outside.join("abs");
+    let mut b = Builder::new(Vec::new());
+    append_raw(
+        &mut b,
+        abs.to_str().expect("utf8").as_bytes(),
+        EntryType::Regular,
+        b"pwn",
+        None,
+    );
+    let e = s.extract(&finish(b)).expect_err("refused");
+    assert!(matches!(e.root_cause(), ArchiveError::Escape { .. }), "{e}");
+    s.assert_outside_untouched();
+    assert_eq!(fs::read_dir(&s.target).expect("target").count(), 0);
+}
+
+#[test]
+fn symlink_then_file_through_it_is_refused() {
+    for link in ["ABS", "../outside", "./../outside"] {
+        let s = Scene::new();
+        let link = if link == "ABS" {
+            s.outside.to_str().expect("utf8").to_string()
+        } else {
+            link.to_string()
+        };
+        let mut b = Builder::new(Vec::new());
+        append_raw(
+            &mut b,
+            b"esc",
+            EntryType::Symlink,
+            b"",
+            Some(link.as_bytes()),
+        );
+        add_file(&mut b, "esc/pwned", b"pwn", 0o644);
+        let e = s.extract(&finish(b)).expect_err("refused");
+        match e.root_cause() {
+            ArchiveError::Escape { entry, .. } => assert_eq!(entry, Path::new("esc")),
+            other => panic!("unexpected {other} for link {link}"),
+        }
+        // The symlink itself was written and is named as written.
+        let written: Vec<PathBuf> = e.written().expect("incomplete").iter().collect();
+        assert_eq!(written, vec![PathBuf::from("esc")]);
+        s.assert_outside_untouched();
+    }
+}
+
+#[test]
+fn symlink_planted_in_target_is_not_followed_out() {
+    // A running phone can plant a symlink at any time.
+    let s = Scene::new();
+    std::os::unix::fs::symlink(&s.outside, s.target.join("data")).expect("plant");
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "data/pwned", b"pwn", 0o644);
+    let e = s.extract(&finish(b)).expect_err("refused");
+    assert!(matches!(e.root_cause(), ArchiveError::Escape { .. }), "{e}");
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn symlink_inside_target_is_followed_beneath() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    add_dir(&mut b, "usr", 0o755);
+    add_dir(&mut b, "usr/lib", 0o755);
+    add_link(&mut b, EntryType::Symlink, "lib", "usr/lib");
+    add_file(&mut b, "lib/libc.so", b"elf", 0o644);
+    s.extract(&finish(b)).expect("extract");
+    assert_eq!(
+        fs::read(s.target.join("usr/lib/libc.so")).expect("lib"),
+        b"elf"
+    );
+}
+
+#[test]
+fn hardlink_escapes_are_refused() {
+    let s = Scene::new();
+    let abs = s.outside.join("secret");
+    let cases: Vec<(Vec<u8>, bool)> = vec![
+        (abs.to_str().expect("utf8").as_bytes().to_vec(), false),
+        (b"../outside/secret".to_vec(), false),
+        (b"sl/secret".to_vec(), true),
+    ];
+    for (target, via_symlink) in cases {
+        let s2 = Scene::new();
+        let _ = &s;
+        let mut b = Builder::new(Vec::new());
+        if via_symlink {
+            let out = s2.outside.to_str().expect("utf8").as_bytes().to_vec();
+            append_raw(&mut b, b"sl", EntryType::Symlink, b"", Some(&out));
+        }
+        append_raw(&mut b, b"h", EntryType::Link, b"", Some(&target));
+        let e = s2.extract(&finish(b)).expect_err("refused");
+        assert!(matches!(e.root_cause(), ArchiveError::Escape { .. }), "{e}");
+        assert!(fs::symlink_metadata(s2.target.join("h")).is_err());
+        s2.assert_outside_untouched();
+    }
+}
+
+#[test]
+fn pax_and_gnu_long_name_escapes_are_refused() {
+    // PAX `path` record pointing above the target.
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    b.append_pax_extensions([("path", &b"../outside/pax"[..])])
+        .expect("pax");
+    append_raw(&mut b, b"innocent", EntryType::Regular, b"pwn", None);
+    let e = s.extract(&finish(b)).expect_err("refused");
+    match e.root_cause() {
+        ArchiveError::Escape { entry, .. } => assert_eq!(entry, Path::new("../outside/pax")),
+        other => panic!("unexpected {other}"),
+    }
+    s.assert_outside_untouched();
+
+    // GNU long name (`L`) record with an absolute path.
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    let mut name = s
+        .outside
+        .join("gnu")
+        .to_str()
+        .expect("utf8")
+        .as_bytes()
+        .to_vec();
+    name.push(0);
+    append_raw(
+        &mut b,
+        b"././@LongLink",
+        EntryType::GNULongName,
+        &name,
+        None,
+    );
+    append_raw(&mut b, b"innocent", EntryType::Regular, b"pwn", None);
+    let e = s.extract(&finish(b)).expect_err("refused");
+    assert!(matches!(e.root_cause(), ArchiveError::Escape { .. }), "{e}");
+    s.assert_outside_untouched();
+    assert!(!s.target.join("innocent").exists());
+}
+
+#[test]
+fn device_nodes_and_fifos_are_refused_or_skipped() {
+    for kind in [EntryType::Char, EntryType::Block, EntryType::Fifo] {
+        let s = Scene::new();
+        let mut b = Builder::new(Vec::new());
+        add_file(&mut b, "before", b"x", 0o644);
+        append_raw(&mut b, b"node", kind, b"", None);
+        let tar = finish(b);
+        let e = s.extract(&tar).expect_err("refused");
+        match e.root_cause() {
+            ArchiveError::Refused { entry, .. } => assert_eq!(entry, Path::new("node")),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(fs::symlink_metadata(s.target.join("node")).is_err());
+        s.assert_outside_untouched();
+
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            special: SpecialFiles::Skip,
+            ..Default::default()
+        };
+        let report = extract(&tar[..], &s.target, &opts).expect("skipped");
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].path, Path::new("node"));
+        assert!(fs::symlink_metadata(s.target.join("node")).is_err());
+        for e in fs::read_dir(&s.target).expect("target") {
+            let ft = e.expect("entry").file_type().expect("type");
+            assert!(!ft.is_char_device() && !ft.is_block_device() && !ft.is_fifo());
+        }
+    }
+}
+
+#[test]
+fn setuid_and_setgid_bits_are_stripped() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "su", b"x", 0o6755);
+    add_dir(&mut b, "sgid", 0o2775);
+    s.extract(&finish(b)).expect("extract");
+    let m = fs::metadata(s.target.join("su"))
+        .expect("su")
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o7777, 0o755);
+    let m = fs::metadata(s.target.join("sgid"))
+        .expect("sgid")
+        .permissions()
+        .mode();
+    assert_eq!(m & 0o7777, 0o775);
+}
+
+#[test]
+fn oversized_archive_is_refused_naming_what_was_written() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "one", &[1u8; 600], 0o644);
+    add_file(&mut b, "two", &[2u8; 600], 0o644);
+    let opts = ExtractOptions {
+        max_bytes: Some(1000),
+        ..Default::default()
+    };
+    let e = extract(&finish(b)[..], &s.target, &opts).expect_err("too large");
+    match e.root_cause() {
+        ArchiveError::TooLarge { entry, limit } => {
+            assert_eq!(entry, Path::new("two"));
+            assert_eq!(*limit, 1000);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let written: Vec<PathBuf> = e.written().expect("incomplete").iter().collect();
+    assert_eq!(written, vec![PathBuf::from("one")]);
+    assert!(!s.target.join("two").exists());
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn truncated_garbage_and_empty_inputs_are_bad_archives() {
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "a", &[7u8; 5000], 0o644);
+    add_file(&mut b, "b", &[8u8; 5000], 0o644);
+    let tar = finish(b);
+    // Cut inside the second file's data, and cut at a header boundary
+    // (no end-of-archive blocks).
+    for cut in [512 + 5120 + 512 + 100, 512 + 5120] {
+        let s = Scene::new();
+        let e = s.extract(&tar[..cut]).expect_err("truncated");
+        assert!(
+            matches!(e.root_cause(), ArchiveError::Truncated { .. }),
+            "{e}"
+        );
+        assert!(e.is_bad_archive());
+        s.assert_outside_untouched();
+    }
+    let s = Scene::new();
+    let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let e = s.extract(&garbage).expect_err("garbage");
+    assert!(matches!(e, ArchiveError::NotATar { .. }), "{e}");
+    assert!(e.is_bad_archive());
+    let e = s.extract(b"hello").expect_err("short garbage");
+    assert!(e.is_bad_archive(), "{e}");
+    let e = s.extract(b"").expect_err("empty");
+    assert!(matches!(e, ArchiveError::NotATar { .. }), "{e}");
+    assert_eq!(fs::read_dir(&s.target).expect("target").count(), 0);
+}
+
+#[test]
+fn source_read_errors_are_not_bad_archives() {
+    struct Failing(usize);
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("connection reset"));
+            }
+            let n = buf.len().min(self.0);
+            buf[..n].fill(0);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+    let s = Scene::new();
+    let e = extract(Failing(100), &s.target, &ExtractOptions::default()).expect_err("fails");
+    assert!(matches!(e, ArchiveError::Read(_)), "{e}");
+    assert!(!e.is_bad_archive());
+}
+
+#[test]
+fn gzip_is_detected() {
+    let s = Scene::new();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&sample_tree()).expect("gzip");
+    let gz = gz.finish().expect("gzip finish");
+    s.extract(&gz).expect("extract gzip");
+    check_sample_tree(&s.target);
+
+    let s = Scene::new();
+    let mut bad = gz[..10].to_vec();
+    bad.extend_from_slice(&[0xffu8; 300]);
+    let e = s.extract(&bad).expect_err("corrupt gzip");
+    assert!(e.is_bad_archive(), "{e}");
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn staging_leaves_target_absent_on_failure() {
+    let s = Scene::new();
+    let fresh = s.target.join("image");
+    let opts = ExtractOptions {
+        staging: true,
+        sync: true,
+        ..Default::default()
+    };
+    let r = extract(&sample_tree()[..], &fresh, &opts).expect("staged");
+    assert!(r.files > 0);
+    check_sample_tree(&fresh);
+    // Target exists now: refused.
+    let e = extract(&sample_tree()[..], &fresh, &opts).expect_err("exists");
+    assert!(matches!(e, ArchiveError::TargetExists(_)), "{e}");
+
+    let other = s.target.join("other");
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "ok", b"fine", 0o644);
+    append_raw(&mut b, b"../../escape", EntryType::Regular, b"pwn", None);
+    let e = extract(&finish(b)[..], &other, &opts).expect_err("refused");
+    assert!(matches!(e, ArchiveError::Escape { .. }), "{e}");
+    assert!(!other.exists());
+    let names: Vec<_> = fs::read_dir(&s.target)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("image")],
+        "staging dir left behind"
+    );
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn xattrs_only_from_the_allow_list() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.user.cph", &b"yes"[..]),
+        ("SCHILY.xattr.trusted.evil", &b"no"[..]),
+        ("SCHILY.xattr.security.selinux", &b"u:object_r:x:s0"[..]),
+    ])
+    .expect("pax");
+    add_file(&mut b, "x", b"data", 0o644);
+    let r = match s.extract(&finish(b)) {
+        Ok(r) => r,
+        Err(e) => {
+            let unsupported = matches!(e.root_cause(), ArchiveError::Io { source, .. }
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP));
+            if unsupported {
+                eprintln!("skipping: filesystem of the temp dir has no user xattrs");
+                return;
+            }
+            panic!("extract: {e}");
+        }
+    };
+    assert_eq!(r.xattrs_dropped, 2);
+    let path = std::ffi::CString::new(s.target.join("x").to_str().expect("utf8")).expect("c");
+    let mut buf = [0u8; 64];
+    // SAFETY: valid C strings and a buffer of the stated size.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.cph".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(n, 3);
+    assert_eq!(&buf[..3], b"yes");
+    // SAFETY: as above.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"trusted.evil".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n < 0);
+}
+
+#[test]
+fn ownership_is_shifted_or_fixed() {
+    if !is_root() {
+        eprintln!("skipping: chown needs root");
+        return;
+    }
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "d/f", b"x", 0o644);
+    add_link(&mut b, EntryType::Symlink, "d/l", "f");
+    let tar = finish(b);
+    let s = Scene::new();
+    let opts = ExtractOptions {
+        ownership: Ownership::Shift {
+            uid: 100_000,
+            gid: 200_000,
+        },
+        ..Default::default()
+    };
+    extract(&tar[..], &s.target, &opts).expect("extract");
+    let md = fs::metadata(s.target.join("d/f")).expect("f");
+    assert_eq!((md.uid(), md.gid()), (101_000, 201_000));
+    let md = fs::symlink_metadata(s.target.join("d/l")).expect("l");
+    assert_eq!((md.uid(), md.gid()), (100_000, 200_000));
+    // The implied directory belongs to the shifted root.
+    let md = fs::metadata(s.target.join("d")).expect("d");
+    assert_eq!((md.uid(), md.gid()), (100_000, 200_000));
+
+    let s = Scene::new();
+    let opts = ExtractOptions {
+        ownership: Ownership::Fixed {
+            uid: 4242,
+            gid: 4343,
+        },
+        ..Default::default()
+    };
+    extract(&tar[..], &s.target, &opts).expect("extract");
+    let md = fs::metadata(s.target.join("d/f")).expect("f");
+    assert_eq!((md.uid(), md.gid()), (4242, 4343));
+}
+
+#[test]
+fn export_round_trip_with_include_and_exclude() {
+    let src = Scene::new();
+    src.extract(&sample_tree()).expect("extract sample");
+    fs::write(src.target.join("etc/skip.me"), b"no").expect("skip file");
+    // A symlink leading out of the root is stored as a link, never followed.
+    std::os::unix::fs::symlink(&src.outside, src.target.join("etc/out")).expect("symlink");
+    let mut out = Vec::new();
+    let report = write_tar(
+        &src.target,
+        &["etc".into(), "data".into(), "bin".into(), "dddd".into()],
+        &["etc/skip.me".into()],
+        &mut out,
+    )
+    .expect("write tar");
+    assert_eq!((report.files, report.hardlinks, report.symlinks), (3, 1, 2));
+
+    let dst = Scene::new();
+    dst.extract(&out).expect("extract export");
+    let t = &dst.target;
+    assert_eq!(fs::read(t.join("etc/conf")).expect("conf"), b"key=value\n");
+    assert!(!t.join("etc/skip.me").exists());
+    assert!(!t.join("empty").exists(), "not included");
+    assert_eq!(
+        fs::read_link(t.join("bin/sh")).expect("sh"),
+        Path::new("tool")
+    );
+    assert_eq!(fs::read_link(t.join("etc/out")).expect("out"), src.outside);
+    assert_eq!(
+        fs::metadata(t.join("etc/conf"))
+            .expect("conf")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o640
+    );
+    assert_eq!(
+        fs::read(t.join("data/big.bin")).expect("big").len(),
+        3 * 1024 * 1024 + 17
+    );
+    // The hard link pair stays one inode.
+    assert_eq!(
+        fs::metadata(t.join("etc/conf")).expect("a").ino(),
+        fs::metadata(t.join("etc/conf.hard")).expect("b").ino()
+    );
+}
+
+#[test]
+fn export_refuses_paths_outside_root() {
+    let s = Scene::new();
+    let e = write_tar(&s.target, &["../outside".into()], &[], Vec::new()).expect_err("refused");
+    assert!(matches!(e, ArchiveError::Escape { .. }), "{e}");
+}
+
+/// Files in the archive the strace child extracts (set by the parent test).
+const STRACE_ENV: &str = "CPH_ARCHIVE_STRACE_FILES";
+/// The directory the strace child extracts into.
+const STRACE_DIR: &str = "CPH_ARCHIVE_STRACE_DIR";
+
+fn many_small(n: usize) -> Vec<u8> {
+    let mut b = Builder::new(Vec::new());
+    let dirs = (n / 100).max(1);
+    for i in 0..n {
+        add_file(&mut b, &format!("d{}/f{i}", i % dirs), &[9u8; 700], 0o644);
+    }
+    finish(b)
+}
+
+/// Run by `syscalls_per_regular_file` under strace; does nothing otherwise.
+#[test]
+#[ignore = "child of syscalls_per_regular_file"]
+fn strace_child_extract() {
+    let Some(n) = std::env::var(STRACE_ENV).ok().and_then(|v| v.parse().ok()) else {
+        return;
+    };
+    let Some(target) = std::env::var_os(STRACE_DIR) else {
+        return;
+    };
+    let tar = many_small(n);
+    let opts = ExtractOptions {
+        ownership: if is_root() {
+            Ownership::Archive
+        } else {
+            Ownership::Unchanged
+        },
+        sync: true,
+        ..Default::default()
+    };
+    let r = extract(&tar[..], Path::new(&target), &opts).expect("extract");
+    assert_eq!(r.files, n as u64);
+    // The parent removes the tree: its unlinks are not the extractor's.
+}
+
+/// Total syscalls of the strace child extracting `n` files.
+fn traced_calls(n: usize) -> Option<u64> {
+    let out = tempfile::NamedTempFile::new().expect("strace output");
+    let exe = std::env::current_exe().expect("test binary");
+    let s = Scene::new();
+    let st = std::process::Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(out.path())
+        .arg(exe)
+        .args([
+            "--exact",
+            "strace_child_extract",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(STRACE_ENV, n.to_string())
+        .env(STRACE_DIR, &s.target)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    assert!(st.success(), "strace child failed");
+    let text = fs::read_to_string(out.path()).expect("read strace summary");
+    let total = text.lines().find(|l| l.trim_end().ends_with("total"))?;
+    // "100.00 0.123 1 12345 67 total": the calls column is the 4th.
+    total.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[test]
+fn syscalls_per_regular_file() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: strace is not installed (apt package strace)");
+        return;
+    }
+    if std::env::var_os("CPH_SPAWN_WRAPPER").is_some() {
+        eprintln!("skipping: under an emulator strace would count the emulator's calls");
+        return;
+    }
+    let (Some(a), Some(b)) = (traced_calls(500), traced_calls(2500)) else {
+        eprintln!("skipping: strace could not trace the test binary (ptrace refused?)");
+        return;
+    };
+    // The difference cancels start-up, the harness and the final sync.
+    let per_file = (b as f64 - a as f64) / 2000.0;
+    eprintln!("syscalls per regular file: {per_file:.2} ({a} for 500 files, {b} for 2500)");
+    assert!(per_file <= 6.0, "{per_file:.2} syscalls per file");
+}

@@ -1,0 +1,664 @@
+//! Real btrfs pools on loop-attached sparse files in temporary directories:
+//! image import, clone isolation, quota enforcement, reset, rediscovery after
+//! a restart and a simulated reboot, refusals, and clean-up. Privileged:
+//! skipped (with the reason printed) without root or btrfs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use cph_runtime::storage::{
+    capacity_report, list_share_dir, BtrfsConfig, BtrfsStorage, PoolDevice, Storage, StorageError,
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn btrfs_available(test: &str) -> bool {
+    if !cph_runtime::privilege::check(test) {
+        return false;
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let has_tools = Command::new("mkfs.btrfs").arg("--version").output().is_ok();
+    if !has_tools {
+        eprintln!("SKIPPED {test}: mkfs.btrfs is not installed (apt package btrfs-progs)");
+        return false;
+    }
+    if !fs.contains("btrfs") {
+        // The module loads on first mount; probe once.
+        let _ = Command::new("modprobe").arg("btrfs").status();
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("btrfs") {
+            eprintln!("SKIPPED {test}: the kernel has no btrfs");
+            return false;
+        }
+    }
+    true
+}
+
+const POOL_BYTES: u64 = 512 << 20;
+
+/// A pool on a sparse file in a temp dir; Drop unmounts and detaches
+/// whatever is left, even when the test failed.
+struct Pool {
+    tmp: tempfile::TempDir,
+    file: PathBuf,
+    mount: PathBuf,
+    owner: String,
+}
+
+impl Pool {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join(format!("{}.img", unique("pool")));
+        let mount = tmp.path().join("mnt");
+        Self {
+            tmp,
+            file,
+            mount,
+            owner: unique("agent"),
+        }
+    }
+
+    fn config(&self, owner: &str) -> BtrfsConfig {
+        BtrfsConfig {
+            device: PoolDevice::LoopFile {
+                path: self.file.clone(),
+                size_bytes: POOL_BYTES,
+            },
+            mount_point: self.mount.clone(),
+            owner: owner.to_string(),
+            max_share_bytes: 64 << 20,
+        }
+    }
+
+    fn open(&self) -> BtrfsStorage {
+        let s = BtrfsStorage::new(self.config(&self.owner));
+        s.prepare().expect("prepare");
+        s
+    }
+
+    fn loops(&self) -> Vec<String> {
+        let out = Command::new("losetup")
+            .args(["--noheadings", "--output", "NAME", "--associated"])
+            .arg(&self.file)
+            .output()
+            .expect("losetup");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    fn mounted(&self) -> bool {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let want = self.mount.to_string_lossy().to_string();
+        info.lines()
+            .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for _ in 0..3 {
+            if !self.mounted() {
+                break;
+            }
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        for dev in self.loops() {
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
+        let _ = self.tmp.path();
+    }
+}
+
+/// A rootfs tar built from a directory tree with GNU tar (building the
+/// archive only; the product unpacks it with `archive::extract`).
+fn make_image(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let d = tempfile::tempdir().expect("tempdir");
+    for (name, data) in files {
+        let p = d.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(d.path())
+        .args(["-czf", "-", "."])
+        .output()
+        .expect("tar");
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn import(s: &BtrfsStorage, id: &str, tar: &[u8]) {
+    let r = s
+        .import_image(id, Box::new(std::io::Cursor::new(tar.to_vec())))
+        .expect("import");
+    assert!(r.imported);
+}
+
+/// A ustar entry by hand, for archives GNU tar will not write.
+fn raw_tar_entry(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+#[test]
+fn clones_are_isolated_and_reset_restores_the_image() {
+    if !btrfs_available("clones_are_isolated_and_reset_restores_the_image") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    import(
+        &s,
+        "img-a",
+        &make_image(&[("system/build.prop", b"ro.a=1\n")]),
+    );
+    import(
+        &s,
+        "img-b",
+        &make_image(&[("system/build.prop", b"ro.b=2\n")]),
+    );
+    assert_eq!(s.list_images().unwrap(), vec!["img-a", "img-b"]);
+    // Importing again is a no-op that reads nothing.
+    let again = s.import_image("img-a", Box::new(std::io::empty())).unwrap();
+    assert!(!again.imported);
+
+    let a = s.create_volume("phone-a", "img-a", 64 << 20).unwrap();
+    let b = s.create_volume("phone-b", "img-a", 64 << 20).unwrap();
+    std::fs::write(a.join("system/build.prop"), b"changed\n").unwrap();
+    std::fs::write(a.join("only-a"), b"x").unwrap();
+    assert_eq!(
+        std::fs::read(b.join("system/build.prop")).unwrap(),
+        b"ro.a=1\n"
+    );
+    assert!(!b.join("only-a").exists());
+    // The image itself is read-only.
+    assert!(std::fs::write(pool.mount.join("images/img-a/x"), b"x").is_err());
+
+    let a2 = s.reset_volume("phone-a", None).unwrap();
+    assert_eq!(a2, a);
+    assert_eq!(
+        std::fs::read(a.join("system/build.prop")).unwrap(),
+        b"ro.a=1\n"
+    );
+    assert!(!a.join("only-a").exists());
+
+    s.reset_volume("phone-a", Some("img-b")).unwrap();
+    assert_eq!(
+        std::fs::read(a.join("system/build.prop")).unwrap(),
+        b"ro.b=2\n"
+    );
+    assert!(matches!(
+        s.reset_volume("phone-a", Some("img-none")),
+        Err(StorageError::UnknownImage(_))
+    ));
+    assert!(matches!(
+        s.create_volume("phone-c", "img-none", 0),
+        Err(StorageError::UnknownImage(_))
+    ));
+    assert!(matches!(
+        s.create_volume("phone-b", "img-a", 0),
+        Err(StorageError::VolumeExists(_))
+    ));
+    assert_eq!(s.list_volumes().unwrap(), vec!["phone-a", "phone-b"]);
+    s.delete_volume("phone-a").unwrap();
+    s.delete_volume("phone-a").unwrap();
+    assert_eq!(s.volume_path("phone-a").unwrap(), None);
+    assert!(matches!(
+        s.reset_volume("phone-a", None),
+        Err(StorageError::UnknownVolume(_))
+    ));
+    s.teardown().unwrap();
+    assert!(!pool.mounted());
+    assert!(pool.loops().is_empty());
+}
+
+#[test]
+fn writes_past_the_disk_size_fail_with_edquot() {
+    if !btrfs_available("writes_past_the_disk_size_fail_with_edquot") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    import(&s, "img", &make_image(&[("init", b"#!/bin/sh\n")]));
+    let v = s.create_volume("phone-q", "img", 16 << 20).unwrap();
+    let mut f = std::fs::File::create(v.join("fill")).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut err = None;
+    for _ in 0..128 {
+        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_data()) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("128 MiB written into a 16 MiB volume");
+    let code = err.raw_os_error();
+    assert!(
+        code == Some(libc::EDQUOT) || code == Some(libc::ENOSPC),
+        "unexpected error {err}"
+    );
+    drop(f);
+    // The neighbour and the pool are unaffected.
+    let w = s.create_volume("phone-w", "img", 16 << 20).unwrap();
+    std::fs::write(w.join("ok"), vec![1u8; 1 << 20]).unwrap();
+    s.teardown().unwrap();
+}
+
+#[test]
+fn layout_is_rediscovered_after_restart_and_reboot() {
+    if !btrfs_available("layout_is_rediscovered_after_restart_and_reboot") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    import(&s, "img", &make_image(&[("etc/hostname", b"phone\n")]));
+    let v = s.create_volume("phone-r", "img", 32 << 20).unwrap();
+    std::fs::write(v.join("data.txt"), b"kept").unwrap();
+    std::fs::write(s.share_paths().unwrap().files.join("shared.txt"), b"s").unwrap();
+    // Idempotent prepare on a live pool.
+    s.prepare().unwrap();
+    drop(s);
+
+    // Agent restart: a new handle over the mounted pool.
+    let s = pool.open();
+    assert_eq!(s.list_volumes().unwrap(), vec!["phone-r"]);
+    assert_eq!(std::fs::read(v.join("data.txt")).unwrap(), b"kept");
+
+    // Host reboot: unmounted, loop device gone; prepare re-attaches.
+    s.teardown().unwrap();
+    assert!(!pool.mounted());
+    assert!(pool.loops().is_empty());
+    drop(s);
+    let s = pool.open();
+    assert_eq!(pool.loops().len(), 1);
+    assert_eq!(s.volume_path("phone-r").unwrap(), Some(v.clone()));
+    assert_eq!(std::fs::read(v.join("data.txt")).unwrap(), b"kept");
+    assert!(s.has_image("img").unwrap());
+    assert!(s.share_paths().unwrap().files.join("shared.txt").exists());
+    // The reset knows its image and size after the reboot.
+    s.reset_volume("phone-r", None).unwrap();
+    assert!(!v.join("data.txt").exists());
+    s.teardown().unwrap();
+    assert!(pool.loops().is_empty());
+}
+
+#[test]
+fn refusals_write_nothing() {
+    if !btrfs_available("refusals_write_nothing") {
+        return;
+    }
+    // More space than the host has.
+    let pool = Pool::new();
+    let mut cfg = pool.config(&pool.owner);
+    cfg.device = PoolDevice::LoopFile {
+        path: pool.file.clone(),
+        size_bytes: 1 << 60,
+    };
+    match BtrfsStorage::new(cfg).prepare() {
+        Err(StorageError::InsufficientSpace { .. }) => {}
+        other => panic!("expected insufficient space, got {other:?}"),
+    }
+    assert!(!pool.file.exists());
+    assert!(!pool.mount.exists());
+
+    // A pool owned by another agent.
+    let s = pool.open();
+    s.teardown().unwrap();
+    let other = BtrfsStorage::new(pool.config("someone-else"));
+    match other.prepare() {
+        Err(StorageError::OwnerConflict { owner, .. }) => assert_eq!(owner, pool.owner),
+        other => panic!("expected owner conflict, got {other:?}"),
+    }
+    assert!(!pool.mounted());
+    assert!(pool.loops().is_empty());
+}
+
+#[test]
+fn bad_archives_leave_no_image() {
+    if !btrfs_available("bad_archives_leave_no_image") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let good = make_image(&[("a/b", &[7u8; 100_000])]);
+    let mut escaping = raw_tar_entry("../escape", b"evil");
+    escaping.extend_from_slice(&[0u8; 1024]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"this is not a tar archive at all".repeat(40)),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("escaping", escaping),
+    ];
+    for (id, data) in cases {
+        match s.import_image(id, Box::new(std::io::Cursor::new(data))) {
+            Err(StorageError::BadImage { .. }) => {}
+            other => panic!("{id}: expected a bad image, got {other:?}"),
+        }
+        assert!(!s.has_image(id).unwrap(), "{id}");
+    }
+    assert!(!pool.tmp.path().join("escape").exists());
+    assert!(!pool.mount.join("images/escape").exists());
+    let left: Vec<_> = std::fs::read_dir(pool.mount.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(matches!(
+        s.import_image("../x", Box::new(std::io::empty())),
+        Err(StorageError::InvalidId { .. })
+    ));
+    s.teardown().unwrap();
+}
+
+#[test]
+fn sharepool_is_capped_and_reported() {
+    if !btrfs_available("sharepool_is_capped_and_reported") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let share = s.share_paths().unwrap();
+    std::fs::write(share.files.join("one.bin"), vec![1u8; 4 << 20]).unwrap();
+    std::fs::create_dir(share.apps.join("com.example")).unwrap();
+    // Sync so the qgroup counts the bytes.
+    let _ = Command::new("btrfs")
+        .args(["filesystem", "sync"])
+        .arg(&pool.mount)
+        .status();
+    let usage = s.share_usage().unwrap();
+    assert_eq!(usage.max, 64 << 20);
+    assert!(usage.used >= 4 << 20, "{usage:?}");
+    let (cap, max) = capacity_report(&usage);
+    assert_eq!(max, "64M");
+    assert_eq!(cap.split(' ').count(), 4, "{cap}");
+    assert!(cap.ends_with('%'), "{cap}");
+    let page = list_share_dir(&share, "/files", 0, 50).unwrap();
+    assert_eq!(page.total, 1);
+    assert!(page.files[0].starts_with("4194304 "), "{:?}", page.files);
+    assert!(page.files[0].ends_with(" one.bin"), "{:?}", page.files);
+    // Writing past the cap fails.
+    let mut f = std::fs::File::create(share.files.join("big.bin")).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut failed = false;
+    for _ in 0..256 {
+        if f.write_all(&chunk).and_then(|_| f.sync_data()).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "sharepool took 256 MiB past a 64 MiB cap");
+    drop(f);
+    s.teardown().unwrap();
+}
+
+#[test]
+fn overlay_backend_clones_resets_and_remounts() {
+    if !cph_runtime::privilege::check("overlay_backend_clones_resets_and_remounts") {
+        return;
+    }
+    use cph_runtime::storage::{OverlayConfig, OverlayStorage};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = OverlayConfig {
+        root: tmp.path().join("dev"),
+        owner: unique("agent"),
+        max_share_bytes: 1 << 30,
+    };
+    struct Guard(OverlayStorage);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.teardown();
+        }
+    }
+    let g = Guard(OverlayStorage::new(cfg.clone()));
+    let s = &g.0;
+    s.prepare().unwrap();
+    import_dyn(s, "img", &make_image(&[("etc/os", b"one\n")]));
+    import_dyn(s, "img2", &make_image(&[("etc/os", b"two\n")]));
+    let a = s.create_volume("pa", "img", 0).unwrap();
+    let b = s.create_volume("pb", "img", 0).unwrap();
+    std::fs::write(a.join("etc/os"), b"mine\n").unwrap();
+    assert_eq!(std::fs::read(b.join("etc/os")).unwrap(), b"one\n");
+    assert_eq!(
+        std::fs::read(tmp.path().join("dev/images/img/etc/os")).unwrap(),
+        b"one\n"
+    );
+    s.reset_volume("pa", None).unwrap();
+    assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"one\n");
+    s.reset_volume("pa", Some("img2")).unwrap();
+    assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
+    // Reboot: overlays gone, prepare mounts them again.
+    s.teardown().unwrap();
+    assert!(!a.join("etc/os").exists());
+    let s2 = OverlayStorage::new(cfg.clone());
+    s2.prepare().unwrap();
+    assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
+    let other = OverlayStorage::new(OverlayConfig {
+        owner: "someone-else".into(),
+        ..cfg
+    });
+    assert!(matches!(
+        other.prepare(),
+        Err(StorageError::OwnerConflict { .. })
+    ));
+    s2.delete_volume("pa").unwrap();
+    s2.delete_volume("pb").unwrap();
+    assert!(s2.list_volumes().unwrap().is_empty());
+}
+
+fn import_dyn(s: &dyn Storage, id: &str, tar: &[u8]) {
+    let r = s
+        .import_image(id, Box::new(std::io::Cursor::new(tar.to_vec())))
+        .expect("import");
+    assert!(r.imported);
+}
+
+#[test]
+fn lvm_thin_pool_snapshots_where_dm_thin_works() {
+    use cph_runtime::storage::cmd::{Runner, SystemRunner};
+    use cph_runtime::storage::lvm::{self, ThinPool};
+    if !cph_runtime::privilege::check("lvm_thin_pool_snapshots_where_dm_thin_works") {
+        return;
+    }
+    if let Some(reason) = lvm::unavailable_reason() {
+        eprintln!("SKIPPED lvm_thin_pool_snapshots_where_dm_thin_works: {reason}");
+        return;
+    }
+    if Command::new("lvcreate").arg("--version").output().is_err() {
+        eprintln!("SKIPPED lvm_thin_pool_snapshots_where_dm_thin_works: lvm2 is not installed");
+        return;
+    }
+    let pool = Pool::new();
+    let f = std::fs::File::create(&pool.file).unwrap();
+    f.set_len(POOL_BYTES).unwrap();
+    drop(f);
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&pool.file)
+        .output()
+        .unwrap();
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let tp = ThinPool {
+        vg: unique("cphvg").replace('-', "_"),
+        pool: "thinpool".into(),
+    };
+    struct VgGuard(ThinPool, String);
+    impl Drop for VgGuard {
+        fn drop(&mut self) {
+            for inv in self.0.destroy(&self.1) {
+                let _ = SystemRunner.run(&inv);
+            }
+        }
+    }
+    let _g = VgGuard(tp.clone(), dev.clone());
+    let r = SystemRunner;
+    for inv in tp.create(&dev, 256 << 20) {
+        r.run(&inv).unwrap();
+    }
+    for inv in tp.create_image("img", 64 << 20) {
+        r.run(&inv).unwrap();
+    }
+    r.run(&tp.seal_image("img")).unwrap();
+    for inv in tp.snapshot("img", "p1", 96 << 20) {
+        r.run(&inv).unwrap();
+    }
+    assert!(Path::new(&tp.device("phone-p1")).exists());
+    r.run(&tp.remove_phone("p1")).unwrap();
+}
+
+fn test_image() -> PathBuf {
+    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = repo.join("target/images/cph-test-image.tar.gz");
+    if !path.exists() {
+        let ok = Command::new(repo.join("image/build-test-image.sh"))
+            .arg(&path)
+            .status()
+            .expect("run build-test-image.sh")
+            .success();
+        assert!(ok, "building the test image failed");
+    }
+    path
+}
+
+/// Deletes the phones and their cgroups whatever happens.
+struct Phones {
+    rt: cph_runtime::container::Runtime,
+    parent: String,
+    names: Vec<String>,
+}
+
+impl Drop for Phones {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = self.rt.delete(n, std::time::Duration::from_millis(500));
+        }
+        for ctrl in [
+            "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
+        ] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&self.parent));
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/unified").join(&self.parent));
+    }
+}
+
+#[test]
+fn sharepool_is_seen_by_two_running_phones() {
+    use cph_runtime::container::{BindMount, ContainerSpec, Runtime};
+    use cph_runtime::storage::{PHONE_SHARE_APPS_DIR, PHONE_SHARE_FILES_DIR};
+    use std::time::{Duration, Instant};
+    if !btrfs_available("sharepool_is_seen_by_two_running_phones") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let image = std::fs::File::open(test_image()).expect("test image");
+    s.import_image("test-image", Box::new(image))
+        .expect("import");
+    let share = s.share_paths().unwrap();
+
+    let parent = unique("cph-storage-test");
+    let rt = Runtime::new(
+        &pool.tmp.path().join("state"),
+        &parent,
+        Path::new(env!("CARGO_BIN_EXE_cph-shim")),
+    )
+    .expect("runtime");
+    let mut phones = Phones {
+        rt,
+        parent,
+        names: Vec::new(),
+    };
+    let mut roots = Vec::new();
+    for i in 0..2 {
+        let name = unique("sharephone");
+        let rootfs = s
+            .create_volume(&name, "test-image", 256 << 20)
+            .expect("volume");
+        let mut spec = ContainerSpec::new(&name, &rootfs);
+        for (source, target) in share.mounts() {
+            spec.mounts.push(BindMount {
+                source,
+                target,
+                read_only: false,
+            });
+        }
+        phones.names.push(name.clone());
+        phones
+            .rt
+            .start(&spec)
+            .unwrap_or_else(|e| panic!("start {i}: {e}"));
+        roots.push(rootfs);
+    }
+    for r in &roots {
+        let ready = r.join("run/cph-ready");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "phone never became ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let sh = |name: &str, script: &str| {
+        let out = phones
+            .rt
+            .exec(
+                name,
+                &["sh", "-c", script],
+                Duration::from_secs(10),
+                1 << 20,
+            )
+            .expect("exec");
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            out.exit_code,
+        )
+    };
+    std::fs::write(share.files.join("hello.txt"), b"from host").unwrap();
+    for n in &phones.names {
+        assert_eq!(
+            sh(n, &format!("cat {PHONE_SHARE_FILES_DIR}/hello.txt")).0,
+            "from host"
+        );
+    }
+    // A file written by one phone is seen by the other and on the host.
+    let (a, b) = (&phones.names[0], &phones.names[1]);
+    assert_eq!(
+        sh(a, &format!("echo app > {PHONE_SHARE_APPS_DIR}/a.apk")).1,
+        Some(0)
+    );
+    assert_eq!(sh(b, &format!("cat {PHONE_SHARE_APPS_DIR}/a.apk")).0, "app");
+    assert!(share.apps.join("a.apk").exists());
+    // The phones' own volumes stay apart.
+    sh(a, "echo mine > /only-a");
+    assert_eq!(sh(b, "test -e /only-a; echo $?").0, "1");
+    drop(phones);
+    s.teardown().unwrap();
+}

@@ -1,0 +1,118 @@
+//! The control-plane side of the agent protocol: registration, heartbeats
+//! and job status reports, authenticated by the shared node token.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use cph_agent::protocol::{Accepted, Heartbeat, Inventory, JobStatus, PhoneRunState, Registered};
+
+use super::extract::Json;
+use super::{ApiError, Failure, Shared};
+
+/// The API phone status of an agent-reported state.
+pub fn phone_status(s: PhoneRunState) -> i32 {
+    match s {
+        PhoneRunState::Creating => 1,
+        PhoneRunState::Running => 2,
+        PhoneRunState::Resetting => 3,
+        PhoneRunState::Restarting => 4,
+        PhoneRunState::Deleting => 7,
+        PhoneRunState::Stopped => 8,
+        PhoneRunState::Exited => -7,
+        PhoneRunState::Failed => -8,
+    }
+}
+
+fn check_token(st: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let want = format!("Bearer {}", st.node_token);
+    let got = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let same = got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0;
+    if same && !st.node_token.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("the node token is wrong".into()))
+    }
+}
+
+fn apply_phones(
+    st: &Shared,
+    node_id: &str,
+    phones: &[cph_agent::protocol::PhoneState],
+) -> Result<(), ApiError> {
+    for p in phones {
+        st.store
+            .apply_phone_state(node_id, p, phone_status(p.state))?;
+    }
+    st.store.refresh_server_status(node_id)?;
+    Ok(())
+}
+
+/// Applies job reports from an agent.
+pub fn apply_jobs(st: &Shared, jobs: &[JobStatus]) -> Result<(), ApiError> {
+    for j in jobs {
+        crate::dispatch::apply_status(&st.store, j)?;
+    }
+    Ok(())
+}
+
+pub async fn register(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Json(inv): Json<Inventory>,
+) -> Response {
+    let r = (|| -> Result<Registered, ApiError> {
+        check_token(&st, &headers)?;
+        st.store.upsert_node(&inv)?;
+        apply_phones(&st, &inv.node_id, &inv.phones)?;
+        tracing::info!(node_id = %inv.node_id, server_model = %inv.server_model, "agent registered");
+        Ok(Registered {
+            node_id: inv.node_id.clone(),
+            heartbeat_secs: st.heartbeat_secs,
+        })
+    })();
+    st.dispatcher.kick();
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => Failure(e).into_response(),
+    }
+}
+
+pub async fn heartbeat(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Json(hb): Json<Heartbeat>,
+) -> Response {
+    let r = (|| -> Result<Accepted, ApiError> {
+        check_token(&st, &headers)?;
+        if !st.store.touch_node(&hb.node_id)? {
+            return Ok(Accepted { accepted: false });
+        }
+        apply_phones(&st, &hb.node_id, &hb.phones)?;
+        apply_jobs(&st, &hb.jobs)?;
+        Ok(Accepted { accepted: true })
+    })();
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => Failure(e).into_response(),
+    }
+}
+
+pub async fn job_reports(
+    State(st): State<Shared>,
+    headers: HeaderMap,
+    Json(jobs): Json<Vec<JobStatus>>,
+) -> Response {
+    let r = check_token(&st, &headers).and_then(|_| apply_jobs(&st, &jobs));
+    match r {
+        Ok(()) => axum::Json(Accepted { accepted: true }).into_response(),
+        Err(e) => Failure(e).into_response(),
+    }
+}

@@ -1,0 +1,183 @@
+//! Jobs: `GET .../jobs/{job_id}` and `GET .../jobs?request_id=|request_ids=`,
+//! plus the helper every batch endpoint uses to persist one job per target
+//! before answering, with per-target errors in `jobs[]`.
+
+use axum::extract::{Extension, Path, State};
+use cph_agent::protocol::{JobKind, JobRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{page, Query};
+use super::{ApiError, ApiResult, Caller, Reply, Shared};
+use crate::store::{new_id, now_string, Job, Phone};
+
+/// Most request ids in one listing.
+pub const MAX_REQUEST_IDS: usize = 20;
+
+fn opt(s: &Option<String>) -> Value {
+    s.as_ref()
+        .map(|v| Value::String(v.clone()))
+        .unwrap_or(Value::Null)
+}
+
+fn job_json(j: &Job, with_targets: bool) -> Value {
+    let mut v = json!({
+        "job_id": j.job_id,
+        "begin_time": j.begin_time,
+        "end_time": opt(&j.end_time),
+        "status": j.status,
+        "error_code": opt(&j.error_code),
+        "error_msg": opt(&j.error_msg),
+        "execute_msg": opt(&j.execute_msg),
+    });
+    if with_targets {
+        if let Some(p) = &j.phone_id {
+            v["phone_id"] = json!(p);
+        }
+        v["server_id"] = json!(j.server_id);
+        v["node_id"] = json!(j.server_id);
+    }
+    v
+}
+
+pub async fn detail(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_p, job_id)): Path<(String, String)>,
+) -> ApiResult {
+    let j = st
+        .store
+        .job(&c.project_id, &job_id)?
+        .ok_or(ApiError::JobNotFound(job_id))?;
+    Ok(Reply::ok(job_json(&j, false)))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    request_id: Option<String>,
+    request_ids: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
+}
+
+pub async fn list(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
+    let ids: Vec<String> = match (&q.request_ids, &q.request_id) {
+        (Some(ids), _) if !ids.is_empty() => ids
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        (_, Some(id)) if !id.is_empty() => vec![id.clone()],
+        _ => return Err(ApiError::RequestIdEmpty.into()),
+    };
+    if ids.len() > MAX_REQUEST_IDS {
+        return Err(ApiError::TooManyRequestIds.into());
+    }
+    let jobs = st
+        .store
+        .jobs_by_requests(&c.project_id, &ids, offset, limit)?;
+    Ok(Reply::ok(json!({
+        "jobs": jobs.iter().map(|j| job_json(j, true)).collect::<Vec<_>>()
+    })))
+}
+
+/// One target of a batch: a phone job, a server job, or an error answered
+/// in place.
+#[allow(clippy::large_enum_variant)] // short-lived, one per target of a request
+pub enum Target {
+    Phone(Phone, JobKind),
+    Server {
+        server_id: String,
+        node_id: String,
+        kind: JobKind,
+    },
+    Error {
+        key: &'static str,
+        id: String,
+        err: ApiError,
+    },
+}
+
+/// Persists one job per valid target under one request id, wakes the
+/// dispatcher and renders `jobs[]`.
+pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Value, ApiError> {
+    let request_id = new_id();
+    let now = now_string();
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    let mut node_of = std::collections::HashMap::new();
+    for t in targets {
+        match t {
+            Target::Error { key, id, err } => {
+                let (_, code) = err.status_and_code();
+                out.push(json!({key: id, "error_code": code, "error_msg": err.message()}));
+            }
+            Target::Phone(p, kind) => {
+                let node_id = match node_of.get(&p.server_id) {
+                    Some(n) => Clone::clone(n),
+                    None => {
+                        let s = st.store.server(project_id, &p.server_id)?;
+                        let n = s.map(|s| s.node_id).unwrap_or_default();
+                        node_of.insert(p.server_id.clone(), n.clone());
+                        n
+                    }
+                };
+                let job_id = new_id();
+                let req = JobRequest {
+                    job_id: job_id.clone(),
+                    request_id: request_id.clone(),
+                    server_id: p.server_id.clone(),
+                    phone_id: Some(p.phone_id.clone()),
+                    kind,
+                };
+                rows.push(job_row(&req, project_id, &node_id, &now)?);
+                out.push(json!({"phone_id": p.phone_id, "job_id": job_id}));
+            }
+            Target::Server {
+                server_id,
+                node_id,
+                kind,
+            } => {
+                let job_id = new_id();
+                let req = JobRequest {
+                    job_id: job_id.clone(),
+                    request_id: request_id.clone(),
+                    server_id: server_id.clone(),
+                    phone_id: None,
+                    kind,
+                };
+                rows.push(job_row(&req, project_id, &node_id, &now)?);
+                out.push(json!({"server_id": server_id, "job_id": job_id}));
+            }
+        }
+    }
+    st.store.insert_jobs(&rows)?;
+    st.dispatcher.kick();
+    Ok(json!({"request_id": request_id, "jobs": out}))
+}
+
+fn job_row(req: &JobRequest, project_id: &str, node_id: &str, now: &str) -> Result<Job, ApiError> {
+    Ok(Job {
+        job_id: req.job_id.clone(),
+        request_id: req.request_id.clone(),
+        project_id: project_id.to_string(),
+        server_id: req.server_id.clone(),
+        phone_id: req.phone_id.clone(),
+        node_id: node_id.to_string(),
+        request: serde_json::to_string(req).map_err(|e| ApiError::Internal(e.to_string()))?,
+        status: 1,
+        dispatched: false,
+        attempts: 0,
+        error_code: None,
+        error_msg: None,
+        execute_msg: None,
+        begin_time: now.to_string(),
+        end_time: None,
+    })
+}

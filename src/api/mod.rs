@@ -1,0 +1,302 @@
+//! The CPH REST API: routes, shared state and the uniform request pipeline
+//! (request id -> authenticate -> parse/validate -> controller -> response).
+
+pub mod agent;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod iam;
+pub mod jobs;
+pub mod misc;
+pub mod phones;
+pub mod servers;
+pub mod validate;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::catalog::Catalog;
+use crate::dispatch::Dispatcher;
+use crate::store::Store;
+pub use error::ApiError;
+
+/// Largest request body accepted, in bytes.
+pub const BODY_LIMIT: usize = 12 * 1024 * 1024;
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub catalog: Catalog,
+    pub dispatcher: Dispatcher,
+    /// Shared secret agents present.
+    pub node_token: String,
+    pub heartbeat_secs: u64,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Per-request context set by the middleware: the request id, and the
+/// authenticated project once auth ran.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub request_id: String,
+}
+
+/// The authenticated caller's project.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub project_id: String,
+}
+
+/// An API answer: a JSON object that gets `request_id` added.
+pub struct Reply(pub StatusCode, pub Value);
+
+impl Reply {
+    pub fn ok(v: Value) -> Self {
+        Reply(StatusCode::OK, v)
+    }
+}
+
+/// A failed answer, carrying the request id.
+pub struct Failure(pub ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e)
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(e: crate::store::StoreError) -> Self {
+        Failure(e.into())
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, axum::Json(self.1)).into_response();
+        r.extensions_mut().insert(NeedsRequestId);
+        r
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let (status, code) = self.0.status_and_code();
+        if let ApiError::Internal(msg) = &self.0 {
+            tracing::error!(error = %msg, "internal error");
+        }
+        let body = json!({"error_code": code, "error_msg": self.0.message()});
+        let mut r = (status, axum::Json(body)).into_response();
+        r.extensions_mut().insert(NeedsRequestId);
+        r
+    }
+}
+
+#[derive(Clone, Copy)]
+struct NeedsRequestId;
+
+pub type ApiResult = Result<Reply, Failure>;
+
+/// Gives every request an id and writes it into the response's
+/// `X-Request-Id` header and the JSON body's `request_id`.
+async fn request_id_layer(mut req: Request, next: Next) -> Response {
+    let request_id = crate::store::new_id();
+    req.extensions_mut().insert(Ctx {
+        request_id: request_id.clone(),
+    });
+    let resp = next.run(req).await;
+    let (mut parts, body) = resp.into_parts();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    if parts.extensions.get::<NeedsRequestId>().is_none() {
+        return Response::from_parts(parts, body);
+    }
+    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(_) => return Response::from_parts(parts, axum::body::Body::empty()),
+    };
+    let out = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(mut m)) => {
+            // A handler that grouped jobs under its own request id keeps it.
+            let id = match m.get("request_id") {
+                Some(Value::String(own)) => own.clone(),
+                _ => request_id,
+            };
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert("x-request-id", v);
+            }
+            m.insert("request_id".into(), Value::String(id));
+            serde_json::to_vec(&Value::Object(m)).unwrap_or_else(|_| bytes.to_vec())
+        }
+        _ => bytes.to_vec(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(out))
+}
+
+async fn not_found() -> Failure {
+    Failure(ApiError::NotFound)
+}
+
+/// The whole router.
+pub fn router(state: Shared) -> Router {
+    let cph = Router::new()
+        // servers
+        .route("/v1/{project_id}/cloud-phone/servers", get(servers::list))
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/{server_id}",
+            get(servers::detail),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/{server_id}",
+            put(servers::rename),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/server-models",
+            get(servers::models),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones",
+            post(servers::buy_v1).get(phones::list),
+        )
+        .route(
+            "/v2/{project_id}/cloud-phone/servers",
+            post(servers::buy_v2),
+        )
+        .route(
+            "/v2.1/{project_id}/cloud-phone/servers",
+            post(servers::buy_v21),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/batch-restart",
+            post(servers::batch_restart),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/share-files",
+            post(servers::share_files_push).delete(servers::share_files_delete),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/share-files",
+            get(servers::share_files_list),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/share-apps",
+            post(servers::share_apps_push).delete(servers::share_apps_delete),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/change-server-model",
+            post(servers::change_model),
+        )
+        // bandwidths
+        .route(
+            "/v1/{project_id}/cloud-phone/bandwidths",
+            get(misc::bandwidth_list),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/bandwidths/{band_width_id}",
+            put(misc::bandwidth_update),
+        )
+        // phones
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/{phone_id}",
+            get(phones::detail).put(phones::rename),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phone-models",
+            get(phones::models),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phone-images",
+            get(phones::images),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-reset",
+            post(phones::batch_reset),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-restart",
+            post(phones::batch_restart),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-stop",
+            post(phones::batch_stop),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-update-property",
+            post(phones::update_property),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-storage",
+            post(phones::export),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-restore",
+            post(phones::restore),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-migrate",
+            post(phones::migrate),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones-traffic",
+            post(phones::traffic),
+        )
+        // adb
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/commands",
+            post(phones::commands),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/sync-commands",
+            post(phones::sync_commands),
+        )
+        // jobs, keys, encoding servers
+        .route(
+            "/v1/{project_id}/cloud-phone/jobs/{job_id}",
+            get(jobs::detail),
+        )
+        .route("/v1/{project_id}/cloud-phone/jobs", get(jobs::list))
+        .route(
+            "/v1/{project_id}/cloud-phone/servers/open-access",
+            put(misc::change_keypair),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/encode-servers",
+            get(misc::encode_servers_list),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/encode-servers/batch-restart",
+            post(misc::encode_servers_restart),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let iam = Router::new()
+        .route("/v3/auth/tokens", post(iam::issue_token))
+        .route("/v3/projects", get(iam::projects));
+    let agents = Router::new()
+        .route("/agent/v1/register", post(agent::register))
+        .route("/agent/v1/heartbeat", post(agent::heartbeat))
+        .route("/agent/v1/jobs", post(agent::job_reports));
+    Router::new()
+        .merge(cph)
+        .merge(iam)
+        .merge(agents)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(request_id_layer))
+        .with_state(state)
+}
+
+/// The state handlers see.
+pub type St = State<Shared>;

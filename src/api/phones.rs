@@ -1,0 +1,728 @@
+//! Cloud phones: list, detail, flavors, images and the batch operations
+//! (reset, restart, stop, rename, property, export, restore, migrate,
+//! traffic) and ADB commands, each turned into one job per phone.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Extension, Path, State};
+use cph_agent::protocol::{JobKind, MigrateTarget, ObjectRef, MIGRATE_BUCKET};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{page, Json, Query};
+use super::jobs::{submit, Target};
+use super::validate;
+use super::{ApiError, ApiResult, Caller, Reply, Shared};
+use crate::store::{Phone, PhoneFilter};
+
+/// Most phones in one batch request.
+pub const MAX_BATCH_PHONES: usize = 1000;
+/// Synchronous shell calls allowed per project per minute.
+pub const SYNC_SHELL_PER_MINUTE: u32 = 6;
+
+fn metadata(st: &Shared, p: &Phone) -> Value {
+    match st.store.server(&p.project_id, &p.server_id) {
+        Ok(Some(s)) => json!({"order_id": s.order_id, "product_id": s.product_id}),
+        _ => json!({"order_id": "", "product_id": ""}),
+    }
+}
+
+fn phone_json(p: &Phone, meta: Value) -> Value {
+    json!({
+        "phone_name": p.phone_name,
+        "server_id": p.server_id,
+        "phone_id": p.phone_id,
+        "phone_model_name": p.phone_model_name,
+        "image_id": p.image_id,
+        "vnc_enable": "true",
+        "status": p.status,
+        "type": p.phone_type,
+        "metadata": meta,
+        "availability_zone": "",
+        "create_time": p.create_time,
+        "update_time": p.update_time,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    phone_name: Option<String>,
+    server_id: Option<String>,
+    status: Option<String>,
+    #[serde(rename = "type")]
+    phone_type: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
+}
+
+pub async fn list(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => {
+            let v: i32 = s.parse().map_err(|_| ApiError::Status)?;
+            if ![0, 1, 2, 3, 4, 6, 7, 8, -5, -6, -7, -8, -9].contains(&v) {
+                return Err(ApiError::Status.into());
+            }
+            Some(v)
+        }
+    };
+    let phone_type = match q.phone_type.as_deref() {
+        None | Some("") => None,
+        Some("0") => Some(0),
+        Some("1") => Some(1),
+        Some(_) => return Err(ApiError::Field("type").into()),
+    };
+    let f = PhoneFilter {
+        phone_name: q.phone_name.filter(|s| !s.is_empty()),
+        server_id: q.server_id.filter(|s| !s.is_empty()),
+        status,
+        phone_type,
+    };
+    let phones = st.store.list_phones(&c.project_id, &f, offset, limit)?;
+    let mut metas: BTreeMap<String, Value> = BTreeMap::new();
+    let out: Vec<Value> = phones
+        .iter()
+        .map(|p| {
+            let m = metas
+                .entry(p.server_id.clone())
+                .or_insert_with(|| metadata(&st, p))
+                .clone();
+            phone_json(p, m)
+        })
+        .collect();
+    Ok(Reply::ok(json!({"phones": out})))
+}
+
+pub async fn detail(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_p, phone_id)): Path<(String, String)>,
+) -> ApiResult {
+    let p = st
+        .store
+        .phone(&c.project_id, &phone_id)?
+        .ok_or(ApiError::PhoneNotFound(phone_id))?;
+    let server = st.store.server(&c.project_id, &p.server_id)?;
+    let (server_ip, public_ip) = server
+        .as_ref()
+        .map(|s| (s.server_ip.clone(), s.public_ip.clone().unwrap_or_default()))
+        .unwrap_or_default();
+    let infos: Vec<cph_agent::protocol::AccessInfo> =
+        serde_json::from_str(&p.access_infos).unwrap_or_default();
+    let access: Vec<Value> = infos
+        .iter()
+        .map(|a| {
+            let public = if a.internet_accessible {
+                public_ip.clone()
+            } else {
+                String::new()
+            };
+            json!({
+                "type": a.kind,
+                "device_ip": a.phone_ip,
+                "phone_ip": a.phone_ip,
+                "listen_port": a.listen_port,
+                "access_ip": public,
+                "public_ip": public,
+                "intranet_ip": server_ip,
+                "server_ip": server_ip,
+                "access_port": a.access_port,
+            })
+        })
+        .collect();
+    let mut v = phone_json(&p, metadata(&st, &p));
+    v["access_infos"] = json!(access);
+    v["property"] = json!(p.property);
+    if let Some(m) = v.as_object_mut() {
+        m.remove("type");
+    }
+    Ok(Reply::ok(v))
+}
+
+#[derive(Deserialize)]
+pub struct ModelsQuery {
+    status: Option<String>,
+    product_type: Option<String>,
+}
+
+pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> ApiResult {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some("0") => Some(0),
+        Some("1") => Some(1),
+        Some(_) => return Err(ApiError::Status.into()),
+    };
+    let product_type = match q.product_type.as_deref() {
+        None | Some("") => None,
+        Some("0") => Some(0),
+        Some("1") => Some(1),
+        Some(_) => return Err(ApiError::Field("product_type").into()),
+    };
+    let out: Vec<Value> = st
+        .catalog
+        .phone_models
+        .iter()
+        .filter(|m| status.is_none_or(|s| m.status == s))
+        .filter(|m| product_type.is_none_or(|t| m.product_type == t))
+        .map(|m| {
+            json!({
+                "server_model_name": m.server_model_name,
+                "phone_model_name": m.phone_model_name,
+                "status": m.status,
+                "cpu": m.cpu,
+                "memory": m.memory,
+                "disk": m.disk,
+                "resolution": m.resolution,
+                "extend_spec": m.extend_spec.to_string(),
+                "spec_code": m.spec_code,
+                "phone_capacity": m.phone_capacity,
+                "image_label": m.image_label,
+                "product_type": m.product_type,
+            })
+        })
+        .collect();
+    Ok(Reply::ok(json!({"phone_models": out})))
+}
+
+#[derive(Deserialize)]
+pub struct ImagesQuery {
+    image_label: Option<String>,
+    is_public: Option<String>,
+}
+
+pub async fn images(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<ImagesQuery>,
+) -> ApiResult {
+    let is_public = match q.is_public.as_deref() {
+        None | Some("") => None,
+        Some("1") => Some(1),
+        Some("2") => Some(2),
+        Some(_) => return Err(ApiError::Field("is_public").into()),
+    };
+    let out: Vec<Value> = st
+        .catalog
+        .phone_images
+        .iter()
+        .filter(|i| i.is_public == 1 || i.project_id.as_deref() == Some(c.project_id.as_str()))
+        .filter(|i| {
+            q.image_label
+                .as_deref()
+                .is_none_or(|l| l.is_empty() || i.image_label == l)
+        })
+        .filter(|i| is_public.is_none_or(|p| i.is_public == p))
+        .map(|i| {
+            json!({
+                "image_name": i.image_name,
+                "os_type": i.os_type,
+                "os_name": i.os_name,
+                "image_id": i.image_id,
+                "is_public": i.is_public,
+                "image_label": i.image_label,
+            })
+        })
+        .collect();
+    Ok(Reply::ok(json!({"phone_images": out})))
+}
+
+/// Looks up each phone id of a batch: a job target or an in-place error.
+fn targets<F>(
+    st: &Shared,
+    project_id: &str,
+    ids: Vec<(String, Option<String>)>,
+    mut kind: F,
+) -> Result<Vec<Target>, ApiError>
+where
+    F: FnMut(&Phone, Option<BTreeMap<String, String>>) -> Result<JobKind, ApiError>,
+{
+    if ids.is_empty() {
+        return Err(ApiError::PhoneIdsEmpty);
+    }
+    if ids.len() > MAX_BATCH_PHONES {
+        return Err(ApiError::TooManyPhoneIds);
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for (id, property) in ids {
+        if !validate::is_id(&id) {
+            out.push(Target::Error {
+                key: "phone_id",
+                id,
+                err: ApiError::InvalidPhoneId("phone_id".into()),
+            });
+            continue;
+        }
+        let Some(p) = st.store.phone(project_id, &id)? else {
+            out.push(Target::Error {
+                key: "phone_id",
+                id: id.clone(),
+                err: ApiError::PhoneNotFound(id),
+            });
+            continue;
+        };
+        let prop = match property.as_deref().map(validate::property) {
+            Some(Err(e)) => {
+                out.push(Target::Error {
+                    key: "phone_id",
+                    id,
+                    err: e,
+                });
+                continue;
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
+        match kind(&p, prop) {
+            Ok(k) => out.push(Target::Phone(p, k)),
+            Err(err) => out.push(Target::Error {
+                key: "phone_id",
+                id,
+                err,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+pub struct PhoneProp {
+    phone_id: String,
+    #[serde(default)]
+    property: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ResetBody {
+    phones: Vec<PhoneProp>,
+    #[serde(default)]
+    image_id: Option<String>,
+}
+
+fn phone_props(v: Vec<PhoneProp>) -> Vec<(String, Option<String>)> {
+    v.into_iter().map(|p| (p.phone_id, p.property)).collect()
+}
+
+pub async fn batch_reset(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ResetBody>,
+) -> ApiResult {
+    let image = match &b.image_id {
+        Some(id) => {
+            let i = st
+                .catalog
+                .image(&c.project_id, id)
+                .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?;
+            Some(cph_agent::protocol::ImageRef {
+                image_id: i.image_id.clone(),
+                url: i.url.clone(),
+            })
+        }
+        None => None,
+    };
+    let t = targets(&st, &c.project_id, phone_props(b.phones), |_, property| {
+        Ok(JobKind::ResetPhone {
+            image: image.clone(),
+            property,
+        })
+    })?;
+    for t in &t {
+        if let Target::Phone(p, _) = t {
+            st.store.set_phone_status(&p.phone_id, 3)?;
+        }
+    }
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+pub async fn batch_restart(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ResetBody>,
+) -> ApiResult {
+    if let Some(id) = &b.image_id {
+        st.catalog
+            .image(&c.project_id, id)
+            .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?;
+    }
+    let image_id = b.image_id.clone();
+    let t = targets(&st, &c.project_id, phone_props(b.phones), |_, property| {
+        Ok(JobKind::RestartPhone {
+            image_id: image_id.clone(),
+            property,
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct StopBody {
+    phone_ids: Vec<String>,
+}
+
+pub async fn batch_stop(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<StopBody>,
+) -> ApiResult {
+    let ids = b.phone_ids.into_iter().map(|i| (i, None)).collect();
+    let t = targets(&st, &c.project_id, ids, |_, _| Ok(JobKind::StopPhone))?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct RenameBody {
+    phone_name: String,
+}
+
+pub async fn rename(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_p, phone_id)): Path<(String, String)>,
+    Json(b): Json<RenameBody>,
+) -> ApiResult {
+    validate::name(&b.phone_name, 60).map_err(|_| ApiError::PhoneName)?;
+    if !st
+        .store
+        .rename_phone(&c.project_id, &phone_id, &b.phone_name)?
+    {
+        return Err(ApiError::PhoneNotFound(phone_id).into());
+    }
+    Ok(Reply::ok(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct PropertyBody {
+    phones: Vec<PhoneProp>,
+}
+
+pub async fn update_property(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<PropertyBody>,
+) -> ApiResult {
+    if b.phones.iter().any(|p| p.property.is_none()) {
+        return Err(ApiError::Property("property is required".into()).into());
+    }
+    let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
+        let property = property.unwrap_or_default();
+        let mut merged: BTreeMap<String, Value> =
+            serde_json::from_str(&p.property).unwrap_or_default();
+        for (k, v) in &property {
+            merged.insert(k.clone(), Value::String(v.clone()));
+        }
+        st.store
+            .set_phone_property(
+                &p.phone_id,
+                &serde_json::to_string(&merged).unwrap_or_default(),
+                None,
+            )
+            .map_err(ApiError::from)?;
+        Ok(JobKind::UpdateProperty { property })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct StorageInfo {
+    phone_id: String,
+    bucket_name: String,
+    object_path: String,
+    #[serde(default)]
+    include_files: Option<Vec<String>>,
+    #[serde(default)]
+    exclude_files: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+pub struct ExportBody {
+    storage_infos: Vec<StorageInfo>,
+}
+
+fn object(bucket: &str, path: &str) -> Result<ObjectRef, ApiError> {
+    validate::bucket(bucket)?;
+    validate::object_path(path)?;
+    Ok(ObjectRef {
+        bucket: bucket.to_string(),
+        key: path.to_string(),
+    })
+}
+
+pub async fn export(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ExportBody>,
+) -> ApiResult {
+    if b.storage_infos.is_empty() {
+        return Err(ApiError::StorageInfos.into());
+    }
+    let mut infos = BTreeMap::new();
+    let ids: Vec<_> = b
+        .storage_infos
+        .iter()
+        .map(|s| (s.phone_id.clone(), None))
+        .collect();
+    for s in b.storage_infos {
+        infos.insert(s.phone_id.clone(), s);
+    }
+    let t = targets(&st, &c.project_id, ids, |p, _| {
+        let s = infos.get(&p.phone_id).ok_or(ApiError::StorageInfos)?;
+        let include = s
+            .include_files
+            .clone()
+            .unwrap_or_else(|| vec!["/data".into()]);
+        let exclude = s.exclude_files.clone().unwrap_or_default();
+        for f in &include {
+            validate::file_path(f).map_err(|_| ApiError::IncludeFiles)?;
+        }
+        for f in &exclude {
+            validate::file_path(f).map_err(|_| ApiError::ExcludeFiles)?;
+        }
+        Ok(JobKind::Export {
+            object: object(&s.bucket_name, &s.object_path)?,
+            include,
+            exclude,
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct RestoreInfo {
+    phone_id: String,
+    bucket_name: String,
+    object_path: String,
+}
+
+#[derive(Deserialize)]
+pub struct RestoreBody {
+    restore_infos: Vec<RestoreInfo>,
+}
+
+pub async fn restore(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<RestoreBody>,
+) -> ApiResult {
+    if b.restore_infos.is_empty() {
+        return Err(ApiError::RestoreInfos.into());
+    }
+    let ids: Vec<_> = b
+        .restore_infos
+        .iter()
+        .map(|s| (s.phone_id.clone(), None))
+        .collect();
+    let infos: BTreeMap<String, RestoreInfo> = b
+        .restore_infos
+        .into_iter()
+        .map(|r| (r.phone_id.clone(), r))
+        .collect();
+    let t = targets(&st, &c.project_id, ids, |p, _| {
+        let r = infos.get(&p.phone_id).ok_or(ApiError::RestoreInfos)?;
+        Ok(JobKind::Restore {
+            object: object(&r.bucket_name, &r.object_path)?,
+            property: None,
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct MigrateInfo {
+    source_phone_id: String,
+    target_phone_id: String,
+    /// Where the phone travels through; the platform's own bucket when absent.
+    #[serde(default)]
+    bucket_name: Option<String>,
+    #[serde(default)]
+    object_path: Option<String>,
+    /// `"true"` (any case) copies the source's properties; the SDK may send
+    /// a boolean.
+    #[serde(default)]
+    is_migrate_property: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct MigrateBody {
+    migrate_infos: Vec<MigrateInfo>,
+}
+
+pub async fn migrate(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<MigrateBody>,
+) -> ApiResult {
+    if b.migrate_infos.is_empty() {
+        return Err(ApiError::MigrateInfos.into());
+    }
+    let pairs: Vec<(String, String)> = b
+        .migrate_infos
+        .iter()
+        .map(|m| (m.source_phone_id.clone(), m.target_phone_id.clone()))
+        .collect();
+    let mut out = Vec::new();
+    for m in b.migrate_infos {
+        if m.source_phone_id == m.target_phone_id {
+            out.push(Target::Error {
+                key: "phone_id",
+                id: m.source_phone_id,
+                err: ApiError::SamePhone,
+            });
+            continue;
+        }
+        let src = st.store.phone(&c.project_id, &m.source_phone_id)?;
+        let dst = st.store.phone(&c.project_id, &m.target_phone_id)?;
+        let (Some(src), Some(dst)) = (src, dst) else {
+            out.push(Target::Error {
+                key: "phone_id",
+                id: m.source_phone_id.clone(),
+                err: ApiError::PhoneNotFound(m.source_phone_id),
+            });
+            continue;
+        };
+        let node_id = st
+            .store
+            .server(&c.project_id, &dst.server_id)?
+            .map(|s| s.node_id)
+            .unwrap_or_default();
+        let property = serde_json::from_str(&src.property).unwrap_or_default();
+        let keep_property = match &m.is_migrate_property {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
+            _ => false,
+        };
+        let object = match (&m.bucket_name, &m.object_path) {
+            (Some(b), Some(p)) => object(b, p),
+            _ => Ok(ObjectRef {
+                bucket: MIGRATE_BUCKET.to_string(),
+                key: format!("{}/{}.tar", crate::store::new_id(), src.phone_id),
+            }),
+        };
+        match object {
+            Ok(o) => out.push(Target::Phone(
+                src,
+                JobKind::Migrate {
+                    object: o,
+                    keep_property,
+                    target: Some(MigrateTarget {
+                        phone_id: dst.phone_id,
+                        server_id: dst.server_id,
+                        node_id,
+                        property,
+                    }),
+                },
+            )),
+            Err(e) => out.push(Target::Error {
+                key: "phone_id",
+                id: m.source_phone_id,
+                err: e,
+            }),
+        }
+    }
+    let mut answer = submit(&st, &c.project_id, out)?;
+    // The reference names both phones in each job entry.
+    if let Some(jobs) = answer["jobs"].as_array_mut() {
+        for (j, (source, target)) in jobs.iter_mut().zip(pairs) {
+            if let Some(o) = j.as_object_mut() {
+                o.remove("phone_id");
+                o.insert("source_phone_id".into(), Value::String(source));
+                o.insert("target_phone_id".into(), Value::String(target));
+            }
+        }
+    }
+    Ok(Reply::ok(answer))
+}
+
+#[derive(Deserialize)]
+pub struct TrafficBody {
+    phone_ids: Vec<String>,
+    traffic_type: String,
+}
+
+pub async fn traffic(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<TrafficBody>,
+) -> ApiResult {
+    if !matches!(b.traffic_type.as_str(), "direct" | "routing") {
+        return Err(ApiError::TrafficType.into());
+    }
+    let ids = b.phone_ids.into_iter().map(|i| (i, None)).collect();
+    let tt = b.traffic_type.clone();
+    let t = targets(&st, &c.project_id, ids, |_, _| {
+        Ok(JobKind::SetTraffic {
+            traffic_type: tt.clone(),
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct CommandBody {
+    command: String,
+    content: String,
+    #[serde(default)]
+    phone_ids: Option<Vec<String>>,
+    #[serde(default)]
+    server_ids: Option<Vec<String>>,
+}
+
+pub async fn commands(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<CommandBody>,
+) -> ApiResult {
+    let kind = validate::adb_command(&b.command, &b.content, false)?;
+    let ids = phone_ids_of(&st, &c.project_id, b.phone_ids, b.server_ids)?;
+    let t = targets(&st, &c.project_id, ids, |_, _| Ok(kind.clone()))?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+pub async fn sync_commands(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<CommandBody>,
+) -> ApiResult {
+    let kind = validate::adb_command(&b.command, &b.content, true)?;
+    let ids = phone_ids_of(&st, &c.project_id, b.phone_ids, b.server_ids)?;
+    if ids.len() > 10 {
+        return Err(ApiError::TooManyPhoneIds.into());
+    }
+    if !st
+        .store
+        .take_sync_shell_slot(&c.project_id, SYNC_SHELL_PER_MINUTE)?
+    {
+        return Err(ApiError::SyncShellRate.into());
+    }
+    let t = targets(&st, &c.project_id, ids, |_, _| Ok(kind.clone()))?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+fn phone_ids_of(
+    st: &Shared,
+    project_id: &str,
+    phone_ids: Option<Vec<String>>,
+    server_ids: Option<Vec<String>>,
+) -> Result<Vec<(String, Option<String>)>, ApiError> {
+    let mut ids: Vec<(String, Option<String>)> = phone_ids
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| (i, None))
+        .collect();
+    for s in server_ids.unwrap_or_default() {
+        if st.store.server(project_id, &s)?.is_none() {
+            return Err(ApiError::ServerNotFound(s));
+        }
+        for p in st.store.server_phones(&s)? {
+            ids.push((p.phone_id, None));
+        }
+    }
+    if ids.is_empty() {
+        return Err(ApiError::PhoneIdsEmpty);
+    }
+    Ok(ids)
+}

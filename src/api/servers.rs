@@ -1,0 +1,734 @@
+//! Cloud phone servers: list, detail, flavors, buying (v1 system network,
+//! v2 custom network, v2.1 phone BMS), rename, batch restart, flavor change
+//! and the shared storage files and apps.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Extension, Path, State};
+use cph_agent::protocol::{CreateServer, ImageRef, JobKind, PhoneSpec, PortSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{page, Json, Query};
+use super::jobs::{submit, Target};
+use super::validate;
+use super::{ApiError, ApiResult, Caller, Reply, Shared};
+use crate::catalog::Catalog;
+use crate::store::{new_id, NewServer, Order, Server, ServerFilter};
+
+/// Most servers bought in one order.
+pub const MAX_COUNT: u32 = 10;
+/// Longest server name given at purchase.
+pub const SERVER_NAME_MAX: usize = 60;
+/// Most user ports.
+pub const MAX_PORTS: usize = 10;
+/// Shared bandwidth range and dedicated default, Mbit/s.
+pub const BANDWIDTH_MIN: u32 = 5;
+pub const BANDWIDTH_MAX: u32 = 2000;
+pub const BANDWIDTH_DEDICATED: u32 = 300;
+
+fn server_json(s: &Server) -> Value {
+    let public = s.public_ip.clone().unwrap_or_default();
+    json!({
+        "server_name": s.server_name,
+        "server_id": s.server_id,
+        "server_model_name": s.server_model_name,
+        "phone_model_name": s.phone_model_name,
+        "keypair_name": s.keypair_name,
+        "status": s.status,
+        "vpc_id": s.vpc_id,
+        "cidr": s.vpc_cidr,
+        "vpc_cidr": s.vpc_cidr,
+        "subnet_id": s.subnet_id,
+        "subnet_cidr": s.subnet_cidr,
+        "addresses": [{
+            "intranet_ip": s.server_ip, "server_ip": s.server_ip,
+            "access_ip": public, "public_ip": public,
+        }],
+        "resource_project_id": s.project_id,
+        "metadata": {"order_id": s.order_id, "product_id": s.product_id},
+        "availability_zone": s.availability_zone,
+        "network_version": s.network_version,
+        "enterprise_project_id": "0",
+        "create_time": s.create_time,
+        "update_time": s.update_time,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    offset: Option<String>,
+    limit: Option<String>,
+    server_name: Option<String>,
+    server_id: Option<String>,
+    network_version: Option<String>,
+}
+
+pub async fn list(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
+    let network_version = match q.network_version.as_deref().map(str::to_ascii_lowercase) {
+        None => None,
+        Some(v) if v.is_empty() => None,
+        Some(v) if v == "v1" || v == "v2" => Some(v),
+        Some(_) => return Err(ApiError::NetworkVersion.into()),
+    };
+    let f = ServerFilter {
+        server_name: q.server_name.filter(|s| !s.is_empty()),
+        server_id: q.server_id.filter(|s| !s.is_empty()),
+        network_version,
+    };
+    let servers = st.store.list_servers(&c.project_id, &f, offset, limit)?;
+    Ok(Reply::ok(
+        json!({"servers": servers.iter().map(server_json).collect::<Vec<_>>()}),
+    ))
+}
+
+pub async fn detail(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_p, server_id)): Path<(String, String)>,
+) -> ApiResult {
+    let s = st
+        .store
+        .server(&c.project_id, &server_id)?
+        .ok_or(ApiError::ServerNotFound(server_id))?;
+    let mut v = server_json(&s);
+    let bws = st.store.list_bandwidths(&c.project_id, 0, 100)?;
+    v["band_widths"] = json!(bws
+        .iter()
+        .filter(|b| b.band_width_id == s.band_width_id)
+        .map(super::misc::bandwidth_json)
+        .collect::<Vec<_>>());
+    v["volumes"] = json!([]);
+    v["security_groups"] = json!([]);
+    Ok(Reply::ok(v))
+}
+
+#[derive(Deserialize)]
+pub struct RenameBody {
+    server_name: String,
+}
+
+pub async fn rename(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_p, server_id)): Path<(String, String)>,
+    Json(b): Json<RenameBody>,
+) -> ApiResult {
+    validate::name(&b.server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
+    if !st
+        .store
+        .rename_server(&c.project_id, &server_id, &b.server_name)?
+    {
+        return Err(ApiError::ServerNotFound(server_id).into());
+    }
+    Ok(Reply::ok(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct ModelsQuery {
+    product_type: Option<String>,
+}
+
+pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> ApiResult {
+    let pt = match q.product_type.as_deref() {
+        None | Some("") => None,
+        Some("0") => Some(0),
+        Some("1") => Some(1),
+        Some(_) => return Err(ApiError::Field("product_type").into()),
+    };
+    let out: Vec<Value> = st
+        .catalog
+        .server_models
+        .iter()
+        .filter(|m| pt.is_none_or(|p| m.product_type == p))
+        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+        .collect();
+    Ok(Reply::ok(json!({"server_models": out})))
+}
+
+#[derive(Deserialize)]
+pub struct PortBody {
+    name: String,
+    listen_port: i64,
+    internet_accessible: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct BandWidthBody {
+    band_width_id: Option<String>,
+    band_width_share_type: Option<i32>,
+    band_width_size: Option<i64>,
+    band_width_charge_mode: Option<i32>,
+}
+
+#[derive(Deserialize)]
+pub struct ExtendParam {
+    charging_mode: Option<i32>,
+    period_type: Option<i32>,
+    period_num: Option<i32>,
+    is_auto_pay: Option<i32>,
+    is_auto_renew: Option<i32>,
+}
+
+/// The purchase body of v1, v2 and v2.1 (fields each version lacks are optional).
+#[derive(Deserialize)]
+pub struct BuyBody {
+    server_name: String,
+    server_model_name: String,
+    phone_model_name: String,
+    image_id: String,
+    count: i64,
+    #[serde(default)]
+    band_width: Option<BandWidthBody>,
+    #[serde(default)]
+    extend_param: Option<ExtendParam>,
+    #[serde(default)]
+    keypair_name: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<PortBody>>,
+    #[serde(default)]
+    subnet_cidr: Option<String>,
+    #[serde(default)]
+    tenant_vpc_id: Option<String>,
+    #[serde(default)]
+    nics: Option<Vec<Value>>,
+    #[serde(default)]
+    availability_zone: Option<String>,
+    #[serde(default)]
+    phone_property: Option<String>,
+}
+
+fn validate_ports(ports: &[PortBody]) -> Result<Vec<PortSpec>, ApiError> {
+    if ports.len() > MAX_PORTS {
+        return Err(ApiError::PortsLimit);
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut nums = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for p in ports {
+        if p.name.is_empty()
+            || p.name.len() > 16
+            || p.name.eq_ignore_ascii_case("adb")
+            || p.name.eq_ignore_ascii_case("vnc")
+        {
+            return Err(ApiError::PortName);
+        }
+        if !(10000..=50000).contains(&p.listen_port) {
+            return Err(ApiError::ListenPort);
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(ApiError::PortNameConflict);
+        }
+        if !nums.insert(p.listen_port) {
+            return Err(ApiError::ListenPortConflict);
+        }
+        let ia = p
+            .internet_accessible
+            .as_deref()
+            .ok_or(ApiError::InternetAccessible)?;
+        out.push(PortSpec {
+            name: p.name.clone(),
+            listen_port: p.listen_port as u16,
+            internet_accessible: ia.eq_ignore_ascii_case("true"),
+        });
+    }
+    Ok(out)
+}
+
+fn validate_extend(e: Option<&ExtendParam>) -> Result<(), ApiError> {
+    let e = e.ok_or(ApiError::ExtendParam)?;
+    if e.charging_mode != Some(0) {
+        return Err(ApiError::ChargingMode);
+    }
+    let max = match e.period_type {
+        Some(2) => 9,
+        Some(3) => 10,
+        _ => return Err(ApiError::PeriodType),
+    };
+    if !e.period_num.is_some_and(|n| (1..=max).contains(&n)) {
+        return Err(ApiError::PeriodNum);
+    }
+    if e.is_auto_pay.is_some_and(|v| v != 0 && v != 1) {
+        return Err(ApiError::AutoPay);
+    }
+    if e.is_auto_renew.is_some_and(|v| v != 0 && v != 1) {
+        return Err(ApiError::AutoRenew);
+    }
+    Ok(())
+}
+
+/// Network version of a purchase endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    V1,
+    V2,
+    V21,
+}
+
+async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
+    validate::name(&b.server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
+    if !(1..=MAX_COUNT as i64).contains(&b.count) {
+        return Err(ApiError::Count.into());
+    }
+    let sm = st
+        .catalog
+        .server_model(&b.server_model_name)
+        .ok_or(ApiError::ServerModelName)?;
+    let pm = st
+        .catalog
+        .phone_model(&b.phone_model_name)
+        .filter(|m| m.server_model_name == sm.server_model_name && m.status == 1)
+        .ok_or(ApiError::PhoneModelName)?;
+    let image = st
+        .catalog
+        .image(&c.project_id, &b.image_id)
+        .ok_or(ApiError::ImageId)?;
+    let ports = validate_ports(b.ports.as_deref().unwrap_or(&[]))?;
+    validate_extend(b.extend_param.as_ref())?;
+    let bw = b.band_width.as_ref();
+    if flavor == Flavor::V1 && bw.is_none() {
+        return Err(ApiError::BandWidth.into());
+    }
+    let mut band_width_size = BANDWIDTH_DEDICATED;
+    let mut band_width_id = String::new();
+    if let Some(bw) = bw {
+        if let Some(id) = bw.band_width_id.as_deref().filter(|s| !s.is_empty()) {
+            let found = st.store.list_bandwidths(&c.project_id, 0, 100)?;
+            let f = found
+                .iter()
+                .find(|x| x.band_width_id == id)
+                .ok_or(ApiError::BandWidthId)?;
+            band_width_size = f.band_width_size;
+            band_width_id = id.to_string();
+        } else {
+            band_width_id = new_id();
+            match bw.band_width_share_type {
+                Some(0) => {}
+                Some(1) => {
+                    let size = bw.band_width_size.ok_or(ApiError::BandWidthSize)?;
+                    if !(BANDWIDTH_MIN as i64..=BANDWIDTH_MAX as i64).contains(&size) {
+                        return Err(ApiError::BandWidthSize.into());
+                    }
+                    band_width_size = size as u32;
+                }
+                _ => return Err(ApiError::BandWidthShareType.into()),
+            }
+            if bw.band_width_charge_mode.is_some_and(|m| m != 0 && m != 1) {
+                return Err(ApiError::BandWidth.into());
+            }
+        }
+    }
+    let property = match b.phone_property.as_deref() {
+        Some(p) => validate::property(p)?,
+        None => BTreeMap::new(),
+    };
+    if let Some(cidr) = &b.subnet_cidr {
+        if !cidr.contains('/') {
+            return Err(ApiError::Field("subnet_cidr").into());
+        }
+    }
+    let public_key = match b.keypair_name.as_deref() {
+        Some(k) if !k.is_empty() => st.store.keypair(&c.project_id, k)?,
+        _ => None,
+    };
+    let flavor_wire = Catalog::agent_flavor(pm);
+    let image_ref = ImageRef {
+        image_id: image.image_id.clone(),
+        url: image.url.clone(),
+    };
+    let mut servers = Vec::new();
+    for i in 0..b.count {
+        let server_id = new_id();
+        let server_name = format!("{}-{:04}", b.server_name, i + 1);
+        let phones: Vec<(String, String)> = (0..pm.phone_capacity)
+            .map(|n| (new_id(), format!("{}-{:04}", server_name, n + 1)))
+            .collect();
+        let req = CreateServer {
+            server_id: server_id.clone(),
+            server_name: server_name.clone(),
+            flavor: flavor_wire.clone(),
+            image: image_ref.clone(),
+            ports: ports.clone(),
+            band_width_size,
+            public_key: public_key.clone(),
+            phones: phones
+                .iter()
+                .enumerate()
+                .map(|(slot, (id, name))| PhoneSpec {
+                    phone_id: id.clone(),
+                    phone_name: name.clone(),
+                    slot: slot as u32,
+                    property: property.clone(),
+                })
+                .collect(),
+        };
+        servers.push(NewServer {
+            server_id,
+            server_name,
+            phones,
+            create_request: serde_json::to_string(&req)
+                .map_err(|e| ApiError::Internal(e.to_string()))?,
+        });
+    }
+    let order_id = format!("CS{}", &new_id()[..15].to_uppercase());
+    let product_id = format!("OFFI{}", &new_id()[..18]);
+    let network_version = if flavor == Flavor::V1 { "v1" } else { "v2" };
+    let order = Order {
+        project_id: c.project_id.clone(),
+        server_model_name: sm.server_model_name.clone(),
+        phone_model_name: pm.phone_model_name.clone(),
+        image_id: image.image_id.clone(),
+        keypair_name: b.keypair_name.clone().unwrap_or_default(),
+        network_version: network_version.into(),
+        order_id: order_id.clone(),
+        product_id: product_id.clone(),
+        vpc_id: b.tenant_vpc_id.clone().unwrap_or_default(),
+        subnet_id: String::new(),
+        vpc_cidr: "172.31.0.0/16".into(),
+        subnet_cidr: b
+            .subnet_cidr
+            .clone()
+            .unwrap_or_else(|| "172.31.0.0/24".into()),
+        availability_zone: b.availability_zone.clone().unwrap_or_default(),
+        ports: serde_json::to_string(&ports).map_err(|e| ApiError::Internal(e.to_string()))?,
+        band_width_id,
+        property: serde_json::to_string(&property)
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+        servers,
+    };
+    let _ = &b.nics;
+    let Some(created) = st.store.assign_servers(&order)? else {
+        return Err(match flavor {
+            Flavor::V1 => ApiError::Capacity(sm.server_model_name.clone()),
+            Flavor::V2 | Flavor::V21 => ApiError::InsufficientBms(sm.server_model_name.clone()),
+        }
+        .into());
+    };
+    // A bandwidth bought with the servers (not an existing one named by id).
+    if let Some(bw) = bw.filter(|bw| bw.band_width_id.as_deref().is_none_or(str::is_empty)) {
+        let now = crate::store::now_string();
+        st.store.insert_bandwidth(&crate::store::Bandwidth {
+            band_width_id: order.band_width_id.clone(),
+            project_id: c.project_id.clone(),
+            band_width_name: format!("{}-bandwidth", b.server_name),
+            band_width_size,
+            band_width_share_type: bw.band_width_share_type.unwrap_or(0),
+            band_width_charge_mode: bw.band_width_charge_mode.unwrap_or(0),
+            create_time: now.clone(),
+            update_time: now,
+        })?;
+    }
+    st.dispatcher.kick();
+    tracing::info!(order_id = %order_id, count = created.len(), "servers assigned");
+    Ok(Reply::ok(json!({
+        "order_id": order_id,
+        "product_id": product_id,
+        "server_ids": created.iter().map(|s| s.server_id.clone()).collect::<Vec<_>>(),
+    })))
+}
+
+pub async fn buy_v1(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<BuyBody>,
+) -> ApiResult {
+    buy(st, c, b, Flavor::V1).await
+}
+
+pub async fn buy_v2(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<BuyBody>,
+) -> ApiResult {
+    buy(st, c, b, Flavor::V2).await
+}
+
+pub async fn buy_v21(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<BuyBody>,
+) -> ApiResult {
+    buy(st, c, b, Flavor::V21).await
+}
+
+/// Server targets of a batch, with in-place errors.
+fn server_targets<F>(
+    st: &Shared,
+    project_id: &str,
+    ids: &[String],
+    mut kind: F,
+) -> Result<Vec<Target>, ApiError>
+where
+    F: FnMut(&Server) -> Result<JobKind, ApiError>,
+{
+    if ids.is_empty() {
+        return Err(ApiError::ServerIdsEmpty);
+    }
+    if ids.len() > 100 {
+        return Err(ApiError::ServerIds);
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        match st.store.server(project_id, id)? {
+            None => out.push(Target::Error {
+                key: "server_id",
+                id: id.clone(),
+                err: ApiError::ServerNotFound(id.clone()),
+            }),
+            Some(s) => match kind(&s) {
+                Ok(k) => out.push(Target::Server {
+                    server_id: s.server_id.clone(),
+                    node_id: s.node_id.clone(),
+                    kind: k,
+                }),
+                Err(err) => out.push(Target::Error {
+                    key: "server_id",
+                    id: id.clone(),
+                    err,
+                }),
+            },
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+pub struct ServerIds {
+    server_ids: Vec<String>,
+}
+
+/// Restarting servers restarts each of their phones.
+pub async fn batch_restart(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ServerIds>,
+) -> ApiResult {
+    if b.server_ids.is_empty() {
+        return Err(ApiError::ServerIdsEmpty.into());
+    }
+    let mut t = Vec::new();
+    let mut server_of = BTreeMap::new();
+    for id in &b.server_ids {
+        if st.store.server(&c.project_id, id)?.is_none() {
+            t.push(Target::Error {
+                key: "server_id",
+                id: id.clone(),
+                err: ApiError::ServerNotFound(id.clone()),
+            });
+            continue;
+        }
+        for p in st.store.server_phones(id)? {
+            server_of.insert(p.phone_id.clone(), id.clone());
+            t.push(Target::Phone(
+                p,
+                JobKind::RestartPhone {
+                    image_id: None,
+                    property: None,
+                },
+            ));
+        }
+    }
+    // The reference's jobs name their server; here there is one per phone.
+    let mut out = submit(&st, &c.project_id, t)?;
+    for j in out["jobs"].as_array_mut().into_iter().flatten() {
+        if let Some(server_id) = j["phone_id"].as_str().and_then(|p| server_of.get(p)) {
+            j["server_id"] = json!(server_id);
+        }
+    }
+    Ok(Reply::ok(out))
+}
+
+#[derive(Deserialize)]
+pub struct ShareFilesBody {
+    bucket_name: Option<String>,
+    object_path: Option<String>,
+    file_paths: Option<Vec<String>>,
+    server_ids: Vec<String>,
+}
+
+pub async fn share_files_push(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ShareFilesBody>,
+) -> ApiResult {
+    if b.file_paths.is_some() {
+        return share_files_delete_inner(st, c, b);
+    }
+    let bucket = b.bucket_name.as_deref().ok_or(ApiError::BucketName)?;
+    let path = b.object_path.as_deref().ok_or(ApiError::ObjectPath)?;
+    validate::bucket(bucket)?;
+    validate::object_path(path)?;
+    if !path.ends_with(".tar") {
+        return Err(ApiError::ObjectPath.into());
+    }
+    let object = cph_agent::protocol::ObjectRef {
+        bucket: bucket.into(),
+        key: path.into(),
+    };
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+        Ok(JobKind::SharePushFiles {
+            object: object.clone(),
+            target_dir: "/".into(),
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+pub async fn share_files_delete(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ShareFilesBody>,
+) -> ApiResult {
+    share_files_delete_inner(st, c, b)
+}
+
+fn share_files_delete_inner(st: Shared, c: Caller, b: ShareFilesBody) -> ApiResult {
+    let paths = b.file_paths.unwrap_or_default();
+    if paths.is_empty() || paths.len() > 100 {
+        return Err(ApiError::FilePaths.into());
+    }
+    for p in &paths {
+        validate::file_path(p)?;
+    }
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+        Ok(JobKind::ShareDeleteFiles {
+            paths: paths.clone(),
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct ShareListQuery {
+    path: Option<String>,
+    server_ids: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
+}
+
+pub async fn share_files_list(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<ShareListQuery>,
+) -> ApiResult {
+    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
+    let path = q.path.unwrap_or_default();
+    validate::file_path(&path).map_err(|_| ApiError::Path)?;
+    let ids: Vec<String> = q
+        .server_ids
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let t = server_targets(&st, &c.project_id, &ids, |_| {
+        Ok(JobKind::ShareListFiles {
+            path: path.clone(),
+            offset,
+            limit,
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
+pub struct ShareAppsBody {
+    bucket_name: Option<String>,
+    object_path: Option<String>,
+    package_name: Option<String>,
+    package_names: Option<Vec<String>>,
+    server_ids: Vec<String>,
+}
+
+pub async fn share_apps_push(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ShareAppsBody>,
+) -> ApiResult {
+    let bucket = b.bucket_name.as_deref().ok_or(ApiError::BucketName)?;
+    let path = b.object_path.as_deref().ok_or(ApiError::ObjectPath)?;
+    validate::bucket(bucket)?;
+    validate::object_path(path)?;
+    let pkg = b.package_name.clone().ok_or(ApiError::PackageName)?;
+    validate::package(&pkg)?;
+    let object = cph_agent::protocol::ObjectRef {
+        bucket: bucket.into(),
+        key: path.into(),
+    };
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+        Ok(JobKind::SharePushApps {
+            object: object.clone(),
+            package_name: pkg.clone(),
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+pub async fn share_apps_delete(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ShareAppsBody>,
+) -> ApiResult {
+    // The reference names one `package_name`; a list in `package_names` is
+    // taken too.
+    let mut names = b.package_names.clone().unwrap_or_default();
+    names.extend(b.package_name.clone());
+    if names.is_empty() {
+        return Err(ApiError::PackageName.into());
+    }
+    for n in &names {
+        validate::package(n)?;
+    }
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+        Ok(JobKind::ShareDeleteApps {
+            package_names: names.clone(),
+        })
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+/// `POST .../servers/change-server-model`: one server and its new flavors.
+#[derive(Deserialize)]
+pub struct ChangeModelBody {
+    server_id: String,
+    server_model_name: String,
+    phone_model_name: String,
+    #[serde(default)]
+    extend_param: Option<Value>,
+}
+
+pub async fn change_model(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ChangeModelBody>,
+) -> ApiResult {
+    let _ = &b.extend_param;
+    let cur = st
+        .store
+        .server(&c.project_id, &b.server_id)?
+        .ok_or_else(|| ApiError::ServerNotFound(b.server_id.clone()))?;
+    st.catalog
+        .server_model(&b.server_model_name)
+        .ok_or_else(|| ApiError::ServerModelNotFound(b.server_model_name.clone()))?;
+    st.catalog
+        .phone_model(&b.phone_model_name)
+        .ok_or(ApiError::PhoneModelName)?;
+    if cur.server_model_name == b.server_model_name && cur.phone_model_name == b.phone_model_name {
+        return Err(ApiError::SameModel.into());
+    }
+    st.store.change_server_model(
+        &c.project_id,
+        &b.server_id,
+        &b.server_model_name,
+        &b.phone_model_name,
+    )?;
+    let order_id = format!("CS{}", &new_id()[..15].to_uppercase());
+    Ok(Reply::ok(
+        json!({"order_id": order_id, "product_id": cur.product_id}),
+    ))
+}

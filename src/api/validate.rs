@@ -1,0 +1,235 @@
+//! Field rules of the reference, one validator per kind of value, with the
+//! reference's limits as named constants.
+
+// Validators answer only valid or not; the caller names the field's CPS code.
+#![allow(clippy::result_unit_err)]
+
+use std::collections::BTreeMap;
+
+use cph_agent::protocol::{JobKind, ObjectRef};
+
+use super::ApiError;
+
+pub const OBJECT_PATH_MAX: usize = 1024;
+pub const FILE_PATH_MAX: usize = 4096;
+pub const PROPERTY_MAX: usize = 2048;
+pub const SHELL_MAX: usize = 1024;
+pub const SYNC_SHELL_TIMEOUT_MS: u64 = 2000;
+
+/// A 32-byte-at-most id of hex digits, letters and dashes.
+pub fn is_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 36 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Letters, digits, `_` and `-`, 1..=max characters.
+pub fn name(s: &str, max: usize) -> Result<(), ()> {
+    let n = s.chars().count();
+    if n == 0
+        || n > max
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// OBS bucket: 3..=63 of lower-case letters, digits, `-` and `.`.
+pub fn bucket(s: &str) -> Result<(), ApiError> {
+    let ok = (3..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    ok.then_some(()).ok_or(ApiError::BucketName)
+}
+
+/// OBS object path: up to 1,024 of letters, digits, `.`, `/`, `-`, `_`, `+`, `#`, `=`; no `..`.
+pub fn object_path(s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= OBJECT_PATH_MAX
+        && !s.split('/').any(|seg| seg == "..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./-_+#=".contains(c));
+    ok.then_some(()).ok_or(ApiError::ObjectPath)
+}
+
+/// An absolute file path: starts with `/`, at most 4,096 bytes of letters,
+/// digits, `.`, `/`, `-`, space, `_`, `=`; no `..` segment.
+pub fn file_path(s: &str) -> Result<(), ApiError> {
+    let ok = s.starts_with('/')
+        && s.len() <= FILE_PATH_MAX
+        && !s.split('/').any(|seg| seg == "..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./- _=".contains(c));
+    ok.then_some(()).ok_or(ApiError::FilePaths)
+}
+
+/// A property JSON string: an object of at most 2,048 bytes whose values are
+/// strings or numbers.
+pub fn property(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    if s.len() > PROPERTY_MAX {
+        return Err(ApiError::Property("longer than 2048 bytes".into()));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(s).map_err(|_| ApiError::Property("not a json object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::Property("not a json object".into()))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in obj {
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(ApiError::Property(format!(
+                    "value of {k} is not a string or number"
+                )))
+            }
+        };
+        if k.is_empty() || k.len() > 128 {
+            return Err(ApiError::Property(format!("name {k} is invalid")));
+        }
+        out.insert(k.clone(), text);
+    }
+    Ok(out)
+}
+
+/// An Android package name: dot-separated identifiers.
+pub fn package(s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.split('.').all(|seg| {
+            !seg.is_empty()
+                && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !seg.starts_with(|c: char| c.is_ascii_digit())
+        });
+    ok.then_some(()).ok_or(ApiError::PackageName)
+}
+
+fn obs_url(s: &str) -> Result<ObjectRef, ApiError> {
+    let rest = s.strip_prefix("obs://").ok_or(ApiError::Content)?;
+    let (b, k) = rest.split_once('/').ok_or(ApiError::Content)?;
+    bucket(b)?;
+    object_path(k)?;
+    Ok(ObjectRef {
+        bucket: b.into(),
+        key: k.into(),
+    })
+}
+
+/// The ADB `command` + `content` pair of `.../phones/commands` (or
+/// `sync-commands` when `sync`) as a typed job.
+pub fn adb_command(command: &str, content: &str, sync: bool) -> Result<JobKind, ApiError> {
+    if sync {
+        if command != "shell" {
+            return Err(ApiError::Command);
+        }
+        if content.is_empty() || content.len() > SHELL_MAX {
+            return Err(ApiError::Content);
+        }
+        return Ok(JobKind::SyncShell {
+            command: content.into(),
+            timeout_ms: SYNC_SHELL_TIMEOUT_MS,
+        });
+    }
+    match command {
+        "push" => {
+            let o = obs_url(content.trim())?;
+            if !o.key.ends_with(".tar") {
+                return Err(ApiError::Content);
+            }
+            Ok(JobKind::Push { object: o })
+        }
+        "install" | "install-multiple" => {
+            let mut flags = Vec::new();
+            let mut objects = Vec::new();
+            for w in content.split_whitespace() {
+                if w.starts_with('-') {
+                    if !matches!(w, "-r" | "-t" | "-d" | "-g" | "-p" | "-l" | "-s") {
+                        return Err(ApiError::Content);
+                    }
+                    flags.push(w.to_string());
+                } else {
+                    let o = obs_url(w)?;
+                    if !o.key.ends_with(".apk") {
+                        return Err(ApiError::NotApk);
+                    }
+                    objects.push(o);
+                }
+            }
+            if objects.is_empty() || (command == "install" && objects.len() != 1) {
+                return Err(ApiError::Content);
+            }
+            Ok(JobKind::Install { flags, objects })
+        }
+        "uninstall" => {
+            let mut flags = Vec::new();
+            let mut pkg = None;
+            for w in content.split_whitespace() {
+                if w == "-k" {
+                    flags.push(w.to_string());
+                } else if pkg.is_none() {
+                    package(w)?;
+                    pkg = Some(w.to_string());
+                } else {
+                    return Err(ApiError::Content);
+                }
+            }
+            Ok(JobKind::Uninstall {
+                flags,
+                package: pkg.ok_or(ApiError::Content)?,
+            })
+        }
+        "shell" => {
+            if content.is_empty() || content.len() > SHELL_MAX {
+                return Err(ApiError::Content);
+            }
+            Ok(JobKind::Shell {
+                command: content.into(),
+            })
+        }
+        _ => Err(ApiError::Command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_refuse_dot_dot() {
+        assert!(file_path("/data/app").is_ok());
+        assert!(file_path("/data/../etc").is_err());
+        assert!(object_path("a/../b.tar").is_err());
+        assert!(object_path("my_apps/test.tar").is_ok());
+    }
+
+    #[test]
+    fn adb_commands_parse() {
+        assert!(matches!(
+            adb_command("install", "-r obs://bucket-a/x.apk", false),
+            Ok(JobKind::Install { .. })
+        ));
+        assert_eq!(
+            adb_command("install", "obs://bucket-a/x.zip", false),
+            Err(ApiError::NotApk)
+        );
+        assert_eq!(adb_command("rm", "x", false), Err(ApiError::Command));
+        assert!(matches!(
+            adb_command("uninstall", "com.example.app", false),
+            Ok(JobKind::Uninstall { .. })
+        ));
+        assert_eq!(
+            adb_command("uninstall", "1com", false),
+            Err(ApiError::PackageName)
+        );
+    }
+
+    #[test]
+    fn buckets_follow_the_rules() {
+        assert!(bucket("bucket-a").is_ok());
+        assert!(bucket("bucketA").is_err());
+        assert!(bucket("ab").is_err());
+    }
+}

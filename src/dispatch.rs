@@ -1,0 +1,327 @@
+//! Job dispatch: jobs are persisted first, then sent to the owning agent
+//! (`POST /v1/jobs`, idempotent on `job_id`) with retries; dispatched jobs
+//! are polled (`GET /v1/jobs/{id}`) until their agent reports an end, so a
+//! restarted control plane resumes tracking. Servers bought but not yet
+//! created are sent as `CreateServer`. Silent agents are marked abnormal and
+//! their unfinished jobs fail with a reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cph_agent::protocol::{JobKind, JobRequest, JobState, JobStatus, MIGRATE_RESTORE_SUFFIX};
+use tokio::sync::Notify;
+
+use crate::store::{Store, StoreError};
+
+/// Attempts before a job that cannot reach its agent fails.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Dispatch failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("agent {url} answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("agent {url} unreachable: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("job request is invalid json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Handle to wake the dispatch loop.
+#[derive(Clone)]
+pub struct Dispatcher {
+    notify: Arc<Notify>,
+}
+
+impl Default for Dispatcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Dispatcher {
+    pub fn new() -> Self {
+        Self {
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Wakes the loop to send what is pending now.
+    pub fn kick(&self) {
+        self.notify.notify_one();
+    }
+}
+
+/// Applies an agent's job status to the store and to the phone it touched.
+///
+/// A migration is one CPH job in two phases: when its source side (the
+/// phone written to the store) succeeds, the same job is sent to the target
+/// phone's agent as a restore under `<job_id>-restore`, and its end is the
+/// job's end. A report for a phase the job is no longer in is ignored.
+pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
+    let status: i32 = j.status.into();
+    if j.status == JobState::Running {
+        return Ok(());
+    }
+    let row_id = j
+        .job_id
+        .strip_suffix(MIGRATE_RESTORE_SUFFIX)
+        .unwrap_or(&j.job_id);
+    let Some(row) = store.job_any(row_id)? else {
+        return Ok(());
+    };
+    let req: JobRequest = serde_json::from_str(&row.request)?;
+    if req.job_id != j.job_id {
+        return Ok(());
+    }
+    if let (
+        JobState::Succeeded,
+        JobKind::Migrate {
+            object,
+            keep_property,
+            target: Some(t),
+        },
+    ) = (j.status, &req.kind)
+    {
+        let restore = JobRequest {
+            job_id: format!("{row_id}{MIGRATE_RESTORE_SUFFIX}"),
+            request_id: req.request_id.clone(),
+            server_id: t.server_id.clone(),
+            phone_id: Some(t.phone_id.clone()),
+            kind: JobKind::Restore {
+                object: object.clone(),
+                property: keep_property.then(|| t.property.clone()),
+            },
+        };
+        store.retarget_job(row_id, &t.node_id, &serde_json::to_string(&restore)?)?;
+        tracing::info!(job_id = %row_id, target = %t.phone_id, "migration written, restoring on the target");
+        return Ok(());
+    }
+    let execute = j
+        .execute_msg
+        .as_deref()
+        .map(cph_agent::protocol::cap_execute_msg);
+    store.update_job(
+        row_id,
+        status,
+        j.error_code.as_deref(),
+        j.error_msg.as_deref(),
+        execute.as_deref(),
+    )?;
+    Ok(())
+}
+
+/// The loop's settings.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub node_token: String,
+    pub heartbeat_secs: u64,
+    /// Missed heartbeats before a node counts as silent.
+    pub silent_after: u64,
+}
+
+/// Runs dispatch, polling and liveness until the task is dropped.
+pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the agent http client");
+            return;
+        }
+    };
+    let mut last_poll = std::time::Instant::now();
+    loop {
+        let deadline = crate::store::now_secs() - (cfg.heartbeat_secs * cfg.silent_after) as i64;
+        match store.mark_silent_nodes(deadline) {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::warn!(node_id = %id, "agent silent, server and phones marked abnormal");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "liveness check failed"),
+        }
+        if let Err(e) = create_servers(&store, &client, &cfg).await {
+            tracing::warn!(error = %e, "server creation dispatch failed");
+        }
+        if let Err(e) = send_jobs(&store, &client, &cfg).await {
+            tracing::warn!(error = %e, "job dispatch failed");
+        }
+        if last_poll.elapsed() >= Duration::from_secs(cfg.heartbeat_secs.max(1)) {
+            last_poll = std::time::Instant::now();
+            if let Err(e) = poll_jobs(&store, &client, &cfg).await {
+                tracing::warn!(error = %e, "job polling failed");
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), d.notify.notified()).await;
+    }
+}
+
+async fn post_json<T: serde::Serialize>(
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+    url: String,
+    body: &T,
+) -> Result<reqwest::Response, DispatchError> {
+    let resp = client
+        .post(&url)
+        .bearer_auth(&cfg.node_token)
+        .json(body)
+        .send()
+        .await
+        .map_err(|source| DispatchError::Http {
+            url: url.clone(),
+            source,
+        })?;
+    if !resp.status().is_success() {
+        return Err(DispatchError::Status {
+            url,
+            status: resp.status().as_u16(),
+        });
+    }
+    Ok(resp)
+}
+
+async fn create_servers(
+    store: &Arc<Store>,
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+) -> Result<(), DispatchError> {
+    for s in store.servers_to_create()? {
+        let Some(node) = store.node(&s.node_id)? else {
+            continue;
+        };
+        let Some(text) = store.server_create_request(&s.server_id)? else {
+            continue;
+        };
+        let req: serde_json::Value = serde_json::from_str(&text)?;
+        let url = format!("{}/v1/servers", node.agent_url.trim_end_matches('/'));
+        match post_json(client, cfg, url, &req).await {
+            Ok(_) => {
+                store.mark_server_created(&s.server_id)?;
+                tracing::info!(server_id = %s.server_id, node_id = %s.node_id, "server creation sent");
+            }
+            Err(e) => {
+                tracing::warn!(server_id = %s.server_id, error = %e, "server creation not sent")
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn send_jobs(
+    store: &Arc<Store>,
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+) -> Result<(), DispatchError> {
+    loop {
+        let jobs = store.undispatched_jobs(2000)?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut nodes = std::collections::HashMap::new();
+        let mut set = tokio::task::JoinSet::new();
+        for j in jobs {
+            let node = match nodes.get(&j.node_id) {
+                Some(n) => Some(Clone::clone(n)),
+                None => {
+                    let n = store.node(&j.node_id)?;
+                    if let Some(n) = &n {
+                        nodes.insert(j.node_id.clone(), n.clone());
+                    }
+                    n
+                }
+            };
+            let Some(node) = node.filter(|n| n.alive) else {
+                store.update_job(
+                    &j.job_id,
+                    -1,
+                    Some("CPS.0054"),
+                    Some("the agent of the server is not reachable"),
+                    None,
+                )?;
+                continue;
+            };
+            let req: JobRequest = serde_json::from_str(&j.request)?;
+            let url = format!("{}/v1/jobs", node.agent_url.trim_end_matches('/'));
+            let client = client.clone();
+            let cfg = cfg.clone();
+            let row_id = j.job_id.clone();
+            set.spawn(async move {
+                let r = post_json(&client, &cfg, url, &req).await;
+                let status = match r {
+                    Ok(resp) => resp.json::<JobStatus>().await.ok(),
+                    Err(e) => {
+                        tracing::warn!(job_id = %req.job_id, error = %e, "job not delivered");
+                        return (row_id, false, None);
+                    }
+                };
+                (row_id, true, status)
+            });
+        }
+        let mut progress = false;
+        while let Some(res) = set.join_next().await {
+            let Ok((job_id, ok, status)) = res else {
+                continue;
+            };
+            let attempts = store.mark_dispatched(&job_id, ok)?;
+            if ok {
+                progress = true;
+                if let Some(s) = status {
+                    apply_status(store, &s)?;
+                }
+            } else if attempts >= MAX_ATTEMPTS {
+                store.update_job(
+                    &job_id,
+                    -1,
+                    Some("CPS.0054"),
+                    Some("the job could not be delivered to the agent of its server"),
+                    None,
+                )?;
+            }
+        }
+        if !progress {
+            return Ok(());
+        }
+    }
+}
+
+async fn poll_jobs(
+    store: &Arc<Store>,
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+) -> Result<(), DispatchError> {
+    for j in store.dispatched_running_jobs(500)? {
+        let Some(node) = store.node(&j.node_id)? else {
+            continue;
+        };
+        // The agent knows the job by its request's id (a migration's
+        // restore phase has its own).
+        let agent_job_id = serde_json::from_str::<JobRequest>(&j.request)
+            .map(|r| r.job_id)
+            .unwrap_or_else(|_| j.job_id.clone());
+        let url = format!(
+            "{}/v1/jobs/{}",
+            node.agent_url.trim_end_matches('/'),
+            agent_job_id
+        );
+        let resp = client.get(&url).bearer_auth(&cfg.node_token).send().await;
+        match resp {
+            Ok(r) if r.status().as_u16() == 404 => {
+                // The agent lost it (restarted before accepting): send again.
+                store.mark_dispatched(&j.job_id, false)?;
+            }
+            Ok(r) if r.status().is_success() => {
+                if let Ok(s) = r.json::<JobStatus>().await {
+                    apply_status(store, &s)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! `cph serve`: opens the data dir's store, loads the catalog, starts the
+//! dispatch loop and serves the API until `shutdown` resolves.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::api::{router, AppState};
+use crate::catalog::{Catalog, CatalogError, TEST_IMAGE_ID};
+use crate::dispatch::{self, Dispatcher, LoopConfig};
+use crate::store::{Store, StoreError};
+
+/// Serving failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    #[error("node token file {path}: {source}")]
+    NodeToken {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+/// How the control plane runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    /// Shared secret of agents; `None` reads (or creates) `data_dir/node-token`.
+    pub node_token: Option<String>,
+    pub heartbeat_secs: u64,
+    /// Missed heartbeats before an agent counts as silent.
+    pub silent_after: u64,
+    /// Id and URL (`file://` or `obs://`) of the test phone image.
+    pub test_image_id: String,
+    pub test_image_url: String,
+}
+
+impl ServeConfig {
+    /// Defaults for a data dir.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            node_token: None,
+            heartbeat_secs: 10,
+            silent_after: 3,
+            test_image_id: TEST_IMAGE_ID.to_string(),
+            test_image_url: "file:///var/lib/cph/images/cph-test-image.tar.gz".to_string(),
+        }
+    }
+}
+
+/// The node token of a data dir, created on first use.
+pub fn node_token(cfg: &ServeConfig) -> Result<String, ServeError> {
+    if let Some(t) = &cfg.node_token {
+        return Ok(t.clone());
+    }
+    let path = cfg.data_dir.join("node-token");
+    let err = |source| ServeError::NodeToken {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(err)?;
+            let t = format!("{}{}", crate::store::new_id(), crate::store::new_id());
+            std::fs::write(&path, &t).map_err(err)?;
+            Ok(t)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve<F>(
+    cfg: ServeConfig,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let store = Arc::new(Store::open_dir(&cfg.data_dir)?);
+    let mut catalog = Catalog::defaults(&cfg.test_image_id, &cfg.test_image_url);
+    catalog.extend_from_dir(&cfg.data_dir)?;
+    let token = node_token(&cfg)?;
+    let dispatcher = Dispatcher::new();
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        catalog,
+        dispatcher: dispatcher.clone(),
+        node_token: token.clone(),
+        heartbeat_secs: cfg.heartbeat_secs,
+    });
+    let lcfg = LoopConfig {
+        node_token: token,
+        heartbeat_secs: cfg.heartbeat_secs,
+        silent_after: cfg.silent_after,
+    };
+    let worker = tokio::spawn(dispatch::run(store, dispatcher, lcfg));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "control plane listening");
+    }
+    let r = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Http);
+    worker.abort();
+    r
+}
+
+/// Creates a project with one AK/SK credential: `(project_id, ak, sk)`.
+pub fn bootstrap_project(
+    store: &Store,
+    name: &str,
+) -> Result<(String, String, String), StoreError> {
+    let p = match store.project(name)? {
+        Some(p) => p,
+        None => store.create_project(name)?,
+    };
+    let (ak, sk) = store.create_credential(&p.project_id)?;
+    Ok((p.project_id, ak, sk))
+}

@@ -1,0 +1,131 @@
+//! Versioned schema migrations. Each entry runs once, in order, inside a
+//! transaction that also records its version in `schema_version`.
+
+/// Migrations in order; the index + 1 is the schema version.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: tenants, credentials, fleet, servers, phones, jobs.
+    r#"
+CREATE TABLE projects (
+    project_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    create_time TEXT NOT NULL
+);
+CREATE TABLE credentials (
+    access_key TEXT PRIMARY KEY,
+    secret_key TEXT NOT NULL,
+    project_id TEXT NOT NULL REFERENCES projects(project_id),
+    create_time TEXT NOT NULL
+);
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    salt TEXT NOT NULL,
+    project_id TEXT NOT NULL REFERENCES projects(project_id)
+);
+CREATE TABLE tokens (
+    token TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    agent_url TEXT NOT NULL,
+    server_model TEXT NOT NULL,
+    server_ip TEXT NOT NULL,
+    public_ip TEXT,
+    phone_capacity INTEGER NOT NULL,
+    inventory TEXT NOT NULL,
+    last_seen INTEGER NOT NULL,
+    alive INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE servers (
+    server_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    node_id TEXT NOT NULL UNIQUE REFERENCES nodes(node_id),
+    seq INTEGER NOT NULL,
+    server_name TEXT NOT NULL,
+    server_model_name TEXT NOT NULL,
+    phone_model_name TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    keypair_name TEXT NOT NULL DEFAULT '',
+    status INTEGER NOT NULL,
+    network_version TEXT NOT NULL,
+    order_id TEXT NOT NULL,
+    product_id TEXT NOT NULL,
+    vpc_id TEXT NOT NULL DEFAULT '',
+    subnet_id TEXT NOT NULL DEFAULT '',
+    vpc_cidr TEXT NOT NULL DEFAULT '',
+    subnet_cidr TEXT NOT NULL DEFAULT '',
+    availability_zone TEXT NOT NULL DEFAULT '',
+    ports TEXT NOT NULL DEFAULT '[]',
+    band_width_id TEXT NOT NULL DEFAULT '',
+    create_dispatched INTEGER NOT NULL DEFAULT 0,
+    create_request TEXT NOT NULL DEFAULT '',
+    create_time TEXT NOT NULL,
+    update_time TEXT NOT NULL
+);
+CREATE INDEX servers_by_project ON servers(project_id, seq DESC);
+CREATE TABLE phones (
+    phone_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    server_id TEXT NOT NULL REFERENCES servers(server_id),
+    seq INTEGER NOT NULL,
+    phone_name TEXT NOT NULL,
+    phone_model_name TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    type INTEGER NOT NULL DEFAULT 0,
+    slot INTEGER NOT NULL,
+    property TEXT NOT NULL DEFAULT '{}',
+    access_infos TEXT NOT NULL DEFAULT '[]',
+    traffic_type TEXT NOT NULL DEFAULT 'direct',
+    create_time TEXT NOT NULL,
+    update_time TEXT NOT NULL
+);
+CREATE INDEX phones_by_project ON phones(project_id, seq DESC);
+CREATE INDEX phones_by_server ON phones(server_id, slot);
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    phone_id TEXT,
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    dispatched INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error_code TEXT,
+    error_msg TEXT,
+    execute_msg TEXT,
+    begin_time TEXT NOT NULL,
+    end_time TEXT
+);
+CREATE INDEX jobs_by_request ON jobs(project_id, request_id, seq);
+CREATE INDEX jobs_pending ON jobs(status, dispatched);
+CREATE TABLE bandwidths (
+    band_width_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    band_width_name TEXT NOT NULL,
+    band_width_size INTEGER NOT NULL,
+    band_width_share_type INTEGER NOT NULL,
+    band_width_charge_mode INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    create_time TEXT NOT NULL,
+    update_time TEXT NOT NULL
+);
+CREATE TABLE keypairs (
+    project_id TEXT NOT NULL,
+    keypair_name TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    PRIMARY KEY (project_id, keypair_name)
+);
+CREATE TABLE sync_shell_calls (
+    project_id TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+"#,
+];

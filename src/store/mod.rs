@@ -1,0 +1,1345 @@
+//! The control plane's state in SQLite (WAL mode, versioned migrations).
+//!
+//! Everything the API answers from lives here, so a restarted control plane
+//! picks up where it stopped. The SQL is kept to portable forms (no SQLite-only
+//! functions in queries) so a PostgreSQL backend can implement the same
+//! methods for several control-plane replicas.
+
+mod migrations;
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored json is invalid: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("project {0} not found")]
+    ProjectNotFound(String),
+    #[error("project {0} already exists")]
+    ProjectExists(String),
+    #[error("store lock poisoned")]
+    Poisoned,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A tenant project.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Project {
+    pub project_id: String,
+    pub name: String,
+}
+
+/// A registered host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub node_id: String,
+    pub hostname: String,
+    pub agent_url: String,
+    pub server_model: String,
+    pub server_ip: String,
+    pub public_ip: Option<String>,
+    pub phone_capacity: u32,
+    pub last_seen: i64,
+    pub alive: bool,
+    /// The server assigned on this host, if bought.
+    pub server_id: Option<String>,
+}
+
+/// A cloud phone server (a host assigned to a project).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub server_id: String,
+    pub project_id: String,
+    pub node_id: String,
+    pub server_name: String,
+    pub server_model_name: String,
+    pub phone_model_name: String,
+    pub image_id: String,
+    pub keypair_name: String,
+    pub status: i32,
+    pub network_version: String,
+    pub order_id: String,
+    pub product_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub vpc_cidr: String,
+    pub subnet_cidr: String,
+    pub availability_zone: String,
+    pub ports: String,
+    pub band_width_id: String,
+    pub create_dispatched: bool,
+    pub create_time: String,
+    pub update_time: String,
+    pub server_ip: String,
+    pub public_ip: Option<String>,
+}
+
+/// A cloud phone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phone {
+    pub phone_id: String,
+    pub project_id: String,
+    pub server_id: String,
+    pub phone_name: String,
+    pub phone_model_name: String,
+    pub image_id: String,
+    pub status: i32,
+    pub phone_type: i32,
+    pub slot: u32,
+    pub property: String,
+    pub access_infos: String,
+    pub traffic_type: String,
+    pub create_time: String,
+    pub update_time: String,
+}
+
+/// A job: one operation on one phone or server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub job_id: String,
+    pub request_id: String,
+    pub project_id: String,
+    pub server_id: String,
+    pub phone_id: Option<String>,
+    pub node_id: String,
+    /// The [`cph_agent::protocol::JobRequest`] as JSON.
+    pub request: String,
+    pub status: i32,
+    pub dispatched: bool,
+    pub attempts: u32,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    pub execute_msg: Option<String>,
+    pub begin_time: String,
+    pub end_time: Option<String>,
+}
+
+/// A bandwidth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bandwidth {
+    pub band_width_id: String,
+    pub project_id: String,
+    pub band_width_name: String,
+    pub band_width_size: u32,
+    pub band_width_share_type: i32,
+    pub band_width_charge_mode: i32,
+    pub create_time: String,
+    pub update_time: String,
+}
+
+/// Filter of a phone listing.
+#[derive(Debug, Clone, Default)]
+pub struct PhoneFilter {
+    pub phone_name: Option<String>,
+    pub server_id: Option<String>,
+    pub status: Option<i32>,
+    pub phone_type: Option<i32>,
+}
+
+/// Filter of a server listing.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFilter {
+    pub server_name: Option<String>,
+    pub server_id: Option<String>,
+    pub network_version: Option<String>,
+}
+
+/// What one bought server is made of, before it is stored.
+#[derive(Debug, Clone)]
+pub struct NewServer {
+    pub server_id: String,
+    pub server_name: String,
+    pub phones: Vec<(String, String)>,
+    /// The agent's `CreateServer` as JSON.
+    pub create_request: String,
+}
+
+/// An order to assign hosts.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub project_id: String,
+    pub server_model_name: String,
+    pub phone_model_name: String,
+    pub image_id: String,
+    pub keypair_name: String,
+    pub network_version: String,
+    pub order_id: String,
+    pub product_id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub vpc_cidr: String,
+    pub subnet_cidr: String,
+    pub availability_zone: String,
+    pub ports: String,
+    pub band_width_id: String,
+    pub property: String,
+    pub servers: Vec<NewServer>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Microseconds since the epoch: the ordering key of rows (newest first).
+fn now_seq() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time.
+pub fn utc_string(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Current UTC time as the API prints it.
+pub fn now_string() -> String {
+    utc_string(now_secs())
+}
+
+/// A fresh 32-hex-digit identifier.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The SQLite store.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SERVER_COLS: &str =
+    "s.server_id, s.project_id, s.node_id, s.server_name, s.server_model_name, \
+    s.phone_model_name, s.image_id, s.keypair_name, s.status, s.network_version, s.order_id, \
+    s.product_id, s.vpc_id, s.subnet_id, s.vpc_cidr, s.subnet_cidr, s.availability_zone, s.ports, \
+    s.band_width_id, s.create_dispatched, s.create_time, s.update_time, n.server_ip, n.public_ip";
+
+const PHONE_COLS: &str =
+    "phone_id, project_id, server_id, phone_name, phone_model_name, image_id, \
+    status, type, slot, property, access_infos, traffic_type, create_time, update_time";
+
+const JOB_COLS: &str = "job_id, request_id, project_id, server_id, phone_id, node_id, request, \
+    status, dispatched, attempts, error_code, error_msg, execute_msg, begin_time, end_time";
+
+fn server_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Server> {
+    Ok(Server {
+        server_id: r.get(0)?,
+        project_id: r.get(1)?,
+        node_id: r.get(2)?,
+        server_name: r.get(3)?,
+        server_model_name: r.get(4)?,
+        phone_model_name: r.get(5)?,
+        image_id: r.get(6)?,
+        keypair_name: r.get(7)?,
+        status: r.get(8)?,
+        network_version: r.get(9)?,
+        order_id: r.get(10)?,
+        product_id: r.get(11)?,
+        vpc_id: r.get(12)?,
+        subnet_id: r.get(13)?,
+        vpc_cidr: r.get(14)?,
+        subnet_cidr: r.get(15)?,
+        availability_zone: r.get(16)?,
+        ports: r.get(17)?,
+        band_width_id: r.get(18)?,
+        create_dispatched: r.get::<_, i64>(19)? != 0,
+        create_time: r.get(20)?,
+        update_time: r.get(21)?,
+        server_ip: r.get(22)?,
+        public_ip: r.get(23)?,
+    })
+}
+
+fn phone_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Phone> {
+    Ok(Phone {
+        phone_id: r.get(0)?,
+        project_id: r.get(1)?,
+        server_id: r.get(2)?,
+        phone_name: r.get(3)?,
+        phone_model_name: r.get(4)?,
+        image_id: r.get(5)?,
+        status: r.get(6)?,
+        phone_type: r.get(7)?,
+        slot: r.get(8)?,
+        property: r.get(9)?,
+        access_infos: r.get(10)?,
+        traffic_type: r.get(11)?,
+        create_time: r.get(12)?,
+        update_time: r.get(13)?,
+    })
+}
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    Ok(Job {
+        job_id: r.get(0)?,
+        request_id: r.get(1)?,
+        project_id: r.get(2)?,
+        server_id: r.get(3)?,
+        phone_id: r.get(4)?,
+        node_id: r.get(5)?,
+        request: r.get(6)?,
+        status: r.get(7)?,
+        dispatched: r.get::<_, i64>(8)? != 0,
+        attempts: r.get(9)?,
+        error_code: r.get(10)?,
+        error_msg: r.get(11)?,
+        execute_msg: r.get(12)?,
+        begin_time: r.get(13)?,
+        end_time: r.get(14)?,
+    })
+}
+
+fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
+    Ok(Node {
+        node_id: r.get(0)?,
+        hostname: r.get(1)?,
+        agent_url: r.get(2)?,
+        server_model: r.get(3)?,
+        server_ip: r.get(4)?,
+        public_ip: r.get(5)?,
+        phone_capacity: r.get(6)?,
+        last_seen: r.get(7)?,
+        alive: r.get::<_, i64>(8)? != 0,
+        server_id: r.get(9)?,
+    })
+}
+
+const NODE_COLS: &str =
+    "n.node_id, n.hostname, n.agent_url, n.server_model, n.server_ip, n.public_ip, \
+    n.phone_capacity, n.last_seen, n.alive, s.server_id";
+
+/// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` fuzzy match.
+fn like_pattern(s: &str) -> String {
+    let mut out = String::from("%");
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+/// Salted password hash (SHA-256 of salt || password).
+fn hash_password(salt: &str, password: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(salt.as_bytes());
+    h.update(password.as_bytes());
+    hex::encode(h.finalize())
+}
+
+impl Store {
+    /// Opens (creating) `dir/cph.db` and brings its schema up to date.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Self::open(&dir.join("cph.db"))
+    }
+
+    /// Opens (creating) the database file and migrates it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = Self {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn db(&self) -> Result<MutexGuard<'_, Connection>> {
+        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut c = self.db()?;
+        c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+        let current: i64 = c.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
+        for (i, sql) in migrations::MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current {
+                continue;
+            }
+            let tx = c.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [version],
+            )?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version in force.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .db()?
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?)
+    }
+
+    // ---- tenants -------------------------------------------------------
+
+    /// Creates a project; its id is 32 hex digits like the cloud's.
+    pub fn create_project(&self, name: &str) -> Result<Project> {
+        let c = self.db()?;
+        let exists: Option<String> = c
+            .query_row(
+                "SELECT project_id FROM projects WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::ProjectExists(name.to_string()));
+        }
+        let project_id = new_id();
+        c.execute(
+            "INSERT INTO projects (project_id, name, create_time) VALUES (?1, ?2, ?3)",
+            params![project_id, name, now_string()],
+        )?;
+        Ok(Project {
+            project_id,
+            name: name.to_string(),
+        })
+    }
+
+    /// A project by id or by name.
+    pub fn project(&self, id_or_name: &str) -> Result<Option<Project>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT project_id, name FROM projects WHERE project_id = ?1 OR name = ?1",
+                [id_or_name],
+                |r| {
+                    Ok(Project {
+                        project_id: r.get(0)?,
+                        name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Every project.
+    pub fn projects(&self) -> Result<Vec<Project>> {
+        let c = self.db()?;
+        let mut st = c.prepare("SELECT project_id, name FROM projects ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(Project {
+                project_id: r.get(0)?,
+                name: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Creates an AK/SK pair for a project.
+    pub fn create_credential(&self, project_id: &str) -> Result<(String, String)> {
+        if self.project(project_id)?.is_none() {
+            return Err(StoreError::ProjectNotFound(project_id.to_string()));
+        }
+        let ak = new_id()[..20].to_uppercase();
+        let sk = format!("{}{}", new_id(), &new_id()[..8]);
+        self.db()?.execute(
+            "INSERT INTO credentials (access_key, secret_key, project_id, create_time) VALUES (?1, ?2, ?3, ?4)",
+            params![ak, sk, project_id, now_string()],
+        )?;
+        Ok((ak, sk))
+    }
+
+    /// The secret key and project of an access key.
+    pub fn credential(&self, ak: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT secret_key, project_id FROM credentials WHERE access_key = ?1",
+                [ak],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Creates (or replaces the password of) an IAM user in a project.
+    pub fn create_user(&self, name: &str, password: &str, project_id: &str) -> Result<()> {
+        if self.project(project_id)?.is_none() {
+            return Err(StoreError::ProjectNotFound(project_id.to_string()));
+        }
+        let salt = new_id();
+        self.db()?.execute(
+            "INSERT INTO users (name, password_hash, salt, project_id) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET password_hash = excluded.password_hash,
+             salt = excluded.salt, project_id = excluded.project_id",
+            params![name, hash_password(&salt, password), salt, project_id],
+        )?;
+        Ok(())
+    }
+
+    /// The project of a user whose password matches.
+    pub fn check_user(&self, name: &str, password: &str) -> Result<Option<String>> {
+        let row: Option<(String, String, String)> = self
+            .db()?
+            .query_row(
+                "SELECT password_hash, salt, project_id FROM users WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(row.and_then(|(hash, salt, project)| {
+            let given = hash_password(&salt, password);
+            let same = given.len() == hash.len()
+                && given
+                    .bytes()
+                    .zip(hash.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            same.then_some(project)
+        }))
+    }
+
+    /// Records an issued token.
+    pub fn put_token(
+        &self,
+        token: &str,
+        user: &str,
+        project_id: &str,
+        expires_at: i64,
+    ) -> Result<()> {
+        let c = self.db()?;
+        c.execute("DELETE FROM tokens WHERE expires_at < ?1", [now_secs()])?;
+        c.execute(
+            "INSERT OR REPLACE INTO tokens (token, user_name, project_id, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![token, user, project_id, expires_at],
+        )?;
+        Ok(())
+    }
+
+    /// The project of a token that has not expired.
+    pub fn token_project(&self, token: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT project_id FROM tokens WHERE token = ?1 AND expires_at > ?2",
+                params![token, now_secs()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    // ---- fleet ---------------------------------------------------------
+
+    /// Records a registration (insert or refresh) and marks the node alive.
+    pub fn upsert_node(&self, inv: &cph_agent::protocol::Inventory) -> Result<()> {
+        let c = self.db()?;
+        c.execute(
+            "INSERT INTO nodes (node_id, hostname, agent_url, server_model, server_ip, public_ip,
+                phone_capacity, inventory, last_seen, alive)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1)
+             ON CONFLICT(node_id) DO UPDATE SET hostname = excluded.hostname,
+                agent_url = excluded.agent_url, server_model = excluded.server_model,
+                server_ip = excluded.server_ip, public_ip = excluded.public_ip,
+                phone_capacity = excluded.phone_capacity, inventory = excluded.inventory,
+                last_seen = excluded.last_seen, alive = 1",
+            params![
+                inv.node_id,
+                inv.hostname,
+                inv.agent_url,
+                inv.server_model,
+                inv.server_ip,
+                inv.public_ip,
+                inv.phone_capacity,
+                serde_json::to_string(inv)?,
+                now_secs()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Refreshes a node's liveness; false when the node is unknown.
+    pub fn touch_node(&self, node_id: &str) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE nodes SET last_seen = ?2, alive = 1 WHERE node_id = ?1",
+            params![node_id, now_secs()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// A node with its assigned server.
+    pub fn node(&self, node_id: &str) -> Result<Option<Node>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {NODE_COLS} FROM nodes n LEFT JOIN servers s ON s.node_id = n.node_id WHERE n.node_id = ?1"
+        );
+        Ok(c.query_row(&sql, [node_id], node_row).optional()?)
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<Node>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {NODE_COLS} FROM nodes n LEFT JOIN servers s ON s.node_id = n.node_id ORDER BY n.node_id"
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], node_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Marks nodes silent since before `deadline` dead, their servers abnormal
+    /// (2) and their phones abnormal (-7); fails their unfinished jobs.
+    /// Returns the node ids newly marked.
+    pub fn mark_silent_nodes(&self, deadline: i64) -> Result<Vec<String>> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let ids: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT node_id FROM nodes WHERE alive = 1 AND last_seen < ?1")?;
+            let rows = st.query_map([deadline], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let now = now_string();
+        for id in &ids {
+            tx.execute("UPDATE nodes SET alive = 0 WHERE node_id = ?1", [id])?;
+            tx.execute(
+                "UPDATE servers SET status = 2, update_time = ?2 WHERE node_id = ?1",
+                params![id, now],
+            )?;
+            tx.execute(
+                "UPDATE phones SET status = -7, update_time = ?2
+                 WHERE server_id IN (SELECT server_id FROM servers WHERE node_id = ?1)",
+                params![id, now],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
+                   error_msg = 'agent of the server stopped answering', end_time = ?2
+                 WHERE node_id = ?1 AND status = 1",
+                params![id, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Applies a phone state an agent reported: status, access and property.
+    pub fn apply_phone_state(
+        &self,
+        node_id: &str,
+        p: &cph_agent::protocol::PhoneState,
+        status: i32,
+    ) -> Result<()> {
+        let c = self.db()?;
+        c.execute(
+            "UPDATE phones SET status = ?3, access_infos = ?4, traffic_type = ?5, update_time = ?6
+             WHERE phone_id = ?1 AND server_id IN (SELECT server_id FROM servers WHERE node_id = ?2)
+               AND (status != ?3 OR access_infos != ?4 OR traffic_type != ?5)",
+            params![
+                p.phone_id,
+                node_id,
+                status,
+                serde_json::to_string(&p.access_infos)?,
+                p.traffic_type,
+                now_string()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Recomputes the server status of a node: normal (5) once every phone
+    /// runs or is stopped, creating (1) while any is being created.
+    pub fn refresh_server_status(&self, node_id: &str) -> Result<()> {
+        let c = self.db()?;
+        let row: Option<(String, i32)> = c
+            .query_row(
+                "SELECT server_id, status FROM servers WHERE node_id = ?1",
+                [node_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((server_id, status)) = row else {
+            return Ok(());
+        };
+        let (total, creating): (i64, i64) = c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN (0, 1) THEN 1 ELSE 0 END), 0)
+             FROM phones WHERE server_id = ?1",
+            [&server_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let next = if total > 0 && creating == 0 {
+            5
+        } else if status == 2 {
+            1
+        } else {
+            status
+        };
+        let next = if next == 0 && creating > 0 { 1 } else { next };
+        if next != status {
+            c.execute(
+                "UPDATE servers SET status = ?2, update_time = ?3 WHERE server_id = ?1",
+                params![server_id, next, now_string()],
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---- servers -------------------------------------------------------
+
+    /// Assigns free alive hosts of the order's model, all or none, and
+    /// creates their phone rows. Returns `Ok(None)` when too few are free.
+    pub fn assign_servers(&self, order: &Order) -> Result<Option<Vec<Server>>> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let free: Vec<(String, u32)> = {
+            let mut st = tx.prepare(
+                "SELECT n.node_id, n.phone_capacity FROM nodes n
+                 WHERE n.server_model = ?1 AND n.alive = 1
+                   AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)
+                 ORDER BY n.node_id LIMIT ?2",
+            )?;
+            let rows = st.query_map(
+                params![order.server_model_name, order.servers.len() as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if free.len() < order.servers.len() {
+            return Ok(None);
+        }
+        let now = now_string();
+        let base = now_seq();
+        for (i, (srv, (node_id, _))) in order.servers.iter().zip(free.iter()).enumerate() {
+            tx.execute(
+                "INSERT INTO servers (server_id, project_id, node_id, seq, server_name,
+                    server_model_name, phone_model_name, image_id, keypair_name, status,
+                    network_version, order_id, product_id, vpc_id, subnet_id, vpc_cidr,
+                    subnet_cidr, availability_zone, ports, band_width_id, create_time, update_time,
+                    create_request)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17, ?18, ?19, ?20, ?20, ?21)",
+                params![
+                    srv.server_id,
+                    order.project_id,
+                    node_id,
+                    base + i as i64 * 1000,
+                    srv.server_name,
+                    order.server_model_name,
+                    order.phone_model_name,
+                    order.image_id,
+                    order.keypair_name,
+                    order.network_version,
+                    order.order_id,
+                    order.product_id,
+                    order.vpc_id,
+                    order.subnet_id,
+                    order.vpc_cidr,
+                    order.subnet_cidr,
+                    order.availability_zone,
+                    order.ports,
+                    order.band_width_id,
+                    now,
+                    srv.create_request
+                ],
+            )?;
+            for (slot, (phone_id, phone_name)) in srv.phones.iter().enumerate() {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
+                         (?1, ?2, ?3, ?4, ?5, ?6, 1, 0, ?7, ?8, '[]', 'direct', ?9, ?9, ?10)"
+                    ),
+                    params![
+                        phone_id,
+                        order.project_id,
+                        srv.server_id,
+                        phone_name,
+                        order.phone_model_name,
+                        order.image_id,
+                        slot as u32,
+                        order.property,
+                        now,
+                        base + i as i64 * 1000 + slot as i64
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
+        drop(c);
+        let mut out = Vec::new();
+        for srv in &order.servers {
+            if let Some(s) = self.server(&order.project_id, &srv.server_id)? {
+                out.push(s);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Servers whose CreateServer has not reached their agent yet.
+    pub fn servers_to_create(&self) -> Result<Vec<Server>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {SERVER_COLS} FROM servers s JOIN nodes n ON n.node_id = s.node_id
+             WHERE s.create_dispatched = 0 AND n.alive = 1"
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], server_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The stored `CreateServer` JSON of a server.
+    pub fn server_create_request(&self, server_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT create_request FROM servers WHERE server_id = ?1",
+                [server_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records that a server's CreateServer reached its agent.
+    pub fn mark_server_created(&self, server_id: &str) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE servers SET create_dispatched = 1, status = CASE WHEN status = 0 THEN 1 ELSE status END
+             WHERE server_id = ?1",
+            [server_id],
+        )?;
+        Ok(())
+    }
+
+    /// A project's server.
+    pub fn server(&self, project_id: &str, server_id: &str) -> Result<Option<Server>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {SERVER_COLS} FROM servers s JOIN nodes n ON n.node_id = s.node_id
+             WHERE s.project_id = ?1 AND s.server_id = ?2"
+        );
+        Ok(
+            c.query_row(&sql, params![project_id, server_id], server_row)
+                .optional()?,
+        )
+    }
+
+    /// A project's servers, newest first.
+    pub fn list_servers(
+        &self,
+        project_id: &str,
+        f: &ServerFilter,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<Server>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {SERVER_COLS} FROM servers s JOIN nodes n ON n.node_id = s.node_id
+             WHERE s.project_id = ?1
+               AND (?2 IS NULL OR s.server_name LIKE ?2 ESCAPE '\\')
+               AND (?3 IS NULL OR s.server_id = ?3)
+               AND (?4 IS NULL OR s.network_version = ?4)
+             ORDER BY s.seq DESC LIMIT ?5 OFFSET ?6"
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let rows = st.query_map(
+            params![
+                project_id,
+                f.server_name.as_deref().map(like_pattern),
+                f.server_id,
+                f.network_version,
+                limit,
+                offset
+            ],
+            server_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Renames a server.
+    pub fn rename_server(&self, project_id: &str, server_id: &str, name: &str) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE servers SET server_name = ?3, update_time = ?4 WHERE project_id = ?1 AND server_id = ?2",
+            params![project_id, server_id, name, now_string()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Changes a server's model and phone model names.
+    pub fn change_server_model(
+        &self,
+        project_id: &str,
+        server_id: &str,
+        server_model: &str,
+        phone_model: &str,
+    ) -> Result<()> {
+        let c = self.db()?;
+        c.execute(
+            "UPDATE servers SET server_model_name = ?3, phone_model_name = ?4, update_time = ?5
+             WHERE project_id = ?1 AND server_id = ?2",
+            params![
+                project_id,
+                server_id,
+                server_model,
+                phone_model,
+                now_string()
+            ],
+        )?;
+        c.execute(
+            "UPDATE phones SET phone_model_name = ?3 WHERE project_id = ?1 AND server_id = ?2",
+            params![project_id, server_id, phone_model],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a server's keypair name.
+    pub fn set_server_keypair(&self, project_id: &str, server_id: &str, name: &str) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE servers SET keypair_name = ?3, update_time = ?4 WHERE project_id = ?1 AND server_id = ?2",
+            params![project_id, server_id, name, now_string()],
+        )?;
+        Ok(())
+    }
+
+    // ---- phones --------------------------------------------------------
+
+    /// A project's phone.
+    pub fn phone(&self, project_id: &str, phone_id: &str) -> Result<Option<Phone>> {
+        let c = self.db()?;
+        let sql =
+            format!("SELECT {PHONE_COLS} FROM phones WHERE project_id = ?1 AND phone_id = ?2");
+        let mut st = c.prepare_cached(&sql)?;
+        Ok(st
+            .query_row(params![project_id, phone_id], phone_row)
+            .optional()?)
+    }
+
+    /// A server's phones by slot.
+    pub fn server_phones(&self, server_id: &str) -> Result<Vec<Phone>> {
+        let c = self.db()?;
+        let sql = format!("SELECT {PHONE_COLS} FROM phones WHERE server_id = ?1 ORDER BY slot");
+        let mut st = c.prepare_cached(&sql)?;
+        let rows = st.query_map([server_id], phone_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A project's phones, newest first.
+    pub fn list_phones(
+        &self,
+        project_id: &str,
+        f: &PhoneFilter,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<Phone>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {PHONE_COLS} FROM phones WHERE project_id = ?1
+               AND (?2 IS NULL OR phone_name LIKE ?2 ESCAPE '\\')
+               AND (?3 IS NULL OR server_id = ?3)
+               AND (?4 IS NULL OR status = ?4)
+               AND (?5 IS NULL OR type = ?5)
+             ORDER BY seq DESC LIMIT ?6 OFFSET ?7"
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let rows = st.query_map(
+            params![
+                project_id,
+                f.phone_name.as_deref().map(like_pattern),
+                f.server_id,
+                f.status,
+                f.phone_type,
+                limit,
+                offset
+            ],
+            phone_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Sets a phone's status.
+    pub fn set_phone_status(&self, phone_id: &str, status: i32) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE phones SET status = ?2, update_time = ?3 WHERE phone_id = ?1",
+            params![phone_id, status, now_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Renames a phone.
+    pub fn rename_phone(&self, project_id: &str, phone_id: &str, name: &str) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE phones SET phone_name = ?3, update_time = ?4 WHERE project_id = ?1 AND phone_id = ?2",
+            params![project_id, phone_id, name, now_string()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Replaces a phone's property JSON and, when given, its image.
+    pub fn set_phone_property(
+        &self,
+        phone_id: &str,
+        property: &str,
+        image_id: Option<&str>,
+    ) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE phones SET property = ?2, image_id = COALESCE(?3, image_id), update_time = ?4
+             WHERE phone_id = ?1",
+            params![phone_id, property, image_id, now_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Inserts phones directly (fleet import and benchmarks).
+    pub fn insert_phones(&self, phones: &[Phone]) -> Result<()> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare(&format!(
+                "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ))?;
+            let base = now_seq();
+            for (i, p) in phones.iter().enumerate() {
+                st.execute(params![
+                    p.phone_id,
+                    p.project_id,
+                    p.server_id,
+                    p.phone_name,
+                    p.phone_model_name,
+                    p.image_id,
+                    p.status,
+                    p.phone_type,
+                    p.slot,
+                    p.property,
+                    p.access_infos,
+                    p.traffic_type,
+                    p.create_time,
+                    p.update_time,
+                    base + i as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- jobs ----------------------------------------------------------
+
+    /// Persists new jobs in one transaction.
+    pub fn insert_jobs(&self, jobs: &[Job]) -> Result<()> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        {
+            let mut st = tx.prepare(&format!(
+                "INSERT INTO jobs ({JOB_COLS}, seq) VALUES
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            ))?;
+            let base = now_seq();
+            for (i, j) in jobs.iter().enumerate() {
+                st.execute(params![
+                    j.job_id,
+                    j.request_id,
+                    j.project_id,
+                    j.server_id,
+                    j.phone_id,
+                    j.node_id,
+                    j.request,
+                    j.status,
+                    j.dispatched as i64,
+                    j.attempts,
+                    j.error_code,
+                    j.error_msg,
+                    j.execute_msg,
+                    j.begin_time,
+                    j.end_time,
+                    base + i as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A project's job.
+    pub fn job(&self, project_id: &str, job_id: &str) -> Result<Option<Job>> {
+        let c = self.db()?;
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE project_id = ?1 AND job_id = ?2");
+        Ok(c.query_row(&sql, params![project_id, job_id], job_row)
+            .optional()?)
+    }
+
+    /// A job by id, any project (agents' reports).
+    pub fn job_any(&self, job_id: &str) -> Result<Option<Job>> {
+        let c = self.db()?;
+        let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE job_id = ?1");
+        Ok(c.query_row(&sql, [job_id], job_row).optional()?)
+    }
+
+    /// A project's jobs of the given request ids, in creation order.
+    pub fn jobs_by_requests(
+        &self,
+        project_id: &str,
+        request_ids: &[String],
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<Job>> {
+        let c = self.db()?;
+        let marks: Vec<String> = (0..request_ids.len())
+            .map(|i| format!("?{}", i + 4))
+            .collect();
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE project_id = ?1 AND request_id IN ({})
+             ORDER BY seq LIMIT ?2 OFFSET ?3",
+            marks.join(", ")
+        );
+        let mut st = c.prepare(&sql)?;
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&project_id, &limit, &offset];
+        for r in request_ids {
+            args.push(r);
+        }
+        let rows = st.query_map(args.as_slice(), job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Running jobs not yet accepted by their agent, oldest first.
+    pub fn undispatched_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE status = 1 AND dispatched = 0 ORDER BY seq LIMIT ?1"
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let rows = st.query_map([limit], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Running jobs already at their agent (to poll after a restart).
+    pub fn dispatched_running_jobs(&self, limit: u32) -> Result<Vec<Job>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE status = 1 AND dispatched = 1 ORDER BY seq LIMIT ?1"
+        );
+        let mut st = c.prepare_cached(&sql)?;
+        let rows = st.query_map([limit], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a dispatch attempt's outcome.
+    pub fn mark_dispatched(&self, job_id: &str, ok: bool) -> Result<u32> {
+        let c = self.db()?;
+        c.execute(
+            "UPDATE jobs SET dispatched = ?2, attempts = attempts + 1 WHERE job_id = ?1",
+            params![job_id, ok as i64],
+        )?;
+        Ok(c.query_row(
+            "SELECT attempts FROM jobs WHERE job_id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Finishes or updates a job. Finished jobs are never reopened.
+    pub fn update_job(
+        &self,
+        job_id: &str,
+        status: i32,
+        error_code: Option<&str>,
+        error_msg: Option<&str>,
+        execute_msg: Option<&str>,
+    ) -> Result<bool> {
+        let end = (status != 1).then(now_string);
+        let n = self.db()?.execute(
+            "UPDATE jobs SET status = ?2, error_code = ?3, error_msg = ?4, execute_msg = ?5,
+               end_time = ?6 WHERE job_id = ?1 AND status = 1",
+            params![job_id, status, error_code, error_msg, execute_msg, end],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Moves a running job to its next phase: another host and request, to
+    /// be dispatched again.
+    pub fn retarget_job(&self, job_id: &str, node_id: &str, request: &str) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE jobs SET node_id = ?2, request = ?3, dispatched = 0, attempts = 0
+             WHERE job_id = ?1 AND status = 1",
+            params![job_id, node_id, request],
+        )?;
+        Ok(n > 0)
+    }
+
+    // ---- bandwidths, keypairs, rate limits -----------------------------
+
+    /// Inserts a bandwidth.
+    pub fn insert_bandwidth(&self, b: &Bandwidth) -> Result<()> {
+        self.db()?.execute(
+            "INSERT INTO bandwidths (band_width_id, project_id, band_width_name, band_width_size,
+               band_width_share_type, band_width_charge_mode, seq, create_time, update_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                b.band_width_id,
+                b.project_id,
+                b.band_width_name,
+                b.band_width_size,
+                b.band_width_share_type,
+                b.band_width_charge_mode,
+                now_seq(),
+                b.create_time,
+                b.update_time
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A project's bandwidths, newest first.
+    pub fn list_bandwidths(
+        &self,
+        project_id: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<Bandwidth>> {
+        let c = self.db()?;
+        let mut st = c.prepare(
+            "SELECT band_width_id, project_id, band_width_name, band_width_size,
+               band_width_share_type, band_width_charge_mode, create_time, update_time
+             FROM bandwidths WHERE project_id = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3",
+        )?;
+        let rows = st.query_map(params![project_id, limit, offset], |r| {
+            Ok(Bandwidth {
+                band_width_id: r.get(0)?,
+                project_id: r.get(1)?,
+                band_width_name: r.get(2)?,
+                band_width_size: r.get(3)?,
+                band_width_share_type: r.get(4)?,
+                band_width_charge_mode: r.get(5)?,
+                create_time: r.get(6)?,
+                update_time: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Sets a bandwidth's size.
+    pub fn set_bandwidth_size(&self, project_id: &str, id: &str, size: u32) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE bandwidths SET band_width_size = ?3, update_time = ?4 WHERE project_id = ?1 AND band_width_id = ?2",
+            params![project_id, id, size, now_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a project's keypair.
+    pub fn put_keypair(&self, project_id: &str, name: &str, public_key: &str) -> Result<()> {
+        self.db()?.execute(
+            "INSERT OR REPLACE INTO keypairs (project_id, keypair_name, public_key) VALUES (?1, ?2, ?3)",
+            params![project_id, name, public_key],
+        )?;
+        Ok(())
+    }
+
+    /// A project's keypair public key.
+    pub fn keypair(&self, project_id: &str, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT public_key FROM keypairs WHERE project_id = ?1 AND keypair_name = ?2",
+                params![project_id, name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Counts a synchronous shell call in a one-minute window; false when the
+    /// project already made `max` calls in the last 60 s.
+    pub fn take_sync_shell_slot(&self, project_id: &str, max: u32) -> Result<bool> {
+        let c = self.db()?;
+        let now = now_secs();
+        c.execute("DELETE FROM sync_shell_calls WHERE at <= ?1", [now - 60])?;
+        let n: u32 = c.query_row(
+            "SELECT COUNT(*) FROM sync_shell_calls WHERE project_id = ?1",
+            [project_id],
+            |r| r.get(0),
+        )?;
+        if n >= max {
+            return Ok(false);
+        }
+        c.execute(
+            "INSERT INTO sync_shell_calls (project_id, at) VALUES (?1, ?2)",
+            params![project_id, now],
+        )?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_string_formats_known_instants() {
+        assert_eq!(utc_string(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_string(1_556_262_006), "2019-04-26T07:00:06Z");
+    }
+
+    #[test]
+    fn migrations_are_versioned_and_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        assert_eq!(
+            s.schema_version().expect("v"),
+            migrations::MIGRATIONS.len() as i64
+        );
+        let p = s.create_project("p1").expect("project");
+        drop(s);
+        let s = Store::open_dir(dir.path()).expect("reopen");
+        assert_eq!(s.project("p1").expect("q").expect("kept"), p);
+    }
+
+    #[test]
+    fn users_check_passwords() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        let p = s.create_project("p").expect("project");
+        s.create_user("alice", "pw", &p.project_id).expect("user");
+        assert_eq!(s.check_user("alice", "pw").expect("q"), Some(p.project_id));
+        assert_eq!(s.check_user("alice", "bad").expect("q"), None);
+    }
+
+    #[test]
+    fn like_pattern_escapes_wildcards() {
+        assert_eq!(like_pattern("a_b%"), "%a\\_b\\%%");
+    }
+}

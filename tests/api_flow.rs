@@ -1,0 +1,795 @@
+//! End-to-end over HTTP against an in-process `cph serve`: auth, catalog,
+//! registration of a node (a protocol-speaking recorder standing in for the
+//! agent's HTTP side), buying, phones, batch jobs, errors, isolation and
+//! restart persistence.
+
+#[path = "api_common.rs"]
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::routing::{get, post};
+use common::{Cp, NODE_TOKEN};
+use cph_agent::protocol::{AccessInfo, Inventory, JobState, JobStatus, PhoneRunState, PhoneState};
+use serde_json::{json, Value};
+
+/// Requests an agent received.
+#[derive(Default)]
+struct Seen {
+    servers: Vec<Value>,
+    jobs: Vec<Value>,
+}
+
+/// Serves the agent side of the protocol and records what it is sent.
+async fn recorder() -> (String, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s1 = seen.clone();
+    let s2 = seen.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/servers",
+            post(move |axum::Json(v): axum::Json<Value>| {
+                let s = s1.clone();
+                async move {
+                    s.lock().expect("lock").servers.push(v);
+                    axum::Json(json!({"accepted": true}))
+                }
+            }),
+        )
+        .route(
+            "/v1/jobs",
+            post(move |axum::Json(v): axum::Json<Value>| {
+                let s = s2.clone();
+                async move {
+                    let id = v["job_id"].as_str().unwrap_or("").to_string();
+                    s.lock().expect("lock").jobs.push(v);
+                    axum::Json(JobStatus {
+                        job_id: id,
+                        status: JobState::Running,
+                        error_code: None,
+                        error_msg: None,
+                        execute_msg: None,
+                    })
+                }
+            }),
+        )
+        .route(
+            "/v1/jobs/{id}",
+            get(|| async { axum::http::StatusCode::NOT_FOUND }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (url, seen)
+}
+
+fn inventory(node_id: &str, url: &str) -> Inventory {
+    Inventory {
+        node_id: node_id.into(),
+        hostname: node_id.into(),
+        agent_url: url.into(),
+        agent_version: "0.1.0".into(),
+        server_model: "physical.dev.local".into(),
+        server_ip: "10.0.0.5".into(),
+        public_ip: Some("203.0.113.5".into()),
+        cpus: 2,
+        numa_nodes: 1,
+        gpus: 0,
+        memory_mb: 2048,
+        phone_capacity: 2,
+        missing: vec![],
+        phones: vec![],
+    }
+}
+
+fn buy_body(count: u32) -> Value {
+    json!({"server_name": "dev", "server_model_name": "physical.dev.local",
+        "phone_model_name": "dev.cp.c1.m512", "image_id": cph::catalog::TEST_IMAGE_ID,
+        "count": count, "band_width": {"band_width_share_type": 0},
+        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": "true"}],
+        "extend_param": {"charging_mode": 0, "period_type": 2, "period_num": 1, "is_auto_pay": 1}})
+}
+
+async fn wait_for<F: Fn(&Seen) -> bool>(seen: &Arc<Mutex<Seen>>, f: F) {
+    for _ in 0..100 {
+        if f(&seen.lock().expect("lock")) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_auth_and_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+
+    // Request id header equals the body's.
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/server-models", None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["request_id"], json!(r.request_id));
+    assert!(r.body["server_models"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|m| m["server_model_name"] == "physical.dev.local"));
+
+    let r = cp
+        .call(
+            "GET",
+            "/v1/{p}/cloud-phone/phone-models?status=1&unknown=x",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let dev = r.body["phone_models"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|m| m["phone_model_name"] == "dev.cp.c1.m512")
+        .cloned()
+        .expect("dev flavor");
+    let spec: Value =
+        serde_json::from_str(dev["extend_spec"].as_str().expect("string")).expect("json");
+    assert!(spec["core_bind_strategy"].is_string());
+    assert!(spec["thinpool_size_g"].is_number());
+
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/phone-images", None)
+        .await;
+    assert!(r.body["phone_images"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|i| i["image_id"] == cph::catalog::TEST_IMAGE_ID));
+
+    // Pagination errors.
+    for q in ["limit=0", "limit=101", "offset=-1", "limit=abc"] {
+        let r = cp
+            .call("GET", &format!("/v1/{{p}}/cloud-phone/phones?{q}"), None)
+            .await;
+        assert_eq!(r.status, 400, "{q}");
+        assert_eq!(r.body["error_code"], "CPS.0002", "{q}");
+        assert_eq!(r.body["request_id"], json!(r.request_id));
+    }
+
+    // Malformed json and wrong types are 400.
+    let r = cp
+        .raw("POST", "/v1/{p}/cloud-phone/phones/batch-stop", "{not json")
+        .await;
+    assert_eq!(r.status, 400);
+    let r = cp
+        .raw(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-stop",
+            r#"{"phone_ids": 5}"#,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body["error_code"]
+        .as_str()
+        .expect("code")
+        .starts_with("CPS."));
+
+    // Body limit.
+    let big = "x".repeat(13 * 1024 * 1024);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-stop",
+            Some(json!({"phone_ids": [big]})),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+
+    // No token, bad token, wrong project.
+    let r = common::resp(
+        cp.http
+            .get(format!(
+                "{}/v1/{}/cloud-phone/phones",
+                cp.base, cp.project_id
+            ))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.body["error_code"], "APIG.0301");
+    let r = cp
+        .call_as("bogus", "GET", "/v1/{p}/cloud-phone/phones", None)
+        .await;
+    assert_eq!(r.status, 401);
+    let r = cp
+        .call(
+            "GET",
+            "/v1/0123456789abcdef0123456789abcdef/cloud-phone/phones",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    let r = cp.login("p1-user", "wrong").await;
+    assert_eq!(r.status, 401);
+
+    // IAM projects.
+    let r = common::resp(
+        cp.http
+            .get(format!("{}/v3/projects", cp.base))
+            .header("x-auth-token", &cp.token)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(r.body["projects"][0]["id"], json!(cp.project_id));
+
+    // Jobs listing rules.
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/jobs", None).await;
+    assert_eq!(r.body["error_code"], "CPS.0049");
+    let many: Vec<String> = (0..21).map(|i| format!("r{i}")).collect();
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_ids={}", many.join(",")),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0161");
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/jobs/nope", None).await;
+    assert_eq!(r.body["error_code"], "CPS.0011");
+
+    // Buying with no host: capacity error, nothing assigned.
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0066");
+    let r = cp
+        .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0242");
+    let mut b = buy_body(11);
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(b.clone()))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0024");
+    b["count"] = json!(1);
+    b["ports"][0]["listen_port"] = json!(80);
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(b.clone()))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0040");
+    b["server_name"] = json!("bad name!");
+    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones", Some(b)).await;
+    assert_eq!(r.body["error_code"], "CPS.0087");
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buy_phones_jobs_isolation_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, seen) = recorder().await;
+
+    // Wrong node token refused; right one registers.
+    let r = common::resp(
+        cp.http
+            .post(format!("{}/agent/v1/register", cp.base))
+            .bearer_auth("wrong")
+            .json(&inventory("n1", &url))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    for n in ["n1", "n2"] {
+        let r = cp
+            .agent_post(
+                "/agent/v1/register",
+                serde_json::to_value(inventory(n, &url)).expect("json"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["heartbeat_secs"], 1);
+    }
+    let _ = NODE_TOKEN;
+
+    // Buy 2 servers: names with -0001 suffixes, CreateServer to the agent.
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(2)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ids: Vec<String> = r.body["server_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_str().expect("s").to_string())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(r.body["order_id"].is_string() && r.body["product_id"].is_string());
+    wait_for(&seen, |s| s.servers.len() == 2).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    assert_eq!(create["phones"].as_array().expect("phones").len(), 2);
+    assert_eq!(create["flavor"]["memory_mb"], 512);
+    assert_eq!(create["image"]["url"], "file:///nonexistent/test.tar.gz");
+
+    // A third server cannot be had.
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0066");
+
+    let r = cp
+        .call(
+            "GET",
+            "/v1/{p}/cloud-phone/servers?server_name=dev-000",
+            None,
+        )
+        .await;
+    let names: Vec<String> = r.body["servers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["server_name"].as_str().expect("n").to_string())
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"dev-0001".to_string()) && names.contains(&"dev-0002".to_string()));
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/servers/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(matches!(r.body["status"].as_i64(), Some(0 | 1)));
+
+    // Phones: 4, filter, then the agent reports them running.
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/phones?limit=10", None)
+        .await;
+    let phones = r.body["phones"].as_array().expect("phones").clone();
+    assert_eq!(phones.len(), 4);
+    let r = cp
+        .call(
+            "GET",
+            &format!(
+                "/v1/{{p}}/cloud-phone/phones?server_id={}&limit=1&offset=1",
+                ids[0]
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["phones"].as_array().expect("p").len(), 1);
+    let node_of_server0 = create["server_id"].as_str().expect("sid").to_string();
+    let node = if seen.lock().expect("lock").servers[0]["server_id"] == json!(node_of_server0) {
+        "n1"
+    } else {
+        "n2"
+    };
+    let states: Vec<PhoneState> = create["phones"]
+        .as_array()
+        .expect("p")
+        .iter()
+        .map(|p| PhoneState {
+            phone_id: p["phone_id"].as_str().expect("id").into(),
+            server_id: node_of_server0.clone(),
+            phone_name: p["phone_name"].as_str().expect("n").into(),
+            state: PhoneRunState::Running,
+            reason: None,
+            image_id: cph::catalog::TEST_IMAGE_ID.into(),
+            slot: p["slot"].as_u64().expect("slot") as u32,
+            access_infos: vec![AccessInfo {
+                kind: "adb".into(),
+                phone_ip: "172.30.0.2".into(),
+                listen_port: 5555,
+                access_port: 30001,
+                internet_accessible: true,
+            }],
+            property: Default::default(),
+            traffic_type: "direct".into(),
+        })
+        .collect();
+    // Which node holds server 0 is decided by the control plane; report from both.
+    for n in ["n1", "n2"] {
+        let _ = n == node;
+        let r = cp
+            .agent_post(
+                "/agent/v1/heartbeat",
+                json!({"node_id": n, "phones": states, "jobs": []}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/servers/{node_of_server0}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["status"], 5, "{:?}", r.body);
+    let pid = states[0].phone_id.clone();
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{pid}"), None)
+        .await;
+    assert_eq!(r.body["status"], 2);
+    assert_eq!(r.body["access_infos"][0]["access_port"], 30001);
+    assert_eq!(r.body["access_infos"][0]["public_ip"], "203.0.113.5");
+    assert!(r.body["property"].is_string());
+
+    // Batch restart with one bad id: per-target error, job for the rest.
+    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/batch-restart", Some(json!({"phones": [{"phone_id": pid}, {"phone_id": "0123456789abcdef0123456789abcdef"}]}))).await;
+    assert_eq!(r.status, 200);
+    let jobs = r.body["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs[0]["phone_id"], json!(pid));
+    assert!(jobs[0]["job_id"].is_string());
+    assert_eq!(jobs[1]["error_code"], "CPS.0005");
+    let request_id = r.request_id.clone();
+    assert_eq!(r.body["request_id"], json!(request_id));
+    let job_id = jobs[0]["job_id"].as_str().expect("id").to_string();
+    wait_for(&seen, |s| {
+        s.jobs.iter().any(|j| j["job_id"] == json!(job_id))
+    })
+    .await;
+    let sent = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .find(|j| j["job_id"] == json!(job_id))
+        .cloned()
+        .expect("sent");
+    assert_eq!(sent["kind"], "restart_phone");
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["jobs"][0]["status"], 1);
+    // The agent reports success.
+    let r = cp.agent_post("/agent/v1/jobs", json!([{"job_id": job_id, "status": 2, "error_code": null, "error_msg": null, "execute_msg": "ok"}])).await;
+    assert_eq!(r.status, 200);
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{job_id}"), None)
+        .await;
+    assert_eq!(r.body["status"], 2);
+    assert_eq!(r.body["execute_msg"], "ok");
+
+    // Migration: one CPH job in two phases. The source's agent writes the
+    // phone to the store; then the target's agent restores it under
+    // `<job_id>-restore` with the source's properties; its end is the job's.
+    let target = states[1].phone_id.clone();
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-migrate",
+            Some(
+                json!({"migrate_infos": [{"source_phone_id": pid, "target_phone_id": target,
+                "bucket_name": "bucket-a", "object_path": "mig/phone.tar",
+                "is_migrate_property": "TRUE"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        r.body["jobs"][0]["source_phone_id"],
+        json!(pid),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body["jobs"][0]["target_phone_id"], json!(target));
+    let mig = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("migrate job")
+        .to_string();
+    wait_for(&seen, |s| s.jobs.iter().any(|j| j["job_id"] == json!(mig))).await;
+    let sent = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .find(|j| j["job_id"] == json!(mig))
+        .cloned()
+        .expect("sent");
+    assert_eq!(sent["kind"], "migrate");
+    assert_eq!(sent["phone_id"], json!(pid));
+    assert_eq!(sent["target"]["phone_id"], json!(target));
+    let report = |id: &str, status: i32| json!([{"job_id": id, "status": status, "error_code": null, "error_msg": null, "execute_msg": "done"}]);
+    cp.agent_post("/agent/v1/jobs", report(&mig, 2)).await;
+    let restore_id = format!("{mig}-restore");
+    wait_for(&seen, |s| {
+        s.jobs.iter().any(|j| j["job_id"] == json!(restore_id))
+    })
+    .await;
+    let restore = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .find(|j| j["job_id"] == json!(restore_id))
+        .cloned()
+        .expect("restore sent");
+    assert_eq!(restore["kind"], "restore");
+    assert_eq!(restore["phone_id"], json!(target));
+    assert_eq!(restore["object"]["key"], "mig/phone.tar");
+    assert!(restore["property"].is_object(), "{restore}");
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{mig}"), None)
+        .await;
+    assert_eq!(r.body["status"], 1, "still restoring: {:?}", r.body);
+    // A late report of the finished first phase changes nothing.
+    cp.agent_post("/agent/v1/jobs", report(&mig, -1)).await;
+    cp.agent_post("/agent/v1/jobs", report(&restore_id, 2))
+        .await;
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{mig}"), None)
+        .await;
+    assert_eq!(r.body["status"], 2, "{:?}", r.body);
+    assert_eq!(r.body["execute_msg"], "done");
+    // The reference's own body names no bucket: the platform's is used, and
+    // properties stay unless asked for.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-migrate",
+            Some(json!({"migrate_infos": [{"source_phone_id": pid, "target_phone_id": target}]})),
+        )
+        .await;
+    let mig2 = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("migrate job")
+        .to_string();
+    wait_for(&seen, |s| s.jobs.iter().any(|j| j["job_id"] == json!(mig2))).await;
+    let sent = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .find(|j| j["job_id"] == json!(mig2))
+        .cloned()
+        .expect("sent");
+    assert_eq!(
+        sent["object"]["bucket"],
+        cph_agent::protocol::MIGRATE_BUCKET
+    );
+    assert_eq!(sent["keep_property"], false);
+
+    // ADB: validation and a sync shell limit of 6 a minute.
+    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/commands", Some(json!({"command": "install", "content": "obs://bucket-a/x.zip", "phone_ids": [pid]}))).await;
+    assert_eq!(r.body["error_code"], "CPS.0119");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/commands",
+            Some(json!({"command": "shell", "content": "ls /", "phone_ids": [pid]})),
+        )
+        .await;
+    assert!(r.body["jobs"][0]["job_id"].is_string());
+    for i in 0..7 {
+        let r = cp
+            .call(
+                "POST",
+                "/v1/{p}/cloud-phone/phones/sync-commands",
+                Some(json!({"command": "shell", "content": "echo hi", "phone_ids": [pid]})),
+            )
+            .await;
+        if i < 6 {
+            assert_eq!(r.status, 200, "{i} {:?}", r.body);
+        } else {
+            assert_eq!(r.status, 429);
+        }
+    }
+
+    // Rename, property, stop, reset.
+    let r = cp
+        .call(
+            "PUT",
+            &format!("/v1/{{p}}/cloud-phone/phones/{pid}"),
+            Some(json!({"phone_name": "renamed"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = cp
+        .call(
+            "PUT",
+            &format!("/v1/{{p}}/cloud-phone/phones/{pid}"),
+            Some(json!({"phone_name": "bad name"})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0025");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-update-property",
+            Some(json!({"phones": [{"phone_id": pid, "property": "{\"com.cph.mainkeys\":1}"}]})),
+        )
+        .await;
+    assert!(r.body["jobs"][0]["job_id"].is_string(), "{:?}", r.body);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-update-property",
+            Some(json!({"phones": [{"phone_id": pid, "property": "[1]"}]})),
+        )
+        .await;
+    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0078");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-stop",
+            Some(json!({"phone_ids": []})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0009");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-reset",
+            Some(json!({"phones": [{"phone_id": pid}], "image_id": "nope"})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0166");
+    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/batch-storage", Some(json!({"storage_infos": [{"phone_id": pid, "bucket_name": "bucket-a", "object_path": "../x.tar"}]}))).await;
+    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0135");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones-traffic",
+            Some(json!({"phone_ids": [pid], "traffic_type": "bogus"})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0207");
+
+    // Server-level calls in the reference's shapes (as the official SDK sends them).
+    let sid = node_of_server0.clone();
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/servers/batch-restart",
+            Some(json!({"server_ids": [sid]})),
+        )
+        .await;
+    let jobs = r.body["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs.len(), 2, "{:?}", r.body);
+    assert!(jobs
+        .iter()
+        .all(|j| j["server_id"] == json!(sid) && j["job_id"].is_string()));
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/servers/change-server-model",
+            Some(
+                json!({"server_id": sid, "server_model_name": "physical.dev.local",
+                "phone_model_name": "dev.cp.c1.m512", "extend_param": {"is_auto_pay": 1}}),
+            ),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0250", "{:?}", r.body);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/servers/change-server-model",
+            Some(
+                json!({"server_id": sid, "server_model_name": "physical.none",
+                "phone_model_name": "dev.cp.c1.m512"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0246", "{:?}", r.body);
+    let r = cp
+        .call(
+            "DELETE",
+            "/v1/{p}/cloud-phone/phones/share-apps",
+            Some(json!({"package_name": "com.example.app", "server_ids": [sid]})),
+        )
+        .await;
+    assert_eq!(r.body["jobs"][0]["server_id"], json!(sid), "{:?}", r.body);
+    let r = cp
+        .call(
+            "PUT",
+            "/v1/{p}/cloud-phone/servers/open-access",
+            Some(json!({"servers": [{"server_id": sid, "keypair_name": "nope"}]})),
+        )
+        .await;
+    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0067", "{:?}", r.body);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/encode-servers/batch-restart",
+            Some(json!({"encode_server_ids": [sid]})),
+        )
+        .await;
+    assert_eq!(
+        r.body["jobs"][0]["encode_server_id"],
+        json!(sid),
+        "{:?}",
+        r.body
+    );
+    assert!(r.body["jobs"][0].get("server_id").is_none(), "{:?}", r.body);
+    for (q, n) in [
+        ("status=1", 1),
+        ("status=2", 0),
+        ("type=0", 1),
+        ("type=1", 0),
+    ] {
+        let r = cp
+            .call(
+                "GET",
+                &format!("/v1/{{p}}/cloud-phone/encode-servers?server_id={sid}&{q}"),
+                None,
+            )
+            .await;
+        let got = r.body["encode_servers"].as_array().expect("list").len();
+        assert_eq!(got, n, "{q}: {:?}", r.body);
+    }
+
+    // Another project sees nothing of p1.
+    let other = common::prepare(dir.path(), "p2");
+    let r2 = cp.login("p2-user", "pw").await;
+    let tok2 = r2.subject_token.expect("token");
+    let r = common::resp(
+        cp.http
+            .get(format!("{}/v1/{other}/cloud-phone/phones/{pid}", cp.base))
+            .header("x-auth-token", &tok2)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    let r = common::resp(
+        cp.http
+            .get(format!("{}/v1/{other}/cloud-phone/phones", cp.base))
+            .header("x-auth-token", &tok2)
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(r.body["phones"].as_array().expect("list").len(), 0);
+    let r = cp
+        .call_as(&tok2, "GET", "/v1/{p}/cloud-phone/phones", None)
+        .await;
+    assert_eq!(r.status, 403);
+
+    // Restart: same data dir, same state.
+    let token = cp.token.clone();
+    cp.stop().await;
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let r = cp
+        .call_as(
+            &token,
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs/{job_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["status"], 2);
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/phones", None).await;
+    assert_eq!(r.body["phones"].as_array().expect("list").len(), 4);
+
+    // Silent agents: server abnormal (2), phones abnormal (-7).
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/servers/{node_of_server0}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["status"], 2, "{:?}", r.body);
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{pid}"), None)
+        .await;
+    assert_eq!(r.body["status"], -7);
+    cp.stop().await;
+}
