@@ -89,6 +89,18 @@ pub struct PhoneFlavor {
     pub extend_spec: serde_json::Value,
 }
 
+impl PhoneFlavor {
+    /// `max_share_disk_size_g` of `extend_spec` (a number, or a string of
+    /// digits as some flavor files write it); `None` when absent.
+    pub fn max_share_disk_gb(&self) -> Option<u64> {
+        match self.extend_spec.get("max_share_disk_size_g")? {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+}
+
 /// A phone image as the agent needs it: where to fetch the rootfs archive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRef {
@@ -373,6 +385,33 @@ pub fn cap_execute_msg(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_cap_reads_numbers_and_digit_strings() {
+        let flavor = |spec: serde_json::Value| PhoneFlavor {
+            flavor_id: "f".into(),
+            vcpus: 1,
+            memory_mb: 1,
+            disk_gb: 1,
+            phone_capacity: 1,
+            core_bind_strategy: String::new(),
+            extend_spec: spec,
+        };
+        use serde_json::json;
+        assert_eq!(
+            flavor(json!({"max_share_disk_size_g": 50})).max_share_disk_gb(),
+            Some(50)
+        );
+        assert_eq!(
+            flavor(json!({"max_share_disk_size_g": " 7"})).max_share_disk_gb(),
+            Some(7)
+        );
+        assert_eq!(
+            flavor(json!({"max_share_disk_size_g": "x"})).max_share_disk_gb(),
+            None
+        );
+        assert_eq!(flavor(json!({})).max_share_disk_gb(), None);
+    }
 
     #[test]
     fn job_state_uses_reference_codes() {

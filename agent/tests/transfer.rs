@@ -191,7 +191,7 @@ fn object_store_jobs_on_a_real_phone() {
     let create = json!({
         "server_id": server, "server_name": "transfer",
         "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
-                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+                    "core_bind_strategy": "dev_small", "extend_spec": {"max_share_disk_size_g": "3"}},
         "image": {"image_id": "img", "url": format!("file://{}", common::image().display())},
         "ports": [], "band_width_size": 10, "public_key": null,
         "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
@@ -337,6 +337,12 @@ fn object_store_jobs_on_a_real_phone() {
         "{listing}"
     );
     assert!(listing["share_base_capacity"].is_string(), "{listing}");
+    // The flavor's max_share_disk_size_g caps the sharepool.
+    assert_eq!(
+        listing["share_base_max_size"],
+        cph_runtime::storage::human(3 << 30),
+        "{listing}"
+    );
     let st = p.run_server(json!({"kind": "share_delete_files", "paths": ["/data/shared.txt"]}));
     assert_eq!(st["status"], 2, "{st}");
     assert_eq!(

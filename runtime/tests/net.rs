@@ -9,7 +9,7 @@ use cph_runtime::net::cmd::{Invocation, Runner, SystemRunner};
 use cph_runtime::net::testbed::{
     blast_from, echo_from, goodput_bps, netns_path, spawn_echo, spawn_sink, Testbed, SERVER_IP,
 };
-use cph_runtime::net::{NetError, NetManager, PortRequest, TrafficType};
+use cph_runtime::net::{phones_dir, NetError, NetManager, PortRequest, TrafficType};
 
 fn port(name: &str, listen: u16, public: bool) -> PortRequest {
     PortRequest {
@@ -89,7 +89,7 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
 
     // Ports persisted; a second phone never shares an access port, and a
     // host listener inside the range is skipped.
-    let state = std::fs::read_to_string(&cfg.state_path).unwrap();
+    let state = std::fs::read_to_string(phones_dir(&cfg.state_path).join("phone-a.json")).unwrap();
     assert!(state.contains("\"access_port\":"));
     spawn_echo(&host, 12002).unwrap();
     let phone_b = tb.phone_netns().unwrap();
@@ -161,6 +161,7 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     );
     assert!(!in_ns(&phone_ns, "ip", &["-o", "link", "show"]).contains("eth0"));
     assert!(!cfg.state_path.exists());
+    assert!(!phones_dir(&cfg.state_path).exists());
 }
 
 fn measure(tb: &Testbed, rx: &std::sync::mpsc::Receiver<Vec<(u64, f64)>>, to: u16) -> f64 {

@@ -415,6 +415,15 @@ fn sharepool_is_capped_and_reported() {
     }
     assert!(failed, "sharepool took 256 MiB past a 64 MiB cap");
     drop(f);
+    // A flavor's cap takes the configured one's place and survives a
+    // restart of the agent (the configuration still says 64 MiB).
+    s.set_share_limit(128 << 20).unwrap();
+    assert_eq!(s.share_usage().unwrap().max, 128 << 20);
+    s.teardown().unwrap();
+    let s = pool.open();
+    assert_eq!(s.share_usage().unwrap().max, 128 << 20);
+    s.set_share_limit(0).unwrap();
+    assert!(s.share_usage().unwrap().max > 128 << 20, "cap lifted");
     s.teardown().unwrap();
 }
 
@@ -459,6 +468,9 @@ fn overlay_backend_clones_resets_and_remounts() {
     let s2 = OverlayStorage::new(cfg.clone());
     s2.prepare().unwrap();
     assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
+    assert_eq!(s2.share_usage().unwrap().max, 1 << 30);
+    s2.set_share_limit(5 << 30).unwrap();
+    assert_eq!(s2.share_usage().unwrap().max, 5 << 30);
     let other = OverlayStorage::new(OverlayConfig {
         owner: "someone-else".into(),
         ..cfg

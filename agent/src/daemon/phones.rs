@@ -229,8 +229,12 @@ impl Phones {
         })
     }
 
-    /// Records a server (idempotent: the same id replaces its record).
+    /// Records a server (idempotent: the same id replaces its record) and
+    /// caps the sharepool at its flavor's `max_share_disk_size_g`.
     pub fn put_server(&self, server: &CreateServer) -> Result<(), JobFailure> {
+        if let Some(gb) = server.flavor.max_share_disk_gb() {
+            self.volumes.set_share_limit_gb(gb)?;
+        }
         let path = self
             .state_dir
             .join("servers")

@@ -124,8 +124,6 @@ impl Volumes {
         Ok(())
     }
 
-    /// Makes sure the pool holds the image, importing a `file://` archive
-    /// the first time.
     /// Unmounts the pool (data stays on disk).
     pub fn teardown(&self) -> Result<(), JobFailure> {
         self.storage.teardown().map_err(storage_fail)
@@ -136,6 +134,8 @@ impl Volumes {
         self.storage.has_image(image_id).map_err(storage_fail)
     }
 
+    /// Makes sure the pool holds the image, importing a `file://` archive
+    /// the first time.
     pub fn ensure_image(&self, image: &ImageRef) -> Result<(), JobFailure> {
         if self
             .storage
@@ -214,6 +214,13 @@ impl Volumes {
     /// The sharepool's host directories.
     pub fn share_paths(&self) -> Result<SharePaths, JobFailure> {
         self.storage.share_paths().map_err(storage_fail)
+    }
+
+    /// Caps the sharepool at `gb` GiB (a flavor's `max_share_disk_size_g`).
+    pub fn set_share_limit_gb(&self, gb: u64) -> Result<(), JobFailure> {
+        self.storage
+            .set_share_limit(gb.saturating_mul(GIB))
+            .map_err(storage_fail)
     }
 
     /// Size, use and availability of the sharepool.

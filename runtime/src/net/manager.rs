@@ -1,4 +1,4 @@
-//! Applies network plans to the kernel and keeps the state file in step.
+//! Applies network plans to the kernel and keeps the state files in step.
 //!
 //! Every public operation validates and plans first (pure), then applies
 //! with as few outside commands as possible (one `ip -batch`, one `tc
@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::cmd::{self, Invocation, Runner, SystemRunner};
 use super::nfnl;
-use super::state::NetState;
+use super::state::{phones_dir, NetState};
 use super::validate::{validate_bandwidth_limit, validate_ports, validate_shared_bandwidth};
 use super::{
     nft, tc, AccessInfo, BandwidthLimit, NetConfig, NetError, PhoneNet, PortRequest, TrafficType,
@@ -54,6 +54,11 @@ impl<R: Runner> NetManager<R> {
     ) -> Result<Self, NetError> {
         cfg.check()?;
         let mut state = NetState::load(&cfg.state_path)?;
+        if !state.phones.is_empty() && !phones_dir(&cfg.state_path).exists() {
+            // The earlier single-file layout: split it now, before a phone's
+            // own save would leave the others only in the host file.
+            state.save(&cfg.state_path)?;
+        }
         if state.shared_bandwidth_mbit == 0 {
             state.shared_bandwidth_mbit = validate_shared_bandwidth(shared_bandwidth_mbit)?;
         }
@@ -136,8 +141,9 @@ impl<R: Runner> NetManager<R> {
         self.netlink(|s| s.apply(&batch)).map_err(NetError::from)
     }
 
-    fn save(&self) -> Result<(), NetError> {
-        self.state.save(&self.cfg.state_path)
+    /// Persists one phone's record (or its removal): one small file.
+    fn save_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
+        self.state.save_phone(&self.cfg.state_path, phone_id)
     }
 
     fn gateway(&self) -> Result<Ipv4Addr, NetError> {
@@ -345,7 +351,7 @@ impl<R: Runner> NetManager<R> {
         info!(phone_id, %ip, ports = phone.ports.len(), "phone network added");
         self.state.port_cursor = cursor;
         self.state.phones.insert(phone_id.to_string(), phone);
-        self.save()?;
+        self.save_phone(phone_id)?;
         self.access_info(phone_id)
     }
 
@@ -359,7 +365,7 @@ impl<R: Runner> NetManager<R> {
         p.netns = netns.to_path_buf();
         self.plumb(&p)?;
         self.state.phones.insert(phone_id.to_string(), p);
-        self.save()
+        self.save_phone(phone_id)
     }
 
     fn known(&self, phone_id: &str) -> Result<&PhoneNet, NetError> {
@@ -393,7 +399,7 @@ impl<R: Runner> NetManager<R> {
             .collect();
         self.state.port_cursor = cursor;
         self.state.phones.insert(phone_id.to_string(), new);
-        self.save()?;
+        self.save_phone(phone_id)?;
         if !dropped.is_empty() {
             self.drop_conntrack(old.ip, Some(&dropped));
         }
@@ -441,7 +447,7 @@ impl<R: Runner> NetManager<R> {
             self.state.shared_bandwidth_mbit,
         ))?;
         self.state.phones.insert(phone_id.to_string(), p);
-        self.save()
+        self.save_phone(phone_id)
     }
 
     /// Changes the server's shared bandwidth (Mbit/s) live.
@@ -453,7 +459,7 @@ impl<R: Runner> NetManager<R> {
             self.state.phones.values(),
         ))?;
         self.state.shared_bandwidth_mbit = mbit;
-        self.save()
+        self.state.save_host(&self.cfg.state_path)
     }
 
     /// Switches a phone's default route: `Direct` through the bridge,
@@ -480,7 +486,7 @@ impl<R: Runner> NetManager<R> {
         self.runner.run(&inv)?;
         p.traffic = traffic;
         self.state.phones.insert(phone_id.to_string(), p);
-        self.save()
+        self.save_phone(phone_id)
     }
 
     /// Removes a phone's network: map elements, class, veth, conntrack.
@@ -495,7 +501,7 @@ impl<R: Runner> NetManager<R> {
             self.host_ip(vec![format!("link del {}", p.host_if)])?;
         }
         self.state.phones.remove(phone_id);
-        self.save()?;
+        self.save_phone(phone_id)?;
         self.drop_conntrack(p.ip, None);
         info!(phone_id, "phone network removed");
         Ok(())
@@ -530,17 +536,11 @@ impl<R: Runner> NetManager<R> {
             self.drop_conntrack(ip, None);
         }
         self.state.phones.clear();
-        match std::fs::remove_file(&self.cfg.state_path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(NetError::State {
-                path: self.cfg.state_path.clone(),
-                source: e,
-            }),
-        }
+        NetState::remove_files(&self.cfg.state_path)
     }
 
-    /// Where the state file lives.
+    /// Where the host state file lives (phone files are in
+    /// [`phones_dir`] of it).
     pub fn state_path(&self) -> PathBuf {
         self.cfg.state_path.clone()
     }

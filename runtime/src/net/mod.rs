@@ -27,7 +27,8 @@ mod validate;
 pub use config::{Ipv4Net, NetConfig};
 pub use manager::NetManager;
 pub use state::{
-    AccessInfo, BandwidthLimit, NetState, PhoneNet, PortMapping, PortRequest, TrafficType,
+    phones_dir, AccessInfo, BandwidthLimit, NetState, PhoneNet, PortMapping, PortRequest,
+    TrafficType,
 };
 pub use validate::{
     validate_bandwidth_limit, validate_ports, validate_shared_bandwidth, MAX_LISTEN_PORT,

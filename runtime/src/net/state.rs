@@ -82,50 +82,210 @@ pub struct AccessInfo {
 }
 
 /// Everything the agent's networking remembers across restarts.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+///
+/// On disk it is split so that one phone's change writes one small file:
+/// the host file (`network.json`: shared bandwidth, port cursor) and one
+/// file per phone in the sibling directory `network.phones/`. Each phone
+/// file also carries the port cursor after its last allocation and a
+/// sequence number; on load the newest record's cursor wins. A single-file
+/// state of an earlier layout (phones inside the host file) is still read,
+/// and the next full save splits it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NetState {
     pub phones: BTreeMap<String, PhoneNet>,
     /// Server-wide shared bandwidth, Mbit/s.
     pub shared_bandwidth_mbit: u32,
     /// Next access port to try.
     pub port_cursor: u16,
+    /// Sequence number of the last record written.
+    pub seq: u64,
+}
+
+/// The host file.
+#[derive(Serialize, Deserialize)]
+struct HostRecord {
+    shared_bandwidth_mbit: u32,
+    port_cursor: u16,
+    #[serde(default)]
+    seq: u64,
+    /// Only in the earlier single-file layout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    phones: BTreeMap<String, PhoneNet>,
+}
+
+/// One phone's file.
+#[derive(Serialize, Deserialize)]
+struct PhoneRecord {
+    phone: PhoneNet,
+    port_cursor: u16,
+    seq: u64,
+}
+
+/// The directory of per-phone files next to the host file `path`.
+pub fn phones_dir(path: &Path) -> PathBuf {
+    path.with_extension("phones")
+}
+
+/// A phone's file name: the id itself when it is a plain name, otherwise
+/// its bytes in hex (ids come from the control plane; never a path).
+fn phone_file(dir: &Path, phone_id: &str) -> PathBuf {
+    let plain = !phone_id.is_empty()
+        && !phone_id.starts_with('.')
+        && phone_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let name = if plain {
+        format!("{phone_id}.json")
+    } else {
+        let hex: String = phone_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x-{hex}.json")
+    };
+    dir.join(name)
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> NetError + '_ {
+    move |e| NetError::State {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+fn corrupt(path: &Path) -> impl Fn(serde_json::Error) -> NetError + '_ {
+    move |e| NetError::StateCorrupt {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Reads a JSON file; `None` when it does not exist.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, NetError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(corrupt(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Writes a JSON file atomically: temporary file, fsync, rename.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), NetError> {
+    use std::io::Write;
+    let err = io_err(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(&err)?;
+    }
+    let bytes = serde_json::to_vec(value).map_err(corrupt(path))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(&err)?;
+    f.write_all(&bytes).map_err(&err)?;
+    f.sync_all().map_err(&err)?;
+    std::fs::rename(&tmp, path).map_err(&err)
 }
 
 impl NetState {
-    /// Loads the state file, or an empty state when it does not exist.
+    /// Loads the host file and the phone files, or an empty state when
+    /// neither exists. Leftover temporary files (a crash mid-write) are
+    /// ignored: the rename never happened.
     pub fn load(path: &Path) -> Result<Self, NetError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| NetError::StateCorrupt {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(NetError::State {
-                path: path.to_path_buf(),
-                source: e,
-            }),
+        let mut st = Self::default();
+        if let Some(host) = read_json::<HostRecord>(path)? {
+            st.shared_bandwidth_mbit = host.shared_bandwidth_mbit;
+            st.port_cursor = host.port_cursor;
+            st.seq = host.seq;
+            st.phones = host.phones;
         }
+        let dir = phones_dir(path);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
+            let file = entry.map_err(io_err(&dir))?.path();
+            if file.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(rec) = read_json::<PhoneRecord>(&file)? else {
+                continue;
+            };
+            if rec.seq > st.seq {
+                st.seq = rec.seq;
+                st.port_cursor = rec.port_cursor;
+            }
+            st.phones.insert(rec.phone.phone_id.clone(), rec.phone);
+        }
+        Ok(st)
     }
 
-    /// Writes the state atomically (temporary file, fsync, rename).
-    pub fn save(&self, path: &Path) -> Result<(), NetError> {
-        use std::io::Write;
-        let err = |e| NetError::State {
-            path: path.to_path_buf(),
-            source: e,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+    /// Writes everything: the host file and every phone's file (phone
+    /// files of phones no longer known are removed).
+    pub fn save(&mut self, path: &Path) -> Result<(), NetError> {
+        let ids: Vec<String> = self.phones.keys().cloned().collect();
+        for id in &ids {
+            self.save_phone(path, id)?;
         }
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(self).map_err(|e| NetError::StateCorrupt {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        let dir = phones_dir(path);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let keep: BTreeSet<PathBuf> = ids.iter().map(|id| phone_file(&dir, id)).collect();
+            for entry in entries.flatten() {
+                let file = entry.path();
+                if !keep.contains(&file) {
+                    std::fs::remove_file(&file).map_err(io_err(&file))?;
+                }
+            }
+        }
+        self.save_host(path)
+    }
+
+    /// Writes the host file (shared bandwidth and cursor).
+    pub fn save_host(&mut self, path: &Path) -> Result<(), NetError> {
+        self.seq += 1;
+        write_json(
+            path,
+            &HostRecord {
+                shared_bandwidth_mbit: self.shared_bandwidth_mbit,
+                port_cursor: self.port_cursor,
+                seq: self.seq,
+                phones: BTreeMap::new(),
+            },
+        )
+    }
+
+    /// Writes one phone's file, or removes it when the phone is gone.
+    pub fn save_phone(&mut self, path: &Path, phone_id: &str) -> Result<(), NetError> {
+        let file = phone_file(&phones_dir(path), phone_id);
+        let Some(phone) = self.phones.get(phone_id) else {
+            return match std::fs::remove_file(&file) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err(&file)(e)),
+            };
+        };
+        self.seq += 1;
+        write_json(
+            &file,
+            &PhoneRecord {
+                phone: phone.clone(),
+                port_cursor: self.port_cursor,
+                seq: self.seq,
+            },
+        )
+    }
+
+    /// Removes the host file and the phone directory.
+    pub fn remove_files(path: &Path) -> Result<(), NetError> {
+        let dir = phones_dir(path);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(path)(e)),
+        }
     }
 
     /// Access ports held by any phone.
@@ -174,13 +334,17 @@ impl NetState {
                     .collect()
             })
             .unwrap_or_default();
-        let mut taken: BTreeSet<u16> = self
-            .phones
-            .values()
-            .filter(|p| p.phone_id != phone_id)
-            .flat_map(|p| p.ports.iter().map(|m| m.access_port))
-            .collect();
-        taken.extend(current.values().copied());
+        // A bitmap: building a set of every held port is the allocator's
+        // main cost with tens of thousands of mappings.
+        let mut taken = PortBits::default();
+        for p in self.phones.values().filter(|p| p.phone_id != phone_id) {
+            for m in &p.ports {
+                taken.insert(m.access_port);
+            }
+        }
+        for &p in current.values() {
+            taken.insert(p);
+        }
         let (first, last) = (cfg.access_port_first, cfg.access_port_last);
         let span = u32::from(last - first) + 1;
         let mut cursor = if (first..=last).contains(&self.port_cursor) {
@@ -246,6 +410,25 @@ impl NetState {
                 kind: m.name.clone(),
             })
             .collect())
+    }
+}
+
+/// A set of ports as 65,536 bits.
+struct PortBits(Box<[u64; 1024]>);
+
+impl Default for PortBits {
+    fn default() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+}
+
+impl PortBits {
+    fn insert(&mut self, p: u16) {
+        self.0[usize::from(p >> 6)] |= 1 << (p & 63);
+    }
+
+    fn contains(&self, p: &u16) -> bool {
+        self.0[usize::from(p >> 6)] & (1 << (p & 63)) != 0
     }
 }
 
@@ -422,6 +605,69 @@ pub(crate) mod tests {
             NetState::load(&path),
             Err(NetError::StateCorrupt { .. })
         ));
+    }
+
+    #[test]
+    fn one_file_per_phone_newest_cursor_and_the_earlier_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("network.json");
+        let mut st = NetState {
+            shared_bandwidth_mbit: 100,
+            ..NetState::default()
+        };
+        st.save_host(&path).unwrap();
+        st.phones.insert("a".into(), phone("a", 0, vec![]));
+        st.port_cursor = 10003;
+        st.save_phone(&path, "a").unwrap();
+        // An id that is not a plain name is stored under a hex name.
+        st.phones.insert("../b".into(), phone("../b", 1, vec![]));
+        st.port_cursor = 10007;
+        st.save_phone(&path, "../b").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(phones_dir(&path))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "x-2e2e2f62.json"]);
+        let back = NetState::load(&path).unwrap();
+        assert_eq!(back.phones.len(), 2);
+        assert_eq!(back.port_cursor, 10007, "newest record's cursor");
+        assert_eq!(back.shared_bandwidth_mbit, 100);
+        // Removing a phone removes its file only.
+        st.phones.remove("a");
+        st.save_phone(&path, "a").unwrap();
+        assert_eq!(
+            NetState::load(&path)
+                .unwrap()
+                .phones
+                .keys()
+                .collect::<Vec<_>>(),
+            ["../b"]
+        );
+        // The earlier layout: phones inside the host file.
+        let legacy = dir.path().join("old.json");
+        let mut phones = BTreeMap::new();
+        phones.insert("c".to_string(), phone("c", 2, vec![]));
+        std::fs::write(
+            &legacy,
+            serde_json::to_vec(&serde_json::json!({
+                "phones": phones,
+                "shared_bandwidth_mbit": 50,
+                "port_cursor": 10001,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let mut old = NetState::load(&legacy).unwrap();
+        assert_eq!(old.phones["c"].index, 2);
+        old.save(&legacy).unwrap();
+        assert!(phones_dir(&legacy).join("c.json").exists());
+        assert!(!std::fs::read_to_string(&legacy)
+            .unwrap()
+            .contains("\"phones\""));
+        assert_eq!(NetState::load(&legacy).unwrap(), old);
+        NetState::remove_files(&legacy).unwrap();
+        assert!(!legacy.exists() && !phones_dir(&legacy).exists());
     }
 
     #[test]

@@ -14,8 +14,9 @@ use std::sync::Mutex;
 
 use super::cmd::{self, Btrfs, Invocation, Losetup, Mount, Runner, SystemRunner};
 use super::{
-    claim_owner, image_extract_options, is_mount_point, list_ids, read_owner, validate_id,
-    ImportOutcome, SharePaths, ShareUsage, Storage, StorageError, VolumeMeta,
+    claim_owner, image_extract_options, is_mount_point, list_ids, read_owner, record_share_limit,
+    recorded_share_limit, share_usage_of, validate_id, ImportOutcome, SharePaths, ShareUsage,
+    Storage, StorageError, VolumeMeta,
 };
 
 /// Offset and value of the btrfs superblock magic.
@@ -238,12 +239,12 @@ impl BtrfsStorage {
             let p = share.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
         }
-        if self.cfg.max_share_bytes > 0 {
-            self.btrfs(Btrfs::QgroupLimit {
-                bytes: self.cfg.max_share_bytes,
-                path: s(&share),
-            })?;
-        }
+        // A cap a flavor set earlier wins over the configured default.
+        let limit = recorded_share_limit(mp)?.unwrap_or(self.cfg.max_share_bytes);
+        self.btrfs(Btrfs::QgroupLimit {
+            bytes: limit,
+            path: s(&share),
+        })?;
         // Leftovers of an import or reset interrupted by a crash.
         for dir in [mp.join("images"), mp.join("volumes")] {
             let rd = std::fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;
@@ -491,22 +492,23 @@ impl Storage for BtrfsStorage {
         let share = root.join("share");
         let id = self.subvol_id(&share)?;
         let out = self.btrfs(Btrfs::QgroupShow { path: s(root) })?;
-        let (used, _) = cmd::parse_qgroup(&out, id).ok_or_else(|| StorageError::Metadata {
+        let (used, max) = cmd::parse_qgroup(&out, id).ok_or_else(|| StorageError::Metadata {
             path: share.clone(),
             detail: format!("no qgroup 0/{id}"),
         })?;
-        let vfs = nix::sys::statvfs::statvfs(root)
-            .map_err(|e| StorageError::io("statvfs", root, e.into()))?;
-        let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
-        let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
-        let max = self.cfg.max_share_bytes;
-        let size = if max > 0 { max.min(fs_size) } else { fs_size };
-        Ok(ShareUsage {
-            size,
-            used,
-            avail: size.saturating_sub(used).min(fs_avail),
-            max: if max > 0 { max } else { fs_size },
-        })
+        // The kernel's own limit is the truth; the recorded one is what it
+        // was set to.
+        share_usage_of(root, used, max.unwrap_or(0))
+    }
+
+    fn set_share_limit(&self, bytes: u64) -> Result<(), StorageError> {
+        let _g = self.guard();
+        let root = self.root()?;
+        self.btrfs(Btrfs::QgroupLimit {
+            bytes,
+            path: s(&root.join("share")),
+        })?;
+        record_share_limit(root, bytes)
     }
 
     fn teardown(&self) -> Result<(), StorageError> {

@@ -149,7 +149,11 @@ impl Btrfs {
                 &["-q", "subvolume", "delete", "--commit-after", path],
             ),
             Btrfs::QgroupLimit { bytes, path } => {
-                Invocation::new("btrfs", &["qgroup", "limit", &bytes.to_string(), path])
+                let size = match bytes {
+                    0 => "none".to_string(),
+                    b => b.to_string(),
+                };
+                Invocation::new("btrfs", &["qgroup", "limit", &size, path])
             }
             Btrfs::QgroupShow { path } => {
                 Invocation::new("btrfs", &["qgroup", "show", "-r", "--raw", path])
@@ -279,6 +283,13 @@ mod tests {
                     path: "/p/volumes/x".into(),
                 },
                 "btrfs qgroup limit 1073741824 /p/volumes/x",
+            ),
+            (
+                Btrfs::QgroupLimit {
+                    bytes: 0,
+                    path: "/p/share".into(),
+                },
+                "btrfs qgroup limit none /p/share",
             ),
             (
                 Btrfs::SubvolumeDelete {

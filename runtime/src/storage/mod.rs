@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 pub use btrfs::{BtrfsConfig, BtrfsStorage, PoolDevice};
 pub use overlay::{OverlayConfig, OverlayStorage};
 
-pub use share::{capacity_report, list_share_dir, ShareListing, ShareUsage};
+pub use share::{capacity_report, human, list_share_dir, ShareListing, ShareUsage};
 
 /// Path inside every phone where the sharepool's `files/` is mounted.
 pub const PHONE_SHARE_FILES_DIR: &str = "/data/media/share/files";
@@ -29,6 +29,8 @@ pub const PHONE_SHARE_FILES_DIR: &str = "/data/media/share/files";
 pub const PHONE_SHARE_APPS_DIR: &str = "/data/media/share/apps";
 /// The owner marker at the root of a pool: the id of the agent owning it.
 pub const OWNER_FILE: &str = ".cph-owner";
+/// The sharepool cap a flavor set, in bytes, at the pool's root.
+pub const SHARE_LIMIT_FILE: &str = ".cph-share-limit";
 /// Longest image or phone id accepted.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -171,6 +173,10 @@ pub trait Storage: Send + Sync {
     fn share_paths(&self) -> Result<SharePaths, StorageError>;
     /// Size, use and availability of the sharepool.
     fn share_usage(&self) -> Result<ShareUsage, StorageError>;
+    /// Caps the sharepool at `bytes` (the flavor's `max_share_disk_size_g`;
+    /// 0: no cap but the pool's size). The cap is recorded in the pool and
+    /// outlives restarts, taking the place of the configured default.
+    fn set_share_limit(&self, bytes: u64) -> Result<(), StorageError>;
     /// Unmounts everything and detaches the loop device (data stays).
     fn teardown(&self) -> Result<(), StorageError>;
 }
@@ -234,6 +240,50 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError>
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).map_err(|e| StorageError::io("write", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))
+}
+
+/// The sharepool cap recorded at `root` by [`Storage::set_share_limit`].
+pub(crate) fn recorded_share_limit(root: &Path) -> Result<Option<u64>, StorageError> {
+    let path = root.join(SHARE_LIMIT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| StorageError::Metadata {
+                path,
+                detail: format!("sharepool limit: {e}"),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io("read sharepool limit", path, e)),
+    }
+}
+
+pub(crate) fn record_share_limit(root: &Path, bytes: u64) -> Result<(), StorageError> {
+    write_atomic(
+        &root.join(SHARE_LIMIT_FILE),
+        format!("{bytes}\n").as_bytes(),
+    )
+}
+
+/// Size, use and room of a sharepool from its use, its cap (0: none) and
+/// the filesystem holding it.
+pub(crate) fn share_usage_of(
+    fs_root: &Path,
+    used: u64,
+    max: u64,
+) -> Result<ShareUsage, StorageError> {
+    let vfs = nix::sys::statvfs::statvfs(fs_root)
+        .map_err(|e| StorageError::io("statvfs", fs_root, e.into()))?;
+    let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
+    let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    let size = if max > 0 { max.min(fs_size) } else { fs_size };
+    Ok(ShareUsage {
+        size,
+        used,
+        avail: size.saturating_sub(used).min(fs_avail),
+        max: if max > 0 { max } else { fs_size },
+    })
 }
 
 /// Checks or writes the owner marker at `root`.

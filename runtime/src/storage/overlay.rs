@@ -14,8 +14,9 @@ use std::sync::Mutex;
 
 use super::cmd::{self, Mount, Runner, SystemRunner};
 use super::{
-    image_extract_options, is_mount_point, list_ids, read_owner, validate_id, ImportOutcome,
-    SharePaths, ShareUsage, Storage, StorageError, VolumeMeta,
+    image_extract_options, is_mount_point, list_ids, read_owner, record_share_limit,
+    recorded_share_limit, share_usage_of, validate_id, ImportOutcome, SharePaths, ShareUsage,
+    Storage, StorageError, VolumeMeta,
 };
 
 /// Where the development layout lives.
@@ -278,18 +279,14 @@ impl Storage for OverlayStorage {
     fn share_usage(&self) -> Result<ShareUsage, StorageError> {
         let share = self.dir("share");
         let used = du(&share)?;
-        let vfs = nix::sys::statvfs::statvfs(&share)
-            .map_err(|e| StorageError::io("statvfs", &share, e.into()))?;
-        let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
-        let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
-        let max = self.cfg.max_share_bytes;
-        let size = if max > 0 { max.min(fs_size) } else { fs_size };
-        Ok(ShareUsage {
-            size,
-            used,
-            avail: size.saturating_sub(used).min(fs_avail),
-            max: if max > 0 { max } else { fs_size },
-        })
+        let max = recorded_share_limit(&self.cfg.root)?.unwrap_or(self.cfg.max_share_bytes);
+        share_usage_of(&share, used, max)
+    }
+
+    fn set_share_limit(&self, bytes: u64) -> Result<(), StorageError> {
+        let _g = self.guard();
+        self.check_prepared()?;
+        record_share_limit(&self.cfg.root, bytes)
     }
 
     fn teardown(&self) -> Result<(), StorageError> {
