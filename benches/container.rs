@@ -15,37 +15,13 @@ use criterion::Criterion;
 mod report;
 use report::Metric;
 
-fn image() -> PathBuf {
-    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
-        return PathBuf::from(p);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let path = repo.join("target/images/cph-test-image.tar.gz");
-    if !path.exists() {
-        let ok = Command::new(repo.join("image/build-test-image.sh"))
-            .arg(&path)
-            .status()
-            .expect("build test image")
-            .success();
-        assert!(ok, "building the test image failed");
-    }
-    path
-}
+#[path = "common/bins.rs"]
+mod bins;
+use bins::image;
 
-/// `cph-shim` from this build's target directory, brought up to date first
-/// (it belongs to the runtime package, so cargo does not build it for a
-/// bench; a stale shim would measure old code).
+/// `cph-shim` of this build, brought up to date.
 fn shim() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
-    if profile_dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    run(&mut cmd);
-    profile_dir.join("cph-shim")
+    bins::built(&["cph-runtime"]).join("cph-shim")
 }
 
 fn wait_ready(marker: &Path) -> Duration {

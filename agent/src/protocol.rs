@@ -208,6 +208,16 @@ pub struct MigrateTarget {
 /// source's agent creates it when missing).
 pub const MIGRATE_BUCKET: &str = "cph-migrate";
 
+impl JobKind {
+    /// The wire name of the kind (`sync_shell`, `push`, ...), for logs.
+    pub fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("kind")?.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
 /// Suffix of the agent job id of a migration's restore phase: the CPH job
 /// keeps its id, the target agent sees `<job_id>` + this.
 pub const MIGRATE_RESTORE_SUFFIX: &str = "-restore";
@@ -385,6 +395,16 @@ pub fn cap_execute_msg(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kind_names_are_the_wire_tags() {
+        assert_eq!(JobKind::StartPhone.name(), "start_phone");
+        let shell = JobKind::SyncShell {
+            command: "true".into(),
+            timeout_ms: 1,
+        };
+        assert_eq!(shell.name(), "sync_shell");
+    }
 
     #[test]
     fn share_cap_reads_numbers_and_digit_strings() {

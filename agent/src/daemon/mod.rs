@@ -301,7 +301,7 @@ impl Daemon {
         let me = Arc::clone(self);
         let handle = tokio::runtime::Handle::current();
         let job_id = req.job_id.clone();
-        tracing::info!(job_id = %job_id, kind = ?std::mem::discriminant(&req.kind), "job started");
+        tracing::info!(job_id = %job_id, kind = %req.kind.name(), "job started");
         let result = tokio::task::spawn_blocking(move || {
             let ctx = jobs::JobContext {
                 phones: &me.phones,

@@ -7,9 +7,10 @@
 //! bandwidth. The namespace outlives container restarts, so the network is
 //! plumbed once, before the phone first starts.
 //!
-//! The manager's state file (`<state_dir>/network.json`) is the source of
-//! truth: at open the host side (bridge, table, tc tree) is rebuilt from it
-//! and links of ours it does not know are deleted.
+//! The manager's state (`<state_dir>/network.json` and one file per phone
+//! in `<state_dir>/network.phones/`) is the source of truth: at open the
+//! host side (bridge, table, tc tree) is rebuilt from it and links of ours
+//! it does not know are deleted.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, UdpSocket};

@@ -188,15 +188,17 @@ impl Drop for Cleanup {
         ] {
             let _ = std::fs::remove_dir(Path::new(root).join(&self.parent));
         }
-        let net_state = std::fs::read(self.state.join("network.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-        if let Some(phones) = net_state.as_ref().and_then(|s| s["phones"].as_object()) {
-            for p in phones.values() {
-                if let Some(ns) = p["netns"].as_str() {
-                    let _ = Command::new("umount").args(["-l", ns]).status();
-                    let _ = std::fs::remove_file(ns);
-                }
+        // The network state keeps one file per phone.
+        let phone_files = std::fs::read_dir(self.state.join("network.phones"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for file in phone_files {
+            let rec = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            if let Some(ns) = rec.as_ref().and_then(|r| r["phone"]["netns"].as_str()) {
+                let _ = Command::new("umount").args(["-l", ns]).status();
+                let _ = std::fs::remove_file(ns);
             }
         }
         for m in mounts_under(&self.state).into_iter().rev() {

@@ -1,0 +1,67 @@
+//! The project's binaries and the test image for benches: a bench belongs to
+//! the root package, so cargo does not build the agent's and runtime's
+//! binaries for it; they are brought up to date here (a stale binary would
+//! measure old code).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The test phone image: `CPH_TEST_IMAGE`, or built by the repo's script.
+pub fn image() -> PathBuf {
+    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = repo.join("target/images/cph-test-image.tar.gz");
+    if !path.exists() {
+        let ok = Command::new(repo.join("image/build-test-image.sh"))
+            .arg(&path)
+            .status()
+            .expect("build test image")
+            .success();
+        assert!(ok, "building the test image failed");
+    }
+    path
+}
+
+/// Builds the binaries of `packages` in this bench's profile and returns
+/// the directory holding them.
+pub fn built(packages: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("bench path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").arg("--bins");
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    // Cargo's per-crate variables of this process would make build scripts
+    // that read them rebuild, here and in the next ordinary build.
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_BIN_NAME"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    if profile_dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let ok = cmd.status().expect("cargo build").success();
+    assert!(ok, "building {packages:?} failed");
+    profile_dir
+}
