@@ -40,6 +40,7 @@ fn fill(dir: &std::path::Path, n: usize) -> (String, Vec<String>) {
         phone_capacity: 0,
         missing: vec![],
         phones: vec![],
+        encoder_ip: None,
     };
     s.upsert_node(&inv).expect("node");
     let server_id = new_id();

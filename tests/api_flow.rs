@@ -83,6 +83,7 @@ fn inventory(node_id: &str, url: &str) -> Inventory {
         phone_capacity: 2,
         missing: vec![],
         phones: vec![],
+        encoder_ip: None,
     }
 }
 

@@ -49,6 +49,10 @@ pub struct Inventory {
     /// What the host lacks (binderfs, cgroup controllers, ...), in words.
     pub missing: Vec<String>,
     pub phones: Vec<PhoneState>,
+    /// Address of the encoding servers on the phone subnet (phones'
+    /// `routing` gateway), when the host has phone networking.
+    #[serde(default)]
+    pub encoder_ip: Option<String>,
 }
 
 /// Answer to a registration.
@@ -89,7 +93,41 @@ pub struct PhoneFlavor {
     pub extend_spec: serde_json::Value,
 }
 
+/// The encoding server a flavor asks for (`extend_spec.encode_server_spec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodeServerSpec {
+    pub cpus: u32,
+    pub memory_mb: u64,
+}
+
 impl PhoneFlavor {
+    /// The flavor's encoding server, when `extend_spec` has an
+    /// `encode_server_spec` (an object, or a JSON string of one, as the
+    /// reference's examples write it); CPU count and memory default to 1
+    /// and 256 MB when missing.
+    pub fn encode_server_spec(&self) -> Option<EncodeServerSpec> {
+        let raw = self.extend_spec.get("encode_server_spec")?;
+        let spec = match raw {
+            serde_json::Value::String(s) => serde_json::from_str(s).ok()?,
+            serde_json::Value::Object(_) => raw.clone(),
+            _ => return None,
+        };
+        let num = |k: &str| {
+            spec.get(k).and_then(|v| match v {
+                serde_json::Value::Number(n) => n.as_u64(),
+                serde_json::Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            })
+        };
+        Some(EncodeServerSpec {
+            cpus: num("cpu")
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(1)
+                .max(1),
+            memory_mb: num("memory").unwrap_or(256).max(16),
+        })
+    }
+
     /// `max_share_disk_size_g` of `extend_spec` (a number, or a string of
     /// digits as some flavor files write it); `None` when absent.
     pub fn max_share_disk_gb(&self) -> Option<u64> {
@@ -431,6 +469,23 @@ mod tests {
             None
         );
         assert_eq!(flavor(json!({})).max_share_disk_gb(), None);
+        let enc = flavor(json!({"encode_server_spec": {"cpu": 2, "memory": 14448, "disk": 10}}));
+        assert_eq!(
+            enc.encode_server_spec(),
+            Some(EncodeServerSpec {
+                cpus: 2,
+                memory_mb: 14448
+            })
+        );
+        let text = flavor(json!({"encode_server_spec": "{\"cpu\": \"3\"}"}));
+        assert_eq!(
+            text.encode_server_spec(),
+            Some(EncodeServerSpec {
+                cpus: 3,
+                memory_mb: 256
+            })
+        );
+        assert_eq!(flavor(json!({})).encode_server_spec(), None);
     }
 
     #[test]

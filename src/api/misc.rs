@@ -173,22 +173,37 @@ pub async fn encode_servers_list(
     };
     // Type and status belong to the encoding servers: filtered before paging.
     let servers = st.store.list_servers(&c.project_id, &f, 0, u32::MAX)?;
-    let out: Vec<Value> = servers
-        .iter()
-        .map(|s| {
-            json!({
-                "encode_server_name": format!("{}-encode", s.server_name),
-                "encode_server_id": s.server_id,
-                "server_id": s.server_id,
-                "keypair_name": s.keypair_name,
-                "status": if s.status == 5 { 1 } else { 2 },
-                "type": 0,
-                "encode_server_ip": s.server_ip,
-                "access_infos": [],
-                "create_time": s.create_time,
-                "update_time": s.update_time,
-            })
-        })
+    let mut out = Vec::new();
+    for s in &servers {
+        // Servers whose phone flavor names an encoding server run it as a
+        // container (type 1) on the phone subnet; others have none.
+        let has_encoder = st
+            .catalog
+            .phone_model(&s.phone_model_name)
+            .is_some_and(|m| m.extend_spec.get("encode_server_spec").is_some());
+        if !has_encoder {
+            continue;
+        }
+        let ip = st
+            .store
+            .node_inventory(&s.node_id)?
+            .and_then(|inv| inv.encoder_ip)
+            .unwrap_or_else(|| s.server_ip.clone());
+        out.push(json!({
+            "encode_server_name": format!("{}-encode", s.server_name),
+            "encode_server_id": s.server_id,
+            "server_id": s.server_id,
+            "keypair_name": s.keypair_name,
+            "status": if s.status == 5 { 1 } else { 2 },
+            "type": 1,
+            "encode_server_ip": ip,
+            "access_infos": [],
+            "create_time": s.create_time,
+            "update_time": s.update_time,
+        }));
+    }
+    let out: Vec<Value> = out
+        .into_iter()
         .filter(|e| kind.is_none_or(|k| e["type"] == k))
         .filter(|e| status.is_none_or(|v| e["status"] == v))
         .skip(offset as usize)

@@ -615,6 +615,19 @@ impl Store {
         Ok(c.query_row(&sql, [node_id], node_row).optional()?)
     }
 
+    /// The inventory a node last registered with.
+    pub fn node_inventory(&self, node_id: &str) -> Result<Option<cph_agent::protocol::Inventory>> {
+        let c = self.db()?;
+        let text: Option<String> = c
+            .query_row(
+                "SELECT inventory FROM nodes WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
     /// Every node.
     pub fn nodes(&self) -> Result<Vec<Node>> {
         let c = self.db()?;

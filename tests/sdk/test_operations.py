@@ -311,13 +311,14 @@ def test_import_traffic(client, server):
         assert "ok" in shell(client, p, "echo ok")
 
 
-def test_restart_encode_server_without_encoding_container(client, server):
-    """The agent runs no encoding container yet: the restart job ends with the
-    reference's CPS.0123 (encode server not found)."""
+def test_restart_encode_server(client, server):
+    """The development flavor names an encoding server: the agent runs it as a
+    container on the phone subnet (type 1) and the restart job succeeds."""
     server_id, _ = server
     (enc,) = client.list_encode_servers(
         m.ListEncodeServersRequest(server_id=server_id)
     ).encode_servers
+    assert enc.type == 1 and enc.encode_server_ip, enc
     resp = client.restart_encode_server(
         m.RestartEncodeServerRequest(
             body=m.RestartEncodeServerRequestBody(encode_server_ids=[enc.encode_server_id])
@@ -325,4 +326,4 @@ def test_restart_encode_server_without_encoding_container(client, server):
     )
     assert [j.encode_server_id for j in resp.jobs] == [enc.encode_server_id], resp
     job = wait_job(client, resp.jobs[0].job_id)
-    assert (job.status, job.error_code) == (-1, "CPS.0123"), job
+    assert job.status == 2, job

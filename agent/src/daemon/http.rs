@@ -121,6 +121,19 @@ async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateSe
     if let Err(e) = d.phones.put_server(&server) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, &e.code, e.msg);
     }
+    // The flavor's encoding server comes up beside the phones.
+    if server.flavor.encode_server_spec().is_some() {
+        let req = JobRequest {
+            job_id: format!("{}:encoder", server.server_id),
+            request_id: format!("{}:create", server.server_id),
+            server_id: server.server_id.clone(),
+            phone_id: None,
+            kind: JobKind::RestartEncodeServer,
+        };
+        if let Err(e) = d.submit(req).await {
+            return submit_error(e);
+        }
+    }
     for phone in &server.phones {
         let req = JobRequest {
             job_id: format!("{}:create:{}", server.server_id, phone.phone_id),
@@ -151,6 +164,17 @@ async fn delete_server(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> 
         if let Err(e) = d.submit(req).await {
             return submit_error(e);
         }
+    }
+    let encoder = {
+        let (d, id) = (d.clone(), id.clone());
+        tokio::task::spawn_blocking(move || d.phones.remove_encoder(&id))
+    };
+    match encoder.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(server_id = %id, error = %e.msg, "encoding server not removed")
+        }
+        Err(e) => tracing::warn!(server_id = %id, error = %e, "encoding server removal panicked"),
     }
     let _ = d.phones.remove_server(&id);
     Json(Accepted { accepted: true }).into_response()

@@ -185,10 +185,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         JobKind::UpdateBandwidth { band_width_size } => phones
             .update_bandwidth(&req.server_id, *band_width_size)
             .map(|()| None),
-        JobKind::RestartEncodeServer => Err(JobFailure::new(
-            "CPS.0123",
-            "encoding server containers are not run by this agent yet",
-        )),
+        JobKind::RestartEncodeServer => ctx.phones.restart_encoder(&req.server_id).map(|()| None),
     }
 }
 

@@ -411,6 +411,7 @@ impl Daemon {
             phone_capacity: self.cfg.phone_capacity,
             missing: self.missing.clone(),
             phones: self.phones.states(),
+            encoder_ip: self.phones.network().map(|n| n.encoder_ip().to_string()),
         }
     }
 }

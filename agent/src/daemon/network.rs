@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use cph_runtime::container::{netns, ContainerError};
+use cph_runtime::net::cmd::{self, Runner, SystemRunner};
 use cph_runtime::net::{
     validate_bandwidth_limit, Ipv4Net, NetConfig, NetError, NetManager, PhoneNet, PortRequest,
     TrafficType,
@@ -321,6 +322,56 @@ impl Network {
             mgr.set_bandwidth_limit(phone_id, bandwidth_kbit)?;
         }
         Ok(path)
+    }
+
+    /// The encoding container's network: its namespace with the encoder
+    /// address of the subnet (the `routing` gateway of phones), forwarding
+    /// on and redirects off inside it, so phones' traffic passes through it
+    /// to the host. Made the first time, re-plumbed after a host reboot.
+    pub fn ensure_encoder(&self, encoder_id: &str) -> Result<PathBuf, NetworkError> {
+        let name = container_name(encoder_id);
+        let path = netns::path(&name);
+        let ns_err = |source| NetworkError::Netns {
+            phone_id: encoder_id.to_string(),
+            source,
+        };
+        let mut mgr = self.lock();
+        let mut fresh = false;
+        if !netns::is_netns(&path) {
+            if path.exists() {
+                netns::remove(&name).map_err(ns_err)?;
+            }
+            netns::create(&name).map_err(ns_err)?;
+            fresh = true;
+        }
+        let plumbed = match mgr.phone(encoder_id).cloned() {
+            None => mgr
+                .add_phone_at(encoder_id, &path, self.encoder_ip, -1)
+                .map(drop),
+            Some(known) if fresh || !mgr.host_links()?.contains(&known.host_if) => {
+                mgr.attach_phone(encoder_id, &path)
+            }
+            Some(_) => Ok(()),
+        };
+        if let Err(e) = plumbed {
+            if fresh {
+                let _ = netns::remove(&name);
+            }
+            return Err(e.into());
+        }
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.eth0.send_redirects", "0"),
+        ] {
+            SystemRunner.run(&cmd::sysctl(key, value).in_netns(Some(&path)))?;
+        }
+        Ok(path)
+    }
+
+    /// The encoding container's address on the phone subnet.
+    pub fn encoder_ip(&self) -> Ipv4Addr {
+        self.encoder_ip
     }
 
     /// Removes the phone's network and namespace (nothing when it has none).

@@ -74,6 +74,9 @@ pub struct Phones {
     net: Option<Network>,
 }
 
+mod encoder;
+pub use encoder::encoder_id;
+
 fn io_fail(what: &str, path: &Path, e: impl std::fmt::Display) -> JobFailure {
     JobFailure::internal(format!("{what} {}: {e}", path.display()))
 }
@@ -170,6 +173,16 @@ impl Phones {
         ids.sort();
         for id in &ids {
             self.delete(id)?;
+        }
+        let servers: Vec<String> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for server_id in servers {
+            self.remove_encoder(&server_id)?;
         }
         for c in self.rt.list().map_err(container_fail)? {
             match self.rt.delete(&c.name, STOP_GRACE) {
@@ -746,7 +759,8 @@ impl Phones {
     /// The network of phones without a record (a delete cut short) is
     /// removed; volumes without a record are reported, never dropped.
     pub fn reconcile(&self) {
-        let known: BTreeSet<String> = self.records().keys().cloned().collect();
+        let mut known: BTreeSet<String> = self.records().keys().cloned().collect();
+        known.extend(self.encoder_ids());
         if let Some(net) = &self.net {
             net.retain_phones(&known);
         }
@@ -773,6 +787,7 @@ impl Phones {
                 }
             }
         }
+        self.reconcile_encoders();
     }
 }
 

@@ -315,6 +315,52 @@ impl<R: Runner> NetManager<R> {
         ports: &[PortRequest],
         bandwidth_limit_kbit: i64,
     ) -> Result<Vec<AccessInfo>, NetError> {
+        self.add(phone_id, netns, ports, bandwidth_limit_kbit, None)
+    }
+
+    /// Like [`Self::add_phone`], at a fixed address of the subnet (the
+    /// encoding container's, which phones route through). Phones never get
+    /// a slot that is taken.
+    pub fn add_phone_at(
+        &mut self,
+        phone_id: &str,
+        netns: &Path,
+        ip: Ipv4Addr,
+        bandwidth_limit_kbit: i64,
+    ) -> Result<Vec<AccessInfo>, NetError> {
+        let offset = u32::from(ip).wrapping_sub(u32::from(self.cfg.subnet.network()));
+        let index = offset
+            .checked_sub(2)
+            .filter(|&i| self.cfg.subnet.host(i + 2) == Some(ip))
+            .ok_or_else(|| {
+                NetError::invalid(
+                    "ip",
+                    format!("{ip} is not a phone address of {}", self.cfg.subnet),
+                )
+            })?;
+        if let Some(holder) = self.state.phones.values().find(|p| p.index == index) {
+            return Err(NetError::invalid(
+                "ip",
+                format!("{ip} is held by {}", holder.phone_id),
+            ));
+        }
+        self.add(
+            phone_id,
+            netns,
+            &[],
+            bandwidth_limit_kbit,
+            Some((index, ip)),
+        )
+    }
+
+    fn add(
+        &mut self,
+        phone_id: &str,
+        netns: &Path,
+        ports: &[PortRequest],
+        bandwidth_limit_kbit: i64,
+        slot: Option<(u32, Ipv4Addr)>,
+    ) -> Result<Vec<AccessInfo>, NetError> {
         if self.state.phones.contains_key(phone_id) {
             return Err(NetError::PhoneExists {
                 phone_id: phone_id.to_string(),
@@ -322,7 +368,10 @@ impl<R: Runner> NetManager<R> {
         }
         validate_ports(ports, self.cfg.max_ports_per_phone)?;
         let bandwidth = validate_bandwidth_limit(bandwidth_limit_kbit)?;
-        let (index, ip) = self.state.next_slot(&self.cfg)?;
+        let (index, ip) = match slot {
+            Some(s) => s,
+            None => self.state.next_slot(&self.cfg)?,
+        };
         let busy = self.busy_ports()?;
         let (mappings, cursor) = self.state.plan_ports(&self.cfg, phone_id, ports, &busy)?;
         let phone = PhoneNet {

@@ -1,0 +1,111 @@
+//! The encoding server of a server whose phone flavor has an
+//! `encode_server_spec`: one container per server (the reference's encoding
+//! server of type 1, container), from the server's image, limited to the
+//! spec's CPUs and memory, on the phone subnet at the encoder address that
+//! phones switched to `routing` traffic use as their gateway (forwarding
+//! on inside it). Made when the server is created, restarted by the
+//! encoding-server restart job, removed with the server, started again
+//! after a host reboot.
+
+use std::collections::BTreeSet;
+
+use cph_runtime::container::{ContainerError, ContainerSpec, Status};
+
+use super::{container_fail, container_name, network_fail, JobFailure, Phones, STOP_GRACE};
+
+/// Id of a server's encoding container (its volume, network and
+/// container are named from it).
+pub fn encoder_id(server_id: &str) -> String {
+    format!("enc-{server_id}")
+}
+
+impl Phones {
+    /// Starts the server's encoding container afresh: made the first time
+    /// (volume from the server's image, network at the encoder address),
+    /// stopped and started again when it exists. CPS.0123 when the
+    /// server's flavor has no encoding server.
+    pub fn restart_encoder(&self, server_id: &str) -> Result<(), JobFailure> {
+        let server = self.server(server_id)?;
+        let spec = server.flavor.encode_server_spec().ok_or_else(|| {
+            JobFailure::new(
+                "CPS.0123",
+                format!(
+                    "server {server_id} has no encoding server: flavor {} has no encode_server_spec",
+                    server.flavor.flavor_id
+                ),
+            )
+        })?;
+        let id = encoder_id(server_id);
+        let name = container_name(&id);
+        let rootfs = match self.volumes.rootfs(&id) {
+            Ok(p) => p,
+            Err(_) => self.volumes.create(&id, &server.image, 0)?,
+        };
+        let netns = match &self.net {
+            Some(net) => Some(net.ensure_encoder(&id).map_err(network_fail)?),
+            None => None,
+        };
+        match self.rt.delete(&name, STOP_GRACE) {
+            Ok(()) | Err(ContainerError::NotFound { .. }) => {}
+            Err(e) => return Err(container_fail(e)),
+        }
+        let mut c = ContainerSpec::new(&name, &rootfs);
+        c.netns = netns;
+        c.cpu_shares = Some(1024 * u64::from(spec.cpus));
+        // The spec's CPUs as a quota over the default 100 ms period.
+        c.cpu_quota_us = Some(100_000 * i64::from(spec.cpus));
+        c.memory_limit = i64::try_from(spec.memory_mb * 1024 * 1024).ok();
+        c.pids_limit = Some(4096);
+        self.rt.start(&c).map_err(container_fail)?;
+        self.wait_ready(&name);
+        tracing::info!(server_id, encoder = %name, "encoding server started");
+        Ok(())
+    }
+
+    /// Removes the server's encoding container, network and volume
+    /// (nothing when it has none).
+    pub fn remove_encoder(&self, server_id: &str) -> Result<(), JobFailure> {
+        let id = encoder_id(server_id);
+        match self.rt.delete(&container_name(&id), STOP_GRACE) {
+            Ok(()) | Err(ContainerError::NotFound { .. }) => {}
+            Err(e) => return Err(container_fail(e)),
+        }
+        if let Some(net) = &self.net {
+            net.remove_phone(&id).map_err(network_fail)?;
+        }
+        self.volumes.delete(&id)
+    }
+
+    /// Ids of the encoding containers the recorded servers should have.
+    pub(super) fn encoder_ids(&self) -> BTreeSet<String> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.flavor.encode_server_spec().is_some())
+            .map(|s| encoder_id(&s.server_id))
+            .collect()
+    }
+
+    /// After an agent restart: encoding containers that should run but do
+    /// not (host reboot) are started again.
+    pub(super) fn reconcile_encoders(&self) {
+        let servers: Vec<String> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.flavor.encode_server_spec().is_some())
+            .map(|s| s.server_id.clone())
+            .collect();
+        for server_id in servers {
+            let name = container_name(&encoder_id(&server_id));
+            if matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running)) {
+                continue;
+            }
+            if let Err(e) = self.restart_encoder(&server_id) {
+                tracing::warn!(server_id, error = %e, "encoding server not restarted");
+            }
+        }
+    }
+}

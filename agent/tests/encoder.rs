@@ -1,0 +1,210 @@
+//! The encoding server of a flavor with `encode_server_spec`, through the
+//! real `cph-agent` and its protocol: it comes up with the server as a
+//! container at the subnet's encoder address with forwarding on; a phone
+//! switched to `routing` sends its traffic to the host through it (its
+//! forwarded-packet counter moves); the restart job gives it a new init;
+//! deleting the server removes container and namespace. Privileged.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cph_runtime::container::Runtime;
+use serde_json::json;
+
+mod common;
+
+use common::{free_port, http, image, job, server_job, shim, wait_job, Agent};
+
+/// `Ip: ForwDatagrams` of the namespace at `netns` (/proc/net/snmp).
+fn forwarded(netns: &Path) -> u64 {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["cat", "/proc/net/snmp"])
+        .output()
+        .expect("nsenter");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (head, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
+    let col = head
+        .split_whitespace()
+        .position(|h| h == "ForwDatagrams")
+        .expect("ForwDatagrams column");
+    values
+        .split_whitespace()
+        .nth(col)
+        .and_then(|v| v.parse().ok())
+        .expect("ForwDatagrams value")
+}
+
+fn in_netns(netns: &Path, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(args)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
+    if !cph_runtime::privilege::check(
+        "encoding_server_runs_routes_restarts_and_goes_with_its_server",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let pid = std::process::id();
+    let parent = format!("cph-enc-{pid}");
+    let shim = shim();
+    let net = common::TestNet::unique();
+    let _host = common::HostGuard { net: net.clone() };
+    let _cleanup = common::Cleanup {
+        state: state.clone(),
+        parent: parent.clone(),
+        shim: shim.clone(),
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = format!("tok-{pid}");
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n{}",
+            state.display(),
+            shim.display(),
+            net.toml()
+        ),
+    )
+    .expect("write config");
+    let _agent = Agent::start(&config, &addr);
+
+    let server = format!("es{pid}");
+    let phone = format!("ep{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "enc",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                   "core_bind_strategy": "dev_small",
+                   "extend_spec": {"encode_server_spec": {"cpu": 1, "memory": 128, "disk": 1}}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [], "band_width_size": 100, "public_key": null,
+        "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_job(&addr, &token, &format!("{server}:encoder"));
+    assert_eq!(st["status"], 2, "{st}");
+    let st = wait_job(&addr, &token, &format!("{server}:create:{phone}"));
+    assert_eq!(st["status"], 2, "{st}");
+
+    // The container runs at the subnet's last host address, forwarding.
+    let enc_name = format!("cph-enc-{server}");
+    let enc_ns = Path::new("/run/netns").join(&enc_name);
+    let enc_ip = format!("{}.254", net.subnet_prefix);
+    let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
+    assert_eq!(inv["encoder_ip"], enc_ip.as_str(), "{inv}");
+    assert!(
+        in_netns(&enc_ns, &["ip", "-4", "-o", "addr", "show", "eth0"]).contains(&enc_ip),
+        "encoder address"
+    );
+    assert_eq!(
+        in_netns(&enc_ns, &["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
+        "1"
+    );
+    let rt = Runtime::new(&state.join("containers"), &parent, &shim).expect("runtime");
+    let first = rt.state(&enc_name).expect("encoder container");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(
+        phones.as_array().map(Vec::len),
+        Some(1),
+        "encoder is no phone: {phones}"
+    );
+
+    // A phone on `routing` reaches the host through the encoder.
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "traffic-1",
+            &server,
+            &phone,
+            json!({"kind": "set_traffic", "traffic_type": "routing"}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "traffic-1");
+    assert_eq!(st["status"], 2, "{st}");
+    let listener = TcpListener::bind("0.0.0.0:0").expect("host listener");
+    let port = listener.local_addr().expect("addr").port();
+    let server_ip = inv["server_ip"].as_str().expect("server ip").to_string();
+    let accept = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        got
+    });
+    let before = forwarded(&enc_ns);
+    let (_, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "routed-1",
+            &server,
+            &phone,
+            json!({"kind": "sync_shell", "timeout_ms": 2000,
+                   "command": format!("ip route show default; echo routed | nc -w 1 {server_ip} {port}")}),
+        )),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(
+        st["execute_msg"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("via {enc_ip}")),
+        "{st}"
+    );
+    assert_eq!(accept.join().expect("accept thread").trim(), "routed");
+    assert!(
+        forwarded(&enc_ns) > before,
+        "traffic did not pass the encoder"
+    );
+
+    // Restart: a new init in the same container name.
+    let (_, st) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&server_job(
+            "enc-restart-1",
+            &server,
+            json!({"kind": "restart_encode_server"}),
+        )),
+    );
+    assert_ne!(st["status"], -1, "{st}");
+    let st = wait_job(&addr, &token, "enc-restart-1");
+    assert_eq!(st["status"], 2, "{st}");
+    let second = rt.state(&enc_name).expect("encoder after restart");
+    assert_ne!(first.pid, second.pid);
+
+    // Deleting the server takes the encoder with it.
+    let (code, _) = http(
+        &addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        &token,
+        None,
+    );
+    assert_eq!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt.state(&enc_name).is_ok() || enc_ns.exists() {
+        assert!(Instant::now() < deadline, "encoder left behind");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
