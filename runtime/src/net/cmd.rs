@@ -87,6 +87,23 @@ pub fn tc_class_show(dev: &str) -> Invocation {
     Invocation::new("tc", &["class", "show", "dev", dev])
 }
 
+/// `tc -s class show dev <dev> classid 1:<minor>`: one class with its
+/// counters.
+pub fn tc_class_stats(dev: &str, minor: u32) -> Invocation {
+    Invocation::new(
+        "tc",
+        &[
+            "-s",
+            "class",
+            "show",
+            "dev",
+            dev,
+            "classid",
+            &format!("1:{minor:x}"),
+        ],
+    )
+}
+
 /// `tc qdisc show dev <dev>`.
 pub fn tc_qdisc_show(dev: &str) -> Invocation {
     Invocation::new("tc", &["qdisc", "show", "dev", dev])
