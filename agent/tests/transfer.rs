@@ -436,6 +436,23 @@ fn object_store_jobs_on_a_real_phone() {
             .trim(),
         "no"
     );
+    // Migration, target side: the whole phone replaces this one's root,
+    // what only this phone had included; a missing object changes nothing.
+    p.sh("mkdir -p /data/local/only-here && echo x > /data/local/only-here/f");
+    let st = p.run(json!({"kind": "restore",
+                          "object": {"bucket": "cph-migrate", "key": "m/none.tar"}}));
+    assert_eq!(st["status"], -1, "{st}");
+    assert_eq!(p.sh("cat /data/local/only-here/f").trim(), "x");
+    let st = p.run(json!({"kind": "restore",
+                          "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "running");
+    assert_eq!(
+        p.sh("test -e /data/local/only-here && echo stale || echo replaced")
+            .trim(),
+        "replaced"
+    );
+    assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
     let missing =
         json!({"image_id": "obs-missing", "url": format!("obs://{BUCKET}/images/none.tar")});
     assert_failed(

@@ -483,12 +483,69 @@ pub fn restore(
     store(ctx)?;
     let stopped = Stopped::new(ctx, phone)?;
     let root = ctx.phones.rootfs(phone)?;
-    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?;
+    let report = if object.bucket == MIGRATE_BUCKET {
+        replace_root(ctx, object, &root)?
+    } else {
+        download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?
+    };
     if let Some(p) = property.filter(|p| !p.is_empty()) {
         ctx.phones.update_property(phone, p)?;
     }
     stopped.restart()?;
     Ok(extracted("restored", object, &report))
+}
+
+/// Name of the directory a migrated phone is unpacked into first, at the
+/// top of the target's root (same volume, so the swap is renames).
+const MIGRATE_STAGING: &str = ".cph-migrate-in";
+
+/// A migration's target side: the whole phone replaces the target's root.
+/// It is unpacked beside the current contents first; only a complete
+/// unpack swaps them (the old entries deleted, the new renamed into
+/// place), so a failed download leaves the target as it was.
+fn replace_root(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    root: &Path,
+) -> Result<ExtractReport, JobFailure> {
+    let fail = |what: &str, p: &Path, e: io::Error| {
+        JobFailure::internal(format!("migration {what} {}: {e}", p.display()))
+    };
+    let staging = root.join(MIGRATE_STAGING);
+    if staging.symlink_metadata().is_ok() {
+        remove_entry(&staging)?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
+    let report = match download_extract(
+        ctx,
+        object,
+        PUSH_MAX_BYTES,
+        &staging,
+        &phone_extract_options(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = remove_entry(&staging);
+            return Err(e);
+        }
+    };
+    let entries = |dir: &Path| -> Result<Vec<std::ffi::OsString>, JobFailure> {
+        std::fs::read_dir(dir)
+            .map_err(|e| fail("list", dir, e))?
+            .map(|e| e.map(|e| e.file_name()).map_err(|e| fail("list", dir, e)))
+            .collect()
+    };
+    for name in entries(root)? {
+        if name != MIGRATE_STAGING {
+            remove_entry(&root.join(&name))?;
+        }
+    }
+    for name in entries(&staging)? {
+        let (from, to) = (staging.join(&name), root.join(&name));
+        std::fs::rename(&from, &to).map_err(|e| fail("move", &to, e))?;
+    }
+    std::fs::remove_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
+    Ok(report)
 }
 
 /// Whole-phone migration, source side: the phone is stopped and its whole
