@@ -45,8 +45,9 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// Writes a runc bundle whose config runs the test image's init on `rootfs`.
-fn runc_bundle(dir: &Path, rootfs: &Path) {
+/// Writes a runc bundle whose config runs the test image's init on `rootfs`,
+/// in a new network namespace or joining the one at `netns`.
+fn runc_bundle(dir: &Path, rootfs: &Path, netns: Option<&Path>) {
     run(Command::new("runc").arg("spec").arg("--bundle").arg(dir));
     let path = dir.join("config.json");
     let mut cfg: serde_json::Value =
@@ -56,7 +57,21 @@ fn runc_bundle(dir: &Path, rootfs: &Path) {
     cfg["process"]["terminal"] = serde_json::json!(false);
     cfg["process"]["args"] = serde_json::json!(["/init"]);
     cfg["hostname"] = serde_json::json!("runc-phone");
+    if let (Some(ns), Some(list)) = (netns, cfg["linux"]["namespaces"].as_array_mut()) {
+        for n in list.iter_mut().filter(|n| n["type"] == "network") {
+            n["path"] = serde_json::json!(ns);
+        }
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).expect("write config");
+}
+
+/// A named network namespace for the phones that join one, removed at the end.
+struct NamedNetns(String);
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -88,18 +103,29 @@ fn main() {
     let marker = rootfs.join("run/cph-ready");
     let parent = format!("cph-bench-{}", std::process::id());
     let rt = Runtime::new(&tmp.path().join("state"), &parent, &shim()).expect("runtime");
+    // Phones of the platform join the network namespace their network was
+    // plumbed in (it outlives restarts); a bare start makes a new one. Both
+    // are measured, for both runtimes.
+    let ns = NamedNetns(format!("cph-bench-{}", std::process::id()));
+    run(Command::new("ip").args(["netns", "add", &ns.0]));
+    let ns_path = Path::new("/run/netns").join(&ns.0);
     let bundle = tmp.path().join("bundle");
-    std::fs::create_dir(&bundle).expect("mkdir bundle");
-    runc_bundle(&bundle, &rootfs);
+    let bundle_ns = tmp.path().join("bundle-ns");
+    for (dir, netns) in [(&bundle, None), (&bundle_ns, Some(ns_path.as_path()))] {
+        std::fs::create_dir(dir).expect("mkdir bundle");
+        runc_bundle(dir, &rootfs, netns);
+    }
     let runc_id = format!("cph-bench-{}", std::process::id());
     let spec = ContainerSpec::new("bench-phone", &rootfs);
+    let mut spec_ns = spec.clone();
+    spec_ns.netns = Some(ns_path.clone());
 
-    let ours_start = |n: u64| -> Duration {
+    let ours_start = |spec: &ContainerSpec, n: u64| -> Duration {
         let mut total = Duration::ZERO;
         for _ in 0..n {
             let _ = std::fs::remove_file(&marker);
             let t = Instant::now();
-            rt.start(&spec).expect("start");
+            rt.start(spec).expect("start");
             wait_ready(&marker);
             total += t.elapsed();
             rt.delete("bench-phone", Duration::from_secs(5))
@@ -107,14 +133,14 @@ fn main() {
         }
         total
     };
-    let runc_start = |n: u64| -> Duration {
+    let runc_start = |bundle: &Path, n: u64| -> Duration {
         let mut total = Duration::ZERO;
         for _ in 0..n {
             let _ = std::fs::remove_file(&marker);
             let t = Instant::now();
             run(Command::new("runc")
                 .args(["run", "--detach", "--bundle"])
-                .arg(&bundle)
+                .arg(bundle)
                 .arg(&runc_id)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()));
@@ -125,8 +151,12 @@ fn main() {
         total
     };
     let mut group = c.benchmark_group("start_to_ready");
-    group.bench_function("ours", |b| b.iter_custom(ours_start));
-    group.bench_function("runc", |b| b.iter_custom(runc_start));
+    group.bench_function("ours", |b| b.iter_custom(|n| ours_start(&spec, n)));
+    group.bench_function("runc", |b| b.iter_custom(|n| runc_start(&bundle, n)));
+    group.finish();
+    let mut group = c.benchmark_group("start_to_ready_existing_netns");
+    group.bench_function("ours", |b| b.iter_custom(|n| ours_start(&spec_ns, n)));
+    group.bench_function("runc", |b| b.iter_custom(|n| runc_start(&bundle_ns, n)));
     group.finish();
 
     // Exec round trips against a running phone of each kind.
@@ -169,8 +199,10 @@ fn main() {
         .collect();
     run(Command::new("runc").args(["delete", "--force", &runc_id]));
 
-    let ours_ready = median((0..7).map(|_| ours_start(1)).collect());
-    let runc_ready = median((0..7).map(|_| runc_start(1)).collect());
+    let ours_ready = median((0..7).map(|_| ours_start(&spec, 1)).collect());
+    let runc_ready = median((0..7).map(|_| runc_start(&bundle, 1)).collect());
+    let ours_ready_ns = median((0..7).map(|_| ours_start(&spec_ns, 1)).collect());
+    let runc_ready_ns = median((0..7).map(|_| runc_start(&bundle_ns, 1)).collect());
     for ctrl in [
         "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
     ] {
@@ -181,9 +213,15 @@ fn main() {
         "container",
         &[
             Metric {
-                metric: "start-to-ready (median)".to_string(),
+                metric: "start-to-ready, new netns (median)".to_string(),
                 ours: ms(ours_ready),
                 anchor: ms(runc_ready),
+                unit: "ms",
+            },
+            Metric {
+                metric: "start-to-ready, joining the phone's netns (median)".to_string(),
+                ours: ms(ours_ready_ns),
+                anchor: ms(runc_ready_ns),
                 unit: "ms",
             },
             Metric {

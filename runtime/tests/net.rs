@@ -143,6 +143,7 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     let info = net
         .set_ports("phone-a", &[port("db", 20001, false)])
         .unwrap();
+    net.settle_conntrack();
     let after = ct_ports();
     assert!(!after.contains(&("tcp".to_string(), 20000)), "{after:?}");
     assert!(after.contains(&("tcp".to_string(), 20001)), "{after:?}");

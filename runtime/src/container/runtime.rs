@@ -203,8 +203,6 @@ impl Runtime {
             })
     }
 
-    /// Every phone in the state directory, and those whose last start
-    /// through this handle failed.
     /// Removes the parent cgroup from every hierarchy once it holds no
     /// phone: `rmdir` refuses a cgroup with children or tasks, so this is a
     /// no-op while one is left.
@@ -225,6 +223,8 @@ impl Runtime {
         }
     }
 
+    /// Every phone in the state directory, and those whose last start
+    /// through this handle failed.
     pub fn list(&self) -> Result<Vec<ContainerState>, ContainerError> {
         let mut out = Vec::new();
         let failed: Vec<String> = self

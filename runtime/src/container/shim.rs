@@ -190,9 +190,12 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     if !reason.is_empty() {
         return fail(String::from_utf8_lossy(&reason).into_owned());
     }
-    // An init that dies at once is a failed start, not a running phone:
-    // watch it for a short window before reporting it started.
-    let window = std::time::Instant::now() + std::time::Duration::from_millis(15);
+    // An init that dies at once is a failed start, not a running phone: it
+    // is watched until it shows it got going (it started a process, as
+    // every init does early, Android's and a boot script alike) or for a
+    // short window, whichever comes first.
+    let window = std::time::Instant::now() + EXIT_WATCH;
+    let children = format!("/proc/{child}/task/{child}/children");
     while std::time::Instant::now() < window {
         if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             if !matches!(status, WaitStatus::StillAlive) {
@@ -203,7 +206,10 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
                 };
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        if std::fs::read_to_string(&children).is_ok_and(|c| !c.trim().is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
     }
     let start_time = state::start_time(child.as_raw()).unwrap_or(0);
     let mut st = ContainerState {
@@ -225,6 +231,10 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let _ = state::write_json(&path, &st, name);
     Ok(())
 }
+
+/// How long a new init that starts no process is watched for an exit
+/// before the phone counts as started.
+const EXIT_WATCH: std::time::Duration = std::time::Duration::from_millis(15);
 
 /// How often the views inside a running phone are brought up to date.
 const VIEW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);

@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use tracing::{debug, info, warn};
 
@@ -35,6 +36,114 @@ pub struct NetManager<R: Runner = SystemRunner> {
     /// error.
     nfnl: Option<nfnl::Socket>,
     diag: Option<nfnl::DiagSocket>,
+    /// Drops unmapped flows' conntrack entries off the caller's path (see
+    /// [`ConntrackWorker`]).
+    conntrack: ConntrackWorker,
+}
+
+/// Work for the conntrack thread.
+enum CtWork {
+    /// Drop the entries the phone at this address answers: all, or those
+    /// of these listen ports.
+    Drop(Ipv4Addr, Option<BTreeSet<u16>>),
+    /// Answer once everything queued before is done.
+    Settle(mpsc::Sender<()>),
+}
+
+/// A thread with its own netlink socket in the host namespace that drops
+/// conntrack entries of unmapped ports and removed phones. Finding them
+/// walks the whole conntrack table in the kernel, which grows with the
+/// host's connections (about 1 ms per 1,000 entries here), so a port
+/// change does not wait for it: the mapping is gone at once (no new flow
+/// can start), the established flows are cut a moment later.
+struct ConntrackWorker {
+    tx: Option<mpsc::Sender<CtWork>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConntrackWorker {
+    fn start(host_netns: Option<PathBuf>) -> Self {
+        let (tx, rx) = mpsc::channel::<CtWork>();
+        let thread = std::thread::Builder::new()
+            .name("cph-conntrack".into())
+            .spawn(move || {
+                let mut sock: Option<nfnl::Socket> = None;
+                for work in rx {
+                    match work {
+                        CtWork::Drop(ip, ports) => {
+                            drop_flows(&mut sock, host_netns.as_deref(), ip, ports.as_ref())
+                        }
+                        CtWork::Settle(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            warn!("conntrack thread not started; entries are dropped in line");
+        }
+        Self {
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for ConntrackWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the queue is done.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Drops the conntrack entries the phone at `phone_ip` answers: all, or
+/// those from one of `ports` (TCP and UDP). One filtered listing, then a
+/// deletion only where flows exist; failures are logged, not returned.
+/// The socket is opened on first use and again after socket trouble.
+fn drop_flows(
+    sock: &mut Option<nfnl::Socket>,
+    netns: Option<&Path>,
+    phone_ip: Ipv4Addr,
+    ports: Option<&BTreeSet<u16>>,
+) {
+    let wanted = |f: &nfnl::Flow| match ports {
+        None => true,
+        Some(p) => {
+            let tcp_udp = [libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(&i32::from(f.proto));
+            tcp_udp && p.contains(&f.phone_port)
+        }
+    };
+    let s = match sock {
+        Some(s) => s,
+        None => match nfnl::Socket::open(netns) {
+            Ok(s) => sock.insert(s),
+            Err(e) => {
+                warn!(%phone_ip, error = %e, "cannot open conntrack socket");
+                return;
+            }
+        },
+    };
+    let dropped = s.conntrack_flows_of(phone_ip).and_then(|flows| {
+        let flows: Vec<nfnl::Flow> = flows.into_iter().filter(wanted).collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        s.conntrack_delete(phone_ip, &flows)
+    });
+    match dropped {
+        Ok(0) => {}
+        Ok(count) => debug!(%phone_ip, count, "conntrack entries dropped"),
+        Err(e) => {
+            warn!(%phone_ip, error = %e, "cannot drop conntrack entries");
+            if e.errno().is_none() {
+                *sock = None;
+            }
+        }
+    }
 }
 
 impl NetManager<SystemRunner> {
@@ -62,12 +171,14 @@ impl<R: Runner> NetManager<R> {
         if state.shared_bandwidth_mbit == 0 {
             state.shared_bandwidth_mbit = validate_shared_bandwidth(shared_bandwidth_mbit)?;
         }
+        let conntrack = ConntrackWorker::start(cfg.host_netns.clone());
         Ok(Self {
             cfg,
             runner,
             state,
             nfnl: None,
             diag: None,
+            conntrack,
         })
     }
 
@@ -455,32 +566,28 @@ impl<R: Runner> NetManager<R> {
         self.access_info(phone_id)
     }
 
-    /// Drops the conntrack entries the phone answers: all, or those from
-    /// one of `ports` (TCP and UDP). One filtered listing, then a deletion
-    /// only where flows exist; failures are logged, not returned.
+    /// Queues the dropping of the conntrack entries the phone answers (all,
+    /// or those of `ports`) for the conntrack thread.
     fn drop_conntrack(&mut self, phone_ip: Ipv4Addr, ports: Option<&BTreeSet<u16>>) {
-        let wanted = |f: &nfnl::Flow| match ports {
-            None => true,
-            Some(p) => {
-                let tcp_udp = [libc::IPPROTO_TCP, libc::IPPROTO_UDP].contains(&i32::from(f.proto));
-                tcp_udp && p.contains(&f.phone_port)
+        let work = CtWork::Drop(phone_ip, ports.cloned());
+        if let Some(tx) = &self.conntrack.tx {
+            if tx.send(work).is_ok() {
+                return;
             }
+        }
+        let mut sock = self.nfnl.take();
+        drop_flows(&mut sock, self.cfg.host_netns.as_deref(), phone_ip, ports);
+        self.nfnl = sock;
+    }
+
+    /// Waits until every conntrack drop queued so far is done.
+    pub fn settle_conntrack(&self) {
+        let Some(tx) = &self.conntrack.tx else {
+            return;
         };
-        let dropped = self.netlink(|s| {
-            let flows: Vec<nfnl::Flow> = s
-                .conntrack_flows_of(phone_ip)?
-                .into_iter()
-                .filter(wanted)
-                .collect();
-            if flows.is_empty() {
-                return Ok(0);
-            }
-            s.conntrack_delete(phone_ip, &flows)
-        });
-        match dropped {
-            Ok(0) => {}
-            Ok(count) => debug!(%phone_ip, count, "conntrack entries dropped"),
-            Err(e) => warn!(%phone_ip, error = %e, "cannot drop conntrack entries"),
+        let (done, wait) = mpsc::channel();
+        if tx.send(CtWork::Settle(done)).is_ok() {
+            let _ = wait.recv();
         }
     }
 
@@ -584,6 +691,7 @@ impl<R: Runner> NetManager<R> {
         for ip in ips {
             self.drop_conntrack(ip, None);
         }
+        self.settle_conntrack();
         self.state.phones.clear();
         NetState::remove_files(&self.cfg.state_path)
     }
