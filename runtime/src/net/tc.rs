@@ -6,7 +6,9 @@
 //! borrow the rest from the server class, so together they never exceed the
 //! shared bandwidth. Forwarded packets are put in their phone's class by the
 //! nftables `phone_class` map (`meta priority`), so no tc filters are needed;
-//! host-local traffic stays unclassified and unshaped.
+//! host-local traffic stays unclassified and unshaped. Each class's leaf is
+//! a small token bucket at the same ceiling, which splits large GSO
+//! segments into frames so slow limits are smooth.
 //!
 //! Units: tc `kbit` is 1,000 bit/s (`kbps` would be kilobytes per second);
 //! the API's kbit/s and Mbit/s are decimal too, so 1 Mbit/s is `1000kbit`.
@@ -59,10 +61,23 @@ fn phone_class(verb: &str, cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> S
     )
 }
 
-fn phone_leaf(cfg: &NetConfig, p: &PhoneNet) -> String {
+/// Bytes a phone's leaf queues (as many full frames as a packet queue of
+/// [`LEAF_QUEUE_PACKETS`] would hold). Kept fixed so that a rate change
+/// never replaces the queue.
+const LEAF_QUEUE_BYTES: u64 = LEAF_QUEUE_PACKETS as u64 * MTU_BYTES;
+
+/// A phone's leaf: a token bucket at the phone's ceiling with a small
+/// bucket (10 ms at the rate, at least two frames). HTB hands out whole
+/// GSO segments of up to 64 KiB, which at low rates are seconds of
+/// traffic at once; a TBF whose bucket is smaller than such a segment
+/// cuts it into frames as it is queued, so slow phones are shaped frame
+/// by frame (the class's 64 KiB burst no longer shows as lumps).
+fn phone_leaf(verb: &str, cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> String {
     let minor = class_minor(p.index);
+    let ceil = phone_ceil_kbit(p.bandwidth, shared_mbit);
+    let bucket = (ceil * 1000 / 8 / 100).max(2 * MTU_BYTES);
     format!(
-        "qdisc replace dev {} parent 1:{minor:x} handle {minor:x}: pfifo limit {LEAF_QUEUE_PACKETS}",
+        "qdisc {verb} dev {} parent 1:{minor:x} handle {minor:x}: tbf rate {ceil}kbit burst {bucket} limit {LEAF_QUEUE_BYTES}",
         cfg.bridge
     )
 }
@@ -82,13 +97,17 @@ pub fn render_root(cfg: &NetConfig, shared_mbit: u32) -> Vec<String> {
 pub fn render_phone_add(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
     vec![
         phone_class("replace", cfg, p, shared_mbit),
-        phone_leaf(cfg, p),
+        phone_leaf("replace", cfg, p, shared_mbit),
     ]
 }
 
-/// Changes a phone's ceiling in place; queued packets and flows stay.
+/// Changes a phone's ceiling in place (class and leaf); queued packets
+/// and flows stay.
 pub fn render_phone_change(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
-    vec![phone_class("change", cfg, p, shared_mbit)]
+    vec![
+        phone_class("change", cfg, p, shared_mbit),
+        phone_leaf("change", cfg, p, shared_mbit),
+    ]
 }
 
 /// Removes a phone's class (its leaf queue goes with it).
@@ -111,7 +130,7 @@ pub fn render_shared_change<'a>(
     v.extend(
         phones
             .into_iter()
-            .map(|p| phone_class("change", cfg, p, shared_mbit)),
+            .flat_map(|p| render_phone_change(cfg, p, shared_mbit)),
     );
     v
 }
@@ -172,7 +191,7 @@ mod tests {
             render_phone_add(&cfg, &p, 300),
             vec![
                 "class replace dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 10000kbit burst 65536 cburst 65536 quantum 1514".to_string(),
-                "qdisc replace dev cphbr0 parent 1:10 handle 10: pfifo limit 256".to_string(),
+                "qdisc replace dev cphbr0 parent 1:10 handle 10: tbf rate 10000kbit burst 12500 limit 387584".to_string(),
             ]
         );
         assert_eq!(
@@ -193,8 +212,13 @@ mod tests {
             render_phone_delete(&cfg, 0)[0],
             "class del dev cphbr0 classid 1:10"
         );
+        // A slow phone's leaf bucket is two frames: smaller than a GSO
+        // segment, which it cuts into frames.
+        assert!(render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(64)), 5)[1]
+            .contains("tbf rate 64kbit burst 3028 limit 387584"));
         let shared = render_shared_change(&cfg, 50, [&p]);
-        assert_eq!(shared.len(), 2);
+        assert_eq!(shared.len(), 3);
+        assert!(shared[2].starts_with("qdisc change dev cphbr0 parent 1:10 handle 10: tbf"));
         assert!(shared[0]
             .starts_with("class change dev cphbr0 parent 1: classid 1:1 htb rate 50000kbit"));
     }
