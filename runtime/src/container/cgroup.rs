@@ -10,8 +10,9 @@ use cgroups_rs::fs::freezer::FreezerController;
 use cgroups_rs::fs::hierarchies;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{Cgroup, MaxValue};
+use cgroups_rs::fs::{Cgroup, Hierarchy, MaxValue};
 use cgroups_rs::CgroupPid;
+use std::sync::OnceLock;
 
 use super::spec::ContainerSpec;
 use super::ContainerError;
@@ -42,16 +43,38 @@ pub(crate) fn path(parent: &str, name: &str) -> String {
     format!("{parent}/{name}")
 }
 
+/// The host's cgroup hierarchy, found once per process: finding it reads
+/// the whole mount table, and the cgroup mounts do not move while the
+/// agent runs (a phone's state is read on every job).
+fn hierarchy() -> Box<dyn Hierarchy> {
+    enum Found {
+        V1(hierarchies::V1),
+        V2(hierarchies::V2),
+    }
+    static FOUND: OnceLock<Found> = OnceLock::new();
+    let found = FOUND.get_or_init(|| {
+        if hierarchies::is_cgroup2_unified_mode() {
+            Found::V2(hierarchies::V2::new())
+        } else {
+            Found::V1(hierarchies::V1::new())
+        }
+    });
+    match found {
+        Found::V1(h) => Box::new(h.clone()),
+        Found::V2(h) => Box::new(h.clone()),
+    }
+}
+
 /// Handle of an existing (or not yet created) phone cgroup.
 pub(crate) fn load(parent: &str, name: &str) -> Cgroup {
-    Cgroup::load(hierarchies::auto(), path(parent, name))
+    Cgroup::load(hierarchy(), path(parent, name))
 }
 
 /// Creates the phone's cgroup and applies the spec's limits.
 pub(crate) fn create(parent: &str, spec: &ContainerSpec) -> Result<Cgroup, ContainerError> {
     let name = spec.name.as_str();
     let cg =
-        Cgroup::new(hierarchies::auto(), path(parent, name)).map_err(|e| err(name, "create", e))?;
+        Cgroup::new(hierarchy(), path(parent, name)).map_err(|e| err(name, "create", e))?;
     if let Err(e) = apply(&cg, spec) {
         let _ = cg.delete();
         return Err(e);
