@@ -121,14 +121,14 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         ),
         None => None,
     };
-    let mut flags = CloneFlags::CLONE_NEWNS
+    // The network namespace (a new one takes the kernel milliseconds) is
+    // made by the child itself while this process moves it into its
+    // cgroups (the first move takes milliseconds too); the cgroup namespace
+    // once it is in them, so its root is the phone's cgroup.
+    let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWCGROUP;
-    if netns.is_none() {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
+        | CloneFlags::CLONE_NEWIPC;
     let mut stack = vec![0u8; 1024 * 1024];
     let child_spec = spec.clone();
     let child_views = views.clone();
@@ -140,6 +140,12 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
             libc::dup2(console.as_raw_fd(), 1);
             libc::dup2(console.as_raw_fd(), 2);
         }
+        if netns.is_none() {
+            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWNET) {
+                let _ = nix::unistd::write(&err_w, format!("new netns: {e}").as_bytes());
+                return 127;
+            }
+        }
         let mut byte = [0u8; 1];
         let _ = nix::unistd::read(go_r.as_fd(), &mut byte);
         if let Some(fd) = &netns {
@@ -147,6 +153,10 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
                 let _ = nix::unistd::write(&err_w, format!("join netns: {e}").as_bytes());
                 return 127;
             }
+        }
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
+            let _ = nix::unistd::write(&err_w, format!("cgroup namespace: {e}").as_bytes());
+            return 127;
         }
         let reason = match init_child(&child_spec, &child_views, binderfs) {
             Ok(never) => match never {},
