@@ -34,16 +34,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let addr = format!("127.0.0.1:{}", free_port());
     let token = format!("tok-{pid}");
     let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\nshell_timeout_secs = 60\n{}",
-            state.display(),
-            shim.display(),
-            net.toml()
-        ),
-    )
-    .expect("write config");
+    common::write_config(&config, &token, &addr, &state, &shim, &parent, &net.toml());
     let mut agent = Agent::start(&config, &addr);
 
     // A wrong or missing token is refused.

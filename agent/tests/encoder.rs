@@ -70,16 +70,7 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     let addr = format!("127.0.0.1:{}", free_port());
     let token = format!("tok-{pid}");
     let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n{}",
-            state.display(),
-            shim.display(),
-            net.toml()
-        ),
-    )
-    .expect("write config");
+    common::write_config(&config, &token, &addr, &state, &shim, &parent, &net.toml());
     let _agent = Agent::start(&config, &addr);
 
     let server = format!("es{pid}");

@@ -403,7 +403,10 @@ fn traffic_diversion_and_reconcile_after_restart() {
     let tables = in_ns(&host, "nft", &["list", "tables"]);
     assert_eq!(tables.matches(&cfg.table).count(), 1);
     let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
-    let htb = classes.lines().filter(|l| l.starts_with("class htb")).count();
+    let htb = classes
+        .lines()
+        .filter(|l| l.starts_with("class htb"))
+        .count();
     assert_eq!(htb, 2, "{classes}");
     assert!(classes.contains("ceil 5Mbit"), "{classes}");
 

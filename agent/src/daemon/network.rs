@@ -232,6 +232,26 @@ fn same_ports(p: &PhoneNet, wanted: &[PortRequest]) -> bool {
         })
 }
 
+/// The named network namespace of a phone (or encoding container):
+/// made when missing (a stale non-namespace file in its place is removed
+/// first). Returns its name, path and whether it was made now.
+fn own_netns(id: &str) -> Result<(String, PathBuf, bool), NetworkError> {
+    let name = container_name(id);
+    let path = netns::path(&name);
+    if netns::is_netns(&path) {
+        return Ok((name, path, false));
+    }
+    let ns_err = |source| NetworkError::Netns {
+        phone_id: id.to_string(),
+        source,
+    };
+    if path.exists() {
+        netns::remove(&name).map_err(ns_err)?;
+    }
+    netns::create(&name).map_err(ns_err)?;
+    Ok((name, path, true))
+}
+
 impl Network {
     /// Opens the manager over its state file and brings the host side in
     /// line with it (bridge, nftables table, tc tree; stale links deleted).
@@ -286,21 +306,8 @@ impl Network {
         ports: &[PortSpec],
         bandwidth_kbit: i64,
     ) -> Result<PathBuf, NetworkError> {
-        let name = container_name(phone_id);
-        let path = netns::path(&name);
-        let ns_err = |source| NetworkError::Netns {
-            phone_id: phone_id.to_string(),
-            source,
-        };
+        let (name, path, fresh) = own_netns(phone_id)?;
         let mut mgr = self.lock();
-        let mut fresh = false;
-        if !netns::is_netns(&path) {
-            if path.exists() {
-                netns::remove(&name).map_err(ns_err)?;
-            }
-            netns::create(&name).map_err(ns_err)?;
-            fresh = true;
-        }
         let wanted = port_requests(ports);
         let Some(known) = mgr.phone(phone_id).cloned() else {
             if let Err(e) = mgr.add_phone(phone_id, &path, &wanted, bandwidth_kbit) {
@@ -329,21 +336,8 @@ impl Network {
     /// on and redirects off inside it, so phones' traffic passes through it
     /// to the host. Made the first time, re-plumbed after a host reboot.
     pub fn ensure_encoder(&self, encoder_id: &str) -> Result<PathBuf, NetworkError> {
-        let name = container_name(encoder_id);
-        let path = netns::path(&name);
-        let ns_err = |source| NetworkError::Netns {
-            phone_id: encoder_id.to_string(),
-            source,
-        };
+        let (name, path, fresh) = own_netns(encoder_id)?;
         let mut mgr = self.lock();
-        let mut fresh = false;
-        if !netns::is_netns(&path) {
-            if path.exists() {
-                netns::remove(&name).map_err(ns_err)?;
-            }
-            netns::create(&name).map_err(ns_err)?;
-            fresh = true;
-        }
         let plumbed = match mgr.phone(encoder_id).cloned() {
             None => mgr
                 .add_phone_at(encoder_id, &path, self.encoder_ip, -1)

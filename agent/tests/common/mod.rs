@@ -225,6 +225,28 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Writes an agent config for a test: no control plane, host preparation
+/// off, the given shim and cgroup parent, and `extra` (sections) appended.
+pub fn write_config(
+    path: &Path,
+    token: &str,
+    addr: &str,
+    state: &Path,
+    shim: &Path,
+    parent: &str,
+    extra: &str,
+) {
+    std::fs::write(
+        path,
+        format!(
+            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\nshell_timeout_secs = 60\n{extra}",
+            state.display(),
+            shim.display(),
+        ),
+    )
+    .expect("write agent config");
+}
+
 pub fn wait_job(addr: &str, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -73,8 +73,7 @@ pub(crate) fn load(parent: &str, name: &str) -> Cgroup {
 /// Creates the phone's cgroup and applies the spec's limits.
 pub(crate) fn create(parent: &str, spec: &ContainerSpec) -> Result<Cgroup, ContainerError> {
     let name = spec.name.as_str();
-    let cg =
-        Cgroup::new(hierarchy(), path(parent, name)).map_err(|e| err(name, "create", e))?;
+    let cg = Cgroup::new(hierarchy(), path(parent, name)).map_err(|e| err(name, "create", e))?;
     if let Err(e) = apply(&cg, spec) {
         let _ = cg.delete();
         return Err(e);

@@ -214,8 +214,10 @@ mod tests {
         );
         // A slow phone's leaf bucket is two frames: smaller than a GSO
         // segment, which it cuts into frames.
-        assert!(render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(64)), 5)[1]
-            .contains("tbf rate 64kbit burst 3028 limit 387584"));
+        assert!(
+            render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(64)), 5)[1]
+                .contains("tbf rate 64kbit burst 3028 limit 387584")
+        );
         let shared = render_shared_change(&cfg, 50, [&p]);
         assert_eq!(shared.len(), 3);
         assert!(shared[2].starts_with("qdisc change dev cphbr0 parent 1:10 handle 10: tbf"));
