@@ -41,6 +41,7 @@ fn fill(dir: &std::path::Path, n: usize) -> (String, Vec<String>) {
         missing: vec![],
         phones: vec![],
         encoder_ip: None,
+        encoders: vec![],
     };
     s.upsert_node(&inv).expect("node");
     let server_id = new_id();

@@ -84,6 +84,7 @@ fn inventory(node_id: &str, url: &str) -> Inventory {
         missing: vec![],
         phones: vec![],
         encoder_ip: None,
+        encoders: vec![],
     }
 }
 
@@ -404,7 +405,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
         let r = cp
             .agent_post(
                 "/agent/v1/heartbeat",
-                json!({"node_id": n, "phones": states, "jobs": []}),
+                json!({"node_id": n, "phones": states, "jobs": [],
+                       "encoders": [{"server_id": node_of_server0, "status": 1}]}),
             )
             .await;
         assert_eq!(r.status, 200);
@@ -719,8 +721,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
     for (q, n) in [
         ("status=1", 1),
         ("status=2", 0),
-        ("type=0", 1),
-        ("type=1", 0),
+        ("type=1", 1),
+        ("type=0", 0),
     ] {
         let r = cp
             .call(

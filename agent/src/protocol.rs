@@ -53,6 +53,9 @@ pub struct Inventory {
     /// `routing` gateway), when the host has phone networking.
     #[serde(default)]
     pub encoder_ip: Option<String>,
+    /// The encoding servers of this host's servers.
+    #[serde(default)]
+    pub encoders: Vec<EncoderState>,
 }
 
 /// Answer to a registration.
@@ -70,6 +73,17 @@ pub struct Heartbeat {
     pub phones: Vec<PhoneState>,
     /// Jobs that changed since the last report.
     pub jobs: Vec<JobStatus>,
+    /// The encoding servers of this host's servers.
+    #[serde(default)]
+    pub encoders: Vec<EncoderState>,
+}
+
+/// An encoding server's state, with the reference's status codes: 1
+/// running, 2 abnormal, 3 restarting, 0 being created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncoderState {
+    pub server_id: String,
+    pub status: i32,
 }
 
 /// Generic acknowledgement.

@@ -97,6 +97,11 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     let enc_ip = format!("{}.254", net.subnet_prefix);
     let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
     assert_eq!(inv["encoder_ip"], enc_ip.as_str(), "{inv}");
+    assert_eq!(
+        inv["encoders"],
+        json!([{"server_id": server, "status": 1}]),
+        "{inv}"
+    );
     assert!(
         in_netns(&enc_ns, &["ip", "-4", "-o", "addr", "show", "eth0"]).contains(&enc_ip),
         "encoder address"

@@ -55,6 +55,19 @@ fn apply_phones(
     Ok(())
 }
 
+/// Records the encoding servers' states an agent reports.
+fn apply_encoders(
+    st: &Shared,
+    node_id: &str,
+    encoders: &[cph_agent::protocol::EncoderState],
+) -> Result<(), ApiError> {
+    for e in encoders {
+        st.store
+            .set_encoder_status(node_id, &e.server_id, e.status)?;
+    }
+    Ok(())
+}
+
 /// Applies job reports from an agent.
 pub fn apply_jobs(st: &Shared, jobs: &[JobStatus]) -> Result<(), ApiError> {
     for j in jobs {
@@ -72,6 +85,7 @@ pub async fn register(
         check_token(&st, &headers)?;
         st.store.upsert_node(&inv)?;
         apply_phones(&st, &inv.node_id, &inv.phones)?;
+        apply_encoders(&st, &inv.node_id, &inv.encoders)?;
         tracing::info!(node_id = %inv.node_id, server_model = %inv.server_model, "agent registered");
         Ok(Registered {
             node_id: inv.node_id.clone(),
@@ -96,6 +110,7 @@ pub async fn heartbeat(
             return Ok(Accepted { accepted: false });
         }
         apply_phones(&st, &hb.node_id, &hb.phones)?;
+        apply_encoders(&st, &hb.node_id, &hb.encoders)?;
         apply_jobs(&st, &hb.jobs)?;
         Ok(Accepted { accepted: true })
     })();

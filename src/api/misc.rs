@@ -194,7 +194,9 @@ pub async fn encode_servers_list(
             "encode_server_id": s.server_id,
             "server_id": s.server_id,
             "keypair_name": s.keypair_name,
-            "status": if s.status == 5 { 1 } else { 2 },
+            // What the agent last reported; abnormal while the server
+            // itself is (its agent silent).
+            "status": if s.status == 2 { 2 } else { st.store.encoder_status(&s.server_id)? },
             "type": 1,
             "encode_server_ip": ip,
             "access_infos": [],

@@ -128,4 +128,9 @@ CREATE TABLE sync_shell_calls (
     at INTEGER NOT NULL
 );
 "#,
+    // 2: the encoding server's status as its agent reports it (the
+    // reference's codes; 0 until the first report).
+    r#"
+ALTER TABLE servers ADD COLUMN encoder_status INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -698,6 +698,29 @@ impl Store {
         Ok(())
     }
 
+    /// Records the encoding server status a node's agent reports for its
+    /// server (nothing when the server is not on that node).
+    pub fn set_encoder_status(&self, node_id: &str, server_id: &str, status: i32) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE servers SET encoder_status = ?3 WHERE server_id = ?2 AND node_id = ?1",
+            params![node_id, server_id, status],
+        )?;
+        Ok(())
+    }
+
+    /// The last reported status of a server's encoding server.
+    pub fn encoder_status(&self, server_id: &str) -> Result<i32> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT encoder_status FROM servers WHERE server_id = ?1",
+                [server_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
     /// Recomputes the server status of a node: normal (5) once every phone
     /// runs or is stopped, creating (1) while any is being created.
     pub fn refresh_server_status(&self, node_id: &str) -> Result<()> {

@@ -3,6 +3,7 @@ detail), server flavors, bandwidths, phones (filters, paging, detail with
 access information), phone flavors, images, jobs and encoding servers."""
 
 import json
+import time
 
 from huaweicloudsdkcph.v1 import model as m
 
@@ -212,11 +213,17 @@ def test_jobs_by_request_id(client, server):
 
 def test_encode_servers_list(client, server):
     server_id, _ = server
-    encs = client.list_encode_servers(m.ListEncodeServersRequest()).encode_servers or []
-    assert [e.server_id for e in encs] == [server_id]
-    e = encs[0]
+    # The status is what the agent's heartbeats report of the container.
+    deadline = time.time() + 30
+    while True:
+        encs = client.list_encode_servers(m.ListEncodeServersRequest()).encode_servers or []
+        assert [e.server_id for e in encs] == [server_id]
+        e = encs[0]
+        if e.status == 1 or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert e.encode_server_id and e.encode_server_name
-    assert e.type in (0, 1) and e.status == 1
+    assert e.type == 1 and e.status == 1, e
     assert e.keypair_name == "default"
     mine = client.list_encode_servers(
         m.ListEncodeServersRequest(server_id=server_id)

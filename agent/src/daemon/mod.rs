@@ -412,6 +412,7 @@ impl Daemon {
             missing: self.missing.clone(),
             phones: self.phones.states(),
             encoder_ip: self.phones.network().map(|n| n.encoder_ip().to_string()),
+            encoders: self.phones.encoder_states(),
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct Phones {
     volumes: Volumes,
     /// `None` when networking is off or the host lacks it.
     net: Option<Network>,
+    /// Servers whose encoding container is being (re)started.
+    encoders_restarting: Mutex<BTreeSet<String>>,
 }
 
 mod encoder;
@@ -162,6 +164,7 @@ impl Phones {
             plan_lock: Mutex::new(()),
             volumes,
             net,
+            encoders_restarting: Mutex::new(BTreeSet::new()),
         })
     }
 

@@ -12,6 +12,43 @@ use std::collections::BTreeSet;
 use cph_runtime::container::{ContainerError, ContainerSpec, Status};
 
 use super::{container_fail, container_name, network_fail, JobFailure, Phones, STOP_GRACE};
+use crate::protocol::EncoderState;
+
+/// The reference's encoding server status codes.
+const STATUS_CREATING: i32 = 0;
+const STATUS_RUNNING: i32 = 1;
+const STATUS_ABNORMAL: i32 = 2;
+const STATUS_RESTARTING: i32 = 3;
+
+/// Marks a server's encoder as restarting while it lives.
+struct Restarting<'a> {
+    phones: &'a Phones,
+    server_id: String,
+}
+
+impl<'a> Restarting<'a> {
+    fn mark(phones: &'a Phones, server_id: &str) -> Self {
+        phones
+            .encoders_restarting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(server_id.to_string());
+        Self {
+            phones,
+            server_id: server_id.to_string(),
+        }
+    }
+}
+
+impl Drop for Restarting<'_> {
+    fn drop(&mut self) {
+        self.phones
+            .encoders_restarting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.server_id);
+    }
+}
 
 /// Id of a server's encoding container (its volume, network and
 /// container are named from it).
@@ -25,6 +62,7 @@ impl Phones {
     /// stopped and started again when it exists. CPS.0123 when the
     /// server's flavor has no encoding server.
     pub fn restart_encoder(&self, server_id: &str) -> Result<(), JobFailure> {
+        let _restarting = Restarting::mark(self, server_id);
         let server = self.server(server_id)?;
         let spec = server.flavor.encode_server_spec().ok_or_else(|| {
             JobFailure::new(
@@ -74,6 +112,36 @@ impl Phones {
             net.remove_phone(&id).map_err(network_fail)?;
         }
         self.volumes.delete(&id)
+    }
+
+    /// The encoding servers of the recorded servers and their status.
+    pub fn encoder_states(&self) -> Vec<EncoderState> {
+        let servers: Vec<String> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.flavor.encode_server_spec().is_some())
+            .map(|s| s.server_id.clone())
+            .collect();
+        let restarting = self
+            .encoders_restarting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        servers
+            .into_iter()
+            .map(|server_id| {
+                let name = container_name(&encoder_id(&server_id));
+                let status = match self.rt.state(&name).map(|s| s.status) {
+                    _ if restarting.contains(&server_id) => STATUS_RESTARTING,
+                    Ok(Status::Running) => STATUS_RUNNING,
+                    Err(ContainerError::NotFound { .. }) => STATUS_CREATING,
+                    _ => STATUS_ABNORMAL,
+                };
+                EncoderState { server_id, status }
+            })
+            .collect()
     }
 
     /// Ids of the encoding containers the recorded servers should have.
