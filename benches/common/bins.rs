@@ -2,6 +2,7 @@
 //! the root package, so cargo does not build the agent's and runtime's
 //! binaries for it; they are brought up to date here (a stale binary would
 //! measure old code).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
