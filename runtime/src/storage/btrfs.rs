@@ -522,11 +522,30 @@ impl Storage for BtrfsStorage {
                 for dev in self.loops_of(path)? {
                     self.run(Losetup::Detach { device: dev }.render())?;
                 }
+                // A device btrfs has not let go of yet is only marked to
+                // detach on its last close: wait until it is gone.
+                let deadline = std::time::Instant::now() + LOOP_RELEASE_WAIT;
+                while !self.loops_of(path)?.is_empty() {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StorageError::io(
+                            "detach the loop device of",
+                            path,
+                            std::io::Error::new(
+                                std::io::ErrorKind::ResourceBusy,
+                                format!("still attached after {LOOP_RELEASE_WAIT:?}"),
+                            ),
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
         }
         Ok(())
     }
 }
+
+/// How long teardown waits for a detached loop device to be released.
+const LOOP_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the device or file holds a btrfs superblock.
 pub fn has_btrfs_magic(dev: &Path) -> Result<bool, StorageError> {
