@@ -1003,18 +1003,13 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Phone>> {
         let c = self.db()?;
-        // The page's rows are found first by rowid: skipping `offset` rows
-        // then walks the (project, seq) index alone instead of reading
-        // every skipped row of the table.
         let sql = format!(
-            "SELECT {PHONE_COLS} FROM phones WHERE rowid IN (
-                SELECT rowid FROM phones WHERE project_id = ?1
-                   AND (?2 IS NULL OR phone_name LIKE ?2 ESCAPE '\\')
-                   AND (?3 IS NULL OR server_id = ?3)
-                   AND (?4 IS NULL OR status = ?4)
-                   AND (?5 IS NULL OR type = ?5)
-                 ORDER BY seq DESC LIMIT ?6 OFFSET ?7)
-             ORDER BY seq DESC"
+            "SELECT {PHONE_COLS} FROM phones WHERE project_id = ?1
+               AND (?2 IS NULL OR phone_name LIKE ?2 ESCAPE '\\')
+               AND (?3 IS NULL OR server_id = ?3)
+               AND (?4 IS NULL OR status = ?4)
+               AND (?5 IS NULL OR type = ?5)
+             ORDER BY seq DESC LIMIT ?6 OFFSET ?7"
         );
         let mut st = c.prepare_cached(&sql)?;
         let rows = st.query_map(
