@@ -10,6 +10,8 @@
 mod api;
 #[path = "e2e/archive.rs"]
 mod archive;
+#[path = "../benches/common/bins.rs"]
+mod bins;
 #[path = "e2e/platform.rs"]
 mod platform;
 

@@ -1,7 +1,7 @@
-//! The project's binaries and the test image for benches: a bench belongs to
-//! the root package, so cargo does not build the agent's and runtime's
-//! binaries for it; they are brought up to date here (a stale binary would
-//! measure old code).
+//! The project's binaries and the test image for benches and end-to-end
+//! tests: they belong to the root package, so cargo does not build the
+//! agent's and runtime's binaries for them; they are brought up to date here
+//! (a stale binary would run old code).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

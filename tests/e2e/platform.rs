@@ -21,36 +21,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(60);
 /// first (they belong to the agent and runtime packages, which
 /// `cargo test -p cph` does not build).
 pub fn cph() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_cph"));
-    let dir = exe.parent().expect("bin dir").to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "cph-agent", "-p", "cph-runtime", "--bins"]);
-    // What cargo sets for this test's process would make build scripts that
-    // read it (ring reads CARGO_MANIFEST_DIR) rebuild, here and again in the
-    // next ordinary build.
-    for (k, _) in std::env::vars_os() {
-        let Some(k) = k.to_str() else { continue };
-        if k.starts_with("CARGO_PKG_")
-            || matches!(
-                k,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_BIN_NAME"
-                    | "OUT_DIR"
-            )
-        {
-            cmd.env_remove(k);
-        }
-    }
-    if dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let ok = cmd.status().expect("cargo build").success();
-    assert!(ok, "building cph-agent and cph-shim failed");
+    let dir = crate::bins::built(&["cph-agent", "cph-runtime"]);
     for bin in ["cph-agent", "cph-shim"] {
         assert!(
             dir.join(bin).exists(),
@@ -58,26 +29,11 @@ pub fn cph() -> PathBuf {
             dir.display()
         );
     }
-    exe
+    PathBuf::from(env!("CARGO_BIN_EXE_cph"))
 }
 
 /// The test phone image: `CPH_TEST_IMAGE`, or built by the repo's script.
-pub fn image() -> PathBuf {
-    if let Some(p) = std::env::var_os("CPH_TEST_IMAGE") {
-        return PathBuf::from(p);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let path = repo.join("target/images/cph-test-image.tar.gz");
-    if !path.exists() {
-        let ok = Command::new(repo.join("image/build-test-image.sh"))
-            .arg(&path)
-            .status()
-            .expect("run build-test-image.sh")
-            .success();
-        assert!(ok, "building the test image failed");
-    }
-    path
-}
+pub use crate::bins::image;
 
 /// Three distinct free ports on 127.0.0.1.
 fn free_ports() -> [u16; 3] {

@@ -116,14 +116,7 @@ impl Phones {
 
     /// The encoding servers of the recorded servers and their status.
     pub fn encoder_states(&self) -> Vec<EncoderState> {
-        let servers: Vec<String> = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|s| s.flavor.encode_server_spec().is_some())
-            .map(|s| s.server_id.clone())
-            .collect();
+        let servers = self.servers_with_encoder();
         let restarting = self
             .encoders_restarting
             .lock()
@@ -144,28 +137,29 @@ impl Phones {
             .collect()
     }
 
-    /// Ids of the encoding containers the recorded servers should have.
-    pub(super) fn encoder_ids(&self) -> BTreeSet<String> {
+    /// The recorded servers whose flavor has an encoding server.
+    fn servers_with_encoder(&self) -> Vec<String> {
         self.servers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter(|s| s.flavor.encode_server_spec().is_some())
-            .map(|s| encoder_id(&s.server_id))
+            .map(|s| s.server_id.clone())
+            .collect()
+    }
+
+    /// Ids of the encoding containers the recorded servers should have.
+    pub(super) fn encoder_ids(&self) -> BTreeSet<String> {
+        self.servers_with_encoder()
+            .iter()
+            .map(|s| encoder_id(s))
             .collect()
     }
 
     /// After an agent restart: encoding containers that should run but do
     /// not (host reboot) are started again.
     pub(super) fn reconcile_encoders(&self) {
-        let servers: Vec<String> = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|s| s.flavor.encode_server_spec().is_some())
-            .map(|s| s.server_id.clone())
-            .collect();
+        let servers = self.servers_with_encoder();
         for server_id in servers {
             let name = container_name(&encoder_id(&server_id));
             if matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running)) {
