@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use cph_runtime::storage::{
+    btrfs::{quota_mode, QuotaMode},
     capacity_report, list_share_dir, BtrfsConfig, BtrfsStorage, PoolDevice, Storage, StorageError,
 };
 
@@ -269,6 +270,74 @@ fn writes_past_the_disk_size_fail_with_edquot() {
     // The neighbour and the pool are unaffected.
     let w = s.create_volume("phone-w", "img", 16 << 20).unwrap();
     std::fs::write(w.join("ok"), vec![1u8; 1 << 20]).unwrap();
+    s.teardown().unwrap();
+}
+
+/// Fills `path` in 1 MiB synced chunks; the bytes written before an error.
+fn fill(path: &Path, max_mib: usize) -> (usize, Option<std::io::Error>) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 1 << 20];
+    for i in 0..max_mib {
+        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_data()) {
+            return (i, Some(e));
+        }
+    }
+    (max_mib, None)
+}
+
+#[test]
+fn new_pools_charge_phones_only_for_their_own_writes() {
+    if !btrfs_available("new_pools_charge_phones_only_for_their_own_writes") {
+        return;
+    }
+    if !Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
+        eprintln!("SKIPPED new_pools_charge_phones_only_for_their_own_writes: no simple quotas");
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    assert_eq!(quota_mode(&pool.mount).unwrap(), Some(QuotaMode::Simple));
+    // A 12 MiB image and a 16 MiB disk: the phone may write 16 MiB of its
+    // own (full accounting would stop it at 4 MiB), not 20.
+    let big = vec![7u8; 12 << 20];
+    import(&s, "img", &make_image(&[("system.img", &big)]));
+    let v = s.create_volume("phone-own", "img", 16 << 20).unwrap();
+    let (written, err) = fill(&v.join("data.bin"), 20);
+    assert!(err.is_some(), "20 MiB written into a 16 MiB disk");
+    assert!(
+        (12..=16).contains(&written),
+        "{written} MiB before the limit"
+    );
+    // The image's bytes stay readable and shared.
+    assert_eq!(std::fs::read(v.join("system.img")).unwrap().len(), 12 << 20);
+    s.teardown().unwrap();
+}
+
+#[test]
+fn a_pool_with_full_quotas_keeps_them() {
+    if !btrfs_available("a_pool_with_full_quotas_keeps_them") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let run = |args: &[&str]| {
+        let ok = Command::new("btrfs")
+            .args(args)
+            .arg(&pool.mount)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "btrfs {args:?}");
+    };
+    run(&["quota", "disable"]);
+    run(&["quota", "enable"]);
+    s.teardown().unwrap();
+    let s = pool.open();
+    assert_eq!(quota_mode(&pool.mount).unwrap(), Some(QuotaMode::Full));
+    import(&s, "img", &make_image(&[("init", b"#!/bin/sh\n")]));
+    let v = s.create_volume("phone-full", "img", 8 << 20).unwrap();
+    let (_, err) = fill(&v.join("data.bin"), 32);
+    assert!(err.is_some(), "32 MiB written into an 8 MiB disk");
     s.teardown().unwrap();
 }
 

@@ -4,6 +4,14 @@
 //! qgroup carries a referenced-bytes limit, so writes past the phone's disk
 //! size fail with EDQUOT. The sharepool is a subvolume with its own limit.
 //!
+//! A new pool uses simple quotas (kernel 6.7+): an extent is charged to the
+//! subvolume that wrote it for its whole life, so a phone's limit caps what
+//! the phone writes on top of its image, and taking or dropping a snapshot
+//! costs no accounting walk over the image (full qgroups made a 1 GB clone
+//! take 110-170 ms on commit, simple ones 10 ms). Kernels without them, and
+//! pools made with full qgroups, keep full accounting, where the limit
+//! covers the image's bytes too.
+//!
 //! Layout under the mount point: `.cph-owner`, `images/<id>`,
 //! `volumes/<phone>`, `meta/<phone>.json`, `share/{files,apps}`.
 
@@ -57,6 +65,89 @@ pub struct BtrfsStorage {
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// How a pool accounts the space of its subvolumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// Extents are charged to the subvolume that wrote them.
+    Simple,
+    /// Full qgroup accounting: shared extents count for every referrer.
+    Full,
+}
+
+/// The btrfs ioctls this backend issues itself (`linux/btrfs.h`);
+/// btrfs-progs before 6.7 cannot enable simple quotas.
+mod ioctl {
+    /// `struct btrfs_ioctl_quota_ctl_args`.
+    #[repr(C)]
+    pub struct QuotaCtlArgs {
+        pub cmd: u64,
+        pub status: u64,
+    }
+    /// `BTRFS_QUOTA_CTL_ENABLE_SIMPLE_QUOTA`.
+    pub const ENABLE_SIMPLE_QUOTA: u64 = 4;
+    nix::ioctl_readwrite!(quota_ctl, 0x94, 40, QuotaCtlArgs);
+
+    /// `struct btrfs_ioctl_fs_info_args` (1 KiB; only the fsid is read).
+    #[repr(C)]
+    pub struct FsInfoArgs {
+        pub max_id: u64,
+        pub num_devices: u64,
+        pub fsid: [u8; 16],
+        pub rest: [u8; 992],
+    }
+    nix::ioctl_read!(fs_info, 0x94, 31, FsInfoArgs);
+}
+
+fn open_dir(p: &Path) -> Result<std::fs::File, StorageError> {
+    std::fs::File::open(p).map_err(|e| StorageError::io("open", p, e))
+}
+
+/// The accounting mode of the btrfs mounted at `mount`, `None` when quotas
+/// are off (read from `/sys/fs/btrfs/<fsid>/qgroups/mode`).
+pub fn quota_mode(mount: &Path) -> Result<Option<QuotaMode>, StorageError> {
+    use std::os::fd::AsRawFd;
+    let dir = open_dir(mount)?;
+    let mut args = ioctl::FsInfoArgs {
+        max_id: 0,
+        num_devices: 0,
+        fsid: [0; 16],
+        rest: [0; 992],
+    };
+    // SAFETY: `args` is a properly sized, writable FS_INFO argument block
+    // and `dir` an open descriptor for the duration of the call.
+    unsafe { ioctl::fs_info(dir.as_raw_fd(), &mut args) }
+        .map_err(|e| StorageError::io("read btrfs info of", mount, e.into()))?;
+    let f = args.fsid;
+    let fsid = format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15]
+    );
+    let mode = Path::new("/sys/fs/btrfs").join(fsid).join("qgroups/mode");
+    match std::fs::read_to_string(&mode) {
+        Ok(m) if m.trim() == "squota" => Ok(Some(QuotaMode::Simple)),
+        Ok(_) => Ok(Some(QuotaMode::Full)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io("read", mode, e)),
+    }
+}
+
+/// Turns simple quotas on; `Ok(false)` when the kernel has none.
+fn enable_simple_quotas(mount: &Path) -> Result<bool, StorageError> {
+    use std::os::fd::AsRawFd;
+    let dir = open_dir(mount)?;
+    let mut args = ioctl::QuotaCtlArgs {
+        cmd: ioctl::ENABLE_SIMPLE_QUOTA,
+        status: 0,
+    };
+    // SAFETY: `args` is a valid QUOTA_CTL argument block and `dir` an open
+    // descriptor for the duration of the call.
+    match unsafe { ioctl::quota_ctl(dir.as_raw_fd(), &mut args) } {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(StorageError::io("enable simple quotas on", mount, e.into())),
+    }
+}
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -226,7 +317,7 @@ impl BtrfsStorage {
     fn ensure_layout(&self) -> Result<(), StorageError> {
         let mp = &self.cfg.mount_point;
         claim_owner(mp, &self.cfg.owner)?;
-        self.btrfs(Btrfs::QuotaEnable { mount: s(mp) })?;
+        self.enable_quotas(mp)?;
         for d in ["images", "volumes", "meta"] {
             let p = mp.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
@@ -257,6 +348,23 @@ impl BtrfsStorage {
             }
         }
         Ok(())
+    }
+
+    /// Quotas as they are on an existing pool; simple ones on a new pool
+    /// where the kernel has them, full accounting otherwise.
+    fn enable_quotas(&self, mp: &Path) -> Result<(), StorageError> {
+        if quota_mode(mp)?.is_some() {
+            return Ok(());
+        }
+        if enable_simple_quotas(mp)? {
+            tracing::info!(mount = %mp.display(), "btrfs simple quotas enabled");
+            return Ok(());
+        }
+        tracing::info!(
+            mount = %mp.display(),
+            "kernel has no btrfs simple quotas; using full qgroup accounting"
+        );
+        self.btrfs(Btrfs::QuotaEnable { mount: s(mp) }).map(|_| ())
     }
 
     fn delete_subvolume(&self, path: &Path) -> Result<(), StorageError> {
