@@ -294,6 +294,34 @@ fn main() {
         t.elapsed().as_secs_f64() * 1000.0
     });
 
+    // Deep pages whose remembered positions are stale: a phone was added
+    // just before (unfiltered listing), or the listing is filtered by
+    // status and asked for the first time.
+    let (changed50, filtered_first) = {
+        let store = Store::open_dir(dir.path()).expect("store");
+        let template = store
+            .phone(&project, &phone_ids[0])
+            .expect("phone")
+            .expect("exists");
+        let deep = format!(
+            "{base}/v1/{project}/cloud-phone/phones?offset={}&limit=100",
+            n / 2
+        );
+        let mut lat = Vec::new();
+        for _ in 0..20 {
+            let p = Phone {
+                phone_id: new_id(),
+                ..template.clone()
+            };
+            store.insert_phones(&[p]).expect("insert");
+            let t = Instant::now();
+            rt.block_on(get(deep.clone()));
+            lat.push(t.elapsed());
+        }
+        let t = Instant::now();
+        rt.block_on(get(format!("{deep}&status=2")));
+        (percentile(&mut lat, 0.5), t.elapsed())
+    };
     let mut c = Criterion::default().sample_size(10);
     c = if full {
         c.configure_from_args()
@@ -305,7 +333,7 @@ fn main() {
         b.iter(|| rt.block_on(get(list_url.clone())))
     });
 
-    println!("list p50 {l50:?} p99 {l99:?} {lrps:.0} req/s; detail p50 {d50:?} p99 {d99:?} {drps:.0} req/s; batch 1000 accepted in {batch_ms:.1} ms, dispatched to {HOSTS} agents in {dispatched_ms:?} ms");
+    println!("list p50 {l50:?} p99 {l99:?} {lrps:.0} req/s; deep page after a change p50 {changed50:?}, first filtered deep page {filtered_first:?}; detail p50 {d50:?} p99 {d99:?} {drps:.0} req/s; batch 1000 accepted in {batch_ms:.1} ms, dispatched to {HOSTS} agents in {dispatched_ms:?} ms");
     if full {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         report::write(
@@ -328,6 +356,19 @@ fn main() {
                     ours: lrps,
                     anchor: 1000.0,
                     unit: "req/s",
+                },
+                Metric {
+                    metric: "list limit 100 at offset 50,000 right after a phone was added, p50"
+                        .into(),
+                    ours: ms(changed50),
+                    anchor: 10.0,
+                    unit: "ms",
+                },
+                Metric {
+                    metric: "first list at offset 50,000 filtered by status".into(),
+                    ours: ms(filtered_first),
+                    anchor: 10.0,
+                    unit: "ms",
                 },
                 Metric {
                     metric: "detail p50".into(),

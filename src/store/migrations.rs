@@ -133,4 +133,36 @@ CREATE TABLE sync_shell_calls (
     r#"
 ALTER TABLE servers ADD COLUMN encoder_status INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 3: revision counters of each project's phones, moved by triggers so
+    // that every writer (another process, a later replica) invalidates the
+    // remembered positions of deep listings: `members` when phones come,
+    // go or change order, `attrs` when a filtered field changes.
+    r#"
+CREATE TABLE phone_list_rev (
+    project_id TEXT PRIMARY KEY,
+    members INTEGER NOT NULL DEFAULT 0,
+    attrs INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER phones_rev_insert AFTER INSERT ON phones BEGIN
+    INSERT INTO phone_list_rev (project_id, members) VALUES (NEW.project_id, 1)
+    ON CONFLICT (project_id) DO UPDATE SET members = members + 1;
+END;
+CREATE TRIGGER phones_rev_delete AFTER DELETE ON phones BEGIN
+    INSERT INTO phone_list_rev (project_id, members) VALUES (OLD.project_id, 1)
+    ON CONFLICT (project_id) DO UPDATE SET members = members + 1;
+END;
+CREATE TRIGGER phones_rev_move AFTER UPDATE OF project_id, seq ON phones
+WHEN OLD.project_id IS NOT NEW.project_id OR OLD.seq IS NOT NEW.seq BEGIN
+    INSERT INTO phone_list_rev (project_id, members) VALUES (OLD.project_id, 1)
+    ON CONFLICT (project_id) DO UPDATE SET members = members + 1;
+    INSERT INTO phone_list_rev (project_id, members) VALUES (NEW.project_id, 1)
+    ON CONFLICT (project_id) DO UPDATE SET members = members + 1;
+END;
+CREATE TRIGGER phones_rev_attrs AFTER UPDATE OF phone_name, server_id, status, type ON phones
+WHEN OLD.phone_name IS NOT NEW.phone_name OR OLD.server_id IS NOT NEW.server_id
+    OR OLD.status IS NOT NEW.status OR OLD.type IS NOT NEW.type BEGIN
+    INSERT INTO phone_list_rev (project_id, attrs) VALUES (NEW.project_id, 1)
+    ON CONFLICT (project_id) DO UPDATE SET attrs = attrs + 1;
+END;
+"#,
 ];

@@ -8,9 +8,10 @@
 mod migrations;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use serde::Serialize;
 
 /// Store failures.
@@ -141,12 +142,19 @@ pub struct Bandwidth {
 }
 
 /// Filter of a phone listing.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PhoneFilter {
     pub phone_name: Option<String>,
     pub server_id: Option<String>,
     pub status: Option<i32>,
     pub phone_type: Option<i32>,
+}
+
+impl PhoneFilter {
+    /// Whether the filter lets every phone of the project through.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Filter of a server listing.
@@ -237,6 +245,87 @@ pub fn new_id() -> String {
 /// The SQLite store.
 pub struct Store {
     conn: Mutex<Connection>,
+    positions: Mutex<PositionCache>,
+}
+
+/// Phone listings at least this deep are served from remembered positions.
+pub const DEEP_OFFSET: u32 = 1_000;
+
+/// The WHERE clause of a phone listing naming only the filters given (so
+/// an unfiltered listing is read from the project index alone), and its
+/// values as `?1`, `?2`, ...
+fn phone_filter(project_id: &str, f: &PhoneFilter) -> (String, Vec<Value>) {
+    let mut sql = String::from("project_id = ?1");
+    let mut values = vec![Value::from(project_id.to_string())];
+    let mut add = |clause: &str, v: Value| {
+        values.push(v);
+        sql.push_str(" AND ");
+        sql.push_str(&clause.replace('?', &format!("?{}", values.len())));
+    };
+    if let Some(n) = &f.phone_name {
+        add(
+            "phone_name LIKE ? ESCAPE '\\'",
+            Value::from(like_pattern(n)),
+        );
+    }
+    if let Some(id) = &f.server_id {
+        add("server_id = ?", Value::from(id.clone()));
+    }
+    if let Some(st) = f.status {
+        add("status = ?", Value::from(st));
+    }
+    if let Some(t) = f.phone_type {
+        add("type = ?", Value::from(t));
+    }
+    (sql, values)
+}
+
+type ListKey = (String, PhoneFilter);
+
+/// The positions of a few deep phone listings, each with the revision of
+/// the project's phones it was read at; least recently used goes first.
+#[derive(Default)]
+struct PositionCache {
+    entries: Vec<PositionEntry>,
+    clock: u64,
+}
+
+struct PositionEntry {
+    key: ListKey,
+    rev: (i64, i64),
+    positions: Arc<Vec<(i64, i64)>>,
+    used: u64,
+}
+
+impl PositionCache {
+    /// Listings remembered at once (100,000 phones take 1.6 MB each).
+    const ENTRIES: usize = 8;
+
+    fn get(&mut self, key: &ListKey, rev: (i64, i64)) -> Option<Arc<Vec<(i64, i64)>>> {
+        self.clock += 1;
+        let e = self
+            .entries
+            .iter_mut()
+            .find(|e| &e.key == key && e.rev == rev)?;
+        e.used = self.clock;
+        Some(e.positions.clone())
+    }
+
+    fn put(&mut self, key: ListKey, rev: (i64, i64), positions: Arc<Vec<(i64, i64)>>) {
+        self.clock += 1;
+        self.entries.retain(|e| e.key != key);
+        if self.entries.len() >= Self::ENTRIES {
+            if let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used) {
+                self.entries.swap_remove(i);
+            }
+        }
+        self.entries.push(PositionEntry {
+            key,
+            rev,
+            positions,
+            used: self.clock,
+        });
+    }
 }
 
 const SERVER_COLS: &str =
@@ -378,8 +467,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Deep listings walk the phone index; keep it in memory.
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        // Listings prepare one statement per combination of filters.
+        conn.set_prepared_statement_cache_capacity(64);
         let store = Self {
             conn: Mutex::new(conn),
+            positions: Mutex::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -994,7 +1088,9 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// A project's phones, newest first.
+    /// A page of a project's phones, newest first. A page at least
+    /// [`DEEP_OFFSET`] deep starts from the listing's remembered positions
+    /// (one index seek) instead of stepping over `offset` rows.
     pub fn list_phones(
         &self,
         project_id: &str,
@@ -1003,28 +1099,68 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Phone>> {
         let c = self.db()?;
-        let sql = format!(
-            "SELECT {PHONE_COLS} FROM phones WHERE project_id = ?1
-               AND (?2 IS NULL OR phone_name LIKE ?2 ESCAPE '\\')
-               AND (?3 IS NULL OR server_id = ?3)
-               AND (?4 IS NULL OR status = ?4)
-               AND (?5 IS NULL OR type = ?5)
-             ORDER BY seq DESC LIMIT ?6 OFFSET ?7"
-        );
+        let (filter, mut values) = phone_filter(project_id, f);
+        let sql = if offset < DEEP_OFFSET {
+            values.extend([Value::from(limit), Value::from(offset)]);
+            format!(
+                "SELECT {PHONE_COLS} FROM phones WHERE {filter}
+                 ORDER BY seq DESC, rowid LIMIT ?{} OFFSET ?{}",
+                values.len() - 1,
+                values.len()
+            )
+        } else {
+            let positions = self.list_positions(&c, project_id, f)?;
+            let Some(&(seq, rowid)) = positions.get(offset as usize) else {
+                return Ok(Vec::new());
+            };
+            values.extend([Value::from(seq), Value::from(rowid), Value::from(limit)]);
+            let n = values.len();
+            format!(
+                "SELECT {PHONE_COLS} FROM phones WHERE {filter}
+                   AND seq <= ?{s} AND NOT (seq = ?{s} AND rowid < ?{r})
+                 ORDER BY seq DESC, rowid LIMIT ?{n}",
+                s = n - 2,
+                r = n - 1
+            )
+        };
         let mut st = c.prepare_cached(&sql)?;
-        let rows = st.query_map(
-            params![
-                project_id,
-                f.phone_name.as_deref().map(like_pattern),
-                f.server_id,
-                f.status,
-                f.phone_type,
-                limit,
-                offset
-            ],
-            phone_row,
-        )?;
+        let rows = st.query_map(params_from_iter(values), phone_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// `(seq, rowid)` of every phone of a listing in its order, remembered
+    /// while the project's revision counters (kept by triggers, so every
+    /// writer of the database moves them) say the listing is unchanged.
+    fn list_positions(
+        &self,
+        c: &Connection,
+        project_id: &str,
+        f: &PhoneFilter,
+    ) -> Result<Arc<Vec<(i64, i64)>>> {
+        let (members, attrs): (i64, i64) = c
+            .prepare_cached("SELECT members, attrs FROM phone_list_rev WHERE project_id = ?1")?
+            .query_row([project_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((0, 0));
+        // An unfiltered listing does not change with a phone's attributes.
+        let rev = if f.is_empty() {
+            (members, 0)
+        } else {
+            (members, attrs)
+        };
+        let key = (project_id.to_string(), f.clone());
+        let mut cache = self.positions.lock().map_err(|_| StoreError::Poisoned)?;
+        if let Some(p) = cache.get(&key, rev) {
+            return Ok(p);
+        }
+        let (filter, values) = phone_filter(project_id, f);
+        let mut st = c.prepare_cached(&format!(
+            "SELECT seq, rowid FROM phones WHERE {filter} ORDER BY seq DESC, rowid"
+        ))?;
+        let rows = st.query_map(params_from_iter(values), |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let positions = Arc::new(rows.collect::<rusqlite::Result<Vec<_>>>()?);
+        cache.put(key, rev, positions.clone());
+        Ok(positions)
     }
 
     /// Sets a phone's status.
@@ -1372,6 +1508,124 @@ mod tests {
         s.create_user("alice", "pw", &p.project_id).expect("user");
         assert_eq!(s.check_user("alice", "pw").expect("q"), Some(p.project_id));
         assert_eq!(s.check_user("alice", "bad").expect("q"), None);
+    }
+
+    fn test_phone(project: &str, i: usize) -> Phone {
+        Phone {
+            phone_id: format!("ph-{project}-{i:05}"),
+            project_id: project.into(),
+            server_id: format!("srv-{}", i % 3),
+            phone_name: format!("phone-{i:05}"),
+            phone_model_name: "m".into(),
+            image_id: "img".into(),
+            status: 2,
+            phone_type: 0,
+            slot: i as u32,
+            property: "{}".into(),
+            access_infos: "[]".into(),
+            traffic_type: "direct".into(),
+            create_time: now_string(),
+            update_time: now_string(),
+        }
+    }
+
+    /// Every page of `f` (shallow and deep, odd offsets included) against
+    /// the whole listing read in one query.
+    fn check_pages(s: &Store, project: &str, f: &PhoneFilter) {
+        let all = s
+            .list_phones(project, f, 0, u32::MAX)
+            .expect("whole listing");
+        let ids: Vec<&str> = all.iter().map(|p| p.phone_id.as_str()).collect();
+        let mut offsets: Vec<usize> = (0..=ids.len() + 100).step_by(97).collect();
+        offsets.extend([999, 1000, 1001, ids.len().saturating_sub(1), ids.len()]);
+        for off in offsets {
+            let page = s.list_phones(project, f, off as u32, 50).expect("page");
+            let got: Vec<&str> = page.iter().map(|p| p.phone_id.as_str()).collect();
+            let want: Vec<&str> = ids.iter().skip(off).take(50).copied().collect();
+            assert_eq!(got, want, "offset {off} of {f:?}");
+        }
+    }
+
+    #[test]
+    fn deep_phone_pages_follow_every_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        // Phones without servers or projects: only the listing is tested.
+        s.db()
+            .expect("db")
+            .execute_batch("PRAGMA foreign_keys = OFF")
+            .expect("pragma");
+        let a: Vec<Phone> = (0..2500).map(|i| test_phone("pa", i)).collect();
+        let b: Vec<Phone> = (0..1200).map(|i| test_phone("pb", i)).collect();
+        s.insert_phones(&a).expect("insert");
+        s.insert_phones(&b).expect("insert");
+        // Equal seqs are ordered by insertion.
+        s.db()
+            .expect("db")
+            .execute(
+                "UPDATE phones SET seq = 7 WHERE project_id = 'pa' AND slot BETWEEN 1000 AND 1100",
+                [],
+            )
+            .expect("ties");
+        let filters = [
+            PhoneFilter::default(),
+            PhoneFilter {
+                server_id: Some("srv-1".into()),
+                ..Default::default()
+            },
+            PhoneFilter {
+                status: Some(2),
+                phone_name: Some("phone-0".into()),
+                ..Default::default()
+            },
+        ];
+        for f in &filters {
+            check_pages(&s, "pa", f);
+        }
+        check_pages(&s, "pb", &PhoneFilter::default());
+        // Changes through another connection to the same database.
+        let other = Store::open_dir(dir.path()).expect("second handle");
+        for i in (0..2500).step_by(3) {
+            other
+                .set_phone_status(&format!("ph-pa-{i:05}"), -7)
+                .expect("status");
+        }
+        other
+            .db()
+            .expect("db")
+            .execute(
+                "DELETE FROM phones WHERE project_id = 'pa' AND slot % 5 = 0",
+                [],
+            )
+            .expect("delete");
+        other
+            .db()
+            .expect("db")
+            .execute_batch("PRAGMA foreign_keys = OFF")
+            .expect("pragma");
+        other
+            .insert_phones(
+                &(2500..2700)
+                    .map(|i| test_phone("pa", i))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("insert");
+        for f in &filters {
+            check_pages(&s, "pa", f);
+        }
+        check_pages(
+            &s,
+            "pa",
+            &PhoneFilter {
+                status: Some(-7),
+                ..Default::default()
+            },
+        );
+        let deep = s
+            .list_phones("pa", &PhoneFilter::default(), 1500, 10)
+            .expect("deep");
+        assert_eq!(deep.len(), 10);
+        assert!(deep.iter().all(|p| p.project_id == "pa"));
     }
 
     #[test]
