@@ -1,14 +1,16 @@
 //! Job dispatch: jobs are persisted first, then sent to the owning agent
-//! (`POST /v1/jobs`, idempotent on `job_id`) with retries; dispatched jobs
-//! are polled (`GET /v1/jobs/{id}`) until their agent reports an end, so a
-//! restarted control plane resumes tracking. Servers bought but not yet
+//! (`POST /v1/jobs/batch`, many per request, idempotent on `job_id`) with
+//! retries; dispatched jobs are polled (`GET /v1/jobs/{id}`) until their
+//! agent reports an end, so a restarted control plane resumes tracking. Servers bought but not yet
 //! created are sent as `CreateServer`. Silent agents are marked abnormal and
 //! their unfinished jobs fail with a reason.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cph_agent::protocol::{JobKind, JobRequest, JobState, JobStatus, MIGRATE_RESTORE_SUFFIX};
+use cph_agent::protocol::{
+    BatchedJob, JobBatch, JobKind, JobRequest, JobState, JobStatus, MIGRATE_RESTORE_SUFFIX,
+};
 use tokio::sync::Notify;
 
 use crate::store::{Store, StoreError};
@@ -213,6 +215,16 @@ async fn create_servers(
     Ok(())
 }
 
+/// Jobs sent to one agent in one request at most.
+const BATCH_MAX: usize = 200;
+
+/// What became of sending one job: its row, whether the agent took it, and
+/// the status it answered.
+type Sent = (String, bool, Option<JobStatus>);
+
+/// Sends every undispatched job: to each agent in batches (one request and
+/// one flush on the agent for many jobs), sync shells alone, since their
+/// answer carries the output.
 async fn send_jobs(
     store: &Arc<Store>,
     client: &reqwest::Client,
@@ -224,6 +236,8 @@ async fn send_jobs(
             return Ok(());
         }
         let mut nodes = std::collections::HashMap::new();
+        let mut batches: std::collections::HashMap<String, Vec<(String, JobRequest)>> =
+            std::collections::HashMap::new();
         let mut set = tokio::task::JoinSet::new();
         for j in jobs {
             let node = match nodes.get(&j.node_id) {
@@ -247,28 +261,32 @@ async fn send_jobs(
                 continue;
             };
             let req: JobRequest = serde_json::from_str(&j.request)?;
-            let url = format!("{}/v1/jobs", node.agent_url.trim_end_matches('/'));
-            let client = client.clone();
-            let cfg = cfg.clone();
-            let row_id = j.job_id.clone();
-            set.spawn(async move {
-                let r = post_json(&client, &cfg, url, &req).await;
-                let status = match r {
-                    Ok(resp) => resp.json::<JobStatus>().await.ok(),
-                    Err(e) => {
-                        tracing::warn!(job_id = %req.job_id, error = %e, "job not delivered");
-                        return (row_id, false, None);
-                    }
-                };
-                (row_id, true, status)
-            });
+            let base = node.agent_url.trim_end_matches('/').to_string();
+            if matches!(req.kind, JobKind::SyncShell { .. }) {
+                let (client, cfg) = (client.clone(), cfg.clone());
+                set.spawn(async move { vec![post_one(&client, &cfg, &base, j.job_id, req).await] });
+            } else {
+                batches.entry(base).or_default().push((j.job_id, req));
+            }
         }
-        let mut progress = false;
+        for (base, jobs) in batches {
+            let mut jobs = jobs.into_iter().peekable();
+            while jobs.peek().is_some() {
+                let chunk: Vec<_> = jobs.by_ref().take(BATCH_MAX).collect();
+                let (client, cfg, base) = (client.clone(), cfg.clone(), base.clone());
+                set.spawn(async move { post_batch(&client, &cfg, &base, chunk).await });
+            }
+        }
+        let mut sent: Vec<Sent> = Vec::new();
         while let Some(res) = set.join_next().await {
-            let Ok((job_id, ok, status)) = res else {
-                continue;
-            };
-            let attempts = store.mark_dispatched(&job_id, ok)?;
+            if let Ok(v) = res {
+                sent.extend(v);
+            }
+        }
+        let marks: Vec<(&str, bool)> = sent.iter().map(|(id, ok, _)| (id.as_str(), *ok)).collect();
+        let attempts = store.mark_dispatched_many(&marks)?;
+        let mut progress = false;
+        for ((job_id, ok, status), attempts) in sent.into_iter().zip(attempts) {
             if ok {
                 progress = true;
                 if let Some(s) = status {
@@ -286,6 +304,77 @@ async fn send_jobs(
         }
         if !progress {
             return Ok(());
+        }
+    }
+}
+
+/// Sends one job (`POST /v1/jobs`).
+async fn post_one(
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+    base: &str,
+    row_id: String,
+    req: JobRequest,
+) -> Sent {
+    let url = format!("{base}/v1/jobs");
+    match post_json(client, cfg, url, &req).await {
+        Ok(resp) => {
+            let status = resp.json::<JobStatus>().await.ok();
+            (row_id, true, status)
+        }
+        Err(e) => {
+            tracing::warn!(job_id = %req.job_id, error = %e, "job not delivered");
+            (row_id, false, None)
+        }
+    }
+}
+
+/// Sends jobs of one agent together (`POST /v1/jobs/batch`); an agent
+/// without batches (404/405) gets them one by one.
+async fn post_batch(
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+    base: &str,
+    jobs: Vec<(String, JobRequest)>,
+) -> Vec<Sent> {
+    let (rows, reqs): (Vec<String>, Vec<JobRequest>) = jobs.into_iter().unzip();
+    let batch = JobBatch { jobs: reqs };
+    let url = format!("{base}/v1/jobs/batch");
+    let answers = match post_json(client, cfg, url, &batch).await {
+        Ok(resp) => resp
+            .json::<Vec<BatchedJob>>()
+            .await
+            .map_err(|e| e.to_string()),
+        Err(DispatchError::Status {
+            status: 404 | 405, ..
+        }) => {
+            let mut out = Vec::with_capacity(rows.len());
+            for (row, req) in rows.into_iter().zip(batch.jobs) {
+                out.push(post_one(client, cfg, base, row, req).await);
+            }
+            return out;
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match answers {
+        Ok(answers) if answers.len() == rows.len() => rows
+            .into_iter()
+            .zip(answers)
+            .map(|(row, a)| match a.status {
+                Some(s) => (row, true, Some(s)),
+                None => {
+                    tracing::warn!(job_id = %a.job_id, code = ?a.error_code, error = ?a.error_msg, "job refused by its agent");
+                    (row, false, None)
+                }
+            })
+            .collect(),
+        other => {
+            let error = match other {
+                Ok(a) => format!("{} answers for {} jobs", a.len(), rows.len()),
+                Err(e) => e,
+            };
+            tracing::warn!(agent = %base, jobs = rows.len(), %error, "job batch not delivered");
+            rows.into_iter().map(|r| (r, false, None)).collect()
         }
     }
 }

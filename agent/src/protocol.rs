@@ -432,6 +432,43 @@ pub struct JobStatus {
     pub execute_msg: Option<String>,
 }
 
+/// Several jobs for one agent in one request (`POST /v1/jobs/batch`),
+/// recorded by the agent with one flush.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobBatch {
+    pub jobs: Vec<JobRequest>,
+}
+
+/// The agent's answer for one job of a batch, in the batch's order: its
+/// status when recorded (or known), otherwise why it was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchedJob {
+    pub job_id: String,
+    pub status: Option<JobStatus>,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+}
+
+impl BatchedJob {
+    pub fn accepted(status: JobStatus) -> Self {
+        Self {
+            job_id: status.job_id.clone(),
+            status: Some(status),
+            error_code: None,
+            error_msg: None,
+        }
+    }
+
+    pub fn refused(job_id: String, code: &str, msg: String) -> Self {
+        Self {
+            job_id,
+            status: None,
+            error_code: Some(code.to_string()),
+            error_msg: Some(msg),
+        }
+    }
+}
+
 /// Cuts `msg` to at most [`EXECUTE_MSG_MAX`] bytes on a character boundary.
 pub fn cap_execute_msg(msg: &str) -> String {
     if msg.len() <= EXECUTE_MSG_MAX {

@@ -106,6 +106,38 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     assert_eq!(st["status"], 2, "{st}");
     assert_eq!(st["execute_msg"].as_str().map(str::trim), Some("cph-test"));
 
+    // A batch: recorded together, answered in order, run in arrival order
+    // per phone; a repeated, an invalid and an already known id each get
+    // their own answer.
+    let batch = json!({"jobs": [
+        job("b-1", &server, &phone, json!({"kind": "shell", "command": "echo one > /data/b"})),
+        job("b-2", &server, &phone, json!({"kind": "shell", "command": "cat /data/b"})),
+        job("b-1", &server, &phone, json!({"kind": "shell", "command": "echo two > /data/b"})),
+        job("bad id!", &server, &phone, json!({"kind": "shell", "command": "true"})),
+        job("sh-1", &server, &phone, json!({"kind": "shell", "command": "true"})),
+    ]});
+    let (code, answers) = http(&addr, "POST", "/v1/jobs/batch", &token, Some(&batch));
+    assert_eq!(code, 200, "{answers}");
+    let ids: Vec<&str> = answers
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a["job_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids, ["b-1", "b-2", "b-1", "bad id!", "sh-1"], "{answers}");
+    assert_eq!(answers[0]["status"]["status"], 1, "{answers}");
+    assert_eq!(answers[2]["status"]["status"], 1, "{answers}");
+    assert_eq!(answers[3]["error_code"], "CPS.0048", "{answers}");
+    assert!(answers[3]["status"].is_null(), "{answers}");
+    assert_eq!(answers[4]["status"]["status"], 2, "{answers}");
+    let st = wait_job(&addr, &token, "b-2");
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        st["execute_msg"].as_str().map(str::trim),
+        Some("one"),
+        "{st}"
+    );
+
     // Property: a live one is set in the phone at once; an unknown one is refused.
     http(
         &addr,
@@ -182,6 +214,13 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     agent.restart();
     let st = wait_job(&addr, &token, "long-1");
     assert_eq!(st["status"], -1, "{st}");
+    // Batched jobs were recorded like single ones.
+    assert_eq!(
+        wait_job(&addr, &token, "b-2")["execute_msg"]
+            .as_str()
+            .map(str::trim),
+        Some("one")
+    );
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
     let (_, st) = http(

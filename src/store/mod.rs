@@ -1344,6 +1344,28 @@ impl Store {
         )?)
     }
 
+    /// [`Store::mark_dispatched`] for many jobs in one transaction; the
+    /// attempts of each, in order.
+    pub fn mark_dispatched_many(&self, outcomes: &[(&str, bool)]) -> Result<Vec<u32>> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let mut attempts = Vec::with_capacity(outcomes.len());
+        {
+            let mut up = tx.prepare_cached(
+                "UPDATE jobs SET dispatched = ?2, attempts = attempts + 1 WHERE job_id = ?1
+                 RETURNING attempts",
+            )?;
+            for (job_id, ok) in outcomes {
+                let n: Option<u32> = up
+                    .query_row(params![job_id, *ok as i64], |r| r.get(0))
+                    .optional()?;
+                attempts.push(n.unwrap_or(0));
+            }
+        }
+        tx.commit()?;
+        Ok(attempts)
+    }
+
     /// Finishes or updates a job. Finished jobs are never reopened.
     pub fn update_job(
         &self,

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::{Daemon, SubmitError};
-use crate::protocol::{Accepted, CreateServer, JobKind, JobRequest, AUTHORIZATION};
+use crate::protocol::{Accepted, CreateServer, JobBatch, JobKind, JobRequest, AUTHORIZATION};
 
 /// Equality of two byte strings in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -64,6 +64,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/servers", post(create_server))
         .route("/v1/servers/{id}", delete(delete_server))
         .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/batch", post(submit_batch))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/phones", get(phones))
         .layer(middleware::from_fn_with_state(Arc::clone(&d), auth))
@@ -99,6 +100,13 @@ fn submit_error(e: SubmitError) -> Response {
 async fn submit(State(d): State<Arc<Daemon>>, Json(req): Json<JobRequest>) -> Response {
     match d.submit(req).await {
         Ok(status) => Json(status).into_response(),
+        Err(e) => submit_error(e),
+    }
+}
+
+async fn submit_batch(State(d): State<Arc<Daemon>>, Json(b): Json<JobBatch>) -> Response {
+    match d.submit_batch(b.jobs).await {
+        Ok(out) => Json(out).into_response(),
         Err(e) => submit_error(e),
     }
 }

@@ -181,6 +181,94 @@ impl JobStore {
         Ok(Inserted::New(status))
     }
 
+    /// Records several jobs with one flush of the file system (a batch from
+    /// the control plane): the records are written, made durable together
+    /// with `syncfs`, then renamed into place. One outcome per request, in
+    /// order; a job id repeated in the batch is recorded once.
+    pub fn insert_many(&self, requests: &[JobRequest]) -> Vec<Result<Inserted, JobStoreError>> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(requests.len());
+        let mut fresh: Vec<(usize, JobRecord)> = Vec::new();
+        let mut in_batch: HashMap<&str, usize> = HashMap::new();
+        for (i, request) in requests.iter().enumerate() {
+            let id = request.job_id.as_str();
+            if !valid_job_id(id) {
+                out.push(Err(JobStoreError::InvalidId(id.to_string())));
+            } else if let Some(rec) = inner.jobs.get(id) {
+                out.push(Ok(Inserted::Existing(rec.status.clone())));
+            } else if let Some(&k) = in_batch.get(id) {
+                out.push(Ok(Inserted::Existing(fresh[k].1.status.clone())));
+            } else {
+                let rec = JobRecord {
+                    request: request.clone(),
+                    status: JobStatus {
+                        job_id: id.to_string(),
+                        status: JobState::Running,
+                        error_code: None,
+                        error_msg: None,
+                        execute_msg: None,
+                    },
+                    seq: inner.next_seq,
+                };
+                inner.next_seq += 1;
+                in_batch.insert(id, fresh.len());
+                out.push(Ok(Inserted::New(rec.status.clone())));
+                fresh.push((i, rec));
+            }
+        }
+        if let Err(e) = self.persist_many(fresh.iter().map(|(_, r)| r)) {
+            tracing::error!(error = %e, "job batch not recorded");
+            for (i, _) in &fresh {
+                out[*i] = Err(JobStoreError::Io {
+                    path: self.dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+            return out;
+        }
+        for (_, rec) in fresh {
+            inner.jobs.insert(rec.request.job_id.clone(), rec);
+        }
+        out
+    }
+
+    fn persist_many<'a>(
+        &self,
+        recs: impl Iterator<Item = &'a JobRecord>,
+    ) -> Result<(), JobStoreError> {
+        let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let result = (|| {
+            for rec in recs {
+                let path = self.dir.join(format!("{}.json", rec.request.job_id));
+                let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let tmp = path.with_extension("tmp");
+                written.push((tmp.clone(), path));
+                fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+            }
+            if written.is_empty() {
+                return Ok(());
+            }
+            let dir = fs::File::open(&self.dir).map_err(io(&self.dir))?;
+            nix::unistd::syncfs(&dir).map_err(|e| JobStoreError::Io {
+                path: self.dir.clone(),
+                source: e.into(),
+            })?;
+            for (tmp, path) in &written {
+                fs::rename(tmp, path).map_err(io(tmp))?;
+            }
+            dir.sync_all().map_err(io(&self.dir))
+        })();
+        if result.is_err() {
+            for (tmp, _) in &written {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        result
+    }
+
     /// Records the final status of a job.
     pub fn finish(&self, status: JobStatus) -> Result<(), JobStoreError> {
         let mut inner = self.lock();
@@ -256,6 +344,43 @@ mod tests {
             Inserted::Existing(s) => assert_eq!(s.status, JobState::Succeeded),
             other => panic!("expected existing, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_is_recorded_once_per_id_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = JobStore::open(dir.path()).expect("open");
+            store.insert(&req("old")).expect("old");
+            store.finish(succeeded("old", None)).expect("finish");
+            let out = store.insert_many(&[req("x"), req("y"), req("x"), req("../z"), req("old")]);
+            assert!(matches!(out[0], Ok(Inserted::New(_))), "{out:?}");
+            assert!(matches!(out[1], Ok(Inserted::New(_))), "{out:?}");
+            assert!(matches!(out[2], Ok(Inserted::Existing(_))), "{out:?}");
+            assert!(
+                matches!(out[3], Err(JobStoreError::InvalidId(_))),
+                "{out:?}"
+            );
+            match &out[4] {
+                Ok(Inserted::Existing(s)) => assert_eq!(s.status, JobState::Succeeded),
+                other => panic!("expected the recorded job, got {other:?}"),
+            }
+            let y = store.lock().jobs["y"].seq;
+            assert_eq!(store.lock().jobs["x"].seq + 1, y, "arrival order kept");
+        }
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+        let (store, mut interrupted) = JobStore::open(dir.path()).expect("reopen");
+        interrupted.sort();
+        assert_eq!(interrupted, ["x", "y"]);
+        assert_eq!(
+            store.get("old").map(|s| s.status),
+            Some(JobState::Succeeded)
+        );
     }
 
     #[test]

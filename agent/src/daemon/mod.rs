@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::config::AgentConfig;
 use crate::objstore::ObjectStore;
-use crate::protocol::{Inventory, JobKind, JobRequest, JobStatus};
+use crate::protocol::{BatchedJob, Inventory, JobKind, JobRequest, JobStatus};
 use jobstore::{Inserted, JobStore, JobStoreError};
 use phones::Phones;
 
@@ -241,13 +241,78 @@ impl Daemon {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let status = match self.store.insert(&req)? {
+        let me = Arc::clone(self);
+        let r = req.clone();
+        let inserted = tokio::task::spawn_blocking(move || me.store.insert(&r))
+            .await
+            .map_err(|e| {
+                SubmitError::Store(JobStoreError::Io {
+                    path: self.cfg.state_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
+        let status = match inserted? {
             Inserted::Existing(s) => return Ok(s),
             Inserted::New(s) => s,
         };
         if matches!(req.kind, JobKind::SyncShell { .. }) {
             return Ok(self.run_now(req).await);
         }
+        self.enqueue(req);
+        Ok(status)
+    }
+
+    /// Takes several jobs recorded together (one flush for the batch). Sync
+    /// shells in a batch run at once but are answered as running; the
+    /// control plane sends them alone to wait for their output.
+    pub async fn submit_batch(
+        self: &Arc<Self>,
+        reqs: Vec<JobRequest>,
+    ) -> Result<Vec<BatchedJob>, SubmitError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let me = Arc::clone(self);
+        let (reqs, outcomes) = tokio::task::spawn_blocking(move || {
+            let outcomes = me.store.insert_many(&reqs);
+            (reqs, outcomes)
+        })
+        .await
+        .map_err(|e| {
+            SubmitError::Store(JobStoreError::Io {
+                path: self.cfg.state_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?;
+        let mut out = Vec::with_capacity(reqs.len());
+        for (req, outcome) in reqs.into_iter().zip(outcomes) {
+            let job_id = req.job_id.clone();
+            match outcome {
+                Ok(Inserted::Existing(s)) => out.push(BatchedJob::accepted(s)),
+                Ok(Inserted::New(s)) => {
+                    if matches!(req.kind, JobKind::SyncShell { .. }) {
+                        let me = Arc::clone(self);
+                        tokio::spawn(async move { me.run_now(req).await });
+                    } else {
+                        self.enqueue(req);
+                    }
+                    out.push(BatchedJob::accepted(s));
+                }
+                Err(e) => {
+                    let code = match e {
+                        JobStoreError::InvalidId(_) => "CPS.0048",
+                        _ => "CPS.0003",
+                    };
+                    out.push(BatchedJob::refused(job_id, code, e.to_string()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues a recorded job behind the earlier ones of its phone (or
+    /// server).
+    fn enqueue(self: &Arc<Self>, req: JobRequest) {
         let key = match (&req.kind, &req.phone_id) {
             (JobKind::CreatePhone { phone }, _) => format!("phone:{}", phone.phone_id),
             (_, Some(p)) => format!("phone:{p}"),
@@ -267,7 +332,6 @@ impl Daemon {
         if sender.send(req).is_err() {
             tracing::error!("job queue closed");
         }
-        Ok(status)
     }
 
     async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<JobRequest>) {
