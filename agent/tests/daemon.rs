@@ -12,30 +12,15 @@ use serde_json::json;
 
 mod common;
 
-use common::{free_port, http, image, job, shim, wait_job, Agent};
+use common::{http, image, job, wait_job, TestAgent};
 
 #[test]
 fn agent_runs_phones_and_jobs_through_the_protocol() {
     if !cph_runtime::privilege::check("agent_runs_phones_and_jobs_through_the_protocol") {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = tmp.path().join("state");
-    let pid = std::process::id();
-    let parent = format!("cph-agentd-{pid}");
-    let shim = shim();
-    let net = common::TestNet::unique();
-    let _host = common::HostGuard { net: net.clone() };
-    let _cleanup = common::Cleanup {
-        state: state.clone(),
-        parent: parent.clone(),
-        shim: shim.clone(),
-    };
-    let addr = format!("127.0.0.1:{}", free_port());
-    let token = format!("tok-{pid}");
-    let config = tmp.path().join("agent.toml");
-    common::write_config(&config, &token, &addr, &state, &shim, &parent, &net.toml());
-    let mut agent = Agent::start(&config, &addr);
+    let mut t = TestAgent::start("agentd", true, "");
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
 
     // A wrong or missing token is refused.
     assert_eq!(http(&addr, "GET", "/v1/phones", "wrong", None).0, 401);
@@ -211,7 +196,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         )),
     );
     std::thread::sleep(Duration::from_millis(500));
-    agent.restart();
+    t.agent.restart();
     let st = wait_job(&addr, &token, "long-1");
     assert_eq!(st["status"], -1, "{st}");
     // Batched jobs were recorded like single ones.

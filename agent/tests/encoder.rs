@@ -16,7 +16,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{free_port, http, image, job, server_job, shim, wait_job, Agent};
+use common::{http, image, job, server_job, wait_job, TestAgent};
 
 /// `Ip: ForwDatagrams` of the namespace at `netns` (/proc/net/snmp).
 fn forwarded(netns: &Path) -> u64 {
@@ -55,23 +55,10 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     ) {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = tmp.path().join("state");
-    let pid = std::process::id();
-    let parent = format!("cph-enc-{pid}");
-    let shim = shim();
-    let net = common::TestNet::unique();
-    let _host = common::HostGuard { net: net.clone() };
-    let _cleanup = common::Cleanup {
-        state: state.clone(),
-        parent: parent.clone(),
-        shim: shim.clone(),
-    };
-    let addr = format!("127.0.0.1:{}", free_port());
-    let token = format!("tok-{pid}");
-    let config = tmp.path().join("agent.toml");
-    common::write_config(&config, &token, &addr, &state, &shim, &parent, &net.toml());
-    let _agent = Agent::start(&config, &addr);
+    let t = TestAgent::start("enc", true, "");
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let (state, parent, shim) = (&t.state, &t.parent, &t.shim);
+    let net = t.net.clone().expect("network");
 
     let server = format!("es{pid}");
     let phone = format!("ep{pid}");
@@ -110,7 +97,7 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
         in_netns(&enc_ns, &["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(),
         "1"
     );
-    let rt = Runtime::new(&state.join("containers"), &parent, &shim).expect("runtime");
+    let rt = Runtime::new(&state.join("containers"), parent, shim).expect("runtime");
     let first = rt.state(&enc_name).expect("encoder container");
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(

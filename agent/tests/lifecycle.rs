@@ -18,10 +18,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
-    free_port, http, image, job, mounts_under, server_job, shim, wait_job, Agent, Cleanup,
-    HostGuard, TestNet,
-};
+use common::{http, image, job, mounts_under, server_job, wait_job, TestAgent};
 use serde_json::{json, Value};
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -140,32 +137,10 @@ fn phones_get_volumes_and_networks_of_their_own() {
     if !cph_runtime::privilege::check("phones_get_volumes_and_networks_of_their_own") {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = tmp.path().join("state");
-    let pid = std::process::id();
-    let parent = format!("cph-lifecycle-{pid}");
-    let shim = shim();
-    let net = TestNet::unique();
-    let _host = HostGuard { net: net.clone() };
-    let _cleanup = Cleanup {
-        state: state.clone(),
-        parent: parent.clone(),
-        shim: shim.clone(),
-    };
-    let addr = format!("127.0.0.1:{}", free_port());
-    let token = format!("tok-{pid}");
-    let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n[storage]\nbackend = \"overlay\"\n\n{}",
-            state.display(),
-            shim.display(),
-            net.toml()
-        ),
-    )
-    .expect("write config");
-    let mut agent = Agent::start(&config, &addr);
+    let mut t = TestAgent::start("lifecycle", true, "[storage]\nbackend = \"overlay\"\n");
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let state = t.state.clone();
+    let net = t.net.clone().expect("network");
     let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
     let missing = inv["missing"].to_string();
     assert!(!missing.contains("phone networking"), "{missing}");
@@ -399,7 +374,7 @@ fn phones_get_volumes_and_networks_of_their_own() {
         map_elements(&nft_map(&net.table, "private_ports")),
         tc_classes(&net.bridge).lines().count(),
     );
-    agent.restart();
+    t.agent.restart();
     let after = (
         map_elements(&nft_map(&net.table, "public_ports")),
         map_elements(&nft_map(&net.table, "private_ports")),
@@ -478,29 +453,13 @@ fn btrfs_volumes_and_phones_without_a_network() {
     if !cph_runtime::privilege::check(name) || !btrfs_available(name) {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let state = tmp.path().join("state");
-    let pid = std::process::id();
-    let parent = format!("cph-lifecycle-bt-{pid}");
-    let shim = shim();
-    let _cleanup = Cleanup {
-        state: state.clone(),
-        parent: parent.clone(),
-        shim: shim.clone(),
-    };
-    let addr = format!("127.0.0.1:{}", free_port());
-    let token = format!("tok-{pid}");
-    let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n\n[network]\nenabled = false\n",
-            state.display(),
-            shim.display(),
-        ),
-    )
-    .expect("write config");
-    let _agent = Agent::start(&config, &addr);
+    let t = TestAgent::start(
+        "lifecycle-bt",
+        false,
+        "[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n",
+    );
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let state = t.state.clone();
     let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
     assert!(
         inv["missing"]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{http, job, server_job, wait_job, Agent, Cleanup};
+use common::{http, job, server_job, wait_job, TestAgent};
 use cph_agent::objstore::{serve, ObjectStore};
 use serde_json::{json, Value};
 
@@ -159,32 +159,14 @@ fn object_store_jobs_on_a_real_phone() {
             .expect("put object");
     };
 
-    let state = tmp.path().join("state");
-    let pid = std::process::id();
-    let parent = format!("cph-transfer-{pid}");
-    let shim = common::shim();
-    let net = common::TestNet::unique();
-    let _host = common::HostGuard { net: net.clone() };
-    let _cleanup = Cleanup {
-        state: state.clone(),
-        parent: parent.clone(),
-        shim: shim.clone(),
-    };
-    let addr = format!("127.0.0.1:{}", common::free_port());
-    let token = format!("tok-{pid}");
-    let config = tmp.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "control_plane_url = \"\"\nnode_token = \"{token}\"\nlisten = \"{addr}\"\nstate_dir = \"{}\"\nprepare_host = false\nshim = \"{}\"\ncgroup_parent = \"{parent}\"\n\n{}\n[object_store]\nendpoint = \"{}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n",
-            state.display(),
-            shim.display(),
-            net.toml(),
-            server_store.endpoint(),
-        ),
-    )
-    .expect("write config");
-    let _agent = Agent::start(&config, &addr);
+    let store_toml = format!(
+        "[object_store]\nendpoint = \"{}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n",
+        server_store.endpoint()
+    );
+    let mut t = TestAgent::start_in(tmp, "transfer", true, &store_toml);
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let (state, parent, shim) = (t.state.clone(), t.parent.clone(), t.shim.clone());
+    let net = t.net.clone().expect("network");
 
     let server = format!("ts{pid}");
     let phone_id = format!("tp{pid}");
@@ -228,7 +210,7 @@ fn object_store_jobs_on_a_real_phone() {
         "CPS.0119",
     );
     for dir in [
-        tmp.path().to_path_buf(),
+        t.tmp.path().to_path_buf(),
         state.clone(),
         state.join("phones"),
         std::path::PathBuf::from("/"),
@@ -462,10 +444,10 @@ fn object_store_jobs_on_a_real_phone() {
 
     // `cph-agent purge` with the agent stopped: no container, volume mount,
     // netns, veth, bridge or nft table of this agent is left on the host.
-    drop(_agent);
+    t.agent.kill();
     let purge = std::process::Command::new(env!("CARGO_BIN_EXE_cph-agent"))
         .arg("--config")
-        .arg(&config)
+        .arg(&t.config)
         .arg("purge")
         .output()
         .expect("run cph-agent purge");
@@ -480,7 +462,7 @@ fn object_store_jobs_on_a_real_phone() {
             .join(&parent);
         assert!(!dir.exists(), "parent cgroup left: {}", dir.display());
     }
-    assert!(common::mounts_under(tmp.path()).is_empty(), "mounts left");
+    assert!(common::mounts_under(t.tmp.path()).is_empty(), "mounts left");
     assert!(net.veths().is_empty(), "veths left");
     assert!(!std::path::Path::new(&format!("/run/netns/cph-{phone_id}")).exists());
     let tables = std::process::Command::new("nft")

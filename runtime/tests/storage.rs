@@ -251,22 +251,13 @@ fn writes_past_the_disk_size_fail_with_edquot() {
     let s = pool.open();
     import(&s, "img", &make_image(&[("init", b"#!/bin/sh\n")]));
     let v = s.create_volume("phone-q", "img", 16 << 20).unwrap();
-    let mut f = std::fs::File::create(v.join("fill")).unwrap();
-    let chunk = vec![0x5au8; 1 << 20];
-    let mut err = None;
-    for _ in 0..128 {
-        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_data()) {
-            err = Some(e);
-            break;
-        }
-    }
+    let (_, err) = fill(&v.join("fill"), 128);
     let err = err.expect("128 MiB written into a 16 MiB volume");
     let code = err.raw_os_error();
     assert!(
         code == Some(libc::EDQUOT) || code == Some(libc::ENOSPC),
         "unexpected error {err}"
     );
-    drop(f);
     // The neighbour and the pool are unaffected.
     let w = s.create_volume("phone-w", "img", 16 << 20).unwrap();
     std::fs::write(w.join("ok"), vec![1u8; 1 << 20]).unwrap();
@@ -473,17 +464,8 @@ fn sharepool_is_capped_and_reported() {
     assert!(page.files[0].starts_with("4194304 "), "{:?}", page.files);
     assert!(page.files[0].ends_with(" one.bin"), "{:?}", page.files);
     // Writing past the cap fails.
-    let mut f = std::fs::File::create(share.files.join("big.bin")).unwrap();
-    let chunk = vec![0u8; 1 << 20];
-    let mut failed = false;
-    for _ in 0..256 {
-        if f.write_all(&chunk).and_then(|_| f.sync_data()).is_err() {
-            failed = true;
-            break;
-        }
-    }
-    assert!(failed, "sharepool took 256 MiB past a 64 MiB cap");
-    drop(f);
+    let (_, err) = fill(&share.files.join("big.bin"), 256);
+    assert!(err.is_some(), "sharepool took 256 MiB past a 64 MiB cap");
     // A flavor's cap takes the configured one's place and survives a
     // restart of the agent (the configuration still says 64 MiB).
     s.set_share_limit(128 << 20).unwrap();

@@ -241,17 +241,8 @@ impl Daemon {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let me = Arc::clone(self);
         let r = req.clone();
-        let inserted = tokio::task::spawn_blocking(move || me.store.insert(&r))
-            .await
-            .map_err(|e| {
-                SubmitError::Store(JobStoreError::Io {
-                    path: self.cfg.state_dir.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })?;
-        let status = match inserted? {
+        let status = match self.on_store(move |s| s.insert(&r)).await?? {
             Inserted::Existing(s) => return Ok(s),
             Inserted::New(s) => s,
         };
@@ -272,18 +263,12 @@ impl Daemon {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let me = Arc::clone(self);
-        let (reqs, outcomes) = tokio::task::spawn_blocking(move || {
-            let outcomes = me.store.insert_many(&reqs);
-            (reqs, outcomes)
-        })
-        .await
-        .map_err(|e| {
-            SubmitError::Store(JobStoreError::Io {
-                path: self.cfg.state_dir.clone(),
-                source: std::io::Error::other(e.to_string()),
+        let (reqs, outcomes) = self
+            .on_store(move |s| {
+                let outcomes = s.insert_many(&reqs);
+                (reqs, outcomes)
             })
-        })?;
+            .await?;
         let mut out = Vec::with_capacity(reqs.len());
         for (req, outcome) in reqs.into_iter().zip(outcomes) {
             let job_id = req.job_id.clone();
@@ -308,6 +293,22 @@ impl Daemon {
             }
         }
         Ok(out)
+    }
+
+    /// Runs a job-store write (it syncs to disk) on a blocking thread.
+    async fn on_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&JobStore) -> T + Send + 'static,
+    ) -> Result<T, SubmitError> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&me.store))
+            .await
+            .map_err(|e| {
+                SubmitError::Store(JobStoreError::Io {
+                    path: self.cfg.state_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     /// Queues a recorded job behind the earlier ones of its phone (or

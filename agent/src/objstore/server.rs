@@ -2,6 +2,10 @@
 //! static SigV4 credentials, through `s3s` (protocol, signature checks) and
 //! `s3s-fs` (one sub-directory of the root per bucket, objects as files).
 //!
+//! Reads are served by [`Backend`]: `s3s-fs` for everything, except that an
+//! object's bytes are streamed in 1 MiB reads rather than its 4 KiB ones
+//! (each a trip through tokio's blocking pool; 150 MB/s on this hardware).
+//!
 //! It answers path-style requests (`http://addr/bucket/key`), which is what
 //! [`super::ObjectStoreConfig::local`] produces. `cph up` and the tests run
 //! it in-process with [`serve`]; `cph-agent object-store` runs it alone.
@@ -43,6 +47,95 @@ pub enum ServerError {
     Task(String),
 }
 
+/// Bytes of an object read at once when it is served.
+const READ_CHUNK: usize = 1 << 20;
+
+/// `s3s-fs` with a faster object read.
+struct Backend {
+    fs: s3s_fs::FileSystem,
+    root: PathBuf,
+}
+
+/// The S3 operations: those named pass through to `s3s-fs`; `get_object`
+/// is [`Backend::get_object`]. (A macro around the whole impl, since
+/// `async_trait` must see the methods it rewrites.)
+macro_rules! s3_impl {
+    ($($op:ident: $input:ident => $output:ident),* $(,)?) => {
+        #[async_trait::async_trait]
+        impl s3s::S3 for Backend {
+            $(
+                async fn $op(
+                    &self,
+                    req: s3s::S3Request<s3s::dto::$input>,
+                ) -> s3s::S3Result<s3s::S3Response<s3s::dto::$output>> {
+                    self.fs.$op(req).await
+                }
+            )*
+
+            async fn get_object(
+                &self,
+                req: s3s::S3Request<s3s::dto::GetObjectInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+                Backend::get_object(self, req).await
+            }
+        }
+    };
+}
+
+s3_impl!(
+    create_bucket: CreateBucketInput => CreateBucketOutput,
+    copy_object: CopyObjectInput => CopyObjectOutput,
+    delete_bucket: DeleteBucketInput => DeleteBucketOutput,
+    delete_object: DeleteObjectInput => DeleteObjectOutput,
+    delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
+    get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
+    head_bucket: HeadBucketInput => HeadBucketOutput,
+    head_object: HeadObjectInput => HeadObjectOutput,
+    list_buckets: ListBucketsInput => ListBucketsOutput,
+    list_objects: ListObjectsInput => ListObjectsOutput,
+    list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
+    put_object: PutObjectInput => PutObjectOutput,
+    create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
+    upload_part: UploadPartInput => UploadPartOutput,
+    upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput,
+    list_parts: ListPartsInput => ListPartsOutput,
+    complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
+    abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
+);
+
+impl Backend {
+    /// `s3s-fs` answers (checks, headers, range, ETag); the body is then
+    /// read again from the same file in large chunks.
+    async fn get_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+        use s3s::S3;
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.root.join(&req.input.bucket).join(&req.input.key);
+        let mut resp = self.fs.get_object(req).await?;
+        let len = resp.output.content_length.unwrap_or(0).max(0) as u64;
+        // `bytes first-last/size` when a range was asked.
+        let start = resp
+            .output
+            .content_range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes "))
+            .and_then(|r| r.split('-').next())
+            .and_then(|first| first.parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| s3s::s3_error!(e, NoSuchKey))?;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| s3s::s3_error!(e, InternalError))?;
+        let body = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK);
+        resp.output.body = Some(s3s::dto::StreamingBlob::wrap(body));
+        Ok(resp)
+    }
+}
+
 /// A running embedded store. Dropping it stops the server abruptly; call
 /// [`EmbeddedStore::shutdown`] to let requests in progress end.
 pub struct EmbeddedStore {
@@ -73,7 +166,10 @@ pub async fn serve(
         path: root.clone(),
         detail: format!("{e:?}"),
     })?;
-    let mut builder = S3ServiceBuilder::new(fs);
+    let mut builder = S3ServiceBuilder::new(Backend {
+        fs,
+        root: root.clone(),
+    });
     builder.set_auth(SimpleAuth::from_single(ak.clone(), sk.clone()));
     let service = builder.build();
     let addr = listener.local_addr().map_err(ServerError::Listener)?;

@@ -247,6 +247,89 @@ pub fn write_config(
     .expect("write agent config");
 }
 
+/// One agent under test: a temporary directory, names unique to the test
+/// process, its config (`extra` TOML sections appended), the running
+/// `cph-agent`, and the guards that clean up whatever happens. Fields drop
+/// in order: the agent, its containers and mounts, the host's network
+/// objects, the directory.
+pub struct TestAgent {
+    pub agent: Agent,
+    pub addr: String,
+    pub token: String,
+    pub state: PathBuf,
+    pub parent: String,
+    pub shim: PathBuf,
+    pub config: PathBuf,
+    pub net: Option<TestNet>,
+    _cleanup: Cleanup,
+    _host: Option<HostGuard>,
+    pub tmp: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent whose cgroup parent is `cph-<name>-<pid>`; with
+    /// `network` its phones get a network of their own (torn down after),
+    /// otherwise networking is off.
+    pub fn start(name: &str, network: bool, extra: &str) -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), name, network, extra)
+    }
+
+    /// [`TestAgent::start`] in a directory the test has already used.
+    pub fn start_in(tmp: tempfile::TempDir, name: &str, network: bool, extra: &str) -> Self {
+        let pid = std::process::id();
+        let state = tmp.path().join("state");
+        let parent = format!("cph-{name}-{pid}");
+        let shim = shim();
+        let net = network.then(TestNet::unique);
+        let host = net.clone().map(|net| HostGuard { net });
+        let cleanup = Cleanup {
+            state: state.clone(),
+            parent: parent.clone(),
+            shim: shim.clone(),
+        };
+        let addr = format!("127.0.0.1:{}", free_port());
+        let token = format!("tok-{pid}");
+        let config = tmp.path().join("agent.toml");
+        let net_toml = match &net {
+            Some(n) => n.toml(),
+            None => "[network]\nenabled = false\n".to_string(),
+        };
+        write_config(
+            &config,
+            &token,
+            &addr,
+            &state,
+            &shim,
+            &parent,
+            &format!("{extra}\n{net_toml}"),
+        );
+        let agent = Agent::start(&config, &addr);
+        Self {
+            agent,
+            addr,
+            token,
+            state,
+            parent,
+            shim,
+            config,
+            net,
+            _cleanup: cleanup,
+            _host: host,
+            tmp,
+        }
+    }
+
+    /// One request to the agent with its token.
+    pub fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        http(&self.addr, method, path, &self.token, body)
+    }
+
+    /// Waits for a job to end.
+    pub fn wait_job(&self, id: &str) -> Value {
+        wait_job(&self.addr, &self.token, id)
+    }
+}
+
 pub fn wait_job(addr: &str, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
