@@ -9,7 +9,8 @@
 //!
 //! Ours also runs streamed from the embedded S3 store on loopback (ranged
 //! GETs in flight while the extractor writes), reported against ours from
-//! the local file (target: within 15%).
+//! the local file (target: within 15%). `CPH_TAR_BENCH_SHAPES=small,large`
+//! limits the run to the shapes whose names start so.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -251,6 +252,15 @@ fn main() {
     };
     // Flat sampling: one extraction per sample (linear sampling would run
     // 55 extractions of 100,000 files per extractor).
+    // `CPH_TAR_BENCH_SHAPES=large,mix` runs only the shapes named.
+    let only = std::env::var("CPH_TAR_BENCH_SHAPES").ok();
+    let shapes: Vec<Shape> = shapes
+        .into_iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|w| s.name.starts_with(w)))
+        })
+        .collect();
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(1))

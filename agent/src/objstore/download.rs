@@ -60,8 +60,11 @@ impl DownloadStats {
 /// [`ObjectStoreError`] ([`ObjectStoreError::from_io`]). Dropping it stops
 /// the download.
 pub struct ObjectReader {
-    rx: mpsc::Receiver<Result<Bytes, ObjectStoreError>>,
+    rx: mpsc::Receiver<Result<Vec<Bytes>, ObjectStoreError>>,
     current: Bytes,
+    /// The rest of the current part's segments (as received, not copied
+    /// into one buffer).
+    rest: std::vec::IntoIter<Bytes>,
     bucket: String,
     info: ObjectInfo,
     stats: Arc<DownloadStats>,
@@ -86,11 +89,15 @@ impl io::Read for ObjectReader {
             return Ok(0);
         }
         while !self.current.has_remaining() {
+            if let Some(next) = self.rest.next() {
+                self.current = next;
+                continue;
+            }
             if self.done {
                 return Ok(0);
             }
             match self.rx.blocking_recv() {
-                Some(Ok(part)) => self.current = part,
+                Some(Ok(part)) => self.rest = part.into_iter(),
                 Some(Err(e)) => {
                     self.done = true;
                     return Err(e.into_io());
@@ -146,6 +153,7 @@ impl ObjectStore {
         Ok(ObjectReader {
             rx,
             current: Bytes::new(),
+            rest: Vec::new().into_iter(),
             bucket: bucket.to_string(),
             info,
             stats,
@@ -177,14 +185,15 @@ impl ObjectStore {
             })
     }
 
-    /// One ranged GET, its whole body in memory.
+    /// One ranged GET, its whole body in memory as the segments it arrived
+    /// in.
     async fn get_range(
         &self,
         bucket: &str,
         key: &str,
         start: u64,
         len: u64,
-    ) -> Result<Bytes, ObjectStoreError> {
+    ) -> Result<Vec<Bytes>, ObjectStoreError> {
         let out = self
             .inner
             .client
@@ -202,16 +211,16 @@ impl ObjectStore {
             .map_err(|e| ObjectStoreError::Unreachable {
                 endpoint: self.inner.endpoint.clone(),
                 detail: format!("reading obs://{bucket}/{key} at {start}: {}", chain(&e)),
-            })?
-            .into_bytes();
-        if data.len() as u64 != len {
+            })?;
+        let got = data.remaining() as u64;
+        if got != len {
             return Err(ObjectStoreError::Inconsistent {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
-                detail: format!("bytes {start}.. gave {} bytes, expected {len}", data.len()),
+                detail: format!("bytes {start}.. gave {got} bytes, expected {len}"),
             });
         }
-        Ok(data)
+        Ok(data.into_segments().collect())
     }
 }
 
@@ -219,13 +228,13 @@ async fn produce(
     store: ObjectStore,
     bucket: String,
     info: ObjectInfo,
-    tx: mpsc::Sender<Result<Bytes, ObjectStoreError>>,
+    tx: mpsc::Sender<Result<Vec<Bytes>, ObjectStoreError>>,
     stats: Arc<DownloadStats>,
 ) {
     let part = store.inner.transfer.part_bytes as u64;
     let in_flight = store.inner.transfer.parts_in_flight.max(1);
     let mut next = 0u64;
-    let mut running: VecDeque<JoinHandle<Result<Bytes, ObjectStoreError>>> = VecDeque::new();
+    let mut running: VecDeque<JoinHandle<Result<Vec<Bytes>, ObjectStoreError>>> = VecDeque::new();
     loop {
         while running.len() < in_flight && next < info.size {
             let len = part.min(info.size - next);
@@ -237,7 +246,7 @@ async fn produce(
             );
             running.push_back(tokio::spawn(async move {
                 let data = s.get_range(&b, &k, next, len).await?;
-                st.add(data.len() as u64);
+                st.add(len);
                 Ok(data)
             }));
             next += len;
