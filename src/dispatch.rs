@@ -1,9 +1,9 @@
 //! Job dispatch: jobs are persisted first, then sent to the owning agent
 //! (`POST /v1/jobs/batch`, many per request, idempotent on `job_id`) with
 //! retries; dispatched jobs are polled (`GET /v1/jobs/{id}`) until their
-//! agent reports an end, so a restarted control plane resumes tracking. Servers bought but not yet
-//! created are sent as `CreateServer`. Silent agents are marked abnormal and
-//! their unfinished jobs fail with a reason.
+//! agent reports an end, so a restarted control plane resumes tracking.
+//! Servers bought but not yet created are sent as `CreateServer`. Silent
+//! agents are marked abnormal and their unfinished jobs fail with a reason.
 
 use std::sync::Arc;
 use std::time::Duration;

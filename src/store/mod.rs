@@ -248,6 +248,11 @@ pub struct Store {
     positions: Mutex<PositionCache>,
 }
 
+/// One dispatch attempt of a job (`?1`) that reached its agent or not
+/// (`?2`), answering the job's attempts.
+const MARK_DISPATCHED: &str =
+    "UPDATE jobs SET dispatched = ?2, attempts = attempts + 1 WHERE job_id = ?1 RETURNING attempts";
+
 /// Phone listings at least this deep are served from remembered positions.
 pub const DEEP_OFFSET: u32 = 1_000;
 
@@ -1109,7 +1114,7 @@ impl Store {
                 values.len()
             )
         } else {
-            let positions = self.list_positions(&c, project_id, f)?;
+            let positions = self.list_positions(&c, project_id, f, &filter, &values)?;
             let Some(&(seq, rowid)) = positions.get(offset as usize) else {
                 return Ok(Vec::new());
             };
@@ -1128,7 +1133,8 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// `(seq, rowid)` of every phone of a listing in its order, remembered
+    /// `(seq, rowid)` of every phone of a listing (`filter` and its `values`
+    /// from [`phone_filter`]) in its order, remembered
     /// while the project's revision counters (kept by triggers, so every
     /// writer of the database moves them) say the listing is unchanged.
     fn list_positions(
@@ -1136,6 +1142,8 @@ impl Store {
         c: &Connection,
         project_id: &str,
         f: &PhoneFilter,
+        filter: &str,
+        values: &[Value],
     ) -> Result<Arc<Vec<(i64, i64)>>> {
         let (members, attrs): (i64, i64) = c
             .prepare_cached("SELECT members, attrs FROM phone_list_rev WHERE project_id = ?1")?
@@ -1153,7 +1161,6 @@ impl Store {
         if let Some(p) = cache.get(&key, rev) {
             return Ok(p);
         }
-        let (filter, values) = phone_filter(project_id, f);
         let mut st = c.prepare_cached(&format!(
             "SELECT seq, rowid FROM phones WHERE {filter} ORDER BY seq DESC, rowid"
         ))?;
@@ -1330,18 +1337,12 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Records a dispatch attempt's outcome.
+    /// Records a dispatch attempt's outcome; the job's attempts so far.
     pub fn mark_dispatched(&self, job_id: &str, ok: bool) -> Result<u32> {
-        let c = self.db()?;
-        c.execute(
-            "UPDATE jobs SET dispatched = ?2, attempts = attempts + 1 WHERE job_id = ?1",
-            params![job_id, ok as i64],
-        )?;
-        Ok(c.query_row(
-            "SELECT attempts FROM jobs WHERE job_id = ?1",
-            [job_id],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .db()?
+            .prepare_cached(MARK_DISPATCHED)?
+            .query_row(params![job_id, ok as i64], |r| r.get(0))?)
     }
 
     /// [`Store::mark_dispatched`] for many jobs in one transaction; the
@@ -1351,10 +1352,7 @@ impl Store {
         let tx = c.transaction()?;
         let mut attempts = Vec::with_capacity(outcomes.len());
         {
-            let mut up = tx.prepare_cached(
-                "UPDATE jobs SET dispatched = ?2, attempts = attempts + 1 WHERE job_id = ?1
-                 RETURNING attempts",
-            )?;
+            let mut up = tx.prepare_cached(MARK_DISPATCHED)?;
             for (job_id, ok) in outcomes {
                 let n: Option<u32> = up
                     .query_row(params![job_id, *ok as i64], |r| r.get(0))

@@ -90,10 +90,14 @@ async fn phones(State(d): State<Arc<Daemon>>) -> Response {
 fn submit_error(e: SubmitError) -> Response {
     match e {
         SubmitError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, "CPS.0042", e),
-        SubmitError::Store(super::jobstore::JobStoreError::InvalidId(_)) => {
-            error(StatusCode::BAD_REQUEST, "CPS.0048", e)
+        SubmitError::Store(ref s) => {
+            let status = match s {
+                super::jobstore::JobStoreError::InvalidId(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let code = s.code();
+            error(status, code, e)
         }
-        SubmitError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
     }
 }
 

@@ -29,6 +29,16 @@ pub enum JobStoreError {
     InvalidId(String),
 }
 
+impl JobStoreError {
+    /// The reference's code for a job refused over this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobStoreError::InvalidId(_) => "CPS.0048",
+            _ => "CPS.0003",
+        }
+    }
+}
+
 /// What is kept of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -36,6 +46,33 @@ pub struct JobRecord {
     pub status: JobStatus,
     /// Arrival order on this agent.
     pub seq: u64,
+}
+
+impl JobRecord {
+    /// A job just accepted: running, `seq`-th in arrival order.
+    fn running(request: &JobRequest, seq: u64) -> Self {
+        JobRecord {
+            request: request.clone(),
+            status: JobStatus {
+                job_id: request.job_id.clone(),
+                status: JobState::Running,
+                error_code: None,
+                error_msg: None,
+                execute_msg: None,
+            },
+            seq,
+        }
+    }
+}
+
+/// A record's file under `dir` and its JSON.
+fn encode(dir: &Path, rec: &JobRecord) -> Result<(PathBuf, Vec<u8>), JobStoreError> {
+    let path = dir.join(format!("{}.json", rec.request.job_id));
+    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((path, bytes))
 }
 
 /// The job records, on disk and in memory.
@@ -120,11 +157,8 @@ impl JobStore {
                     "job interrupted: the agent stopped while it ran",
                     None,
                 );
-                let bytes =
-                    serde_json::to_vec_pretty(&rec).map_err(|e| JobStoreError::Corrupt {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                // Written back to the file it was read from.
+                let (_, bytes) = encode(dir, &rec)?;
                 write_atomic(&path, &bytes).map_err(io(&path))?;
                 interrupted.push(rec.request.job_id.clone());
             }
@@ -145,11 +179,7 @@ impl JobStore {
     }
 
     fn persist(&self, rec: &JobRecord) -> Result<(), JobStoreError> {
-        let path = self.dir.join(format!("{}.json", rec.request.job_id));
-        let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let (path, bytes) = encode(&self.dir, rec)?;
         write_atomic(&path, &bytes).map_err(io(&path))
     }
 
@@ -163,17 +193,7 @@ impl JobStore {
         if let Some(rec) = inner.jobs.get(&request.job_id) {
             return Ok(Inserted::Existing(rec.status.clone()));
         }
-        let rec = JobRecord {
-            request: request.clone(),
-            status: JobStatus {
-                job_id: request.job_id.clone(),
-                status: JobState::Running,
-                error_code: None,
-                error_msg: None,
-                execute_msg: None,
-            },
-            seq: inner.next_seq,
-        };
+        let rec = JobRecord::running(request, inner.next_seq);
         self.persist(&rec)?;
         inner.next_seq += 1;
         let status = rec.status.clone();
@@ -199,17 +219,7 @@ impl JobStore {
             } else if let Some(&k) = in_batch.get(id) {
                 out.push(Ok(Inserted::Existing(fresh[k].1.status.clone())));
             } else {
-                let rec = JobRecord {
-                    request: request.clone(),
-                    status: JobStatus {
-                        job_id: id.to_string(),
-                        status: JobState::Running,
-                        error_code: None,
-                        error_msg: None,
-                        execute_msg: None,
-                    },
-                    seq: inner.next_seq,
-                };
+                let rec = JobRecord::running(request, inner.next_seq);
                 inner.next_seq += 1;
                 in_batch.insert(id, fresh.len());
                 out.push(Ok(Inserted::New(rec.status.clone())));
@@ -239,11 +249,7 @@ impl JobStore {
         let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
         let result = (|| {
             for rec in recs {
-                let path = self.dir.join(format!("{}.json", rec.request.job_id));
-                let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                let (path, bytes) = encode(&self.dir, rec)?;
                 let tmp = path.with_extension("tmp");
                 written.push((tmp.clone(), path));
                 fs::write(&tmp, &bytes).map_err(io(&tmp))?;

@@ -283,13 +283,7 @@ impl Daemon {
                     }
                     out.push(BatchedJob::accepted(s));
                 }
-                Err(e) => {
-                    let code = match e {
-                        JobStoreError::InvalidId(_) => "CPS.0048",
-                        _ => "CPS.0003",
-                    };
-                    out.push(BatchedJob::refused(job_id, code, e.to_string()));
-                }
+                Err(e) => out.push(BatchedJob::refused(job_id, e.code(), e.to_string())),
             }
         }
         Ok(out)

@@ -118,10 +118,15 @@ pub fn quota_mode(mount: &Path) -> Result<Option<QuotaMode>, StorageError> {
     // and `dir` an open descriptor for the duration of the call.
     unsafe { ioctl::fs_info(dir.as_raw_fd(), &mut args) }
         .map_err(|e| StorageError::io("read btrfs info of", mount, e.into()))?;
-    let f = args.fsid;
+    // sysfs names the filesystem by its fsid as a hyphenated UUID.
+    let hex: String = args.fsid.iter().map(|b| format!("{b:02x}")).collect();
     let fsid = format!(
-        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], f[14], f[15]
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
     );
     let mode = Path::new("/sys/fs/btrfs").join(fsid).join("qgroups/mode");
     match std::fs::read_to_string(&mode) {
