@@ -7,6 +7,7 @@
 pub mod apk;
 pub mod config;
 pub mod daemon;
+pub mod memory;
 pub mod objstore;
 pub mod protocol;
 pub mod telemetry;

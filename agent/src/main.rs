@@ -117,6 +117,7 @@ fn print_plan(args: &PlanArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    cph_agent::memory::keep_transfer_buffers();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -219,6 +219,77 @@ fn single_writer_and_many_writers_agree() {
     }
 }
 
+/// A reader handing out its bytes in awkward read sizes, from one byte to
+/// over a MiB, so buffered and direct reads alternate at every offset.
+struct Jagged<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl std::io::Read for Jagged<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        const SIZES: [usize; 6] = [1, 511, 4097, 70_000, (1 << 20) + 3, 65_536];
+        let n = SIZES[self.step % SIZES.len()]
+            .min(buf.len())
+            .min(self.data.len());
+        self.step += 1;
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn large_files_arrive_whole_through_any_read_sizes() {
+    // Files over the writers' chunk and writeback steps, with small files
+    // between them; every byte differs from its neighbours' positions.
+    let pattern = |len: usize, seed: u64| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let files = [
+        ("big/a.bin", pattern((20 << 20) + 5, 1)),
+        ("big/small1", pattern(700, 2)),
+        ("big/b.bin", pattern((3 << 20) + 7, 3)),
+        ("big/small2", pattern(1, 4)),
+        ("c.bin", pattern((9 << 20) - 1, 5)),
+    ];
+    let mut b = Builder::new(Vec::new());
+    add_dir(&mut b, "big", 0o755);
+    for (name, data) in &files {
+        add_file(&mut b, name, data, 0o644);
+    }
+    let tar = finish(b);
+    for threads in [1, 3] {
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            threads,
+            sync: true,
+            ..Default::default()
+        };
+        let src = Jagged {
+            data: &tar,
+            step: 0,
+        };
+        let report = extract(src, &s.target, &opts).expect("extract");
+        assert_eq!(report.files, files.len() as u64);
+        for (name, data) in &files {
+            let got = fs::read(s.target.join(name)).expect("read back");
+            assert!(
+                got == *data,
+                "{name} differs after extraction ({threads} writers)"
+            );
+        }
+    }
+}
+
 #[test]
 fn existing_files_are_replaced_not_written_through() {
     let s = Scene::new();

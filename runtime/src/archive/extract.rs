@@ -12,6 +12,12 @@
 //! `utimensat` (when mtimes are kept), `fchown` (when ownership is mapped)
 //! and `close`; writer threads run with a private zero umask so the mode
 //! given to `openat2` is final.
+//!
+//! Large files travel in 1 MiB chunks whose buffers go back to the parser
+//! once written. When the run ends with a sync, each large file has its
+//! writeback started every 8 MiB (`sync_file_range`, not waited for), so
+//! the disk works while the archive is still arriving and the final
+//! `syncfs` finds little left to write.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -42,6 +48,9 @@ const BATCH_BYTES: usize = 512 << 10;
 /// Writer threads at most; `MAX_THREADS * BATCH_BYTES + CHUNK` stays under
 /// `BUDGET`, so the parser never waits on bytes it has not handed out yet.
 const MAX_THREADS: usize = 16;
+/// A large file's writeback is started every this many bytes written
+/// (when the run ends with a sync).
+const WRITEBACK_STEP: u64 = 8 << 20;
 /// Cached directory fds at most (the cache is cleared when full).
 const DIR_CACHE: usize = 512;
 
@@ -157,6 +166,34 @@ struct Shared {
     error: Mutex<Option<ArchiveError>>,
     budget: Budget,
     track: bool,
+    /// A final sync was asked: large files start their writeback as they
+    /// are written.
+    early_writeback: bool,
+    spare: Spare,
+}
+
+/// Chunk buffers written out and handed back for the parser to fill again
+/// (no allocation, zeroing or page faults per MiB of a large file).
+struct Spare(Mutex<Vec<Vec<u8>>>);
+
+impl Spare {
+    /// Buffers kept at most: what the budget lets be in flight.
+    const KEEP: usize = BUDGET / CHUNK + 2;
+
+    /// A buffer of `n` bytes (contents unspecified).
+    fn take(&self, n: usize) -> Vec<u8> {
+        let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = reused.unwrap_or_else(|| Vec::with_capacity(CHUNK));
+        buf.resize(n, 0);
+        buf
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < Self::KEEP && buf.capacity() >= CHUNK {
+            spare.push(buf);
+        }
+    }
 }
 
 impl Shared {
@@ -316,6 +353,9 @@ struct OpenFile {
     rel: RelPath,
     meta: Meta,
     left: u64,
+    /// Bytes written so far, and how many of them writeback was asked for.
+    written: u64,
+    flushed: u64,
 }
 
 struct Writer<'a> {
@@ -357,6 +397,8 @@ impl Writer<'_> {
                     rel,
                     meta,
                     left,
+                    written: data.len() as u64,
+                    flushed: 0,
                 };
                 if left == 0 {
                     self.close(file)
@@ -369,9 +411,23 @@ impl Writer<'_> {
                 let Some(mut file) = self.open.take() else {
                     return Ok(());
                 };
-                sys::write_all(file.fd.as_raw_fd(), &data)
-                    .map_err(|e| self.io("write", &file.rel, e))?;
-                file.left = file.left.saturating_sub(data.len() as u64);
+                let wrote = sys::write_all(file.fd.as_raw_fd(), &data);
+                let len = data.len();
+                self.shared.spare.put(data);
+                wrote.map_err(|e| self.io("write", &file.rel, e))?;
+                file.left = file.left.saturating_sub(len as u64);
+                file.written += len as u64;
+                if self.shared.early_writeback && file.written - file.flushed >= WRITEBACK_STEP {
+                    // Start writing this file's new pages to disk now, so the
+                    // final `syncfs` does not find a whole large file dirty.
+                    // Best effort: the final sync is what makes it durable.
+                    let _ = sys::start_writeback(
+                        file.fd.as_raw_fd(),
+                        file.flushed,
+                        file.written - file.flushed,
+                    );
+                    file.flushed = file.written;
+                }
                 if file.left == 0 {
                     self.close(file)
                 } else {
@@ -487,6 +543,46 @@ impl<R: Read> Read for Tracked<R> {
         if n == 0 && !buf.is_empty() {
             self.state.lock().unwrap_or_else(|p| p.into_inner()).eof = true;
         }
+        Ok(n)
+    }
+}
+
+/// A read buffer over the source that hands large reads (file data)
+/// straight to the source once it is drained, where `BufReader` would copy
+/// them through its buffer unless they are at least its whole size.
+struct ReadBuffer<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+}
+
+impl<R: Read> ReadBuffer<R> {
+    /// Reads at least this large skip the buffer when it is empty.
+    const DIRECT: usize = 64 << 10;
+
+    fn new(inner: R) -> Self {
+        ReadBuffer {
+            inner,
+            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for ReadBuffer<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.filled {
+            if out.len() >= Self::DIRECT {
+                return self.inner.read(out);
+            }
+            self.filled = self.inner.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.filled - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
@@ -949,7 +1045,7 @@ impl Parser<'_> {
             let n = left.min(CHUNK as u64) as usize;
             let budget = &self.shared.budget;
             budget.acquire(n);
-            let mut data = vec![0u8; n];
+            let mut data = self.shared.spare.take(n);
             if let Err(e) = entry.read_exact(&mut data) {
                 budget.release(n);
                 return Err(truncated(e).into());
@@ -1027,13 +1123,10 @@ pub(super) fn run<R: Read>(
     let state = Arc::new(Mutex::new(SourceState::default()));
     // Headers and small files are read through one large buffer, so the
     // source costs a read per MiB rather than two per entry.
-    let mut src = io::BufReader::with_capacity(
-        READ_BUFFER,
-        Source {
-            inner: reader,
-            state: state.clone(),
-        },
-    );
+    let mut src = ReadBuffer::new(Source {
+        inner: reader,
+        state: state.clone(),
+    });
     let mut head = [0u8; 2];
     let mut got = 0;
     while got < 2 {
@@ -1065,6 +1158,8 @@ pub(super) fn run<R: Read>(
         error: Mutex::new(None),
         budget: Budget::new(),
         track,
+        early_writeback: opts.sync,
+        spare: Spare(Mutex::new(Vec::new())),
     });
     let threads = if opts.threads == 0 {
         default_threads()

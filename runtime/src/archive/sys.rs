@@ -286,6 +286,17 @@ pub fn fsetxattr(fd: RawFd, name: &CStr, value: &[u8]) -> io::Result<()> {
         .map(drop)
 }
 
+/// Starts writeback of `len` bytes at `offset` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); durability still needs a
+/// sync.
+pub fn start_writeback(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE) }).map(drop)
+}
+
 pub fn syncfs(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
     cvt(unsafe { libc::syncfs(fd) }).map(drop)
