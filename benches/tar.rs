@@ -116,13 +116,19 @@ impl std::io::Read for Repeat<'_> {
     }
 }
 
-fn ours(archive: &Path, dest: &Path) {
-    std::fs::create_dir(dest).expect("dest");
-    let opts = ExtractOptions {
+/// Ours as every run of the bench uses it: archive owners and a final
+/// sync, like GNU tar as root followed by `sync -f`.
+fn bench_opts() -> ExtractOptions {
+    ExtractOptions {
         sync: true,
         ownership: Ownership::Archive,
         ..Default::default()
-    };
+    }
+}
+
+fn ours(archive: &Path, dest: &Path) {
+    std::fs::create_dir(dest).expect("dest");
+    let opts = bench_opts();
     let f = File::open(archive).expect("open archive");
     extract(f, dest, &opts).expect("extract");
 }
@@ -166,11 +172,7 @@ fn ours_tcp(archive: &Path, dest: &Path) {
         }
     });
     let sock = std::net::TcpStream::connect(addr).expect("connect");
-    let opts = ExtractOptions {
-        sync: true,
-        ownership: Ownership::Archive,
-        ..Default::default()
-    };
+    let opts = bench_opts();
     extract(sock, dest, &opts).expect("extract from tcp");
     sender.join().expect("sender thread");
 }
@@ -226,11 +228,7 @@ impl Store {
             .rt
             .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
             .expect("download");
-        let opts = ExtractOptions {
-            sync: true,
-            ownership: Ownership::Archive,
-            ..Default::default()
-        };
+        let opts = bench_opts();
         extract(&mut reader, dest, &opts).expect("extract streamed");
     }
 }

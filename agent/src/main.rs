@@ -117,7 +117,6 @@ fn print_plan(args: &PlanArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    cph_agent::memory::keep_transfer_buffers();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -136,6 +135,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cfg.log_format = format;
     }
     telemetry::init(cfg.log_format);
+    // Before the runtime's threads start; after logging, so a refusal shows.
+    cph_agent::memory::keep_transfer_buffers();
     match cli.command {
         Some(Command::Plan(args)) => print_plan(&args),
         Some(Command::ObjectStore(args)) => object_store(args),

@@ -352,7 +352,8 @@ struct OpenFile {
     fd: OwnedFd,
     rel: RelPath,
     meta: Meta,
-    left: u64,
+    /// The file's size in the archive.
+    total: u64,
     /// Bytes written so far, and how many of them writeback was asked for.
     written: u64,
     flushed: u64,
@@ -391,21 +392,15 @@ impl Writer<'_> {
                 if !data.is_empty() {
                     sys::write_all(fd.as_raw_fd(), data).map_err(|e| self.io("write", &rel, e))?;
                 }
-                let left = total - data.len() as u64;
                 let file = OpenFile {
                     fd,
                     rel,
                     meta,
-                    left,
+                    total,
                     written: data.len() as u64,
                     flushed: 0,
                 };
-                if left == 0 {
-                    self.close(file)
-                } else {
-                    self.open = Some(file);
-                    Ok(())
-                }
+                self.close_when_whole(file)
             }
             Job::Chunk(data) => {
                 let Some(mut file) = self.open.take() else {
@@ -415,7 +410,6 @@ impl Writer<'_> {
                 let len = data.len();
                 self.shared.spare.put(data);
                 wrote.map_err(|e| self.io("write", &file.rel, e))?;
-                file.left = file.left.saturating_sub(len as u64);
                 file.written += len as u64;
                 if self.shared.early_writeback && file.written - file.flushed >= WRITEBACK_STEP {
                     // Start writing this file's new pages to disk now, so the
@@ -428,12 +422,7 @@ impl Writer<'_> {
                     );
                     file.flushed = file.written;
                 }
-                if file.left == 0 {
-                    self.close(file)
-                } else {
-                    self.open = Some(file);
-                    Ok(())
-                }
+                self.close_when_whole(file)
             }
             Job::Symlink {
                 parent,
@@ -492,6 +481,17 @@ impl Writer<'_> {
         })
         .map_err(|e| self.io("create", rel, e))?;
         fd.ok_or_else(|| self.io("create", rel, io::Error::from(io::ErrorKind::NotFound)))
+    }
+
+    /// Closes `file` once all its bytes are written; until then it stays
+    /// open for the chunks that follow.
+    fn close_when_whole(&mut self, file: OpenFile) -> Result<(), ArchiveError> {
+        if file.written >= file.total {
+            self.close(file)
+        } else {
+            self.open = Some(file);
+            Ok(())
+        }
     }
 
     fn close(&mut self, file: OpenFile) -> Result<(), ArchiveError> {
