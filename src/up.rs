@@ -460,7 +460,7 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
 
     println!(
         "cph is up.\n  CPH API      {}\n  project id   {}\n  AK / SK      {} / {}\n  object store {} (AK {})\n  credentials  {}\n  logs         {}\n\
-         Buy the local server with the development flavor, e.g. with the official SDK or\n  cph server list --data-dir {}\n\
+         Buy the local server with the development flavor, e.g. with the official SDK; list servers with\n  cph servers --credentials {}/credentials.json\n\
          Ctrl-C stops the services; phones' data stays in {}.",
         creds.endpoint,
         creds.project_id,
