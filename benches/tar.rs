@@ -14,7 +14,11 @@
 //! archive sent over one plain loopback TCP connection (a thread reading
 //! the file and writing it to the socket, no HTTP): what any network
 //! stream costs on this host before the object store protocol adds its
-//! share. The process keeps the agent's allocator settings
+//! share. And the same download read into nothing: the stream's own cost.
+//! Each run's CPU time (this process and its children: user + system) is
+//! reported next to its wall time, since on a host with few cores the
+//! store, the client and the extractor of a streamed run share them.
+//! The process keeps the agent's allocator settings
 //! (`cph_agent::memory`). `CPH_TAR_BENCH_SHAPES=small,large` limits the run
 //! to the shapes whose names start so.
 
@@ -221,6 +225,18 @@ impl Store {
         w.finish().expect("finish upload");
     }
 
+    /// Reads `key` through the same streaming download into nothing, in the
+    /// extractor's read size: what the stream alone costs.
+    fn download(&self, key: &str) {
+        use std::io::Read;
+        let mut reader = self
+            .rt
+            .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
+            .expect("download");
+        let mut buf = vec![0u8; 1 << 20];
+        while reader.read(&mut buf).expect("read download") > 0 {}
+    }
+
     /// Extracts `key` into `dest` while it downloads.
     fn extract(&self, key: &str, dest: &Path) {
         std::fs::create_dir(dest).expect("dest");
@@ -233,6 +249,72 @@ impl Store {
     }
 }
 
+/// CPU time (user + system) of this process and of its waited-for
+/// children (GNU tar, `sync`) so far.
+fn cpu_time() -> Duration {
+    let usage = |who| {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::getrusage(who, &mut ru) };
+        assert_eq!(rc, 0, "getrusage");
+        let t = |tv: libc::timeval| {
+            Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
+        };
+        t(ru.ru_utime) + t(ru.ru_stime)
+    };
+    usage(libc::RUSAGE_SELF) + usage(libc::RUSAGE_CHILDREN)
+}
+
+/// One timed run: wall time and the CPU time it took.
+#[derive(Clone, Copy)]
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// The argument that makes this executable a peak-memory probe (see
+/// [`peak_rss_mib`]): `--peak-rss local ARCHIVE DEST` or
+/// `--peak-rss streamed OBJECTS KEY DEST`.
+const PROBE: &str = "--peak-rss";
+
+/// One extraction in this process, which is fresh: its peak resident memory
+/// is that of the extraction (with, when streamed, the embedded store
+/// serving it, as in the agent).
+fn probe(args: &[String]) {
+    match args {
+        [mode, archive, dest] if mode == "local" => ours(Path::new(archive), Path::new(dest)),
+        [mode, objects, key, dest] if mode == "streamed" => {
+            Store::start(Path::new(objects)).extract(key, Path::new(dest))
+        }
+        _ => panic!("usage: {PROBE} local ARCHIVE DEST | streamed OBJECTS KEY DEST"),
+    }
+}
+
+/// Runs `cmd` to its end and returns its peak resident memory in MiB: its
+/// `VmHWM`, read every few milliseconds until it exits. (`ru_maxrss` from
+/// `wait4` would not do: a spawned child keeps the spawner's peak across
+/// `exec`.)
+fn peak_rss_mib(cmd: &mut Command) -> f64 {
+    let mut child = cmd.spawn().expect("spawn peak-memory probe");
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            let hwm = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(st) = child.try_wait().expect("wait for probe") {
+            assert!(st.success(), "{cmd:?} failed: {st}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    peak_kib as f64 / 1024.0
+}
+
 /// One way of extracting an archive into a new directory.
 type Extractor<'a> = dyn Fn(&Path, &Path) + 'a;
 
@@ -242,14 +324,22 @@ type Extractor<'a> = dyn Fn(&Path, &Path) + 'a;
 /// bimodal and a median land on either mode; a stall only ever adds time,
 /// so the fastest run is what the code itself costs. Criterion's own
 /// report still shows every sample.
-fn fastest(v: &[Duration]) -> Duration {
-    v.iter().copied().min().unwrap_or_default()
+fn fastest(v: &[Sample]) -> Sample {
+    v.iter().copied().min_by_key(|s| s.wall).unwrap_or(Sample {
+        wall: Duration::ZERO,
+        cpu: Duration::ZERO,
+    })
 }
 
 fn main() {
     // As the agent process does.
     cph_agent::memory::keep_transfer_buffers();
-    let full = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == PROBE) {
+        probe(&args[at + 1..]);
+        return;
+    }
+    let full = args.iter().any(|a| a == "--bench");
     if Command::new("tar").arg("--version").output().is_err() {
         eprintln!("skipping tar bench: GNU tar not installed");
         return;
@@ -324,12 +414,17 @@ fn main() {
         let key = format!("{}.tar", shape.name);
         store.put(&key, &archive);
         let streamed = |_: &Path, dest: &Path| store.extract(&key, dest);
-        let mut times: Vec<Vec<Duration>> = Vec::new();
-        let runs: [(&str, &Extractor); 4] = [
+        let download_only = |_: &Path, dest: &Path| {
+            std::fs::create_dir(dest).expect("dest");
+            store.download(&key);
+        };
+        let mut times: Vec<Vec<Sample>> = Vec::new();
+        let runs: [(&str, &Extractor); 5] = [
             ("ours", &ours),
             ("gnu_tar", &gnu),
             ("ours_streamed", &streamed),
             ("ours_plain_tcp", &ours_tcp),
+            ("download_only", &download_only),
         ];
         for (label, run) in runs {
             let samples = Rc::new(RefCell::new(Vec::new()));
@@ -349,9 +444,11 @@ fn main() {
                             *k
                         };
                         let dest = root.join(format!("x-{label}-{n}"));
+                        let c = cpu_time();
                         let t = Instant::now();
                         run(&archive, &dest);
                         let d = t.elapsed();
+                        let cpu = cpu_time().saturating_sub(c);
                         std::fs::remove_dir_all(&dest).expect("clean dest");
                         // Untimed: the removal's writeback must not land on
                         // the next run (whichever extractor it is).
@@ -361,32 +458,78 @@ fn main() {
                             .status()
                             .expect("run sync");
                         total += d;
-                        rec.borrow_mut().push(d);
+                        rec.borrow_mut().push(Sample { wall: d, cpu });
                     }
                     total
                 })
             });
             g.finish();
+            // The first run is criterion's warm-up. It is left out: the
+            // first extractor of a shape would have it right after the
+            // archive was written, on memory the host has not reclaimed yet.
             let v = samples.borrow().clone();
-            times.push(v);
+            let skip = usize::from(v.len() > 1);
+            times.push(v[skip..].to_vec());
         }
-        let ours_t = fastest(&times[0]).as_secs_f64() * 1e3;
-        let gnu_t = fastest(&times[1]).as_secs_f64() * 1e3;
-        let streamed_t = fastest(&times[2]).as_secs_f64() * 1e3;
-        let tcp_t = fastest(&times[3]).as_secs_f64() * 1e3;
-        // (what, ours, anchor): ours vs GNU tar, then the streamed runs.
+        // Peak memory, each extraction in a process of its own.
+        let exe = std::env::current_exe().expect("bench executable");
+        let objects = dir.path().join("objects");
+        let dest = |what: &str| dir.path().join(format!("peak-{what}-{}", shape.name));
+        let mut local_cmd = Command::new(&exe);
+        local_cmd
+            .arg(PROBE)
+            .arg("local")
+            .arg(&archive)
+            .arg(dest("ours"));
+        let mut streamed_cmd = Command::new(&exe);
+        streamed_cmd
+            .arg(PROBE)
+            .arg("streamed")
+            .arg(&objects)
+            .arg(&key)
+            .arg(dest("streamed"));
+        std::fs::create_dir(dest("gnu")).expect("dest");
+        let mut gnu_cmd = Command::new("tar");
+        gnu_cmd.arg("-xf").arg(&archive).arg("-C").arg(dest("gnu"));
+        let rss = [&mut local_cmd, &mut streamed_cmd, &mut gnu_cmd].map(peak_rss_mib);
+        for what in ["ours", "streamed", "gnu"] {
+            std::fs::remove_dir_all(dest(what)).expect("clean dest");
+        }
+        let [local, gnu_tar, streamed, tcp, download] = [0, 1, 2, 3, 4].map(|i| fastest(&times[i]));
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        // (what, ours, anchor, unit): ours vs GNU tar, then the streamed
+        // runs; then the CPU the fastest samples took, which bounds the
+        // streamed run on a host with few cores (the store, the client and
+        // the extractor share them).
         let pairs = [
-            ("", ours_t, gnu_t),
-            ("_streamed_vs_local", streamed_t, ours_t),
-            ("_plain_tcp_vs_local", tcp_t, ours_t),
-            ("_streamed_vs_plain_tcp", streamed_t, tcp_t),
+            ("_time", local.wall, gnu_tar.wall),
+            ("_streamed_vs_local_time", streamed.wall, local.wall),
+            ("_plain_tcp_vs_local_time", tcp.wall, local.wall),
+            ("_streamed_vs_plain_tcp_time", streamed.wall, tcp.wall),
+            ("_download_only_vs_local_time", download.wall, local.wall),
+            ("_cpu", local.cpu, gnu_tar.cpu),
+            ("_streamed_vs_local_cpu", streamed.cpu, local.cpu),
+            ("_download_only_vs_local_cpu", download.cpu, local.cpu),
         ];
         for (what, ours, anchor) in pairs {
             metrics.push(Metric {
-                metric: format!("extract_{}{what}_time", shape.name),
+                metric: format!("extract_{}{what}", shape.name),
+                ours: ms(ours),
+                anchor: ms(anchor),
+                unit: if what.ends_with("_cpu") {
+                    "cpu_ms"
+                } else {
+                    "ms"
+                },
+            });
+        }
+        // Target: under 64 MiB; GNU tar's own peak for scale.
+        for (what, ours) in [("", rss[0]), ("_streamed", rss[1])] {
+            metrics.push(Metric {
+                metric: format!("extract_{}{what}_peak_rss", shape.name),
                 ours,
-                anchor,
-                unit: "ms",
+                anchor: rss[2],
+                unit: "MiB",
             });
         }
         std::fs::remove_file(&archive).expect("remove archive");
@@ -399,8 +542,11 @@ fn main() {
         );
         for m in &metrics {
             eprintln!(
-                "{}: ours {:.1} ms, anchor {:.1} ms",
-                m.metric, m.ours, m.anchor
+                "{}: ours {:.1} {unit}, anchor {:.1} {unit}",
+                m.metric,
+                m.ours,
+                m.anchor,
+                unit = m.unit
             );
         }
         return;

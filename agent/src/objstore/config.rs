@@ -46,7 +46,9 @@ pub struct ObjectStoreConfig {
 }
 
 /// Part sizes and parallelism of streamed transfers. Memory held by one
-/// transfer is at most about `part_bytes * (parts_in_flight + queued_parts + 1)`.
+/// transfer is at most about `part_bytes * (parts_in_flight + queued_parts + 1)`:
+/// 32 MiB by default, so a push (this plus the tar extractor's few MiB)
+/// stays under 64 MiB. A store far away may want more parts in flight.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransferConfig {
@@ -63,8 +65,8 @@ impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
             part_bytes: 8 << 20,
-            parts_in_flight: 4,
-            queued_parts: 2,
+            parts_in_flight: 2,
+            queued_parts: 1,
         }
     }
 }

@@ -37,8 +37,11 @@ use super::{ArchiveError, ExtractOptions, ExtractReport, Skipped, SpecialFiles, 
 const READ_BUFFER: usize = 1 << 20;
 /// Files up to this size travel as one message; larger ones in chunks.
 const CHUNK: usize = 1 << 20;
-/// Bytes of file data queued to writers at most.
-const BUDGET: usize = 32 << 20;
+/// Bytes of file data queued to writers at most. With the read buffer and
+/// the spare chunk buffers this is most of the extractor's memory; a
+/// streamed push adds the download's parts to it, and the two together
+/// stay well under 64 MiB.
+const BUDGET: usize = 8 << 20;
 /// Batches queued per writer at most.
 const QUEUE: usize = 64;
 /// Jobs are handed to a writer in batches of this many (or bytes), so the
@@ -47,7 +50,8 @@ const BATCH: usize = 64;
 const BATCH_BYTES: usize = 512 << 10;
 /// Writer threads at most; `MAX_THREADS * BATCH_BYTES + CHUNK` stays under
 /// `BUDGET`, so the parser never waits on bytes it has not handed out yet.
-const MAX_THREADS: usize = 16;
+const MAX_THREADS: usize = 8;
+const _: () = assert!(MAX_THREADS * BATCH_BYTES + CHUNK < BUDGET);
 /// A large file's writeback is started every this many bytes written
 /// (when the run ends with a sync).
 const WRITEBACK_STEP: u64 = 8 << 20;
@@ -265,7 +269,9 @@ impl Pool {
         }
         let data = &mut self.pending[i].data;
         if data.capacity() == 0 {
-            data.reserve_exact(BATCH_BYTES + CHUNK);
+            // Most batches end near `BATCH_BYTES`; one that takes a large
+            // file's first chunk late grows once.
+            data.reserve_exact(BATCH_BYTES.max(n));
         }
         Ok(data)
     }

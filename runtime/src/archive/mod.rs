@@ -83,7 +83,7 @@ pub struct ExtractOptions {
     /// (which must not exist) only when everything succeeded: a failure
     /// leaves `target` absent.
     pub staging: bool,
-    /// Writer threads (0 picks from the available cores).
+    /// Writer threads (0 picks from the available cores; at most 8).
     pub threads: usize,
 }
 
