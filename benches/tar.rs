@@ -225,14 +225,18 @@ impl Store {
         w.finish().expect("finish upload");
     }
 
+    /// Starts the streaming download of `key`.
+    fn reader(&self, key: &str) -> cph_agent::objstore::ObjectReader {
+        self.rt
+            .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
+            .expect("download")
+    }
+
     /// Reads `key` through the same streaming download into nothing, in the
     /// extractor's read size: what the stream alone costs.
     fn download(&self, key: &str) {
         use std::io::Read;
-        let mut reader = self
-            .rt
-            .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
-            .expect("download");
+        let mut reader = self.reader(key);
         let mut buf = vec![0u8; 1 << 20];
         while reader.read(&mut buf).expect("read download") > 0 {}
     }
@@ -240,12 +244,8 @@ impl Store {
     /// Extracts `key` into `dest` while it downloads.
     fn extract(&self, key: &str, dest: &Path) {
         std::fs::create_dir(dest).expect("dest");
-        let mut reader = self
-            .rt
-            .block_on(self.client.download_to_reader(BUCKET, key, u64::MAX))
-            .expect("download");
         let opts = bench_opts();
-        extract(&mut reader, dest, &opts).expect("extract streamed");
+        extract(self.reader(key), dest, &opts).expect("extract streamed");
     }
 }
 
@@ -266,7 +266,7 @@ fn cpu_time() -> Duration {
 }
 
 /// One timed run: wall time and the CPU time it took.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Sample {
     wall: Duration,
     cpu: Duration,
@@ -325,10 +325,7 @@ type Extractor<'a> = dyn Fn(&Path, &Path) + 'a;
 /// so the fastest run is what the code itself costs. Criterion's own
 /// report still shows every sample.
 fn fastest(v: &[Sample]) -> Sample {
-    v.iter().copied().min_by_key(|s| s.wall).unwrap_or(Sample {
-        wall: Duration::ZERO,
-        cpu: Duration::ZERO,
-    })
+    v.iter().copied().min_by_key(|s| s.wall).unwrap_or_default()
 }
 
 fn main() {

@@ -38,9 +38,9 @@ const READ_BUFFER: usize = 1 << 20;
 /// Files up to this size travel as one message; larger ones in chunks.
 const CHUNK: usize = 1 << 20;
 /// Bytes of file data queued to writers at most. With the read buffer and
-/// the spare chunk buffers this is most of the extractor's memory; a
-/// streamed push adds the download's parts to it, and the two together
-/// stay well under 64 MiB.
+/// the spare chunk buffers this is most of the extractor's memory (a local
+/// extraction peaks at 15-27 MiB resident in the tar bench); a streamed
+/// push adds the download's parts to it.
 const BUDGET: usize = 8 << 20;
 /// Batches queued per writer at most.
 const QUEUE: usize = 64;
