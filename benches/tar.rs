@@ -181,14 +181,18 @@ fn ours_tcp(archive: &Path, dest: &Path) {
     sender.join().expect("sender thread");
 }
 
-/// The embedded S3 store on loopback holding the bench's archives.
+/// The embedded S3 store on loopback holding the bench's archives, and a
+/// client of it. The store runs in the bench's own process; a peak-memory
+/// probe connects to it from a process of its own ([`Store::connect`]).
 struct Store {
     rt: tokio::runtime::Runtime,
     client: cph_agent::objstore::ObjectStore,
-    _server: cph_agent::objstore::EmbeddedStore,
+    server: Option<cph_agent::objstore::EmbeddedStore>,
 }
 
 const BUCKET: &str = "tar-bench";
+const STORE_AK: &str = "bench-ak";
+const STORE_SK: &str = "bench-sk-0123456789";
 
 impl Store {
     fn start(root: &Path) -> Store {
@@ -197,23 +201,36 @@ impl Store {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
-            cph_agent::objstore::serve(
-                root.to_path_buf(),
-                l,
-                "bench-ak".into(),
-                "bench-sk-0123456789".into(),
-            )
-            .await
-            .expect("embedded store")
+            cph_agent::objstore::serve(root.to_path_buf(), l, STORE_AK.into(), STORE_SK.into())
+                .await
+                .expect("embedded store")
         });
-        let client =
-            cph_agent::objstore::ObjectStore::new(&server.client_config()).expect("client");
-        rt.block_on(client.create_bucket(BUCKET)).expect("bucket");
+        let mut store = Store::connect(rt, &server.endpoint());
+        store
+            .rt
+            .block_on(store.client.create_bucket(BUCKET))
+            .expect("bucket");
+        store.server = Some(server);
+        store
+    }
+
+    /// A client of the store at `endpoint`, as the agent is of its store.
+    fn connect(rt: tokio::runtime::Runtime, endpoint: &str) -> Store {
+        let config = cph_agent::objstore::ObjectStoreConfig::local(endpoint, STORE_AK, STORE_SK);
+        let client = cph_agent::objstore::ObjectStore::new(&config).expect("client");
         Store {
             rt,
             client,
-            _server: server,
+            server: None,
         }
+    }
+
+    /// The store's endpoint (only for the store this process serves).
+    fn endpoint(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| s.endpoint())
+            .expect("a store this process serves")
     }
 
     /// Uploads `file` as `key` (multipart for large archives).
@@ -274,19 +291,21 @@ struct Sample {
 
 /// The argument that makes this executable a peak-memory probe (see
 /// [`peak_rss_mib`]): `--peak-rss local ARCHIVE DEST` or
-/// `--peak-rss streamed OBJECTS KEY DEST`.
+/// `--peak-rss streamed ENDPOINT KEY DEST`.
 const PROBE: &str = "--peak-rss";
 
 /// One extraction in this process, which is fresh: its peak resident memory
-/// is that of the extraction (with, when streamed, the embedded store
-/// serving it, as in the agent).
+/// is that of the extraction. Streamed, the store is the bench's, in
+/// another process, as the agent's store is never in the agent's process
+/// (`cph up` runs it as `cph-agent object-store`; in production it is OBS).
 fn probe(args: &[String]) {
     match args {
         [mode, archive, dest] if mode == "local" => ours(Path::new(archive), Path::new(dest)),
-        [mode, objects, key, dest] if mode == "streamed" => {
-            Store::start(Path::new(objects)).extract(key, Path::new(dest))
+        [mode, endpoint, key, dest] if mode == "streamed" => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio");
+            Store::connect(rt, endpoint).extract(key, Path::new(dest))
         }
-        _ => panic!("usage: {PROBE} local ARCHIVE DEST | streamed OBJECTS KEY DEST"),
+        _ => panic!("usage: {PROBE} local ARCHIVE DEST | streamed ENDPOINT KEY DEST"),
     }
 }
 
@@ -470,7 +489,6 @@ fn main() {
         }
         // Peak memory, each extraction in a process of its own.
         let exe = std::env::current_exe().expect("bench executable");
-        let objects = dir.path().join("objects");
         let dest = |what: &str| dir.path().join(format!("peak-{what}-{}", shape.name));
         let mut local_cmd = Command::new(&exe);
         local_cmd
@@ -482,7 +500,7 @@ fn main() {
         streamed_cmd
             .arg(PROBE)
             .arg("streamed")
-            .arg(&objects)
+            .arg(store.endpoint())
             .arg(&key)
             .arg(dest("streamed"));
         std::fs::create_dir(dest("gnu")).expect("dest");
