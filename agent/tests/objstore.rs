@@ -189,7 +189,9 @@ async fn streamed_download_is_identical_with_bounded_memory() {
     .await
     .unwrap();
     assert!(got == data, "streamed bytes differ");
-    let bound = ObjectStoreConfig::default().transfer.memory_bound();
+    let bound = ObjectStoreConfig::default()
+        .transfer
+        .download_memory_bound();
     assert!(
         stats.peak_buffered() <= bound,
         "peak {} over {bound}",

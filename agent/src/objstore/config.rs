@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ObjectStoreError, MAX_PARTS, MIN_PART_BYTES};
 
+/// The smallest ranged GET a download makes.
+pub const MIN_RANGE_BYTES: usize = 64 << 10;
+
 /// Where the store is and how to talk to it.
 ///
 /// ```toml
@@ -45,15 +48,18 @@ pub struct ObjectStoreConfig {
     pub transfer: TransferConfig,
 }
 
-/// Part sizes and parallelism of streamed transfers. Memory held by one
-/// transfer is at most about `part_bytes * (parts_in_flight + queued_parts + 1)`:
-/// 32 MiB by default, which with the tar extractor's few MiB brings a
-/// streamed push of large files to about 64 MiB resident (the tar bench
-/// measures it). A store far away may want more parts in flight.
+/// Part sizes and parallelism of streamed transfers. A download holds at
+/// most about `range_bytes * (parts_in_flight + queued_parts + 1)` (16 MiB
+/// by default), an upload `part_bytes` times the same (32 MiB). The tar
+/// bench measures a streamed push's peak resident memory. A store far away
+/// may want more parts in flight.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransferConfig {
-    /// Bytes per ranged GET and per uploaded part (at least 5 MiB).
+    /// Bytes per ranged GET of a download (at least 64 KiB).
+    pub range_bytes: usize,
+    /// Bytes per uploaded part (at least 5 MiB, S3's smallest; with S3's
+    /// 10,000 parts, the default's 8 MiB allows an export of 78 GiB).
     pub part_bytes: usize,
     /// Ranged GETs or part uploads running at once.
     pub parts_in_flight: usize,
@@ -65,6 +71,7 @@ pub struct TransferConfig {
 impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
+            range_bytes: 4 << 20,
             part_bytes: 8 << 20,
             parts_in_flight: 2,
             queued_parts: 1,
@@ -73,9 +80,20 @@ impl Default for TransferConfig {
 }
 
 impl TransferConfig {
-    /// Upper bound of the bytes one transfer buffers.
-    pub fn memory_bound(&self) -> u64 {
-        (self.part_bytes as u64) * (self.parts_in_flight + self.queued_parts + 1) as u64
+    /// Upper bound of the object bytes one download buffers.
+    pub fn download_memory_bound(&self) -> u64 {
+        (self.range_bytes as u64) * self.buffers()
+    }
+
+    /// Upper bound of the object bytes one upload buffers.
+    pub fn upload_memory_bound(&self) -> u64 {
+        (self.part_bytes as u64) * self.buffers()
+    }
+
+    /// Parts held at once: in flight, queued and the one being read or
+    /// written.
+    fn buffers(&self) -> u64 {
+        (self.parts_in_flight + self.queued_parts + 1) as u64
     }
 
     /// Largest object an upload with these parts can produce.
@@ -156,6 +174,12 @@ impl ObjectStoreConfig {
                 t.part_bytes
             ));
         }
+        if t.range_bytes < MIN_RANGE_BYTES {
+            return bad(format!(
+                "transfer.range_bytes {} is below {MIN_RANGE_BYTES}",
+                t.range_bytes
+            ));
+        }
         if t.parts_in_flight == 0 || t.queued_parts == 0 {
             return bad(
                 "transfer.parts_in_flight and transfer.queued_parts must be at least 1".into(),
@@ -207,12 +231,19 @@ mod tests {
         cfg.transfer.part_bytes = 1 << 20;
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("part_bytes"), "{e}");
+        let mut cfg = ObjectStoreConfig::local("http://127.0.0.1:1", "a", "s");
+        cfg.transfer.range_bytes = 4096;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("range_bytes"), "{e}");
         let cfg = ObjectStoreConfig::local("127.0.0.1:1", "a", "s");
         assert!(cfg.validate().unwrap_err().to_string().contains("endpoint"));
     }
 
     #[test]
-    fn default_memory_bound_is_about_64_mib() {
-        assert!(TransferConfig::default().memory_bound() <= 64 << 20);
+    fn default_buffers_leave_room_under_64_mib() {
+        let t = TransferConfig::default();
+        // The extractor and the client's own memory come on top.
+        assert!(t.download_memory_bound() <= 16 << 20);
+        assert!(t.upload_memory_bound() <= 32 << 20);
     }
 }

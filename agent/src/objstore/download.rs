@@ -12,7 +12,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -132,7 +132,7 @@ impl Drop for ObjectReader {
 impl ObjectStore {
     /// Starts a streaming download of `bucket/key`: HEAD first, refusing an
     /// object over `limit` bytes before anything is fetched, then ranged GETs
-    /// of `transfer.part_bytes` with `transfer.parts_in_flight` at once.
+    /// of `transfer.range_bytes` with `transfer.parts_in_flight` at once.
     pub async fn download_to_reader(
         &self,
         bucket: &str,
@@ -185,8 +185,16 @@ impl ObjectStore {
             })
     }
 
-    /// One ranged GET, its whole body in memory as the segments it arrived
-    /// in.
+    /// One ranged GET, its whole body in memory: the chunks it arrived in
+    /// where they are large, small ones copied together.
+    ///
+    /// hyper reads each chunk into a buffer of up to about 400 KiB, and a
+    /// chunk keeps its whole buffer alive: a part kept as the chunks of a
+    /// slow connection (a few KiB per read) would pin many times its size.
+    /// A chunk of at least [`KEEP_CHUNK`] pins at most about 1.6 times its
+    /// size and is kept as it is (on loopback nearly all are); the others
+    /// are copied into buffers of [`KEEP_CHUNK`], so a part never holds more
+    /// than about 1.6 times its size whatever the network.
     async fn get_range(
         &self,
         bucket: &str,
@@ -194,7 +202,7 @@ impl ObjectStore {
         start: u64,
         len: u64,
     ) -> Result<Vec<Bytes>, ObjectStoreError> {
-        let out = self
+        let mut out = self
             .inner
             .client
             .get_object()
@@ -204,23 +212,79 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|e| map_sdk(e, &self.ctx("get", bucket, key)))?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| ObjectStoreError::Unreachable {
-                endpoint: self.inner.endpoint.clone(),
-                detail: format!("reading obs://{bucket}/{key} at {start}: {}", chain(&e)),
-            })?;
-        let got = data.remaining() as u64;
+        let mut part = Part::default();
+        let mut got = 0u64;
+        while let Some(chunk) =
+            out.body
+                .try_next()
+                .await
+                .map_err(|e| ObjectStoreError::Unreachable {
+                    endpoint: self.inner.endpoint.clone(),
+                    detail: format!("reading obs://{bucket}/{key} at {start}: {}", chain(&e)),
+                })?
+        {
+            got += chunk.len() as u64;
+            if got > len {
+                break;
+            }
+            part.push(chunk);
+        }
         if got != len {
+            let got = if got > len {
+                format!("more than {len}")
+            } else {
+                got.to_string()
+            };
             return Err(ObjectStoreError::Inconsistent {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
                 detail: format!("bytes {start}.. gave {got} bytes, expected {len}"),
             });
         }
-        Ok(data.into_segments().collect())
+        Ok(part.finish())
+    }
+}
+
+/// Received chunks at least this large are kept as they are; smaller ones
+/// are copied together into buffers of this size.
+const KEEP_CHUNK: usize = 256 << 10;
+
+/// A part's bytes as they arrive: large chunks kept, small ones copied
+/// together (see [`ObjectStore::get_range`]).
+#[derive(Default)]
+struct Part {
+    done: Vec<Bytes>,
+    small: BytesMut,
+}
+
+impl Part {
+    fn push(&mut self, chunk: Bytes) {
+        if !self.small.is_empty() && self.small.len() == self.small.capacity() {
+            self.done.push(self.small.split().freeze());
+        }
+        if self.small.is_empty() && chunk.len() >= KEEP_CHUNK {
+            self.done.push(chunk);
+            return;
+        }
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            if self.small.len() == self.small.capacity() {
+                if !self.small.is_empty() {
+                    self.done.push(self.small.split().freeze());
+                }
+                self.small.reserve(KEEP_CHUNK);
+            }
+            let n = rest.len().min(self.small.capacity() - self.small.len());
+            self.small.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.small.is_empty() {
+            self.done.push(self.small.freeze());
+        }
+        self.done
     }
 }
 
@@ -231,7 +295,7 @@ async fn produce(
     tx: mpsc::Sender<Result<Vec<Bytes>, ObjectStoreError>>,
     stats: Arc<DownloadStats>,
 ) {
-    let part = store.inner.transfer.part_bytes as u64;
+    let part = store.inner.transfer.range_bytes as u64;
     let in_flight = store.inner.transfer.parts_in_flight.max(1);
     let mut next = 0u64;
     let mut running: VecDeque<JoinHandle<Result<Vec<Bytes>, ObjectStoreError>>> = VecDeque::new();
@@ -269,5 +333,42 @@ async fn produce(
     }
     for task in running {
         task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_keeps_large_chunks_and_packs_small_ones_in_order() {
+        let big = Bytes::from(vec![7u8; KEEP_CHUNK + 10]);
+        let big_at = big.as_ptr();
+        let mut part = Part::default();
+        let mut want = Vec::new();
+        part.push(big.clone());
+        want.extend_from_slice(&big);
+        // A slow connection's reads: many small chunks.
+        for i in 0..300u32 {
+            let c = Bytes::from(vec![(i % 251) as u8; 1000 + i as usize]);
+            want.extend_from_slice(&c);
+            part.push(c);
+        }
+        // A large chunk behind small ones is copied too, to keep order.
+        part.push(big.clone());
+        want.extend_from_slice(&big);
+        let segs = part.finish();
+        assert_eq!(
+            segs[0].as_ptr(),
+            big_at,
+            "the first large chunk is not copied"
+        );
+        assert!(segs[1..].iter().all(|s| s.len() <= KEEP_CHUNK));
+        // 300 small reads of about 1 KiB each pinned 300 buffers; packed,
+        // they take a few.
+        let packed: usize = segs[1..].iter().map(|s| s.len()).sum();
+        assert!(segs.len() - 1 <= packed.div_ceil(KEEP_CHUNK));
+        let got: Vec<u8> = segs.iter().flat_map(|s| s.iter().copied()).collect();
+        assert!(got == want, "bytes out of order");
     }
 }
