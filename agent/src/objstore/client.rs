@@ -68,6 +68,21 @@ impl ObjectStore {
         }
     }
 
+    /// The error of an object's body that broke off while it was read;
+    /// `at` names where (empty, or e.g. " at 4194304").
+    pub(crate) fn body_failed(
+        &self,
+        bucket: &str,
+        key: &str,
+        at: &str,
+        err: &dyn std::error::Error,
+    ) -> ObjectStoreError {
+        ObjectStoreError::Unreachable {
+            endpoint: self.inner.endpoint.clone(),
+            detail: format!("reading obs://{bucket}/{key}{at}: {}", chain(err)),
+        }
+    }
+
     /// Size and ETag of an object.
     pub async fn head(&self, bucket: &str, key: &str) -> Result<ObjectInfo, ObjectStoreError> {
         let out = self
@@ -146,10 +161,7 @@ impl ObjectStore {
             .body
             .collect()
             .await
-            .map_err(|e| ObjectStoreError::Unreachable {
-                endpoint: self.inner.endpoint.clone(),
-                detail: format!("reading obs://{bucket}/{key}: {}", chain(&e)),
-            })?
+            .map_err(|e| self.body_failed(bucket, key, "", &e))?
             .into_bytes();
         if data.len() as u64 > limit {
             return Err(ObjectStoreError::TooLarge {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::client::ObjectStore;
-use super::error::{chain, map_sdk};
+use super::error::map_sdk;
 use super::{ObjectInfo, ObjectStoreError};
 
 /// Byte counts of a download, for tests and reports.
@@ -214,14 +214,11 @@ impl ObjectStore {
             .map_err(|e| map_sdk(e, &self.ctx("get", bucket, key)))?;
         let mut part = Part::default();
         let mut got = 0u64;
-        while let Some(chunk) =
-            out.body
-                .try_next()
-                .await
-                .map_err(|e| ObjectStoreError::Unreachable {
-                    endpoint: self.inner.endpoint.clone(),
-                    detail: format!("reading obs://{bucket}/{key} at {start}: {}", chain(&e)),
-                })?
+        while let Some(chunk) = out
+            .body
+            .try_next()
+            .await
+            .map_err(|e| self.body_failed(bucket, key, &format!(" at {start}"), &e))?
         {
             got += chunk.len() as u64;
             if got > len {
@@ -259,24 +256,27 @@ struct Part {
 
 impl Part {
     fn push(&mut self, chunk: Bytes) {
-        if !self.small.is_empty() && self.small.len() == self.small.capacity() {
-            self.done.push(self.small.split().freeze());
-        }
+        self.flush_full();
         if self.small.is_empty() && chunk.len() >= KEEP_CHUNK {
             self.done.push(chunk);
             return;
         }
         let mut rest = &chunk[..];
         while !rest.is_empty() {
+            self.flush_full();
             if self.small.len() == self.small.capacity() {
-                if !self.small.is_empty() {
-                    self.done.push(self.small.split().freeze());
-                }
                 self.small.reserve(KEEP_CHUNK);
             }
             let n = rest.len().min(self.small.capacity() - self.small.len());
             self.small.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
+        }
+    }
+
+    /// Moves a full packing buffer to the part's bytes.
+    fn flush_full(&mut self) {
+        if !self.small.is_empty() && self.small.len() == self.small.capacity() {
+            self.done.push(self.small.split().freeze());
         }
     }
 
