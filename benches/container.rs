@@ -45,6 +45,28 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// `runc run --detach` of `bundle` as `id`. The detached container keeps
+/// whatever it inherits open, so its output goes to a file, not a pipe;
+/// runc's own errors are read back from that file when it fails.
+fn runc_run(bundle: &Path, id: &str) {
+    let log = bundle.join("runc.stderr");
+    let file = std::fs::File::create(&log).expect("create runc log");
+    let status = Command::new("runc")
+        .args(["run", "--detach", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .status()
+        .expect("spawn runc");
+    assert!(
+        status.success(),
+        "runc run {id}: {status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 /// Writes a runc bundle whose config runs the test image's init on `rootfs`,
 /// in a new network namespace or joining the one at `netns`.
 fn runc_bundle(dir: &Path, rootfs: &Path, netns: Option<&Path>) {
@@ -65,12 +87,30 @@ fn runc_bundle(dir: &Path, rootfs: &Path, netns: Option<&Path>) {
     std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json")).expect("write config");
 }
 
-/// A named network namespace for the phones that join one, removed at the end.
-struct NamedNetns(String);
+/// What the bench leaves on the host, removed when it ends, panics
+/// included: the runc container, our phone, our parent cgroup (in every
+/// hierarchy) and the named network namespace.
+struct Cleanup {
+    state: PathBuf,
+    parent: String,
+    runc_id: String,
+    netns: String,
+    shim: PathBuf,
+}
 
-impl Drop for NamedNetns {
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = Command::new("runc")
+            .args(["delete", "--force", &self.runc_id])
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(rt) = Runtime::new(&self.state, &self.parent, &self.shim) {
+            let _ = rt.delete("bench-phone", Duration::from_secs(5));
+        }
+        let _ = cph_runtime::container::remove_cgroup_parent(&self.parent);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
 
@@ -101,21 +141,29 @@ fn main() {
         .arg("-C")
         .arg(&rootfs));
     let marker = rootfs.join("run/cph-ready");
-    let parent = format!("cph-bench-{}", std::process::id());
-    let rt = Runtime::new(&tmp.path().join("state"), &parent, &shim()).expect("runtime");
+    // Names of their own: runc puts a container without `cgroupsPath` in a
+    // cgroup named after it, which must not be our phones' parent.
+    let pid = std::process::id();
+    let guard = Cleanup {
+        state: tmp.path().join("state"),
+        parent: format!("cph-bench-{pid}"),
+        runc_id: format!("cph-bench-runc-{pid}"),
+        netns: format!("cph-bench-{pid}"),
+        shim: shim(),
+    };
+    let rt = Runtime::new(&guard.state, &guard.parent, &guard.shim).expect("runtime");
     // Phones of the platform join the network namespace their network was
     // plumbed in (it outlives restarts); a bare start makes a new one. Both
     // are measured, for both runtimes.
-    let ns = NamedNetns(format!("cph-bench-{}", std::process::id()));
-    run(Command::new("ip").args(["netns", "add", &ns.0]));
-    let ns_path = Path::new("/run/netns").join(&ns.0);
+    run(Command::new("ip").args(["netns", "add", &guard.netns]));
+    let ns_path = Path::new("/run/netns").join(&guard.netns);
     let bundle = tmp.path().join("bundle");
     let bundle_ns = tmp.path().join("bundle-ns");
     for (dir, netns) in [(&bundle, None), (&bundle_ns, Some(ns_path.as_path()))] {
         std::fs::create_dir(dir).expect("mkdir bundle");
         runc_bundle(dir, &rootfs, netns);
     }
-    let runc_id = format!("cph-bench-{}", std::process::id());
+    let runc_id = guard.runc_id.clone();
     let spec = ContainerSpec::new("bench-phone", &rootfs);
     let mut spec_ns = spec.clone();
     spec_ns.netns = Some(ns_path.clone());
@@ -138,12 +186,7 @@ fn main() {
         for _ in 0..n {
             let _ = std::fs::remove_file(&marker);
             let t = Instant::now();
-            run(Command::new("runc")
-                .args(["run", "--detach", "--bundle"])
-                .arg(bundle)
-                .arg(&runc_id)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()));
+            runc_run(bundle, &runc_id);
             wait_ready(&marker);
             total += t.elapsed();
             run(Command::new("runc").args(["delete", "--force", &runc_id]));
@@ -180,12 +223,7 @@ fn main() {
     rt.delete("bench-phone", Duration::from_secs(5))
         .expect("delete");
     let _ = std::fs::remove_file(&marker);
-    run(Command::new("runc")
-        .args(["run", "--detach", "--bundle"])
-        .arg(&bundle)
-        .arg(&runc_id)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null()));
+    runc_run(&bundle, &runc_id);
     wait_ready(&marker);
     let runc_exec = || run(Command::new("runc").args(["exec", &runc_id, "true"]));
     group.bench_function("runc", |b| b.iter(runc_exec));
@@ -203,11 +241,7 @@ fn main() {
     let runc_ready = median((0..7).map(|_| runc_start(&bundle, 1)).collect());
     let ours_ready_ns = median((0..7).map(|_| ours_start(&spec_ns, 1)).collect());
     let runc_ready_ns = median((0..7).map(|_| runc_start(&bundle_ns, 1)).collect());
-    for ctrl in [
-        "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
-    ] {
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&parent));
-    }
+    drop(guard);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     report::write(
         "container",

@@ -456,12 +456,11 @@ fn object_store_jobs_on_a_real_phone() {
     let rt_check = cph_runtime::container::Runtime::new(&state.join("containers"), &parent, &shim)
         .expect("runtime");
     assert!(rt_check.list().expect("list").is_empty());
-    for ctrl in ["cpuset", "memory", "pids"] {
-        let dir = std::path::Path::new("/sys/fs/cgroup")
-            .join(ctrl)
-            .join(&parent);
-        assert!(!dir.exists(), "parent cgroup left: {}", dir.display());
-    }
+    assert_eq!(
+        cph_runtime::container::cgroups_named(&parent),
+        Vec::<std::path::PathBuf>::new(),
+        "parent cgroup left"
+    );
     assert!(common::mounts_under(t.tmp.path()).is_empty(), "mounts left");
     assert!(net.veths().is_empty(), "veths left");
     assert!(!std::path::Path::new(&format!("/run/netns/cph-{phone_id}")).exists());

@@ -112,12 +112,7 @@ impl Drop for Fixture {
         for n in &self.names {
             let _ = self.rt.delete(n, Duration::from_millis(500));
         }
-        for ctrl in [
-            "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
-        ] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&self.parent));
-        }
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/unified").join(&self.parent));
+        let _ = cph_runtime::container::remove_cgroup_parent(&self.parent);
     }
 }
 
@@ -286,6 +281,19 @@ fn phones_outlive_the_runtime_handle_and_are_adopted() {
         assert!(Instant::now() < deadline, "kill not observed: {s:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Once its last phone is deleted, the parent cgroup leaves every
+    // hierarchy, the named ones (`name=systemd`) included.
+    let parent = f.parent.clone();
+    assert!(
+        !cph_runtime::container::cgroups_named(&parent).is_empty(),
+        "parent cgroup made"
+    );
+    again.delete(&name, Duration::from_secs(5)).expect("delete");
+    again.release_parent();
+    assert_eq!(
+        cph_runtime::container::cgroups_named(&parent),
+        Vec::<PathBuf>::new()
+    );
 }
 
 /// What a phone named `name` left on the host: cgroup dirs in any

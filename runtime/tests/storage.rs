@@ -624,12 +624,7 @@ impl Drop for Phones {
         for n in &self.names {
             let _ = self.rt.delete(n, std::time::Duration::from_millis(500));
         }
-        for ctrl in [
-            "cpuset", "cpu", "memory", "pids", "devices", "freezer", "cpuacct", "blkio",
-        ] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctrl).join(&self.parent));
-        }
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/unified").join(&self.parent));
+        let _ = cph_runtime::container::remove_cgroup_parent(&self.parent);
     }
 }
 

@@ -177,17 +177,7 @@ impl Drop for Cleanup {
                 let _ = rt.delete(&c.name, Duration::from_secs(5));
             }
         }
-        for root in [
-            "/sys/fs/cgroup",
-            "/sys/fs/cgroup/cpuset",
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/cpu,cpuacct",
-            "/sys/fs/cgroup/devices",
-            "/sys/fs/cgroup/freezer",
-        ] {
-            let _ = std::fs::remove_dir(Path::new(root).join(&self.parent));
-        }
+        let _ = cph_runtime::container::remove_cgroup_parent(&self.parent);
         // The network state keeps one file per phone.
         let phone_files = std::fs::read_dir(self.state.join("network.phones"))
             .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())

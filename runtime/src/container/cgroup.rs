@@ -12,6 +12,7 @@ use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{Cgroup, Hierarchy, MaxValue};
 use cgroups_rs::CgroupPid;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use super::spec::ContainerSpec;
@@ -63,6 +64,74 @@ fn hierarchy() -> Box<dyn Hierarchy> {
         Found::V1(h) => Box::new(h.clone()),
         Found::V2(h) => Box::new(h.clone()),
     }
+}
+
+/// Mount points of every cgroup hierarchy of this host, v1 controllers,
+/// named hierarchies (`name=systemd`) and the unified v2 one alike, read
+/// from the mount table rather than assumed under `/sys/fs/cgroup`.
+fn mount_points() -> Vec<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|line| {
+            // "<id> <parent> <dev> <root> <mount point> <opts> [tags] - <fstype> ..."
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let point = left.split(' ').nth(4)?;
+            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(unescape(point)))
+        })
+        .collect()
+}
+
+/// Undoes the mount table's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup `name` (relative to each hierarchy's root) in every
+/// hierarchy it exists in.
+pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
+    mount_points()
+        .into_iter()
+        .map(|m| m.join(name))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// Removes the cgroup `parent` (relative to each hierarchy's root) from
+/// every hierarchy it exists in, and says where it could not. `rmdir`
+/// refuses a cgroup with children or tasks, so a parent that still holds a
+/// phone stays and is reported.
+pub fn remove_parent(parent: &str) -> Vec<(PathBuf, std::io::Error)> {
+    let mut failed = Vec::new();
+    for dir in mount_points().iter().map(|m| m.join(parent)) {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failed.push((dir, e)),
+        }
+    }
+    failed
 }
 
 /// Handle of an existing (or not yet created) phone cgroup.
@@ -228,4 +297,33 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     cg.delete().map_err(|e| err(name, "delete", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_table_escapes_are_undone() {
+        assert_eq!(
+            unescape("/sys/fs/cgroup/cpu,cpuacct"),
+            "/sys/fs/cgroup/cpu,cpuacct"
+        );
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape(r"/mnt/tab\011x\134y"), "/mnt/tab\tx\\y");
+        // A backslash not followed by three octal digits is kept as it is.
+        assert_eq!(unescape(r"/mnt/x\9"), r"/mnt/x\9");
+    }
+
+    #[test]
+    fn every_mounted_hierarchy_is_found() {
+        let points = mount_points();
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let cgroup_mounts = table
+            .lines()
+            .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+            .count();
+        assert_eq!(points.len(), cgroup_mounts);
+        assert!(points.iter().all(|p| p.is_absolute()));
+    }
 }

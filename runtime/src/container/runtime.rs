@@ -207,19 +207,8 @@ impl Runtime {
     /// phone: `rmdir` refuses a cgroup with children or tasks, so this is a
     /// no-op while one is left.
     pub fn release_parent(&self) {
-        let root = Path::new("/sys/fs/cgroup");
-        let mut dirs = vec![root.join(&self.cgroup_parent)];
-        if let Ok(entries) = std::fs::read_dir(root) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .map(|e| e.path().join(&self.cgroup_parent)),
-            );
-        }
-        for d in dirs.iter().filter(|d| d.is_dir()) {
-            if let Err(e) = std::fs::remove_dir(d) {
-                warn!(cgroup = %d.display(), error = %e, "parent cgroup not removed");
-            }
+        for (dir, e) in cgroup::remove_parent(&self.cgroup_parent) {
+            warn!(cgroup = %dir.display(), error = %e, "parent cgroup not removed");
         }
     }
 
