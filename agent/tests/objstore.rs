@@ -387,3 +387,66 @@ async fn tar_exported_to_store_and_extracted_while_streaming() {
         "file 7"
     );
 }
+
+/// MD5 of `data` in hex, as S3 gives a single PUT's ETag.
+fn md5_hex(data: &[u8]) -> String {
+    use s3s::crypto::{Checksum, Md5};
+    let mut md5 = Md5::new();
+    md5.update(data);
+    md5.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unquoted(etag: Option<String>) -> String {
+    etag.unwrap_or_default().trim_matches('"').to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_put_in_the_directory_by_hand_are_served_with_their_md5() {
+    let f = fixture().await;
+    let data = pattern(24 * MIB + 777, 9);
+    let path = f.server.root().join(BUCKET).join("dropped/x.bin");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &data).unwrap();
+    let info = f.store.head(BUCKET, "dropped/x.bin").await.unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(unquoted(info.etag), md5_hex(&data));
+
+    // Stored once, where the store's own ETags are kept: the next requests
+    // answer with what is stored rather than hashing the file again.
+    let info_file = std::fs::read_dir(f.server.root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".internal.json"))
+        .expect("stored etag");
+    let stored = std::fs::read_to_string(&info_file).unwrap();
+    std::fs::write(
+        &info_file,
+        stored.replace(&md5_hex(&data), "0123456789abcdef"),
+    )
+    .unwrap();
+    let info = f.store.head(BUCKET, "dropped/x.bin").await.unwrap();
+    assert_eq!(unquoted(info.etag), "0123456789abcdef");
+
+    // Ranged, streamed reads return the file's bytes.
+    let mut reader = f
+        .store
+        .download_to_reader(BUCKET, "dropped/x.bin", u64::MAX)
+        .await
+        .unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        all
+    })
+    .await
+    .unwrap();
+    assert!(got == data, "streamed bytes differ");
+
+    // Replaced by hand: its new MD5.
+    let data = pattern(3 * MIB, 10);
+    std::fs::write(&path, &data).unwrap();
+    let info = f.store.head(BUCKET, "dropped/x.bin").await.unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(unquoted(info.etag), md5_hex(&data));
+}

@@ -15,6 +15,7 @@ mod client;
 mod config;
 mod download;
 mod error;
+mod etag;
 pub mod server;
 mod upload;
 mod url;

@@ -54,15 +54,20 @@ pub enum ServerError {
 /// Bytes of an object read at once when it is served.
 const READ_CHUNK: usize = 1 << 20;
 
-/// `s3s-fs` with a faster object read.
+/// `s3s-fs` with a faster object read, and ETags of objects put into the
+/// directory by hand computed once ([`super::etag`]).
 struct Backend {
     fs: s3s_fs::FileSystem,
     root: PathBuf,
+    /// Taken while an ETag is checked or computed, so requests in flight
+    /// for the same new object hash it once.
+    etags: Arc<std::sync::Mutex<()>>,
 }
 
-/// The S3 operations: those named pass through to `s3s-fs`; `get_object`
-/// is [`Backend::get_object`]. (A macro around the whole impl, since
-/// `async_trait` must see the methods it rewrites.)
+/// The S3 operations: those named pass through to `s3s-fs`; GET and HEAD
+/// of an object first make sure its ETag is stored, and `get_object` is
+/// [`Backend::get_object`]. (A macro around the whole
+/// impl, since `async_trait` must see the methods it rewrites.)
 macro_rules! s3_impl {
     ($($op:ident: $input:ident => $output:ident),* $(,)?) => {
         #[async_trait::async_trait]
@@ -80,7 +85,16 @@ macro_rules! s3_impl {
                 &self,
                 req: s3s::S3Request<s3s::dto::GetObjectInput>,
             ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+                self.e_tag(&req.input.bucket, &req.input.key).await?;
                 Backend::get_object(self, req).await
+            }
+
+            async fn head_object(
+                &self,
+                req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
+                self.e_tag(&req.input.bucket, &req.input.key).await?;
+                self.fs.head_object(req).await
             }
         }
     };
@@ -94,10 +108,9 @@ s3_impl!(
     delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
     get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
     head_bucket: HeadBucketInput => HeadBucketOutput,
-    head_object: HeadObjectInput => HeadObjectOutput,
-    list_buckets: ListBucketsInput => ListBucketsOutput,
     list_objects: ListObjectsInput => ListObjectsOutput,
     list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
+    list_buckets: ListBucketsInput => ListBucketsOutput,
     put_object: PutObjectInput => PutObjectOutput,
     create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
     upload_part: UploadPartInput => UploadPartOutput,
@@ -108,6 +121,24 @@ s3_impl!(
 );
 
 impl Backend {
+    /// Stores the ETag of `key` in `bucket` when `s3s-fs` has none.
+    async fn e_tag(&self, bucket: &str, key: &str) -> s3s::S3Result<()> {
+        let (root, lock) = (self.root.clone(), self.etags.clone());
+        let (b, k) = (bucket.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            super::etag::ensure(&root, &b, &k)
+        })
+        .await
+        .map_err(|e| s3s::s3_error!(InternalError, "etag task: {e}"))?
+        .map(|computed| {
+            if computed {
+                tracing::debug!(%bucket, %key, "etag of an object put by hand stored");
+            }
+        })
+        .map_err(|e| s3s::s3_error!(e, InternalError))
+    }
+
     /// `s3s-fs` answers (checks, headers, range, ETag); the body is then
     /// read again from the same file in large chunks.
     async fn get_object(
@@ -250,6 +281,7 @@ pub async fn serve(
     let mut builder = S3ServiceBuilder::new(Backend {
         fs,
         root: root.clone(),
+        etags: Arc::default(),
     });
     builder.set_auth(SimpleAuth::from_single(ak.clone(), sk.clone()));
     let service = builder.build();
