@@ -450,3 +450,61 @@ async fn objects_put_in_the_directory_by_hand_are_served_with_their_md5() {
     assert_eq!(info.size, data.len() as u64);
     assert_eq!(unquoted(info.etag), md5_hex(&data));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_replaced_during_a_download_fails_it_instead_of_mixing_versions() {
+    let f = fixture().await;
+    let old = pattern(40 * MIB, 11);
+    f.store
+        .put_bytes(BUCKET, "moving.tar", old.clone())
+        .await
+        .unwrap();
+    let mut reader = f
+        .store
+        .download_to_reader(BUCKET, "moving.tar", u64::MAX)
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 1];
+    let mut reader = tokio::task::spawn_blocking(move || {
+        reader.read_exact(&mut first).unwrap();
+        assert_eq!(first[0], old[0]);
+        reader
+    })
+    .await
+    .unwrap();
+    // The download holds a few ranges at most; the later ones are asked
+    // for after the object is replaced.
+    f.store
+        .put_bytes(BUCKET, "moving.tar", pattern(40 * MIB, 12))
+        .await
+        .unwrap();
+    let err = tokio::task::spawn_blocking(move || {
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .expect_err("a replaced object")
+    })
+    .await
+    .unwrap();
+    let typed = ObjectStoreError::from_io(&err).expect("typed error");
+    assert!(
+        matches!(typed, ObjectStoreError::Inconsistent { .. }),
+        "{typed}"
+    );
+    assert!(typed.to_string().contains("replaced"), "{typed}");
+
+    // A HEAD or GET naming the current ETag still succeeds.
+    let etag = f.store.head(BUCKET, "moving.tar").await.unwrap().etag;
+    let got = f
+        .store
+        .sdk()
+        .get_object()
+        .bucket(BUCKET)
+        .key("moving.tar")
+        .set_if_match(etag)
+        .range("bytes=0-9")
+        .send()
+        .await
+        .expect("current etag");
+    assert_eq!(got.content_length(), Some(10));
+}

@@ -195,10 +195,15 @@ impl ObjectStore {
     /// size and is kept as it is (on loopback nearly all are); the others
     /// are copied into buffers of [`KEEP_CHUNK`], so a part never holds more
     /// than about 1.6 times its size whatever the network.
+    ///
+    /// With `etag` (the HEAD's), the store answers only while the object
+    /// still has it: a replaced object fails the download as
+    /// [`ObjectStoreError::Inconsistent`] instead of mixing two versions.
     async fn get_range(
         &self,
         bucket: &str,
         key: &str,
+        etag: Option<&str>,
         start: u64,
         len: u64,
     ) -> Result<Vec<Bytes>, ObjectStoreError> {
@@ -208,6 +213,7 @@ impl ObjectStore {
             .get_object()
             .bucket(bucket)
             .key(key)
+            .set_if_match(etag.map(str::to_string))
             .range(format!("bytes={start}-{}", start + len - 1))
             .send()
             .await
@@ -302,14 +308,15 @@ async fn produce(
     loop {
         while running.len() < in_flight && next < info.size {
             let len = part.min(info.size - next);
-            let (s, b, k, st) = (
+            let (s, b, k, e, st) = (
                 store.clone(),
                 bucket.clone(),
                 info.key.clone(),
+                info.etag.clone(),
                 stats.clone(),
             );
             running.push_back(tokio::spawn(async move {
-                let data = s.get_range(&b, &k, next, len).await?;
+                let data = s.get_range(&b, &k, e.as_deref(), next, len).await?;
                 st.add(len);
                 Ok(data)
             }));

@@ -133,6 +133,11 @@ where
     };
     match (code.as_str(), status) {
         ("NoSuchBucket", _) => ObjectStoreError::NoSuchBucket { bucket },
+        ("PreconditionFailed", _) | (_, Some(412)) => ObjectStoreError::Inconsistent {
+            bucket,
+            key,
+            detail: format!("it was replaced while being read ({detail})"),
+        },
         ("NoSuchKey" | "NotFound", _) | (_, Some(404)) => {
             ObjectStoreError::NotFound { bucket, key }
         }

@@ -6,8 +6,9 @@
 //! client speaks S3 through `aws-sdk-s3` to Huawei OBS (virtual-hosted
 //! addressing) or to a local store (path style), checks an object's size
 //! with a HEAD before any download, and streams in both directions with
-//! bounded memory: a download is a few ranged GETs in flight handed in order
-//! to a synchronous [`std::io::Read`], an upload is a multipart upload fed by
+//! bounded memory: a download is a few ranged GETs in flight (each with
+//! `If-Match` on the HEAD's ETag) handed in order to a synchronous
+//! [`std::io::Read`], an upload is a multipart upload fed by
 //! a synchronous [`std::io::Write`]. The embedded store ([`server`]) serves a
 //! directory (one sub-directory per bucket) with static SigV4 credentials.
 
