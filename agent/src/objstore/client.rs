@@ -26,6 +26,9 @@ pub(crate) struct Inner {
     pub client: aws_sdk_s3::Client,
     pub endpoint: String,
     pub transfer: TransferConfig,
+    /// Timeout of one attempt of a request (see
+    /// [`super::config::complete_timeout`] for the exception).
+    pub attempt_timeout: std::time::Duration,
 }
 
 /// What a HEAD or a listing says of an object.
@@ -46,6 +49,7 @@ impl ObjectStore {
                 client: aws_sdk_s3::Client::from_conf(sdk_config(cfg)),
                 endpoint: cfg.endpoint.clone(),
                 transfer: cfg.transfer.clone(),
+                attempt_timeout: cfg.attempt_timeout(),
             }),
         })
     }

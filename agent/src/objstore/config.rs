@@ -42,7 +42,8 @@ pub struct ObjectStoreConfig {
     /// TCP connect timeout in milliseconds.
     pub connect_timeout_ms: u64,
     /// Timeout of one attempt of a request in milliseconds (a part, not the
-    /// whole object).
+    /// whole object). Completing a multipart upload may take longer, by the
+    /// time the store needs to assemble it (see `complete_timeout`).
     pub attempt_timeout_ms: u64,
     /// Streaming sizes.
     pub transfer: TransferConfig,
@@ -201,6 +202,21 @@ impl ObjectStoreConfig {
     }
 }
 
+/// The slowest rate a store is expected to assemble a multipart upload at
+/// once it is completed. The store answers only when the object is whole:
+/// the embedded store copies the parts together at about 340 MB/s on a
+/// 2-core VM, S3 and OBS take minutes for the largest uploads.
+const COMPLETE_RATE: u64 = 32 << 20;
+
+/// How long completing a multipart upload of `bytes` may take: one
+/// request attempt plus the assembly at [`COMPLETE_RATE`]. With a plain
+/// attempt timeout a large export (78 GiB at most) would time out while
+/// the store is still assembling it, and the retry would find the upload
+/// gone.
+pub(crate) fn complete_timeout(attempt: Duration, bytes: u64) -> Duration {
+    attempt + Duration::from_secs(bytes / COMPLETE_RATE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +261,20 @@ mod tests {
         // The extractor and the client's own memory come on top.
         assert!(t.download_memory_bound() <= 16 << 20);
         assert!(t.upload_memory_bound() <= 32 << 20);
+    }
+
+    #[test]
+    fn completing_a_large_upload_may_take_as_long_as_assembling_it() {
+        let attempt = Duration::from_secs(120);
+        assert_eq!(complete_timeout(attempt, 8 << 20), attempt);
+        // The largest export: 10,000 parts of 8 MiB, assembled at 340 MB/s
+        // (the embedded store here) in about 250 s, well inside.
+        let largest = TransferConfig::default().max_upload_bytes();
+        let timeout = complete_timeout(attempt, largest);
+        assert!(
+            timeout > Duration::from_secs(largest / 340_000_000) * 4,
+            "{timeout:?}"
+        );
+        assert!(timeout < Duration::from_secs(3600), "{timeout:?}");
     }
 }

@@ -9,6 +9,7 @@
 
 use std::io;
 
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::client::ObjectStore;
+use super::config::complete_timeout;
 use super::error::map_sdk;
 use super::{ObjectStoreError, MAX_PARTS};
 
@@ -351,6 +353,8 @@ async fn complete(
     parts: Vec<CompletedPart>,
 ) -> Result<usize, ObjectStoreError> {
     let n = parts.len();
+    let bytes = n as u64 * store.inner.transfer.part_bytes as u64;
+    let timeout = complete_timeout(store.inner.attempt_timeout, bytes);
     store
         .inner
         .client
@@ -362,6 +366,14 @@ async fn complete(
             CompletedMultipartUpload::builder()
                 .set_parts(Some(parts))
                 .build(),
+        )
+        .customize()
+        .config_override(
+            aws_sdk_s3::config::Builder::default().timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(timeout)
+                    .build(),
+            ),
         )
         .send()
         .await
