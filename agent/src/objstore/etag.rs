@@ -10,10 +10,12 @@
 //! again only when those change (the file was replaced by hand). ETags
 //! stored by `s3s-fs` itself are left as they are.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use s3s::crypto::{Checksum, Md5};
 use serde_json::{Map, Value};
@@ -99,6 +101,37 @@ pub fn ensure(root: &Path, bucket: &str, key: &str) -> io::Result<bool> {
     info.insert(MTIME_NS.to_string(), Value::String(mtime.to_string()));
     write_atomically(&info_file, &serde_json::to_vec(&info)?)?;
     Ok(true)
+}
+
+/// One lock per object whose ETag is being checked: requests in flight for
+/// the same new object hash it once, while reads of other objects go on.
+#[derive(Default)]
+pub struct Locks(Mutex<LockMap>);
+
+/// The lock of each object being checked, by bucket and key.
+type LockMap = HashMap<(String, String), Arc<Mutex<()>>>;
+
+impl Locks {
+    /// [`ensure`] under the object's lock.
+    pub fn ensure(&self, root: &Path, bucket: &str, key: &str) -> io::Result<bool> {
+        let id = (bucket.to_string(), key.to_string());
+        let lock = self.map().entry(id.clone()).or_default().clone();
+        let result = {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            ensure(root, bucket, key)
+        };
+        let mut map = self.map();
+        // Clones are only taken under the map's lock: two references are
+        // the map's and this one, so nobody else waits on it.
+        if Arc::strong_count(&lock) == 2 {
+            map.remove(&id);
+        }
+        result
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, LockMap> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn md5_hex(path: &Path) -> io::Result<String> {
@@ -198,5 +231,23 @@ mod tests {
         assert!(!ensure(root.path(), "b", "").expect("bucket dir"));
         assert!(!ensure(root.path(), "b", "../../etc/passwd").expect("escape"));
         assert!(!info_path(root.path(), "b", "../../etc/passwd").exists());
+    }
+
+    #[test]
+    fn concurrent_requests_hash_a_new_object_once() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(root.path().join("b")).expect("mkdir");
+        fs::write(root.path().join("b/k"), vec![3u8; 8 << 20]).expect("write");
+        let locks = Locks::default();
+        let computed: usize = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| locks.ensure(root.path(), "b", "k").expect("ensure")))
+                .collect();
+            runs.into_iter()
+                .map(|r| usize::from(r.join().expect("thread")))
+                .sum()
+        });
+        assert_eq!(computed, 1);
+        assert!(locks.map().is_empty(), "locks left behind");
     }
 }

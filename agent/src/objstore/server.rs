@@ -59,9 +59,8 @@ const READ_CHUNK: usize = 1 << 20;
 struct Backend {
     fs: s3s_fs::FileSystem,
     root: PathBuf,
-    /// Taken while an ETag is checked or computed, so requests in flight
-    /// for the same new object hash it once.
-    etags: Arc<std::sync::Mutex<()>>,
+    /// Taken while an object's ETag is checked or computed.
+    etags: Arc<super::etag::Locks>,
 }
 
 /// The S3 operations: those named pass through to `s3s-fs`; GET and HEAD
@@ -126,20 +125,17 @@ s3_impl!(
 impl Backend {
     /// Stores the ETag of `key` in `bucket` when `s3s-fs` has none.
     async fn e_tag(&self, bucket: &str, key: &str) -> s3s::S3Result<()> {
-        let (root, lock) = (self.root.clone(), self.etags.clone());
+        let (root, locks) = (self.root.clone(), self.etags.clone());
         let (b, k) = (bucket.to_string(), key.to_string());
-        tokio::task::spawn_blocking(move || {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
-            super::etag::ensure(&root, &b, &k)
-        })
-        .await
-        .map_err(|e| s3s::s3_error!(InternalError, "etag task: {e}"))?
-        .map(|computed| {
-            if computed {
-                tracing::debug!(%bucket, %key, "etag of an object put by hand stored");
-            }
-        })
-        .map_err(|e| s3s::s3_error!(e, InternalError))
+        tokio::task::spawn_blocking(move || locks.ensure(&root, &b, &k))
+            .await
+            .map_err(|e| s3s::s3_error!(InternalError, "etag task: {e}"))?
+            .map(|computed| {
+                if computed {
+                    tracing::debug!(%bucket, %key, "etag of an object put by hand stored");
+                }
+            })
+            .map_err(|e| s3s::s3_error!(e, InternalError))
     }
 
     /// `s3s-fs` answers (checks, headers, range, ETag); the body is then
