@@ -449,6 +449,22 @@ async fn objects_put_in_the_directory_by_hand_are_served_with_their_md5() {
     let info = f.store.head(BUCKET, "dropped/x.bin").await.unwrap();
     assert_eq!(info.size, data.len() as u64);
     assert_eq!(unquoted(info.etag), md5_hex(&data));
+
+    // Replaced by a multipart upload: the upload's ETag stands.
+    let report = f
+        .store
+        .upload_with(BUCKET, "dropped/x.bin", |w| {
+            w.write_all(&pattern(20 * MIB, 14))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(report.parts > 1);
+    let info = f.store.head(BUCKET, "dropped/x.bin").await.unwrap();
+    assert!(
+        unquoted(info.etag.clone()).ends_with(&format!("-{}", report.parts)),
+        "{info:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

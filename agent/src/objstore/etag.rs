@@ -22,8 +22,11 @@ use serde_json::{Map, Value};
 
 /// The key `s3s-fs` reads an object's ETag from.
 const E_TAG: &str = "e_tag";
-/// Size and modification time (ns) of the file an ETag was computed from,
-/// kept only for the ETags computed here.
+/// The ETag computed here, and the size and modification time (ns) of the
+/// file it was computed from. An `e_tag` that differs from `cph_e_tag` was
+/// written by `s3s-fs` since (an upload over the file), which keeps the
+/// rest of the file when it completes a multipart upload.
+const OURS: &str = "cph_e_tag";
 const SIZE: &str = "cph_size";
 const MTIME_NS: &str = "cph_mtime_ns";
 
@@ -77,14 +80,16 @@ pub fn ensure(root: &Path, bucket: &str, key: &str) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Map::new(),
         Err(e) => return Err(e),
     };
-    if info.get(E_TAG).is_some_and(Value::is_string) {
-        let ours = (info.get(SIZE), info.get(MTIME_NS));
-        let current = match ours {
-            (None, None) => true,
-            (Some(s), Some(m)) => {
-                s.as_u64() == Some(size) && m.as_str() == Some(mtime.to_string().as_str())
+    if let Some(stored) = info.get(E_TAG).and_then(Value::as_str) {
+        let current = match info.get(OURS).and_then(Value::as_str) {
+            // Stored by `s3s-fs` when the object was uploaded.
+            None => true,
+            Some(ours) if ours != stored => true,
+            Some(_) => {
+                info.get(SIZE).and_then(Value::as_u64) == Some(size)
+                    && info.get(MTIME_NS).and_then(Value::as_str)
+                        == Some(mtime.to_string().as_str())
             }
-            _ => false,
         };
         if current {
             return Ok(false);
@@ -96,7 +101,8 @@ pub fn ensure(root: &Path, bucket: &str, key: &str) -> io::Result<bool> {
     if stamp(&fs::metadata(&path)?) != (size, mtime) {
         return Ok(false);
     }
-    info.insert(E_TAG.to_string(), Value::String(e_tag));
+    info.insert(E_TAG.to_string(), Value::String(e_tag.clone()));
+    info.insert(OURS.to_string(), Value::String(e_tag));
     info.insert(SIZE.to_string(), Value::from(size));
     info.insert(MTIME_NS.to_string(), Value::String(mtime.to_string()));
     write_atomically(&info_file, &serde_json::to_vec(&info)?)?;
@@ -212,6 +218,14 @@ mod tests {
             fs::read(info_path(root.path(), "b", "k")).expect("read"),
             info
         );
+
+        // One computed here, then replaced by a multipart upload, which
+        // keeps the other keys: the upload's ETag stands.
+        fs::write(root.path().join("b/k"), b"uploaded").expect("write");
+        let info = br#"{"e_tag":"def-3","cph_e_tag":"0123","cph_size":4,"cph_mtime_ns":"1"}"#;
+        fs::write(info_path(root.path(), "b", "k"), info).expect("info");
+        assert!(!ensure(root.path(), "b", "k").expect("ensure"));
+        assert_eq!(stored(root.path(), "b", "k")[E_TAG], "def-3");
     }
 
     #[test]
