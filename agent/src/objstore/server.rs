@@ -63,10 +63,9 @@ struct Backend {
     etags: Arc<super::etag::Locks>,
 }
 
-/// The S3 operations: those named pass through to `s3s-fs`; GET and HEAD
-/// of an object first make sure its ETag is stored, and `get_object` is
-/// [`Backend::get_object`]. (A macro around the whole
-/// impl, since `async_trait` must see the methods it rewrites.)
+/// The S3 operations: those named pass through to `s3s-fs`; `get_object`
+/// and `head_object` are [`Backend`]'s. (A macro around the whole impl,
+/// since `async_trait` must see the methods it rewrites.)
 macro_rules! s3_impl {
     ($($op:ident: $input:ident => $output:ident),* $(,)?) => {
         #[async_trait::async_trait]
@@ -84,7 +83,6 @@ macro_rules! s3_impl {
                 &self,
                 req: s3s::S3Request<s3s::dto::GetObjectInput>,
             ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
-                self.e_tag(&req.input.bucket, &req.input.key).await?;
                 Backend::get_object(self, req).await
             }
 
@@ -92,11 +90,7 @@ macro_rules! s3_impl {
                 &self,
                 req: s3s::S3Request<s3s::dto::HeadObjectInput>,
             ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
-                self.e_tag(&req.input.bucket, &req.input.key).await?;
-                let if_match = req.input.if_match.clone();
-                let resp = self.fs.head_object(req).await?;
-                check_if_match(if_match.as_ref(), resp.output.e_tag.as_ref())?;
-                Ok(resp)
+                Backend::head_object(self, req).await
             }
         }
     };
@@ -110,9 +104,9 @@ s3_impl!(
     delete_objects: DeleteObjectsInput => DeleteObjectsOutput,
     get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput,
     head_bucket: HeadBucketInput => HeadBucketOutput,
+    list_buckets: ListBucketsInput => ListBucketsOutput,
     list_objects: ListObjectsInput => ListObjectsOutput,
     list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
-    list_buckets: ListBucketsInput => ListBucketsOutput,
     put_object: PutObjectInput => PutObjectOutput,
     create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
     upload_part: UploadPartInput => UploadPartOutput,
@@ -138,13 +132,29 @@ impl Backend {
             .map_err(|e| s3s::s3_error!(e, InternalError))
     }
 
-    /// `s3s-fs` answers (checks, headers, range, ETag); the body is then
-    /// read again from the same file in large chunks.
+    /// The ETag made sure of, then `s3s-fs` answers with `If-Match`
+    /// checked.
+    async fn head_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
+        use s3s::S3;
+        self.e_tag(&req.input.bucket, &req.input.key).await?;
+        let if_match = req.input.if_match.clone();
+        let resp = self.fs.head_object(req).await?;
+        check_if_match(if_match.as_ref(), resp.output.e_tag.as_ref())?;
+        Ok(resp)
+    }
+
+    /// As [`Backend::head_object`], `s3s-fs` answering (checks, headers,
+    /// range, ETag); the body is then read again from the same file in
+    /// large chunks.
     async fn get_object(
         &self,
         req: s3s::S3Request<s3s::dto::GetObjectInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
         use s3s::S3;
+        self.e_tag(&req.input.bucket, &req.input.key).await?;
         let path = self.root.join(&req.input.bucket).join(&req.input.key);
         let if_match = req.input.if_match.clone();
         let mut resp = self.fs.get_object(req).await?;

@@ -123,15 +123,15 @@ pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
 /// refuses a cgroup with children or tasks, so a parent that still holds a
 /// phone stays and is reported.
 pub fn remove_parent(parent: &str) -> Vec<(PathBuf, std::io::Error)> {
-    let mut failed = Vec::new();
-    for dir in mount_points().iter().map(|m| m.join(parent)) {
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failed.push((dir, e)),
-        }
-    }
-    failed
+    cgroups_named(parent)
+        .into_iter()
+        .filter_map(|dir| match std::fs::remove_dir(&dir) {
+            Ok(()) => None,
+            // Removed meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some((dir, e)),
+        })
+        .collect()
 }
 
 /// Handle of an existing (or not yet created) phone cgroup.
