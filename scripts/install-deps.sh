@@ -8,6 +8,8 @@ set -euo pipefail
 
 debs=(busybox-static nftables iproute2 btrfs-progs crun runc conntrack file kmod
       gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static pkg-config)
+# The cgroup v2 tests' virtual machine (scripts/cgroup-v2-vm.sh).
+[ "$(uname -m)" = x86_64 ] && debs+=(qemu-system-x86 cpio)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -12,6 +12,8 @@ cargo build --bins
 RUST_TEST_THREADS="${CPH_TEST_THREADS:-2}" cargo test --workspace --all-targets
 # The extractor again as on kernels without openat2 (before 5.6).
 CPH_NO_OPENAT2=1 cargo test -p cph-runtime --test archive
+# The runtime's container tests on cgroup v2 alone, in a virtual machine.
+scripts/cgroup-v2-vm.sh
 
 # The platform of the README's first command, on ports of its own.
 data=$(mktemp -d /tmp/cph-e2e.XXXXXX)

@@ -20,7 +20,7 @@ use super::ContainerError;
 
 /// Character devices every phone may use: null, zero, full, random,
 /// urandom, tty, ptmx and the devpts ptys.
-const BASE_DEVICES: &[(i64, i64)] = &[
+const BASE_DEVICES: &[(u32, i32)] = &[
     (1, 3),
     (1, 5),
     (1, 7),
@@ -162,7 +162,12 @@ fn apply(cg: &Cgroup, spec: &ContainerSpec) -> Result<(), ContainerError> {
     }
     if let Some(c) = cg.controller_of::<CpuController>() {
         if let Some(shares) = spec.cpu_shares {
-            c.set_shares(shares)
+            let value = if cg.v2() {
+                shares_to_weight(shares)
+            } else {
+                shares
+            };
+            c.set_shares(value)
                 .map_err(|e| err(name, "cpu.shares", e))?;
         }
         if let Some(quota) = spec.cpu_quota_us {
@@ -186,34 +191,56 @@ fn apply(cg: &Cgroup, spec: &ContainerSpec) -> Result<(), ContainerError> {
         c.set_pid_max(MaxValue::Value(max))
             .map_err(|e| err(name, "pids.max", e))?;
     }
+    let allowed = allowed_devices(spec).map_err(|e| err(name, "stat extra device", e))?;
     if let Some(c) = cg.controller_of::<DevicesController>() {
         let rwm = DevicePermissions::all();
         c.deny_device(DeviceType::All, -1, -1, &rwm)
             .map_err(|e| err(name, "devices.deny", e))?;
-        for &(major, minor) in BASE_DEVICES {
-            c.allow_device(DeviceType::Char, major, minor, &rwm)
+        for d in &allowed {
+            let minor = d.minor.map_or(-1, i64::from);
+            c.allow_device(DeviceType::Char, i64::from(d.major), minor, &rwm)
                 .map_err(|e| err(name, "devices.allow", e))?;
         }
-        // The phone's own binderfs devices (any minor of binderfs's major).
-        if super::binder::available() {
-            if let Some(major) = super::binder::major() {
-                c.allow_device(DeviceType::Char, major, -1, &rwm)
-                    .map_err(|e| err(name, "devices.allow binder", e))?;
-            }
-        }
-        for dev in &spec.devices {
-            let (major, minor) = device_numbers(&dev.path).map_err(|e| {
-                err(
-                    name,
-                    "stat extra device",
-                    format!("{}: {e}", dev.path.display()),
-                )
-            })?;
-            c.allow_device(DeviceType::Char, major, minor, &rwm)
-                .map_err(|e| err(name, "devices.allow", e))?;
-        }
+    } else if cg.v2() {
+        let dir = std::path::Path::new(hierarchies::UNIFIED_MOUNTPOINT).join(cg.path());
+        super::devfilter::attach(&dir, &allowed).map_err(|e| err(name, "device filter", e))?;
     }
     Ok(())
+}
+
+/// The character devices the phone may use: the base set, its binderfs
+/// devices (any minor of binderfs's major) and the spec's extra nodes.
+fn allowed_devices(spec: &ContainerSpec) -> Result<Vec<super::devfilter::Allowed>, String> {
+    use super::devfilter::Allowed;
+    let any = |major: u32| Allowed { major, minor: None };
+    let mut out: Vec<Allowed> = BASE_DEVICES
+        .iter()
+        .map(|&(major, minor)| Allowed {
+            major,
+            minor: (minor >= 0).then_some(minor as u32),
+        })
+        .collect();
+    if super::binder::available() {
+        if let Some(major) = super::binder::major() {
+            out.push(any(major as u32));
+        }
+    }
+    for dev in &spec.devices {
+        let (major, minor) =
+            device_numbers(&dev.path).map_err(|e| format!("{}: {e}", dev.path.display()))?;
+        out.push(Allowed {
+            major: major as u32,
+            minor: Some(minor as u32),
+        });
+    }
+    Ok(out)
+}
+
+/// cpu.shares (v1, 2 to 262144, 1024 the default) on cgroup v2's cpu.weight
+/// scale (1 to 10000, 100 the default), as the OCI runtimes map it.
+fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + (shares - 2) * 9999 / 262_142
 }
 
 /// Major and minor numbers of a character device node.
@@ -302,6 +329,17 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_map_onto_the_v2_weight_scale() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(512), 20);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        // Beyond either end: clamped, never out of the kernel's range.
+        assert_eq!(shares_to_weight(0), 1);
+        assert_eq!(shares_to_weight(16 * 1024 * 1024), 10_000);
+    }
 
     #[test]
     fn mount_table_escapes_are_undone() {

@@ -22,6 +22,7 @@
 
 pub mod binder;
 mod cgroup;
+mod devfilter;
 mod exec;
 pub mod netns;
 mod runtime;

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Runs the runtime's container tests on cgroup v2 alone (the unified
+# hierarchy of modern distributions), in a virtual machine, since a host's
+# controllers are bound to v1 or v2 for the whole kernel (the development
+# and CI hosts are v1 hybrid).
+#
+# The machine boots Debian's stock kernel under QEMU with an initramfs of
+# busybox and the 9p modules, mounts this host's root read-write over 9p,
+# mounts cgroup2 on /sys/fs/cgroup with the cpuset, cpu, io, memory and pids
+# controllers enabled, and runs the tests chrooted there with the binaries
+# of this checkout. Fresh proc, sys, dev, /tmp and /run are the guest's own,
+# so nothing the tests do touches the host's kernel state.
+#
+# Usage: scripts/cgroup-v2-vm.sh [args for the test binary]
+# Needs root (9p passthrough of /). On a host other than x86_64, or with
+# CPH_SKIP_VM=1, it says so and runs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+if [ "${CPH_SKIP_VM:-0}" = 1 ] || [ "$(uname -m)" != x86_64 ] || [ "$(id -u)" != 0 ]; then
+    echo "SKIPPED cgroup v2 tests: they need root on an x86_64 host (CPH_SKIP_VM unset)"
+    exit 0
+fi
+for p in qemu-system-x86 busybox-static; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || {
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+    }
+done
+
+work=$repo/target/vm
+mkdir -p "$work"
+# Debian's current kernel package, unpacked here (not installed on the host).
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+pkg=$(kernel_pkg)
+[ -n "$pkg" ] || { apt-get update -qq && pkg=$(kernel_pkg); }
+[ -n "$pkg" ] || { echo "no Debian kernel package (linux-image-amd64) is known to apt"; exit 1; }
+ver=${pkg#linux-image-}
+kdir=$work/$ver
+if [ ! -f "$kdir/boot/vmlinuz-$ver" ]; then
+    rm -rf "$kdir" "$work"/linux-image-*.deb
+    (cd "$work" && apt-get download -qq "$pkg")
+    dpkg-deb -x "$work/${pkg}"_*.deb "$kdir"
+fi
+
+# The initramfs: busybox, and the modules of virtio 9p with what they
+# depend on, in load order.
+init=$work/initramfs
+rm -rf "$init"
+mkdir -p "$init"/{bin,m,proc,sys,dev,host}
+cp /bin/busybox "$init/bin/busybox"
+mods=()
+add_module() {
+    local m=$1 f d
+    for d in "${mods[@]}"; do [ "$d" = "$m" ] && return 0; done
+    f=$(find "$kdir/lib/modules/$ver" -name "$m.ko*" | head -1)
+    [ -n "$f" ] || { echo "module $m not found in $pkg"; exit 1; }
+    for d in $(modinfo -F depends "$f" | tr ',' ' '); do add_module "$d"; done
+    case $f in
+        *.xz) xz -dc "$f" >"$init/m/$m.ko" ;;
+        *.zst) zstd -qdc "$f" >"$init/m/$m.ko" ;;
+        *) cp "$f" "$init/m/$m.ko" ;;
+    esac
+    mods+=("$m")
+}
+for m in virtio_pci 9pnet_virtio 9p; do add_module "$m"; done
+cat >"$init/init" <<EOF
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in ${mods[*]}; do insmod /m/\$m.ko || echo "insmod \$m failed"; done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose host /host
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount -t devtmpfs dev /host/dev
+mkdir -p /host/dev/pts
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts
+mount -t tmpfs tmp /host/tmp
+mount -t tmpfs run /host/run
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
+# The guest kernel's modules where its modprobe looks (veth, bridge...).
+mount -o bind /host$kdir/lib/modules /host/lib/modules
+echo "+cpuset +cpu +io +memory +pids" >/host/sys/fs/cgroup/cgroup.subtree_control
+ip link set lo up
+chroot /host /bin/sh $work/run.sh
+echo "cph-vm-exit=\$?"
+poweroff -f
+EOF
+chmod +x "$init/init"
+(cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.gz"
+
+# What runs in the guest: the container tests of this checkout.
+cargo build -q -p cph-runtime --bins
+bin=$(cargo test -q -p cph-runtime --test container --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "container" and m.get("executable"):
+        print(m["executable"])')
+[ -n "$bin" ] || { echo "container test binary not built"; exit 1; }
+image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
+[ -f "$image" ] || image/build-test-image.sh "$image" >/dev/null
+{
+    echo "cd $repo"
+    echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    echo "export CPH_TEST_IMAGE=$image CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 RUST_BACKTRACE=1"
+    printf '%q ' "$bin" --test-threads=1 "$@"
+    echo
+} >"$work/run.sh"
+
+log=$work/console.log
+echo "== cgroup v2: container tests in a VM (kernel $ver, TCG; log $log)"
+timeout 1200 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
+    -kernel "$kdir/boot/vmlinuz-$ver" -initrd "$work/initramfs.gz" \
+    -append "console=ttyS0 panic=-1 quiet" \
+    -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap \
+    >"$log" 2>&1 || true
+sed -n '/^running [0-9]* tests/,$p' "$log" | grep -v '^cph-vm-exit=' || tail -40 "$log"
+rc=$(sed -n 's/^cph-vm-exit=\([0-9]*\).*/\1/p' "$log" | tail -1)
+[ "$rc" = 0 ] || { echo "cgroup v2 tests failed (exit ${rc:-none}); see $log"; exit 1; }
