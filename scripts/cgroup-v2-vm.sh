@@ -8,8 +8,8 @@
 # busybox and the 9p modules, mounts this host's root read-write over 9p,
 # mounts cgroup2 on /sys/fs/cgroup with the cpuset, cpu, io, memory and pids
 # controllers enabled, and runs the tests chrooted there with the binaries
-# of this checkout. Fresh proc, sys, dev, /tmp and /run are the guest's own,
-# so nothing the tests do touches the host's kernel state.
+# of this checkout. Fresh proc, sys, dev and /run are the guest's own (and
+# TMPDIR is in /run), so nothing the tests do touches the host's kernel state.
 #
 # Usage: scripts/cgroup-v2-vm.sh [args for the test binary]
 # Needs root (9p passthrough of /). On a host other than x86_64, or with
@@ -79,11 +79,12 @@ mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts
-mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
+mkdir -p /host/run/tmp
 mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
-# The guest kernel's modules where its modprobe looks (veth, bridge...).
-mount -o bind /host$kdir/lib/modules /host/lib/modules
+# The guest kernel's modules where its modprobe looks (veth, bridge...),
+# when this host has that directory to mount them on.
+[ -d /host/lib/modules ] && mount -o bind /host$kdir/lib/modules /host/lib/modules
 echo "+cpuset +cpu +io +memory +pids" >/host/sys/fs/cgroup/cgroup.subtree_control
 ip link set lo up
 chroot /host /bin/sh $work/run.sh
@@ -107,7 +108,9 @@ image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
 {
     echo "cd $repo"
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    echo "export CPH_TEST_IMAGE=$image CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 RUST_BACKTRACE=1"
+    # Temporary files on the guest's own tmpfs (the checkout may be in /tmp).
+    echo "export TMPDIR=/run/tmp CPH_TEST_IMAGE=$image"
+    echo "export CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 RUST_BACKTRACE=1"
     printf '%q ' "$bin" --test-threads=1 "$@"
     echo
 } >"$work/run.sh"
