@@ -111,7 +111,7 @@ image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
     # Temporary files on the guest's own tmpfs (the checkout may be in /tmp).
     echo "export TMPDIR=/run/tmp CPH_TEST_IMAGE=$image"
     echo "export CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 RUST_BACKTRACE=1"
-    printf '%q ' "$bin" --test-threads=1 "$@"
+    printf '%q ' "$bin" --test-threads=1 --color never "$@"
     echo
 } >"$work/run.sh"
 
