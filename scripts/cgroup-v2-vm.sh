@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the runtime's container tests on cgroup v2 alone (the unified
+# Runs the runtime's container tests and the agent's phone lifecycle tests
+# on cgroup v2 alone (the unified
 # hierarchy of modern distributions), in a virtual machine, since a host's
 # controllers are bound to v1 or v2 for the whole kernel (the development
 # and CI hosts are v1 hybrid).
@@ -11,7 +12,8 @@
 # of this checkout. Fresh proc, sys, dev and /run are the guest's own (and
 # TMPDIR is in /run), so nothing the tests do touches the host's kernel state.
 #
-# Usage: scripts/cgroup-v2-vm.sh [args for the test binary]
+# Usage: scripts/cgroup-v2-vm.sh [args for each test binary]
+# CPH_VM_TESTS="cph-runtime:container" picks the test binaries (PACKAGE:TEST).
 # Needs root (9p passthrough of /). On a host other than x86_64, or with
 # CPH_SKIP_VM=1, it says so and runs nothing.
 set -euo pipefail
@@ -65,7 +67,17 @@ add_module() {
     esac
     mods+=("$m")
 }
-for m in virtio_pci 9pnet_virtio 9p; do add_module "$m"; done
+# 9p over virtio for the root; then what the platform uses that Debian
+# builds as modules (loaded up front: the guest's chroot is not where the
+# kernel looks for modprobe), the crypto modules btrfs and libcrc32c name as
+# soft dependencies first.
+for m in virtio_pci 9pnet_virtio 9p \
+    crc32c_generic xxhash_generic blake2b_generic \
+    bridge veth dummy tun loop btrfs overlay binder_linux \
+    nf_tables nft_chain_nat nft_nat nft_masq nft_ct nf_conntrack_netlink nf_nat \
+    sch_htb sch_tbf tcp_diag udp_diag; do
+    add_module "$m"
+done
 cat >"$init/init" <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -94,34 +106,46 @@ EOF
 chmod +x "$init/init"
 (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.gz"
 
-# What runs in the guest: the container tests of this checkout.
+# What runs in the guest: test binaries of this checkout, as
+# PACKAGE:TEST pairs, run one after another.
+tests=(${CPH_VM_TESTS:-cph-runtime:container cph-agent:lifecycle})
+# As the agent's tests build cph-shim (the same features, so no rebuild in the guest).
 cargo build -q -p cph-runtime --bins
-bin=$(cargo test -q -p cph-runtime --test container --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "container" and m.get("executable"):
-        print(m["executable"])')
-[ -n "$bin" ] || { echo "container test binary not built"; exit 1; }
 image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
 [ -f "$image" ] || image/build-test-image.sh "$image" >/dev/null
 {
     echo "cd $repo"
-    echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    # The console's first line carries the firmware's escape codes.
+    echo "echo"
+    # cargo too: the agent's tests bring cph-shim up to date through it.
+    echo "export PATH=$(dirname "$(command -v cargo)"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    echo "export HOME=$HOME CARGO_TERM_COLOR=never"
     # Temporary files on the guest's own tmpfs (the checkout may be in /tmp).
     echo "export TMPDIR=/run/tmp CPH_TEST_IMAGE=$image"
     echo "export CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 RUST_BACKTRACE=1"
-    printf '%q ' "$bin" --test-threads=1 --color never "$@"
-    echo
+    echo "rc=0"
+    for t in "${tests[@]}"; do
+        bin=$(cargo test -q -p "${t%%:*}" --test "${t#*:}" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["test"] and m.get("executable"):
+        print(m["executable"])')
+        [ -n "$bin" ] || { echo "test binary $t not built"; exit 1; }
+        echo "echo '== $t'"
+        printf '%q ' "$bin" --test-threads=1 --color never "$@"
+        echo "|| rc=1"
+    done
+    echo 'exit $rc'
 } >"$work/run.sh"
 
 log=$work/console.log
-echo "== cgroup v2: container tests in a VM (kernel $ver, TCG; log $log)"
+echo "== cgroup v2: ${tests[*]} in a VM (kernel $ver, TCG; log $log)"
 timeout 1200 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
     -kernel "$kdir/boot/vmlinuz-$ver" -initrd "$work/initramfs.gz" \
     -append "console=ttyS0 panic=-1 quiet" \
     -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap \
     >"$log" 2>&1 || true
-sed -n '/^running [0-9]* tests/,$p' "$log" | grep -v '^cph-vm-exit=' || tail -40 "$log"
+sed -n '/^== /,$p' "$log" | grep -v '^cph-vm-exit=' || tail -40 "$log"
 rc=$(sed -n 's/^cph-vm-exit=\([0-9]*\).*/\1/p' "$log" | tail -1)
 [ "$rc" = 0 ] || { echo "cgroup v2 tests failed (exit ${rc:-none}); see $log"; exit 1; }

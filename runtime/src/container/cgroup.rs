@@ -323,7 +323,21 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    cg.delete().map_err(|e| err(name, "delete", e))
+    // A cgroup whose last process just died may still count as populated
+    // for a moment (rmdir: EBUSY); one already removed (by the phone's
+    // shim) is what was asked: v1 skips a missing directory, v2 reports it.
+    let mut tries = 0;
+    loop {
+        match cg.delete() {
+            Ok(()) => return Ok(()),
+            Err(_) if !cg.exists() => return Ok(()),
+            Err(e) if tries >= 50 => return Err(err(name, "delete", e)),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
