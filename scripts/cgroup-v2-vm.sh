@@ -119,6 +119,10 @@ image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
     echo "echo"
     # cargo too: the agent's tests bring cph-shim up to date through it.
     echo "export PATH=$(dirname "$(command -v cargo)"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    # cargo's and rustc's settings as here, so that the build is current.
+    env | grep -E '^(CARGO|RUSTUP|RUSTFLAGS|RUSTDOCFLAGS)[A-Z_]*=' | while IFS= read -r kv; do
+        printf 'export %q\n' "$kv"
+    done
     echo "export HOME=$HOME CARGO_TERM_COLOR=never"
     # Temporary files on the guest's own tmpfs (the checkout may be in /tmp).
     echo "export TMPDIR=/run/tmp CPH_TEST_IMAGE=$image"
