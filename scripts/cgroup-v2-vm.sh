@@ -147,7 +147,7 @@ for l in sys.stdin:
 
 log=$work/console.log
 echo "== cgroup v2: ${tests[*]} in a VM (kernel $ver, TCG; log $log)"
-timeout 1200 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
+timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
     -kernel "$kdir/boot/vmlinuz-$ver" -initrd "$work/initramfs.gz" \
     -append "console=ttyS0 panic=-1 quiet" \
     -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap \
@@ -155,4 +155,10 @@ timeout 1200 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot 
     >"$log" 2>&1 || true
 sed -n '/^== /,$p' "$log" | grep -v '^cph-vm-exit=' || tail -40 "$log"
 rc=$(sed -n 's/^cph-vm-exit=\([0-9]*\).*/\1/p' "$log" | tail -1)
-[ "$rc" = 0 ] || { echo "cgroup v2 tests failed (exit ${rc:-none}); see $log"; exit 1; }
+if [ -z "$rc" ]; then
+    # No exit line: the machine hung or was stopped (600 s at most).
+    echo "cgroup v2 VM ended without the tests' exit status; the console's end:"
+    tail -20 "$log"
+    exit 1
+fi
+[ "$rc" = 0 ] || { echo "cgroup v2 tests failed (exit $rc); see $log"; exit 1; }
