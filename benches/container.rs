@@ -131,6 +131,14 @@ struct V1Controllers {
 }
 
 impl V1Controllers {
+    /// Nothing taken.
+    fn none() -> V1Controllers {
+        V1Controllers {
+            unified: PathBuf::new(),
+            mounts: Vec::new(),
+        }
+    }
+
     /// Enters a private mount namespace and mounts a v1 hierarchy in `dir`
     /// for each controller of the v2 hierarchy of a hybrid layout. Nothing
     /// to do (an empty set) on a pure v1 or pure v2 host. Must run before
@@ -138,19 +146,12 @@ impl V1Controllers {
     /// and its children's.
     fn take(dir: &Path) -> Result<V1Controllers, String> {
         use nix::mount::{mount, MsFlags};
-        let mountinfo =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-        // Fields: id parent dev root mount-point options ... - fstype source.
-        let unified = mountinfo.lines().find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let at = left.split(' ').nth(4)?;
-            (right.split(' ').next() == Some("cgroup2")).then(|| PathBuf::from(at))
-        });
+        // The unified hierarchy is the one mount with `cgroup.controllers`.
+        let unified = cph_runtime::container::cgroup_mount_points()
+            .into_iter()
+            .find(|p| p.join("cgroup.controllers").exists());
         let Some(unified) = unified.filter(|u| u != Path::new("/sys/fs/cgroup")) else {
-            return Ok(V1Controllers {
-                unified: PathBuf::new(),
-                mounts: Vec::new(),
-            });
+            return Ok(V1Controllers::none());
         };
         let read =
             |f: &str| std::fs::read_to_string(unified.join(f)).map_err(|e| format!("{f}: {e}"));
@@ -159,10 +160,7 @@ impl V1Controllers {
             .map(String::from)
             .collect();
         if controllers.is_empty() {
-            return Ok(V1Controllers {
-                unified,
-                mounts: Vec::new(),
-            });
+            return Ok(V1Controllers::none());
         }
         let enabled = read("cgroup.subtree_control")?;
         if !enabled.trim().is_empty() {
@@ -322,10 +320,7 @@ fn main() {
         oci_id: format!("cph-bench-oci-{pid}"),
         netns: format!("cph-bench-{pid}"),
         shim: shim(),
-        _controllers: controllers.unwrap_or(V1Controllers {
-            unified: PathBuf::new(),
-            mounts: Vec::new(),
-        }),
+        _controllers: controllers.unwrap_or_else(V1Controllers::none),
     };
     let rt = Runtime::new(&guard.state, &guard.parent, &guard.shim).expect("runtime");
     // Phones of the platform join the network namespace their network was

@@ -69,7 +69,7 @@ fn hierarchy() -> Box<dyn Hierarchy> {
 /// Mount points of every cgroup hierarchy of this host, v1 controllers,
 /// named hierarchies (`name=systemd`) and the unified v2 one alike, read
 /// from the mount table rather than assumed under `/sys/fs/cgroup`.
-fn mount_points() -> Vec<PathBuf> {
+pub fn mount_points() -> Vec<PathBuf> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     table
         .lines()

@@ -30,7 +30,9 @@ pub mod shim;
 mod spec;
 mod state;
 
-pub use cgroup::{cgroups_named, remove_parent as remove_cgroup_parent};
+pub use cgroup::{
+    cgroups_named, mount_points as cgroup_mount_points, remove_parent as remove_cgroup_parent,
+};
 pub use exec::ExecOutput;
 pub use runtime::{Runtime, StatusChange};
 pub use spec::{BindMount, ContainerSpec, DeviceNode};
