@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the runtime's container tests and the agent's phone lifecycle tests
+# Runs the runtime's container, network and storage tests, the agent's tests
+# of phones, jobs and the encoding server, and the platform's end-to-end test
 # on cgroup v2 alone (the unified
 # hierarchy of modern distributions), in a virtual machine, since a host's
 # controllers are bound to v1 or v2 for the whole kernel (the development
@@ -99,6 +100,10 @@ mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
 [ -d /host/lib/modules ] && mount -o bind /host$kdir/lib/modules /host/lib/modules
 echo "+cpuset +cpu +io +memory +pids" >/host/sys/fs/cgroup/cgroup.subtree_control
 ip link set lo up
+# An uplink, as a host has (the agent takes the server's address from the
+# default route): a dummy link, so no traffic leaves the machine.
+ip link add uplink0 type dummy && ip link set uplink0 up &&
+    ip addr add 10.0.2.15/24 dev uplink0 && ip route add default via 10.0.2.2
 chroot /host /bin/sh $work/run.sh
 echo "cph-vm-exit=\$?"
 poweroff -f
@@ -108,7 +113,8 @@ chmod +x "$init/init"
 
 # What runs in the guest: test binaries of this checkout, as
 # PACKAGE:TEST pairs, run one after another.
-tests=(${CPH_VM_TESTS:-cph-runtime:container cph-agent:lifecycle})
+tests=(${CPH_VM_TESTS:-cph-runtime:container cph-runtime:net cph-runtime:storage
+    cph-agent:lifecycle cph-agent:daemon cph-agent:encoder cph-agent:transfer cph:e2e})
 # As the agent's tests build cph-shim (the same features, so no rebuild in the guest).
 cargo build -q -p cph-runtime --bins
 image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
@@ -145,7 +151,7 @@ for l in sys.stdin:
 
 log=$work/console.log
 echo "== cgroup v2: ${tests[*]} in a VM (kernel $ver, TCG; log $log)"
-timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
+timeout 900 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
     -kernel "$kdir/boot/vmlinuz-$ver" -initrd "$work/initramfs.gz" \
     -append "console=ttyS0 panic=-1 quiet" \
     -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap \
@@ -153,7 +159,7 @@ timeout 600 qemu-system-x86_64 -accel tcg -m 3072 -smp 2 -nographic -no-reboot \
 sed -n '/^== /,$p' "$log" | grep -v '^cph-vm-exit=' || tail -40 "$log"
 rc=$(sed -n 's/^cph-vm-exit=\([0-9]*\).*/\1/p' "$log" | tail -1)
 if [ -z "$rc" ]; then
-    # No exit line: the machine hung or was stopped (600 s at most).
+    # No exit line: the machine hung or was stopped (900 s at most).
     echo "cgroup v2 VM ended without the tests' exit status; the console's end:"
     tail -20 "$log"
     exit 1

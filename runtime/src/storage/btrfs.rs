@@ -104,7 +104,8 @@ fn open_dir(p: &Path) -> Result<std::fs::File, StorageError> {
 }
 
 /// The accounting mode of the btrfs mounted at `mount`, `None` when quotas
-/// are off (read from `/sys/fs/btrfs/<fsid>/qgroups/mode`).
+/// are off (read from `/sys/fs/btrfs/<fsid>/qgroups/mode`, or the presence
+/// of `qgroups` on older kernels).
 pub fn quota_mode(mount: &Path) -> Result<Option<QuotaMode>, StorageError> {
     use std::os::fd::AsRawFd;
     let dir = open_dir(mount)?;
@@ -128,11 +129,16 @@ pub fn quota_mode(mount: &Path) -> Result<Option<QuotaMode>, StorageError> {
         &hex[16..20],
         &hex[20..]
     );
-    let mode = Path::new("/sys/fs/btrfs").join(fsid).join("qgroups/mode");
+    let qgroups = Path::new("/sys/fs/btrfs").join(fsid).join("qgroups");
+    let mode = qgroups.join("mode");
     match std::fs::read_to_string(&mode) {
         Ok(m) if m.trim() == "squota" => Ok(Some(QuotaMode::Simple)),
         Ok(_) => Ok(Some(QuotaMode::Full)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // Kernels before 6.7 have no `mode` (nor simple quotas): the
+        // `qgroups` directory alone says quotas are on.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(qgroups.is_dir().then_some(QuotaMode::Full))
+        }
         Err(e) => Err(StorageError::io("read", mode, e)),
     }
 }
