@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use cph_runtime::container::{
-    binder, netns, ContainerError, ContainerSpec, DeviceNode, Runtime, Status,
+    binder, netns, ContainerError, ContainerSpec, DeviceNode, Runtime, Status, UserNamespace,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -756,4 +756,128 @@ fn state_changes_are_reported() {
             reason: err.to_string()
         })
     );
+}
+
+/// Runs one phone with a user namespace of its own, in a new network
+/// namespace or (`named`) a named one; false when the filesystem of the
+/// test's rootfs cannot be mounted idmapped on this kernel.
+fn run_in_own_user_namespace(named: bool) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = unique("cphuns");
+    let _guard = named.then(|| NetnsGuard(ns.clone()));
+    let mut f = Fixture::new();
+    let name = unique("userns");
+    let mut spec = f.spec(&name);
+    let host_id = 1_000_000 + (std::process::id() % 2048) * 131_072 + u32::from(named) * 65_536;
+    spec.user_ns = Some(UserNamespace {
+        host_id,
+        size: 65_536,
+    });
+    if named {
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "ip netns add {ns}");
+        let veth = std::process::Command::new("ip")
+            .args([
+                "-n", &ns, "link", "add", "cphu0", "type", "veth", "peer", "cphu1",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(veth, "veth pair in {ns}");
+        spec.netns = Some(netns::path(&ns));
+    }
+    let st = match f.rt.start(&spec) {
+        Ok(st) => st,
+        Err(e) if e.to_string().contains("cannot be mounted idmapped") => {
+            eprintln!("SKIPPED user namespace phone: {e}");
+            assert!(
+                leftovers(&f, &name).is_empty(),
+                "{:?}",
+                leftovers(&f, &name)
+            );
+            return false;
+        }
+        Err(e) => panic!("start with a user namespace: {e}"),
+    };
+    f.wait_ready();
+
+    // Outside, every process of the phone is the unprivileged host user.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", st.pid)).expect("status");
+    for key in ["Uid:", "Gid:"] {
+        let line = status.lines().find(|l| l.starts_with(key)).expect(key);
+        let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
+        assert!(
+            ids.iter().all(|id| *id == host_id.to_string()),
+            "{line} (host id {host_id})"
+        );
+    }
+    // Inside (init's and exec's alike): root, over the phone's own map.
+    let (map, _) = f.sh(&name, "cat /proc/self/uid_map /proc/1/gid_map");
+    let map: Vec<String> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let want = format!("0 {host_id} 65536");
+    assert_eq!(map, [want.clone(), want], "uid and gid maps");
+    let (ids, _) = f.sh(&name, "grep -E '^(Uid|Gid):' /proc/self/status");
+    for line in ids.lines() {
+        assert!(
+            line.split_whitespace().skip(1).all(|id| id == "0"),
+            "exec is not root inside: {line}"
+        );
+    }
+    // The idmapped root: the image's files are root's inside, and what the
+    // phone's root writes is stored as uid 0 (init wrote the ready file).
+    assert_eq!(f.sh(&name, "stat -c %u:%g /init").0, "0:0");
+    assert_eq!(
+        f.sh(
+            &name,
+            "echo x > /etc/userns-probe && stat -c %u /etc/userns-probe"
+        ),
+        ("0".to_string(), Some(0))
+    );
+    for file in ["run/cph-ready", "etc/userns-probe"] {
+        let meta = std::fs::metadata(f.rootfs.join(file)).expect(file);
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{file} on disk");
+    }
+    // No host privileges: not even a /dev/null node can be made, while
+    // the bound /dev/null works.
+    assert!(device_refused(&f, &name, 1, 3), "mknod in a user namespace");
+    assert_eq!(f.sh(&name, "echo hi >/dev/null && echo ok").0, "ok");
+    // sysfs shows the phone's own network namespace.
+    let (links, _) = f.sh(&name, "ls /sys/class/net | tr '\\n' ' '");
+    let links: Vec<&str> = links.split_whitespace().collect();
+    if named {
+        assert_eq!(links, ["cphu0", "cphu1", "lo"], "links of {ns}");
+    } else {
+        assert_eq!(links, ["lo"], "links of a new netns");
+    }
+    f.rt.delete(&name, Duration::from_secs(5)).expect("delete");
+    assert!(
+        leftovers(&f, &name).is_empty(),
+        "{:?}",
+        leftovers(&f, &name)
+    );
+    true
+}
+
+#[test]
+fn phone_runs_in_its_own_user_namespace() {
+    if !cph_runtime::privilege::check("phone_runs_in_its_own_user_namespace") {
+        return;
+    }
+    if run_in_own_user_namespace(false) {
+        run_in_own_user_namespace(true);
+    }
+
+    // A range that would map the host's root, or none, is refused.
+    let mut f = Fixture::new();
+    for (host_id, size) in [(0, 65_536), (100_000, 0), (u32::MAX - 10, 65_536)] {
+        let mut spec = f.spec(&unique("badusers"));
+        spec.user_ns = Some(UserNamespace { host_id, size });
+        let err = f.rt.start(&spec).expect_err("bad id range");
+        assert!(matches!(err, ContainerError::InvalidSpec { .. }), "{err}");
+    }
 }

@@ -29,13 +29,14 @@ mod runtime;
 pub mod shim;
 mod spec;
 mod state;
+mod userns;
 
 pub use cgroup::{
     cgroups_named, mount_points as cgroup_mount_points, remove_parent as remove_cgroup_parent,
 };
 pub use exec::ExecOutput;
 pub use runtime::{Runtime, StatusChange};
-pub use spec::{BindMount, ContainerSpec, DeviceNode};
+pub use spec::{BindMount, ContainerSpec, DeviceNode, UserNamespace};
 pub use state::{ContainerState, Status};
 
 use std::path::PathBuf;

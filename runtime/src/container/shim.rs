@@ -125,10 +125,32 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     // made by the child itself while this process moves it into its
     // cgroups (the first move takes milliseconds too); the cgroup namespace
     // once it is in them, so its root is the phone's cgroup.
-    let flags = CloneFlags::CLONE_NEWNS
+    let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
+    // With a user namespace of its own the phone's other namespaces are
+    // made inside it, so its root holds its capabilities there; a named
+    // network namespace belongs to the host's user namespace, which init
+    // could no longer enter: the shim enters it, and init is born in it.
+    // The idmapped root comes over `tree_rx` ([`super::userns`]).
+    let own_users = spec.user_ns.is_some();
+    let (tree_tx, tree_rx) = if own_users {
+        if let Some(fd) = &netns {
+            setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| format!("join netns: {e}"))?;
+        }
+        flags |= CloneFlags::CLONE_NEWUSER;
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("socketpair: {e}"))?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
     let mut stack = vec![0u8; 1024 * 1024];
     let child_spec = spec.clone();
     let child_views = views.clone();
@@ -148,7 +170,19 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         }
         let mut byte = [0u8; 1];
         let _ = nix::unistd::read(go_r.as_fd(), &mut byte);
-        if let Some(fd) = &netns {
+        let tree = match &tree_rx {
+            Some(sock) => {
+                match super::userns::become_root().and_then(|()| super::userns::recv_fds(sock)) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let _ = nix::unistd::write(&err_w, e.as_bytes());
+                        return 127;
+                    }
+                }
+            }
+            None => None,
+        };
+        if let (Some(fd), None) = (&netns, &tree) {
             if let Err(e) = setns(fd, CloneFlags::CLONE_NEWNET) {
                 let _ = nix::unistd::write(&err_w, format!("join netns: {e}").as_bytes());
                 return 127;
@@ -158,7 +192,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
             let _ = nix::unistd::write(&err_w, format!("cgroup namespace: {e}").as_bytes());
             return 127;
         }
-        let reason = match init_child(&child_spec, &child_views, binderfs) {
+        let reason = match init_child(&child_spec, &child_views, binderfs, tree) {
             Ok(never) => match never {},
             Err(reason) => reason,
         };
@@ -181,6 +215,26 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         let _ = cgroup::destroy(&cg, name);
         Err(reason)
     };
+    if let (Some(u), Some(sock)) = (&spec.user_ns, &tree_tx) {
+        let handed = super::userns::write_maps(child.as_raw(), u)
+            .and_then(|()| {
+                std::fs::File::open(format!("/proc/{child}/ns/user"))
+                    .map_err(|e| format!("open user namespace: {e}"))
+            })
+            .and_then(|ns| super::userns::idmapped_tree(&spec.rootfs, &ns.into()))
+            .and_then(|tree| {
+                // The shim is in a named network namespace: its sysfs.
+                match spec.netns {
+                    Some(_) => {
+                        super::userns::send_fds(sock, &[&tree, &super::userns::sysfs_tree()?])
+                    }
+                    None => super::userns::send_fds(sock, &[&tree]),
+                }
+            });
+        if let Err(e) = handed {
+            return fail(e);
+        }
+    }
     if let Err(e) = cgroup::join(&cg, child.as_raw(), name) {
         return fail(e.to_string());
     }
@@ -487,11 +541,17 @@ fn stat_view(host: &str, cpus: &[u32]) -> String {
 }
 
 /// Runs in the cloned child: builds the phone's mounts and execs init.
+/// `trees`, for a phone with its own user namespace: its idmapped root,
+/// then its sysfs when the shim made it.
 fn init_child(
     spec: &ContainerSpec,
     views: &Views,
     binderfs: bool,
+    trees: Option<Vec<OwnedFd>>,
 ) -> Result<std::convert::Infallible, String> {
+    let mut trees = trees.map(Vec::into_iter);
+    let root_tree = trees.as_mut().and_then(Iterator::next);
+    let sys_tree = trees.as_mut().and_then(Iterator::next);
     let rootfs = &spec.rootfs;
     let m = |src: Option<&Path>,
              target: &Path,
@@ -510,14 +570,17 @@ fn init_child(
         None,
         "private /",
     )?;
-    m(
-        Some(rootfs),
-        rootfs,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-        "rootfs",
-    )?;
+    match &root_tree {
+        Some(t) => super::userns::attach(t, rootfs, "idmapped root")?,
+        None => m(
+            Some(rootfs),
+            rootfs,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+            "rootfs",
+        )?,
+    }
     let at = |rel: &str| rootfs.join(rel);
     let mkdir =
         |p: &Path| std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()));
@@ -550,14 +613,17 @@ fn init_child(
         "proc/sys ro",
     )?;
     mkdir(&at("sys"))?;
-    m(
-        Some(Path::new("sysfs")),
-        &at("sys"),
-        Some("sysfs"),
-        nodev | MsFlags::MS_RDONLY,
-        None,
-        "sysfs",
-    )?;
+    match &sys_tree {
+        Some(t) => super::userns::attach(t, &at("sys"), "sysfs")?,
+        None => m(
+            Some(Path::new("sysfs")),
+            &at("sys"),
+            Some("sysfs"),
+            nodev | MsFlags::MS_RDONLY,
+            None,
+            "sysfs",
+        )?,
+    }
 
     mkdir(&at("dev"))?;
     m(
@@ -577,6 +643,19 @@ fn init_child(
         ("tty", 5, 0),
     ] {
         let p = at("dev").join(node);
+        if root_tree.is_some() {
+            // No mknod in a user namespace: the host's node, bound.
+            std::fs::File::create(&p).map_err(|e| format!("device node {}: {e}", p.display()))?;
+            m(
+                Some(&Path::new("/dev").join(node)),
+                &p,
+                None,
+                MsFlags::MS_BIND,
+                None,
+                "device",
+            )?;
+            continue;
+        }
         mknod(
             &p,
             SFlag::S_IFCHR,
@@ -671,14 +750,7 @@ fn init_child(
             "bind",
         )?;
         if b.read_only {
-            m(
-                None,
-                &target,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None,
-                "bind ro",
-            )?;
+            super::userns::remount_read_only(&target)?;
         }
     }
 
@@ -720,19 +792,20 @@ fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
             .map(OwnedFd::from)
             .map_err(|e| format!("open {what}: {e}"))
     };
+    let own_users = super::userns::has_own(st.pid);
     let result = (|| -> Result<(OwnedFd, Vec<OwnedFd>), String> {
         let root_fd = open("root")?;
-        let ns = [
-            "ns/ipc",
-            "ns/uts",
-            "ns/net",
-            "ns/cgroup",
-            "ns/pid",
-            "ns/mnt",
-        ]
-        .iter()
-        .map(|n| open(n))
-        .collect::<Result<Vec<_>, _>>()?;
+        // The network namespace first: a named one is the host user
+        // namespace's, which cannot be entered from the phone's.
+        let mut names = vec!["ns/net"];
+        if own_users {
+            names.push("ns/user");
+        }
+        names.extend(["ns/ipc", "ns/uts", "ns/cgroup", "ns/pid", "ns/mnt"]);
+        let ns = names
+            .iter()
+            .map(|n| open(n))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((root_fd, ns))
     })();
     let (root_fd, ns) = match result {
@@ -747,6 +820,11 @@ fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
     for fd in &ns {
         if let Err(e) = setns(fd, CloneFlags::empty()) {
             return fail(format!("setns: {e}"));
+        }
+    }
+    if own_users {
+        if let Err(e) = super::userns::become_root() {
+            return fail(e);
         }
     }
     let argv = match cstrings(argv) {

@@ -24,6 +24,17 @@ pub struct DeviceNode {
     pub path: PathBuf,
 }
 
+/// The phone's own user namespace: ids `0..size` inside are host ids
+/// `host_id..host_id + size` (users and groups alike). Its root filesystem
+/// is mounted idmapped, so files keep their ids on disk (root's files stay
+/// uid 0 there and are root's inside) while the phone's root is an
+/// unprivileged host user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespace {
+    pub host_id: u32,
+    pub size: u32,
+}
+
 /// A phone container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSpec {
@@ -60,6 +71,9 @@ pub struct ContainerSpec {
     /// into `ro.boot.KEY`.
     #[serde(default)]
     pub boot_properties: BTreeMap<String, String>,
+    /// A user namespace of its own; `None` runs the phone as host root.
+    #[serde(default)]
+    pub user_ns: Option<UserNamespace>,
 }
 
 /// The kernel will not run a memory cgroup below a few MiB; refuse earlier.
@@ -95,6 +109,7 @@ impl ContainerSpec {
             mounts: Vec::new(),
             netns: None,
             boot_properties: BTreeMap::new(),
+            user_ns: None,
         }
     }
 
@@ -210,6 +225,16 @@ impl ContainerSpec {
                 return Err(bad(format!(
                     "netns {} is not a network namespace file",
                     ns.display()
+                )));
+            }
+        }
+        if let Some(u) = &self.user_ns {
+            let end = u64::from(u.host_id) + u64::from(u.size);
+            if u.host_id == 0 || u.size == 0 || end > u64::from(u32::MAX) {
+                return Err(bad(format!(
+                    "user namespace: host ids {}..{end} must be a non-empty range above 0 \
+                     (0 is the host's root)",
+                    u.host_id
                 )));
             }
         }
