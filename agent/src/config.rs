@@ -68,6 +68,34 @@ pub struct AgentConfig {
     pub network: NetworkConfig,
     /// Object store holding images, APKs, push and export archives.
     pub object_store: Option<ObjectStoreConfig>,
+    /// Phones in user namespaces of their own.
+    pub user_namespaces: UserNamespacesConfig,
+}
+
+/// Each new phone in a user namespace of its own: root inside is an
+/// unprivileged host user, with a range of host ids no other phone of this
+/// host has (`first_host_id + n * ids_per_phone`, kept with the phone).
+/// Its rootfs is mounted idmapped, which overlayfs supports from kernel 5.19
+/// and btrfs from 5.15. Phones made before it was enabled keep running as
+/// host root.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserNamespacesConfig {
+    pub enabled: bool,
+    /// First host id of the ranges (above every id the host's users have).
+    pub first_host_id: u32,
+    /// Ids of each phone: Android's user 0 uses up to 99999.
+    pub ids_per_phone: u32,
+}
+
+impl Default for UserNamespacesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            first_host_id: 1_000_000,
+            ids_per_phone: 131_072,
+        }
+    }
 }
 
 /// Phone volumes: where images and per-phone copy-on-write volumes live.
@@ -225,6 +253,7 @@ impl Default for AgentConfig {
             storage: StorageConfig::default(),
             network: NetworkConfig::default(),
             object_store: None,
+            user_namespaces: UserNamespacesConfig::default(),
         }
     }
 }

@@ -437,6 +437,12 @@ fn phones_get_volumes_and_networks_of_their_own() {
 }
 
 /// Whether this host can make btrfs pools (tools and kernel).
+/// A number per call, for unique job ids.
+fn out_counter() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
 fn btrfs_available(test: &str) -> bool {
     let tools = Command::new("mkfs.btrfs").arg("--version").output().is_ok();
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
@@ -456,7 +462,8 @@ fn btrfs_volumes_and_phones_without_a_network() {
     let t = TestAgent::start(
         "lifecycle-bt",
         false,
-        "[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n",
+        "[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n\
+         [user_namespaces]\nenabled = true\nfirst_host_id = 2000000\n",
     );
     let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
     let state = t.state.clone();
@@ -488,6 +495,37 @@ fn btrfs_volumes_and_phones_without_a_network() {
     assert_eq!(p["state"], "running", "{p}");
     assert_eq!(p["access_infos"], json!([]), "{p}");
 
+    // The phone has a user namespace of its own: its init is host user
+    // 2000000, root inside, and so is a shell job.
+    let in_own_users = || {
+        let name = format!("cph-{phone_id}");
+        let st: Value = serde_json::from_slice(
+            &std::fs::read(state.join("containers").join(&name).join("state.json"))
+                .expect("container state"),
+        )
+        .expect("state json");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", st["pid"])).expect("init status");
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert_eq!(
+            uid.split_whitespace().nth(1),
+            Some("2000000"),
+            "init's host uid: {uid}"
+        );
+        let (st, out) = sh(
+            &addr,
+            &token,
+            &server,
+            &phone_id,
+            &format!("ids-{}", out_counter()),
+            "cat /proc/self/uid_map; id -u",
+        );
+        assert_eq!(st, 2, "{out}");
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words, ["0", "2000000", "131072", "0"], "{out}");
+    };
+    in_own_users();
+
     // The volume is a btrfs subvolume of the pool mounted under the state dir.
     let vol = state.join("pool/volumes").join(&phone_id);
     let fstype = run("stat", &["-f", "-c", "%T", &vol.to_string_lossy()]);
@@ -504,6 +542,14 @@ fn btrfs_volumes_and_phones_without_a_network() {
     );
     assert_eq!(st, 2);
     assert!(vol.join("data/mark").is_file());
+    // Written by the phone's root, stored as uid 0 (the idmapped root).
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(vol.join("data/mark"))
+            .expect("mark")
+            .uid(),
+        0
+    );
     ok_job(
         &addr,
         &token,
@@ -515,6 +561,8 @@ fn btrfs_volumes_and_phones_without_a_network() {
         ),
     );
     assert!(!vol.join("data/mark").exists());
+    // A reset phone keeps its user namespace.
+    in_own_users();
 
     // Network jobs fail cleanly; the phone keeps running.
     http(

@@ -205,7 +205,8 @@ impl Daemon {
             None
         };
         let phones = Phones::open(&cfg.state_dir, &cfg.cgroup_parent, &shim, volumes, net)
-            .map_err(DaemonError::Phones)?;
+            .map_err(DaemonError::Phones)?
+            .with_user_namespaces(&cfg.user_namespaces);
         let unreported: Vec<JobStatus> =
             interrupted.iter().filter_map(|id| store.get(id)).collect();
         for id in &interrupted {

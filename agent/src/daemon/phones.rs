@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cph_runtime::container::{ContainerError, ContainerSpec, ExecOutput, Runtime, Status};
+use cph_runtime::container::{
+    ContainerError, ContainerSpec, ExecOutput, Runtime, Status, UserNamespace,
+};
 use cph_runtime::placement::{self, PlanRequest, Slot, Topology};
 use cph_runtime::storage::{SharePaths, ShareUsage};
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,7 @@ use super::jobstore::write_atomic;
 use super::network::{network_fail, Network};
 use super::volumes::Volumes;
 use super::JobFailure;
+use crate::config::UserNamespacesConfig;
 use crate::protocol::{CreateServer, ImageRef, PhoneRunState, PhoneSpec, PhoneState};
 
 /// Grace a phone gets between SIGTERM and SIGKILL.
@@ -59,6 +62,10 @@ pub struct PhoneRecord {
     pub stopped: bool,
     #[serde(default)]
     pub traffic_type: String,
+    /// The phone's own user namespace (kept for its life), or `None` when
+    /// it runs as host root.
+    #[serde(default)]
+    pub user_ns: Option<UserNamespace>,
 }
 
 /// The phone registry over a container runtime.
@@ -74,6 +81,22 @@ pub struct Phones {
     net: Option<Network>,
     /// Servers whose encoding container is being (re)started.
     encoders_restarting: Mutex<BTreeSet<String>>,
+    /// New phones' user namespaces, when enabled.
+    user_namespaces: Option<UserNamespacesConfig>,
+    /// Held while a new phone's id range is chosen and recorded.
+    id_lock: Mutex<()>,
+}
+
+/// The first id range `first + n * size` no phone in `used` has; `None`
+/// when the host ids run out.
+fn free_id_range(used: &BTreeSet<u32>, cfg: &UserNamespacesConfig) -> Option<UserNamespace> {
+    let size = cfg.ids_per_phone.max(1);
+    (0u64..)
+        .map(|n| u64::from(cfg.first_host_id.max(1)) + n * u64::from(size))
+        .take_while(|start| start + u64::from(size) <= u64::from(u32::MAX))
+        .filter_map(|start| u32::try_from(start).ok())
+        .find(|start| !used.contains(start))
+        .map(|host_id| UserNamespace { host_id, size })
 }
 
 mod encoder;
@@ -165,7 +188,15 @@ impl Phones {
             volumes,
             net,
             encoders_restarting: Mutex::new(BTreeSet::new()),
+            user_namespaces: None,
+            id_lock: Mutex::new(()),
         })
+    }
+
+    /// New phones get user namespaces of their own per `cfg` (when enabled).
+    pub fn with_user_namespaces(mut self, cfg: &UserNamespacesConfig) -> Self {
+        self.user_namespaces = cfg.enabled.then(|| cfg.clone());
+        self
     }
 
     /// Deletes every phone (container, volume, network) and any container
@@ -395,6 +426,7 @@ impl Phones {
         let name = container_name(&rec.spec.phone_id);
         let mut spec = ContainerSpec::new(&name, &self.rootfs(&rec.spec.phone_id)?);
         spec.netns = self.ensure_network(rec, &server)?;
+        spec.user_ns = rec.user_ns;
         spec.cpus = Some(slot.cpuset());
         spec.mems = Some(slot.mems_list());
         spec.cpu_shares = Some(slot.cpu_shares);
@@ -472,12 +504,32 @@ impl Phones {
     pub fn create(&self, server_id: &str, spec: &PhoneSpec) -> Result<(), JobFailure> {
         validate_properties(&spec.property)?;
         let server = self.server(server_id)?;
-        if let Ok(existing) = self.record(&spec.phone_id) {
+        let existing = self.record(&spec.phone_id).ok();
+        if let Some(existing) = &existing {
             if existing.phase.is_none() && existing.failure.is_none() {
                 // Already created (a repeated create): make sure it runs.
                 return self.start(&spec.phone_id);
             }
         }
+        let ids_guard = self.id_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let user_ns = match (existing.and_then(|e| e.user_ns), &self.user_namespaces) {
+            (Some(kept), _) => Some(kept),
+            (None, Some(cfg)) => {
+                let used: BTreeSet<u32> = self
+                    .records()
+                    .values()
+                    .filter_map(|r| r.user_ns.map(|u| u.host_id))
+                    .collect();
+                Some(free_id_range(&used, cfg).ok_or_else(|| {
+                    JobFailure::internal(format!(
+                        "no host id range left for phone {} (user_namespaces: first_host_id {}, \
+                         ids_per_phone {})",
+                        spec.phone_id, cfg.first_host_id, cfg.ids_per_phone
+                    ))
+                })?)
+            }
+            (None, None) => None,
+        };
         let rec = PhoneRecord {
             spec: spec.clone(),
             server_id: server_id.to_string(),
@@ -486,8 +538,10 @@ impl Phones {
             failure: None,
             stopped: false,
             traffic_type: "direct".to_string(),
+            user_ns,
         };
         self.save(&rec)?;
+        drop(ids_guard);
         let result = self
             .volumes
             .create(&spec.phone_id, &server.image, server.flavor.disk_gb)
@@ -874,6 +928,34 @@ pub fn validate_properties(property: &BTreeMap<String, String>) -> Result<(), Jo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phones_get_id_ranges_no_other_phone_has() {
+        let cfg = UserNamespacesConfig {
+            enabled: true,
+            first_host_id: 1_000_000,
+            ids_per_phone: 131_072,
+        };
+        let range = |used: &[u32]| free_id_range(&used.iter().copied().collect(), &cfg);
+        let first = range(&[]).expect("a range");
+        assert_eq!((first.host_id, first.size), (1_000_000, 131_072));
+        assert_eq!(range(&[1_000_000]).map(|u| u.host_id), Some(1_131_072));
+        // A range freed by a deleted phone is taken again.
+        assert_eq!(
+            range(&[1_131_072, 1_262_144]).map(|u| u.host_id),
+            Some(1_000_000)
+        );
+        // Ranges end below the last host id.
+        let tight = UserNamespacesConfig {
+            first_host_id: u32::MAX - 200_000,
+            ..cfg.clone()
+        };
+        let one = free_id_range(&BTreeSet::new(), &tight).expect("one range fits");
+        assert_eq!(
+            free_id_range(&[one.host_id].into_iter().collect(), &tight),
+            None
+        );
+    }
 
     #[test]
     fn properties_are_checked_against_the_reference() {

@@ -9,6 +9,10 @@
 //! [`Runtime`] over the same state directory re-adopts them, checking each
 //! pid against its recorded start time so a recycled pid is never trusted.
 //!
+//! Optionally a phone has a user namespace of its own ([`UserNamespace`]):
+//! root inside is an unprivileged host user, and its rootfs is mounted
+//! idmapped so files keep their ids on disk.
+//!
 //! Android needs: each phone gets its own binderfs instance (`binder`,
 //! `hwbinder`, `vndbinder`) when the host kernel has binderfs, and boot
 //! properties reach init as `androidboot.*` arguments. Inside, `/proc/meminfo`,

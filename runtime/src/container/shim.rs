@@ -3,7 +3,8 @@
 //!
 //! `cph-shim start STATE_DIR NAME CGROUP_PARENT` detaches (new session,
 //! fork), creates the phone's cgroup, clones init into new mount, PID, UTS,
-//! IPC, network and cgroup namespaces, reports `ok PID` or `err REASON` on
+//! IPC, network and cgroup namespaces (all inside a user namespace of the
+//! phone's own when its spec has one), reports `ok PID` or `err REASON` on
 //! stdout, then waits for init and records its exit status in the state file.
 //!
 //! `cph-shim exec STATE_DIR NAME CGROUP_PARENT -- ARGV...` joins a running
