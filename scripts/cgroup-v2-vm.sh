@@ -104,9 +104,9 @@ ip link set lo up
 # default route): a dummy link, so no traffic leaves the machine.
 ip link add uplink0 type dummy && ip link set uplink0 up &&
     ip addr add 10.0.2.15/24 dev uplink0 && ip route add default via 10.0.2.2
-chroot /host /bin/sh $work/run.sh
-echo "cph-vm-exit=\$?"
-poweroff -f
+# Into the host's root with switch_root (the initramfs goes), not chroot:
+# a chrooted process may not make user namespaces.
+exec switch_root /host /bin/sh -c "/bin/sh $work/run.sh; echo cph-vm-exit=\\\$?; /bin/busybox poweroff -f"
 EOF
 chmod +x "$init/init"
 (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.gz"

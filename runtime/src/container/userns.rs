@@ -100,7 +100,8 @@ pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, St
         let e = std::io::Error::last_os_error();
         let hint = if e.raw_os_error() == Some(libc::EINVAL) {
             " (the filesystem of the phone's root cannot be mounted idmapped on this \
-             kernel: btrfs and ext4 can from 5.15, overlayfs from 5.19, tmpfs from 6.3)"
+             kernel: ext4 and xfs can from 5.12, btrfs from 5.15, tmpfs from 6.3; \
+             overlayfs on recent kernels)"
         } else {
             ""
         };
