@@ -75,9 +75,9 @@ pub struct AgentConfig {
 /// Each new phone in a user namespace of its own: root inside is an
 /// unprivileged host user, with a range of host ids no other phone of this
 /// host has (`first_host_id + n * ids_per_phone`, kept with the phone).
-/// Its rootfs is mounted idmapped, which btrfs supports from kernel 5.15
-/// and overlayfs on recent kernels. Phones made before it was enabled keep
-/// running as host root.
+/// Its rootfs is mounted idmapped, which btrfs volumes support from kernel
+/// 5.15 (an overlayfs mount cannot be: the agent refuses the two together).
+/// Phones made before it was enabled keep running as host root.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UserNamespacesConfig {

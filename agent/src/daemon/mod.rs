@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, Semaphore};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, StorageBackend};
 use crate::objstore::ObjectStore;
 use crate::protocol::{BatchedJob, Inventory, JobKind, JobRequest, JobStatus};
 use jobstore::{Inserted, JobStore, JobStoreError};
@@ -101,6 +101,19 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("agent object store: {0}")]
     ObjectStore(crate::objstore::ObjectStoreError),
+    #[error("agent config: {0}")]
+    Config(&'static str),
+}
+
+/// Settings that cannot work together, refused before anything is made.
+fn check_config(cfg: &AgentConfig) -> Result<(), DaemonError> {
+    if cfg.user_namespaces.enabled && cfg.storage.backend == StorageBackend::Overlay {
+        return Err(DaemonError::Config(
+            "user_namespaces needs phone volumes that can be mounted idmapped: \
+             set storage.backend = \"btrfs\" (an overlayfs mount cannot be idmapped)",
+        ));
+    }
+    Ok(())
 }
 
 /// Why a job was not taken.
@@ -162,6 +175,7 @@ fn shim_path(cfg: &AgentConfig) -> Result<PathBuf, DaemonError> {
 impl Daemon {
     /// Opens the state (job store, phones), prepares the host.
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, DaemonError> {
+        check_config(&cfg)?;
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -573,5 +587,21 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_namespaces_need_idmappable_volumes() {
+        let mut cfg = AgentConfig::default();
+        cfg.user_namespaces.enabled = true;
+        let err = check_config(&cfg).expect_err("overlay volumes cannot be idmapped");
+        assert!(err.to_string().contains("storage.backend"), "{err}");
+        cfg.storage.backend = StorageBackend::Btrfs;
+        assert!(check_config(&cfg).is_ok());
+        assert!(check_config(&AgentConfig::default()).is_ok());
     }
 }

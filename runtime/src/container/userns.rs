@@ -101,7 +101,7 @@ pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, St
         let hint = if e.raw_os_error() == Some(libc::EINVAL) {
             " (the filesystem of the phone's root cannot be mounted idmapped on this \
              kernel: ext4 and xfs can from 5.12, btrfs from 5.15, tmpfs from 6.3; \
-             overlayfs on recent kernels)"
+             an overlayfs mount cannot)"
         } else {
             ""
         };
