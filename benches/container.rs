@@ -1,6 +1,8 @@
 //! Phone start-to-ready and exec round trip, ours next to `runc` and `crun`
 //! (`run --detach`, `exec`) of one equivalent OCI bundle on the same rootfs,
 //! in one run. Needs root; otherwise it says why and measures nothing.
+//! Also ours in a user namespace of its own, against the same start
+//! without one (where the rootfs can be mounted idmapped).
 //! Writes `target/bench-report/container.json`.
 //!
 //! crun refuses a hybrid cgroup layout whose v2 hierarchy still holds
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cph_runtime::container::{ContainerSpec, Runtime};
+use cph_runtime::container::{ContainerSpec, Runtime, UserNamespace};
 use criterion::Criterion;
 
 #[path = "common/report.rs"]
@@ -338,6 +340,13 @@ fn main() {
     let spec = ContainerSpec::new("bench-phone", &rootfs);
     let mut spec_ns = spec.clone();
     spec_ns.netns = Some(ns_path.clone());
+    // A phone in a user namespace of its own (idmapped rootfs), in the
+    // phone's netns: what it costs next to the same start without one.
+    let mut spec_users = spec_ns.clone();
+    spec_users.user_ns = Some(UserNamespace {
+        host_id: 1_500_000,
+        size: 65_536,
+    });
 
     let ours_start = |spec: &ContainerSpec, n: u64| -> Duration {
         let mut total = Duration::ZERO;
@@ -375,6 +384,21 @@ fn main() {
         }
         group.finish();
     }
+    let users = match rt.start(&spec_users) {
+        Ok(_) => {
+            wait_ready(&marker);
+            rt.delete("bench-phone", Duration::from_secs(5))
+                .expect("delete");
+            let mut group = c.benchmark_group("start_to_ready_own_user_namespace");
+            group.bench_function("ours", |b| b.iter_custom(|n| ours_start(&spec_users, n)));
+            group.finish();
+            true
+        }
+        Err(e) => {
+            eprintln!("container bench: no user-namespace start here: {e}");
+            false
+        }
+    };
 
     // Exec round trips against a running phone of each kind.
     let times = |f: &dyn Fn()| -> Vec<Duration> {
@@ -440,6 +464,17 @@ fn main() {
                 unit: "ms",
             },
         ]);
+    }
+    if users {
+        let with = median((0..7).map(|_| ours_start(&spec_users, 1)).collect());
+        metrics.push(Metric {
+            metric: "start-to-ready in a user namespace of its own (median), against the same \
+                     start without one"
+                .to_string(),
+            ours: ms(with),
+            anchor: ms(ours_ready_ns),
+            unit: "ms",
+        });
     }
     drop(guard);
     report::write("container", &metrics);
