@@ -6,7 +6,8 @@
 //! inside it; bandwidth limits and traffic diversion change tc classes and
 //! routes; an agent restart reconciles without duplicates; deleting the
 //! server leaves no namespace, veth, nftables element or volume. A second
-//! test runs a phone on a btrfs pool (loop-backed file) with networking off.
+//! test runs a phone on a btrfs pool (loop-backed file) with networking off
+//! and a third with it on, both in user namespaces of their own.
 //! Names are unique per process and guards remove everything whatever
 //! happens.
 
@@ -437,6 +438,20 @@ fn phones_get_volumes_and_networks_of_their_own() {
 }
 
 /// Whether this host can make btrfs pools (tools and kernel).
+/// The host uid of a phone's init (from the runtime's state of it).
+fn init_uid(state: &Path, phone_id: &str) -> String {
+    let file = state
+        .join("containers")
+        .join(format!("cph-{phone_id}"))
+        .join("state.json");
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("container state")).expect("json");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", st["pid"])).expect("init status");
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+    uid.split_whitespace().nth(1).unwrap_or("").to_string()
+}
+
 /// A number per call, for unique job ids.
 fn out_counter() -> u32 {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -498,20 +513,7 @@ fn btrfs_volumes_and_phones_without_a_network() {
     // The phone has a user namespace of its own: its init is host user
     // 2000000, root inside, and so is a shell job.
     let in_own_users = || {
-        let name = format!("cph-{phone_id}");
-        let st: Value = serde_json::from_slice(
-            &std::fs::read(state.join("containers").join(&name).join("state.json"))
-                .expect("container state"),
-        )
-        .expect("state json");
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", st["pid"])).expect("init status");
-        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
-        assert_eq!(
-            uid.split_whitespace().nth(1),
-            Some("2000000"),
-            "init's host uid: {uid}"
-        );
+        assert_eq!(init_uid(&state, &phone_id), "2000000");
         let (st, out) = sh(
             &addr,
             &token,
@@ -594,4 +596,81 @@ fn btrfs_volumes_and_phones_without_a_network() {
     assert_eq!(st["status"], 2, "{st}");
     assert!(!vol.exists());
     assert!(state.join("pool/images/img").is_dir(), "images stay");
+}
+
+#[test]
+fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
+    let name = "a_phone_in_its_own_user_namespace_on_the_phone_network";
+    if !cph_runtime::privilege::check(name) || !btrfs_available(name) {
+        return;
+    }
+    let t = TestAgent::start(
+        "lifecycle-un",
+        true,
+        "[storage]\nbackend = \"btrfs\"\npool_size_gb = 1\n\
+         [user_namespaces]\nenabled = true\nfirst_host_id = 4000000\n",
+    );
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
+    let server_ip: std::net::Ipv4Addr = inv["server_ip"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("server ip in {inv}"));
+    let server = format!("us{pid}");
+    let phone_id = format!("up{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "userns",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
+        "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_job(&addr, &token, &format!("{server}:create:{phone_id}"));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(init_uid(&t.state, &phone_id), "4000000");
+
+    // Root inside its own id range; its sysfs is that of the phone's
+    // network namespace (the host's user namespace owns that one).
+    let (st, who) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "who",
+        "id -u; head -c 40 /proc/self/uid_map; ls /sys/class/net | tr '\\n' ' '",
+    );
+    assert_eq!(st, 2, "{who}");
+    let who: Vec<&str> = who.split_whitespace().collect();
+    assert_eq!(
+        who,
+        ["0", "0", "4000000", "131072", "eth0", "lo"],
+        "{who:?}"
+    );
+    // Its access port reaches a listener inside it.
+    let (_, web) = access(phone(&phones(&addr, &token), &phone_id), "web");
+    let (st, msg) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "nc",
+        "nc -ll -p 20000 -e /bin/cat </dev/null >/dev/null 2>&1 &",
+    );
+    assert_eq!(st, 2, "{msg}");
+    assert_eq!(echo(SocketAddr::from((server_ip, web)), "ping-u"), "ping-u");
+
+    let (code, _) = http(
+        &addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        &token,
+        None,
+    );
+    assert_eq!(code, 200);
+    let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
+    assert_eq!(st["status"], 2, "{st}");
 }
