@@ -39,6 +39,12 @@ enum Command {
         /// Phones of the local server.
         #[arg(long, default_value_t = 2)]
         phones: u32,
+        /// Run each phone in a user namespace of its own (root inside is an
+        /// unprivileged host user). Phone volumes are then btrfs snapshots
+        /// in a sparse file of the data dir, as idmapped mounts need.
+        /// Choose it at the data dir's first start.
+        #[arg(long)]
+        user_namespaces: bool,
     },
     /// Serve the CPH API (control plane) until Ctrl-C or SIGTERM.
     Serve {
@@ -229,6 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent_listen,
             obs_listen,
             phones,
+            user_namespaces,
         } => Ok(cph::up::up(&cph::up::UpOptions {
             data_dir,
             image,
@@ -236,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent_listen,
             obs_listen,
             phones,
+            user_namespaces,
         })?),
         Command::Serve {
             data_dir,

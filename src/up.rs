@@ -75,6 +75,8 @@ pub struct UpOptions {
     pub obs_listen: SocketAddr,
     /// Phones of the local server (the development flavor's capacity).
     pub phones: u32,
+    /// Phones in user namespaces of their own, on btrfs volumes.
+    pub user_namespaces: bool,
 }
 
 /// What a client needs to use the platform; `<data-dir>/credentials.json`.
@@ -349,10 +351,29 @@ fn instance_number(data_dir: &Path) -> u32 {
 }
 
 /// The local agent's configuration, rewritten at every start.
+/// Size of the sparse btrfs pool file of `cph up --user-namespaces`:
+/// images and sharepool, then each phone's volume.
+const BTRFS_POOL_BASE_GB: u64 = 16;
+const BTRFS_POOL_GB_PER_PHONE: u64 = 8;
+
 fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let n = instance_number(&opts.data_dir);
     let first_port = 20000 + (n % 20) * 500;
+    // User namespaces need volumes that can be mounted idmapped: btrfs
+    // snapshots in a sparse file (`pool.img`, mounted at `pool`).
+    let storage = if opts.user_namespaces {
+        format!(
+            "[storage]\nbackend = \"btrfs\"\npool_size_gb = {}\n\n\
+             [user_namespaces]\nenabled = true\n",
+            BTRFS_POOL_BASE_GB + BTRFS_POOL_GB_PER_PHONE * u64::from(opts.phones)
+        )
+    } else {
+        format!(
+            "[storage]\nbackend = \"overlay\"\npool = {}\n",
+            q(&dir.join("pool").to_string_lossy())
+        )
+    };
     format!(
         "# Written by `cph up` at every start.\n\
          control_plane_url = {cp}\n\
@@ -362,9 +383,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          server_model = {model}\n\
          phone_capacity = {cap}\n\
          \n\
-         [storage]\n\
-         backend = \"overlay\"\n\
-         pool = {pool}\n\
+         {storage}\
          \n\
          [network]\n\
          enabled = true\n\
@@ -384,7 +403,6 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
         token = q(&secrets.node_token),
         listen = q(&opts.agent_listen.to_string()),
         state = q(&dir.to_string_lossy()),
-        pool = q(&dir.join("pool").to_string_lossy()),
         model = q(crate::catalog::DEV_SERVER_MODEL),
         cap = opts.phones,
         obs = q(&local_url(opts.obs_listen)),
@@ -572,6 +590,7 @@ mod tests {
             agent_listen: "127.0.0.1:8600".parse().expect("addr"),
             obs_listen: "127.0.0.1:9000".parse().expect("addr"),
             phones: 2,
+            user_namespaces: false,
         };
         let secrets = Secrets {
             node_token: "t".into(),
@@ -610,5 +629,34 @@ mod tests {
         assert_ne!(cfg.network.nft_table, cfg2.network.nft_table);
         assert_ne!(cfg.network.subnet, cfg2.network.subnet);
         assert!(cfg2.network.bridge.len() <= 15);
+    }
+
+    #[test]
+    fn agent_config_with_user_namespaces_puts_phones_on_btrfs() {
+        let opts = UpOptions {
+            data_dir: PathBuf::from("/var/lib/cph"),
+            image: PathBuf::from("image.tar.gz"),
+            listen: "127.0.0.1:8443".parse().expect("addr"),
+            agent_listen: "127.0.0.1:8600".parse().expect("addr"),
+            obs_listen: "127.0.0.1:9000".parse().expect("addr"),
+            phones: 2,
+            user_namespaces: true,
+        };
+        let secrets = Secrets {
+            node_token: "t".into(),
+            obs_ak: "ak".into(),
+            obs_sk: "sk".into(),
+        };
+        let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
+        let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
+        assert_eq!(
+            cfg.storage.backend,
+            cph_agent::config::StorageBackend::Btrfs
+        );
+        // The pool file and its mount point are the agent's defaults in its state dir.
+        assert_eq!(cfg.storage.pool, None);
+        assert_eq!(cfg.storage.pool_size_gb, 32);
+        assert!(cfg.user_namespaces.enabled);
+        assert!(cfg.network.enabled);
     }
 }

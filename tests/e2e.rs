@@ -238,6 +238,52 @@ fn platform_end_to_end_through_cph_up_and_the_cph_api() {
     steps.step("done");
 }
 
+/// `cph up --user-namespaces`: the phones of the bought server run on btrfs
+/// volumes, each in a user namespace of its own, and jobs reach them
+/// through the same API.
+#[test]
+fn phones_in_user_namespaces_through_cph_up() {
+    let name = "phones_in_user_namespaces_through_cph_up";
+    if !cph_runtime::privilege::check(name) {
+        return;
+    }
+    if std::process::Command::new("mkfs.btrfs")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED {name}: mkfs.btrfs is missing");
+        return;
+    }
+    let mut p = Platform::new(platform::cph(), platform::image()).with_args(&["--user-namespaces"]);
+    let creds = p.start();
+    let api = Api::new(&creds);
+    let obs = Obs::new(&creds);
+    let server_id = buy(&api);
+    let phones = api.wait_server_ready(&server_id, READY_LIMIT);
+    assert!(phones.len() >= 2, "the dev server has 2 phones: {phones:?}");
+    let mut ranges = Vec::new();
+    for phone in &phones[..2] {
+        let out = api.shell(phone, "id -u; cat /proc/self/uid_map");
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words.len(), 4, "{out:?}");
+        assert_eq!(&words[..2], ["0", "0"], "root inside {phone}: {out:?}");
+        let host: u32 = words[2].parse().expect("host id");
+        assert!(host >= 1_000_000, "{phone} maps root to host id {host}");
+        ranges.push(host);
+    }
+    assert_ne!(ranges[0], ranges[1], "two phones share a host id range");
+    let s = Scene {
+        api: &api,
+        obs: &obs,
+        server_id: &server_id,
+        a: &phones[0],
+        b: &phones[1],
+    };
+    s.push();
+    s.install_uninstall();
+}
+
 /// The bought server, its two phones and the clients, for the steps.
 struct Scene<'a> {
     api: &'a Api,

@@ -99,6 +99,8 @@ pub struct Platform {
     image: PathBuf,
     pub ports: [u16; 3],
     child: Option<Child>,
+    /// Further arguments of `cph up`.
+    args: Vec<String>,
     /// Service pids seen last (cleaned up if `cph up` dies without them).
     services: Vec<i32>,
 }
@@ -117,8 +119,15 @@ impl Platform {
             image,
             ports: free_ports(),
             child: None,
+            args: Vec::new(),
             services: Vec::new(),
         }
+    }
+
+    /// The platform with further `cph up` arguments.
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self
     }
 
     fn addr(&self, i: usize) -> String {
@@ -144,6 +153,7 @@ impl Platform {
             .args(["--listen", &self.addr(0)])
             .args(["--agent-listen", &self.addr(1)])
             .args(["--obs-listen", &self.addr(2)])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
