@@ -351,6 +351,39 @@ fn instance_number(data_dir: &Path) -> u32 {
 }
 
 /// The local agent's configuration, rewritten at every start.
+/// Refuses to switch the phone volumes' backend (`--user-namespaces` on or
+/// off) of a data dir that holds phones: they would be lost from sight.
+fn keeps_its_volumes(
+    agent_toml: &Path,
+    agent_dir: &Path,
+    user_namespaces: bool,
+) -> Result<(), UpError> {
+    let Ok(text) = std::fs::read_to_string(agent_toml) else {
+        return Ok(());
+    };
+    let Ok(old) = toml::from_str::<cph_agent::config::AgentConfig>(&text) else {
+        return Ok(());
+    };
+    let phones = std::fs::read_dir(agent_dir.join("phones"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0);
+    if old.user_namespaces.enabled != user_namespaces && phones > 0 {
+        let (was, flag) = if old.user_namespaces.enabled {
+            ("with", "add --user-namespaces")
+        } else {
+            ("without", "leave out --user-namespaces")
+        };
+        return Err(UpError::Bootstrap {
+            what: "phone volumes",
+            reason: format!(
+                "this data dir's {phones} phones were made {was} user namespaces, on other \
+                 volumes: {flag}, or delete them first (cph phone purge --data-dir ...)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Size of the sparse btrfs pool file of `cph up --user-namespaces`:
 /// images and sharepool, then each phone's volume.
 const BTRFS_POOL_BASE_GB: u64 = 16;
@@ -468,6 +501,7 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
     let agent_dir = data.join("agent");
     std::fs::create_dir_all(&agent_dir).map_err(io("create", &agent_dir))?;
     let agent_toml = data.join("agent.toml");
+    keeps_its_volumes(&agent_toml, &agent_dir, opts.user_namespaces)?;
     write_private(
         &agent_toml,
         agent_config(opts, &secrets, &agent_dir).as_bytes(),
@@ -629,6 +663,23 @@ mod tests {
         assert_ne!(cfg.network.nft_table, cfg2.network.nft_table);
         assert_ne!(cfg.network.subnet, cfg2.network.subnet);
         assert!(cfg2.network.bridge.len() <= 15);
+    }
+
+    #[test]
+    fn a_data_dir_with_phones_keeps_its_volumes_backend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml_path = dir.path().join("agent.toml");
+        let agent = dir.path().join("agent");
+        // A first start: anything goes.
+        assert!(keeps_its_volumes(&toml_path, &agent, true).is_ok());
+        std::fs::write(&toml_path, "[user_namespaces]\nenabled = true\n").expect("write");
+        // No phones yet: switching is harmless.
+        assert!(keeps_its_volumes(&toml_path, &agent, false).is_ok());
+        std::fs::create_dir_all(agent.join("phones")).expect("mkdir");
+        std::fs::write(agent.join("phones/cph-p1.json"), "{}").expect("write");
+        let err = keeps_its_volumes(&toml_path, &agent, false).expect_err("switch refused");
+        assert!(err.to_string().contains("add --user-namespaces"), "{err}");
+        assert!(keeps_its_volumes(&toml_path, &agent, true).is_ok());
     }
 
     #[test]
