@@ -45,6 +45,11 @@ enum Command {
         /// Choose it at the data dir's first start.
         #[arg(long)]
         user_namespaces: bool,
+        /// With --user-namespaces: size of the sparse pool file in GiB when
+        /// it is made (default 16 + 8 per phone; the agent refuses more than
+        /// the free space).
+        #[arg(long, requires = "user_namespaces")]
+        pool_size_gb: Option<u64>,
     },
     /// Serve the CPH API (control plane) until Ctrl-C or SIGTERM.
     Serve {
@@ -236,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             obs_listen,
             phones,
             user_namespaces,
+            pool_size_gb,
         } => Ok(cph::up::up(&cph::up::UpOptions {
             data_dir,
             image,
@@ -244,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             obs_listen,
             phones,
             user_namespaces,
+            pool_size_gb,
         })?),
         Command::Serve {
             data_dir,

@@ -77,6 +77,9 @@ pub struct UpOptions {
     pub phones: u32,
     /// Phones in user namespaces of their own, on btrfs volumes.
     pub user_namespaces: bool,
+    /// Size of those volumes' sparse pool file in GiB, when it is made
+    /// (`None`: [`BTRFS_POOL_BASE_GB`] + [`BTRFS_POOL_GB_PER_PHONE`] per phone).
+    pub pool_size_gb: Option<u64>,
 }
 
 /// What a client needs to use the platform; `<data-dir>/credentials.json`.
@@ -399,7 +402,8 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
         format!(
             "[storage]\nbackend = \"btrfs\"\npool_size_gb = {}\n\n\
              [user_namespaces]\nenabled = true\n",
-            BTRFS_POOL_BASE_GB + BTRFS_POOL_GB_PER_PHONE * u64::from(opts.phones)
+            opts.pool_size_gb
+                .unwrap_or(BTRFS_POOL_BASE_GB + BTRFS_POOL_GB_PER_PHONE * u64::from(opts.phones))
         )
     } else {
         format!(
@@ -625,6 +629,7 @@ mod tests {
             obs_listen: "127.0.0.1:9000".parse().expect("addr"),
             phones: 2,
             user_namespaces: false,
+            pool_size_gb: None,
         };
         let secrets = Secrets {
             node_token: "t".into(),
@@ -692,6 +697,7 @@ mod tests {
             obs_listen: "127.0.0.1:9000".parse().expect("addr"),
             phones: 2,
             user_namespaces: true,
+            pool_size_gb: None,
         };
         let secrets = Secrets {
             node_token: "t".into(),
@@ -709,5 +715,12 @@ mod tests {
         assert_eq!(cfg.storage.pool_size_gb, 32);
         assert!(cfg.user_namespaces.enabled);
         assert!(cfg.network.enabled);
+        let small = UpOptions {
+            pool_size_gb: Some(1),
+            ..opts
+        };
+        let text = agent_config(&small, &secrets, Path::new("/var/lib/cph/agent"));
+        let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
+        assert_eq!(cfg.storage.pool_size_gb, 1);
     }
 }

@@ -255,7 +255,12 @@ fn phones_in_user_namespaces_through_cph_up() {
         eprintln!("SKIPPED {name}: mkfs.btrfs is missing");
         return;
     }
-    let mut p = Platform::new(platform::cph(), platform::image()).with_args(&["--user-namespaces"]);
+    // A small pool: the test's temporary directory may be a small tmpfs.
+    let mut p = Platform::new(platform::cph(), platform::image()).with_args(&[
+        "--user-namespaces",
+        "--pool-size-gb",
+        "1",
+    ]);
     let creds = p.start();
     let api = Api::new(&creds);
     let obs = Obs::new(&creds);
