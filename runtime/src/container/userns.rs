@@ -7,10 +7,11 @@
 //! socket; init attaches it over its rootfs (`move_mount`) in its own mount
 //! namespace. A phone joining a named network namespace (the host user
 //! namespace's) gets its sysfs the same way, made by the shim in that
-//! network namespace. Files keep their ids on disk: what the agent writes into a
-//! phone as root stays root's inside, and what the phone's root writes is
-//! stored as uid 0, while every process of the phone is an unprivileged
-//! host user.
+//! network namespace.
+//!
+//! Files keep their ids on disk: what the agent writes into a phone as root
+//! stays root's inside, and what the phone's root writes is stored as uid 0,
+//! while every process of the phone is an unprivileged host user.
 
 use std::ffi::CString;
 use std::io::{IoSlice, IoSliceMut};
