@@ -619,23 +619,30 @@ fn wait_for_signal_or_exit(services: &mut [Service]) -> Result<(), UpError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn agent_config_is_valid_with_overlay_storage_and_its_own_network() {
-        let opts = UpOptions {
+    fn options(user_namespaces: bool) -> UpOptions {
+        UpOptions {
             data_dir: PathBuf::from("/var/lib/cph"),
             image: PathBuf::from("image.tar.gz"),
             listen: "127.0.0.1:8443".parse().expect("addr"),
             agent_listen: "127.0.0.1:8600".parse().expect("addr"),
             obs_listen: "127.0.0.1:9000".parse().expect("addr"),
             phones: 2,
-            user_namespaces: false,
+            user_namespaces,
             pool_size_gb: None,
-        };
-        let secrets = Secrets {
+        }
+    }
+
+    fn secrets() -> Secrets {
+        Secrets {
             node_token: "t".into(),
             obs_ak: "ak".into(),
             obs_sk: "sk".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn agent_config_is_valid_with_overlay_storage_and_its_own_network() {
+        let (opts, secrets) = (options(false), secrets());
         let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
         let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
         assert_eq!(
@@ -689,21 +696,7 @@ mod tests {
 
     #[test]
     fn agent_config_with_user_namespaces_puts_phones_on_btrfs() {
-        let opts = UpOptions {
-            data_dir: PathBuf::from("/var/lib/cph"),
-            image: PathBuf::from("image.tar.gz"),
-            listen: "127.0.0.1:8443".parse().expect("addr"),
-            agent_listen: "127.0.0.1:8600".parse().expect("addr"),
-            obs_listen: "127.0.0.1:9000".parse().expect("addr"),
-            phones: 2,
-            user_namespaces: true,
-            pool_size_gb: None,
-        };
-        let secrets = Secrets {
-            node_token: "t".into(),
-            obs_ak: "ak".into(),
-            obs_sk: "sk".into(),
-        };
+        let (opts, secrets) = (options(true), secrets());
         let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
         let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
         assert_eq!(

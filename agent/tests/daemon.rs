@@ -12,7 +12,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{http, image, job, wait_job, TestAgent};
+use common::{delete_server, http, image, job, wait_job, TestAgent};
 
 #[test]
 fn agent_runs_phones_and_jobs_through_the_protocol() {
@@ -223,14 +223,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     assert_eq!(st["execute_msg"], "still\n", "{st}");
 
     // Deleting the server removes its phones.
-    let (code, _) = http(
-        &addr,
-        "DELETE",
-        &format!("/v1/servers/{server}"),
-        &token,
-        None,
-    );
-    assert_eq!(code, 200);
+    delete_server(&addr, &token, &server);
     assert_eq!(
         wait_job(&addr, &token, &format!("{server}:delete:{phone}"))["status"],
         2

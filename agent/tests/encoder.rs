@@ -16,7 +16,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{http, image, job, server_job, wait_job, TestAgent};
+use common::{delete_server, http, image, job, server_job, wait_job, TestAgent};
 
 /// `Ip: ForwDatagrams` of the namespace at `netns` (/proc/net/snmp).
 fn forwarded(netns: &Path) -> u64 {
@@ -177,14 +177,7 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     assert_ne!(first.pid, second.pid);
 
     // Deleting the server takes the encoder with it.
-    let (code, _) = http(
-        &addr,
-        "DELETE",
-        &format!("/v1/servers/{server}"),
-        &token,
-        None,
-    );
-    assert_eq!(code, 200);
+    delete_server(&addr, &token, &server);
     let deadline = Instant::now() + Duration::from_secs(30);
     while rt.state(&enc_name).is_ok() || enc_ns.exists() {
         assert!(Instant::now() < deadline, "encoder left behind");

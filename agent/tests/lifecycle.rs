@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{http, image, job, mounts_under, server_job, wait_job, TestAgent};
+use common::{delete_server, http, image, job, mounts_under, server_job, wait_job, TestAgent};
 use serde_json::{json, Value};
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -400,14 +400,7 @@ fn phones_get_volumes_and_networks_of_their_own() {
     );
 
     // Deleting the server leaves nothing behind.
-    let (code, _) = http(
-        &addr,
-        "DELETE",
-        &format!("/v1/servers/{server}"),
-        &token,
-        None,
-    );
-    assert_eq!(code, 200);
+    delete_server(&addr, &token, &server);
     for p in [&a, &b] {
         let st = wait_job(&addr, &token, &format!("{server}:delete:{p}"));
         assert_eq!(st["status"], 2, "{st}");
@@ -438,6 +431,24 @@ fn phones_get_volumes_and_networks_of_their_own() {
 }
 
 /// Whether this host can make btrfs pools (tools and kernel).
+/// Creates a server of the development flavor with one phone (port 20000
+/// named `web`) and waits for the phone's creation to succeed.
+fn create_one_phone_server(addr: &str, token: &str, server: &str, phone_id: &str) {
+    let create = json!({
+        "server_id": server, "server_name": server,
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
+        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
+        "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(addr, "POST", "/v1/servers", token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_job(addr, token, &format!("{server}:create:{phone_id}"));
+    assert_eq!(st["status"], 2, "{st}");
+}
+
 /// The host uid of a phone's init (from the runtime's state of it).
 fn init_uid(state: &Path, phone_id: &str) -> String {
     let file = state
@@ -492,19 +503,7 @@ fn btrfs_volumes_and_phones_without_a_network() {
 
     let server = format!("bs{pid}");
     let phone_id = format!("bp{pid}");
-    let create = json!({
-        "server_id": server, "server_name": "btrfs",
-        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
-                    "core_bind_strategy": "dev_small", "extend_spec": {}},
-        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
-        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
-        "band_width_size": 10, "public_key": null,
-        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
-    });
-    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
-    assert_eq!(code, 200, "{body}");
-    let st = wait_job(&addr, &token, &format!("{server}:create:{phone_id}"));
-    assert_eq!(st["status"], 2, "{st}");
+    create_one_phone_server(&addr, &token, &server, &phone_id);
     let all = phones(&addr, &token);
     let p = phone(&all, &phone_id);
     assert_eq!(p["state"], "running", "{p}");
@@ -584,14 +583,7 @@ fn btrfs_volumes_and_phones_without_a_network() {
     assert_eq!(st["error_code"], "CPS.0003", "{st}");
     assert_eq!(phone(&phones(&addr, &token), &phone_id)["state"], "running");
 
-    let (code, _) = http(
-        &addr,
-        "DELETE",
-        &format!("/v1/servers/{server}"),
-        &token,
-        None,
-    );
-    assert_eq!(code, 200);
+    delete_server(&addr, &token, &server);
     let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
     assert_eq!(st["status"], 2, "{st}");
     assert!(!vol.exists());
@@ -618,19 +610,7 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
         .unwrap_or_else(|| panic!("server ip in {inv}"));
     let server = format!("us{pid}");
     let phone_id = format!("up{pid}");
-    let create = json!({
-        "server_id": server, "server_name": "userns",
-        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
-                    "core_bind_strategy": "dev_small", "extend_spec": {}},
-        "image": {"image_id": "img", "url": format!("file://{}", image().display())},
-        "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
-        "band_width_size": 10, "public_key": null,
-        "phones": [{"phone_id": phone_id, "phone_name": "phone-1", "slot": 0, "property": {}}]
-    });
-    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
-    assert_eq!(code, 200, "{body}");
-    let st = wait_job(&addr, &token, &format!("{server}:create:{phone_id}"));
-    assert_eq!(st["status"], 2, "{st}");
+    create_one_phone_server(&addr, &token, &server, &phone_id);
     assert_eq!(init_uid(&t.state, &phone_id), "4000000");
 
     // Root inside its own id range; its sysfs is that of the phone's
@@ -663,14 +643,7 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
     assert_eq!(st, 2, "{msg}");
     assert_eq!(echo(SocketAddr::from((server_ip, web)), "ping-u"), "ping-u");
 
-    let (code, _) = http(
-        &addr,
-        "DELETE",
-        &format!("/v1/servers/{server}"),
-        &token,
-        None,
-    );
-    assert_eq!(code, 200);
+    delete_server(&addr, &token, &server);
     let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
     assert_eq!(st["status"], 2, "{st}");
 }

@@ -340,6 +340,19 @@ pub fn job(id: &str, server: &str, phone: &str, kind: Value) -> Value {
 }
 
 /// A job of the server itself (no phone).
+/// `DELETE /v1/servers/SERVER`, which must be accepted (its phones are
+/// then deleted by jobs `SERVER:delete:PHONE`).
+pub fn delete_server(addr: &str, token: &str, server: &str) {
+    let (code, body) = http(
+        addr,
+        "DELETE",
+        &format!("/v1/servers/{server}"),
+        token,
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
 pub fn server_job(id: &str, server: &str, kind: Value) -> Value {
     let mut v = json!({"job_id": id, "request_id": "r", "server_id": server});
     if let (Some(o), Some(k)) = (v.as_object_mut(), kind.as_object()) {
