@@ -353,7 +353,6 @@ fn instance_number(data_dir: &Path) -> u32 {
     h % 100
 }
 
-/// The local agent's configuration, rewritten at every start.
 /// Refuses to switch the phone volumes' backend (`--user-namespaces` on or
 /// off) of a data dir that holds phones: they would be lost from sight.
 fn keeps_its_volumes(
@@ -392,6 +391,7 @@ fn keeps_its_volumes(
 const BTRFS_POOL_BASE_GB: u64 = 16;
 const BTRFS_POOL_GB_PER_PHONE: u64 = 8;
 
+/// The local agent's configuration, rewritten at every start.
 fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let n = instance_number(&opts.data_dir);

@@ -450,15 +450,14 @@ fn create_one_phone_server(addr: &str, token: &str, server: &str, phone_id: &str
 }
 
 /// The host uid of a phone's init (from the runtime's state of it).
-fn init_uid(state: &Path, phone_id: &str) -> String {
-    let file = state
-        .join("containers")
-        .join(format!("cph-{phone_id}"))
-        .join("state.json");
-    let st: Value =
-        serde_json::from_slice(&std::fs::read(&file).expect("container state")).expect("json");
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", st["pid"])).expect("init status");
+fn init_uid(t: &TestAgent, phone_id: &str) -> String {
+    let rt = cph_runtime::container::Runtime::new(&t.state.join("containers"), &t.parent, &t.shim)
+        .expect("runtime");
+    let pid = rt
+        .state(&cph_agent::daemon::phones::container_name(phone_id))
+        .expect("phone container")
+        .pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("init status");
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
     uid.split_whitespace().nth(1).unwrap_or("").to_string()
 }
@@ -512,7 +511,7 @@ fn btrfs_volumes_and_phones_without_a_network() {
     // The phone has a user namespace of its own: its init is host user
     // 2000000, root inside, and so is a shell job.
     let in_own_users = || {
-        assert_eq!(init_uid(&state, &phone_id), "2000000");
+        assert_eq!(init_uid(&t, &phone_id), "2000000");
         let (st, out) = sh(
             &addr,
             &token,
@@ -611,7 +610,7 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
     let server = format!("us{pid}");
     let phone_id = format!("up{pid}");
     create_one_phone_server(&addr, &token, &server, &phone_id);
-    assert_eq!(init_uid(&t.state, &phone_id), "4000000");
+    assert_eq!(init_uid(&t, &phone_id), "4000000");
 
     // Root inside its own id range; its sysfs is that of the phone's
     // network namespace (the host's user namespace owns that one).

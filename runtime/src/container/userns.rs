@@ -47,6 +47,15 @@ const FSOPEN_CLOEXEC: libc::c_uint = 1;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 
+/// The descriptor a syscall returned, or the error it set.
+fn owned_fd(raw: libc::c_long) -> std::io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel has just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
 fn cpath(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} holds a NUL byte", p.display()))
 }
@@ -69,15 +78,7 @@ pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, St
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
     // SAFETY: a NUL-terminated path and plain flags; returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
-    if raw < 0 {
-        return Err(format!(
-            "open_tree {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: `raw` is a new descriptor owned by nobody else.
-    let tree = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+    let tree = owned_fd(raw).map_err(|e| format!("open_tree {}: {e}", path.display()))?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP,
         attr_clr: 0,
@@ -143,15 +144,11 @@ pub(super) fn attach(tree: &OwnedFd, target: &Path, what: &str) -> Result<(), St
 /// network namespace belongs to the host's user namespace, where the
 /// phone's root may not mount one.
 pub(super) fn sysfs_tree() -> Result<OwnedFd, String> {
-    let err = |what: &str| format!("{what} sysfs: {}", std::io::Error::last_os_error());
+    let err = |what: &str, e: std::io::Error| format!("{what} sysfs: {e}");
     let fstype = c"sysfs";
     // SAFETY: a NUL-terminated filesystem name and flags.
     let raw = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
-    if raw < 0 {
-        return Err(err("fsopen"));
-    }
-    // SAFETY: `raw` is a new descriptor owned by nobody else.
-    let fs = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+    let fs = owned_fd(raw).map_err(|e| err("fsopen", e))?;
     // SAFETY: the create command takes no key or value.
     let r = unsafe {
         libc::syscall(
@@ -164,16 +161,12 @@ pub(super) fn sysfs_tree() -> Result<OwnedFd, String> {
         )
     };
     if r < 0 {
-        return Err(err("create"));
+        return Err(err("create", std::io::Error::last_os_error()));
     }
     let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
     // SAFETY: a configured filesystem context and flags.
     let raw = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
-    if raw < 0 {
-        return Err(err("fsmount"));
-    }
-    // SAFETY: `raw` is a new descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+    owned_fd(raw).map_err(|e| err("fsmount", e))
 }
 
 /// Sends `fds` over the connected unix socket `sock`.
@@ -188,7 +181,7 @@ pub(super) fn send_fds(sock: &OwnedFd, fds: &[&OwnedFd]) -> Result<(), String> {
         None,
     )
     .map(|_| ())
-    .map_err(|e| format!("send idmapped root: {e}"))
+    .map_err(|e| format!("hand mounts to init: {e}"))
 }
 
 /// Receives the descriptors [`send_fds`] sent (two at most).
@@ -202,10 +195,10 @@ pub(super) fn recv_fds(sock: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(|e| format!("receive idmapped root: {e}"))?;
+    .map_err(|e| format!("receive mounts from the shim: {e}"))?;
     let cmsgs = msg
         .cmsgs()
-        .map_err(|e| format!("receive idmapped root: {e}"))?;
+        .map_err(|e| format!("receive mounts from the shim: {e}"))?;
     let mut got = Vec::new();
     for c in cmsgs {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -217,7 +210,7 @@ pub(super) fn recv_fds(sock: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
         }
     }
     if got.is_empty() {
-        return Err("receive idmapped root: no descriptor came".to_string());
+        return Err("receive mounts from the shim: no descriptor came".to_string());
     }
     Ok(got)
 }
