@@ -6,7 +6,7 @@
 //! Agent side (served by `cph-agent`, called by the control plane):
 //! - `GET  /v1/inventory`          -> [`Inventory`]
 //! - `POST /v1/servers`            [`CreateServer`] -> [`Accepted`] (phones are created as jobs)
-//! - `DELETE /v1/servers/{id}`     -> [`Accepted`]
+//! - `DELETE /v1/servers/{id}`     -> [`Accepted`] (a [`JobKind::DeleteServer`] job `<id>:delete`)
 //! - `POST /v1/jobs`               [`JobRequest`] -> [`JobStatus`] (idempotent on `job_id`)
 //! - `GET  /v1/jobs/{job_id}`      -> [`JobStatus`]
 //! - `GET  /v1/phones`             -> `Vec<PhoneState>`
@@ -375,6 +375,11 @@ pub enum JobKind {
         band_width_size: u32,
     },
     RestartEncodeServer,
+    /// Releases the server from its host: its phones (containers, networks
+    /// and volumes) and its encoding server are deleted, its keys no longer
+    /// open the host's SSH access, and the sharepool is emptied once no
+    /// server is left on the host. Done again, it finishes what is left.
+    DeleteServer,
 }
 
 /// A job sent to an agent: one target (a phone or, for server jobs, the server).

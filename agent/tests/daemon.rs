@@ -12,7 +12,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{delete_server, http, image, job, wait_job, TestAgent};
+use common::{delete_server, http, image, job, server_job, wait_job, TestAgent};
 
 #[test]
 fn agent_runs_phones_and_jobs_through_the_protocol() {
@@ -222,12 +222,62 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     );
     assert_eq!(st["execute_msg"], "still\n", "{st}");
 
-    // Deleting the server removes its phones.
-    delete_server(&addr, &token, &server);
+    // A server keypair change replaces the server's earlier key in the
+    // host's authorized_keys.
+    let keys = t.state.join("ssh/authorized_keys");
+    for (id, key) in [
+        ("key-1", "ssh-ed25519 AAAA1 one@cph"),
+        ("key-2", "ssh-ed25519 AAAA2 two@cph"),
+    ] {
+        http(
+            &addr,
+            "POST",
+            "/v1/jobs",
+            &token,
+            Some(&server_job(
+                id,
+                &server,
+                json!({"kind": "update_keypair", "public_key": key}),
+            )),
+        );
+        assert_eq!(wait_job(&addr, &token, id)["status"], 2);
+    }
     assert_eq!(
-        wait_job(&addr, &token, &format!("{server}:delete:{phone}"))["status"],
-        2
+        std::fs::read_to_string(&keys).expect("authorized_keys"),
+        "ssh-ed25519 AAAA2 two@cph\n"
+    );
+
+    // Deleting the server releases the host: its phone, its placement, its
+    // key, and what its sharepool held are gone.
+    let share = t.state.join("pool/share");
+    std::fs::write(share.join("files/left.txt"), "tenant data").expect("share file");
+    std::fs::create_dir_all(share.join("apps/com.example.left")).expect("share app");
+    let placements = || {
+        std::fs::read_dir(&t.state)
+            .expect("state dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("placement-"))
+            .count()
+    };
+    assert_eq!(placements(), 1);
+    let st = delete_server(&addr, &token, &server);
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(
+        st["execute_msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("1 phones deleted") && m.contains("sharepool emptied")),
+        "{st}"
     );
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones, json!([]));
+    for dir in ["files", "apps"] {
+        let left: Vec<_> = std::fs::read_dir(share.join(dir))
+            .expect("share dir")
+            .collect();
+        assert!(left.is_empty(), "share/{dir} holds {left:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&keys).expect("authorized_keys"), "");
+    assert_eq!(placements(), 0);
+    // Asked again, the deletion is the same job, already done.
+    assert_eq!(delete_server(&addr, &token, &server)["status"], 2);
 }

@@ -400,10 +400,9 @@ fn phones_get_volumes_and_networks_of_their_own() {
     );
 
     // Deleting the server leaves nothing behind.
-    delete_server(&addr, &token, &server);
+    let st = delete_server(&addr, &token, &server);
+    assert_eq!(st["status"], 2, "{st}");
     for p in [&a, &b] {
-        let st = wait_job(&addr, &token, &format!("{server}:delete:{p}"));
-        assert_eq!(st["status"], 2, "{st}");
         assert!(!Path::new("/run/netns").join(netns_name(p)).exists());
     }
     assert!(phones(&addr, &token).is_empty());
@@ -582,8 +581,7 @@ fn btrfs_volumes_and_phones_without_a_network() {
     assert_eq!(st["error_code"], "CPS.0003", "{st}");
     assert_eq!(phone(&phones(&addr, &token), &phone_id)["state"], "running");
 
-    delete_server(&addr, &token, &server);
-    let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
+    let st = delete_server(&addr, &token, &server);
     assert_eq!(st["status"], 2, "{st}");
     assert!(!vol.exists());
     assert!(state.join("pool/images/img").is_dir(), "images stay");
@@ -642,7 +640,6 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
     assert_eq!(st, 2, "{msg}");
     assert_eq!(echo(SocketAddr::from((server_ip, web)), "ping-u"), "ping-u");
 
-    delete_server(&addr, &token, &server);
-    let st = wait_job(&addr, &token, &format!("{server}:delete:{phone_id}"));
+    let st = delete_server(&addr, &token, &server);
     assert_eq!(st["status"], 2, "{st}");
 }

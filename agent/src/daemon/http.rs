@@ -164,32 +164,17 @@ async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateSe
 }
 
 async fn delete_server(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Response {
-    let phones = d.phones.phones_of(&id);
-    for phone in phones {
-        let req = JobRequest {
-            job_id: format!("{id}:delete:{phone}"),
-            request_id: format!("{id}:delete"),
-            server_id: id.clone(),
-            phone_id: Some(phone),
-            kind: JobKind::DeletePhone,
-        };
-        if let Err(e) = d.submit(req).await {
-            return submit_error(e);
-        }
-    }
-    let encoder = {
-        let (d, id) = (d.clone(), id.clone());
-        tokio::task::spawn_blocking(move || d.phones.remove_encoder(&id))
+    let req = JobRequest {
+        job_id: format!("{id}:delete"),
+        request_id: format!("{id}:delete"),
+        server_id: id,
+        phone_id: None,
+        kind: JobKind::DeleteServer,
     };
-    match encoder.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(server_id = %id, error = %e.msg, "encoding server not removed")
-        }
-        Err(e) => tracing::warn!(server_id = %id, error = %e, "encoding server removal panicked"),
+    match d.submit(req).await {
+        Ok(_) => Json(Accepted { accepted: true }).into_response(),
+        Err(e) => submit_error(e),
     }
-    let _ = d.phones.remove_server(&id);
-    Json(Accepted { accepted: true }).into_response()
 }
 
 #[cfg(test)]

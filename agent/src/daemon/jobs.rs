@@ -186,6 +186,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             .update_bandwidth(&req.server_id, *band_width_size)
             .map(|()| None),
         JobKind::RestartEncodeServer => ctx.phones.restart_encoder(&req.server_id).map(|()| None),
+        JobKind::DeleteServer => delete_server(ctx, &req.server_id).map(Some),
     }
 }
 
@@ -210,8 +211,8 @@ fn install_key(ctx: &JobContext<'_>, phone: &str, public_key: &str) -> Result<()
 }
 
 /// Keypair change of a server (or of one phone): the key goes into each
-/// phone, is recorded for the server's future phones, and is appended to
-/// the host's `authorized_keys` kept under the state dir.
+/// phone and, for a server, is recorded for its future phones and replaces
+/// its earlier key in the host's `authorized_keys`.
 fn update_keypair(
     ctx: &JobContext<'_>,
     req: &JobRequest,
@@ -224,21 +225,52 @@ fn update_keypair(
             let mut server = ctx.phones.server(&req.server_id)?;
             server.public_key = Some(key.to_string());
             ctx.phones.put_server(&server)?;
+            write_authorized_keys(ctx)?;
             ctx.phones.phones_of(&req.server_id)
         }
     };
     for p in &phones {
         install_key(ctx, p, key)?;
     }
-    let existing = std::fs::read_to_string(ctx.authorized_keys).unwrap_or_default();
-    if !existing.lines().any(|l| l.trim() == key) {
-        if let Some(dir) = ctx.authorized_keys.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| JobFailure::internal(format!("create {}: {e}", dir.display())))?;
-        }
-        std::fs::write(ctx.authorized_keys, format!("{existing}{key}\n")).map_err(|e| {
-            JobFailure::internal(format!("write {}: {e}", ctx.authorized_keys.display()))
-        })?;
-    }
     Ok(format!("key installed in {} phones", phones.len()))
+}
+
+/// Writes the host's `authorized_keys` anew: the current key of each server
+/// on the host, and nothing else (a replaced key or a deleted server's key
+/// opens nothing any more).
+fn write_authorized_keys(ctx: &JobContext<'_>) -> Result<(), JobFailure> {
+    let mut keys = std::collections::BTreeSet::new();
+    for id in ctx.phones.server_ids() {
+        if let Some(key) = ctx
+            .phones
+            .server(&id)?
+            .public_key
+            .as_deref()
+            .and_then(|k| checked_key(k).ok())
+        {
+            keys.insert(key.to_string());
+        }
+    }
+    let text: String = keys.iter().map(|k| format!("{k}\n")).collect();
+    let path = ctx.authorized_keys;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| JobFailure::internal(format!("create {}: {e}", dir.display())))?;
+    }
+    super::jobstore::write_atomic(path, text.as_bytes())
+        .map_err(|e| JobFailure::internal(format!("write {}: {e}", path.display())))
+}
+
+/// Releases a server from this host ([`JobKind::DeleteServer`]).
+fn delete_server(ctx: &JobContext<'_>, server_id: &str) -> Result<String, JobFailure> {
+    let deleted = ctx.phones.delete_server(server_id)?;
+    write_authorized_keys(ctx)?;
+    let mut msg = format!("server {server_id} released, {deleted} phones deleted");
+    // The sharepool belongs to the host's servers: the next buyer of the
+    // host starts with an empty one.
+    if ctx.phones.server_ids().is_empty() {
+        let removed = transfer::empty_sharepool(ctx)?;
+        msg.push_str(&format!("; sharepool emptied ({removed} entries)"));
+    }
+    Ok(msg)
 }

@@ -15,7 +15,8 @@
 //! `POST /v1/servers` records the server and queues one `CreatePhone` job
 //! per phone with job id `<server_id>:create:<phone_id>` (visible through
 //! `GET /v1/jobs/{id}`); at most `max_parallel_creates` creations run at once.
-//! `DELETE /v1/servers/{id}` queues `<server_id>:delete` removing its phones.
+//! `DELETE /v1/servers/{id}` queues the job `<server_id>:delete`, which
+//! releases the server ([`crate::protocol::JobKind::DeleteServer`]).
 //!
 //! SIGTERM or SIGINT: new jobs are refused (503), running ones get
 //! `shutdown_grace_secs`, queued ones are marked failed, phones keep running

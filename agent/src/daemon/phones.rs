@@ -44,6 +44,8 @@ use crate::protocol::{CreateServer, ImageRef, PhoneRunState, PhoneSpec, PhoneSta
 
 /// Grace a phone gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Phones a server deletion removes at once.
+const PARALLEL_DELETES: usize = 8;
 
 /// What the agent keeps of a phone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -324,6 +326,61 @@ impl Phones {
         Ok(())
     }
 
+    /// Removes a server from this host: its phones, a few at a time, then
+    /// its encoding server, its placement and its record. A phone that
+    /// cannot be deleted fails the whole and keeps the record, so the
+    /// deletion can be done again. Returns how many phones were deleted.
+    pub fn delete_server(&self, server_id: &str) -> Result<usize, JobFailure> {
+        let phones = self.phones_of(server_id);
+        let queue = Mutex::new(phones.iter());
+        let failure: Mutex<Option<JobFailure>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..phones.len().min(PARALLEL_DELETES) {
+                s.spawn(|| loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(phone) = next else { break };
+                    if let Err(e) = self.delete(phone) {
+                        tracing::warn!(phone_id = %phone, error = %e.msg, "phone not deleted");
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        if self.servers_with_encoder().iter().any(|s| s == server_id) {
+            self.remove_encoder(server_id)?;
+        }
+        let placement = self.placement_path(server_id);
+        if let Err(e) = std::fs::remove_file(&placement) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(JobFailure::internal(format!(
+                    "remove {}: {e}",
+                    placement.display()
+                )));
+            }
+        }
+        self.remove_server(server_id)?;
+        Ok(phones.len())
+    }
+
+    /// Ids of the servers on this host.
+    pub fn server_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Ids of a server's phones.
     pub fn phones_of(&self, server_id: &str) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -369,6 +426,12 @@ impl Phones {
         self.volumes.share_usage()
     }
 
+    /// Where a server's placement checkpoint is kept.
+    fn placement_path(&self, server_id: &str) -> PathBuf {
+        self.state_dir
+            .join(format!("placement-{}.json", container_name(server_id)))
+    }
+
     fn slot(&self, server: &CreateServer, index: u32) -> Result<Slot, JobFailure> {
         let _g = self.plan_lock.lock().unwrap_or_else(|p| p.into_inner());
         let topo = Topology::discover(Path::new("/sys"))
@@ -380,10 +443,7 @@ impl Phones {
             memory_mb: 0,
             reserved: None,
         };
-        let path = self.state_dir.join(format!(
-            "placement-{}.json",
-            container_name(&server.server_id)
-        ));
+        let path = self.placement_path(&server.server_id);
         let loaded = placement::Checkpoint::load_or_plan(&path, &topo, &request, &BTreeSet::new())
             .map_err(|e| {
                 JobFailure::internal(format!("placement of server {}: {e}", server.server_id))

@@ -657,6 +657,30 @@ fn remove_entry(path: &Path) -> Result<bool, JobFailure> {
         .map_err(|e| JobFailure::internal(format!("delete {}: {e}", path.display())))
 }
 
+/// Removes everything in the sharepool's files and apps; how many entries
+/// went.
+pub fn empty_sharepool(ctx: &JobContext<'_>) -> Result<usize, JobFailure> {
+    let paths = ctx.phones.share_paths()?;
+    let mut removed = 0;
+    for dir in [&paths.files, &paths.apps] {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(JobFailure::internal(format!("read {}: {e}", dir.display())));
+            }
+        };
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| JobFailure::internal(format!("read {}: {e}", dir.display())))?;
+            if remove_entry(&entry.path())? {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// Share files deletion; a path that does not exist is reported, not fatal.
 pub fn share_delete_files(
     ctx: &JobContext<'_>,

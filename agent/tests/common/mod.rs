@@ -339,10 +339,9 @@ pub fn job(id: &str, server: &str, phone: &str, kind: Value) -> Value {
     v
 }
 
-/// A job of the server itself (no phone).
-/// `DELETE /v1/servers/SERVER`, which must be accepted (its phones are
-/// then deleted by jobs `SERVER:delete:PHONE`).
-pub fn delete_server(addr: &str, token: &str, server: &str) {
+/// `DELETE /v1/servers/SERVER`, which must be accepted; the ended job
+/// `SERVER:delete` that releases the server.
+pub fn delete_server(addr: &str, token: &str, server: &str) -> Value {
     let (code, body) = http(
         addr,
         "DELETE",
@@ -351,8 +350,10 @@ pub fn delete_server(addr: &str, token: &str, server: &str) {
         None,
     );
     assert_eq!(code, 200, "{body}");
+    wait_job(addr, token, &format!("{server}:delete"))
 }
 
+/// A job of the server itself (no phone).
 pub fn server_job(id: &str, server: &str, kind: Value) -> Value {
     let mut v = json!({"job_id": id, "request_id": "r", "server_id": server});
     if let (Some(o), Some(k)) = (v.as_object_mut(), kind.as_object()) {

@@ -138,7 +138,7 @@ impl Phones {
     }
 
     /// The recorded servers whose flavor has an encoding server.
-    fn servers_with_encoder(&self) -> Vec<String> {
+    pub(super) fn servers_with_encoder(&self) -> Vec<String> {
         self.servers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
