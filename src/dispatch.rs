@@ -62,6 +62,10 @@ impl Dispatcher {
 /// phone written to the store) succeeds, the same job is sent to the target
 /// phone's agent as a restore under `<job_id>-restore`, and its end is the
 /// job's end. A report for a phase the job is no longer in is ignored.
+///
+/// A server's deletion that succeeded removes the server and its phones
+/// (the host is free again); one that failed leaves the server abnormal,
+/// to be deleted again.
 pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
     let status: i32 = j.status.into();
     if j.status == JobState::Running {
@@ -105,13 +109,22 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         .execute_msg
         .as_deref()
         .map(cph_agent::protocol::cap_execute_msg);
-    store.update_job(
+    let ended = store.update_job(
         row_id,
         status,
         j.error_code.as_deref(),
         j.error_msg.as_deref(),
         execute.as_deref(),
     )?;
+    if ended && matches!(req.kind, JobKind::DeleteServer) {
+        if j.status == JobState::Succeeded {
+            store.release_server(&req.server_id)?;
+            tracing::info!(server_id = %req.server_id, "server deleted, its host is free");
+        } else {
+            store.set_server_abnormal(&req.server_id)?;
+            tracing::warn!(server_id = %req.server_id, error = ?j.error_msg, "server deletion failed");
+        }
+    }
     Ok(())
 }
 

@@ -96,6 +96,35 @@ fn buy_body(count: u32) -> Value {
         "extend_param": {"charging_mode": 0, "period_type": 2, "period_num": 1, "is_auto_pay": 1}})
 }
 
+/// The phones of a `CreateServer` the recorder got, as their agent would
+/// report them once running.
+fn running_phones(create: &Value) -> Vec<PhoneState> {
+    let server_id = create["server_id"].as_str().expect("server_id");
+    create["phones"]
+        .as_array()
+        .expect("phones")
+        .iter()
+        .map(|p| PhoneState {
+            phone_id: p["phone_id"].as_str().expect("id").into(),
+            server_id: server_id.into(),
+            phone_name: p["phone_name"].as_str().expect("n").into(),
+            state: PhoneRunState::Running,
+            reason: None,
+            image_id: cph::catalog::TEST_IMAGE_ID.into(),
+            slot: p["slot"].as_u64().expect("slot") as u32,
+            access_infos: vec![AccessInfo {
+                kind: "adb".into(),
+                phone_ip: "172.30.0.2".into(),
+                listen_port: 5555,
+                access_port: 30001,
+                internet_accessible: true,
+            }],
+            property: Default::default(),
+            traffic_type: "direct".into(),
+        })
+        .collect()
+}
+
 async fn wait_for<F: Fn(&Seen) -> bool>(seen: &Arc<Mutex<Seen>>, f: F) {
     for _ in 0..100 {
         if f(&seen.lock().expect("lock")) {
@@ -376,29 +405,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
     } else {
         "n2"
     };
-    let states: Vec<PhoneState> = create["phones"]
-        .as_array()
-        .expect("p")
-        .iter()
-        .map(|p| PhoneState {
-            phone_id: p["phone_id"].as_str().expect("id").into(),
-            server_id: node_of_server0.clone(),
-            phone_name: p["phone_name"].as_str().expect("n").into(),
-            state: PhoneRunState::Running,
-            reason: None,
-            image_id: cph::catalog::TEST_IMAGE_ID.into(),
-            slot: p["slot"].as_u64().expect("slot") as u32,
-            access_infos: vec![AccessInfo {
-                kind: "adb".into(),
-                phone_ip: "172.30.0.2".into(),
-                listen_port: 5555,
-                access_port: 30001,
-                internet_accessible: true,
-            }],
-            property: Default::default(),
-            traffic_type: "direct".into(),
-        })
-        .collect();
+    let states = running_phones(&create);
     // Which node holds server 0 is decided by the control plane; report from both.
     for n in ["n1", "n2"] {
         let _ = n == node;
@@ -794,5 +801,231 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{pid}"), None)
         .await;
     assert_eq!(r.body["status"], -7);
+    cp.stop().await;
+}
+
+/// Deleting a server (`DELETE /v2/.../servers`): refused while it is being
+/// created; its job waits for the jobs before it on the server; meanwhile
+/// the server shows as being deleted and takes no more jobs; a failed
+/// deletion leaves it abnormal and deletable again; a finished one removes
+/// it, its phones and its bandwidth, keeps the jobs, and frees the host
+/// for the next purchase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, seen) = recorder().await;
+    let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
+    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["server_ids"][0]
+        .as_str()
+        .expect("server id")
+        .to_string();
+    wait_for(&seen, |s| s.servers.len() == 1).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let delete = |ids: Value| json!({ "server_ids": ids });
+
+    // Still being created: refused, nothing done.
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([sid]))),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error_code"].as_str()),
+        (400, Some("CPS.0105"))
+    );
+
+    // The agent keeps reporting the phones running (a silent agent would
+    // fail the jobs).
+    let states = running_phones(&create);
+    let pid = states[0].phone_id.clone();
+    let beat = {
+        let (base, states) = (cp.base.clone(), states.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let _ = http
+                    .post(format!("{base}/agent/v1/heartbeat"))
+                    .bearer_auth(NODE_TOKEN)
+                    .json(&json!({"node_id": "n1", "phones": states, "jobs": [], "encoders": []}))
+                    .send()
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let status = |r: &common::Resp| r.body["status"].as_i64();
+    let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    for _ in 0..50 {
+        if status(&cp.call("GET", &server_path, None).await) == Some(5) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(5));
+
+    // Bad requests.
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([]))),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0095");
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([sid, unknown]))),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error_code"].as_str()),
+        (404, Some("CPS.0015"))
+    );
+    let many: Vec<String> = (0..101).map(|i| format!("{i:032x}")).collect();
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!(many))),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0094");
+    assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(5));
+
+    // A job of the phone runs at its agent; the deletion waits for it.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-restart",
+            Some(json!({"phones": [{"phone_id": pid}]})),
+        )
+        .await;
+    let restart = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    wait_for(&seen, |s| {
+        s.jobs.iter().any(|j| j["job_id"] == json!(restart))
+    })
+    .await;
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([sid, sid]))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let first = r.body["job_id"].as_str().expect("job_id").to_string();
+    let request = r.body["request_id"]
+        .as_str()
+        .expect("request_id")
+        .to_string();
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.body["jobs"].as_array().map(Vec::len),
+        Some(1),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(11));
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([sid]))),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0105");
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-stop",
+            Some(json!({"phone_ids": [pid]})),
+        )
+        .await;
+    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0105", "{:?}", r.body);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let sent = |id: &str| {
+        seen.lock()
+            .expect("lock")
+            .jobs
+            .iter()
+            .find(|j| j["job_id"] == json!(id))
+            .cloned()
+    };
+    assert!(
+        sent(&first).is_none(),
+        "deletion sent before the restart ended"
+    );
+    let report = |id: &str, status: i32| {
+        json!([{"job_id": id, "status": status,
+        "error_code": (status < 0).then_some("CPS.0003"), "error_msg": null, "execute_msg": null}])
+    };
+    cp.agent_post("/agent/v1/jobs", report(&restart, 2)).await;
+    wait_for(&seen, |s| {
+        s.jobs.iter().any(|j| j["job_id"] == json!(first))
+    })
+    .await;
+    assert_eq!(sent(&first).expect("sent")["kind"], "delete_server");
+
+    // Failed: abnormal, still there, deletable again.
+    cp.agent_post("/agent/v1/jobs", report(&first, -1)).await;
+    assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(2));
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(delete(json!([sid]))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let second = r.body["job_id"].as_str().expect("job_id").to_string();
+    wait_for(&seen, |s| {
+        s.jobs.iter().any(|j| j["job_id"] == json!(second))
+    })
+    .await;
+    cp.agent_post("/agent/v1/jobs", report(&second, 2)).await;
+
+    // Done: server, phones and bandwidth gone, jobs kept, host free.
+    let r = cp.call("GET", &server_path, None).await;
+    assert_eq!(
+        (r.status, r.body["error_code"].as_str()),
+        (404, Some("CPS.0015"))
+    );
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/phones", None).await;
+    assert_eq!(r.body["phones"], json!([]), "{:?}", r.body);
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/bandwidths", None).await;
+    assert_eq!(r.body["band_widths"], json!([]), "{:?}", r.body);
+    for (id, want) in [(&first, -1), (&second, 2)] {
+        let r = cp
+            .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{id}"), None)
+            .await;
+        assert_eq!(status(&r), Some(want), "{:?}", r.body);
+    }
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(&seen, |s| s.servers.len() == 2).await;
+    beat.abort();
     cp.stop().await;
 }

@@ -157,6 +157,12 @@ pub enum ApiError {
     EncodeServerNotFound(String),
     #[error("parameter: {0} is invalid")]
     Field(&'static str),
+    #[error("server {0} is being deleted")]
+    ServerDeleting(String),
+    #[error("server {0} is being created; delete it once it is created")]
+    ServerCreating(String),
+    #[error("parameter: server_ids holds more than {0} servers")]
+    TooManyServerIds(usize),
 }
 
 impl ApiError {
@@ -240,6 +246,8 @@ impl ApiError {
             E::Forbidden => (StatusCode::FORBIDDEN, "CPS.0001"),
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "APIG.0301"),
             E::Field(_) => (bad, "CPS.0001"),
+            E::ServerDeleting(_) | E::ServerCreating(_) => (bad, "CPS.0105"),
+            E::TooManyServerIds(_) => (bad, "CPS.0094"),
         }
     }
 

@@ -111,23 +111,32 @@ pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Val
     let now = now_string();
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    let mut node_of = std::collections::HashMap::new();
+    // Each named server's node and whether it is being deleted (a server
+    // being deleted takes no more jobs).
+    let mut servers = std::collections::HashMap::new();
+    let mut server_of = |server_id: &str| -> Result<(String, bool), ApiError> {
+        if let Some(s) = servers.get(server_id) {
+            return Ok(Clone::clone(s));
+        }
+        let s = st.store.server(project_id, server_id)?;
+        let v = s.map(|s| (s.node_id, s.deleting)).unwrap_or_default();
+        servers.insert(server_id.to_string(), v.clone());
+        Ok(v)
+    };
+    let refused = |key: &str, id: &str, err: ApiError| {
+        let (_, code) = err.status_and_code();
+        json!({key: id, "error_code": code, "error_msg": err.message()})
+    };
     for t in targets {
         match t {
-            Target::Error { key, id, err } => {
-                let (_, code) = err.status_and_code();
-                out.push(json!({key: id, "error_code": code, "error_msg": err.message()}));
-            }
+            Target::Error { key, id, err } => out.push(refused(key, &id, err)),
             Target::Phone(p, kind) => {
-                let node_id = match node_of.get(&p.server_id) {
-                    Some(n) => Clone::clone(n),
-                    None => {
-                        let s = st.store.server(project_id, &p.server_id)?;
-                        let n = s.map(|s| s.node_id).unwrap_or_default();
-                        node_of.insert(p.server_id.clone(), n.clone());
-                        n
-                    }
-                };
+                let (node_id, deleting) = server_of(&p.server_id)?;
+                if deleting {
+                    let err = ApiError::ServerDeleting(p.server_id.clone());
+                    out.push(refused("phone_id", &p.phone_id, err));
+                    continue;
+                }
                 let job_id = new_id();
                 let req = JobRequest {
                     job_id: job_id.clone(),
@@ -144,6 +153,11 @@ pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Val
                 node_id,
                 kind,
             } => {
+                if server_of(&server_id)?.1 {
+                    let err = ApiError::ServerDeleting(server_id.clone());
+                    out.push(refused("server_id", &server_id, err));
+                    continue;
+                }
                 let job_id = new_id();
                 let req = JobRequest {
                     job_id: job_id.clone(),

@@ -170,7 +170,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/v2/{project_id}/cloud-phone/servers",
-            post(servers::buy_v2),
+            post(servers::buy_v2).delete(servers::delete),
         )
         .route(
             "/v2.1/{project_id}/cloud-phone/servers",

@@ -584,11 +584,16 @@ pub async fn migrate(
             });
             continue;
         };
-        let node_id = st
-            .store
-            .server(&c.project_id, &dst.server_id)?
-            .map(|s| s.node_id)
-            .unwrap_or_default();
+        let target_server = st.store.server(&c.project_id, &dst.server_id)?;
+        if target_server.as_ref().is_some_and(|s| s.deleting) {
+            out.push(Target::Error {
+                key: "phone_id",
+                id: m.source_phone_id.clone(),
+                err: ApiError::ServerDeleting(dst.server_id),
+            });
+            continue;
+        }
+        let node_id = target_server.map(|s| s.node_id).unwrap_or_default();
         let property = serde_json::from_str(&src.property).unwrap_or_default();
         let keep_property = match &m.is_migrate_property {
             Some(Value::Bool(b)) => *b,

@@ -1,6 +1,6 @@
 //! Cloud phone servers: list, detail, flavors, buying (v1 system network,
-//! v2 custom network, v2.1 phone BMS), rename, batch restart, flavor change
-//! and the shared storage files and apps.
+//! v2 custom network, v2.1 phone BMS), deletion, rename, batch restart,
+//! flavor change and the shared storage files and apps.
 
 use std::collections::BTreeMap;
 
@@ -541,6 +541,60 @@ pub async fn batch_restart(
         }
     }
     Ok(Reply::ok(out))
+}
+
+/// Most servers one deletion names.
+pub const MAX_DELETE: usize = 100;
+
+/// Deleting servers (`DELETE /v2/{project_id}/cloud-phone/servers`): one
+/// job per server, answered with the request id and the first server's job
+/// (the jobs of the others are listed under the request id). All named
+/// servers must exist and be neither being created nor being deleted, or
+/// nothing is done. Each job waits for the jobs before it on its server,
+/// then its agent deletes the phones, the encoding server, the host's SSH
+/// keys of the server and, once the host holds no server, the sharepool;
+/// when it succeeds the server and its phones are gone and the host can be
+/// bought again.
+pub async fn delete(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ServerIds>,
+) -> ApiResult {
+    if b.server_ids.is_empty() {
+        return Err(ApiError::ServerIdsEmpty.into());
+    }
+    let mut ids: Vec<&String> = Vec::new();
+    for id in &b.server_ids {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if ids.len() > MAX_DELETE {
+        return Err(ApiError::TooManyServerIds(MAX_DELETE).into());
+    }
+    let mut targets = Vec::new();
+    for id in ids {
+        let Some(s) = st.store.server(&c.project_id, id)? else {
+            return Err(ApiError::ServerNotFound(id.clone()).into());
+        };
+        if s.deleting {
+            return Err(ApiError::ServerDeleting(id.clone()).into());
+        }
+        if matches!(s.status, 0 | 1 | 3 | 4) {
+            return Err(ApiError::ServerCreating(id.clone()).into());
+        }
+        targets.push(Target::Server {
+            server_id: s.server_id,
+            node_id: s.node_id,
+            kind: JobKind::DeleteServer,
+        });
+    }
+    let out = submit(&st, &c.project_id, targets)?;
+    tracing::info!(request_id = %out["request_id"], "server deletion requested");
+    Ok(Reply::ok(json!({
+        "request_id": out["request_id"],
+        "job_id": out["jobs"][0]["job_id"],
+    })))
 }
 
 #[derive(Deserialize)]

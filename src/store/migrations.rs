@@ -165,4 +165,9 @@ WHEN OLD.phone_name IS NOT NEW.phone_name OR OLD.server_id IS NOT NEW.server_id
     ON CONFLICT (project_id) DO UPDATE SET attrs = attrs + 1;
 END;
 "#,
+    // 4: a server's jobs by status (a server with a running deletion job is
+    // being deleted; its deletion waits for the jobs before it).
+    r#"
+CREATE INDEX jobs_by_server ON jobs(server_id, status);
+"#,
 ];

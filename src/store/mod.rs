@@ -86,7 +86,14 @@ pub struct Server {
     pub update_time: String,
     pub server_ip: String,
     pub public_ip: Option<String>,
+    /// A deletion job of the server runs (its status then reads
+    /// [`SERVER_DELETING`]).
+    pub deleting: bool,
 }
+
+/// The status a server shows while it is being deleted: the reference's
+/// "being stopped", the nearest of its codes.
+pub const SERVER_DELETING: i32 = 11;
 
 /// A cloud phone.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,7 +344,9 @@ const SERVER_COLS: &str =
     "s.server_id, s.project_id, s.node_id, s.server_name, s.server_model_name, \
     s.phone_model_name, s.image_id, s.keypair_name, s.status, s.network_version, s.order_id, \
     s.product_id, s.vpc_id, s.subnet_id, s.vpc_cidr, s.subnet_cidr, s.availability_zone, s.ports, \
-    s.band_width_id, s.create_dispatched, s.create_time, s.update_time, n.server_ip, n.public_ip";
+    s.band_width_id, s.create_dispatched, s.create_time, s.update_time, n.server_ip, n.public_ip, \
+    EXISTS (SELECT 1 FROM jobs j WHERE j.server_id = s.server_id AND j.status = 1 \
+        AND json_extract(j.request, '$.kind') = 'delete_server')";
 
 const PHONE_COLS: &str =
     "phone_id, project_id, server_id, phone_name, phone_model_name, image_id, \
@@ -347,6 +356,7 @@ const JOB_COLS: &str = "job_id, request_id, project_id, server_id, phone_id, nod
     status, dispatched, attempts, error_code, error_msg, execute_msg, begin_time, end_time";
 
 fn server_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Server> {
+    let deleting = r.get::<_, i64>(24)? != 0;
     Ok(Server {
         server_id: r.get(0)?,
         project_id: r.get(1)?,
@@ -356,7 +366,7 @@ fn server_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Server> {
         phone_model_name: r.get(5)?,
         image_id: r.get(6)?,
         keypair_name: r.get(7)?,
-        status: r.get(8)?,
+        status: if deleting { SERVER_DELETING } else { r.get(8)? },
         network_version: r.get(9)?,
         order_id: r.get(10)?,
         product_id: r.get(11)?,
@@ -372,6 +382,7 @@ fn server_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Server> {
         update_time: r.get(21)?,
         server_ip: r.get(22)?,
         public_ip: r.get(23)?,
+        deleting,
     })
 }
 
@@ -1071,6 +1082,41 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a deleted server: its phones, its row, and the bandwidth
+    /// bought with it once no other server uses it. Its jobs stay
+    /// queryable. The host is free for the next purchase.
+    pub fn release_server(&self, server_id: &str) -> Result<()> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let band: Option<String> = tx
+            .query_row(
+                "SELECT band_width_id FROM servers WHERE server_id = ?1",
+                [server_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute("DELETE FROM phones WHERE server_id = ?1", [server_id])?;
+        tx.execute("DELETE FROM servers WHERE server_id = ?1", [server_id])?;
+        if let Some(band) = band.filter(|b| !b.is_empty()) {
+            tx.execute(
+                "DELETE FROM bandwidths WHERE band_width_id = ?1
+                   AND NOT EXISTS (SELECT 1 FROM servers WHERE band_width_id = ?1)",
+                [&band],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a server abnormal (2), as after a deletion that failed.
+    pub fn set_server_abnormal(&self, server_id: &str) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE servers SET status = 2, update_time = ?2 WHERE server_id = ?1",
+            params![server_id, now_string()],
+        )?;
+        Ok(())
+    }
+
     // ---- phones --------------------------------------------------------
 
     /// A project's phone.
@@ -1318,8 +1364,16 @@ impl Store {
     /// Running jobs not yet accepted by their agent, oldest first.
     pub fn undispatched_jobs(&self, limit: u32) -> Result<Vec<Job>> {
         let c = self.db()?;
+        // A server's deletion waits until every earlier job touching the
+        // server (its phones', its own, a migration into it) has ended.
         let sql = format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE status = 1 AND dispatched = 0 ORDER BY seq LIMIT ?1"
+            "SELECT {JOB_COLS} FROM jobs j WHERE status = 1 AND dispatched = 0
+               AND NOT (json_extract(request, '$.kind') = 'delete_server' AND EXISTS (
+                 SELECT 1 FROM jobs o WHERE o.status = 1 AND o.seq < j.seq
+                   AND o.job_id != j.job_id
+                   AND (o.server_id = j.server_id OR o.node_id = j.node_id
+                        OR instr(o.request, '\"server_id\":\"' || j.server_id || '\"') > 0)))
+             ORDER BY seq LIMIT ?1"
         );
         let mut st = c.prepare_cached(&sql)?;
         let rows = st.query_map([limit], job_row)?;
