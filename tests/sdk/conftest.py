@@ -4,8 +4,9 @@
 CPH_CREDENTIALS at its credentials.json. All tests run against that one
 platform, one file after another in name order (`test_e2e.py`,
 `test_errors.py`, `test_inventory.py`, `test_operations.py`,
-`test_phone_lifecycle.py`): the ones that stop, reset or restart phones come
-last and leave the phones running.
+`test_phone_lifecycle.py`, `test_release.py`): the ones that stop, reset or
+restart phones come late and leave the phones running; the last deletes the
+server and buys the host again.
 """
 
 import json
@@ -58,9 +59,8 @@ def client(raw_client):
     return raw_client
 
 
-@pytest.fixture(scope="session")
-def server(client):
-    """The bought local server and its running phones: (server_id, [phone_id])."""
+def buy_server(client):
+    """Buys the local server with the development flavor; its id."""
     body = m.CreateNet2CloudPhoneServerRequestBody(
         server_name="e2e",
         server_model_name=DEV_SERVER_MODEL,
@@ -78,15 +78,14 @@ def server(client):
             band_width_share_type=1, band_width_charge_mode=0, band_width_size=100
         ),
     )
-    owned = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest()).servers or []
-    if owned:  # bought by an earlier run against the same platform
-        server_id = owned[0].server_id
-    else:
-        resp = client.create_net2_cloud_phone_server(
-            m.CreateNet2CloudPhoneServerRequest(body=body)
-        )
-        assert resp.server_ids, resp
-        server_id = resp.server_ids[0]
+    resp = client.create_net2_cloud_phone_server(m.CreateNet2CloudPhoneServerRequest(body=body))
+    assert resp.server_ids, resp
+    return resp.server_ids[0]
+
+
+def wait_server_ready(client, server_id):
+    """The sorted phone ids of the server once it is normal (5) and all its
+    phones run (2)."""
 
     def ready():
         detail = client.show_cloud_phone_server_detail(
@@ -99,8 +98,18 @@ def server(client):
             return sorted(p.phone_id for p in phones)
         return None
 
-    phones = poll(ready, 300, f"server {server_id} normal with running phones", step=1)
-    return server_id, phones
+    return poll(ready, 300, f"server {server_id} normal with running phones", step=1)
+
+
+@pytest.fixture(scope="session")
+def server(client):
+    """The bought local server and its running phones: (server_id, [phone_id])."""
+    owned = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest()).servers or []
+    if owned:  # bought by an earlier run against the same platform
+        server_id = owned[0].server_id
+    else:
+        server_id = buy_server(client)
+    return server_id, wait_server_ready(client, server_id)
 
 
 @pytest.fixture(scope="session")
