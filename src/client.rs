@@ -295,6 +295,9 @@ pub enum Action {
     Jobs {
         job_ids: Vec<String>,
     },
+    DeleteServers {
+        server_ids: Vec<String>,
+    },
 }
 
 /// Longest a command waits on its jobs.
@@ -449,6 +452,25 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
                 .collect();
             let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
             Ok(print_jobs(&answers, &jobs))
+        }
+        Action::DeleteServers { server_ids } => {
+            let body = json!({ "server_ids": server_ids });
+            let answer = client
+                .call("DELETE", "/v2/{p}/cloud-phone/servers", "", Some(&body))
+                .await?;
+            // The answer names the first job; the request lists them all.
+            let request = answer["request_id"].as_str().unwrap_or("");
+            let listed = client
+                .call(
+                    "GET",
+                    "/v1/{p}/cloud-phone/jobs",
+                    &format!("request_id={request}"),
+                    None,
+                )
+                .await?;
+            let jobs = Client::jobs_of(&listed);
+            let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
+            Ok(print_jobs(&answers, &jobs) && jobs.len() == server_ids.len())
         }
     }
 }

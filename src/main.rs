@@ -118,6 +118,15 @@ enum Command {
         #[arg(required = true)]
         job_ids: Vec<String>,
     },
+    /// Delete servers (their phones and data go; their hosts can be bought
+    /// again) and follow the deletion to its end.
+    DeleteServer {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// Server ids.
+        #[arg(required = true)]
+        server_ids: Vec<String>,
+    },
 }
 
 /// Where the client finds the project's endpoint and AK/SK.
@@ -338,6 +347,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             phones,
         } => client(&creds, cph::client::Action::Push { phones, file }),
         Command::Job { creds, job_ids } => client(&creds, cph::client::Action::Jobs { job_ids }),
+        Command::DeleteServer { creds, server_ids } => {
+            client(&creds, cph::client::Action::DeleteServers { server_ids })
+        }
         Command::Phone {
             command: PhoneCommand::Purge { data_dir },
         } => cph::up::purge(&data_dir).map_err(Into::into),

@@ -235,6 +235,23 @@ fn platform_end_to_end_through_cph_up_and_the_cph_api() {
         assert_eq!(creds[k], again[k], "credentials.json {k} after a restart");
     }
     s.survived(&phones, &started);
+
+    steps.step("delete the server with the cph client, then buy the host again");
+    let out = cph_cli(&p, &["delete-server", &server_id]);
+    assert!(
+        out.contains(&format!("{server_id} ")) && out.contains(": ok"),
+        "{out}"
+    );
+    assert!(!cph_cli(&p, &["servers"]).contains(server_id.as_str()));
+    for phone in &phones {
+        assert!(
+            !std::path::Path::new(&format!("/run/netns/cph-{phone}")).exists(),
+            "network of {phone} left after the server's deletion"
+        );
+    }
+    let again = buy(&api);
+    assert_ne!(again, server_id);
+    assert!(!api.wait_server_ready(&again, READY_LIMIT).is_empty());
     steps.step("done");
 }
 
