@@ -904,6 +904,16 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     assert_eq!(r.body["error_code"], "CPS.0094");
     assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(5));
 
+    let tag = json!({"action": "create", "tags": [{"key": "env", "value": "prod"}]});
+    let r = cp
+        .call(
+            "POST",
+            &format!("/v1/{{p}}/cph-server/{sid}/tags/action"),
+            Some(tag),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+
     // A job of the phone runs at its agent; the deletion waits for it.
     let r = cp
         .call(
@@ -1015,6 +1025,8 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     assert_eq!(r.body["phones"], json!([]), "{:?}", r.body);
     let r = cp.call("GET", "/v1/{p}/cloud-phone/bandwidths", None).await;
     assert_eq!(r.body["band_widths"], json!([]), "{:?}", r.body);
+    let r = cp.call("GET", "/v1/{p}/cph-server/tags", None).await;
+    assert_eq!(r.body["total_count"], 0, "{:?}", r.body);
     for (id, want) in [(&first, -1), (&second, 2)] {
         let r = cp
             .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{id}"), None)
@@ -1027,5 +1039,218 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     wait_for(&seen, |s| s.servers.len() == 2).await;
     beat.abort();
+    cp.stop().await;
+}
+
+/// Tags of servers (the SDK's tag operations): set, replaced, deleted,
+/// listed per server and per project, and servers found by tags and name;
+/// bad input answers the reference's CPS.03xx codes and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, _seen) = recorder().await;
+    for n in ["n1", "n2"] {
+        let inv = serde_json::to_value(inventory(n, &url)).expect("json");
+        assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    }
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(2)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ids: Vec<String> = r.body["server_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_string())
+        .collect();
+    let (a, b) = (&ids[0], &ids[1]);
+    let name_of = |r: &common::Resp| r.body["server_name"].as_str().expect("name").to_string();
+    let b_name = name_of(
+        &cp.call("GET", &format!("/v1/{{p}}/cloud-phone/servers/{b}"), None)
+            .await,
+    );
+    let act = |id: &str, action: &str, tags: Value| {
+        let path = format!("/v1/{{p}}/cph-server/{id}/tags/action");
+        let body = json!({"action": action, "tags": tags});
+        let cp = &cp;
+        async move { cp.call("POST", &path, Some(body)).await }
+    };
+    let tags_of = |id: &str| {
+        let path = format!("/v1/{{p}}/cph-server/{id}/tags");
+        let cp = &cp;
+        async move { cp.call("GET", &path, None).await.body["tags"].clone() }
+    };
+
+    let r = act(
+        a,
+        "create",
+        json!([{"key": "env", "value": "prod"}, {"key": "team", "value": "a"}]),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_eq!(
+        act(b, "create", json!([{"key": "env", "value": "stage"}]))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        tags_of(a).await,
+        json!([{"key": "env", "value": "prod"}, {"key": "team", "value": "a"}])
+    );
+    // A key already there takes the new value.
+    assert_eq!(
+        act(a, "create", json!([{"key": "team", "value": "b"}]))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(tags_of(a).await[1], json!({"key": "team", "value": "b"}));
+
+    // Bad input: the reference's codes, nothing written.
+    let code = |r: common::Resp| {
+        (
+            r.status,
+            r.body["error_code"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let bad = |s: &str| (400, s.to_string());
+    let r = cp
+        .call(
+            "POST",
+            &format!("/v1/{{p}}/cph-phone/{a}/tags/action"),
+            Some(json!({"action": "create", "tags": [{"key": "k", "value": "v"}]})),
+        )
+        .await;
+    assert_eq!(code(r), bad("CPS.0300"));
+    assert_eq!(
+        code(act("bad!id", "create", json!([{"key": "k", "value": "v"}])).await),
+        bad("CPS.0301")
+    );
+    let unknown = "0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        code(act(unknown, "create", json!([{"key": "k", "value": "v"}])).await),
+        (404, "CPS.0302".to_string())
+    );
+    assert_eq!(code(act(a, "create", json!([])).await), bad("CPS.0303"));
+    assert_eq!(
+        code(
+            act(
+                a,
+                "create",
+                json!([{"key": "k", "value": "1"}, {"key": "k", "value": "2"}])
+            )
+            .await
+        ),
+        bad("CPS.0303")
+    );
+    assert_eq!(
+        code(act(a, "create", json!([{"key": "a;b", "value": "v"}])).await),
+        bad("CPS.0304")
+    );
+    assert_eq!(
+        code(act(a, "create", json!([{"key": "k", "value": " v"}])).await),
+        bad("CPS.0305")
+    );
+    assert_eq!(
+        code(act(a, "create", json!([{"key": "_sys_k", "value": "v"}])).await),
+        bad("CPS.0306")
+    );
+    let many: Vec<Value> = (0..19)
+        .map(|i| json!({"key": format!("k{i}"), "value": "v"}))
+        .collect();
+    assert_eq!(code(act(a, "create", json!(many)).await), bad("CPS.0307"));
+    assert_eq!(
+        code(act(a, "rename", json!([{"key": "k", "value": "v"}])).await),
+        bad("CPS.0001")
+    );
+    assert_eq!(tags_of(a).await.as_array().map(Vec::len), Some(2));
+
+    // The project's keys with their values, a page at a time.
+    let r = cp.call("GET", "/v1/{p}/cph-server/tags", None).await;
+    assert_eq!(r.body["total_count"], 2);
+    assert_eq!(
+        r.body["tags"][0],
+        json!({"key": "env", "values": ["prod", "stage"]})
+    );
+    let r = cp
+        .call("GET", "/v1/{p}/cph-server/tags?limit=1&offset=1", None)
+        .await;
+    assert_eq!(r.body["tags"], json!([{"key": "team", "values": ["b"]}]));
+    let r = cp
+        .call("GET", "/v1/{p}/cph-server/tags?limit=0", None)
+        .await;
+    assert_eq!(code(r), bad("CPS.0002"));
+
+    // Servers by tags and name.
+    let find = |body: Value| {
+        let cp = &cp;
+        async move {
+            cp.call(
+                "POST",
+                "/v1/{p}/cph-server/resource_instances/action",
+                Some(body),
+            )
+            .await
+        }
+    };
+    let ids_of = |r: &common::Resp| -> Vec<String> {
+        r.body["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .map(|x| x["resource_id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let r = find(json!({"action": "filter", "tags": [{"key": "env", "values": ["prod"]}]})).await;
+    assert_eq!(ids_of(&r), vec![a.clone()], "{:?}", r.body);
+    assert_eq!(
+        r.body["resources"][0]["tags"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let r = find(json!({"action": "filter", "tags": [{"key": "env", "values": []}]})).await;
+    assert_eq!(r.body["total_count"], 2);
+    let r = find(json!({"action": "filter", "limit": "1", "offset": "1",
+                        "tags": [{"key": "env", "values": []}]}))
+    .await;
+    assert_eq!(
+        (ids_of(&r).len(), r.body["total_count"].as_i64()),
+        (1, Some(2))
+    );
+    let r = find(json!({"action": "count", "tags": [{"key": "team", "values": ["b"]}]})).await;
+    assert_eq!(
+        r.body,
+        json!({"total_count": 1, "request_id": r.body["request_id"]})
+    );
+    let r =
+        find(json!({"action": "filter", "matches": [{"key": "resource_name", "value": b_name}]}))
+            .await;
+    assert_eq!(ids_of(&r), vec![b.clone()]);
+    assert_eq!(
+        code(find(json!({"action": "filter", "limit": "0"})).await),
+        bad("CPS.0002")
+    );
+    assert_eq!(
+        code(
+            find(json!({"action": "filter", "matches": [{"key": "resource_id", "value": "x"}]}))
+                .await
+        ),
+        bad("CPS.0313")
+    );
+    assert_eq!(code(find(json!({"action": "list"})).await), bad("CPS.0001"));
+
+    // Deleted by key; a value given must match.
+    assert_eq!(
+        act(b, "delete", json!([{"key": "env", "value": "prod"}]))
+            .await
+            .status,
+        204
+    );
+    assert_eq!(tags_of(b).await, json!([{"key": "env", "value": "stage"}]));
+    assert_eq!(act(b, "delete", json!([{"key": "env"}])).await.status, 204);
+    assert_eq!(tags_of(b).await, json!([]));
+    let r = find(json!({"action": "filter", "without_any_tag": true})).await;
+    assert_eq!(ids_of(&r), vec![b.clone()]);
     cp.stop().await;
 }

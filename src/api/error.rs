@@ -163,6 +163,28 @@ pub enum ApiError {
     ServerCreating(String),
     #[error("parameter: server_ids holds more than {0} servers")]
     TooManyServerIds(usize),
+    #[error("parameter: invalid resource type {0}")]
+    TagResourceType(String),
+    #[error("parameter: invalid resource id")]
+    TagResourceId,
+    #[error("the resource_id {0} is not found")]
+    TagResourceNotFound(String),
+    #[error("parameter: invalid tags: {0}")]
+    Tags(&'static str),
+    #[error("parameter: invalid tag key {0:?}")]
+    TagKey(String),
+    #[error("parameter: invalid tag value {0:?}")]
+    TagValue(String),
+    #[error("parameter: key {0:?} starts with _sys_, which is reserved to the system")]
+    TagKeyReserved(String),
+    #[error("parameter: a resource holds at most {0} tags")]
+    TooManyTags(usize),
+    #[error("parameter: invalid match key {0:?}; only resource_name is supported")]
+    MatchKey(String),
+    #[error("parameter: invalid match value")]
+    MatchValue,
+    #[error("parameter: invalid tag values of key {0:?}")]
+    TagValues(String),
 }
 
 impl ApiError {
@@ -248,6 +270,17 @@ impl ApiError {
             E::Field(_) => (bad, "CPS.0001"),
             E::ServerDeleting(_) | E::ServerCreating(_) => (bad, "CPS.0105"),
             E::TooManyServerIds(_) => (bad, "CPS.0094"),
+            E::TagResourceType(_) => (bad, "CPS.0300"),
+            E::TagResourceId => (bad, "CPS.0301"),
+            E::TagResourceNotFound(_) => (StatusCode::NOT_FOUND, "CPS.0302"),
+            E::Tags(_) => (bad, "CPS.0303"),
+            E::TagKey(_) => (bad, "CPS.0304"),
+            E::TagValue(_) => (bad, "CPS.0305"),
+            E::TagKeyReserved(_) => (bad, "CPS.0306"),
+            E::TooManyTags(_) => (bad, "CPS.0307"),
+            E::MatchKey(_) => (bad, "CPS.0313"),
+            E::MatchValue => (bad, "CPS.0314"),
+            E::TagValues(_) => (bad, "CPS.0315"),
         }
     }
 

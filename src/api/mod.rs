@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod misc;
 pub mod phones;
 pub mod servers;
+pub mod tags;
 pub mod validate;
 
 use std::sync::Arc;
@@ -276,6 +277,23 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/v1/{project_id}/cloud-phone/encode-servers/batch-restart",
             post(misc::encode_servers_restart),
+        )
+        // tags of a resource type's resources
+        .route(
+            "/v1/{project_id}/{resource_type}/{resource_id}/tags/action",
+            post(tags::action),
+        )
+        .route(
+            "/v1/{project_id}/{resource_type}/{resource_id}/tags",
+            get(tags::of_resource),
+        )
+        .route(
+            "/v1/{project_id}/{resource_type}/tags",
+            get(tags::of_project),
+        )
+        .route(
+            "/v1/{project_id}/{resource_type}/resource_instances/action",
+            post(tags::instances),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

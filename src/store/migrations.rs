@@ -170,4 +170,16 @@ END;
     r#"
 CREATE INDEX jobs_by_server ON jobs(server_id, status);
 "#,
+    // 5: resource tags (the TMS-style tag API; resources are servers).
+    r#"
+CREATE TABLE tags (
+    project_id TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (resource_type, resource_id, key)
+);
+CREATE INDEX tags_by_project ON tags(project_id, resource_type, key);
+"#,
 ];

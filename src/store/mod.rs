@@ -6,6 +6,9 @@
 //! methods for several control-plane replicas.
 
 mod migrations;
+mod tags;
+
+pub use tags::{TagWrite, MAX_TAGS};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1082,7 +1085,7 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets a deleted server: its phones, its row, and the bandwidth
+    /// Forgets a deleted server: its phones, its row, its tags, and the bandwidth
     /// bought with it once no other server uses it. Its jobs stay
     /// queryable. The host is free for the next purchase.
     pub fn release_server(&self, server_id: &str) -> Result<()> {
@@ -1097,6 +1100,7 @@ impl Store {
             .optional()?;
         tx.execute("DELETE FROM phones WHERE server_id = ?1", [server_id])?;
         tx.execute("DELETE FROM servers WHERE server_id = ?1", [server_id])?;
+        tx.execute("DELETE FROM tags WHERE resource_id = ?1", [server_id])?;
         if let Some(band) = band.filter(|b| !b.is_empty()) {
             tx.execute(
                 "DELETE FROM bandwidths WHERE band_width_id = ?1

@@ -1,13 +1,14 @@
-"""Read-only queries through the official SDK: servers (filters, paging,
-detail), server flavors, bandwidths, phones (filters, paging, detail with
-access information), phone flavors, images, jobs and encoding servers."""
+"""Queries through the official SDK: servers (filters, paging, detail),
+server flavors, bandwidths, phones (filters, paging, detail with access
+information), phone flavors, images, jobs and encoding servers; and the
+servers' tags."""
 
 import json
 import time
 
 from huaweicloudsdkcph.v1 import model as m
 
-from sdkutil import DEV_PHONE_MODEL, DEV_SERVER_MODEL, TEST_IMAGE_ID, wait_job
+from sdkutil import DEV_PHONE_MODEL, DEV_SERVER_MODEL, TEST_IMAGE_ID, sdk_error, wait_job
 
 
 def list_servers(client, **kw):
@@ -237,3 +238,53 @@ def test_encode_servers_list(client, server):
         client.list_encode_servers(m.ListEncodeServersRequest(server_id="0" * 32)).encode_servers
         or []
     ) == []
+
+
+def test_server_tags(client, server):
+    """Tags on the server (the SDK's tag operations, resource type
+    cph-server): set, listed per server and per project, found by, deleted;
+    a reserved key is CPS.0306."""
+    server_id, _ = server
+    kw = {"resource_type": "cph-server", "resource_id": server_id}
+    client.batch_create_tags(
+        m.BatchCreateTagsRequest(
+            **kw,
+            body=m.BatchCreateTagsRequestBody(
+                action="create",
+                tags=[m.Tag(key="env", value="e2e"), m.Tag(key="owner", value="sdk")],
+            ),
+        )
+    )
+    tags = client.list_resource_tags(m.ListResourceTagsRequest(**kw)).tags
+    assert {(t.key, t.value) for t in tags} == {("env", "e2e"), ("owner", "sdk")}
+    project = client.list_project_tags(m.ListProjectTagsRequest(resource_type="cph-server"))
+    assert any(t.key == "env" and "e2e" in t.values for t in project.tags), project
+    found = client.list_resource_instances(
+        m.ListResourceInstancesRequest(
+            resource_type="cph-server",
+            body=m.ListResourceInstancesRequestBody(
+                action="filter", tags=[m.Tags(key="env", values=["e2e"])]
+            ),
+        )
+    )
+    assert [r.resource_id for r in found.resources] == [server_id], found
+    assert found.total_count == 1
+    e = sdk_error(
+        client.batch_create_tags,
+        m.BatchCreateTagsRequest(
+            **kw,
+            body=m.BatchCreateTagsRequestBody(
+                action="create", tags=[m.Tag(key="_sys_x", value="v")]
+            ),
+        ),
+    )
+    assert (e.status_code, e.error_code) == (400, "CPS.0306"), e
+    client.batch_delete_tags(
+        m.BatchDeleteTagsRequest(
+            **kw,
+            body=m.BatchDeleteTagsRequestBody(
+                action="delete", tags=[m.Tag(key="env"), m.Tag(key="owner")]
+            ),
+        )
+    )
+    assert client.list_resource_tags(m.ListResourceTagsRequest(**kw)).tags == []
