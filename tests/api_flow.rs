@@ -817,11 +817,22 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     let (url, seen) = recorder().await;
     let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
     assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    // The server model is on sale while a host of it is free.
+    let offering = || async {
+        let r = cp.call("GET", "/v1/{p}/server-model-offerings", None).await;
+        let models = r.body["models"].as_array().cloned().unwrap_or_default();
+        models
+            .iter()
+            .find(|m| m["model_name"] == "physical.dev.local")
+            .map(|m| m["sell_status"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(offering().await.as_deref(), Some("available"));
 
     let r = cp
         .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(offering().await.as_deref(), Some("sellout"));
     let sid = r.body["server_ids"][0]
         .as_str()
         .expect("server id")
@@ -1027,6 +1038,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     assert_eq!(r.body["band_widths"], json!([]), "{:?}", r.body);
     let r = cp.call("GET", "/v1/{p}/cph-server/tags", None).await;
     assert_eq!(r.body["total_count"], 0, "{:?}", r.body);
+    assert_eq!(offering().await.as_deref(), Some("available"));
     for (id, want) in [(&first, -1), (&second, 2)] {
         let r = cp
             .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{id}"), None)
@@ -1252,5 +1264,36 @@ async fn server_tags() {
     assert_eq!(tags_of(b).await, json!([]));
     let r = find(json!({"action": "filter", "without_any_tag": true})).await;
     assert_eq!(ids_of(&r), vec![b.clone()]);
+
+    // Server model offerings, a page at a time by marker.
+    let r = cp.call("GET", "/v1/{p}/server-model-offerings", None).await;
+    let all: Vec<Value> = r.body["models"].as_array().cloned().unwrap_or_default();
+    assert_eq!(r.body["count"].as_u64(), Some(all.len() as u64));
+    assert!(all.len() >= 2, "{:?}", r.body);
+    assert_eq!(r.body["page_info"]["next_marker"], Value::Null);
+    let r = cp
+        .call("GET", "/v1/{p}/server-model-offerings?limit=1", None)
+        .await;
+    assert_eq!(r.body["models"], json!([all[0]]));
+    let marker = r.body["page_info"]["next_marker"]
+        .as_str()
+        .expect("marker")
+        .to_string();
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/server-model-offerings?limit=1&marker={marker}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["models"], json!([all[1]]));
+    let r = cp
+        .call("GET", "/v1/{p}/server-model-offerings?limit=1001", None)
+        .await;
+    assert_eq!(code(r), bad("CPS.0002"));
+    let r = cp
+        .call("GET", "/v1/{p}/server-model-offerings?marker=nope", None)
+        .await;
+    assert_eq!(code(r), bad("CPS.0001"));
     cp.stop().await;
 }

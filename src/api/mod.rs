@@ -166,6 +166,10 @@ pub fn router(state: Shared) -> Router {
             get(servers::models),
         )
         .route(
+            "/v1/{project_id}/server-model-offerings",
+            get(servers::offerings),
+        )
+        .route(
             "/v1/{project_id}/cloud-phone/phones",
             post(servers::buy_v1).get(phones::list),
         )

@@ -152,6 +152,66 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
 }
 
 #[derive(Deserialize)]
+pub struct OfferingsQuery {
+    marker: Option<String>,
+    limit: Option<String>,
+}
+
+/// Largest page of server model offerings.
+pub const OFFERINGS_LIMIT_MAX: usize = 1000;
+
+/// `GET /v1/{project_id}/server-model-offerings` (the SDK's
+/// `ListCloudPhoneServerModelOfferings`): each server model of the catalog,
+/// `available` while an alive host of it holds no server, `sellout`
+/// otherwise; by name, `limit` (1..=1000, default 100) at a time after
+/// `marker`, the last name of the page before.
+pub async fn offerings(State(st): State<Shared>, Query(q): Query<OfferingsQuery>) -> ApiResult {
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 100,
+        Some(s) => s.parse::<usize>().map_err(|_| ApiError::OffsetLimit)?,
+    };
+    if !(1..=OFFERINGS_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::OffsetLimit.into());
+    }
+    let mut names: Vec<&str> = st
+        .catalog
+        .server_models
+        .iter()
+        .map(|m| m.server_model_name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let start = match q.marker.as_deref().filter(|m| !m.is_empty()) {
+        None => 0,
+        Some(m) => match names.iter().position(|n| *n == m) {
+            Some(i) => i + 1,
+            None => return Err(ApiError::Field("marker").into()),
+        },
+    };
+    let free = st.store.free_hosts_by_model()?;
+    let page: Vec<&str> = names.iter().skip(start).take(limit).copied().collect();
+    let next = (start + page.len() < names.len())
+        .then(|| page.last().map(|n| n.to_string()))
+        .flatten();
+    let models: Vec<Value> = page
+        .iter()
+        .map(|n| {
+            let sell = if free.get(*n).is_some_and(|c| *c > 0) {
+                "available"
+            } else {
+                "sellout"
+            };
+            json!({"model_name": n, "available_zone": "", "sell_status": sell})
+        })
+        .collect();
+    Ok(Reply::ok(json!({
+        "count": names.len(),
+        "models": models,
+        "page_info": {"next_marker": next},
+    })))
+}
+
+#[derive(Deserialize)]
 pub struct PortBody {
     name: String,
     listen_port: i64,

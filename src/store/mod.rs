@@ -961,6 +961,20 @@ impl Store {
         Ok(Some(out))
     }
 
+    /// How many alive hosts of each server model hold no server (can be
+    /// bought).
+    pub fn free_hosts_by_model(&self) -> Result<std::collections::BTreeMap<String, u32>> {
+        let c = self.db()?;
+        let mut st = c.prepare_cached(
+            "SELECT n.server_model, COUNT(*) FROM nodes n
+             WHERE n.alive = 1
+               AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)
+             GROUP BY n.server_model",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Servers whose CreateServer has not reached their agent yet.
     pub fn servers_to_create(&self) -> Result<Vec<Server>> {
         let c = self.db()?;

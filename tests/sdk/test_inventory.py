@@ -288,3 +288,13 @@ def test_server_tags(client, server):
         )
     )
     assert client.list_resource_tags(m.ListResourceTagsRequest(**kw)).tags == []
+
+
+def test_server_model_offerings(client, server):
+    """The dev model's one host holds the session's server: sold out."""
+    resp = client.list_cloud_phone_server_model_offerings(
+        m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
+    )
+    assert resp.count == len(resp.models), resp
+    status = {o.model_name: o.sell_status for o in resp.models}
+    assert status[DEV_SERVER_MODEL] == "sellout", status
