@@ -1297,3 +1297,67 @@ async fn server_tags() {
     assert_eq!(code(r), bad("CPS.0001"));
     cp.stop().await;
 }
+
+/// `expand-volume`: one job per phone with the size in GiB; a size out of
+/// 1..=32768 or an unknown phone is refused in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expand_volume_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, seen) = recorder().await;
+    let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
+    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(&seen, |s| s.servers.len() == 1).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let (a, b) = (
+        create["phones"][0]["phone_id"]
+            .as_str()
+            .expect("a")
+            .to_string(),
+        create["phones"][1]["phone_id"]
+            .as_str()
+            .expect("b")
+            .to_string(),
+    );
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/expand-volume",
+            Some(json!({"phones": [{"phone_id": a, "new_size": 64},
+                                   {"phone_id": b, "new_size": 32769},
+                                   {"phone_id": unknown, "new_size": 8}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let jobs = r.body["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs[1]["error_code"], "CPS.0001", "{jobs:?}");
+    assert_eq!(jobs[2]["error_code"], "CPS.0005", "{jobs:?}");
+    let id = jobs[0]["job_id"].as_str().expect("job").to_string();
+    wait_for(&seen, |s| s.jobs.iter().any(|j| j["job_id"] == json!(id))).await;
+    let sent = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .find(|j| j["job_id"] == json!(id))
+        .cloned()
+        .expect("sent");
+    assert_eq!(
+        (sent["kind"].as_str(), sent["disk_gb"].as_u64()),
+        (Some("expand_volume"), Some(64))
+    );
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/expand-volume",
+            Some(json!({"phones": []})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0009");
+    cp.stop().await;
+}

@@ -380,6 +380,11 @@ pub enum JobKind {
     /// open the host's SSH access, and the sharepool is emptied once no
     /// server is left on the host. Done again, it finishes what is left.
     DeleteServer,
+    /// Raises the cap of the phone's data volume to `disk_gb` GiB (never
+    /// lowers it), kept across resets.
+    ExpandVolume {
+        disk_gb: u64,
+    },
 }
 
 /// A job sent to an agent: one target (a phone or, for server jobs, the server).
@@ -498,6 +503,8 @@ mod tests {
             timeout_ms: 1,
         };
         assert_eq!(shell.name(), "sync_shell");
+        // The control plane's store matches this name in SQL.
+        assert_eq!(JobKind::DeleteServer.name(), "delete_server");
     }
 
     #[test]

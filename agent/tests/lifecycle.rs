@@ -549,6 +549,31 @@ fn btrfs_volumes_and_phones_without_a_network() {
             .uid(),
         0
     );
+    // The data volume grows, never shrinks.
+    let expand = |id: &str, gb: u64| {
+        let req = job(
+            id,
+            &server,
+            &phone_id,
+            json!({"kind": "expand_volume", "disk_gb": gb}),
+        );
+        http(&addr, "POST", "/v1/jobs", &token, Some(&req));
+        wait_job(&addr, &token, id)
+    };
+    let st = expand("grow", 3);
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(
+        st["execute_msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 GiB (was 1 GiB)")),
+        "{st}"
+    );
+    let st = expand("shrink", 2);
+    assert_eq!(
+        (st["status"].as_i64(), st["error_code"].as_str()),
+        (Some(-1), Some("CPS.0001")),
+        "{st}"
+    );
     ok_job(
         &addr,
         &token,
@@ -562,6 +587,13 @@ fn btrfs_volumes_and_phones_without_a_network() {
     assert!(!vol.join("data/mark").exists());
     // A reset phone keeps its user namespace.
     in_own_users();
+    // And its grown volume.
+    let meta = std::fs::read_to_string(state.join("pool/meta").join(format!("{phone_id}.json")))
+        .expect("volume metadata");
+    assert!(
+        meta.contains(&format!("\"disk_size_bytes\":{}", 3u64 << 30)),
+        "{meta}"
+    );
 
     // Network jobs fail cleanly; the phone keeps running.
     http(

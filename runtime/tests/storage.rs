@@ -264,6 +264,42 @@ fn writes_past_the_disk_size_fail_with_edquot() {
     s.teardown().unwrap();
 }
 
+#[test]
+fn a_grown_volume_takes_more_and_keeps_its_cap_across_a_reset() {
+    if !btrfs_available("a_grown_volume_takes_more_and_keeps_its_cap_across_a_reset") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    import(&s, "img", &make_image(&[("init", b"#!/bin/sh\n")]));
+    let v = s.create_volume("phone-g", "img", 16 << 20).unwrap();
+    assert!(fill(&v.join("fill"), 32).1.is_some(), "32 MiB in 16");
+    std::fs::remove_file(v.join("fill")).unwrap();
+    // Never smaller; an unknown phone has no volume.
+    assert!(matches!(
+        s.grow_volume("phone-g", 8 << 20),
+        Err(StorageError::Shrink { current, .. }) if current == 16 << 20
+    ));
+    assert!(matches!(
+        s.grow_volume("phone-none", 64 << 20),
+        Err(StorageError::UnknownVolume(_))
+    ));
+    assert_eq!(s.grow_volume("phone-g", 64 << 20).unwrap(), 16 << 20);
+    let (written, err) = fill(&v.join("fill"), 40);
+    assert!(
+        err.is_none(),
+        "40 MiB in a volume grown to 64: {err:?} after {written}"
+    );
+    // A reset clones the image again with the grown cap.
+    let v = s.reset_volume("phone-g", None).unwrap();
+    let (written, err) = fill(&v.join("fill"), 128);
+    assert!(
+        err.is_some() && (40..=64).contains(&written),
+        "{written} MiB, {err:?}"
+    );
+    s.teardown().unwrap();
+}
+
 /// Fills `path` in 1 MiB synced chunks; the bytes written before an error.
 fn fill(path: &Path, max_mib: usize) -> (usize, Option<std::io::Error>) {
     let mut f = std::fs::File::create(path).unwrap();
@@ -511,6 +547,11 @@ fn overlay_backend_clones_resets_and_remounts() {
     );
     s.reset_volume("pa", None).unwrap();
     assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"one\n");
+    // Overlay volumes are not capped; an uncapped one stays so.
+    assert!(matches!(
+        s.grow_volume("pa", 1 << 30),
+        Err(StorageError::Shrink { current: 0, .. })
+    ));
     s.reset_volume("pa", Some("img2")).unwrap();
     assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
     // Reboot: overlays gone, prepare mounts them again.

@@ -228,6 +228,10 @@ pub fn router(state: Shared) -> Router {
             post(phones::batch_reset),
         )
         .route(
+            "/v1/{project_id}/cloud-phone/phones/expand-volume",
+            post(phones::expand_volume),
+        )
+        .route(
             "/v1/{project_id}/cloud-phone/phones/batch-restart",
             post(phones::batch_restart),
         )

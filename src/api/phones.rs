@@ -428,6 +428,51 @@ pub async fn update_property(
 }
 
 #[derive(Deserialize)]
+pub struct ExpandPhone {
+    phone_id: String,
+    new_size: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct ExpandBody {
+    phones: Vec<ExpandPhone>,
+}
+
+/// Largest data volume a phone may be given, in GiB.
+pub const VOLUME_MAX_GIB: u64 = 32768;
+
+/// `POST .../phones/expand-volume` (the SDK's `ExpandPhoneDataVolumeSize`):
+/// a job per phone raising the cap of its data volume to `new_size` GiB
+/// (1..=32768; a size below the volume's cap fails the phone's job, as a
+/// volume never shrinks).
+pub async fn expand_volume(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Json(b): Json<ExpandBody>,
+) -> ApiResult {
+    let sizes: BTreeMap<String, Option<u64>> = b
+        .phones
+        .iter()
+        .map(|p| {
+            (
+                p.phone_id.clone(),
+                p.new_size.as_ref().and_then(Value::as_u64),
+            )
+        })
+        .collect();
+    let ids = b.phones.into_iter().map(|p| (p.phone_id, None)).collect();
+    let t = targets(&st, &c.project_id, ids, |p, _| {
+        match sizes.get(&p.phone_id).copied().flatten() {
+            Some(gb) if (1..=VOLUME_MAX_GIB).contains(&gb) => {
+                Ok(JobKind::ExpandVolume { disk_gb: gb })
+            }
+            _ => Err(ApiError::Field("new_size")),
+        }
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+#[derive(Deserialize)]
 pub struct StorageInfo {
     phone_id: String,
     bucket_name: String,

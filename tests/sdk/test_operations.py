@@ -1,6 +1,7 @@
 """Operations that leave the phones running, through the official SDK:
 renames, flavor change, bandwidth, keypair, shared files and apps, APK
-install-multiple and uninstall, traffic diversion and the encoding server."""
+install-multiple and uninstall, traffic diversion, the encoding server and
+data volume expansion."""
 
 import json
 
@@ -327,3 +328,32 @@ def test_restart_encode_server(client, server):
     assert [j.encode_server_id for j in resp.jobs] == [enc.encode_server_id], resp
     job = wait_job(client, resp.jobs[0].job_id)
     assert job.status == 2, job
+
+
+def test_expand_phone_data_volume(client, server):
+    """A phone's data volume grows; asking less than it has fails its job."""
+    _, phones = server
+
+    def expand(size):
+        resp = client.expand_phone_data_volume_size(
+            m.ExpandPhoneDataVolumeSizeRequest(
+                body=m.ExpandPhoneDataVolumeSizeRequestBody(
+                    phones=[m.PhoneDataVolumeSize(phone_id=phones[0], new_size=size)]
+                )
+            )
+        )
+        assert resp.jobs and not resp.jobs[0].error_code, resp
+        return wait_job(client, resp.jobs[0].job_id)
+
+    job = expand(4096)
+    assert job.status == 2 and "4096 GiB" in job.execute_msg, job
+    job = expand(1)
+    assert (job.status, job.error_code) == (-1, "CPS.0001"), job
+    resp = client.expand_phone_data_volume_size(
+        m.ExpandPhoneDataVolumeSizeRequest(
+            body=m.ExpandPhoneDataVolumeSizeRequestBody(
+                phones=[m.PhoneDataVolumeSize(phone_id=phones[0], new_size=40000)]
+            )
+        )
+    )
+    assert resp.jobs[0].error_code == "CPS.0001", resp

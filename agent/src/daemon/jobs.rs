@@ -187,6 +187,9 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             .map(|()| None),
         JobKind::RestartEncodeServer => ctx.phones.restart_encoder(&req.server_id).map(|()| None),
         JobKind::DeleteServer => delete_server(ctx, &req.server_id).map(Some),
+        JobKind::ExpandVolume { disk_gb } => {
+            phones.expand_volume(phone_of(req)?, *disk_gb).map(Some)
+        }
     }
 }
 

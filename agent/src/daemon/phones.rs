@@ -756,6 +756,16 @@ impl Phones {
         Ok(())
     }
 
+    /// Raises the cap of the phone's data volume to `disk_gb` GiB.
+    pub fn expand_volume(&self, phone_id: &str, disk_gb: u64) -> Result<String, JobFailure> {
+        self.record(phone_id)?;
+        let was = self.volumes.grow(phone_id, disk_gb)?;
+        Ok(format!(
+            "volume of {phone_id}: {disk_gb} GiB (was {} GiB)",
+            was / (1 << 30)
+        ))
+    }
+
     /// Runs a command in a running phone.
     pub fn exec(
         &self,

@@ -48,6 +48,7 @@ pub fn storage_fail(e: StorageError) -> JobFailure {
         | StorageError::Command { .. }
         | StorageError::Io { .. }
         | StorageError::Metadata { .. } => "CPS.0003",
+        StorageError::Shrink { .. } => "CPS.0001",
     };
     JobFailure::new(code, format!("storage: {e}"))
 }
@@ -196,6 +197,14 @@ impl Volumes {
     /// Drops the phone's volume (nothing when it has none).
     pub fn delete(&self, phone_id: &str) -> Result<(), JobFailure> {
         self.storage.delete_volume(phone_id).map_err(storage_fail)
+    }
+
+    /// Raises the cap of the phone's volume to `disk_gb` GiB; the cap it
+    /// had, in bytes.
+    pub fn grow(&self, phone_id: &str, disk_gb: u64) -> Result<u64, JobFailure> {
+        self.storage
+            .grow_volume(phone_id, disk_gb.saturating_mul(GIB))
+            .map_err(storage_fail)
     }
 
     /// The rootfs of the phone's volume; CPS.0005 when it has none.

@@ -586,6 +586,26 @@ impl Storage for BtrfsStorage {
         }
     }
 
+    fn grow_volume(&self, phone_id: &str, disk_size_bytes: u64) -> Result<u64, StorageError> {
+        validate_id("phone", phone_id)?;
+        self.root()?;
+        let _g = self.guard();
+        let vol = self.volume_dir(phone_id);
+        let meta_path = self.meta_file(phone_id);
+        if !vol.exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        let meta = VolumeMeta::load(&meta_path)?;
+        let grown = meta.grown(phone_id, disk_size_bytes)?;
+        self.btrfs(Btrfs::QgroupLimit {
+            bytes: disk_size_bytes,
+            path: s(&vol),
+        })?;
+        grown.save(&meta_path)?;
+        tracing::info!(phone_id, disk_size_bytes, "volume grown");
+        Ok(meta.disk_size_bytes)
+    }
+
     fn volume_path(&self, phone_id: &str) -> Result<Option<PathBuf>, StorageError> {
         validate_id("phone", phone_id)?;
         self.root()?;

@@ -95,6 +95,15 @@ pub enum StorageError {
     },
     #[error("volume metadata {path}: {detail}")]
     Metadata { path: PathBuf, detail: String },
+    #[error(
+        "the volume of phone {phone_id} only grows: {requested} bytes asked, its cap is {current} \
+         (0: uncapped)"
+    )]
+    Shrink {
+        phone_id: String,
+        current: u64,
+        requested: u64,
+    },
 }
 
 impl StorageError {
@@ -166,6 +175,10 @@ pub trait Storage: Send + Sync {
         -> Result<PathBuf, StorageError>;
     /// Deletes the phone's volume (no error when it has none).
     fn delete_volume(&self, phone_id: &str) -> Result<(), StorageError>;
+    /// Raises the size cap of the phone's volume to `disk_size_bytes`,
+    /// kept across resets; returns the cap it had. A cap never shrinks and
+    /// an uncapped volume stays so ([`StorageError::Shrink`]).
+    fn grow_volume(&self, phone_id: &str, disk_size_bytes: u64) -> Result<u64, StorageError>;
     /// The rootfs directory of a phone's volume, when it has one.
     fn volume_path(&self, phone_id: &str) -> Result<Option<PathBuf>, StorageError>;
     fn list_volumes(&self) -> Result<Vec<String>, StorageError>;
@@ -217,6 +230,22 @@ pub(crate) struct VolumeMeta {
 }
 
 impl VolumeMeta {
+    /// The record with its cap raised to `bytes`, refused when that would
+    /// shrink it.
+    pub(crate) fn grown(&self, phone_id: &str, bytes: u64) -> Result<Self, StorageError> {
+        if self.disk_size_bytes == 0 || bytes < self.disk_size_bytes {
+            return Err(StorageError::Shrink {
+                phone_id: phone_id.to_string(),
+                current: self.disk_size_bytes,
+                requested: bytes,
+            });
+        }
+        Ok(Self {
+            disk_size_bytes: bytes,
+            ..self.clone()
+        })
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Self, StorageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StorageError::io("read volume metadata", path, e))?;

@@ -259,6 +259,20 @@ impl Storage for OverlayStorage {
         Ok(())
     }
 
+    /// Overlay volumes are not capped: only the recorded size changes
+    /// (what the volume reports, kept by resets).
+    fn grow_volume(&self, phone_id: &str, disk_size_bytes: u64) -> Result<u64, StorageError> {
+        validate_id("phone", phone_id)?;
+        let _g = self.guard();
+        let meta_path = self.meta_file(phone_id);
+        if !self.vol(phone_id).exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        let meta = VolumeMeta::load(&meta_path)?;
+        meta.grown(phone_id, disk_size_bytes)?.save(&meta_path)?;
+        Ok(meta.disk_size_bytes)
+    }
+
     fn volume_path(&self, phone_id: &str) -> Result<Option<PathBuf>, StorageError> {
         validate_id("phone", phone_id)?;
         let r = self.vol(phone_id).join("rootfs");
