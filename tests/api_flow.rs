@@ -125,6 +125,35 @@ fn running_phones(create: &Value) -> Vec<PhoneState> {
         .collect()
 }
 
+/// A control plane with the recorder's nodes `nodes` registered.
+async fn with_nodes(nodes: &[&str]) -> (tempfile::TempDir, Cp, String, Arc<Mutex<Seen>>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, seen) = recorder().await;
+    for n in nodes {
+        let inv = serde_json::to_value(inventory(n, &url)).expect("json");
+        assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    }
+    (dir, cp, url, seen)
+}
+
+/// Buys `count` servers; their ids once their `CreateServer` reached the
+/// recorder.
+async fn buy(cp: &Cp, seen: &Arc<Mutex<Seen>>, count: u32) -> Vec<String> {
+    let before = seen.lock().expect("lock").servers.len();
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(count)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(seen, |s| s.servers.len() == before + count as usize).await;
+    r.body["server_ids"]
+        .as_array()
+        .expect("server_ids")
+        .iter()
+        .map(|v| v.as_str().expect("id").to_string())
+        .collect()
+}
+
 async fn wait_for<F: Fn(&Seen) -> bool>(seen: &Arc<Mutex<Seen>>, f: F) {
     for _ in 0..100 {
         if f(&seen.lock().expect("lock")) {
@@ -812,11 +841,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
 /// for the next purchase.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = Cp::start(dir.path().to_path_buf()).await;
-    let (url, seen) = recorder().await;
-    let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
-    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
     // The server model is on sale while a host of it is free.
     let offering = || async {
         let r = cp.call("GET", "/v1/{p}/server-model-offerings", None).await;
@@ -827,17 +852,8 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
             .map(|m| m["sell_status"].as_str().unwrap_or("").to_string())
     };
     assert_eq!(offering().await.as_deref(), Some("available"));
-
-    let r = cp
-        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = buy(&cp, &seen, 1).await.remove(0);
     assert_eq!(offering().await.as_deref(), Some("sellout"));
-    let sid = r.body["server_ids"][0]
-        .as_str()
-        .expect("server id")
-        .to_string();
-    wait_for(&seen, |s| s.servers.len() == 1).await;
     let create = seen.lock().expect("lock").servers[0].clone();
     let delete = |ids: Value| json!({ "server_ids": ids });
 
@@ -1045,11 +1061,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
             .await;
         assert_eq!(status(&r), Some(want), "{:?}", r.body);
     }
-    let r = cp
-        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    wait_for(&seen, |s| s.servers.len() == 2).await;
+    assert_ne!(buy(&cp, &seen, 1).await, vec![sid]);
     beat.abort();
     cp.stop().await;
 }
@@ -1059,23 +1071,8 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
 /// bad input answers the reference's CPS.03xx codes and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_tags() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = Cp::start(dir.path().to_path_buf()).await;
-    let (url, _seen) = recorder().await;
-    for n in ["n1", "n2"] {
-        let inv = serde_json::to_value(inventory(n, &url)).expect("json");
-        assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
-    }
-    let r = cp
-        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(2)))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let ids: Vec<String> = r.body["server_ids"]
-        .as_array()
-        .expect("ids")
-        .iter()
-        .map(|v| v.as_str().expect("id").to_string())
-        .collect();
+    let (_dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
+    let ids = buy(&cp, &seen, 2).await;
     let (a, b) = (&ids[0], &ids[1]);
     let name_of = |r: &common::Resp| r.body["server_name"].as_str().expect("name").to_string();
     let b_name = name_of(
@@ -1302,16 +1299,8 @@ async fn server_tags() {
 /// 1..=32768 or an unknown phone is refused in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expand_volume_jobs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = Cp::start(dir.path().to_path_buf()).await;
-    let (url, seen) = recorder().await;
-    let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
-    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
-    let r = cp
-        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    wait_for(&seen, |s| s.servers.len() == 1).await;
+    let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    buy(&cp, &seen, 1).await;
     let create = seen.lock().expect("lock").servers[0].clone();
     let (a, b) = (
         create["phones"][0]["phone_id"]

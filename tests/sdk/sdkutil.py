@@ -135,3 +135,17 @@ def apk_bytes(package, extra=None):
         for name, data in (extra or {}).items():
             z.writestr(name, data)
     return buf.getvalue()
+
+
+def push_share_tar(client, s3, server_id, key, files):
+    """Puts a tar of `files` at `e2e/key` and pushes it to the server's
+    shared files; waits for the push to succeed."""
+    s3.put_object(Bucket="e2e", Key=key, Body=tar_bytes(files))
+    resp = client.push_share_files(
+        m.PushShareFilesRequest(
+            body=m.PushShareFilesRequestBody(
+                bucket_name="e2e", object_path=key, server_ids=[server_id]
+            )
+        )
+    )
+    return wait_jobs_ok(client, resp.jobs)

@@ -14,7 +14,7 @@ import tarfile
 
 from huaweicloudsdkcph.v1 import model as m
 
-from sdkutil import apk_bytes, sdk_error, shell, tar_bytes, wait_job, wait_phone_status
+from sdkutil import apk_bytes, push_share_tar, sdk_error, shell, tar_bytes, wait_job, wait_phone_status
 
 
 def test_sync_shell_echo(client, server):
@@ -146,20 +146,7 @@ def test_export_then_restore(client, server, s3):
 
 def test_share_files_push_and_list(client, server, s3):
     server_id, phones = server
-    s3.put_object(
-        Bucket="e2e",
-        Key="share/e2e.tar",
-        Body=tar_bytes({"data/shared-e2e.txt": b"shared\n"}),
-    )
-    resp = client.push_share_files(
-        m.PushShareFilesRequest(
-            body=m.PushShareFilesRequestBody(
-                bucket_name="e2e", object_path="share/e2e.tar", server_ids=[server_id]
-            )
-        )
-    )
-    job = wait_job(client, resp.jobs[0].job_id)
-    assert job.status == 2, job
+    push_share_tar(client, s3, server_id, "share/e2e.tar", {"data/shared-e2e.txt": b"shared\n"})
     seen = shell(client, phones[0], "cat /data/media/share/files/data/shared-e2e.txt")
     assert "shared" in seen
     resp = client.list_share_files(

@@ -12,6 +12,7 @@ from sdkutil import (
     DEV_SERVER_MODEL,
     apk_bytes,
     packages,
+    push_share_tar,
     sdk_error,
     shell,
     tar_bytes,
@@ -169,19 +170,8 @@ def share_listing(client, server_id, path):
 
 def test_share_files_delete(client, server, s3):
     server_id, phones = server
-    s3.put_object(
-        Bucket="e2e",
-        Key="share/del.tar",
-        Body=tar_bytes({"data/e2e-del/a.txt": b"a\n", "data/e2e-del/b.txt": b"b\n"}),
-    )
-    resp = client.push_share_files(
-        m.PushShareFilesRequest(
-            body=m.PushShareFilesRequestBody(
-                bucket_name="e2e", object_path="share/del.tar", server_ids=[server_id]
-            )
-        )
-    )
-    wait_jobs_ok(client, resp.jobs)
+    files = {"data/e2e-del/a.txt": b"a\n", "data/e2e-del/b.txt": b"b\n"}
+    push_share_tar(client, s3, server_id, "share/del.tar", files)
     assert sorted(share_listing(client, server_id, "/data/e2e-del")) == ["a.txt", "b.txt"]
 
     def delete(paths):

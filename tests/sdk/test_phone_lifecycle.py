@@ -1,9 +1,7 @@
 """Restarting, stopping, starting and resetting phones through the official
-SDK. These run last (see conftest.py) and leave both phones running."""
+SDK. These run late (see conftest.py) and leave both phones running."""
 
 import time
-
-import pytest
 
 from huaweicloudsdkcph.v1 import model as m
 

@@ -8,7 +8,7 @@ import json
 from huaweicloudsdkcph.v1 import model as m
 
 from conftest import buy_server, wait_server_ready
-from sdkutil import sdk_error, tar_bytes, wait_job
+from sdkutil import push_share_tar, sdk_error, wait_job
 
 
 def delete(client, server_ids):
@@ -40,19 +40,7 @@ def test_bad_deletions_change_nothing(client, server):
 
 def test_delete_server_then_buy_the_host_again(client, server, s3):
     server_id, phones = server
-    s3.put_object(
-        Bucket="e2e",
-        Key="share/release.tar",
-        Body=tar_bytes({"data/left-behind.txt": b"tenant data\n"}),
-    )
-    resp = client.push_share_files(
-        m.PushShareFilesRequest(
-            body=m.PushShareFilesRequestBody(
-                bucket_name="e2e", object_path="share/release.tar", server_ids=[server_id]
-            )
-        )
-    )
-    assert wait_job(client, resp.jobs[0].job_id).status == 2
+    push_share_tar(client, s3, server_id, "share/release.tar", {"data/left.txt": b"tenant\n"})
     assert share_listing(client, server_id)["total"] > 0
 
     resp = delete(client, [server_id])

@@ -210,14 +210,7 @@ impl Phones {
         for id in &ids {
             self.delete(id)?;
         }
-        let servers: Vec<String> = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for server_id in servers {
+        for server_id in self.server_ids() {
             self.remove_encoder(&server_id)?;
         }
         for c in self.rt.list().map_err(container_fail)? {
