@@ -433,10 +433,21 @@ fn phones_get_volumes_and_networks_of_their_own() {
 /// Creates a server of the development flavor with one phone (port 20000
 /// named `web`) and waits for the phone's creation to succeed.
 fn create_one_phone_server(addr: &str, token: &str, server: &str, phone_id: &str) {
+    create_one_phone_server_with(addr, token, server, phone_id, json!({}));
+}
+
+/// [`create_one_phone_server`] with the flavor's `extend_spec`.
+fn create_one_phone_server_with(
+    addr: &str,
+    token: &str,
+    server: &str,
+    phone_id: &str,
+    extend_spec: Value,
+) {
     let create = json!({
         "server_id": server, "server_name": server,
         "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
-                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+                    "core_bind_strategy": "dev_small", "extend_spec": extend_spec},
         "image": {"image_id": "img", "url": format!("file://{}", image().display())},
         "ports": [{"name": "web", "listen_port": 20000, "internet_accessible": true}],
         "band_width_size": 10, "public_key": null,
@@ -639,8 +650,16 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
         .unwrap_or_else(|| panic!("server ip in {inv}"));
     let server = format!("us{pid}");
     let phone_id = format!("up{pid}");
-    create_one_phone_server(&addr, &token, &server, &phone_id);
-    assert_eq!(init_uid(&t, &phone_id), "4000000");
+    // With an encoding server, which gets a user namespace of its own too.
+    let encoder = json!({"encode_server_spec": {"cpu": 1, "memory": 128, "disk": 1}});
+    create_one_phone_server_with(&addr, &token, &server, &phone_id, encoder);
+    let st = wait_job(&addr, &token, &format!("{server}:encoder"));
+    assert_eq!(st["status"], 2, "{st}");
+    let encoder_id = cph_agent::daemon::phones::encoder_id(&server);
+    let mut uids = [init_uid(&t, &phone_id), init_uid(&t, &encoder_id)];
+    uids.sort();
+    assert_eq!(uids, ["4000000", "4131072"]);
+    let phone_ids = init_uid(&t, &phone_id);
 
     // Root inside its own id range; its sysfs is that of the phone's
     // network namespace (the host's user namespace owns that one).
@@ -656,7 +675,7 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
     let who: Vec<&str> = who.split_whitespace().collect();
     assert_eq!(
         who,
-        ["0", "0", "4000000", "131072", "eth0", "lo"],
+        ["0", "0", phone_ids.as_str(), "131072", "eth0", "lo"],
         "{who:?}"
     );
     // Its access port reaches a listener inside it.
@@ -674,4 +693,10 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
 
     let st = delete_server(&addr, &token, &server);
     assert_eq!(st["status"], 2, "{st}");
+    let kept = t.state.join("encoders");
+    assert!(
+        std::fs::read_dir(&kept).map_or(true, |mut d| d.next().is_none()),
+        "the encoder's id range is still kept in {}",
+        kept.display()
+    );
 }

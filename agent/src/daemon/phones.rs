@@ -553,6 +553,34 @@ impl Phones {
         Ok(())
     }
 
+    /// Host id ranges taken, by phones and by encoding containers.
+    fn used_id_ranges(&self) -> BTreeSet<u32> {
+        let mut used: BTreeSet<u32> = self
+            .records()
+            .values()
+            .filter_map(|r| r.user_ns.map(|u| u.host_id))
+            .collect();
+        used.extend(self.encoder_id_ranges());
+        used
+    }
+
+    /// A free host id range for the container `what`, when user namespaces
+    /// are enabled; the caller holds `id_lock` until it has recorded it.
+    fn new_id_range(&self, what: &str) -> Result<Option<UserNamespace>, JobFailure> {
+        let Some(cfg) = &self.user_namespaces else {
+            return Ok(None);
+        };
+        free_id_range(&self.used_id_ranges(), cfg)
+            .map(Some)
+            .ok_or_else(|| {
+                JobFailure::internal(format!(
+                    "no host id range left for {what} (user_namespaces: first_host_id {}, \
+                     ids_per_phone {})",
+                    cfg.first_host_id, cfg.ids_per_phone
+                ))
+            })
+    }
+
     /// Creates a phone: volume from the image, container started.
     pub fn create(&self, server_id: &str, spec: &PhoneSpec) -> Result<(), JobFailure> {
         validate_properties(&spec.property)?;
@@ -565,23 +593,9 @@ impl Phones {
             }
         }
         let ids_guard = self.id_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let user_ns = match (existing.and_then(|e| e.user_ns), &self.user_namespaces) {
-            (Some(kept), _) => Some(kept),
-            (None, Some(cfg)) => {
-                let used: BTreeSet<u32> = self
-                    .records()
-                    .values()
-                    .filter_map(|r| r.user_ns.map(|u| u.host_id))
-                    .collect();
-                Some(free_id_range(&used, cfg).ok_or_else(|| {
-                    JobFailure::internal(format!(
-                        "no host id range left for phone {} (user_namespaces: first_host_id {}, \
-                         ids_per_phone {})",
-                        spec.phone_id, cfg.first_host_id, cfg.ids_per_phone
-                    ))
-                })?)
-            }
-            (None, None) => None,
+        let user_ns = match existing.and_then(|e| e.user_ns) {
+            Some(kept) => Some(kept),
+            None => self.new_id_range(&spec.phone_id)?,
         };
         let rec = PhoneRecord {
             spec: spec.clone(),

@@ -5,13 +5,17 @@
 //! phones switched to `routing` traffic use as their gateway (forwarding
 //! on inside it). Made when the server is created, restarted by the
 //! encoding-server restart job, removed with the server, started again
-//! after a host reboot.
+//! after a host reboot. With user namespaces enabled it runs in one of its
+//! own, like a phone, its id range kept in `encoders/<name>.json`.
 
 use std::collections::BTreeSet;
 
-use cph_runtime::container::{ContainerError, ContainerSpec, Status};
+use cph_runtime::container::{ContainerError, ContainerSpec, Status, UserNamespace};
 
-use super::{container_fail, container_name, network_fail, JobFailure, Phones, STOP_GRACE};
+use super::{
+    container_fail, container_name, io_fail, network_fail, write_atomic, JobFailure, Phones,
+    STOP_GRACE,
+};
 use crate::protocol::EncoderState;
 
 /// The reference's encoding server status codes.
@@ -89,6 +93,7 @@ impl Phones {
         }
         let mut c = ContainerSpec::new(&name, &rootfs);
         c.netns = netns;
+        c.user_ns = self.encoder_user_ns(&name)?;
         c.cpu_shares = Some(1024 * u64::from(spec.cpus));
         // The spec's CPUs as a quota over the default 100 ms period.
         c.cpu_quota_us = Some(100_000 * i64::from(spec.cpus));
@@ -111,7 +116,50 @@ impl Phones {
         if let Some(net) = &self.net {
             net.remove_phone(&id).map_err(network_fail)?;
         }
-        self.volumes.delete(&id)
+        self.volumes.delete(&id)?;
+        let kept = self.encoder_ns_file(&container_name(&id));
+        match std::fs::remove_file(&kept) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_fail("remove", &kept, e)),
+        }
+    }
+
+    /// Where the user namespace of the encoding container `name` is kept.
+    fn encoder_ns_file(&self, name: &str) -> std::path::PathBuf {
+        self.state_dir.join("encoders").join(format!("{name}.json"))
+    }
+
+    /// The encoding container's user namespace: the one it was given, or a
+    /// new range when user namespaces are enabled (`None` otherwise).
+    fn encoder_user_ns(&self, name: &str) -> Result<Option<UserNamespace>, JobFailure> {
+        let path = self.encoder_ns_file(name);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let kept = serde_json::from_str(&text).map_err(|e| io_fail("decode", &path, e))?;
+            return Ok(Some(kept));
+        }
+        let _ids = self.id_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ns) = self.new_id_range(name)? else {
+            return Ok(None);
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_fail("create", dir, e))?;
+        }
+        let bytes = serde_json::to_vec(&ns).map_err(|e| io_fail("encode", &path, e))?;
+        write_atomic(&path, &bytes).map_err(|e| io_fail("write", &path, e))?;
+        Ok(Some(ns))
+    }
+
+    /// Host id ranges the encoding containers hold.
+    pub(super) fn encoder_id_ranges(&self) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("encoders")) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str::<UserNamespace>(&t).ok())
+            .map(|u| u.host_id)
+            .collect()
     }
 
     /// The encoding servers of the recorded servers and their status.
