@@ -1350,3 +1350,66 @@ async fn expand_volume_jobs() {
     assert_eq!(r.body["error_code"], "CPS.0009");
     cp.stop().await;
 }
+
+/// A server's share apps snapshot is what its agent last reported, with
+/// the time; one package or a page at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_apps_snapshot() {
+    let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let path = format!("/v1/{{p}}/servers/{sid}/share-apps-snapshot");
+    let r = cp.call("GET", &path, None).await;
+    assert_eq!(
+        (r.status, r.body["share_apps"].clone()),
+        (200, json!([])),
+        "{:?}",
+        r.body
+    );
+    let apps = json!([{"package_name": "com.a.one", "versions": ["1.0"]},
+                      {"package_name": "com.a.two", "versions": []},
+                      {"package_name": "com.b.three", "versions": ["3", "3.1"]}]);
+    let r = cp
+        .agent_post(
+            "/agent/v1/heartbeat",
+            json!({"node_id": "n1", "phones": [], "jobs": [], "share_apps": apps}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = cp.call("GET", &path, None).await;
+    assert_eq!(r.body["share_apps"], apps);
+    assert!(
+        r.body["collect_time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body["page_info"]["next_marker"], Value::Null);
+    let r = cp.call("GET", &format!("{path}?limit=2"), None).await;
+    assert_eq!(r.body["share_apps"].as_array().map(Vec::len), Some(2));
+    assert_eq!(r.body["page_info"]["next_marker"], "com.a.two");
+    let r = cp
+        .call("GET", &format!("{path}?limit=2&marker=com.a.two"), None)
+        .await;
+    assert_eq!(r.body["share_apps"], json!([apps[2]]));
+    let r = cp
+        .call("GET", &format!("{path}?package_name=com.a.one"), None)
+        .await;
+    assert_eq!(r.body["share_apps"], json!([apps[0]]));
+    for (query, code) in [("limit=501", "CPS.0002"), ("package_name=1bad", "CPS.0173")] {
+        let r = cp.call("GET", &format!("{path}?{query}"), None).await;
+        assert_eq!(r.body["error_code"], code, "{query}");
+    }
+    let r = cp
+        .call(
+            "GET",
+            "/v1/{p}/servers/0123456789abcdef0123456789abcdef/share-apps-snapshot",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error_code"].as_str()),
+        (404, Some("CPS.0015"))
+    );
+    cp.stop().await;
+}

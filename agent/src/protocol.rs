@@ -76,6 +76,17 @@ pub struct Heartbeat {
     /// The encoding servers of this host's servers.
     #[serde(default)]
     pub encoders: Vec<EncoderState>,
+    /// The applications in this host's sharepool, as collected for this
+    /// heartbeat (`None` when they could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_apps: Option<Vec<ShareApp>>,
+}
+
+/// One shared application: its package and the versions of its APKs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareApp {
+    pub package_name: String,
+    pub versions: Vec<String>,
 }
 
 /// An encoding server's state, with the reference's status codes: 1

@@ -111,6 +111,9 @@ pub async fn heartbeat(
         }
         apply_phones(&st, &hb.node_id, &hb.phones)?;
         apply_encoders(&st, &hb.node_id, &hb.encoders)?;
+        if let Some(apps) = &hb.share_apps {
+            st.store.set_share_apps(&hb.node_id, apps)?;
+        }
         apply_jobs(&st, &hb.jobs)?;
         Ok(Accepted { accepted: true })
     })();

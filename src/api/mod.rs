@@ -194,6 +194,10 @@ pub fn router(state: Shared) -> Router {
             get(servers::share_files_list),
         )
         .route(
+            "/v1/{project_id}/servers/{server_id}/share-apps-snapshot",
+            get(servers::share_apps_snapshot),
+        )
+        .route(
             "/v1/{project_id}/cloud-phone/phones/share-apps",
             post(servers::share_apps_push).delete(servers::share_apps_delete),
         )

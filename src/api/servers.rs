@@ -212,6 +212,66 @@ pub async fn offerings(State(st): State<Shared>, Query(q): Query<OfferingsQuery>
 }
 
 #[derive(Deserialize)]
+pub struct ShareAppsQuery {
+    limit: Option<String>,
+    marker: Option<String>,
+    package_name: Option<String>,
+}
+
+/// Largest page of a share apps snapshot.
+pub const SHARE_APPS_LIMIT_MAX: usize = 500;
+
+/// `GET /v1/{project_id}/servers/{server_id}/share-apps-snapshot` (the
+/// SDK's `ListShareAppsSnapshot`): the applications in the server's
+/// sharepool with their versions, as its agent last collected them (every
+/// heartbeat), by package name; `package_name` picks one; `limit`
+/// (1..=500, default 100) at a time after `marker`, the last package of
+/// the page before.
+pub async fn share_apps_snapshot(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_, server_id)): Path<(String, String)>,
+    Query(q): Query<ShareAppsQuery>,
+) -> ApiResult {
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 100,
+        Some(s) => s.parse::<usize>().map_err(|_| ApiError::OffsetLimit)?,
+    };
+    if !(1..=SHARE_APPS_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::OffsetLimit.into());
+    }
+    if let Some(p) = q.package_name.as_deref().filter(|p| !p.is_empty()) {
+        validate::package(p)?;
+    }
+    let server = st
+        .store
+        .server(&c.project_id, &server_id)?
+        .ok_or_else(|| ApiError::ServerNotFound(server_id.clone()))?;
+    let (collect_time, apps) = st.store.share_apps(&server.node_id)?.unwrap_or_default();
+    let marker = q.marker.as_deref().filter(|m| !m.is_empty());
+    let wanted: Vec<_> = apps
+        .into_iter()
+        .filter(|a| {
+            q.package_name
+                .as_deref()
+                .is_none_or(|p| p.is_empty() || a.package_name == p)
+        })
+        .filter(|a| marker.is_none_or(|m| a.package_name.as_str() > m))
+        .collect();
+    let next = (wanted.len() > limit).then(|| wanted[limit - 1].package_name.clone());
+    let page: Vec<Value> = wanted
+        .into_iter()
+        .take(limit)
+        .map(|a| json!({"package_name": a.package_name, "versions": a.versions}))
+        .collect();
+    Ok(Reply::ok(json!({
+        "collect_time": collect_time,
+        "share_apps": page,
+        "page_info": {"next_marker": next},
+    })))
+}
+
+#[derive(Deserialize)]
 pub struct PortBody {
     name: String,
     listen_port: i64,

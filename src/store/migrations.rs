@@ -182,4 +182,9 @@ CREATE TABLE tags (
 );
 CREATE INDEX tags_by_project ON tags(project_id, resource_type, key);
 "#,
+    // 6: the shared applications each host's agent last reported, and when.
+    r#"
+ALTER TABLE nodes ADD COLUMN share_apps TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN share_apps_time TEXT NOT NULL DEFAULT '';
+"#,
 ];

@@ -811,6 +811,41 @@ impl Store {
         Ok(())
     }
 
+    /// Records the shared applications a node's agent collected now.
+    pub fn set_share_apps(
+        &self,
+        node_id: &str,
+        apps: &[cph_agent::protocol::ShareApp],
+    ) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE nodes SET share_apps = ?2, share_apps_time = ?3 WHERE node_id = ?1",
+            params![node_id, serde_json::to_string(apps)?, now_string()],
+        )?;
+        Ok(())
+    }
+
+    /// The shared applications of a node and when they were collected
+    /// (`None` before its agent reported any).
+    pub fn share_apps(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<(String, Vec<cph_agent::protocol::ShareApp>)>> {
+        let row: Option<(String, String)> = self
+            .db()?
+            .query_row(
+                "SELECT share_apps_time, share_apps FROM nodes WHERE node_id = ?1",
+                [node_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            Some((time, apps)) if !time.is_empty() => {
+                Ok(Some((time, serde_json::from_str(&apps)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Records the encoding server status a node's agent reports for its
     /// server (nothing when the server is not on that node).
     pub fn set_encoder_status(&self, node_id: &str, server_id: &str, status: i32) -> Result<()> {

@@ -123,13 +123,15 @@ def tar_bytes(files):
     return buf.getvalue()
 
 
-def apk_bytes(package, extra=None):
-    """An APK-shaped zip: an AndroidManifest.xml naming `package`."""
+def apk_bytes(package, extra=None, version=None):
+    """An APK-shaped zip: an AndroidManifest.xml naming `package` (and
+    `version` as its versionName)."""
+    named = f' android:versionName="{version}"' if version else ""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr(
             "AndroidManifest.xml",
-            f'<?xml version="1.0"?><manifest package="{package}"></manifest>',
+            f'<?xml version="1.0"?><manifest package="{package}"{named}></manifest>',
         )
         z.writestr("classes.dex", b"dex\n035\0")
         for name, data in (extra or {}).items():

@@ -12,6 +12,7 @@ from sdkutil import (
     DEV_SERVER_MODEL,
     apk_bytes,
     packages,
+    poll,
     push_share_tar,
     sdk_error,
     shell,
@@ -193,13 +194,25 @@ def test_share_files_delete(client, server, s3):
     assert "not found" in (job.execute_msg or ""), job
 
 
+def share_app_versions(client, server_id, pkg):
+    """The versions the server's share apps snapshot gives `pkg`, or None."""
+    snap = client.list_share_apps_snapshot(
+        m.ListShareAppsSnapshotRequest(server_id=server_id, package_name=pkg)
+    )
+    assert snap.collect_time, snap
+    apps = snap.share_apps or []
+    return apps[0].versions if apps else None
+
+
 def test_share_apps_push_and_delete(client, server, s3):
     server_id, phones = server
     pkg = "com.e2e.sharedapp"
     s3.put_object(
         Bucket="e2e",
         Key="share/app.tar",
-        Body=tar_bytes({"base.apk": apk_bytes(pkg), "lib/arm64/libe2e.so": b"\x7fELF"}),
+        Body=tar_bytes(
+            {"base.apk": apk_bytes(pkg, version="7.1"), "lib/arm64/libe2e.so": b"\x7fELF"}
+        ),
     )
     resp = client.push_share_apps(
         m.PushShareAppsRequest(
@@ -217,6 +230,8 @@ def test_share_apps_push_and_delete(client, server, s3):
         app = f"/data/media/share/apps/{pkg}"
         seen = shell(client, p, f"ls {app} {app}/lib/arm64")
         assert "base.apk" in seen and "libe2e.so" in seen, seen
+    # The server's snapshot of its shared apps shows it after a heartbeat.
+    assert poll(lambda: share_app_versions(client, server_id, pkg) == ["7.1"], 30, "snapshot")
     resp = client.delete_share_apps(
         m.DeleteShareAppsRequest(
             body=m.DeleteShareAppsRequestBody(package_name=pkg, server_ids=[server_id])
@@ -226,6 +241,7 @@ def test_share_apps_push_and_delete(client, server, s3):
     wait_jobs_ok(client, resp.jobs)
     for p in phones:
         assert pkg not in shell(client, p, "ls /data/media/share/apps")
+    assert poll(lambda: share_app_versions(client, server_id, pkg) is None, 30, "snapshot")
 
 
 def install(client, phone_id, command, content):

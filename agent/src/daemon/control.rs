@@ -93,15 +93,22 @@ pub async fn run(d: Arc<Daemon>) {
         let jobs: Vec<JobStatus> =
             std::mem::take(&mut *d.unreported.lock().unwrap_or_else(|p| p.into_inner()));
         let d2 = Arc::clone(&d);
-        let (phones, encoders) =
-            tokio::task::spawn_blocking(move || (d2.phones.states(), d2.phones.encoder_states()))
-                .await
-                .unwrap_or_default();
+        let (phones, encoders, share_apps) = tokio::task::spawn_blocking(move || {
+            let share_apps = d2
+                .phones
+                .share_paths()
+                .ok()
+                .and_then(|paths| super::transfer::share_apps(&paths).ok());
+            (d2.phones.states(), d2.phones.encoder_states(), share_apps)
+        })
+        .await
+        .unwrap_or_default();
         let hb = Heartbeat {
             node_id: d.node_id.clone(),
             phones,
             jobs: jobs.clone(),
             encoders,
+            share_apps,
         };
         let result = post(&client, &d, "/agent/v1/heartbeat", &hb)
             .await

@@ -23,7 +23,7 @@ use super::phones::validate_properties;
 use super::JobFailure;
 use crate::apk;
 use crate::objstore::{ObjectStore, ObjectStoreError, ObjectUrl, APK_MAX_BYTES, PUSH_MAX_BYTES};
-use crate::protocol::{ImageRef, ObjectRef, EXECUTE_MSG_MAX, MIGRATE_BUCKET};
+use crate::protocol::{ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, MIGRATE_BUCKET};
 
 /// Time an installation may take inside the phone.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -746,6 +746,38 @@ pub fn share_push_apps(
     ))
 }
 
+/// The applications of the sharepool: each `apps/<package>/` directory
+/// with the distinct versions its APKs' manifests give (an APK whose
+/// manifest cannot be read counts with no version); by package name.
+pub fn share_apps(paths: &SharePaths) -> std::io::Result<Vec<ShareApp>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&paths.apps)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_dir() || !apk::valid_package(&name) {
+            continue; // a push being staged (`.<package>.new`) or a stray file
+        }
+        let mut versions = std::collections::BTreeSet::new();
+        for f in std::fs::read_dir(entry.path())? {
+            let f = f?;
+            if !f.file_type()?.is_file() || f.path().extension() != Some("apk".as_ref()) {
+                continue;
+            }
+            let version = std::fs::File::open(f.path())
+                .ok()
+                .and_then(|file| apk::read_manifest(io::BufReader::new(file)).ok())
+                .and_then(|m| m.version);
+            versions.extend(version);
+        }
+        out.push(ShareApp {
+            package_name: name,
+            versions: versions.into_iter().collect(),
+        });
+    }
+    out.sort_by(|a, b| a.package_name.cmp(&b.package_name));
+    Ok(out)
+}
+
 /// Share apps deletion.
 pub fn share_delete_apps(ctx: &JobContext<'_>, packages: &[String]) -> Result<String, JobFailure> {
     if let Some(bad) = packages.iter().find(|p| !apk::valid_package(p)) {
@@ -802,6 +834,44 @@ mod tests {
         archive::extract(tar, dir.path(), &ExtractOptions::default()).expect("extract");
         let got = std::fs::read(dir.path().join("data/local/tmp/x/0.apk")).expect("read");
         assert_eq!(got, body);
+    }
+
+    #[test]
+    fn share_apps_with_the_versions_of_their_apks() {
+        use crate::apk::tests::{axml_doc, zip_with};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = SharePaths {
+            files: dir.path().join("files"),
+            apps: dir.path().join("apps"),
+        };
+        let apk = |version: &str| {
+            let doc = axml_doc(
+                &["manifest", "package", "com.e.game", "versionName", version],
+                &[(1, 2, 3, 2), (3, 4, 3, 4)],
+                &[],
+                true,
+            );
+            zip_with(&[("AndroidManifest.xml", &doc)])
+        };
+        let game = paths.apps.join("com.e.game");
+        std::fs::create_dir_all(&game).expect("mkdir");
+        std::fs::write(game.join("base.apk"), apk("2.0")).expect("base");
+        std::fs::write(game.join("split_a.apk"), apk("2.0")).expect("split");
+        std::fs::write(game.join("lib.so"), b"\x7fELF").expect("lib");
+        let broken = paths.apps.join("com.e.broken");
+        std::fs::create_dir_all(&broken).expect("mkdir");
+        std::fs::write(broken.join("base.apk"), b"not a zip").expect("broken");
+        std::fs::create_dir_all(paths.apps.join(".com.e.game.new")).expect("staging");
+        std::fs::write(paths.apps.join("stray.txt"), b"x").expect("stray");
+        let apps = share_apps(&paths).expect("apps");
+        let got: Vec<(&str, Vec<&str>)> = apps
+            .iter()
+            .map(|a| {
+                let v = a.versions.iter().map(String::as_str).collect();
+                (a.package_name.as_str(), v)
+            })
+            .collect();
+        assert_eq!(got, [("com.e.broken", vec![]), ("com.e.game", vec!["2.0"])]);
     }
 
     #[test]
