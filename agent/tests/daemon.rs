@@ -31,7 +31,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let create = json!({
         "server_id": server, "server_name": "test",
         "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
-                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+                    "core_bind_strategy": "dev_small", "extend_spec": {"max_share_disk_size_g": 2}},
         "image": {"image_id": "img", "url": format!("file://{}", image().display())},
         "ports": [], "band_width_size": 10, "public_key": null,
         "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
@@ -260,6 +260,18 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
             .count()
     };
     assert_eq!(placements(), 1);
+    // The flavor capped the sharepool; the configured cap comes back.
+    let cap = t
+        .state
+        .join("pool")
+        .join(cph_runtime::storage::SHARE_LIMIT_FILE);
+    let read_cap = || {
+        std::fs::read_to_string(&cap)
+            .expect("sharepool cap")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read_cap(), (2u64 << 30).to_string());
     let st = delete_server(&addr, &token, &server);
     assert_eq!(st["status"], 2, "{st}");
     assert!(
@@ -277,6 +289,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         assert!(left.is_empty(), "share/{dir} holds {left:?}");
     }
     assert_eq!(std::fs::read_to_string(&keys).expect("authorized_keys"), "");
+    assert_eq!(read_cap(), "0", "the configured cap (none)");
     assert_eq!(placements(), 0);
     // Asked again, the deletion is the same job, already done.
     assert_eq!(delete_server(&addr, &token, &server)["status"], 2);

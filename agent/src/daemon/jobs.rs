@@ -270,9 +270,10 @@ fn delete_server(ctx: &JobContext<'_>, server_id: &str) -> Result<String, JobFai
     write_authorized_keys(ctx)?;
     let mut msg = format!("server {server_id} released, {deleted} phones deleted");
     // The sharepool belongs to the host's servers: the next buyer of the
-    // host starts with an empty one.
+    // host starts with an empty one, of the configured size.
     if ctx.phones.server_ids().is_empty() {
         let removed = transfer::empty_sharepool(ctx)?;
+        ctx.phones.reset_share_limit()?;
         msg.push_str(&format!("; sharepool emptied ({removed} entries)"));
     }
     Ok(msg)

@@ -205,7 +205,8 @@ impl Daemon {
         let shim = shim_path(&cfg)?;
         let node_id = machine_id();
         let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &node_id);
-        let volumes = volumes::Volumes::open(storage).map_err(DaemonError::Storage)?;
+        let volumes = volumes::Volumes::open(storage, cfg.storage.share_size_gb)
+            .map_err(DaemonError::Storage)?;
         let net = if cfg.network.enabled {
             match network::Network::open(&cfg) {
                 Ok(n) => Some(n),
@@ -498,7 +499,8 @@ impl Daemon {
 pub fn purge(cfg: AgentConfig) -> Result<Vec<String>, DaemonError> {
     let shim = shim_path(&cfg)?;
     let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &machine_id());
-    let volumes = volumes::Volumes::open(storage).map_err(DaemonError::Storage)?;
+    let volumes =
+        volumes::Volumes::open(storage, cfg.storage.share_size_gb).map_err(DaemonError::Storage)?;
     let net = if cfg.network.enabled {
         match network::Network::open(&cfg) {
             Ok(n) => Some(n),

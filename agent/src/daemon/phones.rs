@@ -414,6 +414,11 @@ impl Phones {
         self.volumes.share_paths()
     }
 
+    /// Returns the sharepool to the configured cap.
+    pub fn reset_share_limit(&self) -> Result<(), JobFailure> {
+        self.volumes.reset_share_limit()
+    }
+
     /// Size, use and room of the sharepool.
     pub fn share_usage(&self) -> Result<ShareUsage, JobFailure> {
         self.volumes.share_usage()

@@ -25,6 +25,9 @@ const GIB: u64 = 1 << 30;
 /// The agent's phone volumes.
 pub struct Volumes {
     storage: Box<dyn Storage>,
+    /// The sharepool cap of the configuration (`storage.share_size_gb`),
+    /// which a host holding no server returns to.
+    default_share_gb: u64,
 }
 
 /// A storage error as a job failure with the reference's code where one
@@ -102,10 +105,14 @@ fn is_block_device(path: &Path) -> bool {
 }
 
 impl Volumes {
-    /// Prepares (or rediscovers) the pool of `storage`.
-    pub fn open(storage: Box<dyn Storage>) -> Result<Self, JobFailure> {
+    /// Prepares (or rediscovers) the pool of `storage`; `default_share_gb`
+    /// is the configured sharepool cap.
+    pub fn open(storage: Box<dyn Storage>, default_share_gb: u64) -> Result<Self, JobFailure> {
         storage.prepare().map_err(storage_fail)?;
-        Ok(Self { storage })
+        Ok(Self {
+            storage,
+            default_share_gb,
+        })
     }
 
     /// Imports an image from any tar or tar.gz stream, unless the pool
@@ -223,6 +230,12 @@ impl Volumes {
     /// The sharepool's host directories.
     pub fn share_paths(&self) -> Result<SharePaths, JobFailure> {
         self.storage.share_paths().map_err(storage_fail)
+    }
+
+    /// Returns the sharepool to the configured cap (a server's flavor may
+    /// have set another).
+    pub fn reset_share_limit(&self) -> Result<(), JobFailure> {
+        self.set_share_limit_gb(self.default_share_gb)
     }
 
     /// Caps the sharepool at `gb` GiB (a flavor's `max_share_disk_size_g`).
