@@ -1,5 +1,5 @@
 //! `cph admin`: projects, credentials and users, written straight into the
-//! data dir's store.
+//! data dir's store; the fleet's hosts.
 
 use std::path::Path;
 
@@ -60,4 +60,29 @@ pub fn keypair_create(
         .project(project)?
         .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
     s.put_keypair(&p.project_id, name, public_key)
+}
+
+/// Lists the fleet's hosts as `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-` lines.
+pub fn host_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let s = Store::open_dir(data_dir)?;
+    Ok(s.nodes()?
+        .into_iter()
+        .map(|n| {
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                n.node_id,
+                n.hostname,
+                n.server_model,
+                n.server_ip,
+                if n.alive { "alive" } else { "silent" },
+                n.server_id.as_deref().unwrap_or("-")
+            )
+        })
+        .collect())
+}
+
+/// Takes a silent host out of the fleet, releasing the server on it;
+/// the released server's id.
+pub fn host_forget(data_dir: &Path, node_id: &str) -> Result<Option<String>, StoreError> {
+    Store::open_dir(data_dir)?.forget_node(node_id)
 }

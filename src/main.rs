@@ -169,6 +169,21 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AdminUser,
     },
+    /// The fleet's hosts (agents).
+    Host {
+        #[command(subcommand)]
+        command: AdminHost,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminHost {
+    /// List hosts: id, hostname, model, address, alive or silent, server.
+    List,
+    /// Take a host that is gone for good (its agent silent) out of the
+    /// fleet: the server on it is released with its phones and its
+    /// unfinished jobs fail. Purge its agent before it joins again.
+    Forget { node_id: String },
 }
 
 #[derive(Subcommand)]
@@ -303,6 +318,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 for l in cph::admin::project_list(&data_dir)? {
                     println!("{l}");
+                }
+                Ok(())
+            }
+            AdminCommand::Host {
+                command: AdminHost::List,
+            } => {
+                for l in cph::admin::host_list(&data_dir)? {
+                    println!("{l}");
+                }
+                Ok(())
+            }
+            AdminCommand::Host {
+                command: AdminHost::Forget { node_id },
+            } => {
+                match cph::admin::host_forget(&data_dir, &node_id)? {
+                    Some(server) => println!("host {node_id} forgotten; server {server} released"),
+                    None => println!("host {node_id} forgotten"),
                 }
                 Ok(())
             }

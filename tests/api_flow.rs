@@ -1413,3 +1413,69 @@ async fn share_apps_snapshot() {
     );
     cp.stop().await;
 }
+
+/// `cph admin host forget`: a host whose agent went silent for good leaves
+/// the fleet with its server released; a live or unknown host is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_host_is_forgotten_with_its_server() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let store = cph::store::Store::open_dir(dir.path()).expect("store");
+    let gone = store
+        .server(&cp.project_id, &sid)
+        .expect("server")
+        .expect("bought")
+        .node_id;
+    let live = if gone == "n1" { "n2" } else { "n1" };
+    let beat = {
+        let (base, live) = (cp.base.clone(), live.to_string());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                let _ = http
+                    .post(format!("{base}/agent/v1/heartbeat"))
+                    .bearer_auth(NODE_TOKEN)
+                    .json(&json!({"node_id": live, "phones": [], "jobs": []}))
+                    .send()
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    for _ in 0..100 {
+        if cp.call("GET", &server_path, None).await.body["status"] == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(cp.call("GET", &server_path, None).await.body["status"], 2);
+
+    let d = dir.path();
+    assert!(matches!(
+        cph::admin::host_forget(d, live),
+        Err(cph::store::StoreError::NodeAlive(_))
+    ));
+    assert!(matches!(
+        cph::admin::host_forget(d, "nope"),
+        Err(cph::store::StoreError::NodeNotFound(_))
+    ));
+    assert_eq!(
+        cph::admin::host_forget(d, &gone).expect("forget"),
+        Some(sid)
+    );
+    let hosts = cph::admin::host_list(d).expect("hosts");
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert!(
+        hosts[0].starts_with(&format!("{live}\t")) && hosts[0].ends_with("\talive\t-"),
+        "{hosts:?}"
+    );
+    let r = cp.call("GET", &server_path, None).await;
+    assert_eq!(r.body["error_code"], "CPS.0015");
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/phones", None).await;
+    assert_eq!(r.body["phones"], json!([]));
+    // The live host is the one left to buy.
+    buy(&cp, &seen, 1).await;
+    beat.abort();
+    cp.stop().await;
+}

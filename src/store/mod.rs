@@ -35,6 +35,12 @@ pub enum StoreError {
     ProjectExists(String),
     #[error("store lock poisoned")]
     Poisoned,
+    #[error("host {0} not found")]
+    NodeNotFound(String),
+    #[error(
+        "host {0} is alive: delete its server through the API (DeleteCloudPhoneServer) instead"
+    )]
+    NodeAlive(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -458,6 +464,29 @@ fn like_pattern(s: &str) -> String {
     }
     out.push('%');
     out
+}
+
+/// Removes a server's phones, tags and row, and its bandwidth once no
+/// other server uses it.
+fn drop_server(tx: &rusqlite::Transaction<'_>, server_id: &str) -> Result<()> {
+    let band: Option<String> = tx
+        .query_row(
+            "SELECT band_width_id FROM servers WHERE server_id = ?1",
+            [server_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    tx.execute("DELETE FROM phones WHERE server_id = ?1", [server_id])?;
+    tx.execute("DELETE FROM servers WHERE server_id = ?1", [server_id])?;
+    tx.execute("DELETE FROM tags WHERE resource_id = ?1", [server_id])?;
+    if let Some(band) = band.filter(|b| !b.is_empty()) {
+        tx.execute(
+            "DELETE FROM bandwidths WHERE band_width_id = ?1
+                   AND NOT EXISTS (SELECT 1 FROM servers WHERE band_width_id = ?1)",
+            [&band],
+        )?;
+    }
+    Ok(())
 }
 
 /// Salted password hash (SHA-256 of salt || password).
@@ -1140,25 +1169,49 @@ impl Store {
     pub fn release_server(&self, server_id: &str) -> Result<()> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
-        let band: Option<String> = tx
+        drop_server(&tx, server_id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a host that is gone for good (its agent silent): the
+    /// server on it is released as by [`Store::release_server`], its
+    /// unfinished jobs fail, and the host leaves the fleet. Returns the
+    /// released server's id. A host whose agent answers is refused.
+    pub fn forget_node(&self, node_id: &str) -> Result<Option<String>> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let alive: Option<i64> = tx
             .query_row(
-                "SELECT band_width_id FROM servers WHERE server_id = ?1",
-                [server_id],
+                "SELECT alive FROM nodes WHERE node_id = ?1",
+                [node_id],
                 |r| r.get(0),
             )
             .optional()?;
-        tx.execute("DELETE FROM phones WHERE server_id = ?1", [server_id])?;
-        tx.execute("DELETE FROM servers WHERE server_id = ?1", [server_id])?;
-        tx.execute("DELETE FROM tags WHERE resource_id = ?1", [server_id])?;
-        if let Some(band) = band.filter(|b| !b.is_empty()) {
-            tx.execute(
-                "DELETE FROM bandwidths WHERE band_width_id = ?1
-                   AND NOT EXISTS (SELECT 1 FROM servers WHERE band_width_id = ?1)",
-                [&band],
-            )?;
+        match alive {
+            None => return Err(StoreError::NodeNotFound(node_id.to_string())),
+            Some(a) if a != 0 => return Err(StoreError::NodeAlive(node_id.to_string())),
+            Some(_) => {}
         }
+        let server: Option<String> = tx
+            .query_row(
+                "SELECT server_id FROM servers WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute(
+            "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
+               error_msg = 'the host of the server was taken out of the fleet', end_time = ?2
+             WHERE node_id = ?1 AND status = 1",
+            params![node_id, now_string()],
+        )?;
+        if let Some(server) = &server {
+            drop_server(&tx, server)?;
+        }
+        tx.execute("DELETE FROM nodes WHERE node_id = ?1", [node_id])?;
         tx.commit()?;
-        Ok(())
+        Ok(server)
     }
 
     /// Marks a server abnormal (2), as after a deletion that failed.
