@@ -15,11 +15,12 @@ CPH_NO_OPENAT2=1 cargo test -p cph-runtime --test archive
 # The runtime's container tests on cgroup v2 alone, in a virtual machine.
 scripts/cgroup-v2-vm.sh
 
-# The platform of the README's first command, on ports of its own.
+# The platform of the README's first command, on ports of its own, its API
+# over HTTPS (the official SDK trusts the certificate `cph up --tls` made).
 data=$(mktemp -d /tmp/cph-e2e.XXXXXX)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=$(port); agent=$(port); obs=$(port)
-target/debug/cph up --data-dir "$data" --image "$CPH_TEST_IMAGE" \
+target/debug/cph up --data-dir "$data" --image "$CPH_TEST_IMAGE" --tls \
     --listen "127.0.0.1:$api" --agent-listen "127.0.0.1:$agent" --obs-listen "127.0.0.1:$obs" \
     >"$data/up.log" 2>&1 &
 up_pid=$!

@@ -56,6 +56,10 @@ pub struct Credentials {
     pub obs_ak: Option<String>,
     #[serde(default)]
     pub obs_sk: Option<String>,
+    /// A certificate (PEM) to trust for an HTTPS endpoint, beside the
+    /// system's roots: `cph up --tls` writes its own here.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Credentials {
@@ -93,14 +97,22 @@ impl Client {
             .unwrap_or(&creds.endpoint)
             .trim_end_matches('/')
             .to_string();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|source| ClientError::Http {
-                method: "GET",
-                path: creds.endpoint.clone(),
+        let http_err = |source| ClientError::Http {
+            method: "GET",
+            path: creds.endpoint.clone(),
+            source,
+        };
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(path) = &creds.ca_cert {
+            let pem = std::fs::read(path).map_err(|source| ClientError::Io {
+                what: "read",
+                path: path.clone(),
                 source,
             })?;
+            builder = builder
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(http_err)?);
+        }
+        let http = builder.build().map_err(http_err)?;
         Ok(Self { http, creds, host })
     }
 

@@ -50,6 +50,11 @@ enum Command {
         /// the free space).
         #[arg(long, requires = "user_namespaces")]
         pool_size_gb: Option<u64>,
+        /// Serve the CPH API over HTTPS with a self-signed certificate
+        /// made in the data dir (`tls/`); credentials.json names it as
+        /// `ca_cert` for clients to trust.
+        #[arg(long)]
+        tls: bool,
     },
     /// Serve the CPH API (control plane) until Ctrl-C or SIGTERM.
     Serve {
@@ -63,6 +68,12 @@ enum Command {
         /// Seconds between agent heartbeats.
         #[arg(long, default_value_t = 10)]
         heartbeat_secs: u64,
+        /// Serve HTTPS with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Projects, credentials and users of a data dir.
     Admin {
@@ -266,6 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             phones,
             user_namespaces,
             pool_size_gb,
+            tls,
         } => Ok(cph::up::up(&cph::up::UpOptions {
             data_dir,
             image,
@@ -275,15 +287,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             phones,
             user_namespaces,
             pool_size_gb,
+            tls,
         })?),
         Command::Serve {
             data_dir,
             listen,
             test_image_url,
             heartbeat_secs,
+            tls_cert,
+            tls_key,
         } => {
             let mut cfg = cph::serve::ServeConfig::new(data_dir);
             cfg.heartbeat_secs = heartbeat_secs;
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                cfg.tls = Some(cph::serve::TlsFiles { cert, key });
+            }
             if let Some(u) = test_image_url {
                 cfg.test_image_url = u;
             }

@@ -80,6 +80,9 @@ pub struct UpOptions {
     /// Size of those volumes' sparse pool file in GiB, when it is made
     /// (`None`: [`BTRFS_POOL_BASE_GB`] + [`BTRFS_POOL_GB_PER_PHONE`] per phone).
     pub pool_size_gb: Option<u64>,
+    /// The CPH API over HTTPS, with a self-signed certificate of the data
+    /// dir.
+    pub tls: bool,
 }
 
 /// What a client needs to use the platform; `<data-dir>/credentials.json`.
@@ -92,6 +95,10 @@ pub struct Credentials {
     pub obs_endpoint: String,
     pub obs_ak: String,
     pub obs_sk: String,
+    /// The certificate an HTTPS `endpoint` is served with, for clients to
+    /// trust (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Secrets shared between the local services, kept across restarts.
@@ -411,9 +418,20 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
             q(&dir.join("pool").to_string_lossy())
         )
     };
+    // With --tls the API is HTTPS with the data dir's own certificate.
+    let (cp, ca) = if opts.tls {
+        let cert = opts.data_dir.join("tls").join("cert.pem");
+        (
+            local_url(opts.listen).replacen("http://", "https://", 1),
+            format!("control_plane_ca = {}\n", q(&cert.to_string_lossy())),
+        )
+    } else {
+        (local_url(opts.listen), String::new())
+    };
     format!(
         "# Written by `cph up` at every start.\n\
          control_plane_url = {cp}\n\
+         {ca}\
          node_token = {token}\n\
          listen = {listen}\n\
          state_dir = {state}\n\
@@ -436,7 +454,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          access_key = {ak}\n\
          secret_key = {sk}\n\
          path_style = true\n",
-        cp = q(&local_url(opts.listen)),
+        cp = q(&cp),
         token = q(&secrets.node_token),
         listen = q(&opts.agent_listen.to_string()),
         state = q(&dir.to_string_lossy()),
@@ -486,7 +504,17 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
     std::fs::create_dir_all(&control).map_err(io("create", &control))?;
     let image_url = format!("file://{}", image.display());
     write_private(&control.join("node-token"), secrets.node_token.as_bytes())?;
-    let creds = bootstrap(&control, opts, &secrets)?;
+    let tls = if opts.tls {
+        Some(self_signed(&data.join("tls"), opts.listen)?)
+    } else {
+        None
+    };
+    let creds = bootstrap(
+        &control,
+        opts,
+        &secrets,
+        tls.as_ref().map(|t| t.cert.clone()),
+    )?;
     let mut cp = Command::new(&cph);
     cp.arg("serve")
         .arg("--data-dir")
@@ -495,6 +523,12 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
         .arg(opts.listen.to_string())
         .arg("--test-image-url")
         .arg(&image_url);
+    if let Some(t) = &tls {
+        cp.arg("--tls-cert")
+            .arg(&t.cert)
+            .arg("--tls-key")
+            .arg(&t.key);
+    }
     let cp = Service::spawn(
         "control plane",
         cp,
@@ -540,14 +574,23 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
 
 /// Creates (once) the default project, its AK/SK and a keypair named
 /// `default`, and writes `credentials.json`.
-fn bootstrap(control: &Path, opts: &UpOptions, secrets: &Secrets) -> Result<Credentials, UpError> {
+fn bootstrap(
+    control: &Path,
+    opts: &UpOptions,
+    secrets: &Secrets,
+    ca_cert: Option<PathBuf>,
+) -> Result<Credentials, UpError> {
     let path = opts.data_dir.join("credentials.json");
-    let endpoint = local_url(opts.listen);
+    let mut endpoint = local_url(opts.listen);
+    if ca_cert.is_some() {
+        endpoint = endpoint.replacen("http://", "https://", 1);
+    }
     let obs_endpoint = local_url(opts.obs_listen);
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(mut c) = serde_json::from_str::<Credentials>(&text) {
             c.endpoint = endpoint;
             c.obs_endpoint = obs_endpoint;
+            c.ca_cert = ca_cert;
             write_private(&path, &serde_json::to_vec_pretty(&c).unwrap_or_default())?;
             return Ok(c);
         }
@@ -572,12 +615,42 @@ fn bootstrap(control: &Path, opts: &UpOptions, secrets: &Secrets) -> Result<Cred
         obs_endpoint,
         obs_ak: secrets.obs_ak.clone(),
         obs_sk: secrets.obs_sk.clone(),
+        ca_cert,
     };
     write_private(
         &path,
         &serde_json::to_vec_pretty(&creds).unwrap_or_default(),
     )?;
     Ok(creds)
+}
+
+/// The data dir's self-signed certificate of the CPH API (`cert.pem`,
+/// `key.pem` in `dir`), made the first time, for `localhost`, 127.0.0.1,
+/// ::1 and the address listened on.
+fn self_signed(dir: &Path, listen: SocketAddr) -> Result<crate::serve::TlsFiles, UpError> {
+    let files = crate::serve::TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    if files.cert.is_file() && files.key.is_file() {
+        return Ok(files);
+    }
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        names.push(listen.ip().to_string());
+    }
+    let made = rcgen::generate_simple_self_signed(names).map_err(|e| UpError::Bootstrap {
+        what: "make the API's certificate",
+        reason: e.to_string(),
+    })?;
+    write_private(&files.key, made.key_pair.serialize_pem().as_bytes())?;
+    write_private(&files.cert, made.cert.pem().as_bytes())?;
+    Ok(files)
 }
 
 /// Public key of the default keypair (replace it with `cph admin` for real use).
@@ -629,6 +702,7 @@ mod tests {
             phones: 2,
             user_namespaces,
             pool_size_gb: None,
+            tls: false,
         }
     }
 
@@ -675,6 +749,18 @@ mod tests {
         assert_ne!(cfg.network.nft_table, cfg2.network.nft_table);
         assert_ne!(cfg.network.subnet, cfg2.network.subnet);
         assert!(cfg2.network.bridge.len() <= 15);
+        assert_eq!(cfg.control_plane_url, "http://127.0.0.1:8443");
+        assert_eq!(cfg.control_plane_ca, None);
+
+        // With --tls the agent speaks HTTPS and trusts the data dir's certificate.
+        let tls = UpOptions { tls: true, ..other };
+        let text3 = agent_config(&tls, &secrets, Path::new("/srv/cph-second/agent"));
+        let cfg3: cph_agent::config::AgentConfig = toml::from_str(&text3).expect("valid config");
+        assert_eq!(cfg3.control_plane_url, "https://127.0.0.1:8443");
+        assert_eq!(
+            cfg3.control_plane_ca,
+            Some(PathBuf::from("/srv/cph-second/tls/cert.pem"))
+        );
     }
 
     #[test]

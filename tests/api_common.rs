@@ -42,15 +42,44 @@ pub fn prepare(dir: &std::path::Path, project: &str) -> String {
 
 impl Cp {
     pub async fn start(dir: PathBuf) -> Cp {
+        Self::start_with(dir, None).await
+    }
+
+    /// Serves HTTPS with a self-signed certificate for 127.0.0.1 made in
+    /// `dir/tls`; the certificate's path, which `http` trusts.
+    pub async fn start_tls(dir: PathBuf) -> (Cp, PathBuf) {
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).expect("tls dir");
+        let made =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        let files = cph::serve::TlsFiles {
+            cert: tls.join("cert.pem"),
+            key: tls.join("key.pem"),
+        };
+        std::fs::write(&files.cert, made.cert.pem()).expect("cert");
+        std::fs::write(&files.key, made.key_pair.serialize_pem()).expect("key");
+        let cert = files.cert.clone();
+        (Self::start_with(dir, Some(files)).await, cert)
+    }
+
+    async fn start_with(dir: PathBuf, tls: Option<cph::serve::TlsFiles>) -> Cp {
         let project_id = prepare(&dir, "p1");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().expect("addr"));
+        let mut http = reqwest::Client::builder();
+        if let Some(t) = &tls {
+            let pem = std::fs::read(&t.cert).expect("read cert");
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"));
+        }
+        let http = http.build().expect("http client");
         let mut cfg = ServeConfig::new(dir.clone());
         cfg.node_token = Some(NODE_TOKEN.into());
         cfg.heartbeat_secs = 1;
         cfg.test_image_url = "file:///nonexistent/test.tar.gz".into();
+        cfg.tls = tls;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             serve(cfg, listener, async {
@@ -59,7 +88,6 @@ impl Cp {
             .await
             .expect("serve");
         });
-        let http = reqwest::Client::new();
         let mut cp = Cp {
             base,
             project_id,

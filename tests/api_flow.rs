@@ -1479,3 +1479,37 @@ async fn a_silent_host_is_forgotten_with_its_server() {
     beat.abort();
     cp.stop().await;
 }
+
+/// The API over HTTPS (`cph serve --tls-cert`): the token login and a
+/// signed `cph` client call go through with the certificate trusted; a
+/// plain HTTP request or a client that does not trust it gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cp, cert) = Cp::start_tls(dir.path().to_path_buf()).await;
+    assert!(cp.base.starts_with("https://"));
+    // The login in `start_tls` went over TLS; so does a listing.
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/servers", None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The `cph` client, signing with AK/SK, trusting the certificate.
+    let (project_id, ak, sk) = cph::admin::credential_create(dir.path(), "p1").expect("ak/sk");
+    let creds = dir.path().join("credentials.json");
+    let write = |ca: Option<&std::path::Path>| {
+        let v = json!({"endpoint": cp.base, "project_id": project_id, "ak": ak, "sk": sk,
+                       "ca_cert": ca});
+        std::fs::write(&creds, v.to_string()).expect("credentials");
+    };
+    write(Some(&cert));
+    let ok = cph::client::run(&creds, cph::client::Action::Servers).await;
+    assert!(matches!(ok, Ok(true)), "{ok:?}");
+    write(None);
+    let untrusted = cph::client::run(&creds, cph::client::Action::Servers).await;
+    assert!(
+        matches!(untrusted, Err(cph::client::ClientError::Http { .. })),
+        "{untrusted:?}"
+    );
+    let plain = cp.base.replacen("https://", "http://", 1);
+    let r = reqwest::get(format!("{plain}/v3/projects")).await;
+    assert!(r.is_err(), "plain HTTP answered: {r:?}");
+    cp.stop().await;
+}

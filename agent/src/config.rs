@@ -28,6 +28,9 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// Control-plane base URL the agent registers with.
     pub control_plane_url: String,
+    /// A certificate (PEM) trusted for an `https` control-plane URL beside
+    /// the system's roots (a control plane with a certificate of its own).
+    pub control_plane_ca: Option<PathBuf>,
     /// Shared secret the control plane and the agent present to each other.
     pub node_token: String,
     /// Address the agent protocol listens on.
@@ -233,6 +236,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             control_plane_url: "http://127.0.0.1:8443".to_string(),
+            control_plane_ca: None,
             node_token: String::new(),
             listen: "127.0.0.1:8600".to_string(),
             state_dir: PathBuf::from("/var/lib/cph-agent"),

@@ -15,6 +15,7 @@ import os
 import pytest
 
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
+from huaweicloudsdkcore.http.http_config import HttpConfig
 from huaweicloudsdkcph.v1 import CphClient
 from huaweicloudsdkcph.v1 import model as m
 
@@ -42,15 +43,24 @@ def creds():
         return json.load(f)
 
 
-def make_client(ak, sk, project_id, endpoint):
+def make_client(ak, sk, project_id, endpoint, ca_cert=None):
+    """An SDK client; over HTTPS it trusts `ca_cert` (the certificate
+    `cph up --tls` made)."""
     cred = BasicCredentials(ak, sk, project_id)
-    return CphClient.new_builder().with_credentials(cred).with_endpoints([endpoint]).build()
+    builder = CphClient.new_builder().with_credentials(cred).with_endpoints([endpoint])
+    if ca_cert:
+        config = HttpConfig.get_default_config()
+        config.ssl_ca_cert = ca_cert
+        builder = builder.with_http_config(config)
+    return builder.build()
 
 
 @pytest.fixture(scope="session")
 def raw_client(creds):
     """The SDK client as it is."""
-    return make_client(creds["ak"], creds["sk"], creds["project_id"], creds["endpoint"])
+    return make_client(
+        creds["ak"], creds["sk"], creds["project_id"], creds["endpoint"], creds.get("ca_cert")
+    )
 
 
 @pytest.fixture(scope="session")

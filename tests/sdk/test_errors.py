@@ -189,6 +189,12 @@ def test_invalid_parameters(client, server):
 
 
 def test_wrong_secret_key_is_refused(creds):
-    bad = make_client(creds["ak"], "wrong" + creds["sk"], creds["project_id"], creds["endpoint"])
+    bad = make_client(
+        creds["ak"],
+        "wrong" + creds["sk"],
+        creds["project_id"],
+        creds["endpoint"],
+        creds.get("ca_cert"),
+    )
     e = sdk_error(bad.list_cloud_phones, m.ListCloudPhonesRequest())
     assert e.status_code == 401, e

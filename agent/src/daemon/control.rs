@@ -18,9 +18,23 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long an early heartbeat waits for other jobs ending with the first.
 const GATHER: Duration = Duration::from_millis(200);
 
-fn client() -> Option<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+/// The HTTP client of the control plane, trusting `control_plane_ca`
+/// beside the system's roots.
+fn client(d: &Daemon) -> Option<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(path) = &d.cfg.control_plane_ca {
+        let cert = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()));
+        match cert {
+            Ok(c) => builder = builder.add_root_certificate(c),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "control_plane_ca not usable");
+                return None;
+            }
+        }
+    }
+    builder
         .build()
         .map_err(|e| tracing::error!(error = %e, "control-plane client not built"))
         .ok()
@@ -55,7 +69,7 @@ pub async fn run(d: Arc<Daemon>) {
     if d.cfg.control_plane_url.is_empty() {
         return;
     }
-    let Some(client) = client() else { return };
+    let Some(client) = client(&d) else { return };
     let mut backoff = Duration::from_secs(1);
     let mut period = Duration::from_secs(d.cfg.heartbeat_secs.max(1));
     // Register.
