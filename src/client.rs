@@ -310,6 +310,27 @@ pub enum Action {
     DeleteServers {
         server_ids: Vec<String>,
     },
+    Restart {
+        phones: Vec<String>,
+    },
+    Stop {
+        phones: Vec<String>,
+    },
+    Reset {
+        phones: Vec<String>,
+        image_id: Option<String>,
+    },
+    Install {
+        phones: Vec<String>,
+        /// The APK: a local path or an `obs://` URL.
+        file: String,
+        /// `pm install` options such as `-r -t`.
+        options: String,
+    },
+    Uninstall {
+        phones: Vec<String>,
+        package: String,
+    },
 }
 
 /// Longest a command waits on its jobs.
@@ -381,20 +402,37 @@ async fn upload(creds: &Credentials, file: &Path) -> Result<String, ClientError>
     Ok(format!("obs://{bucket}/{key}"))
 }
 
-/// An ADB command (`POST .../phones/commands`) on `targets` phones,
-/// followed to the end; `Ok(false)` unless every phone's job succeeded.
-async fn commands(client: &Client, body: &Value, targets: usize) -> Result<bool, ClientError> {
-    let answer = client
-        .call(
-            "POST",
-            "/v1/{p}/cloud-phone/phones/commands",
-            "",
-            Some(body),
-        )
-        .await?;
+/// A batch operation (`POST path`) on `targets` phones, followed to the
+/// end; `Ok(false)` unless every phone's job succeeded.
+async fn batch(
+    client: &Client,
+    path: &str,
+    body: &Value,
+    targets: usize,
+) -> Result<bool, ClientError> {
+    let answer = client.call("POST", path, "", Some(body)).await?;
     let jobs = Client::jobs_of(&answer);
     let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
     Ok(print_jobs(&answers, &jobs) && jobs.len() == targets)
+}
+
+/// An ADB command (`POST .../phones/commands`) on `targets` phones.
+async fn commands(client: &Client, body: &Value, targets: usize) -> Result<bool, ClientError> {
+    batch(client, "/v1/{p}/cloud-phone/phones/commands", body, targets).await
+}
+
+/// `{"phones": [{"phone_id": ..}, ..]}` entries.
+fn phone_entries(phones: &[String]) -> Value {
+    Value::Array(phones.iter().map(|p| json!({ "phone_id": p })).collect())
+}
+
+/// An `obs://` URL as it is, a local file uploaded to the platform's store.
+async fn object_url(creds: &Credentials, file: String) -> Result<String, ClientError> {
+    if file.starts_with("obs://") {
+        Ok(file)
+    } else {
+        upload(creds, Path::new(&file)).await
+    }
 }
 
 /// Runs one client action; `Ok(false)` when a job failed.
@@ -446,13 +484,41 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
             commands(&client, &body, phones.len()).await
         }
         Action::Push { phones, file } => {
-            let url = if file.starts_with("obs://") {
-                file
-            } else {
-                upload(&creds, Path::new(&file)).await?
-            };
+            let url = object_url(&creds, file).await?;
             let body = json!({"command": "push", "content": url, "phone_ids": phones});
             commands(&client, &body, phones.len()).await
+        }
+        Action::Install {
+            phones,
+            file,
+            options,
+        } => {
+            let url = object_url(&creds, file).await?;
+            let content = format!("{} {url}", options.trim()).trim().to_string();
+            let body = json!({"command": "install", "content": content, "phone_ids": phones});
+            commands(&client, &body, phones.len()).await
+        }
+        Action::Uninstall { phones, package } => {
+            let body = json!({"command": "uninstall", "content": package, "phone_ids": phones});
+            commands(&client, &body, phones.len()).await
+        }
+        Action::Restart { phones } => {
+            let body = json!({ "phones": phone_entries(&phones) });
+            let path = "/v1/{p}/cloud-phone/phones/batch-restart";
+            batch(&client, path, &body, phones.len()).await
+        }
+        Action::Stop { phones } => {
+            let body = json!({ "phone_ids": phones });
+            let path = "/v1/{p}/cloud-phone/phones/batch-stop";
+            batch(&client, path, &body, phones.len()).await
+        }
+        Action::Reset { phones, image_id } => {
+            let mut body = json!({ "phones": phone_entries(&phones) });
+            if let Some(id) = image_id {
+                body["image_id"] = json!(id);
+            }
+            let path = "/v1/{p}/cloud-phone/phones/batch-reset";
+            batch(&client, path, &body, phones.len()).await
         }
         Action::Jobs { job_ids } => {
             let jobs: Vec<JobRef> = job_ids

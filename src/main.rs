@@ -129,6 +129,53 @@ enum Command {
         #[arg(required = true)]
         job_ids: Vec<String>,
     },
+    /// Install an APK in phones: a local file (uploaded to the platform's
+    /// object store first) or an obs:// URL.
+    Install {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// The APK: a local path or obs://bucket/key.apk.
+        file: String,
+        /// Phone ids.
+        #[arg(required = true)]
+        phones: Vec<String>,
+        /// `pm install` options (of -r -t -d -g -p -l -s).
+        #[arg(long, default_value = "-r", allow_hyphen_values = true)]
+        options: String,
+    },
+    /// Uninstall a package from phones.
+    Uninstall {
+        #[command(flatten)]
+        creds: CredsArg,
+        package: String,
+        /// Phone ids.
+        #[arg(required = true)]
+        phones: Vec<String>,
+    },
+    /// Restart phones.
+    Restart {
+        #[command(flatten)]
+        creds: CredsArg,
+        #[arg(required = true)]
+        phones: Vec<String>,
+    },
+    /// Stop phones.
+    Stop {
+        #[command(flatten)]
+        creds: CredsArg,
+        #[arg(required = true)]
+        phones: Vec<String>,
+    },
+    /// Reset phones to a clean image: theirs, or --image.
+    Reset {
+        #[command(flatten)]
+        creds: CredsArg,
+        #[arg(required = true)]
+        phones: Vec<String>,
+        /// Image id to reset to.
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Delete servers (their phones and data go; their hosts can be bought
     /// again) and follow the deletion to its end.
     DeleteServer {
@@ -400,6 +447,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeleteServer { creds, server_ids } => {
             client(&creds, cph::client::Action::DeleteServers { server_ids })
         }
+        Command::Install {
+            creds,
+            file,
+            phones,
+            options,
+        } => client(
+            &creds,
+            cph::client::Action::Install {
+                phones,
+                file,
+                options,
+            },
+        ),
+        Command::Uninstall {
+            creds,
+            package,
+            phones,
+        } => client(&creds, cph::client::Action::Uninstall { phones, package }),
+        Command::Restart { creds, phones } => {
+            client(&creds, cph::client::Action::Restart { phones })
+        }
+        Command::Stop { creds, phones } => client(&creds, cph::client::Action::Stop { phones }),
+        Command::Reset {
+            creds,
+            phones,
+            image,
+        } => client(
+            &creds,
+            cph::client::Action::Reset {
+                phones,
+                image_id: image,
+            },
+        ),
         Command::Phone {
             command: PhoneCommand::Purge { data_dir },
         } => cph::up::purge(&data_dir).map_err(Into::into),

@@ -135,6 +135,43 @@ fn cph_client(p: &Platform, s: &Scene<'_>) {
         .expect("job id in the output");
     let out = cph_cli(p, &["job", &job_id]);
     assert!(out.contains("ok"), "{out}");
+
+    // A local APK installed in both phones, then uninstalled from them.
+    let apk = dir.path().join("cli.apk");
+    std::fs::write(&apk, archive::apk("com.e2e.cli")).expect("write apk");
+    let out = cph_cli(
+        p,
+        &[
+            "install",
+            &apk.to_string_lossy(),
+            s.a,
+            s.b,
+            "--options",
+            "-r -t",
+        ],
+    );
+    assert_eq!(out.matches(": ok").count(), 2, "{out}");
+    assert!(s
+        .api
+        .shell(s.b, "pm list packages")
+        .contains("package:com.e2e.cli"));
+    let out = cph_cli(p, &["uninstall", "com.e2e.cli", s.a, s.b]);
+    assert_eq!(out.matches(": ok").count(), 2, "{out}");
+    assert!(!s.api.shell(s.a, "pm list packages").contains("com.e2e.cli"));
+    // Stop, then restart: running again.
+    let out = cph_cli(p, &["stop", s.b]);
+    assert!(out.contains(": ok"), "{out}");
+    let out = cph_cli(p, &["restart", s.b]);
+    assert!(out.contains(": ok"), "{out}");
+    assert!(s.api.shell(s.b, "echo back").contains("back"));
+    // A reset: the image again, what was pushed gone.
+    let out = cph_cli(p, &["reset", s.b]);
+    assert!(out.contains(": ok"), "{out}");
+    let left = s.api.shell(
+        s.b,
+        "test -e /data/local/tmp/cli/pushed.txt && echo kept || echo gone",
+    );
+    assert_eq!(left.trim(), "gone");
 }
 
 #[test]
