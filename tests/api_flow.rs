@@ -1024,9 +1024,11 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     .await;
     assert_eq!(sent(&first).expect("sent")["kind"], "delete_server");
 
-    // Failed: abnormal, still there, deletable again.
+    // Failed: still there, abnormal until its agent reports its phones
+    // again (the heartbeats here do), deletable again.
     cp.agent_post("/agent/v1/jobs", report(&first, -1)).await;
-    assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(2));
+    let after = status(&cp.call("GET", &server_path, None).await);
+    assert!(matches!(after, Some(2 | 5)), "{after:?}");
     let r = cp
         .call(
             "DELETE",
