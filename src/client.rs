@@ -102,7 +102,11 @@ impl Client {
             path: creds.endpoint.clone(),
             source,
         };
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        // The system's roots are read only for an HTTPS endpoint.
+        let https = creds.endpoint.starts_with("https://");
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .tls_built_in_root_certs(https);
         if let Some(path) = &creds.ca_cert {
             let pem = std::fs::read(path).map_err(|source| ClientError::Io {
                 what: "read",

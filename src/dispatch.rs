@@ -135,14 +135,17 @@ pub struct LoopConfig {
     pub heartbeat_secs: u64,
     /// Missed heartbeats before a node counts as silent.
     pub silent_after: u64,
+    /// A certificate trusted for agents served over TLS.
+    pub agent_ca: Option<reqwest::Certificate>,
 }
 
 /// Runs dispatch, polling and liveness until the task is dropped.
 pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-    {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(ca) = &cfg.agent_ca {
+        builder = builder.add_root_certificate(ca.clone());
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the agent http client");

@@ -74,6 +74,10 @@ enum Command {
         /// The certificate's private key (PEM).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// A certificate (PEM) to trust for agents served over TLS, beside
+        /// the system's roots.
+        #[arg(long)]
+        agent_ca: Option<PathBuf>,
     },
     /// Projects, credentials and users of a data dir.
     Admin {
@@ -343,9 +347,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             heartbeat_secs,
             tls_cert,
             tls_key,
+            agent_ca,
         } => {
             let mut cfg = cph::serve::ServeConfig::new(data_dir);
             cfg.heartbeat_secs = heartbeat_secs;
+            cfg.agent_ca = agent_ca;
             if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
                 cfg.tls = Some(cph::serve::TlsFiles { cert, key });
             }

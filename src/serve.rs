@@ -31,12 +31,7 @@ pub enum ServeError {
     Tls(String),
 }
 
-/// The certificate chain and private key (PEM files) the API is served with.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub use cph_agent::tls::TlsFiles;
 
 /// How the control plane runs.
 #[derive(Debug, Clone)]
@@ -52,6 +47,9 @@ pub struct ServeConfig {
     pub test_image_url: String,
     /// Serve HTTPS with these; plain HTTP when `None`.
     pub tls: Option<TlsFiles>,
+    /// A certificate (PEM) trusted for agents served over TLS, beside the
+    /// system's roots.
+    pub agent_ca: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -65,6 +63,7 @@ impl ServeConfig {
             test_image_id: TEST_IMAGE_ID.to_string(),
             test_image_url: "file:///var/lib/cph/images/cph-test-image.tar.gz".to_string(),
             tls: None,
+            agent_ca: None,
         }
     }
 }
@@ -112,12 +111,28 @@ where
         node_token: token.clone(),
         heartbeat_secs: cfg.heartbeat_secs,
     });
+    let agent_ca = match &cfg.agent_ca {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                ServeError::Tls(format!("agent certificate {}: {e}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+            Some(reqwest::Certificate::from_pem(&pem).map_err(|e| bad(&e))?)
+        }
+        None => None,
+    };
     let lcfg = LoopConfig {
         node_token: token,
         heartbeat_secs: cfg.heartbeat_secs,
         silent_after: cfg.silent_after,
+        agent_ca,
     };
-    let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(cph_agent::tls::acceptor)
+        .transpose()
+        .map_err(ServeError::Tls)?;
     let worker = tokio::spawn(dispatch::run(store, dispatcher, lcfg));
     if let Ok(addr) = listener.local_addr() {
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -125,7 +140,9 @@ where
     }
     let r = match tls {
         Some(acceptor) => {
-            axum::serve(TlsListener::new(listener, acceptor)?, router(state))
+            let listener =
+                cph_agent::tls::TlsListener::new(listener, acceptor).map_err(ServeError::Http)?;
+            axum::serve(listener, router(state))
                 .with_graceful_shutdown(shutdown)
                 .await
         }
@@ -138,110 +155,6 @@ where
     .map_err(ServeError::Http);
     worker.abort();
     r
-}
-
-/// A TLS acceptor for the PEM certificate chain and key of `files`.
-pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |what: &str, path: &PathBuf, e: &dyn std::fmt::Display| {
-        ServeError::Tls(format!("{what} {}: {e}", path.display()))
-    };
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| read("certificate", &files.cert, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read("certificate", &files.cert, &e))?;
-    if certs.is_empty() {
-        return Err(read(
-            "certificate",
-            &files.cert,
-            &"no certificate in the file",
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| read("private key", &files.key, &e))?;
-    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServeError::Tls(format!("certificate and key do not fit: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-/// Longest a client may take over its TLS handshake.
-const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Connections of a TCP listener after their TLS handshake. Handshakes run
-/// on tasks of their own, so a slow client never holds up the others; a
-/// failed one is logged and dropped.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        std::net::SocketAddr,
-    )>,
-    local: std::net::SocketAddr,
-    accepting: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn new(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Result<Self, ServeError> {
-        let local = listener.local_addr().map_err(ServeError::Http)?;
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let accepting = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off, go on.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            ready,
-            local,
-            accepting,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.accepting.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accepting task only ends with the listener.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }
 
 /// Creates a project with one AK/SK credential: `(project_id, ak, sk)`.

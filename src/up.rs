@@ -418,12 +418,15 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
             q(&dir.join("pool").to_string_lossy())
         )
     };
-    // With --tls the API is HTTPS with the data dir's own certificate.
+    // With --tls the API and the agent protocol are HTTPS with the data
+    // dir's own certificate, which each side trusts.
     let (cp, ca) = if opts.tls {
-        let cert = opts.data_dir.join("tls").join("cert.pem");
+        let tls = opts.data_dir.join("tls");
+        let cert = q(&tls.join("cert.pem").to_string_lossy());
+        let key = q(&tls.join("key.pem").to_string_lossy());
         (
             local_url(opts.listen).replacen("http://", "https://", 1),
-            format!("control_plane_ca = {}\n", q(&cert.to_string_lossy())),
+            format!("control_plane_ca = {cert}\ntls_cert = {cert}\ntls_key = {key}\n"),
         )
     } else {
         (local_url(opts.listen), String::new())
@@ -524,10 +527,13 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
         .arg("--test-image-url")
         .arg(&image_url);
     if let Some(t) = &tls {
+        // The agent is served with the same certificate.
         cp.arg("--tls-cert")
             .arg(&t.cert)
             .arg("--tls-key")
-            .arg(&t.key);
+            .arg(&t.key)
+            .arg("--agent-ca")
+            .arg(&t.cert);
     }
     let cp = Service::spawn(
         "control plane",
@@ -757,9 +763,12 @@ mod tests {
         let text3 = agent_config(&tls, &secrets, Path::new("/srv/cph-second/agent"));
         let cfg3: cph_agent::config::AgentConfig = toml::from_str(&text3).expect("valid config");
         assert_eq!(cfg3.control_plane_url, "https://127.0.0.1:8443");
+        let cert = PathBuf::from("/srv/cph-second/tls/cert.pem");
+        assert_eq!(cfg3.control_plane_ca.as_ref(), Some(&cert));
+        assert_eq!(cfg3.tls_cert, Some(cert));
         assert_eq!(
-            cfg3.control_plane_ca,
-            Some(PathBuf::from("/srv/cph-second/tls/cert.pem"))
+            cfg3.tls_key,
+            Some(PathBuf::from("/srv/cph-second/tls/key.pem"))
         );
     }
 

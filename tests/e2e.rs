@@ -761,6 +761,25 @@ fn buy(api: &Api) -> String {
         "public_ip": {"eip": null, "ids": null},
         "band_width": {"band_width_share_type": 1, "band_width_charge_mode": 0, "band_width_size": 100},
     });
+    // The local host is on sale once its agent has registered.
+    let offerings = format!("/v1/{}/server-model-offerings", api.project_id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = api.call("GET", &offerings, "", None).ok("offerings");
+        let on_sale = o["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["model_name"] == DEV_SERVER_MODEL && m["sell_status"] == "available");
+        if on_sale {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no host of {DEV_SERVER_MODEL} on sale: {o}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let path = format!("/v2/{}/cloud-phone/servers", api.project_id);
     let out = api.call("POST", &path, "", Some(&body)).ok("buy");
     out["server_ids"][0]

@@ -39,8 +39,13 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Log line format: `text` or `json`.
     pub log_format: LogFormat,
-    /// URL the control plane reaches this agent at (default: `http://<listen>`).
+    /// URL the control plane reaches this agent at (default:
+    /// `http://<listen>`, `https://<listen>` with TLS).
     pub advertise_url: Option<String>,
+    /// Serve the agent protocol over TLS with this certificate chain and
+    /// `tls_key` (PEM); the control plane trusts it with `--agent-ca`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Server flavor this host serves.
     pub server_model: String,
     /// Phones this host holds (sizes kernel limits, reported in the inventory).
@@ -242,6 +247,8 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/cph-agent"),
             log_format: LogFormat::Text,
             advertise_url: None,
+            tls_cert: None,
+            tls_key: None,
             server_model: "dev.small".to_string(),
             phone_capacity: 2,
             server_ip: None,

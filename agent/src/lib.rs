@@ -11,3 +11,4 @@ pub mod memory;
 pub mod objstore;
 pub mod protocol;
 pub mod telemetry;
+pub mod tls;

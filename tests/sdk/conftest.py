@@ -88,6 +88,16 @@ def buy_server(client):
             band_width_share_type=1, band_width_charge_mode=0, band_width_size=100
         ),
     )
+    # The local host is on sale once its agent has registered.
+    def on_sale():
+        offers = client.list_cloud_phone_server_model_offerings(
+            m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
+        ).models or []
+        return any(
+            o.model_name == DEV_SERVER_MODEL and o.sell_status == "available" for o in offers
+        )
+
+    poll(on_sale, 60, f"a host of {DEV_SERVER_MODEL} on sale")
     resp = client.create_net2_cloud_phone_server(m.CreateNet2CloudPhoneServerRequest(body=body))
     assert resp.server_ids, resp
     return resp.server_ids[0]

@@ -21,7 +21,12 @@ const GATHER: Duration = Duration::from_millis(200);
 /// The HTTP client of the control plane, trusting `control_plane_ca`
 /// beside the system's roots.
 fn client(d: &Daemon) -> Option<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    // The system's roots are read only for an HTTPS control plane (reading
+    // them takes a while on slow root filesystems).
+    let https = d.cfg.control_plane_url.starts_with("https://");
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .tls_built_in_root_certs(https);
     if let Some(path) = &d.cfg.control_plane_ca {
         let cert = std::fs::read(path)
             .map_err(|e| e.to_string())

@@ -104,10 +104,17 @@ pub enum DaemonError {
     ObjectStore(crate::objstore::ObjectStoreError),
     #[error("agent config: {0}")]
     Config(&'static str),
+    #[error("agent tls: {0}")]
+    Tls(String),
 }
 
 /// Settings that cannot work together, refused before anything is made.
 fn check_config(cfg: &AgentConfig) -> Result<(), DaemonError> {
+    if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+        return Err(DaemonError::Config(
+            "tls_cert and tls_key go together: set both to serve the agent protocol over TLS",
+        ));
+    }
     if cfg.user_namespaces.enabled && cfg.storage.backend == StorageBackend::Overlay {
         return Err(DaemonError::Config(
             "user_namespaces needs phone volumes that can be mounted idmapped: \
@@ -463,11 +470,14 @@ impl Daemon {
         Inventory {
             node_id: self.node_id.clone(),
             hostname,
-            agent_url: self
-                .cfg
-                .advertise_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", self.cfg.listen)),
+            agent_url: self.cfg.advertise_url.clone().unwrap_or_else(|| {
+                let scheme = if self.cfg.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", self.cfg.listen)
+            }),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             server_model: self.cfg.server_model.clone(),
             // With a phone network, where its access ports are mapped.
@@ -540,16 +550,38 @@ pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
                 addr: listen.clone(),
                 source,
             })?;
-        tracing::info!(listen = %listen, node_id = %daemon.node_id, "cph-agent listening");
+        let tls = match (&daemon.cfg.tls_cert, &daemon.cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                };
+                Some(crate::tls::acceptor(&files).map_err(DaemonError::Tls)?)
+            }
+            _ => None,
+        };
+        tracing::info!(listen = %listen, tls = tls.is_some(), node_id = %daemon.node_id, "cph-agent listening");
         let app = http::router(Arc::clone(&daemon));
         let shutdown = Arc::new(Notify::new());
         let server = {
             let shutdown = Arc::clone(&shutdown);
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { shutdown.notified().await })
-                    .await
-            })
+            let stop = async move { shutdown.notified().await };
+            match tls {
+                Some(acceptor) => {
+                    let listener = crate::tls::TlsListener::new(listener, acceptor)
+                        .map_err(DaemonError::Serve)?;
+                    tokio::spawn(async move {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    })
+                }
+                None => tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }),
+            }
         };
         tokio::spawn(control::run(Arc::clone(&daemon)));
         notify::notify("READY=1");
@@ -606,5 +638,17 @@ mod tests {
         cfg.storage.backend = StorageBackend::Btrfs;
         assert!(check_config(&cfg).is_ok());
         assert!(check_config(&AgentConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn a_tls_certificate_needs_its_key() {
+        let mut cfg = AgentConfig {
+            tls_cert: Some(PathBuf::from("/etc/cph/tls/cert.pem")),
+            ..AgentConfig::default()
+        };
+        let err = check_config(&cfg).expect_err("a certificate without its key");
+        assert!(err.to_string().contains("tls_key"), "{err}");
+        cfg.tls_key = Some(PathBuf::from("/etc/cph/tls/key.pem"));
+        assert!(check_config(&cfg).is_ok());
     }
 }
