@@ -154,6 +154,24 @@ async fn buy(cp: &Cp, seen: &Arc<Mutex<Seen>>, count: u32) -> Vec<String> {
         .collect()
 }
 
+/// Heartbeats of node `node` reporting `phones`, every 300 ms, until the
+/// handle is aborted (a silent node's jobs would fail).
+fn keep_beating(cp: &Cp, node: &str, phones: Vec<PhoneState>) -> tokio::task::JoinHandle<()> {
+    let (base, node) = (cp.base.clone(), node.to_string());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            let _ = http
+                .post(format!("{base}/agent/v1/heartbeat"))
+                .bearer_auth(NODE_TOKEN)
+                .json(&json!({"node_id": node, "phones": phones, "jobs": []}))
+                .send()
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    })
+}
+
 async fn wait_for<F: Fn(&Seen) -> bool>(seen: &Arc<Mutex<Seen>>, f: F) {
     for _ in 0..100 {
         if f(&seen.lock().expect("lock")) {
@@ -874,21 +892,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     // fail the jobs).
     let states = running_phones(&create);
     let pid = states[0].phone_id.clone();
-    let beat = {
-        let (base, states) = (cp.base.clone(), states.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            loop {
-                let _ = http
-                    .post(format!("{base}/agent/v1/heartbeat"))
-                    .bearer_auth(NODE_TOKEN)
-                    .json(&json!({"node_id": "n1", "phones": states, "jobs": [], "encoders": []}))
-                    .send()
-                    .await;
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            }
-        })
-    };
+    let beat = keep_beating(&cp, "n1", states.clone());
     let status = |r: &common::Resp| r.body["status"].as_i64();
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
     for _ in 0..50 {
@@ -1429,21 +1433,7 @@ async fn a_silent_host_is_forgotten_with_its_server() {
         .expect("bought")
         .node_id;
     let live = if gone == "n1" { "n2" } else { "n1" };
-    let beat = {
-        let (base, live) = (cp.base.clone(), live.to_string());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            loop {
-                let _ = http
-                    .post(format!("{base}/agent/v1/heartbeat"))
-                    .bearer_auth(NODE_TOKEN)
-                    .json(&json!({"node_id": live, "phones": [], "jobs": []}))
-                    .send()
-                    .await;
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            }
-        })
-    };
+    let beat = keep_beating(&cp, live, Vec::new());
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
     for _ in 0..100 {
         if cp.call("GET", &server_path, None).await.body["status"] == 2 {
