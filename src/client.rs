@@ -97,26 +97,12 @@ impl Client {
             .unwrap_or(&creds.endpoint)
             .trim_end_matches('/')
             .to_string();
-        let http_err = |source| ClientError::Http {
-            method: "GET",
-            path: creds.endpoint.clone(),
-            source,
-        };
-        // The system's roots are read only for an HTTPS endpoint.
-        let https = creds.endpoint.starts_with("https://");
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .tls_built_in_root_certs(https);
-        if let Some(path) = &creds.ca_cert {
-            let pem = std::fs::read(path).map_err(|source| ClientError::Io {
-                what: "read",
-                path: path.clone(),
-                source,
-            })?;
-            builder = builder
-                .add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(http_err)?);
-        }
-        let http = builder.build().map_err(http_err)?;
+        let http = cph_agent::tls::http_client(
+            &creds.endpoint,
+            creds.ca_cert.as_deref(),
+            Duration::from_secs(60),
+        )
+        .map_err(ClientError::Input)?;
         Ok(Self { http, creds, host })
     }
 

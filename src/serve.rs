@@ -111,16 +111,12 @@ where
         node_token: token.clone(),
         heartbeat_secs: cfg.heartbeat_secs,
     });
-    let agent_ca = match &cfg.agent_ca {
-        Some(path) => {
-            let bad = |e: &dyn std::fmt::Display| {
-                ServeError::Tls(format!("agent certificate {}: {e}", path.display()))
-            };
-            let pem = std::fs::read(path).map_err(|e| bad(&e))?;
-            Some(reqwest::Certificate::from_pem(&pem).map_err(|e| bad(&e))?)
-        }
-        None => None,
-    };
+    let agent_ca = cfg
+        .agent_ca
+        .as_deref()
+        .map(cph_agent::tls::trusted)
+        .transpose()
+        .map_err(|e| ServeError::Tls(format!("agents' {e}")))?;
     let lcfg = LoopConfig {
         node_token: token,
         heartbeat_secs: cfg.heartbeat_secs,

@@ -1,10 +1,11 @@
-//! Serving HTTP over TLS: a rustls acceptor (ring) for PEM files, and a
-//! listener that hands axum connections whose handshake is done. Used by
-//! the CPH API (`cph serve --tls-cert`) and the agent protocol
-//! (`tls_cert` in the agent's configuration).
+//! HTTP over TLS. Serving: a rustls acceptor (ring) for PEM files, and a
+//! listener that hands axum connections whose handshake is done, used by
+//! the CPH API (`cph serve --tls-cert`) and the agent protocol (`tls_cert`
+//! in the agent's configuration). Calling: the HTTP client of one side for
+//! the other, trusting a certificate of the platform's own.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,32 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A certificate (PEM file) to trust; the error names the file.
+pub fn trusted(path: &Path) -> Result<reqwest::Certificate, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("certificate {}: {e}", path.display());
+    let pem = std::fs::read(path).map_err(|e| bad(&e))?;
+    reqwest::Certificate::from_pem(&pem).map_err(|e| bad(&e))
+}
+
+/// An HTTP client of `url` trusting `ca` beside the system's roots, which
+/// are read only for an `https` URL (reading them takes a while on slow
+/// root filesystems).
+pub fn http_client(
+    url: &str,
+    ca: Option<&Path>,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .tls_built_in_root_certs(url.starts_with("https://"));
+    if let Some(path) = ca {
+        builder = builder.add_root_certificate(trusted(path)?);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("http client of {url}: {e}"))
 }
 
 /// Longest a client may take over its TLS handshake.

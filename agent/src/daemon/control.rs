@@ -21,28 +21,13 @@ const GATHER: Duration = Duration::from_millis(200);
 /// The HTTP client of the control plane, trusting `control_plane_ca`
 /// beside the system's roots.
 fn client(d: &Daemon) -> Option<reqwest::Client> {
-    // The system's roots are read only for an HTTPS control plane (reading
-    // them takes a while on slow root filesystems).
-    let https = d.cfg.control_plane_url.starts_with("https://");
-    let mut builder = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .tls_built_in_root_certs(https);
-    if let Some(path) = &d.cfg.control_plane_ca {
-        let cert = std::fs::read(path)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()));
-        match cert {
-            Ok(c) => builder = builder.add_root_certificate(c),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "control_plane_ca not usable");
-                return None;
-            }
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| tracing::error!(error = %e, "control-plane client not built"))
-        .ok()
+    crate::tls::http_client(
+        &d.cfg.control_plane_url,
+        d.cfg.control_plane_ca.as_deref(),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| tracing::error!(error = %e, "control-plane client not built"))
+    .ok()
 }
 
 fn url(d: &Daemon, path: &str) -> String {
