@@ -63,12 +63,17 @@ pub fn page(offset: Option<&str>, limit: Option<&str>) -> Result<(u32, u32), Api
         None | Some("") => 0,
         Some(s) => s.parse::<u32>().map_err(|_| ApiError::OffsetLimit)?,
     };
+    Ok((offset, page_limit(limit, 100)? as u32))
+}
+
+/// Validates a page's limit: 1..=`max`, 100 when absent (CPS.0002).
+pub fn page_limit(limit: Option<&str>, max: usize) -> Result<usize, ApiError> {
     let limit = match limit {
         None | Some("") => 100,
-        Some(s) => s.parse::<u32>().map_err(|_| ApiError::OffsetLimit)?,
+        Some(s) => s.parse::<usize>().map_err(|_| ApiError::OffsetLimit)?,
     };
-    if !(1..=100).contains(&limit) {
+    if !(1..=max).contains(&limit) {
         return Err(ApiError::OffsetLimit);
     }
-    Ok((offset, limit))
+    Ok(limit)
 }

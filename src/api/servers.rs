@@ -9,7 +9,7 @@ use cph_agent::protocol::{CreateServer, ImageRef, JobKind, PhoneSpec, PortSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::extract::{page, Json, Query};
+use super::extract::{page, page_limit, Json, Query};
 use super::jobs::{submit, Target};
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
@@ -166,13 +166,7 @@ pub const OFFERINGS_LIMIT_MAX: usize = 1000;
 /// otherwise; by name, `limit` (1..=1000, default 100) at a time after
 /// `marker`, the last name of the page before.
 pub async fn offerings(State(st): State<Shared>, Query(q): Query<OfferingsQuery>) -> ApiResult {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => 100,
-        Some(s) => s.parse::<usize>().map_err(|_| ApiError::OffsetLimit)?,
-    };
-    if !(1..=OFFERINGS_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::OffsetLimit.into());
-    }
+    let limit = page_limit(q.limit.as_deref(), OFFERINGS_LIMIT_MAX)?;
     let mut names: Vec<&str> = st
         .catalog
         .server_models
@@ -233,13 +227,7 @@ pub async fn share_apps_snapshot(
     Path((_, server_id)): Path<(String, String)>,
     Query(q): Query<ShareAppsQuery>,
 ) -> ApiResult {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => 100,
-        Some(s) => s.parse::<usize>().map_err(|_| ApiError::OffsetLimit)?,
-    };
-    if !(1..=SHARE_APPS_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::OffsetLimit.into());
-    }
+    let limit = page_limit(q.limit.as_deref(), SHARE_APPS_LIMIT_MAX)?;
     if let Some(p) = q.package_name.as_deref().filter(|p| !p.is_empty()) {
         validate::package(p)?;
     }

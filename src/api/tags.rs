@@ -320,19 +320,9 @@ pub async fn instances(
     }
     let wanted = Wanted::parse(&b)?;
     let tags = st.store.project_tags(&c.project_id, &resource_type)?;
-    let mut servers = Vec::new();
-    let mut at = 0;
-    loop {
-        let batch = st
-            .store
-            .list_servers(&c.project_id, &ServerFilter::default(), at, 100)?;
-        let n = batch.len() as u32;
-        servers.extend(batch);
-        if n < 100 {
-            break;
-        }
-        at += n;
-    }
+    let servers = st
+        .store
+        .list_servers(&c.project_id, &ServerFilter::default(), 0, u32::MAX)?;
     let matched: Vec<&Server> = servers
         .iter()
         .filter(|s| wanted.admits(&s.server_name, tags.get(&s.server_id)))
