@@ -348,6 +348,16 @@ fn local_url(addr: SocketAddr) -> String {
     }
 }
 
+/// The local URL of the CPH API: `https` with `--tls`.
+fn api_url(opts: &UpOptions) -> String {
+    let url = local_url(opts.listen);
+    if opts.tls {
+        url.replacen("http://", "https://", 1)
+    } else {
+        url
+    }
+}
+
 /// A small number (0-99) fixed by the data directory, so platforms of
 /// different data directories on one machine use different bridges, nft
 /// tables, subnets and access ports.
@@ -420,16 +430,13 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
     };
     // With --tls the API and the agent protocol are HTTPS with the data
     // dir's own certificate, which each side trusts.
-    let (cp, ca) = if opts.tls {
+    let ca = if opts.tls {
         let tls = opts.data_dir.join("tls");
         let cert = q(&tls.join("cert.pem").to_string_lossy());
         let key = q(&tls.join("key.pem").to_string_lossy());
-        (
-            local_url(opts.listen).replacen("http://", "https://", 1),
-            format!("control_plane_ca = {cert}\ntls_cert = {cert}\ntls_key = {key}\n"),
-        )
+        format!("control_plane_ca = {cert}\ntls_cert = {cert}\ntls_key = {key}\n")
     } else {
-        (local_url(opts.listen), String::new())
+        String::new()
     };
     format!(
         "# Written by `cph up` at every start.\n\
@@ -457,7 +464,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          access_key = {ak}\n\
          secret_key = {sk}\n\
          path_style = true\n",
-        cp = q(&cp),
+        cp = q(&api_url(opts)),
         token = q(&secrets.node_token),
         listen = q(&opts.agent_listen.to_string()),
         state = q(&dir.to_string_lossy()),
@@ -587,10 +594,7 @@ fn bootstrap(
     ca_cert: Option<PathBuf>,
 ) -> Result<Credentials, UpError> {
     let path = opts.data_dir.join("credentials.json");
-    let mut endpoint = local_url(opts.listen);
-    if ca_cert.is_some() {
-        endpoint = endpoint.replacen("http://", "https://", 1);
-    }
+    let endpoint = api_url(opts);
     let obs_endpoint = local_url(opts.obs_listen);
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(mut c) = serde_json::from_str::<Credentials>(&text) {
