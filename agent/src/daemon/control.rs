@@ -98,11 +98,10 @@ pub async fn run(d: Arc<Daemon>) {
             std::mem::take(&mut *d.unreported.lock().unwrap_or_else(|p| p.into_inner()));
         let d2 = Arc::clone(&d);
         let (phones, encoders, share_apps) = tokio::task::spawn_blocking(move || {
-            let share_apps = d2
-                .phones
-                .share_paths()
-                .ok()
-                .and_then(|paths| super::transfer::share_apps(&paths).ok());
+            let share_apps =
+                d2.phones.share_paths().ok().and_then(|paths| {
+                    super::transfer::share_apps(&paths, &d2.share_app_versions).ok()
+                });
             (d2.phones.states(), d2.phones.encoder_states(), share_apps)
         })
         .await

@@ -151,6 +151,8 @@ pub struct Daemon {
     /// Finished jobs not yet reported to the control plane.
     pub(crate) unreported: Mutex<Vec<JobStatus>>,
     pub(crate) report_now: Notify,
+    /// The shared applications' versions as heartbeats last read them.
+    pub(crate) share_app_versions: transfer::ShareAppVersions,
 }
 
 fn machine_id() -> String {
@@ -250,6 +252,7 @@ impl Daemon {
             idle: Notify::new(),
             unreported: Mutex::new(unreported),
             report_now: Notify::new(),
+            share_app_versions: transfer::ShareAppVersions::default(),
         });
         Ok(d)
     }

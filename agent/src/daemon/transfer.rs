@@ -10,7 +10,7 @@
 //! package), then placed in the phone through the same safe extractor and
 //! installed with the image's package manager.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor, Read, Seek};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -746,10 +746,24 @@ pub fn share_push_apps(
     ))
 }
 
+/// The versions of the sharepool's APKs as last read, by path, with the
+/// modification time and size they were read at: every heartbeat asks for
+/// the shared applications, and a manifest is read again only when its
+/// file changed.
+#[derive(Default)]
+pub struct ShareAppVersions {
+    read: std::sync::Mutex<HashMap<PathBuf, ReadVersion>>,
+}
+
+/// An APK's modification time and size, and the version read then.
+type ReadVersion = (std::time::SystemTime, u64, Option<String>);
+
 /// The applications of the sharepool: each `apps/<package>/` directory
 /// with the distinct versions its APKs' manifests give (an APK whose
 /// manifest cannot be read counts with no version); by package name.
-pub fn share_apps(paths: &SharePaths) -> std::io::Result<Vec<ShareApp>> {
+pub fn share_apps(paths: &SharePaths, known: &ShareAppVersions) -> io::Result<Vec<ShareApp>> {
+    let mut read = known.read.lock().unwrap_or_else(|p| p.into_inner());
+    let mut seen = HashMap::new();
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&paths.apps)? {
         let entry = entry?;
@@ -760,20 +774,29 @@ pub fn share_apps(paths: &SharePaths) -> std::io::Result<Vec<ShareApp>> {
         let mut versions = std::collections::BTreeSet::new();
         for f in std::fs::read_dir(entry.path())? {
             let f = f?;
-            if !f.file_type()?.is_file() || f.path().extension() != Some("apk".as_ref()) {
+            let path = f.path();
+            if !f.file_type()?.is_file() || path.extension() != Some("apk".as_ref()) {
                 continue;
             }
-            let version = std::fs::File::open(f.path())
-                .ok()
-                .and_then(|file| apk::read_manifest(io::BufReader::new(file)).ok())
-                .and_then(|m| m.version);
-            versions.extend(version);
+            let md = f.metadata()?;
+            let stamp = (md.modified()?, md.len());
+            let version = match read.remove(&path) {
+                Some((at, len, v)) if (at, len) == stamp => v,
+                _ => std::fs::File::open(&path)
+                    .ok()
+                    .and_then(|file| apk::read_manifest(io::BufReader::new(file)).ok())
+                    .and_then(|m| m.version),
+            };
+            versions.extend(version.clone());
+            seen.insert(path, (stamp.0, stamp.1, version));
         }
         out.push(ShareApp {
             package_name: name,
             versions: versions.into_iter().collect(),
         });
     }
+    // APKs gone since are forgotten.
+    *read = seen;
     out.sort_by(|a, b| a.package_name.cmp(&b.package_name));
     Ok(out)
 }
@@ -863,15 +886,26 @@ mod tests {
         std::fs::write(broken.join("base.apk"), b"not a zip").expect("broken");
         std::fs::create_dir_all(paths.apps.join(".com.e.game.new")).expect("staging");
         std::fs::write(paths.apps.join("stray.txt"), b"x").expect("stray");
-        let apps = share_apps(&paths).expect("apps");
-        let got: Vec<(&str, Vec<&str>)> = apps
-            .iter()
-            .map(|a| {
-                let v = a.versions.iter().map(String::as_str).collect();
-                (a.package_name.as_str(), v)
-            })
-            .collect();
-        assert_eq!(got, [("com.e.broken", vec![]), ("com.e.game", vec!["2.0"])]);
+        let known = ShareAppVersions::default();
+        let listed = || {
+            share_apps(&paths, &known)
+                .expect("apps")
+                .into_iter()
+                .map(|a| (a.package_name, a.versions))
+                .collect::<Vec<_>>()
+        };
+        let want = |game: &str| {
+            vec![
+                ("com.e.broken".to_string(), vec![]),
+                ("com.e.game".to_string(), vec![game.to_string()]),
+            ]
+        };
+        assert_eq!(listed(), want("2.0"));
+        assert_eq!(listed(), want("2.0"), "read again unchanged");
+        // A replaced APK is read again (another size).
+        std::fs::write(game.join("base.apk"), apk("2.10")).expect("base");
+        std::fs::write(game.join("split_a.apk"), apk("2.10")).expect("split");
+        assert_eq!(listed(), want("2.10"));
     }
 
     #[test]
