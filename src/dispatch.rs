@@ -116,6 +116,17 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         j.error_msg.as_deref(),
         execute.as_deref(),
     )?;
+    if let (true, JobKind::CreateImage { image_id, .. }) = (ended, &req.kind) {
+        let size = match j.status {
+            JobState::Succeeded => j
+                .execute_msg
+                .as_deref()
+                .and_then(cph_agent::protocol::image_size),
+            _ => None,
+        };
+        store.finish_image(image_id, size)?;
+        tracing::info!(%image_id, ?size, "image creation ended");
+    }
     if ended && matches!(req.kind, JobKind::DeleteServer) {
         if j.status == JobState::Succeeded {
             store.release_server(&req.server_id)?;

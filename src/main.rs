@@ -78,6 +78,11 @@ enum Command {
         /// the system's roots.
         #[arg(long)]
         agent_ca: Option<PathBuf>,
+        /// A TOML file whose `[object_store]` section, as in the agents'
+        /// configuration, names the store custom images are written to:
+        /// deleting an image then deletes its object.
+        #[arg(long)]
+        object_store: Option<PathBuf>,
     },
     /// Projects, credentials and users of a data dir.
     Admin {
@@ -348,10 +353,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             agent_ca,
+            object_store,
         } => {
             let mut cfg = cph::serve::ServeConfig::new(data_dir);
             cfg.heartbeat_secs = heartbeat_secs;
             cfg.agent_ca = agent_ca;
+            if let Some(path) = object_store {
+                cfg.object_store = Some(cph::serve::object_store_config(&path)?);
+            }
             if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
                 cfg.tls = Some(cph::serve::TlsFiles { cert, key });
             }

@@ -29,6 +29,8 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("object store: {0}")]
+    ObjectStore(String),
 }
 
 pub use cph_agent::tls::TlsFiles;
@@ -50,6 +52,9 @@ pub struct ServeConfig {
     /// A certificate (PEM) trusted for agents served over TLS, beside the
     /// system's roots.
     pub agent_ca: Option<PathBuf>,
+    /// The object store custom images are written to (the agents' own),
+    /// so deleting an image deletes its object.
+    pub object_store: Option<cph_agent::objstore::ObjectStoreConfig>,
 }
 
 impl ServeConfig {
@@ -64,11 +69,26 @@ impl ServeConfig {
             test_image_url: "file:///var/lib/cph/images/cph-test-image.tar.gz".to_string(),
             tls: None,
             agent_ca: None,
+            object_store: None,
         }
     }
 }
 
 /// The node token of a data dir, created on first use.
+/// The `[object_store]` section of a TOML file (the agents' format).
+pub fn object_store_config(
+    path: &std::path::Path,
+) -> Result<cph_agent::objstore::ObjectStoreConfig, ServeError> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        object_store: cph_agent::objstore::ObjectStoreConfig,
+    }
+    let err = |e: String| ServeError::ObjectStore(format!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let file: File = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    Ok(file.object_store)
+}
+
 pub fn node_token(cfg: &ServeConfig) -> Result<String, ServeError> {
     if let Some(t) = &cfg.node_token {
         return Ok(t.clone());
@@ -104,12 +124,19 @@ where
     catalog.extend_from_dir(&cfg.data_dir)?;
     let token = node_token(&cfg)?;
     let dispatcher = Dispatcher::new();
+    let objects = cfg
+        .object_store
+        .as_ref()
+        .map(cph_agent::objstore::ObjectStore::new)
+        .transpose()
+        .map_err(|e| ServeError::ObjectStore(e.to_string()))?;
     let state = Arc::new(AppState {
         store: store.clone(),
         catalog,
         dispatcher: dispatcher.clone(),
         node_token: token.clone(),
         heartbeat_secs: cfg.heartbeat_secs,
+        objects,
     });
     let agent_ca = cfg
         .agent_ca

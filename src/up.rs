@@ -408,6 +408,22 @@ fn keeps_its_volumes(
 const BTRFS_POOL_BASE_GB: u64 = 16;
 const BTRFS_POOL_GB_PER_PHONE: u64 = 8;
 
+/// The `[object_store]` section naming the embedded store, as the agent's
+/// configuration and the control plane's `--object-store` file hold it.
+fn object_store_section(opts: &UpOptions, secrets: &Secrets) -> String {
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    format!(
+        "[object_store]\n\
+         endpoint = {obs}\n\
+         access_key = {ak}\n\
+         secret_key = {sk}\n\
+         path_style = true\n",
+        obs = q(&local_url(opts.obs_listen)),
+        ak = q(&secrets.obs_ak),
+        sk = q(&secrets.obs_sk),
+    )
+}
+
 /// The local agent's configuration, rewritten at every start.
 fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
@@ -459,20 +475,14 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          access_port_first = {first_port}\n\
          access_port_last = {last_port}\n\
          \n\
-         [object_store]\n\
-         endpoint = {obs}\n\
-         access_key = {ak}\n\
-         secret_key = {sk}\n\
-         path_style = true\n",
+         {obs}",
         cp = q(&api_url(opts)),
         token = q(&secrets.node_token),
         listen = q(&opts.agent_listen.to_string()),
         state = q(&dir.to_string_lossy()),
         model = q(crate::catalog::DEV_SERVER_MODEL),
         cap = opts.phones,
-        obs = q(&local_url(opts.obs_listen)),
-        ak = q(&secrets.obs_ak),
-        sk = q(&secrets.obs_sk),
+        obs = object_store_section(opts, secrets),
         subnet = 100 + n,
         last_port = first_port + 499,
     )
@@ -525,8 +535,15 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
         &secrets,
         tls.as_ref().map(|t| t.cert.clone()),
     )?;
+    let control_store = control.join("object-store.toml");
+    write_private(
+        &control_store,
+        object_store_section(opts, &secrets).as_bytes(),
+    )?;
     let mut cp = Command::new(&cph);
     cp.arg("serve")
+        .arg("--object-store")
+        .arg(&control_store)
         .arg("--data-dir")
         .arg(&control)
         .arg("--listen")

@@ -1505,3 +1505,266 @@ async fn the_api_over_tls() {
     assert!(r.is_err(), "plain HTTP answered: {r:?}");
     cp.stop().await;
 }
+
+/// Waits until the API shows the phone running (its agent's heartbeat
+/// reported it).
+async fn wait_running(cp: &Cp, phone: &str) {
+    for _ in 0..100 {
+        let r = cp
+            .call(
+                "GET",
+                &format!("/v1/{{p}}/cloud-phone/phones/{phone}"),
+                None,
+            )
+            .await;
+        if r.body["status"] == 2 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("phone {phone} not running in 5 s");
+}
+
+/// The sent job with this id, once the recorder has it.
+async fn sent_job(seen: &Arc<Mutex<Seen>>, id: &str) -> Value {
+    wait_for(seen, |s| s.jobs.iter().any(|j| j["job_id"] == json!(id))).await;
+    let s = seen.lock().expect("lock");
+    let job = s.jobs.iter().find(|j| j["job_id"] == json!(id));
+    job.cloned().expect("sent")
+}
+
+/// Custom images: made from a running phone by a `create_image` job,
+/// usable once the job succeeded, shared with another project that sees
+/// it at once and uses it once it accepted, and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_images_from_phones_and_shared() {
+    let (dir, cp, url, seen) = with_nodes(&["n1"]).await;
+    buy(&cp, &seen, 1).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    // A free host for the other project.
+    let inv = serde_json::to_value(inventory("n2", &url)).expect("json");
+    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    let phone = create["phones"][0]["phone_id"]
+        .as_str()
+        .expect("phone")
+        .to_string();
+    let code = |r: &common::Resp| r.body["error_code"].as_str().unwrap_or("").to_string();
+    wait_running(&cp, &phone).await;
+
+    // Bad input: nothing is made.
+    let make = |phone: &str, name: &str| json!({"phone_id": phone, "image_name": name});
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(make(&phone, "a/b")),
+        )
+        .await;
+    assert_eq!(code(&r), "CPS.0162");
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(make(unknown, "x")),
+        )
+        .await;
+    assert_eq!(code(&r), "CPS.0005");
+
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(make(&phone, "golden")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let image = r.body["image_id"].as_str().expect("image_id").to_string();
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    let sent = sent_job(&seen, &job).await;
+    assert_eq!(sent["kind"], "create_image");
+    assert_eq!(sent["image_id"], json!(image));
+    assert_eq!(sent["object"]["bucket"], "cph-images");
+    let key = format!("{}/{image}.tar", cp.project_id);
+    assert_eq!(sent["object"]["key"], json!(key));
+
+    // While it is made: listed as creating, not usable, not deletable.
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/images", None).await;
+    assert_eq!(r.body["total"], 1, "{:?}", r.body);
+    let info = &r.body["image_infos"][0];
+    assert_eq!(
+        (info["status"].as_i64(), info["image_type"].as_str()),
+        (Some(0), Some("private"))
+    );
+    assert_eq!(info["project_id"], json!(cp.project_id));
+    let reset = json!({"phones": [{"phone_id": phone}], "image_id": image});
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-reset",
+            Some(reset.clone()),
+        )
+        .await;
+    assert_eq!(code(&r), "CPS.0220");
+    let r = cp
+        .call(
+            "DELETE",
+            &format!("/v1/{{p}}/cloud-phone/images/{image}"),
+            None,
+        )
+        .await;
+    assert_eq!(code(&r), "CPS.0220");
+
+    // The job ends: active, with the size the agent wrote.
+    let image_url = format!("obs://cph-images/{key}");
+    let msg = cph_agent::protocol::image_written(&image_url, 4096);
+    let done = json!([{"job_id": job, "status": 2, "error_code": null, "error_msg": null, "execute_msg": msg}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", done).await.status, 200);
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/images?image_id={image}&status=1"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["image_infos"][0]["image_size"], 4096, "{:?}", r.body);
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/phone-images?is_public=2", None)
+        .await;
+    let listed = r.body["phone_images"].as_array().expect("phone_images");
+    assert!(listed
+        .iter()
+        .any(|i| i["image_id"] == json!(image) && i["image_name"] == "golden"));
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-reset",
+            Some(reset),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let reset_job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    let sent = sent_job(&seen, &reset_job).await;
+    assert_eq!(sent["image"]["url"], json!(image_url));
+    let done = json!([{"job_id": reset_job, "status": 2, "error_code": null, "error_msg": null, "execute_msg": null}]);
+    cp.agent_post("/agent/v1/jobs", done).await;
+
+    // Another project: sees the image once shared, uses it once accepted.
+    let p2 = common::prepare(dir.path(), "p2");
+    let t2 = cp
+        .login("p2-user", "pw")
+        .await
+        .subject_token
+        .expect("token");
+    let p2_path = |rest: &str| format!("/v1/{p2}/cloud-phone/{rest}");
+    let r = cp.call_as(&t2, "GET", &p2_path("images"), None).await;
+    assert_eq!(r.body["total"], 0);
+    let members = format!("/v1/{{p}}/cloud-phone/images/{image}/members");
+    for bad in [unknown, cp.project_id.as_str(), "p2"] {
+        let r = cp
+            .call("POST", &members, Some(json!({"member": bad})))
+            .await;
+        assert_eq!(code(&r), "CPS.0001", "member {bad}");
+    }
+    let r = cp.call("POST", &members, Some(json!({"member": p2}))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = cp
+        .call_as(&t2, "GET", &p2_path("images?image_type=share"), None)
+        .await;
+    assert_eq!(r.body["total"], 1);
+    assert_eq!(
+        r.body["image_infos"][0]["src_project_id"],
+        json!(cp.project_id)
+    );
+    let mut buy2 = buy_body(1);
+    buy2["image_id"] = json!(image);
+    let r = cp
+        .call_as(&t2, "POST", &p2_path("phones"), Some(buy2.clone()))
+        .await;
+    assert_eq!(code(&r), "CPS.0030", "pending: {:?}", r.body);
+    let p2_members = p2_path(&format!("images/{image}/members"));
+    let r = cp
+        .call_as(&t2, "PUT", &p2_members, Some(json!({"status": "maybe"})))
+        .await;
+    assert_eq!(code(&r), "CPS.0010");
+    let r = cp
+        .call_as(&t2, "PUT", &p2_members, Some(json!({"status": "accepted"})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = cp.call("GET", &members, None).await;
+    assert_eq!(r.body["members"][0]["member_id"], json!(p2));
+    assert_eq!(r.body["members"][0]["status"], "accepted");
+    // Only the owner lists or deletes members.
+    let r = cp.call_as(&t2, "GET", &p2_members, None).await;
+    assert_eq!(code(&r), "CPS.0166");
+    let servers_before = seen.lock().expect("lock").servers.len();
+    let r = cp
+        .call_as(&t2, "POST", &p2_path("phones"), Some(buy2.clone()))
+        .await;
+    assert_eq!(r.status, 200, "accepted: {:?}", r.body);
+    wait_for(&seen, |s| s.servers.len() == servers_before + 1).await;
+    let create2 = seen.lock().expect("lock").servers[servers_before].clone();
+    assert_eq!(create2["image"]["url"], json!(image_url));
+
+    // No longer shared: gone from p2's list; it cannot be deleted twice.
+    let r = cp.call("DELETE", &format!("{members}/{p2}"), None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = cp.call("DELETE", &format!("{members}/{p2}"), None).await;
+    assert_eq!(code(&r), "CPS.0001");
+    let r = cp.call_as(&t2, "GET", &p2_path("images"), None).await;
+    assert_eq!(r.body["total"], 0);
+
+    // A creation that fails leaves a failed image, which can be deleted.
+    wait_running(&cp, &phone).await;
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(make(&phone, "second")),
+        )
+        .await;
+    let failed = r.body["image_id"].as_str().expect("image_id").to_string();
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    let fail = json!([{"job_id": job, "status": -1, "error_code": "CPS.0108", "error_msg": "store down", "execute_msg": null}]);
+    cp.agent_post("/agent/v1/jobs", fail).await;
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/images?image_id={failed}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["image_infos"][0]["status"], 2, "{:?}", r.body);
+
+    // Deleted: another project cannot, the owner can, once.
+    let r = cp
+        .call_as(&t2, "DELETE", &p2_path(&format!("images/{image}")), None)
+        .await;
+    assert_eq!(code(&r), "CPS.0166");
+    for id in [&image, &failed] {
+        let r = cp
+            .call(
+                "DELETE",
+                &format!("/v1/{{p}}/cloud-phone/images/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = cp
+        .call(
+            "DELETE",
+            &format!("/v1/{{p}}/cloud-phone/images/{image}"),
+            None,
+        )
+        .await;
+    assert_eq!(code(&r), "CPS.0166");
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/images", None).await;
+    assert_eq!(r.body["total"], 0);
+    beat.abort();
+    cp.stop().await;
+}

@@ -271,6 +271,26 @@ pub struct MigrateTarget {
 /// source's agent creates it when missing).
 pub const MIGRATE_BUCKET: &str = "cph-migrate";
 
+/// Bucket of custom images made from phones (the agent creates it when
+/// missing).
+pub const IMAGE_BUCKET: &str = "cph-images";
+
+/// The `execute_msg` of a [`JobKind::CreateImage`] that succeeded.
+pub fn image_written(url: &str, bytes: u64) -> String {
+    format!("image written to {url}: {bytes} bytes")
+}
+
+/// The size in bytes an [`image_written`] message gives.
+pub fn image_size(execute_msg: &str) -> Option<u64> {
+    execute_msg
+        .strip_prefix("image written to ")?
+        .rsplit_once(": ")?
+        .1
+        .strip_suffix(" bytes")?
+        .parse()
+        .ok()
+}
+
 impl JobKind {
     /// The wire name of the kind (`sync_shell`, `push`, ...), for logs.
     pub fn name(&self) -> String {
@@ -395,6 +415,13 @@ pub enum JobKind {
     /// lowers it), kept across resets.
     ExpandVolume {
         disk_gb: u64,
+    },
+    /// A custom image of the phone: it is stopped, its root written to
+    /// `object` as a tar, and started again if it was meant to run. The
+    /// answer is [`image_written`]'s.
+    CreateImage {
+        image_id: String,
+        object: ObjectRef,
     },
 }
 
@@ -592,6 +619,14 @@ mod tests {
         assert_eq!(v["command"], "echo hi");
         let back: JobRequest = serde_json::from_value(v).expect("round trip");
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn image_size_reads_what_image_written_says() {
+        let msg = image_written("obs://cph-images/p/i.tar", 123_456);
+        assert_eq!(image_size(&msg), Some(123_456));
+        assert_eq!(image_size("exported to obs://b/k: 5 bytes"), None);
+        assert_eq!(image_size("image written to obs://b/k: many bytes"), None);
     }
 
     #[test]

@@ -435,6 +435,43 @@ fn object_store_jobs_on_a_real_phone() {
         "replaced"
     );
     assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+
+    // A custom image of the running phone: its whole root is written, the
+    // phone runs again, and a reset to the image brings back what it held.
+    let image_key = format!("p/img-{pid}.tar");
+    let st = p.run(
+        json!({"kind": "create_image", "image_id": format!("img-{pid}"),
+                          "object": {"bucket": "cph-images", "key": image_key}}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "running");
+    let size = cph_agent::protocol::image_size(st["execute_msg"].as_str().unwrap_or_default())
+        .expect("image size in the answer");
+    let whole = rt
+        .block_on(store.get_bytes("cph-images", &image_key, 1 << 30))
+        .expect("image object");
+    assert_eq!(whole.len() as u64, size);
+    let names = tar_names(&whole);
+    assert!(names.iter().any(|n| n == "init"), "no init in {names:?}");
+    assert!(names.iter().any(|n| n == "data/local/pushed/hello.txt"));
+    assert!(!names.iter().any(|n| n.starts_with("data/media/share/")));
+    p.sh("rm -r /data/local/pushed");
+    let custom = json!({"image_id": format!("custom-{pid}"),
+                        "url": format!("obs://cph-images/{image_key}")});
+    let st = p.run(json!({"kind": "reset_phone", "image": custom, "property": null}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "running");
+    assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+    // A stopped phone stays stopped.
+    assert_eq!(p.run(json!({"kind": "stop_phone"}))["status"], 2);
+    let st = p.run(
+        json!({"kind": "create_image", "image_id": format!("img2-{pid}"),
+                          "object": {"bucket": "cph-images", "key": format!("p/img2-{pid}.tar")}}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "stopped");
+    assert_eq!(p.run(json!({"kind": "start_phone"}))["status"], 2);
+    assert_eq!(p.state(), "running");
     let missing =
         json!({"image_id": "obs-missing", "url": format!("obs://{BUCKET}/images/none.tar")});
     assert_failed(

@@ -185,6 +185,14 @@ pub enum ApiError {
     MatchValue,
     #[error("parameter: invalid tag values of key {0:?}")]
     TagValues(String),
+    #[error("parameter: image_name is invalid")]
+    ImageName,
+    #[error("phone image {0} is not active")]
+    ImageNotActive(String),
+    #[error("phone {0} must be running or stopped to make an image of it")]
+    PhoneNotSettled(String),
+    #[error("image {0} is shared with {1} projects already")]
+    TooManyMembers(String, usize),
 }
 
 impl ApiError {
@@ -268,6 +276,10 @@ impl ApiError {
             E::Forbidden => (StatusCode::FORBIDDEN, "CPS.0001"),
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "APIG.0301"),
             E::Field(_) => (bad, "CPS.0001"),
+            E::ImageName => (bad, "CPS.0162"),
+            E::ImageNotActive(_) => (bad, "CPS.0220"),
+            E::PhoneNotSettled(_) => (bad, "CPS.0165"),
+            E::TooManyMembers(..) => (bad, "CPS.0196"),
             E::ServerDeleting(_) | E::ServerCreating(_) => (bad, "CPS.0105"),
             E::TooManyServerIds(_) => (bad, "CPS.0094"),
             E::TagResourceType(_) => (bad, "CPS.0300"),

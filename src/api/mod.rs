@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod iam;
+pub mod images;
 pub mod jobs;
 pub mod misc;
 pub mod phones;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use serde_json::{json, Value};
 
@@ -39,6 +40,8 @@ pub struct AppState {
     /// Shared secret agents present.
     pub node_token: String,
     pub heartbeat_secs: u64,
+    /// The object store custom images are written to, for deleting them.
+    pub objects: Option<cph_agent::objstore::ObjectStore>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -226,6 +229,24 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/v1/{project_id}/cloud-phone/phone-images",
             get(phones::images),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/images",
+            get(images::list).post(images::create),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/images/{image_id}",
+            delete(images::delete),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/images/{image_id}/members",
+            get(images::members)
+                .post(images::add_member)
+                .put(images::update_member),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/images/{image_id}/members/{member_id}",
+            delete(images::delete_member),
         )
         .route(
             "/v1/{project_id}/cloud-phone/phones/batch-reset",

@@ -206,25 +206,48 @@ pub async fn images(
         Some("2") => Some(2),
         Some(_) => return Err(ApiError::Field("is_public").into()),
     };
+    // The catalog's images, then the project's custom ones (private).
+    let custom = st.store.usable_images(&c.project_id)?;
+    let custom = custom.iter().map(|i| {
+        (
+            i.image_name.as_str(),
+            i.os_type.as_str(),
+            i.os_name.as_str(),
+            i.image_id.as_str(),
+            2,
+            i.image_label.as_str(),
+        )
+    });
     let out: Vec<Value> = st
         .catalog
         .phone_images
         .iter()
         .filter(|i| i.is_public == 1 || i.project_id.as_deref() == Some(c.project_id.as_str()))
-        .filter(|i| {
+        .map(|i| {
+            (
+                i.image_name.as_str(),
+                i.os_type.as_str(),
+                i.os_name.as_str(),
+                i.image_id.as_str(),
+                i.is_public,
+                i.image_label.as_str(),
+            )
+        })
+        .chain(custom)
+        .filter(|(.., label)| {
             q.image_label
                 .as_deref()
-                .is_none_or(|l| l.is_empty() || i.image_label == l)
+                .is_none_or(|l| l.is_empty() || *label == l)
         })
-        .filter(|i| is_public.is_none_or(|p| i.is_public == p))
-        .map(|i| {
+        .filter(|(_, _, _, _, public, _)| is_public.is_none_or(|p| *public == p))
+        .map(|(name, os_type, os_name, id, public, label)| {
             json!({
-                "image_name": i.image_name,
-                "os_type": i.os_type,
-                "os_name": i.os_name,
-                "image_id": i.image_id,
-                "is_public": i.is_public,
-                "image_label": i.image_label,
+                "image_name": name,
+                "os_type": os_type,
+                "os_name": os_name,
+                "image_id": id,
+                "is_public": public,
+                "image_label": label,
             })
         })
         .collect();
@@ -313,16 +336,10 @@ pub async fn batch_reset(
     Json(b): Json<ResetBody>,
 ) -> ApiResult {
     let image = match &b.image_id {
-        Some(id) => {
-            let i = st
-                .catalog
-                .image(&c.project_id, id)
-                .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?;
-            Some(cph_agent::protocol::ImageRef {
-                image_id: i.image_id.clone(),
-                url: i.url.clone(),
-            })
-        }
+        Some(id) => Some(
+            super::images::usable(&st, &c.project_id, id)?
+                .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?,
+        ),
         None => None,
     };
     let t = targets(&st, &c.project_id, phone_props(b.phones), |_, property| {
@@ -345,8 +362,7 @@ pub async fn batch_restart(
     Json(b): Json<ResetBody>,
 ) -> ApiResult {
     if let Some(id) = &b.image_id {
-        st.catalog
-            .image(&c.project_id, id)
+        super::images::usable(&st, &c.project_id, id)?
             .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?;
     }
     let image_id = b.image_id.clone();

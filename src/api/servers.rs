@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Extension, Path, State};
-use cph_agent::protocol::{CreateServer, ImageRef, JobKind, PhoneSpec, PortSpec};
+use cph_agent::protocol::{CreateServer, JobKind, PhoneSpec, PortSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -392,10 +392,7 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
         .phone_model(&b.phone_model_name)
         .filter(|m| m.server_model_name == sm.server_model_name && m.status == 1)
         .ok_or(ApiError::PhoneModelName)?;
-    let image = st
-        .catalog
-        .image(&c.project_id, &b.image_id)
-        .ok_or(ApiError::ImageId)?;
+    let image = super::images::usable(&st, &c.project_id, &b.image_id)?.ok_or(ApiError::ImageId)?;
     let ports = validate_ports(b.ports.as_deref().unwrap_or(&[]))?;
     validate_extend(b.extend_param.as_ref())?;
     let bw = b.band_width.as_ref();
@@ -445,10 +442,6 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
         _ => None,
     };
     let flavor_wire = Catalog::agent_flavor(pm);
-    let image_ref = ImageRef {
-        image_id: image.image_id.clone(),
-        url: image.url.clone(),
-    };
     let mut servers = Vec::new();
     for i in 0..b.count {
         let server_id = new_id();
@@ -460,7 +453,7 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
             server_id: server_id.clone(),
             server_name: server_name.clone(),
             flavor: flavor_wire.clone(),
-            image: image_ref.clone(),
+            image: image.clone(),
             ports: ports.clone(),
             band_width_size,
             public_key: public_key.clone(),

@@ -187,4 +187,32 @@ CREATE INDEX tags_by_project ON tags(project_id, resource_type, key);
 ALTER TABLE nodes ADD COLUMN share_apps TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE nodes ADD COLUMN share_apps_time TEXT NOT NULL DEFAULT '';
 "#,
+    // 7: custom images made from phones (their rootfs tar in the object
+    // store), and the projects each is shared with.
+    r#"
+CREATE TABLE images (
+    image_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    image_name TEXT NOT NULL,
+    base_image_id TEXT NOT NULL,
+    image_label TEXT NOT NULL,
+    os_type TEXT NOT NULL,
+    os_name TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    image_size INTEGER NOT NULL DEFAULT 0,
+    create_ms INTEGER NOT NULL,
+    update_ms INTEGER NOT NULL
+);
+CREATE INDEX images_by_project ON images(project_id, create_ms);
+CREATE TABLE image_members (
+    image_id TEXT NOT NULL REFERENCES images(image_id) ON DELETE CASCADE,
+    member_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    create_ms INTEGER NOT NULL,
+    update_ms INTEGER NOT NULL,
+    PRIMARY KEY (image_id, member_id)
+);
+CREATE INDEX image_members_by_member ON image_members(member_id);
+"#,
 ];

@@ -5,9 +5,14 @@
 //! functions in queries) so a PostgreSQL backend can implement the same
 //! methods for several control-plane replicas.
 
+mod images;
 mod migrations;
 mod tags;
 
+pub use images::{
+    now_ms, Image, ImageFilter, ImageMember, MemberWrite, IMAGE_ACTIVE, IMAGE_CREATING,
+    IMAGE_FAILED, MAX_MEMBERS,
+};
 pub use tags::{TagWrite, MAX_TAGS};
 
 use std::path::Path;

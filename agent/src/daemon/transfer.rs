@@ -23,7 +23,9 @@ use super::phones::validate_properties;
 use super::JobFailure;
 use crate::apk;
 use crate::objstore::{ObjectStore, ObjectStoreError, ObjectUrl, APK_MAX_BYTES, PUSH_MAX_BYTES};
-use crate::protocol::{ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, MIGRATE_BUCKET};
+use crate::protocol::{
+    image_written, ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, IMAGE_BUCKET, MIGRATE_BUCKET,
+};
 
 /// Time an installation may take inside the phone.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -373,6 +375,27 @@ fn upload_tar(
     exclude: &[String],
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
+    let (report, stored) = upload(ctx, root, include, exclude, object)?;
+    Ok(format!(
+        "exported to {}: {} files, {} directories, {} links, {} bytes of data, {} bytes stored",
+        url(object),
+        report.files,
+        report.dirs,
+        report.symlinks + report.hardlinks,
+        report.bytes,
+        stored
+    ))
+}
+
+/// Writes `root` (the `include`d paths, `exclude` winning) as a tar to
+/// `object` while it is read; what was written and the bytes stored.
+fn upload(
+    ctx: &JobContext<'_>,
+    root: &Path,
+    include: &[String],
+    exclude: &[String],
+    object: &ObjectRef,
+) -> Result<(archive::WriteReport, u64), JobFailure> {
     let store = store(ctx)?;
     let _rt = ctx.handle.enter();
     let mut writer = store
@@ -390,15 +413,7 @@ fn upload_tar(
     let up = writer
         .finish()
         .map_err(|e| JobFailure::new("CPS.0108", e.to_string()))?;
-    Ok(format!(
-        "exported to {}: {} files, {} directories, {} links, {} bytes of data, {} bytes stored",
-        url(object),
-        report.files,
-        report.dirs,
-        report.symlinks + report.hardlinks,
-        report.bytes,
-        up.bytes
-    ))
+    Ok((report, up.bytes))
 }
 
 /// `batch-storage`: the listed `/data` and `/cache` paths (exclude wins)
@@ -566,6 +581,37 @@ pub fn migrate_out(
     ctx.phones.stop(phone)?;
     let exclude: Vec<String> = MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect();
     upload_tar(ctx, &ctx.phones.rootfs(phone)?, &[], &exclude, object)
+}
+
+/// A custom image of a phone: the phone is stopped so its root is written
+/// whole and consistent, then started again if it was meant to run (also
+/// when the write failed).
+pub fn create_image(
+    ctx: &JobContext<'_>,
+    phone: &str,
+    object: &ObjectRef,
+) -> Result<String, JobFailure> {
+    let was_running = !ctx.phones.record(phone)?.stopped;
+    let store = store(ctx)?;
+    if object.bucket == IMAGE_BUCKET {
+        ctx.handle
+            .block_on(store.create_bucket(&object.bucket))
+            .map_err(|e| JobFailure::new("CPS.0102", e.to_string()))?;
+    }
+    ctx.phones.stop(phone)?;
+    let exclude: Vec<String> = MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect();
+    let written = ctx
+        .phones
+        .rootfs(phone)
+        .and_then(|root| upload(ctx, &root, &[], &exclude, object));
+    let started = if was_running {
+        ctx.phones.start(phone)
+    } else {
+        Ok(())
+    };
+    let (_, stored) = written?;
+    started?;
+    Ok(image_written(&url(object), stored))
 }
 
 fn share_failure(code: &str, e: StorageError) -> JobFailure {
