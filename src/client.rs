@@ -321,6 +321,13 @@ pub enum Action {
         phones: Vec<String>,
         package: String,
     },
+    /// The project's custom images and those shared with it.
+    Images,
+    /// A custom image of a phone, followed until it is written.
+    CreateImage {
+        phone: String,
+        name: String,
+    },
 }
 
 /// Longest a command waits on its jobs.
@@ -518,6 +525,39 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
                     job_id,
                 })
                 .collect();
+            let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
+            Ok(print_jobs(&answers, &jobs))
+        }
+        Action::Images => {
+            let v = client
+                .call("GET", "/v1/{p}/cloud-phone/images", "limit=100", None)
+                .await?;
+            println!(
+                "{:<34} {:<24} {:>6} {:>12}  type",
+                "image_id", "name", "status", "bytes"
+            );
+            for i in v["image_infos"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<34} {:<24} {:>6} {:>12}  {}",
+                    i["image_id"].as_str().unwrap_or(""),
+                    i["image_name"].as_str().unwrap_or(""),
+                    i["status"],
+                    i["image_size"],
+                    i["image_type"].as_str().unwrap_or("")
+                );
+            }
+            Ok(true)
+        }
+        Action::CreateImage { phone, name } => {
+            let body = json!({"phone_id": phone, "image_name": name});
+            let answer = client
+                .call("POST", "/v1/{p}/cloud-phone/images", "", Some(&body))
+                .await?;
+            let image_id = answer["image_id"].as_str().unwrap_or("").to_string();
+            let jobs = vec![JobRef {
+                target: format!("image {image_id} of {phone}"),
+                job_id: answer["job_id"].as_str().unwrap_or("").to_string(),
+            }];
             let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
             Ok(print_jobs(&answers, &jobs))
         }

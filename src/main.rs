@@ -194,6 +194,22 @@ enum Command {
         #[arg(required = true)]
         server_ids: Vec<String>,
     },
+    /// List the project's custom images and those shared with it.
+    Images {
+        #[command(flatten)]
+        creds: CredsArg,
+    },
+    /// Make a custom image of a running or stopped phone (it is stopped
+    /// while its root is written, then started again if it was running)
+    /// and follow it until written; phones can then be bought, reset and
+    /// restarted with its id.
+    CreateImage {
+        #[command(flatten)]
+        creds: CredsArg,
+        phone_id: String,
+        /// The image's name (letters, digits, `-`, `_`, `.`, spaces).
+        name: String,
+    },
 }
 
 /// Where the client finds the project's endpoint and AK/SK.
@@ -462,6 +478,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeleteServer { creds, server_ids } => {
             client(&creds, cph::client::Action::DeleteServers { server_ids })
         }
+        Command::Images { creds } => client(&creds, cph::client::Action::Images),
+        Command::CreateImage {
+            creds,
+            phone_id,
+            name,
+        } => client(
+            &creds,
+            cph::client::Action::CreateImage {
+                phone: phone_id,
+                name,
+            },
+        ),
         Command::Install {
             creds,
             file,

@@ -1652,6 +1652,22 @@ async fn custom_images_from_phones_and_shared() {
     assert_eq!(sent["image"]["url"], json!(image_url));
     let done = json!([{"job_id": reset_job, "status": 2, "error_code": null, "error_msg": null, "execute_msg": null}]);
     cp.agent_post("/agent/v1/jobs", done).await;
+    // Its agent reports the phone on the image: the API shows it so.
+    beat.abort();
+    let mut states = running_phones(&create);
+    states[0].image_id = image.clone();
+    let beat = keep_beating(&cp, "n1", states);
+    let detail = format!("/v1/{{p}}/cloud-phone/phones/{phone}");
+    for _ in 0..100 {
+        if cp.call("GET", &detail, None).await.body["image_id"] == json!(image) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cp.call("GET", &detail, None).await.body["image_id"],
+        json!(image)
+    );
 
     // Another project: sees the image once shared, uses it once accepted.
     let p2 = common::prepare(dir.path(), "p2");

@@ -821,7 +821,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Applies a phone state an agent reported: status, access and property.
+    /// Applies a phone state an agent reported: status, access, traffic and
+    /// the image it runs (a reset may have changed it).
     pub fn apply_phone_state(
         &self,
         node_id: &str,
@@ -830,16 +831,19 @@ impl Store {
     ) -> Result<()> {
         let c = self.db()?;
         c.execute(
-            "UPDATE phones SET status = ?3, access_infos = ?4, traffic_type = ?5, update_time = ?6
+            "UPDATE phones SET status = ?3, access_infos = ?4, traffic_type = ?5, update_time = ?6,
+                image_id = COALESCE(NULLIF(?7, ''), image_id)
              WHERE phone_id = ?1 AND server_id IN (SELECT server_id FROM servers WHERE node_id = ?2)
-               AND (status != ?3 OR access_infos != ?4 OR traffic_type != ?5)",
+               AND (status != ?3 OR access_infos != ?4 OR traffic_type != ?5
+                    OR (?7 != '' AND image_id != ?7))",
             params![
                 p.phone_id,
                 node_id,
                 status,
                 serde_json::to_string(&p.access_infos)?,
                 p.traffic_type,
-                now_string()
+                now_string(),
+                p.image_id
             ],
         )?;
         Ok(())
