@@ -1,9 +1,10 @@
-//! Download shaping accuracy and live limit changes on real tc: one phone
-//! of a testbed behind the agent's HTB tree, a TCP sender outside pushing
-//! through its access port. For each `com.cph.bandwidth_limit` from
-//! 64 kbit/s to 1 Gbit/s the rate at layer 2 is read from the phone
-//! class's own byte counter over a window after the burst, next to the
-//! limit itself (target: within 3%). Criterion times a live limit change
+//! Shaping accuracy in both directions and live limit changes on real tc:
+//! one phone of a testbed behind the agent's HTB trees, a TCP sender
+//! outside pushing through its access port (downloads, on the bridge), then
+//! the phone sending to a sink outside (uploads, on the upload device). For
+//! each `com.cph.bandwidth_limit` from 64 kbit/s to 1 Gbit/s the rate at
+//! layer 2 is read from the phone class's own byte counter over a window
+//! after the burst, next to the limit itself (target: within 3%). Criterion times a live limit change
 //! (`tc class change` over the batch, target under 10 ms).
 //!
 //! Needs root; otherwise it says why and measures nothing. `cargo bench`
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cph_runtime::net::cmd::{self, Runner, SystemRunner};
-use cph_runtime::net::testbed::{blast_from, netns_path, spawn_sink, Testbed};
+use cph_runtime::net::testbed::{blast_from, netns_path, spawn_sink, Testbed, PUBLIC_CLIENT_IP};
 use cph_runtime::net::{nft, NetManager, PortRequest};
 use criterion::Criterion;
 
@@ -24,6 +25,25 @@ mod report;
 use report::Metric;
 
 const PHONE: &str = "bw-phone";
+
+/// Waits (up to 10 s) until the phone's classes on `devs` hold no backlog.
+fn wait_drained(host: &Path, devs: &[String], minor: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let queued = devs.iter().any(|dev| {
+            let inv = cmd::tc_class_stats(dev, minor).in_netns(Some(host));
+            let out = SystemRunner.run(&inv).expect("tc -s class show");
+            out.split_whitespace()
+                .skip_while(|w| *w != "backlog")
+                .nth(1)
+                .is_some_and(|b| b != "0b")
+        });
+        if !queued {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Bytes the phone's HTB class has sent (`tc -s class show`).
 fn class_bytes(host: &Path, bridge: &str, minor: u32) -> u64 {
@@ -65,10 +85,28 @@ fn main() {
         info[0].access_port,
     ));
     let minor = nft::class_minor(net.phone(PHONE).expect("phone").index);
+    // Uploads: the phone sends to a sink on the public client.
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    spawn_sink(&public, 20001, up_tx).expect("upload sink");
+    let up_to = SocketAddr::from((PUBLIC_CLIENT_IP, 20001));
 
     // (limit kbit/s, measuring window): slow rates need long windows for
     // enough 1514-byte frames to count.
-    let limits: &[(i64, f64)] = if full {
+    // `CPH_BW_LIMITS=1000:8,10000:2` measures only these (kbit/s:window s).
+    let chosen: Vec<(i64, f64)> = std::env::var("CPH_BW_LIMITS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|p| {
+                    let (k, w) = p.split_once(':')?;
+                    Some((k.parse().ok()?, w.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let limits: &[(i64, f64)] = if !chosen.is_empty() {
+        &chosen
+    } else if full {
         &[
             (64, 12.0),
             (1_000, 4.0),
@@ -81,28 +119,45 @@ fn main() {
     };
     let mut metrics = Vec::new();
     for &(kbit, window) in limits {
-        net.set_bandwidth_limit(PHONE, kbit).expect("set limit");
-        // The class's burst drains in the first moments; measure after it.
-        let settle = 0.8;
-        let public2 = public.clone();
-        let sender = std::thread::spawn(move || blast_from(&public2, to, settle + window + 0.3));
-        std::thread::sleep(Duration::from_secs_f64(settle));
-        let (b1, t1) = (class_bytes(&host, &cfg.bridge, minor), Instant::now());
-        std::thread::sleep(Duration::from_secs_f64(window));
-        let (b2, t2) = (class_bytes(&host, &cfg.bridge, minor), Instant::now());
-        sender.join().expect("sender").expect("blast");
-        let _ = rx.recv_timeout(Duration::from_secs(5));
-        let rate_kbit = (b2 - b1) as f64 * 8.0 / (t2 - t1).as_secs_f64() / 1000.0;
-        eprintln!(
-            "limit {kbit} kbit/s: layer 2 {rate_kbit:.1} kbit/s ({:.3})",
-            rate_kbit / kbit as f64
-        );
-        metrics.push(Metric {
-            metric: format!("layer-2 rate at a {kbit} kbit/s limit (anchor: the limit)"),
-            ours: rate_kbit,
-            anchor: kbit as f64,
-            unit: "kbit/s",
-        });
+        // Downloads (public client to the phone, shaped on the bridge), then
+        // uploads (the phone to the public client, on the upload device).
+        let upload_dev = cfg.upload_dev();
+        let directions = [
+            ("", &public, to, cfg.bridge.as_str(), &rx),
+            (" upload", &phone_ns, up_to, upload_dev.as_str(), &up_rx),
+        ];
+        for (what, from, dest, dev, sink) in directions {
+            // What the last sender left queued at a slow limit (seconds of
+            // it) would hold this connection's handshake: flushed at a high
+            // limit first.
+            net.set_bandwidth_limit(PHONE, 1_000_000)
+                .expect("flush limit");
+            wait_drained(&host, &cfg.shaped_devs(), minor);
+            net.set_bandwidth_limit(PHONE, kbit).expect("set limit");
+            // The class's burst drains in the first moments; measure after it.
+            let settle = 0.8;
+            let from = from.clone();
+            let sender = std::thread::spawn(move || blast_from(&from, dest, settle + window + 0.3));
+            std::thread::sleep(Duration::from_secs_f64(settle));
+            let (b1, t1) = (class_bytes(&host, dev, minor), Instant::now());
+            std::thread::sleep(Duration::from_secs_f64(window));
+            let (b2, t2) = (class_bytes(&host, dev, minor), Instant::now());
+            if let Err(e) = sender.join().expect("sender") {
+                panic!("sending{what} at {kbit} kbit/s: {e}");
+            }
+            let _ = sink.recv_timeout(Duration::from_secs(5));
+            let rate_kbit = (b2 - b1) as f64 * 8.0 / (t2 - t1).as_secs_f64() / 1000.0;
+            eprintln!(
+                "limit {kbit} kbit/s{what}: layer 2 {rate_kbit:.1} kbit/s ({:.3})",
+                rate_kbit / kbit as f64
+            );
+            metrics.push(Metric {
+                metric: format!("layer-2{what} rate at a {kbit} kbit/s limit (anchor: the limit)"),
+                ours: rate_kbit,
+                anchor: kbit as f64,
+                unit: "kbit/s",
+            });
+        }
     }
 
     // A live change of the limit, one `tc -batch` each.

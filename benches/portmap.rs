@@ -361,7 +361,13 @@ fn main() {
     let mut changes = Vec::new();
     for i in 0..20u32 {
         phone.bandwidth = BandwidthLimit::Kbit(10_000 + i * 1000);
-        let inv = cmd::tc_batch(&tc::render_phone_change(&cfg, &phone, 2000)).in_netns(Some(&host));
+        // As the manager changes it: downloads' and uploads' classes in one batch.
+        let lines: Vec<String> = cfg
+            .shaped_devs()
+            .iter()
+            .flat_map(|dev| tc::render_phone_change(dev, &phone, 2000))
+            .collect();
+        let inv = cmd::tc_batch(&lines).in_netns(Some(&host));
         let t = Instant::now();
         SystemRunner.run(&inv).expect("tc class change");
         changes.push(t.elapsed());

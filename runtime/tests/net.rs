@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use cph_runtime::net::cmd::{Invocation, Runner, SystemRunner};
 use cph_runtime::net::testbed::{
-    blast_from, echo_from, goodput_bps, netns_path, spawn_echo, spawn_sink, Testbed, SERVER_IP,
+    blast_from, echo_from, goodput_bps, netns_path, spawn_echo, spawn_sink, Testbed,
+    PUBLIC_CLIENT_IP, SERVER_IP,
 };
 use cph_runtime::net::{phones_dir, NetError, NetManager, PortRequest, TrafficType};
 
@@ -153,8 +154,6 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
 
     net.remove_phone("phone-b").unwrap();
     net.teardown().unwrap();
-    let tables = in_ns(&host, "nft", &["list", "tables"]);
-    assert!(!tables.contains(&cfg.table), "{tables}");
     let links = in_ns(&host, "ip", &["-o", "link", "show"]);
     assert!(
         !links.contains(&cfg.bridge) && !links.contains(&cfg.veth_prefix),
@@ -168,6 +167,17 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
 fn measure(tb: &Testbed, rx: &std::sync::mpsc::Receiver<Vec<(u64, f64)>>, to: u16) -> f64 {
     let public = netns_path(&tb.public);
     blast_from(&public, access(to), 2.2).unwrap();
+    let samples = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    goodput_bps(&samples, 0.5, 2.1).unwrap()
+}
+
+/// Upload goodput: the phone sends to a sink on the public client.
+fn measure_upload(
+    phone_ns: &Path,
+    rx: &std::sync::mpsc::Receiver<Vec<(u64, f64)>>,
+    port: u16,
+) -> f64 {
+    blast_from(phone_ns, SocketAddr::from((PUBLIC_CLIENT_IP, port)), 2.2).unwrap();
     let samples = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     goodput_bps(&samples, 0.5, 2.1).unwrap()
 }
@@ -206,14 +216,30 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
         );
         assert!((0.97..=1.03).contains(&l2), "{what}: layer-2 ratio {l2:.3}");
     };
+    // Uploads: the phone sends to a sink outside, through the same limits.
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let public = netns_path(&tb.public);
+    spawn_sink(&public, 20001, up_tx).unwrap();
     check(measure(&tb, &rx, ap), 10e6, "phone limit 10000 kbit/s");
+    check(
+        measure_upload(&phone_ns, &up_rx, 20001),
+        10e6,
+        "upload, phone limit 10000 kbit/s",
+    );
     net.set_bandwidth_limit("phone-bw", 18_000).unwrap();
-    let classes = in_ns(&host, "tc", &["class", "show", "dev", &cfg.bridge]);
-    assert!(classes.contains("ceil 18Mbit"), "{classes}");
+    for dev in cfg.shaped_devs() {
+        let classes = in_ns(&host, "tc", &["class", "show", "dev", &dev]);
+        assert!(classes.contains("ceil 18Mbit"), "{dev}: {classes}");
+    }
     check(
         measure(&tb, &rx, ap),
         18e6,
         "phone limit changed to 18000 kbit/s",
+    );
+    check(
+        measure_upload(&phone_ns, &up_rx, 20001),
+        18e6,
+        "upload, phone limit changed to 18000 kbit/s",
     );
     net.set_bandwidth_limit("phone-bw", -1).unwrap();
     net.set_shared_bandwidth(14).unwrap();
@@ -221,6 +247,11 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
         measure(&tb, &rx, ap),
         14e6,
         "unlimited phone, shared 14 Mbit/s",
+    );
+    check(
+        measure_upload(&phone_ns, &up_rx, 20001),
+        14e6,
+        "upload, unlimited phone, shared 14 Mbit/s",
     );
     assert!(matches!(
         net.set_shared_bandwidth(301),
@@ -230,7 +261,9 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
         })
     ));
     net.teardown().unwrap();
-    assert!(!in_ns(&host, "ip", &["-o", "link", "show"]).contains(&cfg.bridge));
+    let links = in_ns(&host, "ip", &["-o", "link", "show"]);
+    assert!(!links.contains(&cfg.bridge), "{links}");
+    assert!(!links.contains(&cfg.upload_dev()), "{links}");
 }
 
 #[test]
@@ -409,11 +442,33 @@ fn traffic_diversion_and_reconcile_after_restart() {
         .count();
     assert_eq!(htb, 2, "{classes}");
     assert!(classes.contains("ceil 5Mbit"), "{classes}");
+    // Uploads: the same classes on the upload device, one filter for the
+    // phone, and its veth redirecting there.
+    let up = cfg.upload_dev();
+    let up_classes = in_ns(&host, "tc", &["class", "show", "dev", &up]);
+    let htb = up_classes
+        .lines()
+        .filter(|l| l.starts_with("class htb"))
+        .count();
+    assert_eq!(htb, 2, "{up_classes}");
+    let filters = in_ns(&host, "tc", &["filter", "show", "dev", &up, "parent", "1:"]);
+    assert_eq!(filters.matches("flowid 1:10").count(), 1, "{filters}");
+    let redirected = || {
+        let veth = cfg.veth_name(0);
+        let f = in_ns(
+            &host,
+            "tc",
+            &["filter", "show", "dev", &veth, "parent", "ffff:"],
+        );
+        f.contains(&format!("Redirect to device {up}"))
+    };
+    assert!(redirected());
 
     // A phone whose veth vanished (container restart) is re-plumbed.
     in_ns(&host, "ip", &["link", "del", &cfg.veth_name(0)]);
     net.reconcile().unwrap();
     assert_eq!(echo_from(&public, access(ap), b"again").unwrap(), b"again");
+    assert!(redirected());
     drop(tx);
     net.teardown().unwrap();
     assert!(!in_ns(&host, "nft", &["list", "tables"]).contains(&cfg.table));

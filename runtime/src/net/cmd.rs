@@ -87,6 +87,11 @@ pub fn tc_class_show(dev: &str) -> Invocation {
     Invocation::new("tc", &["class", "show", "dev", dev])
 }
 
+/// `tc filter show dev <dev> parent 1:`: the upload filters.
+pub fn tc_filter_show(dev: &str) -> Invocation {
+    Invocation::new("tc", &["filter", "show", "dev", dev, "parent", "1:"])
+}
+
 /// `tc -s class show dev <dev> classid 1:<minor>`: one class with its
 /// counters.
 pub fn tc_class_stats(dev: &str, minor: u32) -> Invocation {

@@ -114,6 +114,17 @@ impl NetConfig {
         self.subnet.host(1)
     }
 
+    /// The IFB device uploads are shaped on: the bridge's name and `-up`.
+    pub fn upload_dev(&self) -> String {
+        format!("{}-up", self.bridge)
+    }
+
+    /// The devices whose HTB trees shape phones: the bridge (downloads)
+    /// and [`Self::upload_dev`] (uploads).
+    pub fn shaped_devs(&self) -> [String; 2] {
+        [self.bridge.clone(), self.upload_dev()]
+    }
+
     /// Host-side veth name of the phone in slot `index`.
     pub fn veth_name(&self, index: u32) -> String {
         format!("{}{}", self.veth_prefix, index)
@@ -132,10 +143,13 @@ impl NetConfig {
                 format!("{:?} is not a valid name", self.table),
             ));
         }
-        if !name_ok(&self.bridge) {
+        if !name_ok(&self.bridge) || self.bridge.len() > 12 {
             return Err(NetError::invalid(
                 "bridge",
-                format!("{:?} is not a valid name", self.bridge),
+                format!(
+                    "{:?} must be 1-12 name characters (its upload device adds \"-up\")",
+                    self.bridge
+                ),
             ));
         }
         if !name_ok(&self.veth_prefix) || self.veth_prefix.len() > 10 {

@@ -213,6 +213,18 @@ impl<R: Runner> NetManager<R> {
         self.host(cmd::tc_batch(&lines)).map(drop)
     }
 
+    /// Runs `render` for each shaped device (downloads, uploads) as one
+    /// `tc` batch.
+    fn shaping_tc(&self, render: impl Fn(&str) -> Vec<String>) -> Result<(), NetError> {
+        let lines = self
+            .cfg
+            .shaped_devs()
+            .iter()
+            .flat_map(|d| render(d))
+            .collect();
+        self.host_tc(lines)
+    }
+
     fn host_nft(&self, text: String) -> Result<(), NetError> {
         if text.is_empty() {
             return Ok(());
@@ -299,30 +311,39 @@ impl<R: Runner> NetManager<R> {
         let gw = self.gateway()?;
         let br = self.cfg.bridge.clone();
         let links = self.host_links()?;
+        let up = self.cfg.upload_dev();
         let mut lines = Vec::new();
         if !links.contains(&br) {
             lines.push(format!("link add {br} txqueuelen 1000 type bridge"));
+        }
+        if !links.contains(&up) {
+            lines.push(format!("link add {up} txqueuelen 1000 type ifb"));
         }
         lines.push(format!(
             "addr replace {gw}/{} dev {br}",
             self.cfg.subnet.prefix
         ));
         lines.push(format!("link set {br} up"));
+        lines.push(format!("link set {up} up"));
         self.host_ip(lines)?;
         self.host(cmd::sysctl("net.ipv4.ip_forward", "1"))?;
         self.host_nft(nft::render_table(&self.cfg, self.state.phones.values()))?;
-        let qdiscs = self.host(cmd::tc_qdisc_show(&self.cfg.bridge))?;
-        let mut tcl = tc::render_root(&self.cfg, self.state.shared_bandwidth_mbit);
-        if tc::has_htb_root(&qdiscs) {
-            // HTB cannot change its root in place; classes are replaced below.
-            tcl.remove(0);
+        let shared = self.state.shared_bandwidth_mbit;
+        let mut tcl = Vec::new();
+        for dev in self.cfg.shaped_devs() {
+            let qdiscs = self.host(cmd::tc_qdisc_show(&dev))?;
+            let mut root = tc::render_root(&dev, shared);
+            if tc::has_htb_root(&qdiscs) {
+                // HTB cannot change its root in place; classes are replaced below.
+                root.remove(0);
+            }
+            tcl.extend(root);
+            for p in self.state.phones.values() {
+                tcl.extend(tc::render_phone_add(&dev, p, shared));
+            }
         }
         for p in self.state.phones.values() {
-            tcl.extend(tc::render_phone_add(
-                &self.cfg,
-                p,
-                self.state.shared_bandwidth_mbit,
-            ));
+            tcl.extend(tc::render_upload_filter(&up, p));
         }
         self.host_tc(tcl)
     }
@@ -368,18 +389,28 @@ impl<R: Runner> NetManager<R> {
                 warn!(phone_id = %p.phone_id, netns = %p.netns.display(), "phone namespace gone; waiting for attach");
             }
         }
-        let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&self.cfg.bridge))?);
         let wanted: BTreeSet<u32> = self
             .state
             .phones
             .values()
             .map(|p| nft::class_minor(p.index))
             .collect();
-        let dels: Vec<String> = present
+        let up = self.cfg.upload_dev();
+        let filters = tc::parse_upload_filters(&self.host(cmd::tc_filter_show(&up))?);
+        let mut dels: Vec<String> = filters
             .into_iter()
-            .filter(|m| !wanted.contains(m))
-            .flat_map(|m| tc::render_phone_delete(&self.cfg, m - 0x10))
+            .filter(|i| !wanted.contains(&nft::class_minor(*i)))
+            .flat_map(|i| tc::render_upload_filter_delete(&up, i))
             .collect();
+        for dev in self.cfg.shaped_devs() {
+            let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&dev))?);
+            dels.extend(
+                present
+                    .into_iter()
+                    .filter(|m| !wanted.contains(m))
+                    .flat_map(|m| tc::render_phone_delete(&dev, m - 0x10)),
+            );
+        }
         self.host_tc(dels)
     }
 
@@ -396,6 +427,12 @@ impl<R: Runner> NetManager<R> {
             format!("link set {h} master {br}"),
             format!("link set {h} up"),
         ])?;
+        // Uploads: every frame the phone sends goes through the upload
+        // device's tree first.
+        if let Err(e) = self.host_tc(tc::render_upload_redirect(h, &self.cfg.upload_dev())) {
+            let _ = self.host_ip(vec![format!("link del {h}")]);
+            return Err(e);
+        }
         let gw = match p.traffic {
             TrafficType::Direct => self.gateway()?,
             TrafficType::Routing(enc) => enc,
@@ -496,15 +533,15 @@ impl<R: Runner> NetManager<R> {
             traffic: TrafficType::Direct,
         };
         self.plumb(&phone)?;
+        let shared = self.state.shared_bandwidth_mbit;
+        let up = self.cfg.upload_dev();
         let applied = self
-            .host_tc(tc::render_phone_add(
-                &self.cfg,
-                &phone,
-                self.state.shared_bandwidth_mbit,
-            ))
+            .shaping_tc(|dev| tc::render_phone_add(dev, &phone, shared))
+            .and_then(|()| self.host_tc(tc::render_upload_filter(&up, &phone)))
             .and_then(|()| self.apply_phone_delta(None, Some(&phone)));
         if let Err(e) = applied {
-            let _ = self.host_tc(tc::render_phone_delete(&self.cfg, index));
+            let _ = self.host_tc(tc::render_upload_filter_delete(&up, index));
+            let _ = self.shaping_tc(|dev| tc::render_phone_delete(dev, index));
             let _ = self.host_ip(vec![format!("link del {}", phone.host_if)]);
             return Err(e);
         }
@@ -597,11 +634,8 @@ impl<R: Runner> NetManager<R> {
         let limit: BandwidthLimit = validate_bandwidth_limit(kbit)?;
         let mut p = self.known(phone_id)?.clone();
         p.bandwidth = limit;
-        self.host_tc(tc::render_phone_change(
-            &self.cfg,
-            &p,
-            self.state.shared_bandwidth_mbit,
-        ))?;
+        let shared = self.state.shared_bandwidth_mbit;
+        self.shaping_tc(|dev| tc::render_phone_change(dev, &p, shared))?;
         self.state.phones.insert(phone_id.to_string(), p);
         self.save_phone(phone_id)
     }
@@ -609,11 +643,7 @@ impl<R: Runner> NetManager<R> {
     /// Changes the server's shared bandwidth (Mbit/s) live.
     pub fn set_shared_bandwidth(&mut self, mbit: u32) -> Result<(), NetError> {
         let mbit = validate_shared_bandwidth(mbit)?;
-        self.host_tc(tc::render_shared_change(
-            &self.cfg,
-            mbit,
-            self.state.phones.values(),
-        ))?;
+        self.shaping_tc(|dev| tc::render_shared_change(dev, mbit, self.state.phones.values()))?;
         self.state.shared_bandwidth_mbit = mbit;
         self.state.save_host(&self.cfg.state_path)
     }
@@ -649,9 +679,15 @@ impl<R: Runner> NetManager<R> {
     pub fn remove_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
         let p = self.known(phone_id)?.clone();
         self.apply_phone_delta(Some(&p), None)?;
-        let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&self.cfg.bridge))?);
-        if present.contains(&nft::class_minor(p.index)) {
-            self.host_tc(tc::render_phone_delete(&self.cfg, p.index))?;
+        let up = self.cfg.upload_dev();
+        if tc::parse_upload_filters(&self.host(cmd::tc_filter_show(&up))?).contains(&p.index) {
+            self.host_tc(tc::render_upload_filter_delete(&up, p.index))?;
+        }
+        for dev in self.cfg.shaped_devs() {
+            let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&dev))?);
+            if present.contains(&nft::class_minor(p.index)) {
+                self.host_tc(tc::render_phone_delete(&dev, p.index))?;
+            }
         }
         if self.host_links()?.contains(&p.host_if) {
             self.host_ip(vec![format!("link del {}", p.host_if)])?;
@@ -668,9 +704,9 @@ impl<R: Runner> NetManager<R> {
         self.state.access_info(&self.cfg, phone_id)
     }
 
-    /// Removes everything this manager created: the table, the bridge (and
-    /// its tc tree), every phone veth, their conntrack entries and the state
-    /// file.
+    /// Removes everything this manager created: the table, the bridge and
+    /// the upload device (and their tc trees), every phone veth, their
+    /// conntrack entries and the state file.
     pub fn teardown(&mut self) -> Result<(), NetError> {
         if self.nft_table_exists()? {
             self.host_nft(nft::render_delete_table(&self.cfg))?;
@@ -683,8 +719,10 @@ impl<R: Runner> NetManager<R> {
             .filter(|p| links.contains(&p.host_if))
             .map(|p| format!("link del {}", p.host_if))
             .collect();
-        if links.contains(&self.cfg.bridge) {
-            lines.push(format!("link del {}", self.cfg.bridge));
+        for dev in self.cfg.shaped_devs() {
+            if links.contains(&dev) {
+                lines.push(format!("link del {dev}"));
+            }
         }
         self.host_ip(lines)?;
         let ips: Vec<Ipv4Addr> = self.state.phones.values().map(|p| p.ip).collect();

@@ -1,20 +1,25 @@
-//! The HTB tree shaping downloads towards phones, rendered as `tc -batch -`
-//! lines. It sits on the bridge (the host side of every phone): class `1:1`
-//! is the server and carries the shared bandwidth; each phone has a child
-//! `1:<slot + 0x10>` whose ceiling is its `com.cph.bandwidth_limit`, or the
-//! server rate when unlimited. Children get a small guaranteed rate and
-//! borrow the rest from the server class, so together they never exceed the
-//! shared bandwidth. Forwarded packets are put in their phone's class by the
-//! nftables `phone_class` map (`meta priority`), so no tc filters are needed;
-//! host-local traffic stays unclassified and unshaped. Each class's leaf is
-//! a small token bucket at the same ceiling, which splits large GSO
-//! segments into frames so slow limits are smooth.
+//! The HTB trees shaping phones' traffic, rendered as `tc -batch -` lines.
+//! Downloads are shaped on the bridge (the host side of every phone),
+//! uploads on an IFB device that each phone's host-side veth redirects its
+//! ingress to, before the bridge sees the frame (redirecting the bridge's
+//! own ingress instead would hand routed replies back after conntrack, and
+//! a DNAT's reply would leave un-NATed). Both trees are the same. Class
+//! `1:1` is the server and carries the shared bandwidth; each phone has a
+//! child `1:<slot + 0x10>` whose ceiling is its `com.cph.bandwidth_limit`,
+//! or the server rate when unlimited. Children get a small guaranteed rate
+//! and borrow the rest from the server class, so together they never exceed
+//! the shared bandwidth. Downloads are put in their phone's class by the
+//! nftables `phone_class` map (`meta priority`), so the bridge needs no tc
+//! filters and host-local traffic stays unshaped; uploads by one `u32`
+//! filter per phone on its source address. Each class's leaf is a small
+//! token bucket at the same ceiling, which splits large GSO segments into
+//! frames so slow limits are smooth.
 //!
 //! Units: tc `kbit` is 1,000 bit/s (`kbps` would be kilobytes per second);
 //! the API's kbit/s and Mbit/s are decimal too, so 1 Mbit/s is `1000kbit`.
 
 use super::nft::class_minor;
-use super::{BandwidthLimit, NetConfig, PhoneNet};
+use super::{BandwidthLimit, PhoneNet};
 
 /// Guaranteed rate of a phone class, kbit/s; the rest is borrowed.
 pub const PHONE_GUARANTEED_KBIT: u64 = 100;
@@ -40,21 +45,21 @@ fn burst_bytes(kbit: u64) -> u64 {
     (kbit * 1000 / 8 / 100).max(GSO_BYTES)
 }
 
-fn server_class(verb: &str, cfg: &NetConfig, shared_mbit: u32) -> String {
+fn server_class(verb: &str, dev: &str, shared_mbit: u32) -> String {
     let k = u64::from(shared_mbit) * 1000;
     let b = burst_bytes(k);
     format!(
         "class {verb} dev {} parent 1: classid 1:1 htb rate {k}kbit ceil {k}kbit burst {b} cburst {b}",
-        cfg.bridge
+        dev
     )
 }
 
-fn phone_class(verb: &str, cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> String {
+fn phone_class(verb: &str, dev: &str, p: &PhoneNet, shared_mbit: u32) -> String {
     let ceil = phone_ceil_kbit(p.bandwidth, shared_mbit);
     let rate = ceil.min(PHONE_GUARANTEED_KBIT);
     format!(
         "class {verb} dev {} parent 1:1 classid 1:{:x} htb rate {rate}kbit ceil {ceil}kbit burst {} cburst {} quantum {MTU_BYTES}",
-        cfg.bridge,
+        dev,
         class_minor(p.index),
         burst_bytes(rate),
         burst_bytes(ceil),
@@ -72,49 +77,46 @@ const LEAF_QUEUE_BYTES: u64 = LEAF_QUEUE_PACKETS as u64 * MTU_BYTES;
 /// traffic at once; a TBF whose bucket is smaller than such a segment
 /// cuts it into frames as it is queued, so slow phones are shaped frame
 /// by frame (the class's 64 KiB burst no longer shows as lumps).
-fn phone_leaf(verb: &str, cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> String {
+fn phone_leaf(verb: &str, dev: &str, p: &PhoneNet, shared_mbit: u32) -> String {
     let minor = class_minor(p.index);
     let ceil = phone_ceil_kbit(p.bandwidth, shared_mbit);
     let bucket = (ceil * 1000 / 8 / 100).max(2 * MTU_BYTES);
     format!(
         "qdisc {verb} dev {} parent 1:{minor:x} handle {minor:x}: tbf rate {ceil}kbit burst {bucket} limit {LEAF_QUEUE_BYTES}",
-        cfg.bridge
+        dev
     )
 }
 
 /// The root qdisc and server class (idempotent: `replace`).
-pub fn render_root(cfg: &NetConfig, shared_mbit: u32) -> Vec<String> {
+pub fn render_root(dev: &str, shared_mbit: u32) -> Vec<String> {
     vec![
-        format!(
-            "qdisc replace dev {} root handle 1: htb default 0",
-            cfg.bridge
-        ),
-        server_class("replace", cfg, shared_mbit),
+        format!("qdisc replace dev {} root handle 1: htb default 0", dev),
+        server_class("replace", dev, shared_mbit),
     ]
 }
 
 /// A phone's class and leaf queue (idempotent: `replace`).
-pub fn render_phone_add(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
+pub fn render_phone_add(dev: &str, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
     vec![
-        phone_class("replace", cfg, p, shared_mbit),
-        phone_leaf("replace", cfg, p, shared_mbit),
+        phone_class("replace", dev, p, shared_mbit),
+        phone_leaf("replace", dev, p, shared_mbit),
     ]
 }
 
 /// Changes a phone's ceiling in place (class and leaf); queued packets
 /// and flows stay.
-pub fn render_phone_change(cfg: &NetConfig, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
+pub fn render_phone_change(dev: &str, p: &PhoneNet, shared_mbit: u32) -> Vec<String> {
     vec![
-        phone_class("change", cfg, p, shared_mbit),
-        phone_leaf("change", cfg, p, shared_mbit),
+        phone_class("change", dev, p, shared_mbit),
+        phone_leaf("change", dev, p, shared_mbit),
     ]
 }
 
 /// Removes a phone's class (its leaf queue goes with it).
-pub fn render_phone_delete(cfg: &NetConfig, index: u32) -> Vec<String> {
+pub fn render_phone_delete(dev: &str, index: u32) -> Vec<String> {
     vec![format!(
         "class del dev {} classid 1:{:x}",
-        cfg.bridge,
+        dev,
         class_minor(index)
     )]
 }
@@ -122,17 +124,69 @@ pub fn render_phone_delete(cfg: &NetConfig, index: u32) -> Vec<String> {
 /// Changes the shared bandwidth live: the server class and every phone
 /// ceiling that depends on it.
 pub fn render_shared_change<'a>(
-    cfg: &NetConfig,
+    dev: &str,
     shared_mbit: u32,
     phones: impl IntoIterator<Item = &'a PhoneNet>,
 ) -> Vec<String> {
-    let mut v = vec![server_class("change", cfg, shared_mbit)];
+    let mut v = vec![server_class("change", dev, shared_mbit)];
     v.extend(
         phones
             .into_iter()
-            .flat_map(|p| render_phone_change(cfg, p, shared_mbit)),
+            .flat_map(|p| render_phone_change(dev, p, shared_mbit)),
     );
     v
+}
+
+/// A phone's host-side veth handing every frame the phone sends to the
+/// upload device `ifb` (one filter matching all; `u32` is the classifier
+/// every kernel with tc filters has).
+pub fn render_upload_redirect(host_if: &str, ifb: &str) -> Vec<String> {
+    vec![
+        format!("qdisc replace dev {host_if} handle ffff: ingress"),
+        format!(
+            "filter replace dev {host_if} parent ffff: protocol all prio 1 handle 800::800 \
+             u32 match u32 0 0 action mirred egress redirect dev {ifb}"
+        ),
+    ]
+}
+
+/// The `u32` node of a phone slot's upload filter (12 bits, from 1).
+fn filter_node(index: u32) -> u32 {
+    index + 1
+}
+
+/// Puts a phone's uploads (by source address) in its class on `ifb`.
+pub fn render_upload_filter(ifb: &str, p: &PhoneNet) -> Vec<String> {
+    vec![format!(
+        "filter replace dev {ifb} parent 1: protocol ip prio 1 handle 800::{:x} \
+         u32 match ip src {}/32 flowid 1:{:x}",
+        filter_node(p.index),
+        p.ip,
+        class_minor(p.index)
+    )]
+}
+
+/// Removes a phone slot's upload filter (before its class: a class that
+/// filters point to cannot be deleted).
+pub fn render_upload_filter_delete(ifb: &str, index: u32) -> Vec<String> {
+    vec![format!(
+        "filter del dev {ifb} parent 1: protocol ip prio 1 handle 800::{:x} u32",
+        filter_node(index)
+    )]
+}
+
+/// Slots whose upload filter `tc filter show` lists (`fh 800::<node>`).
+pub fn parse_upload_filters(show: &str) -> Vec<u32> {
+    show.split_whitespace()
+        .skip_while(|w| *w != "fh")
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "fh")
+        .filter_map(|w| {
+            let node = w[1].strip_prefix("800::")?;
+            u32::from_str_radix(node, 16).ok()?.checked_sub(1)
+        })
+        .collect()
 }
 
 /// Whether `tc qdisc show` lists our HTB root (`qdisc htb 1: root`).
@@ -177,7 +231,8 @@ mod tests {
     #[test]
     fn units_are_decimal_kbit() {
         let cfg = config(10000, 10100);
-        let root = render_root(&cfg, 300);
+        let dev = cfg.bridge.as_str();
+        let root = render_root(dev, 300);
         assert_eq!(
             root[0],
             "qdisc replace dev cphbr0 root handle 1: htb default 0"
@@ -188,14 +243,14 @@ mod tests {
         );
         let p = phone(BandwidthLimit::Kbit(10_000));
         assert_eq!(
-            render_phone_add(&cfg, &p, 300),
+            render_phone_add(dev, &p, 300),
             vec![
                 "class replace dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 10000kbit burst 65536 cburst 65536 quantum 1514".to_string(),
                 "qdisc replace dev cphbr0 parent 1:10 handle 10: tbf rate 10000kbit burst 12500 limit 387584".to_string(),
             ]
         );
         assert_eq!(
-            render_phone_change(&cfg, &phone(BandwidthLimit::Unlimited), 15)[0],
+            render_phone_change(dev, &phone(BandwidthLimit::Unlimited), 15)[0],
             "class change dev cphbr0 parent 1:1 classid 1:10 htb rate 100kbit ceil 15000kbit burst 65536 cburst 65536 quantum 1514"
         );
         // A limit above the server rate is capped by it; a tiny one keeps it.
@@ -204,25 +259,47 @@ mod tests {
             2_000_000
         );
         assert_eq!(phone_ceil_kbit(BandwidthLimit::Kbit(1), 2000), 1);
-        assert!(
-            render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(1)), 5)[0]
-                .contains("rate 1kbit ceil 1kbit")
-        );
+        assert!(render_phone_add(dev, &phone(BandwidthLimit::Kbit(1)), 5)[0]
+            .contains("rate 1kbit ceil 1kbit"));
         assert_eq!(
-            render_phone_delete(&cfg, 0)[0],
+            render_phone_delete(dev, 0)[0],
             "class del dev cphbr0 classid 1:10"
         );
         // A slow phone's leaf bucket is two frames: smaller than a GSO
         // segment, which it cuts into frames.
         assert!(
-            render_phone_add(&cfg, &phone(BandwidthLimit::Kbit(64)), 5)[1]
+            render_phone_add(dev, &phone(BandwidthLimit::Kbit(64)), 5)[1]
                 .contains("tbf rate 64kbit burst 3028 limit 387584")
         );
-        let shared = render_shared_change(&cfg, 50, [&p]);
+        let shared = render_shared_change(dev, 50, [&p]);
         assert_eq!(shared.len(), 3);
         assert!(shared[2].starts_with("qdisc change dev cphbr0 parent 1:10 handle 10: tbf"));
         assert!(shared[0]
             .starts_with("class change dev cphbr0 parent 1: classid 1:1 htb rate 50000kbit"));
+        assert_eq!(
+            render_upload_redirect("cphv0", "cphbr0-up")[1],
+            "filter replace dev cphv0 parent ffff: protocol all prio 1 handle 800::800 \
+             u32 match u32 0 0 action mirred egress redirect dev cphbr0-up"
+        );
+        assert_eq!(
+            render_upload_filter("cphbr0-up", &p)[0],
+            "filter replace dev cphbr0-up parent 1: protocol ip prio 1 handle 800::1 \
+             u32 match ip src 10.201.0.2/32 flowid 1:10"
+        );
+        assert_eq!(
+            render_upload_filter_delete("cphbr0-up", 0)[0],
+            "filter del dev cphbr0-up parent 1: protocol ip prio 1 handle 800::1 u32"
+        );
+    }
+
+    #[test]
+    fn parses_upload_filters() {
+        let show = "filter parent 1: protocol ip pref 1 u32 chain 0 \n\
+                    filter parent 1: protocol ip pref 1 u32 chain 0 fh 800: ht divisor 1 \n\
+                    filter parent 1: protocol ip pref 1 u32 chain 0 fh 800::1 order 1 key ht 800 bkt 0 flowid 1:10 not_in_hw \n\
+                    \x20 match 0ad20002/ffffffff at 12\n\
+                    filter parent 1: protocol ip pref 1 u32 chain 0 fh 800::1b order 27 key ht 800 bkt 0 flowid 1:2a not_in_hw \n";
+        assert_eq!(parse_upload_filters(show), vec![0, 0x1a]);
     }
 
     #[test]

@@ -270,7 +270,10 @@ pub fn echo_from(netns: &Path, to: SocketAddr, msg: &'static [u8]) -> Result<Vec
     .map_err(|e| e.to_string())?
 }
 
-/// Sends as fast as possible for `secs` from inside a namespace.
+/// Sends as fast as possible for `secs` from inside a namespace, then
+/// resets the connection: what its send buffer still holds (seconds of data
+/// at a slow limit) is dropped rather than sent after it, where it would
+/// share the next measurement's class.
 pub fn blast_from(netns: &Path, to: SocketAddr, secs: f64) -> Result<u64, String> {
     in_netns(netns, move || {
         let mut s =
@@ -282,6 +285,12 @@ pub fn blast_from(netns: &Path, to: SocketAddr, secs: f64) -> Result<u64, String
             s.write_all(&buf).map_err(|e| e.to_string())?;
             sent += buf.len() as u64;
         }
+        let abort = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &abort)
+            .map_err(|e| e.to_string())?;
         Ok(sent)
     })
     .join()
