@@ -76,7 +76,7 @@ for m in virtio_pci 9pnet_virtio 9p \
     crc32c_generic xxhash_generic blake2b_generic \
     bridge veth dummy tun loop btrfs overlay binder_linux \
     nf_tables nft_chain_nat nft_nat nft_masq nft_ct nf_conntrack_netlink nf_nat \
-    sch_htb sch_tbf tcp_diag udp_diag; do
+    sch_htb sch_tbf sch_ingress cls_u32 act_mirred ifb tcp_diag udp_diag; do
     add_module "$m"
 done
 cat >"$init/init" <<EOF

@@ -572,15 +572,30 @@ pub fn migrate_out(
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
     ctx.phones.record(phone)?;
-    let store = store(ctx)?;
-    if object.bucket == MIGRATE_BUCKET {
-        ctx.handle
-            .block_on(store.create_bucket(&object.bucket))
-            .map_err(|e| JobFailure::new("CPS.0102", e.to_string()))?;
-    }
+    make_own_bucket(ctx, object, MIGRATE_BUCKET)?;
     ctx.phones.stop(phone)?;
-    let exclude: Vec<String> = MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect();
-    upload_tar(ctx, &ctx.phones.rootfs(phone)?, &[], &exclude, object)
+    upload_tar(
+        ctx,
+        &ctx.phones.rootfs(phone)?,
+        &[],
+        &whole_root_exclude(),
+        object,
+    )
+}
+
+/// Creates `own`, a bucket of the platform's, when `object` is in it.
+fn make_own_bucket(ctx: &JobContext<'_>, object: &ObjectRef, own: &str) -> Result<(), JobFailure> {
+    if object.bucket != own {
+        return Ok(());
+    }
+    ctx.handle
+        .block_on(store(ctx)?.create_bucket(&object.bucket))
+        .map_err(|e| JobFailure::new("CPS.0102", e.to_string()))
+}
+
+/// What a whole phone's tar (a migration, an image) leaves out.
+fn whole_root_exclude() -> Vec<String> {
+    MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect()
 }
 
 /// A custom image of a phone: the phone is stopped so its root is written
@@ -592,18 +607,12 @@ pub fn create_image(
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
     let was_running = !ctx.phones.record(phone)?.stopped;
-    let store = store(ctx)?;
-    if object.bucket == IMAGE_BUCKET {
-        ctx.handle
-            .block_on(store.create_bucket(&object.bucket))
-            .map_err(|e| JobFailure::new("CPS.0102", e.to_string()))?;
-    }
+    make_own_bucket(ctx, object, IMAGE_BUCKET)?;
     ctx.phones.stop(phone)?;
-    let exclude: Vec<String> = MIGRATE_EXCLUDE.iter().map(|s| s.to_string()).collect();
     let written = ctx
         .phones
         .rootfs(phone)
-        .and_then(|root| upload(ctx, &root, &[], &exclude, object));
+        .and_then(|root| upload(ctx, &root, &[], &whole_root_exclude(), object));
     let started = if was_running {
         ctx.phones.start(phone)
     } else {
