@@ -741,3 +741,44 @@ fn netlink_elements_match_nft_both_ways_batches_are_atomic_conntrack_drops() {
     assert_eq!(ours.contains(&15557), held.2.is_some(), "{ours:?}");
     drop(held);
 }
+
+/// Runs every command for real but refuses IFB devices, as a kernel built
+/// without CONFIG_IFB would (a stand-in for a kernel this machine does not
+/// run).
+struct NoIfb;
+
+impl Runner for NoIfb {
+    fn run(&self, inv: &Invocation) -> Result<String, NetError> {
+        if inv.stdin.as_deref().is_some_and(|s| s.contains("type ifb")) {
+            return Err(NetError::Command {
+                command: format!("{} {}", inv.program, inv.args.join(" ")),
+                status: 2,
+                stderr: "Error: Unknown device type.".into(),
+            });
+        }
+        SystemRunner.run(inv)
+    }
+}
+
+#[test]
+fn a_kernel_without_ifb_is_named() {
+    if !cph_runtime::privilege::check("a_kernel_without_ifb_is_named") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tb = Testbed::new("noifb", dir.path()).unwrap();
+    let cfg = tb.config(13200, 13210);
+    let mut net = NetManager::with_runner(cfg.clone(), NoIfb, 100).unwrap();
+    match net.setup_host() {
+        Err(NetError::KernelLacks { feature, detail }) => {
+            assert!(feature.contains("CONFIG_IFB"), "{feature}");
+            assert!(detail.contains("Unknown device type"), "{detail}");
+        }
+        other => panic!("expected KernelLacks, got {other:?}"),
+    }
+    // Nothing of it is left.
+    net.teardown().unwrap();
+    let host = netns_path(&tb.host);
+    let links = in_ns(&host, "ip", &["-o", "link", "show"]);
+    assert!(!links.contains(&cfg.bridge), "{links}");
+}

@@ -79,7 +79,8 @@ pub fn network_fail(e: NetworkError) -> JobFailure {
             | NetError::Spawn { .. }
             | NetError::Command { .. }
             | NetError::State { .. }
-            | NetError::StateCorrupt { .. },
+            | NetError::StateCorrupt { .. }
+            | NetError::KernelLacks { .. },
         ) => "CPS.0003",
     };
     JobFailure::new(code, format!("network: {e}"))

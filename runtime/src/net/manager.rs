@@ -317,7 +317,11 @@ impl<R: Runner> NetManager<R> {
             lines.push(format!("link add {br} txqueuelen 1000 type bridge"));
         }
         if !links.contains(&up) {
-            lines.push(format!("link add {up} txqueuelen 1000 type ifb"));
+            self.host_ip(vec![format!("link add {up} txqueuelen 1000 type ifb")])
+                .map_err(|e| NetError::KernelLacks {
+                    feature: "the ifb device uploads are shaped on (CONFIG_IFB)",
+                    detail: e.to_string(),
+                })?;
         }
         lines.push(format!(
             "addr replace {gw}/{} dev {br}",
@@ -431,7 +435,12 @@ impl<R: Runner> NetManager<R> {
         // device's tree first.
         if let Err(e) = self.host_tc(tc::render_upload_redirect(h, &self.cfg.upload_dev())) {
             let _ = self.host_ip(vec![format!("link del {h}")]);
-            return Err(e);
+            return Err(NetError::KernelLacks {
+                feature: "the tc ingress qdisc, u32 filter and mirred action uploads are \
+                          redirected with (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_U32, \
+                          CONFIG_NET_ACT_MIRRED)",
+                detail: e.to_string(),
+            });
         }
         let gw = match p.traffic {
             TrafficType::Direct => self.gateway()?,

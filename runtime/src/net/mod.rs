@@ -76,6 +76,11 @@ pub enum NetError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("the kernel lacks {feature}: {detail}")]
+    KernelLacks {
+        feature: &'static str,
+        detail: String,
+    },
 }
 
 /// A refused or failed netlink batch. It maps onto the existing variants
