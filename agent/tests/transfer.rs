@@ -479,6 +479,37 @@ fn object_store_jobs_on_a_real_phone() {
         "CPS.0166",
     );
 
+    // A second server whose phone runs the custom image: once released, the
+    // image only it used goes with it; the first phone and its image stay.
+    let second = format!("ts2{pid}");
+    let phone2 = format!("tp2{pid}");
+    let custom2 = format!("custom2-{pid}");
+    let mut create2 = create.clone();
+    create2["server_id"] = json!(second);
+    create2["image"] = json!({"image_id": custom2, "url": format!("obs://cph-images/{image_key}")});
+    create2["phones"] =
+        json!([{"phone_id": phone2, "phone_name": "phone-2", "slot": 0, "property": {}}]);
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create2));
+    assert_eq!(code, 200, "{body}");
+    let created = wait_job(&addr, &token, &format!("{second}:create:{phone2}"));
+    assert_eq!(created["status"], 2, "{created}");
+    let images = state.join("pool").join("images");
+    assert!(images.join(&custom2).is_dir());
+    let st = common::delete_server(&addr, &token, &second);
+    assert_eq!(st["status"], 2, "{st}");
+    let msg = st["execute_msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("unused images removed: {custom2}")),
+        "{msg}"
+    );
+    assert!(!images.join(&custom2).exists());
+    assert!(
+        images.join(format!("custom-{pid}")).is_dir(),
+        "the first phone's image"
+    );
+    assert!(images.join("img").is_dir(), "the catalog's image stays");
+    assert_eq!(p.state(), "running");
+
     // `cph-agent purge` with the agent stopped: no container, volume mount,
     // netns, veth, bridge or nft table of this agent is left on the host.
     t.agent.kill();

@@ -75,8 +75,11 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
     match &req.kind {
         JobKind::CreatePhone { phone } => {
             let server = phones.server(&req.server_id)?;
-            transfer::fetch_image(ctx, &server.image)?;
-            phones.create(&req.server_id, phone)?;
+            {
+                let _using = phones.image_use();
+                transfer::fetch_image(ctx, &server.image)?;
+                phones.create(&req.server_id, phone)?;
+            }
             if let Some(key) = server
                 .public_key
                 .as_deref()
@@ -92,6 +95,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             .restart(phone_of(req)?, property.as_ref())
             .map(|()| None),
         JobKind::ResetPhone { image, property } => {
+            let _using = phones.image_use();
             if let Some(i) = image {
                 transfer::fetch_image(ctx, i)?;
             }
@@ -269,9 +273,12 @@ fn write_authorized_keys(ctx: &JobContext<'_>) -> Result<(), JobFailure> {
 
 /// Releases a server from this host ([`JobKind::DeleteServer`]).
 fn delete_server(ctx: &JobContext<'_>, server_id: &str) -> Result<String, JobFailure> {
-    let deleted = ctx.phones.delete_server(server_id)?;
+    let (deleted, images) = ctx.phones.delete_server(server_id)?;
     write_authorized_keys(ctx)?;
     let mut msg = format!("server {server_id} released, {deleted} phones deleted");
+    if !images.is_empty() {
+        msg.push_str(&format!("; unused images removed: {}", images.join(", ")));
+    }
     // The sharepool belongs to the host's servers: the next buyer of the
     // host starts with an empty one, of the configured size.
     if ctx.phones.server_ids().is_empty() {

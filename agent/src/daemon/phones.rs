@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cph_runtime::container::{
@@ -87,6 +87,10 @@ pub struct Phones {
     user_namespaces: Option<UserNamespacesConfig>,
     /// Held while a new phone's id range is chosen and recorded.
     id_lock: Mutex<()>,
+    /// Read-held while an image is imported and a phone recorded on it;
+    /// write-held while unused images are removed, so none is removed
+    /// between its import and its first use.
+    image_use: RwLock<()>,
 }
 
 /// The first id range `first + n * size` no phone in `used` has; `None`
@@ -192,6 +196,7 @@ impl Phones {
             encoders_restarting: Mutex::new(BTreeSet::new()),
             user_namespaces: None,
             id_lock: Mutex::new(()),
+            image_use: RwLock::new(()),
         })
     }
 
@@ -323,8 +328,54 @@ impl Phones {
     /// its encoding server, its placement and its record. A phone that
     /// cannot be deleted fails the whole and keeps the record, so the
     /// deletion can be done again. Returns how many phones were deleted.
-    pub fn delete_server(&self, server_id: &str) -> Result<usize, JobFailure> {
+    /// Held by a job while it imports an image and records a phone on it.
+    pub fn image_use(&self) -> RwLockReadGuard<'_, ()> {
+        self.image_use.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes the images of `candidates` imported from the object store
+    /// (custom images) that no phone or server of the host uses any more;
+    /// the ids removed. The catalog's `file://` images stay for the next
+    /// server.
+    fn drop_unused_images(&self, candidates: &[ImageRef]) -> Result<Vec<String>, JobFailure> {
+        let _g = self.image_use.write().unwrap_or_else(|p| p.into_inner());
+        let mut in_use: BTreeSet<String> = self
+            .records()
+            .values()
+            .map(|r| r.image.image_id.clone())
+            .collect();
+        in_use.extend(
+            self.servers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|s| s.image.image_id.clone()),
+        );
+        let mut removed = Vec::new();
+        for i in candidates {
+            if i.url.starts_with("obs://")
+                && !in_use.contains(&i.image_id)
+                && !removed.contains(&i.image_id)
+                && self.volumes.has_image(&i.image_id)?
+            {
+                self.volumes.delete_image(&i.image_id)?;
+                tracing::info!(image_id = %i.image_id, "unused image removed");
+                removed.push(i.image_id.clone());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a server's phones, encoding server, placement and record,
+    /// then the custom images only it used; the phones deleted and the
+    /// images removed.
+    pub fn delete_server(&self, server_id: &str) -> Result<(usize, Vec<String>), JobFailure> {
         let phones = self.phones_of(server_id);
+        let mut images: Vec<ImageRef> = phones
+            .iter()
+            .filter_map(|p| self.record(p).ok().map(|r| r.image))
+            .collect();
+        images.extend(self.server(server_id).ok().map(|s| s.image));
         let queue = Mutex::new(phones.iter());
         let failure: Mutex<Option<JobFailure>> = Mutex::new(None);
         std::thread::scope(|s| {
@@ -358,7 +409,8 @@ impl Phones {
             }
         }
         self.remove_server(server_id)?;
-        Ok(phones.len())
+        let removed = self.drop_unused_images(&images)?;
+        Ok((phones.len(), removed))
     }
 
     /// Ids of the servers on this host.

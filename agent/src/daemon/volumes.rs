@@ -142,6 +142,15 @@ impl Volumes {
         self.storage.has_image(image_id).map_err(storage_fail)
     }
 
+    /// Deletes an imported image (volumes made from it stay); one not
+    /// there is fine.
+    pub fn delete_image(&self, image_id: &str) -> Result<(), JobFailure> {
+        match self.storage.delete_image(image_id) {
+            Ok(()) | Err(StorageError::UnknownImage(_)) => Ok(()),
+            Err(e) => Err(storage_fail(e)),
+        }
+    }
+
     /// Makes sure the pool holds the image, importing a `file://` archive
     /// the first time.
     pub fn ensure_image(&self, image: &ImageRef) -> Result<(), JobFailure> {
