@@ -413,6 +413,12 @@ fn traffic_diversion_and_reconcile_after_restart() {
             "leak42",
         ],
     );
+    // A phone plumbed by an agent that did not shape uploads: no redirect.
+    in_ns(
+        &host,
+        "tc",
+        &["qdisc", "del", "dev", &cfg.veth_name(0), "ingress"],
+    );
     let mut net = NetManager::open(cfg.clone(), 300).unwrap();
     net.reconcile().unwrap();
     net.reconcile().unwrap();

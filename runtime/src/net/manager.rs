@@ -348,6 +348,10 @@ impl<R: Runner> NetManager<R> {
         }
         for p in self.state.phones.values() {
             tcl.extend(tc::render_upload_filter(&up, p));
+            // Phones plumbed before uploads were shaped get their redirect.
+            if links.contains(&p.host_if) {
+                tcl.extend(tc::render_upload_redirect(&p.host_if, &up));
+            }
         }
         self.host_tc(tcl)
     }
