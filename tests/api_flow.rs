@@ -1525,6 +1525,15 @@ async fn wait_running(cp: &Cp, phone: &str) {
     panic!("phone {phone} not running in 5 s");
 }
 
+async fn delete_image(cp: &Cp, id: &str) -> common::Resp {
+    cp.call(
+        "DELETE",
+        &format!("/v1/{{p}}/cloud-phone/images/{id}"),
+        None,
+    )
+    .await
+}
+
 /// The sent job with this id, once the recorder has it.
 async fn sent_job(seen: &Arc<Mutex<Seen>>, id: &str) -> Value {
     wait_for(seen, |s| s.jobs.iter().any(|j| j["job_id"] == json!(id))).await;
@@ -1607,13 +1616,7 @@ async fn custom_images_from_phones_and_shared() {
         )
         .await;
     assert_eq!(code(&r), "CPS.0220");
-    let r = cp
-        .call(
-            "DELETE",
-            &format!("/v1/{{p}}/cloud-phone/images/{image}"),
-            None,
-        )
-        .await;
+    let r = delete_image(&cp, &image).await;
     assert_eq!(code(&r), "CPS.0220");
 
     // The job ends: active, with the size the agent wrote.
@@ -1762,22 +1765,10 @@ async fn custom_images_from_phones_and_shared() {
         .await;
     assert_eq!(code(&r), "CPS.0166");
     for id in [&image, &failed] {
-        let r = cp
-            .call(
-                "DELETE",
-                &format!("/v1/{{p}}/cloud-phone/images/{id}"),
-                None,
-            )
-            .await;
+        let r = delete_image(&cp, id).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
-    let r = cp
-        .call(
-            "DELETE",
-            &format!("/v1/{{p}}/cloud-phone/images/{image}"),
-            None,
-        )
-        .await;
+    let r = delete_image(&cp, &image).await;
     assert_eq!(code(&r), "CPS.0166");
     let r = cp.call("GET", "/v1/{p}/cloud-phone/images", None).await;
     assert_eq!(r.body["total"], 0);
