@@ -111,17 +111,23 @@ pub async fn create(
         image_id: image_id.clone(),
         object,
     };
-    let answer = match submit(&st, &c.project_id, vec![Target::Phone(phone, kind)]) {
-        Ok(a) => a,
+    let server_id = phone.server_id.clone();
+    let job_id = submit(&st, &c.project_id, vec![Target::Phone(phone, kind)])
+        .map(|answer| answer["jobs"][0]["job_id"].as_str().map(str::to_string));
+    match job_id {
+        Ok(Some(job_id)) => Ok(Reply::ok(json!({"image_id": image_id, "job_id": job_id}))),
+        // No job will end it: the image goes rather than stay creating.
+        // A phone's job is refused only when its server began to be
+        // deleted since the check above.
+        Ok(None) => {
+            st.store.delete_image(&image_id)?;
+            Err(ApiError::ServerDeleting(server_id).into())
+        }
         Err(e) => {
             st.store.delete_image(&image_id)?;
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    Ok(Reply::ok(json!({
-        "image_id": image_id,
-        "job_id": answer["jobs"][0]["job_id"],
-    })))
+    }
 }
 
 #[derive(Deserialize, Default)]
