@@ -152,7 +152,21 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     assert!(echo_from(&public, access(web), b"x").is_err());
     assert_eq!(echo_from(&private, access(db), b"still").unwrap(), b"still");
 
+    let minor = format!("1:{:x}", 0x10 + net.phone("phone-b").unwrap().index);
+    let up = cfg.upload_dev();
+    let upload_filters = || in_ns(&host, "tc", &["filter", "show", "dev", &up, "parent", "1:"]);
+    assert!(upload_filters().contains(&format!("flowid {minor} ")));
     net.remove_phone("phone-b").unwrap();
+    // Its classes in both trees and its upload filter went with it.
+    for dev in cfg.shaped_devs() {
+        let classes = in_ns(&host, "tc", &["class", "show", "dev", &dev]);
+        assert!(
+            !classes.contains(&format!("class htb {minor} ")),
+            "{dev}: {classes}"
+        );
+    }
+    let filters = upload_filters();
+    assert!(!filters.contains(&format!("flowid {minor} ")), "{filters}");
     net.teardown().unwrap();
     let links = in_ns(&host, "ip", &["-o", "link", "show"]);
     assert!(

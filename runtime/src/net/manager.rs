@@ -213,16 +213,37 @@ impl<R: Runner> NetManager<R> {
         self.host(cmd::tc_batch(&lines)).map(drop)
     }
 
-    /// Runs `render` for each shaped device (downloads, uploads) as one
-    /// `tc` batch.
-    fn shaping_tc(&self, render: impl Fn(&str) -> Vec<String>) -> Result<(), NetError> {
-        let lines = self
-            .cfg
+    /// `render`'s lines for each shaped device (downloads, uploads), for
+    /// one `tc` batch.
+    fn shaping_lines(&self, render: impl Fn(&str) -> Vec<String>) -> Vec<String> {
+        self.cfg
             .shaped_devs()
             .iter()
             .flat_map(|d| render(d))
+            .collect()
+    }
+
+    /// Deletes, in one `tc` batch, the upload filters and then the classes
+    /// (both trees) of the slots `gone` selects among those present.
+    fn delete_shaping(&self, gone: impl Fn(u32) -> bool) -> Result<(), NetError> {
+        let up = self.cfg.upload_dev();
+        let filters = tc::parse_upload_filters(&self.host(cmd::tc_filter_show(&up))?);
+        let mut dels: Vec<String> = filters
+            .into_iter()
+            .filter(|&i| gone(i))
+            .flat_map(|i| tc::render_upload_filter_delete(&up, i))
             .collect();
-        self.host_tc(lines)
+        for dev in self.cfg.shaped_devs() {
+            let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&dev))?);
+            dels.extend(
+                present
+                    .into_iter()
+                    .filter_map(|m| m.checked_sub(nft::class_minor(0)))
+                    .filter(|&i| gone(i))
+                    .flat_map(|i| tc::render_phone_delete(&dev, i)),
+            );
+        }
+        self.host_tc(dels)
     }
 
     fn host_nft(&self, text: String) -> Result<(), NetError> {
@@ -397,29 +418,8 @@ impl<R: Runner> NetManager<R> {
                 warn!(phone_id = %p.phone_id, netns = %p.netns.display(), "phone namespace gone; waiting for attach");
             }
         }
-        let wanted: BTreeSet<u32> = self
-            .state
-            .phones
-            .values()
-            .map(|p| nft::class_minor(p.index))
-            .collect();
-        let up = self.cfg.upload_dev();
-        let filters = tc::parse_upload_filters(&self.host(cmd::tc_filter_show(&up))?);
-        let mut dels: Vec<String> = filters
-            .into_iter()
-            .filter(|i| !wanted.contains(&nft::class_minor(*i)))
-            .flat_map(|i| tc::render_upload_filter_delete(&up, i))
-            .collect();
-        for dev in self.cfg.shaped_devs() {
-            let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&dev))?);
-            dels.extend(
-                present
-                    .into_iter()
-                    .filter(|m| !wanted.contains(m))
-                    .flat_map(|m| tc::render_phone_delete(&dev, m - 0x10)),
-            );
-        }
-        self.host_tc(dels)
+        let wanted: BTreeSet<u32> = self.state.phones.values().map(|p| p.index).collect();
+        self.delete_shaping(|i| !wanted.contains(&i))
     }
 
     /// Creates the veth pair into the phone namespace and configures it.
@@ -547,14 +547,13 @@ impl<R: Runner> NetManager<R> {
         };
         self.plumb(&phone)?;
         let shared = self.state.shared_bandwidth_mbit;
-        let up = self.cfg.upload_dev();
+        let mut tcl = self.shaping_lines(|dev| tc::render_phone_add(dev, &phone, shared));
+        tcl.extend(tc::render_upload_filter(&self.cfg.upload_dev(), &phone));
         let applied = self
-            .shaping_tc(|dev| tc::render_phone_add(dev, &phone, shared))
-            .and_then(|()| self.host_tc(tc::render_upload_filter(&up, &phone)))
+            .host_tc(tcl)
             .and_then(|()| self.apply_phone_delta(None, Some(&phone)));
         if let Err(e) = applied {
-            let _ = self.host_tc(tc::render_upload_filter_delete(&up, index));
-            let _ = self.shaping_tc(|dev| tc::render_phone_delete(dev, index));
+            let _ = self.delete_shaping(|i| i == index);
             let _ = self.host_ip(vec![format!("link del {}", phone.host_if)]);
             return Err(e);
         }
@@ -648,7 +647,7 @@ impl<R: Runner> NetManager<R> {
         let mut p = self.known(phone_id)?.clone();
         p.bandwidth = limit;
         let shared = self.state.shared_bandwidth_mbit;
-        self.shaping_tc(|dev| tc::render_phone_change(dev, &p, shared))?;
+        self.host_tc(self.shaping_lines(|dev| tc::render_phone_change(dev, &p, shared)))?;
         self.state.phones.insert(phone_id.to_string(), p);
         self.save_phone(phone_id)
     }
@@ -656,7 +655,10 @@ impl<R: Runner> NetManager<R> {
     /// Changes the server's shared bandwidth (Mbit/s) live.
     pub fn set_shared_bandwidth(&mut self, mbit: u32) -> Result<(), NetError> {
         let mbit = validate_shared_bandwidth(mbit)?;
-        self.shaping_tc(|dev| tc::render_shared_change(dev, mbit, self.state.phones.values()))?;
+        let phones = self.state.phones.values();
+        self.host_tc(
+            self.shaping_lines(|dev| tc::render_shared_change(dev, mbit, phones.clone())),
+        )?;
         self.state.shared_bandwidth_mbit = mbit;
         self.state.save_host(&self.cfg.state_path)
     }
@@ -692,16 +694,7 @@ impl<R: Runner> NetManager<R> {
     pub fn remove_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
         let p = self.known(phone_id)?.clone();
         self.apply_phone_delta(Some(&p), None)?;
-        let up = self.cfg.upload_dev();
-        if tc::parse_upload_filters(&self.host(cmd::tc_filter_show(&up))?).contains(&p.index) {
-            self.host_tc(tc::render_upload_filter_delete(&up, p.index))?;
-        }
-        for dev in self.cfg.shaped_devs() {
-            let present = tc::parse_class_minors(&self.host(cmd::tc_class_show(&dev))?);
-            if present.contains(&nft::class_minor(p.index)) {
-                self.host_tc(tc::render_phone_delete(&dev, p.index))?;
-            }
-        }
+        self.delete_shaping(|i| i == p.index)?;
         if self.host_links()?.contains(&p.host_if) {
             self.host_ip(vec![format!("link del {}", p.host_if)])?;
         }
