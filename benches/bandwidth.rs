@@ -4,8 +4,9 @@
 //! the phone sending to a sink outside (uploads, on the upload device). For
 //! each `com.cph.bandwidth_limit` from 64 kbit/s to 1 Gbit/s the rate at
 //! layer 2 is read from the phone class's own byte counter over a window
-//! after the burst, next to the limit itself (target: within 3%). Criterion times a live limit change
-//! (`tc class change` over the batch, target under 10 ms).
+//! after the burst, next to the limit itself (target: within 3%). Criterion
+//! times a live limit change (`tc class change` over the batch, target under
+//! 10 ms).
 //!
 //! Needs root; otherwise it says why and measures nothing. `cargo bench`
 //! writes `target/bench-report/bandwidth.json`; under `cargo test` it is a
@@ -26,18 +27,24 @@ use report::Metric;
 
 const PHONE: &str = "bw-phone";
 
+/// The word after `name` in the phone class's `tc -s class show` on `dev`
+/// (`Sent` its bytes, `backlog` what it holds queued).
+fn class_stat(host: &Path, dev: &str, minor: u32, name: &str) -> Option<String> {
+    let inv = cmd::tc_class_stats(dev, minor).in_netns(Some(host));
+    let out = SystemRunner.run(&inv).expect("tc -s class show");
+    out.split_whitespace()
+        .skip_while(|w| *w != name)
+        .nth(1)
+        .map(str::to_string)
+}
+
 /// Waits (up to 10 s) until the phone's classes on `devs` hold no backlog.
 fn wait_drained(host: &Path, devs: &[String], minor: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let queued = devs.iter().any(|dev| {
-            let inv = cmd::tc_class_stats(dev, minor).in_netns(Some(host));
-            let out = SystemRunner.run(&inv).expect("tc -s class show");
-            out.split_whitespace()
-                .skip_while(|w| *w != "backlog")
-                .nth(1)
-                .is_some_and(|b| b != "0b")
-        });
+        let queued = devs
+            .iter()
+            .any(|dev| class_stat(host, dev, minor, "backlog").is_some_and(|b| b != "0b"));
         if !queued {
             return;
         }
@@ -45,13 +52,9 @@ fn wait_drained(host: &Path, devs: &[String], minor: u32) {
     }
 }
 
-/// Bytes the phone's HTB class has sent (`tc -s class show`).
-fn class_bytes(host: &Path, bridge: &str, minor: u32) -> u64 {
-    let inv = cmd::tc_class_stats(bridge, minor).in_netns(Some(host));
-    let out = SystemRunner.run(&inv).expect("tc -s class show");
-    out.split_whitespace()
-        .skip_while(|w| *w != "Sent")
-        .nth(1)
+/// Bytes the phone's HTB class on `dev` has sent.
+fn class_bytes(host: &Path, dev: &str, minor: u32) -> u64 {
+    class_stat(host, dev, minor, "Sent")
         .and_then(|n| n.parse().ok())
         .expect("class byte counter")
 }

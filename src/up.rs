@@ -408,10 +408,14 @@ fn keeps_its_volumes(
 const BTRFS_POOL_BASE_GB: u64 = 16;
 const BTRFS_POOL_GB_PER_PHONE: u64 = 8;
 
+/// `s` as a quoted TOML string.
+fn q(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
 /// The `[object_store]` section naming the embedded store, as the agent's
 /// configuration and the control plane's `--object-store` file hold it.
 fn object_store_section(opts: &UpOptions, secrets: &Secrets) -> String {
-    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     format!(
         "[object_store]\n\
          endpoint = {obs}\n\
@@ -426,7 +430,6 @@ fn object_store_section(opts: &UpOptions, secrets: &Secrets) -> String {
 
 /// The local agent's configuration, rewritten at every start.
 fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
-    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let n = instance_number(&opts.data_dir);
     let first_port = 20000 + (n % 20) * 500;
     // User namespaces need volumes that can be mounted idmapped: btrfs

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::extract::{page, page_limit, Json, Query};
 use super::jobs::{submit, Target};
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
+use crate::catalog::PhoneImage;
 use crate::store::{
     new_id, now_ms, utc_string, Image, ImageFilter, MemberWrite, IMAGE_ACTIVE, IMAGE_CREATING,
 };
@@ -34,6 +35,20 @@ pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<Im
         })),
         Some(i) => Err(ApiError::ImageNotActive(i.image_id)),
         None => Ok(None),
+    }
+}
+
+/// A custom image as the catalog lists images: private (2) to its owner.
+pub fn as_phone_image(i: &Image) -> PhoneImage {
+    PhoneImage {
+        image_name: i.image_name.clone(),
+        os_type: i.os_type.clone(),
+        os_name: i.os_name.clone(),
+        image_id: i.image_id.clone(),
+        is_public: 2,
+        image_label: i.image_label.clone(),
+        url: i.url.clone(),
+        project_id: Some(i.project_id.clone()),
     }
 }
 

@@ -207,47 +207,32 @@ pub async fn images(
         Some(_) => return Err(ApiError::Field("is_public").into()),
     };
     // The catalog's images, then the project's custom ones (private).
-    let custom = st.store.usable_images(&c.project_id)?;
-    let custom = custom.iter().map(|i| {
-        (
-            i.image_name.as_str(),
-            i.os_type.as_str(),
-            i.os_name.as_str(),
-            i.image_id.as_str(),
-            2,
-            i.image_label.as_str(),
-        )
-    });
+    let custom: Vec<_> = st
+        .store
+        .usable_images(&c.project_id)?
+        .iter()
+        .map(super::images::as_phone_image)
+        .collect();
     let out: Vec<Value> = st
         .catalog
         .phone_images
         .iter()
         .filter(|i| i.is_public == 1 || i.project_id.as_deref() == Some(c.project_id.as_str()))
-        .map(|i| {
-            (
-                i.image_name.as_str(),
-                i.os_type.as_str(),
-                i.os_name.as_str(),
-                i.image_id.as_str(),
-                i.is_public,
-                i.image_label.as_str(),
-            )
-        })
-        .chain(custom)
-        .filter(|(.., label)| {
+        .chain(&custom)
+        .filter(|i| {
             q.image_label
                 .as_deref()
-                .is_none_or(|l| l.is_empty() || *label == l)
+                .is_none_or(|l| l.is_empty() || i.image_label == l)
         })
-        .filter(|(_, _, _, _, public, _)| is_public.is_none_or(|p| *public == p))
-        .map(|(name, os_type, os_name, id, public, label)| {
+        .filter(|i| is_public.is_none_or(|p| i.is_public == p))
+        .map(|i| {
             json!({
-                "image_name": name,
-                "os_type": os_type,
-                "os_name": os_name,
-                "image_id": id,
-                "is_public": public,
-                "image_label": label,
+                "image_name": i.image_name,
+                "os_type": i.os_type,
+                "os_name": i.os_name,
+                "image_id": i.image_id,
+                "is_public": i.is_public,
+                "image_label": i.image_label,
             })
         })
         .collect();

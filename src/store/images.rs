@@ -179,59 +179,66 @@ impl Store {
         offset: u32,
         limit: u32,
     ) -> Result<(Vec<Image>, u64)> {
-        let mut sql = format!(
-            "SELECT {COLS} FROM images i WHERE (project_id = ?1
+        let mut cond = String::from(
+            "(project_id = ?1
              OR EXISTS (SELECT 1 FROM image_members m WHERE m.image_id = i.image_id
-                        AND m.member_id = ?1))"
+                        AND m.member_id = ?1))",
         );
         let mut args: Vec<rusqlite::types::Value> = vec![project_id.to_string().into()];
-        let mut arg = |sql: &mut String, cond: &str, v: rusqlite::types::Value| {
+        let mut arg = |cond: &mut String, more: &str, v: rusqlite::types::Value| {
             args.push(v);
-            sql.push_str(&cond.replace('?', &format!("?{}", args.len())));
+            cond.push_str(&more.replace('?', &format!("?{}", args.len())));
         };
         match f.own {
             Some(true) => arg(
-                &mut sql,
+                &mut cond,
                 " AND project_id = ?",
                 project_id.to_string().into(),
             ),
             Some(false) => arg(
-                &mut sql,
+                &mut cond,
                 " AND project_id <> ?",
                 project_id.to_string().into(),
             ),
             None => {}
         }
         if let Some(s) = f.status {
-            arg(&mut sql, " AND status = ?", i64::from(s).into());
+            arg(&mut cond, " AND status = ?", i64::from(s).into());
         }
         if let Some(id) = &f.image_id {
-            arg(&mut sql, " AND image_id = ?", id.clone().into());
+            arg(&mut cond, " AND image_id = ?", id.clone().into());
         }
         if let Some(n) = &f.image_name {
-            arg(&mut sql, " AND image_name = ?", n.clone().into());
+            arg(&mut cond, " AND image_name = ?", n.clone().into());
         }
         if let Some(t) = f.create_since {
-            arg(&mut sql, " AND create_ms >= ?", t.into());
+            arg(&mut cond, " AND create_ms >= ?", t.into());
         }
         if let Some(t) = f.create_until {
-            arg(&mut sql, " AND create_ms <= ?", t.into());
+            arg(&mut cond, " AND create_ms <= ?", t.into());
         }
         if let Some(p) = &f.src_project_id {
-            arg(&mut sql, " AND project_id = ?", p.clone().into());
+            arg(&mut cond, " AND project_id = ?", p.clone().into());
         }
-        sql.push_str(" ORDER BY create_ms DESC, image_id");
         let c = self.db()?;
-        let mut st = c.prepare(&sql)?;
-        let all = st
+        let total: i64 = c.query_row(
+            &format!("SELECT COUNT(*) FROM images i WHERE {cond}"),
+            rusqlite::params_from_iter(args.iter()),
+            |r| r.get(0),
+        )?;
+        let n = args.len();
+        args.push(i64::from(limit).into());
+        args.push(i64::from(offset).into());
+        let mut st = c.prepare(&format!(
+            "SELECT {COLS} FROM images i WHERE {cond}
+             ORDER BY create_ms DESC, image_id LIMIT ?{} OFFSET ?{}",
+            n + 1,
+            n + 2
+        ))?;
+        let page = st
             .query_map(rusqlite::params_from_iter(args.iter()), image_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let total = all.len() as u64;
-        let page = all
-            .into_iter()
-            .skip(offset as usize)
-            .take(limit as usize)
-            .collect();
+        let total = total.max(0) as u64;
         Ok((page, total))
     }
 
@@ -403,6 +410,11 @@ mod tests {
         let (all, total) = s.list_images("p2", &ImageFilter::default(), 0, 1).unwrap();
         assert_eq!(total, 2);
         assert_eq!(all[0].image_id, "i2");
+        let (next, _) = s.list_images("p2", &ImageFilter::default(), 1, 1).unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].image_id, "i1");
+        let (past, total) = s.list_images("p2", &ImageFilter::default(), 5, 1).unwrap();
+        assert_eq!((past.len(), total), (0, 2));
 
         assert!(s.delete_image_member("i1", "p2").unwrap());
         assert!(!s.delete_image_member("i1", "p2").unwrap());

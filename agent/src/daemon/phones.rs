@@ -351,16 +351,17 @@ impl Phones {
                 .values()
                 .map(|s| s.image.image_id.clone()),
         );
+        let unused: BTreeSet<&str> = candidates
+            .iter()
+            .filter(|i| i.url.starts_with("obs://") && !in_use.contains(&i.image_id))
+            .map(|i| i.image_id.as_str())
+            .collect();
         let mut removed = Vec::new();
-        for i in candidates {
-            if i.url.starts_with("obs://")
-                && !in_use.contains(&i.image_id)
-                && !removed.contains(&i.image_id)
-                && self.volumes.has_image(&i.image_id)?
-            {
-                self.volumes.delete_image(&i.image_id)?;
-                tracing::info!(image_id = %i.image_id, "unused image removed");
-                removed.push(i.image_id.clone());
+        for id in unused {
+            if self.volumes.has_image(id)? {
+                self.volumes.delete_image(id)?;
+                tracing::info!(image_id = %id, "unused image removed");
+                removed.push(id.to_string());
             }
         }
         Ok(removed)
