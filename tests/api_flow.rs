@@ -88,6 +88,9 @@ fn inventory(node_id: &str, url: &str) -> Inventory {
     }
 }
 
+/// The catalog's public image labelled `cloud_game`.
+const GAME_IMAGE_ID: &str = "20032420200401a60b0003a99684b8ea";
+
 fn buy_body(count: u32) -> Value {
     json!({"server_name": "dev", "server_model_name": "physical.dev.local",
         "phone_model_name": "dev.cp.c1.m512", "image_id": cph::catalog::TEST_IMAGE_ID,
@@ -404,6 +407,20 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .await;
     assert_eq!(r.body["error_code"], "CPS.0066");
 
+    // An image of another label than the phone model's is refused before
+    // any host is looked for: the catalog's game image on a phone model.
+    let mut game = buy_body(1);
+    game["image_id"] = json!(GAME_IMAGE_ID);
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(game))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0142", "{:?}", r.body);
+    let msg = r.body["error_msg"].as_str().expect("error_msg");
+    assert!(
+        msg.contains("cloud_game") && msg.contains("cloud_phone"),
+        "{msg}"
+    );
+
     let r = cp
         .call(
             "GET",
@@ -695,6 +712,29 @@ async fn buy_phones_jobs_isolation_and_restart() {
         )
         .await;
     assert_eq!(r.body["error_code"], "CPS.0166");
+    // A reset or restart to an image of another label fails for the phone
+    // whose model runs another label, before any job is sent.
+    for op in ["batch-reset", "batch-restart"] {
+        let r = cp
+            .call(
+                "POST",
+                &format!("/v1/{{p}}/cloud-phone/phones/{op}"),
+                Some(json!({"phones": [{"phone_id": pid}], "image_id": GAME_IMAGE_ID})),
+            )
+            .await;
+        assert_eq!(
+            r.body["jobs"][0]["error_code"], "CPS.0142",
+            "{op}: {:?}",
+            r.body
+        );
+        assert!(
+            r.body["jobs"][0]["job_id"]
+                .as_str()
+                .is_none_or(str::is_empty),
+            "{op}: {:?}",
+            r.body
+        );
+    }
     let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/batch-storage", Some(json!({"storage_infos": [{"phone_id": pid, "bucket_name": "bucket-a", "object_path": "../x.tar"}]}))).await;
     assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0135");
     let r = cp

@@ -107,6 +107,13 @@ pub enum ApiError {
     PhoneNotRunning(String),
     #[error("parameter: image_label is invalid")]
     ImageLabel,
+    #[error("image {image_id} is a {image_label} image; phone model {phone_model} runs {model_label} images")]
+    ImageModelMismatch {
+        image_id: String,
+        image_label: String,
+        phone_model: String,
+        model_label: String,
+    },
     #[error("parameter: ports exceeds the limit")]
     PortsLimit,
     #[error("the file_paths is invalid")]
@@ -251,7 +258,7 @@ impl ApiError {
             E::BucketName => (bad, "CPS.0134"),
             E::ObjectPath => (bad, "CPS.0135"),
             E::PhoneNotRunning(_) => (bad, "CPS.0141"),
-            E::ImageLabel => (bad, "CPS.0142"),
+            E::ImageLabel | E::ImageModelMismatch { .. } => (bad, "CPS.0142"),
             E::PortsLimit => (bad, "CPS.0145"),
             E::FilePaths => (bad, "CPS.0155"),
             E::OnlySharedBandwidth => (bad, "CPS.0160"),

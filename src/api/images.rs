@@ -14,24 +14,54 @@ use serde_json::{json, Value};
 use super::extract::{page, page_limit, Json, Query};
 use super::jobs::{submit, Target};
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
-use crate::catalog::PhoneImage;
+use crate::catalog::{PhoneImage, PhoneModel};
 use crate::store::{
     new_id, now_ms, utc_string, Image, ImageFilter, MemberWrite, IMAGE_ACTIVE, IMAGE_CREATING,
 };
 
+/// An image a project may run phones from, with its label
+/// (`cloud_phone`, `cloud_game`, ...), which must be its phone model's.
+pub struct Usable {
+    pub image: ImageRef,
+    pub label: String,
+}
+
+impl Usable {
+    /// Refuses the image for a phone model of another label (`CPS.0142`):
+    /// a game image does not boot on a plain phone's host, nor an image
+    /// of a QEMU phone in a container.
+    pub fn check_model(&self, model: &PhoneModel) -> Result<(), ApiError> {
+        if self.label == model.image_label {
+            return Ok(());
+        }
+        Err(ApiError::ImageModelMismatch {
+            image_id: self.image.image_id.clone(),
+            image_label: self.label.clone(),
+            phone_model: model.phone_model_name.clone(),
+            model_label: model.image_label.clone(),
+        })
+    }
+}
+
 /// An image a project may run phones from: the catalog's, or a custom one
 /// it owns or accepted. A custom image not active yet is `CPS.0220`.
-pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<ImageRef>, ApiError> {
+pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<Usable>, ApiError> {
     if let Some(i) = st.catalog.image(project_id, image_id) {
-        return Ok(Some(ImageRef {
-            image_id: i.image_id.clone(),
-            url: i.url.clone(),
+        return Ok(Some(Usable {
+            image: ImageRef {
+                image_id: i.image_id.clone(),
+                url: i.url.clone(),
+            },
+            label: i.image_label.clone(),
         }));
     }
     match st.store.visible_image(project_id, image_id)? {
-        Some(i) if i.status == IMAGE_ACTIVE => Ok(Some(ImageRef {
-            image_id: i.image_id,
-            url: i.url,
+        Some(i) if i.status == IMAGE_ACTIVE => Ok(Some(Usable {
+            image: ImageRef {
+                image_id: i.image_id,
+                url: i.url,
+            },
+            label: i.image_label,
         })),
         Some(i) => Err(ApiError::ImageNotActive(i.image_id)),
         None => Ok(None),

@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Extension, Path, State};
-use cph_agent::protocol::{JobKind, MigrateTarget, ObjectRef, MIGRATE_BUCKET};
+use cph_agent::protocol::{ImageRef, JobKind, MigrateTarget, ObjectRef, MIGRATE_BUCKET};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::extract::{page, Json, Query};
+use super::images::Usable;
 use super::jobs::{submit, Target};
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
@@ -315,21 +316,43 @@ fn phone_props(v: Vec<PhoneProp>) -> Vec<(String, Option<String>)> {
     v.into_iter().map(|p| (p.phone_id, p.property)).collect()
 }
 
+/// The image a reset or restart names, if any: one the project may use
+/// (`CPS.0166` otherwise).
+fn requested_image(
+    st: &Shared,
+    project_id: &str,
+    image_id: Option<&str>,
+) -> Result<Option<Usable>, ApiError> {
+    let Some(id) = image_id else {
+        return Ok(None);
+    };
+    super::images::usable(st, project_id, id)?
+        .ok_or_else(|| ApiError::ImageNotFound(id.to_string()))
+        .map(Some)
+}
+
+/// `image` for phone `p`, refused (`CPS.0142`, that phone alone) when its
+/// label is not the phone model's. A phone whose model the catalog no
+/// longer lists is not checked.
+fn image_for(st: &Shared, image: Option<&Usable>, p: &Phone) -> Result<Option<ImageRef>, ApiError> {
+    let Some(u) = image else {
+        return Ok(None);
+    };
+    if let Some(model) = st.catalog.phone_model(&p.phone_model_name) {
+        u.check_model(model)?;
+    }
+    Ok(Some(u.image.clone()))
+}
+
 pub async fn batch_reset(
     State(st): State<Shared>,
     Extension(c): Extension<Caller>,
     Json(b): Json<ResetBody>,
 ) -> ApiResult {
-    let image = match &b.image_id {
-        Some(id) => Some(
-            super::images::usable(&st, &c.project_id, id)?
-                .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?,
-        ),
-        None => None,
-    };
-    let t = targets(&st, &c.project_id, phone_props(b.phones), |_, property| {
+    let image = requested_image(&st, &c.project_id, b.image_id.as_deref())?;
+    let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
         Ok(JobKind::ResetPhone {
-            image: image.clone(),
+            image: image_for(&st, image.as_ref(), p)?,
             property,
         })
     })?;
@@ -346,14 +369,10 @@ pub async fn batch_restart(
     Extension(c): Extension<Caller>,
     Json(b): Json<ResetBody>,
 ) -> ApiResult {
-    if let Some(id) = &b.image_id {
-        super::images::usable(&st, &c.project_id, id)?
-            .ok_or_else(|| ApiError::ImageNotFound(id.clone()))?;
-    }
-    let image_id = b.image_id.clone();
-    let t = targets(&st, &c.project_id, phone_props(b.phones), |_, property| {
+    let image = requested_image(&st, &c.project_id, b.image_id.as_deref())?;
+    let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
         Ok(JobKind::RestartPhone {
-            image_id: image_id.clone(),
+            image_id: image_for(&st, image.as_ref(), p)?.map(|i| i.image_id),
             property,
         })
     })?;

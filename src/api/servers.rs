@@ -392,7 +392,10 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
         .phone_model(&b.phone_model_name)
         .filter(|m| m.server_model_name == sm.server_model_name && m.status == 1)
         .ok_or(ApiError::PhoneModelName)?;
-    let image = super::images::usable(&st, &c.project_id, &b.image_id)?.ok_or(ApiError::ImageId)?;
+    let usable =
+        super::images::usable(&st, &c.project_id, &b.image_id)?.ok_or(ApiError::ImageId)?;
+    usable.check_model(pm)?;
+    let image = usable.image;
     let ports = validate_ports(b.ports.as_deref().unwrap_or(&[]))?;
     validate_extend(b.extend_param.as_ref())?;
     let bw = b.band_width.as_ref();

@@ -87,6 +87,19 @@ def test_per_target_errors_in_jobs(client, server):
         )
     )
     assert [(j.encode_server_id, j.error_code) for j in resp.jobs] == [(missing, "CPS.0123")]
+    # A reset to the catalog's game image: the phone's model runs
+    # cloud_phone images, so that phone's reset is refused in place.
+    game_image = "20032420200401a60b0003a99684b8ea"
+    resp = client.reset_cloud_phone(
+        m.ResetCloudPhoneRequest(
+            body=m.ResetCloudPhoneRequestBody(
+                phones=[m.ResetPhoneProperty(phone_id=phones[0])], image_id=game_image
+            )
+        )
+    )
+    assert [(j.phone_id, j.error_code, j.job_id) for j in resp.jobs] == [
+        (phones[0], "CPS.0142", None)
+    ], resp.jobs
 
 
 def test_invalid_parameters(client, server):
