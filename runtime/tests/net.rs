@@ -240,6 +240,18 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
         10e6,
         "upload, phone limit 10000 kbit/s",
     );
+    // Traffic to another phone of the server is not an upload: the phone
+    // limited to 10 Mbit/s sends to its neighbour many times faster.
+    let peer_ns = tb.phone_netns().unwrap();
+    net.add_phone("phone-bw-peer", &peer_ns, &[], -1).unwrap();
+    let peer_ip = net.phone("phone-bw-peer").unwrap().ip;
+    let (peer_tx, peer_rx) = std::sync::mpsc::channel();
+    spawn_sink(&peer_ns, 20002, peer_tx).unwrap();
+    blast_from(&phone_ns, SocketAddr::from((peer_ip, 20002)), 2.2).unwrap();
+    let samples = peer_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let local = goodput_bps(&samples, 0.5, 2.1).unwrap();
+    eprintln!("phone to phone: goodput {:.1} Mbit/s", local / 1e6);
+    assert!(local > 5.0 * 10e6, "phone to phone shaped: {local} bit/s");
     net.set_bandwidth_limit("phone-bw", 18_000).unwrap();
     for dev in cfg.shaped_devs() {
         let classes = in_ns(&host, "tc", &["class", "show", "dev", &dev]);
@@ -480,7 +492,11 @@ fn traffic_diversion_and_reconcile_after_restart() {
             "tc",
             &["filter", "show", "dev", &veth, "parent", "ffff:"],
         );
-        f.contains(&format!("Redirect to device {up}"))
+        // Traffic to the phone subnet passes first (node 1), the rest goes
+        // to the upload device.
+        f.contains("fh 800::1 ")
+            && f.contains("flowid ffff:1")
+            && f.contains(&format!("Redirect to device {up}"))
     };
     assert!(redirected());
 

@@ -371,7 +371,11 @@ impl<R: Runner> NetManager<R> {
             tcl.extend(tc::render_upload_filter(&up, p));
             // Phones plumbed before uploads were shaped get their redirect.
             if links.contains(&p.host_if) {
-                tcl.extend(tc::render_upload_redirect(&p.host_if, &up));
+                tcl.extend(tc::render_upload_redirect(
+                    &p.host_if,
+                    &up,
+                    &self.cfg.subnet,
+                ));
             }
         }
         self.host_tc(tcl)
@@ -437,7 +441,8 @@ impl<R: Runner> NetManager<R> {
         ])?;
         // Uploads: every frame the phone sends goes through the upload
         // device's tree first.
-        if let Err(e) = self.host_tc(tc::render_upload_redirect(h, &self.cfg.upload_dev())) {
+        let redirect = tc::render_upload_redirect(h, &self.cfg.upload_dev(), &self.cfg.subnet);
+        if let Err(e) = self.host_tc(redirect) {
             let _ = self.host_ip(vec![format!("link del {h}")]);
             return Err(NetError::KernelLacks {
                 feature: "the tc ingress qdisc, u32 filter and mirred action uploads are \

@@ -18,6 +18,7 @@
 //! Units: tc `kbit` is 1,000 bit/s (`kbps` would be kilobytes per second);
 //! the API's kbit/s and Mbit/s are decimal too, so 1 Mbit/s is `1000kbit`.
 
+use super::config::Ipv4Net;
 use super::nft::class_minor;
 use super::{BandwidthLimit, PhoneNet};
 
@@ -139,10 +140,20 @@ pub fn render_shared_change<'a>(
 
 /// A phone's host-side veth handing every frame the phone sends to the
 /// upload device `ifb` (one filter matching all; `u32` is the classifier
-/// every kernel with tc filters has).
-pub fn render_upload_redirect(host_if: &str, ifb: &str) -> Vec<String> {
+/// every kernel with tc filters has), except IPv4 packets to the phone
+/// subnet: traffic to another phone of the server (or to the host's
+/// bridge address) stays on the host, as the download tree never sees it
+/// either, so neither limit counts it. The exception is node 1, before
+/// the redirect's node 0x800 in the same `u32` table; a match without an
+/// action ends classification and lets the frame on to the bridge (no
+/// `gact` action module needed, which some kernels lack).
+pub fn render_upload_redirect(host_if: &str, ifb: &str, subnet: &Ipv4Net) -> Vec<String> {
     vec![
         format!("qdisc replace dev {host_if} handle ffff: ingress"),
+        format!(
+            "filter replace dev {host_if} parent ffff: protocol all prio 1 handle 800::1 \
+             u32 match u8 0x40 0xf0 at 0 match ip dst {subnet} classid ffff:1"
+        ),
         format!(
             "filter replace dev {host_if} parent ffff: protocol all prio 1 handle 800::800 \
              u32 match u32 0 0 action mirred egress redirect dev {ifb}"
@@ -276,8 +287,15 @@ mod tests {
         assert!(shared[2].starts_with("qdisc change dev cphbr0 parent 1:10 handle 10: tbf"));
         assert!(shared[0]
             .starts_with("class change dev cphbr0 parent 1: classid 1:1 htb rate 50000kbit"));
+        let subnet: Ipv4Net = "10.201.0.0/16".parse().unwrap();
+        let redirect = render_upload_redirect("cphv0", "cphbr0-up", &subnet);
         assert_eq!(
-            render_upload_redirect("cphv0", "cphbr0-up")[1],
+            redirect[1],
+            "filter replace dev cphv0 parent ffff: protocol all prio 1 handle 800::1 \
+             u32 match u8 0x40 0xf0 at 0 match ip dst 10.201.0.0/16 classid ffff:1"
+        );
+        assert_eq!(
+            redirect[2],
             "filter replace dev cphv0 parent ffff: protocol all prio 1 handle 800::800 \
              u32 match u32 0 0 action mirred egress redirect dev cphbr0-up"
         );
