@@ -458,10 +458,19 @@ fn object_store_jobs_on_a_real_phone() {
     p.sh("rm -r /data/local/pushed");
     let custom = json!({"image_id": format!("custom-{pid}"),
                         "url": format!("obs://cph-images/{image_key}")});
+    let images = state.join("pool").join("images");
+    assert!(images.join(format!("obs-img-{pid}")).is_dir());
     let st = p.run(json!({"kind": "reset_phone", "image": custom, "property": null}));
     assert_eq!(st["status"], 2, "{st}");
     assert_eq!(p.state(), "running");
     assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+    // The image the phone left, imported from the store and used by
+    // nothing else, is removed.
+    assert_eq!(
+        st["execute_msg"],
+        json!(format!("unused image removed: obs-img-{pid}"))
+    );
+    assert!(!images.join(format!("obs-img-{pid}")).exists());
     // A stopped phone stays stopped.
     assert_eq!(p.run(json!({"kind": "stop_phone"}))["status"], 2);
     let st = p.run(
@@ -493,7 +502,6 @@ fn object_store_jobs_on_a_real_phone() {
     assert_eq!(code, 200, "{body}");
     let created = wait_job(&addr, &token, &format!("{second}:create:{phone2}"));
     assert_eq!(created["status"], 2, "{created}");
-    let images = state.join("pool").join("images");
     assert!(images.join(&custom2).is_dir());
     let st = common::delete_server(&addr, &token, &second);
     assert_eq!(st["status"], 2, "{st}");
@@ -508,6 +516,18 @@ fn object_store_jobs_on_a_real_phone() {
         "the first phone's image"
     );
     assert!(images.join("img").is_dir(), "the catalog's image stays");
+    assert_eq!(p.state(), "running");
+    // Back to the catalog's image: the custom one goes, the catalog's
+    // (a `file://` image) would stay even if nothing used it.
+    let catalog = create["image"].clone();
+    let st = p.run(json!({"kind": "reset_phone", "image": catalog, "property": null}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        st["execute_msg"],
+        json!(format!("unused image removed: custom-{pid}"))
+    );
+    assert!(!images.join(format!("custom-{pid}")).exists());
+    assert!(images.join("img").is_dir());
     assert_eq!(p.state(), "running");
 
     // `cph-agent purge` with the agent stopped: no container, volume mount,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::phones::Phones;
 use super::{transfer, JobFailure};
 use crate::objstore::ObjectStore;
-use crate::protocol::{JobKind, JobRequest, EXECUTE_MSG_MAX};
+use crate::protocol::{ImageRef, JobKind, JobRequest, EXECUTE_MSG_MAX};
 
 /// The sync shell's limit (the reference answers within 2 s).
 pub const SYNC_SHELL_LIMIT: Duration = Duration::from_secs(2);
@@ -95,19 +95,34 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             .restart(phone_of(req)?, property.as_ref())
             .map(|()| None),
         JobKind::ResetPhone { image, property } => {
-            let _using = phones.image_use();
-            if let Some(i) = image {
-                transfer::fetch_image(ctx, i)?;
+            let phone_id = phone_of(req)?;
+            let before = phones.record(phone_id)?.image;
+            {
+                let _using = phones.image_use();
+                if let Some(i) = image {
+                    transfer::fetch_image(ctx, i)?;
+                }
+                phones.reset(phone_id, image.as_ref(), property.as_ref())?;
             }
-            phones
-                .reset(phone_of(req)?, image.as_ref(), property.as_ref())
-                .map(|()| None)
+            let replaced = image
+                .as_ref()
+                .is_some_and(|i| i.image_id != before.image_id);
+            Ok(if replaced {
+                drop_left_image(ctx, before)
+            } else {
+                None
+            })
         }
         JobKind::RenamePhone { new_name } => phones.rename(phone_of(req)?, new_name).map(|()| None),
         JobKind::UpdateProperty { property } => {
             phones.update_property(phone_of(req)?, property).map(Some)
         }
-        JobKind::DeletePhone => phones.delete(phone_of(req)?).map(|()| None),
+        JobKind::DeletePhone => {
+            let phone_id = phone_of(req)?;
+            let image = phones.record(phone_id).ok().map(|r| r.image);
+            phones.delete(phone_id)?;
+            Ok(image.and_then(|i| drop_left_image(ctx, i)))
+        }
         JobKind::Shell { command } => {
             shell_output(ctx, phone_of(req)?, command, ctx.shell_timeout).map(Some)
         }
@@ -269,6 +284,21 @@ fn write_authorized_keys(ctx: &JobContext<'_>) -> Result<(), JobFailure> {
     }
     super::jobstore::write_atomic(path, text.as_bytes())
         .map_err(|e| JobFailure::internal(format!("write {}: {e}", path.display())))
+}
+
+/// Removes `image`, which a phone has just left (by a reset to another
+/// image or its deletion), if it was imported from the object store and
+/// nothing on the host uses it any more; the `execute_msg` that says so.
+/// The job's own work is done: a failed removal is logged, not a failure.
+fn drop_left_image(ctx: &JobContext<'_>, image: ImageRef) -> Option<String> {
+    match ctx.phones.drop_unused_images(&[image]) {
+        Ok(removed) if removed.is_empty() => None,
+        Ok(removed) => Some(format!("unused image removed: {}", removed.join(", "))),
+        Err(e) => {
+            tracing::warn!(error = %e.msg, "unused image kept");
+            None
+        }
+    }
 }
 
 /// Releases a server from this host ([`JobKind::DeleteServer`]).

@@ -337,7 +337,10 @@ impl Phones {
     /// (custom images) that no phone or server of the host uses any more;
     /// the ids removed. The catalog's `file://` images stay for the next
     /// server.
-    fn drop_unused_images(&self, candidates: &[ImageRef]) -> Result<Vec<String>, JobFailure> {
+    pub(super) fn drop_unused_images(
+        &self,
+        candidates: &[ImageRef],
+    ) -> Result<Vec<String>, JobFailure> {
         let _g = self.image_use.write().unwrap_or_else(|p| p.into_inner());
         let mut in_use: BTreeSet<String> = self
             .records()
