@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 pub const DEV_SERVER_MODEL: &str = "physical.dev.local";
 /// The development phone flavor.
 pub const DEV_PHONE_MODEL: &str = "dev.cp.c1.m512";
+/// The development server's second flavor: the same phones with more
+/// memory, for trying `change-server-model` on one machine.
+pub const DEV_PHONE_MODEL_M768: &str = "dev.cp.c1.m768";
 /// Default id of the test phone image.
 pub const TEST_IMAGE_ID: &str = "cph0test0image00000000000000001";
 
@@ -165,6 +168,24 @@ impl Catalog {
                         "image_id": "coderserver_v2.5", "port_num": 0},
                     "core_bind_strategy": "dev_small"}),
                 spec_code: DEV_PHONE_MODEL.into(),
+                phone_capacity: 2,
+                image_label: "cloud_phone".into(),
+                product_type: 0,
+            },
+            PhoneModel {
+                server_model_name: DEV_SERVER_MODEL.into(),
+                phone_model_name: DEV_PHONE_MODEL_M768.into(),
+                status: 1,
+                cpu: 1.0,
+                memory: 768,
+                disk: 2,
+                resolution: "720x1280".into(),
+                extend_spec: json!({"eip_count": 1, "vip_count": 1, "emulator_type": 1,
+                    "thinpool_size_g": 4, "sharepool_size_g": 2, "max_share_disk_size_g": 1,
+                    "encode_server_spec": {"cpu": 1, "memory": 256, "disk": 1,
+                        "image_id": "coderserver_v2.5", "port_num": 0},
+                    "core_bind_strategy": "dev_small"}),
+                spec_code: DEV_PHONE_MODEL_M768.into(),
                 phone_capacity: 2,
                 image_label: "cloud_phone".into(),
                 product_type: 0,

@@ -127,6 +127,23 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         store.finish_image(image_id, size)?;
         tracing::info!(%image_id, ?size, "image creation ended");
     }
+    if let (
+        true,
+        JobState::Succeeded,
+        JobKind::ChangeFlavor {
+            server_model_name,
+            flavor,
+        },
+    ) = (ended, j.status, &req.kind)
+    {
+        store.change_server_model(
+            &row.project_id,
+            &req.server_id,
+            server_model_name,
+            &flavor.flavor_id,
+        )?;
+        tracing::info!(server_id = %req.server_id, %server_model_name, phone_model = %flavor.flavor_id, "server model changed");
+    }
     if ended && matches!(req.kind, JobKind::DeleteServer) {
         if j.status == JobState::Succeeded {
             store.release_server(&req.server_id)?;

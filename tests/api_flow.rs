@@ -782,6 +782,100 @@ async fn buy_phones_jobs_isolation_and_restart() {
         )
         .await;
     assert_eq!(r.body["error_code"], "CPS.0246", "{:?}", r.body);
+    // Refused before any job: a phone flavor of another server model, a
+    // server model of other hardware (its host stays).
+    let change_path = "/v1/{p}/cloud-phone/servers/change-server-model";
+    let change = |sm: &str, pm: &str| {
+        json!({"server_id": sid, "server_model_name": sm, "phone_model_name": pm,
+               "extend_param": {"is_auto_pay": 1}})
+    };
+    let r = cp
+        .call(
+            "POST",
+            change_path,
+            Some(change("physical.dev.local", "rx1.cp.c60.d10.e1v1")),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0257", "{:?}", r.body);
+    let r = cp
+        .call(
+            "POST",
+            change_path,
+            Some(change("physical.rx1.xlarge", "rx1.cp.c60.d10.e1v1")),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0247", "{:?}", r.body);
+    // The change: a job that takes the new flavor to the server's agent;
+    // the server keeps its model until the job succeeds.
+    let models = |sid: String| {
+        let cp = &cp;
+        async move {
+            let d = cp
+                .call("GET", &format!("/v1/{{p}}/cloud-phone/servers/{sid}"), None)
+                .await;
+            let phones = cp
+                .call(
+                    "GET",
+                    &format!("/v1/{{p}}/cloud-phone/phones?server_id={sid}"),
+                    None,
+                )
+                .await;
+            let phone_models: Vec<Value> = phones.body["phones"]
+                .as_array()
+                .expect("phones")
+                .iter()
+                .map(|p| p["phone_model_name"].clone())
+                .collect();
+            (d.body["phone_model_name"].clone(), phone_models)
+        }
+    };
+    let r = cp
+        .call(
+            "POST",
+            change_path,
+            Some(change("physical.dev.local", "dev.cp.c1.m768")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["order_id"]
+        .as_str()
+        .is_some_and(|o| o.starts_with("CS")));
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    let sent = sent_job(&seen, &job).await;
+    assert_eq!(sent["kind"], "change_flavor");
+    assert_eq!(sent["server_id"], json!(sid));
+    assert_eq!(sent["server_model_name"], "physical.dev.local");
+    assert_eq!(sent["flavor"]["flavor_id"], "dev.cp.c1.m768");
+    assert_eq!(sent["flavor"]["memory_mb"], 768);
+    let m512 = json!("dev.cp.c1.m512");
+    let m768 = json!("dev.cp.c1.m768");
+    assert_eq!(
+        models(sid.clone()).await,
+        (m512.clone(), vec![m512.clone(); 2])
+    );
+    let done = |status: i32| {
+        json!([{"job_id": job, "status": status, "error_code": null, "error_msg": null,
+                "execute_msg": null}])
+    };
+    assert_eq!(cp.agent_post("/agent/v1/jobs", done(2)).await.status, 200);
+    assert_eq!(
+        models(sid.clone()).await,
+        (m768.clone(), vec![m768.clone(); 2])
+    );
+    // A change whose job fails leaves the model as it was.
+    let r = cp
+        .call(
+            "POST",
+            change_path,
+            Some(change("physical.dev.local", "dev.cp.c1.m512")),
+        )
+        .await;
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    sent_job(&seen, &job).await;
+    let failed = json!([{"job_id": job, "status": -1, "error_code": "CPS.0257",
+                         "error_msg": "does not fit", "execute_msg": null}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", failed).await.status, 200);
+    assert_eq!(models(sid.clone()).await, (m768.clone(), vec![m768; 2]));
     let r = cp
         .call(
             "DELETE",

@@ -423,6 +423,16 @@ pub enum JobKind {
         image_id: String,
         object: ObjectRef,
     },
+    /// The server's new flavor (`change-server-model`): recorded once its
+    /// placement fits the host, each phone's volume cap raised to the new
+    /// disk size, running phones restarted on it (stopped ones take it
+    /// at their next start), the encoding server made, restarted or
+    /// removed as the flavor asks. `server_model_name` is the control
+    /// plane's, which records the change when the job succeeds.
+    ChangeFlavor {
+        server_model_name: String,
+        flavor: PhoneFlavor,
+    },
 }
 
 /// A job sent to an agent: one target (a phone or, for server jobs, the server).

@@ -369,6 +369,71 @@ fn phones_get_volumes_and_networks_of_their_own() {
     assert_eq!(phone(&all, &a)["state"], "running");
     assert_eq!(access(phone(&all, &a), "web"), (ip_a.clone(), web_a));
 
+    // A new flavor (more memory): the running phone restarts on it, the
+    // stopped one takes it at its next start; the network stays.
+    let mem_total = |p: &str, id: &str| {
+        let (st, out) = sh(&addr, &token, &server, p, id, "head -n 1 /proc/meminfo");
+        assert_eq!(st, 2, "{out}");
+        out.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(mem_total(&a, "mem-a0"), (256 * 1024).to_string());
+    ok_job(
+        &addr,
+        &token,
+        job("stop-b", &server, &b, json!({"kind": "stop_phone"})),
+    );
+    let mut flavor = create["flavor"].clone();
+    flavor["flavor_id"] = json!("dev-more");
+    flavor["memory_mb"] = json!(384);
+    let st = ok_job(
+        &addr,
+        &token,
+        server_job(
+            "flavor-1",
+            &server,
+            json!({"kind": "change_flavor", "server_model_name": "dev", "flavor": flavor}),
+        ),
+    );
+    let msg = st["execute_msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("flavor dev-more (was dev), 1 running phones restarted"),
+        "{msg}"
+    );
+    assert_eq!(mem_total(&a, "mem-a1"), (384 * 1024).to_string());
+    let all = phones(&addr, &token);
+    assert_eq!(phone(&all, &a)["state"], "running");
+    assert_eq!(phone(&all, &b)["state"], "stopped");
+    assert_eq!(access(phone(&all, &a), "web"), (ip_a.clone(), web_a));
+    ok_job(
+        &addr,
+        &token,
+        job("start-b", &server, &b, json!({"kind": "start_phone"})),
+    );
+    assert_eq!(mem_total(&b, "mem-b1"), (384 * 1024).to_string());
+    // A flavor with room for fewer phones than the server has changes
+    // nothing.
+    let mut small = flavor.clone();
+    small["flavor_id"] = json!("dev-one");
+    small["phone_capacity"] = json!(1);
+    small["memory_mb"] = json!(128);
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&server_job(
+            "flavor-2",
+            &server,
+            json!({"kind": "change_flavor", "server_model_name": "dev", "flavor": small}),
+        )),
+    );
+    let st = wait_job(&addr, &token, "flavor-2");
+    assert_eq!(st["error_code"], "CPS.0257", "{st}");
+    assert_eq!(mem_total(&a, "mem-a2"), (384 * 1024).to_string());
+
     // A restarted agent reconciles in place: nothing doubled, still reachable.
     let before = (
         map_elements(&nft_map(&net.table, "public_ports")),

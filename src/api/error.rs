@@ -107,6 +107,12 @@ pub enum ApiError {
     PhoneNotRunning(String),
     #[error("parameter: image_label is invalid")]
     ImageLabel,
+    #[error("the server's model cannot change: {0}")]
+    ModelChangeRefused(String),
+    #[error("server model is not supported: {0}")]
+    ServerModelUnsupported(String),
+    #[error("phone model {0} is not supported: {1}")]
+    PhoneModelUnsupported(String, String),
     #[error("image {image_id} is a {image_label} image; phone model {phone_model} runs {model_label} images")]
     ImageModelMismatch {
         image_id: String,
@@ -259,6 +265,9 @@ impl ApiError {
             E::ObjectPath => (bad, "CPS.0135"),
             E::PhoneNotRunning(_) => (bad, "CPS.0141"),
             E::ImageLabel | E::ImageModelMismatch { .. } => (bad, "CPS.0142"),
+            E::ModelChangeRefused(_) => (bad, "CPS.0245"),
+            E::ServerModelUnsupported(_) => (bad, "CPS.0247"),
+            E::PhoneModelUnsupported(..) => (bad, "CPS.0257"),
             E::PortsLimit => (bad, "CPS.0145"),
             E::FilePaths => (bad, "CPS.0155"),
             E::OnlySharedBandwidth => (bad, "CPS.0160"),

@@ -14,7 +14,7 @@ use super::jobs::{submit, Target};
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
 use crate::catalog::Catalog;
-use crate::store::{new_id, NewServer, Order, Server, ServerFilter};
+use crate::store::{new_id, NewServer, Order, Server, ServerFilter, SERVER_NORMAL};
 
 /// Most servers bought in one order.
 pub const MAX_COUNT: u32 = 10;
@@ -870,23 +870,73 @@ pub async fn change_model(
         .store
         .server(&c.project_id, &b.server_id)?
         .ok_or_else(|| ApiError::ServerNotFound(b.server_id.clone()))?;
-    st.catalog
+    let sm = st
+        .catalog
         .server_model(&b.server_model_name)
         .ok_or_else(|| ApiError::ServerModelNotFound(b.server_model_name.clone()))?;
-    st.catalog
+    let pm = st
+        .catalog
         .phone_model(&b.phone_model_name)
         .ok_or(ApiError::PhoneModelName)?;
     if cur.server_model_name == b.server_model_name && cur.phone_model_name == b.phone_model_name {
         return Err(ApiError::SameModel.into());
     }
-    st.store.change_server_model(
+    // Only a running server changes (not one being made, deleted or
+    // abnormal), and only to a model of the same hardware: its host stays.
+    if cur.status != SERVER_NORMAL || cur.deleting {
+        return Err(ApiError::ModelChangeRefused(format!(
+            "server {} is not running (status {})",
+            cur.server_id, cur.status
+        ))
+        .into());
+    }
+    let same_hardware = st
+        .catalog
+        .server_model(&cur.server_model_name)
+        .is_some_and(|old| {
+            (old.server_type.as_str(), old.cpu, old.memory)
+                == (sm.server_type.as_str(), sm.cpu, sm.memory)
+        });
+    if !same_hardware {
+        return Err(ApiError::ServerModelUnsupported(format!(
+            "server model {} is not of the same hardware as {}",
+            sm.server_model_name, cur.server_model_name
+        ))
+        .into());
+    }
+    let phones = st.store.server_phones(&cur.server_id)?.len();
+    let refuse = |why: String| ApiError::PhoneModelUnsupported(pm.phone_model_name.clone(), why);
+    if pm.server_model_name != sm.server_model_name || pm.status != 1 {
+        return Err(refuse(format!(
+            "it is not an on-sale flavor of {}",
+            sm.server_model_name
+        ))
+        .into());
+    }
+    if pm.phone_capacity as usize != phones {
+        return Err(refuse(format!(
+            "it holds {} phones and the server has {phones}; the count must stay",
+            pm.phone_capacity
+        ))
+        .into());
+    }
+    let kind = JobKind::ChangeFlavor {
+        server_model_name: sm.server_model_name.clone(),
+        flavor: Catalog::agent_flavor(pm),
+    };
+    let out = submit(
+        &st,
         &c.project_id,
-        &b.server_id,
-        &b.server_model_name,
-        &b.phone_model_name,
+        vec![Target::Server {
+            server_id: cur.server_id.clone(),
+            node_id: cur.node_id.clone(),
+            kind,
+        }],
     )?;
     let order_id = format!("CS{}", &new_id()[..15].to_uppercase());
-    Ok(Reply::ok(
-        json!({"order_id": order_id, "product_id": cur.product_id}),
-    ))
+    Ok(Reply::ok(json!({
+        "order_id": order_id,
+        "product_id": cur.product_id,
+        "job_id": out["jobs"][0]["job_id"],
+    })))
 }

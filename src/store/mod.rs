@@ -105,6 +105,9 @@ pub struct Server {
     pub deleting: bool,
 }
 
+/// The status of a server whose phones are all made: normal.
+pub const SERVER_NORMAL: i32 = 5;
+
 /// The status a server shows while it is being deleted: the reference's
 /// "being stopped", the nearest of its codes.
 pub const SERVER_DELETING: i32 = 11;
@@ -928,7 +931,7 @@ impl Store {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let next = if total > 0 && creating == 0 {
-            5
+            SERVER_NORMAL
         } else if status == 2 {
             1
         } else {

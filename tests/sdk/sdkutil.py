@@ -13,6 +13,7 @@ from huaweicloudsdkcph.v1 import model as m
 
 DEV_SERVER_MODEL = "physical.dev.local"
 DEV_PHONE_MODEL = "dev.cp.c1.m512"
+DEV_PHONE_MODEL_M768 = "dev.cp.c1.m768"
 TEST_IMAGE_ID = "cph0test0image00000000000000001"
 
 

@@ -9,6 +9,7 @@ from huaweicloudsdkcph.v1 import model as m
 
 from sdkutil import (
     DEV_PHONE_MODEL,
+    DEV_PHONE_MODEL_M768,
     DEV_SERVER_MODEL,
     apk_bytes,
     packages,
@@ -19,6 +20,7 @@ from sdkutil import (
     tar_bytes,
     wait_job,
     wait_jobs_ok,
+    wait_phone_status,
 )
 
 
@@ -78,10 +80,11 @@ def test_rename_phone(client, server):
     assert d.phone_name == old
 
 
-def test_change_server_model_refusals(client, server):
-    """The local server has the only development flavor, so a change is
-    refused as the reference documents, and the server keeps its flavor."""
-    server_id, _ = server
+def test_change_server_model(client, server):
+    """The local server moves to the development server's second flavor
+    (more memory) and back: its agent restarts the phones on it, as the
+    phones' own /proc/meminfo shows; refusals leave it as it was."""
+    server_id, phones = server
 
     def change(server_model, phone_model):
         return client.change_cloud_phone_server_model(
@@ -97,12 +100,41 @@ def test_change_server_model_refusals(client, server):
             )
         )
 
+    def mem_total_kb(phone):
+        line = shell(client, phone, "head -n 1 /proc/meminfo")
+        return int(line.split()[1])
+
+    def changed_to(phone_model, mem_mb):
+        resp = change(DEV_SERVER_MODEL, phone_model)
+        assert resp.order_id.startswith("CS"), resp
+        poll(
+            lambda: server_detail(client, server_id).phone_model_name == phone_model,
+            120,
+            f"server on {phone_model}",
+        )
+        for p in phones:
+            wait_phone_status(client, p, 2)
+            assert mem_total_kb(p) == mem_mb * 1024, p
+            d = client.show_cloud_phone_detail(m.ShowCloudPhoneDetailRequest(phone_id=p))
+            assert d.phone_model_name == phone_model
+
     e = sdk_error(change, DEV_SERVER_MODEL, DEV_PHONE_MODEL)
     assert e.error_code == "CPS.0250", e  # same flavor
     e = sdk_error(change, "physical.no.such.model", DEV_PHONE_MODEL)
     assert e.error_code == "CPS.0246", e  # server model not found
+    e = sdk_error(change, DEV_SERVER_MODEL, "rx1.cp.c60.d10.e1v1")
+    assert e.error_code == "CPS.0257", e  # another server model's flavor
+    e = sdk_error(change, "physical.rx1.xlarge", "rx1.cp.c60.d10.e1v1")
+    assert e.error_code == "CPS.0247", e  # other hardware
     d = server_detail(client, server_id)
     assert (d.server_model_name, d.phone_model_name) == (DEV_SERVER_MODEL, DEV_PHONE_MODEL)
+    assert mem_total_kb(phones[0]) == 512 * 1024
+    try:
+        changed_to(DEV_PHONE_MODEL_M768, 768)
+    finally:
+        # Later files expect the server's first flavor.
+        if server_detail(client, server_id).phone_model_name != DEV_PHONE_MODEL:
+            changed_to(DEV_PHONE_MODEL, 512)
 
 
 def bandwidths(client):

@@ -209,6 +209,9 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         JobKind::ExpandVolume { disk_gb } => {
             phones.expand_volume(phone_of(req)?, *disk_gb).map(Some)
         }
+        JobKind::ChangeFlavor { flavor, .. } => {
+            phones.change_flavor(&req.server_id, flavor).map(Some)
+        }
         JobKind::CreateImage { object, .. } => {
             transfer::create_image(ctx, phone_of(req)?, object).map(Some)
         }

@@ -40,7 +40,7 @@ use super::network::{network_fail, Network};
 use super::volumes::Volumes;
 use super::JobFailure;
 use crate::config::UserNamespacesConfig;
-use crate::protocol::{CreateServer, ImageRef, PhoneRunState, PhoneSpec, PhoneState};
+use crate::protocol::{CreateServer, ImageRef, PhoneFlavor, PhoneRunState, PhoneSpec, PhoneState};
 
 /// Grace a phone gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -110,6 +110,17 @@ pub use encoder::encoder_id;
 
 fn io_fail(what: &str, path: &Path, e: impl std::fmt::Display) -> JobFailure {
     JobFailure::internal(format!("{what} {}: {e}", path.display()))
+}
+
+/// The placement a flavor asks for, with room for at least `slots` slots.
+fn plan_request(flavor: &PhoneFlavor, slots: u32) -> PlanRequest {
+    PlanRequest {
+        strategy: flavor.core_bind_strategy.clone(),
+        capacity: flavor.phone_capacity.max(slots),
+        vcpus: flavor.vcpus.max(1),
+        memory_mb: 0,
+        reserved: None,
+    }
 }
 
 /// The container name of a phone.
@@ -417,6 +428,90 @@ impl Phones {
         Ok((phones.len(), removed))
     }
 
+    /// Gives a server a new flavor ([`crate::protocol::JobKind::ChangeFlavor`]);
+    /// the `execute_msg`. Nothing changes when the flavor has room for
+    /// fewer phones than the server has or its placement does not fit the
+    /// host (`CPS.0257`). Once recorded, a phone that does not restart is
+    /// named in the message and shows as failed; it takes the flavor at
+    /// its next start like a stopped one.
+    pub fn change_flavor(
+        &self,
+        server_id: &str,
+        flavor: &PhoneFlavor,
+    ) -> Result<String, JobFailure> {
+        let mut server = self.server(server_id)?;
+        let phones = self.phones_of(server_id);
+        let unsupported = |why: String| {
+            JobFailure::new(
+                "CPS.0257",
+                format!(
+                    "phone model {} cannot run server {server_id}: {why}",
+                    flavor.flavor_id
+                ),
+            )
+        };
+        if (flavor.phone_capacity as usize) < phones.len() {
+            return Err(unsupported(format!(
+                "it holds {} phones, the server has {}",
+                flavor.phone_capacity,
+                phones.len()
+            )));
+        }
+        {
+            let _g = self.plan_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let topo = Topology::discover(Path::new("/sys"))
+                .map_err(|e| JobFailure::internal(e.to_string()))?;
+            placement::plan(&topo, &plan_request(flavor, 1))
+                .map_err(|e| unsupported(format!("its placement does not fit this host: {e}")))?;
+        }
+        let was = std::mem::replace(&mut server.flavor, flavor.clone());
+        self.put_server(&server)?;
+        tracing::info!(server_id, flavor = %flavor.flavor_id, was = %was.flavor_id, "server flavor changed");
+        let mut msg = format!(
+            "server {server_id}: flavor {} (was {})",
+            flavor.flavor_id, was.flavor_id
+        );
+        let mut restarted = 0;
+        let mut failed = Vec::new();
+        for phone in &phones {
+            let applied = self.volumes.grow(phone, flavor.disk_gb).and_then(|_| {
+                let name = container_name(phone);
+                match self.rt.state(&name).map(|s| s.status) {
+                    Ok(Status::Running) => self.restart(phone, None).map(|()| true),
+                    _ => Ok(false),
+                }
+            });
+            match applied {
+                Ok(true) => restarted += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(phone_id = %phone, error = %e.msg, "phone not on the new flavor yet");
+                    failed.push(format!("{phone} ({})", e.msg));
+                }
+            }
+        }
+        msg.push_str(&format!(", {restarted} running phones restarted on it"));
+        let had_encoder = self.servers_with_encoder().iter().any(|s| s == server_id);
+        let encoder = match (had_encoder, flavor.encode_server_spec().is_some()) {
+            (_, true) => self
+                .restart_encoder(server_id)
+                .map(|()| Some("encoding server started")),
+            (true, false) => self
+                .remove_encoder(server_id)
+                .map(|()| Some("encoding server removed")),
+            (false, false) => Ok(None),
+        };
+        match encoder {
+            Ok(Some(what)) => msg.push_str(&format!(", {what}")),
+            Ok(None) => {}
+            Err(e) => failed.push(format!("encoding server ({})", e.msg)),
+        }
+        if !failed.is_empty() {
+            msg.push_str(&format!("; not applied yet: {}", failed.join(", ")));
+        }
+        Ok(msg)
+    }
+
     /// Ids of the servers on this host.
     pub fn server_ids(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -490,13 +585,7 @@ impl Phones {
         let _g = self.plan_lock.lock().unwrap_or_else(|p| p.into_inner());
         let topo = Topology::discover(Path::new("/sys"))
             .map_err(|e| JobFailure::internal(e.to_string()))?;
-        let request = PlanRequest {
-            strategy: server.flavor.core_bind_strategy.clone(),
-            capacity: server.flavor.phone_capacity.max(index + 1),
-            vcpus: server.flavor.vcpus.max(1),
-            memory_mb: 0,
-            reserved: None,
-        };
+        let request = plan_request(&server.flavor, index + 1);
         let path = self.placement_path(&server.server_id);
         let loaded = placement::Checkpoint::load_or_plan(&path, &topo, &request, &BTreeSet::new())
             .map_err(|e| {
