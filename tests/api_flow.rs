@@ -522,6 +522,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .cloned()
         .expect("sent");
     assert_eq!(sent["kind"], "restart_phone");
+    assert_eq!(sent["image"], Value::Null);
     let r = cp
         .call(
             "GET",
@@ -735,6 +736,23 @@ async fn buy_phones_jobs_isolation_and_restart() {
             r.body
         );
     }
+    // A restart to an image of the phone's label: the job carries the
+    // image (where its archive is), for the agent to update the phone to.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-restart",
+            Some(json!({"phones": [{"phone_id": pid}], "image_id": cph::catalog::TEST_IMAGE_ID})),
+        )
+        .await;
+    let job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    let sent = sent_job(&seen, &job).await;
+    assert_eq!(sent["kind"], "restart_phone");
+    assert_eq!(sent["image"]["image_id"], cph::catalog::TEST_IMAGE_ID);
+    assert_eq!(sent["image"]["url"], "file:///nonexistent/test.tar.gz");
     let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/batch-storage", Some(json!({"storage_infos": [{"phone_id": pid, "bucket_name": "bucket-a", "object_path": "../x.tar"}]}))).await;
     assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0135");
     let r = cp

@@ -316,8 +316,11 @@ pub enum JobKind {
     },
     StartPhone,
     StopPhone,
+    /// With `image` (another than the phone's): the phone is updated to
+    /// it, keeping its `/data` and `/cache` (a reset would drop them).
     RestartPhone {
-        image_id: Option<String>,
+        #[serde(default)]
+        image: Option<ImageRef>,
         property: Option<BTreeMap<String, String>>,
     },
     ResetPhone {

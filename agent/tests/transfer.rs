@@ -517,18 +517,34 @@ fn object_store_jobs_on_a_real_phone() {
     );
     assert!(images.join("img").is_dir(), "the catalog's image stays");
     assert_eq!(p.state(), "running");
-    // Back to the catalog's image: the custom one goes, the catalog's
-    // (a `file://` image) would stay even if nothing used it.
+    // A restart onto the catalog's image updates the phone keeping its
+    // /data: what it wrote there stays, what it wrote elsewhere goes with
+    // the old image, and the custom image, used by nothing now, goes too
+    // (the catalog's, a `file://` image, would stay unused).
+    p.sh("echo kept > /data/local/kept.txt && echo gone > /etc/outside.txt");
     let catalog = create["image"].clone();
-    let st = p.run(json!({"kind": "reset_phone", "image": catalog, "property": null}));
+    let st = p.run(json!({"kind": "restart_phone", "image": catalog, "property": null}));
     assert_eq!(st["status"], 2, "{st}");
     assert_eq!(
         st["execute_msg"],
         json!(format!("unused image removed: custom-{pid}"))
     );
+    assert_eq!(p.state(), "running");
+    assert_eq!(p.sh("cat /data/local/kept.txt").trim(), "kept");
+    assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+    assert_eq!(
+        p.sh("test -e /etc/outside.txt && echo stale || echo updated")
+            .trim(),
+        "updated"
+    );
     assert!(!images.join(format!("custom-{pid}")).exists());
     assert!(images.join("img").is_dir());
-    assert_eq!(p.state(), "running");
+    // A restart naming the image the phone already runs is a plain one.
+    let st =
+        p.run(json!({"kind": "restart_phone", "image": create["image"].clone(), "property": null}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(st["execute_msg"], Value::Null);
+    assert_eq!(p.sh("cat /data/local/kept.txt").trim(), "kept");
 
     // `cph-agent purge` with the agent stopped: no container, volume mount,
     // netns, veth, bridge or nft table of this agent is left on the host.

@@ -554,6 +554,7 @@ fn overlay_backend_clones_resets_and_remounts() {
     ));
     s.reset_volume("pa", Some("img2")).unwrap();
     assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
+    check_upgrade(s);
     // Reboot: overlays gone, prepare mounts them again.
     s.teardown().unwrap();
     assert!(!a.join("etc/os").exists());
@@ -574,6 +575,97 @@ fn overlay_backend_clones_resets_and_remounts() {
     s2.delete_volume("pa").unwrap();
     s2.delete_volume("pb").unwrap();
     assert!(s2.list_volumes().unwrap().is_empty());
+}
+
+/// An image update on `s`: the phone's `data` and `cache` stay as it left
+/// them (its deletions included), everything else becomes the new
+/// image's; an unknown image changes nothing; the volume resets to the
+/// new image afterwards.
+fn check_upgrade(s: &dyn Storage) {
+    import_dyn(
+        s,
+        "up-1",
+        &make_image(&[
+            ("system/build.prop", b"ro.v=1\n"),
+            ("data/seed", b"image 1\n"),
+            ("data/app/base.apk", b"apk 1\n"),
+            ("etc/os", b"one\n"),
+        ]),
+    );
+    import_dyn(
+        s,
+        "up-2",
+        &make_image(&[
+            ("system/build.prop", b"ro.v=2\n"),
+            ("data/seed", b"image 2\n"),
+            ("data/only-2", b"image 2\n"),
+            ("etc/new", b"yes\n"),
+        ]),
+    );
+    let v = s.create_volume("phone-up", "up-1", 64 << 20).unwrap();
+    std::fs::write(v.join("data/mine"), b"kept\n").unwrap();
+    std::fs::remove_file(v.join("data/seed")).unwrap();
+    std::fs::create_dir(v.join("cache")).unwrap();
+    std::fs::write(v.join("cache/c"), b"cached\n").unwrap();
+    std::fs::write(v.join("system/build.prop"), b"changed\n").unwrap();
+    std::fs::write(v.join("top"), b"x").unwrap();
+    assert!(matches!(
+        s.upgrade_volume("phone-up", "up-none", &["data", "cache"]),
+        Err(StorageError::UnknownImage(_))
+    ));
+    assert_eq!(std::fs::read(v.join("data/mine")).unwrap(), b"kept\n");
+    assert_eq!(
+        std::fs::read(v.join("system/build.prop")).unwrap(),
+        b"changed\n"
+    );
+
+    let v2 = s
+        .upgrade_volume("phone-up", "up-2", &["data", "cache"])
+        .unwrap();
+    assert_eq!(v2, v);
+    assert_eq!(
+        std::fs::read(v.join("system/build.prop")).unwrap(),
+        b"ro.v=2\n"
+    );
+    assert_eq!(std::fs::read(v.join("etc/new")).unwrap(), b"yes\n");
+    assert!(!v.join("etc/os").exists(), "the old image's files go");
+    assert!(!v.join("top").exists(), "the phone's files outside data go");
+    assert_eq!(std::fs::read(v.join("data/mine")).unwrap(), b"kept\n");
+    assert_eq!(std::fs::read(v.join("cache/c")).unwrap(), b"cached\n");
+    assert!(
+        !v.join("data/seed").exists(),
+        "data is the phone's as it left it"
+    );
+    assert_eq!(
+        std::fs::read(v.join("data/app/base.apk")).unwrap(),
+        b"apk 1\n",
+        "what the old image put in data stays"
+    );
+    assert!(
+        !v.join("data/only-2").exists(),
+        "the new image adds nothing to data"
+    );
+    // A reset now goes back to the new image.
+    s.reset_volume("phone-up", None).unwrap();
+    assert!(!v.join("data/mine").exists());
+    assert_eq!(std::fs::read(v.join("data/seed")).unwrap(), b"image 2\n");
+    assert!(matches!(
+        s.upgrade_volume("phone-none", "up-2", &["data"]),
+        Err(StorageError::UnknownVolume(_))
+    ));
+    s.delete_volume("phone-up").unwrap();
+}
+
+#[test]
+fn an_image_update_keeps_data_and_cache_on_btrfs() {
+    if !btrfs_available("an_image_update_keeps_data_and_cache_on_btrfs") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    check_upgrade(&s);
+    s.teardown().unwrap();
+    assert!(!pool.mounted());
 }
 
 fn import_dyn(s: &dyn Storage, id: &str, tar: &[u8]) {

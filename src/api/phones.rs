@@ -372,7 +372,7 @@ pub async fn batch_restart(
     let image = requested_image(&st, &c.project_id, b.image_id.as_deref())?;
     let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
         Ok(JobKind::RestartPhone {
-            image_id: image_for(&st, image.as_ref(), p)?.map(|i| i.image_id),
+            image: image_for(&st, image.as_ref(), p)?,
             property,
         })
     })?;

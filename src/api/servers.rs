@@ -631,7 +631,7 @@ pub async fn batch_restart(
             t.push(Target::Phone(
                 p,
                 JobKind::RestartPhone {
-                    image_id: None,
+                    image: None,
                     property: None,
                 },
             ));

@@ -85,6 +85,24 @@ def made_used_shared_and_deleted(client, creds, s3, phone):
     d = client.show_cloud_phone_detail(m.ShowCloudPhoneDetailRequest(phone_id=phone))
     assert d.image_id == image.image_id
 
+    # A restart naming another image updates the phone to it and keeps its
+    # /data (a reset would not): the test image again, with the files.
+    shell(client, phone, "echo mine > /data/local/mine && echo x > /etc/outside")
+    resp = client.restart_cloud_phone(
+        m.RestartCloudPhoneRequest(
+            body=m.RestartCloudPhoneRequestBody(
+                phones=[m.PhoneProperty(phone_id=phone)], image_id=TEST_IMAGE_ID
+            )
+        )
+    )
+    wait_jobs_ok(client, resp.jobs, limit=300)
+    wait_phone_status(client, phone, 2)
+    assert shell(client, phone, "cat /data/local/mine").strip() == "mine"
+    assert shell(client, phone, "cat /data/local/golden/f").strip() == "made-here"
+    assert shell(client, phone, "test -e /etc/outside && echo stale || echo gone").strip() == "gone"
+    d = client.show_cloud_phone_detail(m.ShowCloudPhoneDetailRequest(phone_id=phone))
+    assert d.image_id == TEST_IMAGE_ID
+
     # Shared with another project: listed at once, used once accepted.
     other_id, other = other_project(creds)
     client.add_image_member(

@@ -91,9 +91,19 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         }
         JobKind::StartPhone => phones.start(phone_of(req)?).map(|()| None),
         JobKind::StopPhone => phones.stop(phone_of(req)?).map(|()| None),
-        JobKind::RestartPhone { property, .. } => phones
-            .restart(phone_of(req)?, property.as_ref())
-            .map(|()| None),
+        JobKind::RestartPhone { image, property } => {
+            let phone_id = phone_of(req)?;
+            let before = phones.record(phone_id)?.image;
+            let Some(image) = image.as_ref().filter(|i| i.image_id != before.image_id) else {
+                return phones.restart(phone_id, property.as_ref()).map(|()| None);
+            };
+            {
+                let _using = phones.image_use();
+                transfer::fetch_image(ctx, image)?;
+                phones.restart_on_image(phone_id, image, property.as_ref())?;
+            }
+            Ok(drop_left_image(ctx, before))
+        }
         JobKind::ResetPhone { image, property } => {
             let phone_id = phone_of(req)?;
             let before = phones.record(phone_id)?.image;

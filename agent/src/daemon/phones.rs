@@ -817,6 +817,40 @@ impl Phones {
         result
     }
 
+    /// An image update: the phone stops, its volume moves to `image`
+    /// keeping `/data` and `/cache`, and it starts on it. The record names
+    /// the new image only once the volume has it.
+    pub fn restart_on_image(
+        &self,
+        phone_id: &str,
+        image: &ImageRef,
+        property: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), JobFailure> {
+        if let Some(p) = property {
+            validate_properties(p)?;
+        }
+        self.update(phone_id, |r| {
+            r.phase = Some(PhoneRunState::Restarting);
+            if let Some(p) = property {
+                r.spec.property.extend(p.clone());
+            }
+        })?;
+        let result = self
+            .stop(phone_id)
+            .and_then(|()| {
+                let name = container_name(phone_id);
+                match self.rt.delete(&name, STOP_GRACE) {
+                    Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(container_fail(e)),
+                }
+            })
+            .and_then(|()| self.volumes.upgrade(phone_id, image))
+            .and_then(|_| self.update(phone_id, |r| r.image = image.clone()))
+            .and_then(|_| self.start(phone_id));
+        self.finish_phase(phone_id, &result)?;
+        result
+    }
+
     /// Reset: the volume is made again from the (new) image, then started.
     pub fn reset(
         &self,

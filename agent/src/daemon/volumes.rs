@@ -210,6 +210,15 @@ impl Volumes {
         }
     }
 
+    /// Moves the phone's volume to `image` keeping what the phone holds in
+    /// [`KEPT_ON_UPDATE`].
+    pub fn upgrade(&self, phone_id: &str, image: &ImageRef) -> Result<PathBuf, JobFailure> {
+        self.ensure_image(image)?;
+        self.storage
+            .upgrade_volume(phone_id, &image.image_id, KEPT_ON_UPDATE)
+            .map_err(storage_fail)
+    }
+
     /// Drops the phone's volume (nothing when it has none).
     pub fn delete(&self, phone_id: &str) -> Result<(), JobFailure> {
         self.storage.delete_volume(phone_id).map_err(storage_fail)
@@ -259,6 +268,10 @@ impl Volumes {
         self.storage.share_usage().map_err(storage_fail)
     }
 }
+
+/// What an image update keeps of a phone's root: the directories Android
+/// keeps its users' apps, settings and files in.
+pub const KEPT_ON_UPDATE: &[&str] = &["data", "cache"];
 
 /// The local archive of an image (`file://` URL).
 fn image_path(image: &ImageRef) -> Result<PathBuf, JobFailure> {

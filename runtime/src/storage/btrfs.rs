@@ -570,6 +570,81 @@ impl Storage for BtrfsStorage {
         Ok(vol)
     }
 
+    /// A snapshot of the volume (its kept directories shared, not
+    /// copied), emptied of the rest, which is then copied in from the new
+    /// image (reflinked: data blocks are shared too), then put in the
+    /// volume's place.
+    fn upgrade_volume(
+        &self,
+        phone_id: &str,
+        image_id: &str,
+        keep: &[&str],
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        validate_id("image", image_id)?;
+        let root = self.root()?;
+        let _g = self.guard();
+        let vol = self.volume_dir(phone_id);
+        let meta_path = self.meta_file(phone_id);
+        if !vol.exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        let image = self.image_dir(image_id);
+        if !image.is_dir() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        let mut meta = VolumeMeta::load(&meta_path)?;
+        let tmp = root.join("volumes").join(format!(".upgrade-{phone_id}"));
+        if tmp.exists() {
+            self.delete_subvolume(&tmp)?;
+        }
+        self.btrfs(Btrfs::Snapshot {
+            source: s(&vol),
+            dest: s(&tmp),
+            read_only: false,
+        })?;
+        let filled = (|| {
+            if meta.disk_size_bytes > 0 {
+                self.btrfs(Btrfs::QgroupLimit {
+                    bytes: meta.disk_size_bytes,
+                    path: s(&tmp),
+                })?;
+            }
+            super::remove_all_but(&tmp, keep)?;
+            let mut args = vec!["-a".to_string(), "--reflink=auto".into(), "--".into()];
+            for entry in
+                std::fs::read_dir(&image).map_err(|e| StorageError::io("read", &image, e))?
+            {
+                let entry = entry.map_err(|e| StorageError::io("read", &image, e))?;
+                if !entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| keep.contains(&n))
+                {
+                    args.push(s(&entry.path()));
+                }
+            }
+            if args.len() > 3 {
+                args.push(s(&tmp));
+                self.run(Invocation::new("cp", &args))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = filled {
+            let _ = self.delete_subvolume(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = self.delete_subvolume(&vol) {
+            let _ = self.delete_subvolume(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &vol).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        meta.image_id = image_id.to_string();
+        meta.save(&meta_path)?;
+        tracing::info!(phone_id, image_id, ?keep, "volume moved to a new image");
+        Ok(vol)
+    }
+
     fn delete_volume(&self, phone_id: &str) -> Result<(), StorageError> {
         validate_id("phone", phone_id)?;
         self.root()?;

@@ -173,6 +173,17 @@ pub trait Storage: Send + Sync {
     /// given, otherwise from the image it was made from; same size cap.
     fn reset_volume(&self, phone_id: &str, image_id: Option<&str>)
         -> Result<PathBuf, StorageError>;
+    /// Moves the phone's volume to `image_id` keeping its top-level
+    /// directories `keep` (`data` and `cache` for an image update): they
+    /// stay as the phone left them, everything else is the new image's.
+    /// Same size cap. On failure the kept directories are untouched (on
+    /// btrfs the whole volume is).
+    fn upgrade_volume(
+        &self,
+        phone_id: &str,
+        image_id: &str,
+        keep: &[&str],
+    ) -> Result<PathBuf, StorageError>;
     /// Deletes the phone's volume (no error when it has none).
     fn delete_volume(&self, phone_id: &str) -> Result<(), StorageError>;
     /// Raises the size cap of the phone's volume to `disk_size_bytes`,
@@ -192,6 +203,33 @@ pub trait Storage: Send + Sync {
     fn set_share_limit(&self, bytes: u64) -> Result<(), StorageError>;
     /// Unmounts everything and detaches the loop device (data stays).
     fn teardown(&self) -> Result<(), StorageError>;
+}
+
+/// Removes the entries of `dir` whose names are not in `keep`.
+pub(crate) fn remove_all_but(dir: &Path, keep: &[&str]) -> Result<(), StorageError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| StorageError::io("read", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StorageError::io("read", dir, e))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| keep.contains(&n))
+        {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = entry
+            .file_type()
+            .map_err(|e| StorageError::io("stat", &path, e))?
+            .is_dir();
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| StorageError::io("remove", &path, e))?;
+    }
+    Ok(())
 }
 
 /// Checks an image or phone id: 1 to [`MAX_ID_LEN`] characters of

@@ -107,6 +107,54 @@ impl OverlayStorage {
     }
 }
 
+/// Copies every entry of `dir` (in a mounted overlay) and below it up to
+/// the upper layer, by setting each one's owner to what it is. Nothing
+/// when `dir` does not exist.
+fn copy_up_tree(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StorageError::io("stat", dir, e)),
+    };
+    std::os::unix::fs::lchown(dir, Some(meta.uid()), Some(meta.gid()))
+        .map_err(|e| StorageError::io("copy up", dir, e))?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| StorageError::io("read", dir, e))? {
+        let entry = entry.map_err(|e| StorageError::io("read", dir, e))?;
+        copy_up_tree(&entry.path())?;
+    }
+    Ok(())
+}
+
+/// Marks an upper-layer directory opaque: overlayfs then shows nothing of
+/// the lower layer beneath it.
+fn set_opaque(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| StorageError::io("opaque", dir, std::io::Error::other(e)))?;
+    // SAFETY: both strings are NUL-terminated and the value is 1 byte long.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(StorageError::io(
+            "opaque",
+            dir,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 impl Storage for OverlayStorage {
     fn prepare(&self) -> Result<(), StorageError> {
         let _g = self.guard();
@@ -243,6 +291,61 @@ impl Storage for OverlayStorage {
         }
         self.assemble(&image, &vol)?;
         meta.image_id = image;
+        meta.save(&meta_path)?;
+        Ok(vol.join("rootfs"))
+    }
+
+    /// The upper layer keeps only the kept directories (with what the
+    /// phone wrote and deleted there); the new image is the lower layer.
+    fn upgrade_volume(
+        &self,
+        phone_id: &str,
+        image_id: &str,
+        keep: &[&str],
+    ) -> Result<PathBuf, StorageError> {
+        validate_id("phone", phone_id)?;
+        validate_id("image", image_id)?;
+        let _g = self.guard();
+        let vol = self.vol(phone_id);
+        let meta_path = self.meta_file(phone_id);
+        if !vol.exists() || !meta_path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        if !self.dir("images").join(image_id).is_dir() {
+            return Err(StorageError::UnknownImage(image_id.to_string()));
+        }
+        let mut meta = VolumeMeta::load(&meta_path)?;
+        // The kept directories are made whole in the upper layer: what the
+        // phone sees there of the old image is copied up (an owner change
+        // to the same owner, through the mount, copies an entry up).
+        let rootfs = vol.join("rootfs");
+        if !is_mount_point(&rootfs) {
+            self.assemble(&meta.image_id, &vol)?;
+        }
+        for d in keep {
+            copy_up_tree(&rootfs.join(d))?;
+        }
+        self.unmount(&vol)?;
+        // Then opaque: the new image adds nothing to them, and what the
+        // phone deleted there stays deleted.
+        let pruned = super::remove_all_but(&vol.join("upper"), keep)
+            .and_then(|()| {
+                keep.iter()
+                    .map(|d| vol.join("upper").join(d))
+                    .filter(|p| p.is_dir())
+                    .try_for_each(|p| set_opaque(&p))
+            })
+            .and_then(|()| {
+                let work = vol.join("work");
+                std::fs::remove_dir_all(&work).map_err(|e| StorageError::io("remove", &work, e))
+            });
+        if let Err(e) = pruned {
+            // Whatever was pruned, the volume is mounted again on its image.
+            let _ = self.assemble(&meta.image_id, &vol);
+            return Err(e);
+        }
+        self.assemble(image_id, &vol)?;
+        meta.image_id = image_id.to_string();
         meta.save(&meta_path)?;
         Ok(vol.join("rootfs"))
     }
