@@ -29,10 +29,24 @@ def images(client, **query):
 
 
 def reset(client, phone, image_id):
+    """The phone made again from the image (its data dropped)."""
     resp = client.reset_cloud_phone(
         m.ResetCloudPhoneRequest(
             body=m.ResetCloudPhoneRequestBody(
                 phones=[m.ResetPhoneProperty(phone_id=phone)], image_id=image_id
+            )
+        )
+    )
+    wait_jobs_ok(client, resp.jobs, limit=300)
+    wait_phone_status(client, phone, 2)
+
+
+def update(client, phone, image_id):
+    """The phone restarted on the image (its /data and /cache kept)."""
+    resp = client.restart_cloud_phone(
+        m.RestartCloudPhoneRequest(
+            body=m.RestartCloudPhoneRequestBody(
+                phones=[m.PhoneProperty(phone_id=phone)], image_id=image_id
             )
         )
     )
@@ -88,15 +102,7 @@ def made_used_shared_and_deleted(client, creds, s3, phone):
     # A restart naming another image updates the phone to it and keeps its
     # /data (a reset would not): the test image again, with the files.
     shell(client, phone, "echo mine > /data/local/mine && echo x > /etc/outside")
-    resp = client.restart_cloud_phone(
-        m.RestartCloudPhoneRequest(
-            body=m.RestartCloudPhoneRequestBody(
-                phones=[m.PhoneProperty(phone_id=phone)], image_id=TEST_IMAGE_ID
-            )
-        )
-    )
-    wait_jobs_ok(client, resp.jobs, limit=300)
-    wait_phone_status(client, phone, 2)
+    update(client, phone, TEST_IMAGE_ID)
     assert shell(client, phone, "cat /data/local/mine").strip() == "mine"
     assert shell(client, phone, "cat /data/local/golden/f").strip() == "made-here"
     assert shell(client, phone, "test -e /etc/outside && echo stale || echo gone").strip() == "gone"

@@ -95,12 +95,14 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             let phone_id = phone_of(req)?;
             let before = phones.record(phone_id)?.image;
             let Some(image) = image.as_ref().filter(|i| i.image_id != before.image_id) else {
-                return phones.restart(phone_id, property.as_ref()).map(|()| None);
+                return phones
+                    .restart(phone_id, None, property.as_ref())
+                    .map(|()| None);
             };
             {
                 let _using = phones.image_use();
                 transfer::fetch_image(ctx, image)?;
-                phones.restart_on_image(phone_id, image, property.as_ref())?;
+                phones.restart(phone_id, Some(image), property.as_ref())?;
             }
             Ok(drop_left_image(ctx, before))
         }

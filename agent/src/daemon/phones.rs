@@ -477,7 +477,7 @@ impl Phones {
             let applied = self.volumes.grow(phone, flavor.disk_gb).and_then(|_| {
                 let name = container_name(phone);
                 match self.rt.state(&name).map(|s| s.status) {
-                    Ok(Status::Running) => self.restart(phone, None).map(|()| true),
+                    Ok(Status::Running) => self.restart(phone, None, None).map(|()| true),
                     _ => Ok(false),
                 }
             });
@@ -797,9 +797,14 @@ impl Phones {
         }
     }
 
+    /// Stops and starts the phone. With `image`, an image update: the
+    /// container is removed, the volume moves to `image` keeping `/data`
+    /// and `/cache`, and the phone starts on it; the record names the new
+    /// image only once the volume has it.
     pub fn restart(
         &self,
         phone_id: &str,
+        image: Option<&ImageRef>,
         property: Option<&BTreeMap<String, String>>,
     ) -> Result<(), JobFailure> {
         if let Some(p) = property {
@@ -811,44 +816,27 @@ impl Phones {
                 r.spec.property.extend(p.clone());
             }
         })?;
-        let stopped = self.stop(phone_id);
+        let stopped = match image {
+            None => self.stop(phone_id),
+            Some(image) => self
+                .stop_and_remove(phone_id)
+                .and_then(|()| self.volumes.upgrade(phone_id, image))
+                .and_then(|_| self.update(phone_id, |r| r.image = image.clone()))
+                .map(|_| ()),
+        };
         let result = stopped.and_then(|()| self.start(phone_id));
         self.finish_phase(phone_id, &result)?;
         result
     }
 
-    /// An image update: the phone stops, its volume moves to `image`
-    /// keeping `/data` and `/cache`, and it starts on it. The record names
-    /// the new image only once the volume has it.
-    pub fn restart_on_image(
-        &self,
-        phone_id: &str,
-        image: &ImageRef,
-        property: Option<&BTreeMap<String, String>>,
-    ) -> Result<(), JobFailure> {
-        if let Some(p) = property {
-            validate_properties(p)?;
+    /// Stops the phone and removes its container (its volume stays), before
+    /// the volume is made again or moved to another image.
+    fn stop_and_remove(&self, phone_id: &str) -> Result<(), JobFailure> {
+        self.stop(phone_id)?;
+        match self.rt.delete(&container_name(phone_id), STOP_GRACE) {
+            Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(container_fail(e)),
         }
-        self.update(phone_id, |r| {
-            r.phase = Some(PhoneRunState::Restarting);
-            if let Some(p) = property {
-                r.spec.property.extend(p.clone());
-            }
-        })?;
-        let result = self
-            .stop(phone_id)
-            .and_then(|()| {
-                let name = container_name(phone_id);
-                match self.rt.delete(&name, STOP_GRACE) {
-                    Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(container_fail(e)),
-                }
-            })
-            .and_then(|()| self.volumes.upgrade(phone_id, image))
-            .and_then(|_| self.update(phone_id, |r| r.image = image.clone()))
-            .and_then(|_| self.start(phone_id));
-        self.finish_phase(phone_id, &result)?;
-        result
     }
 
     /// Reset: the volume is made again from the (new) image, then started.
@@ -871,14 +859,7 @@ impl Phones {
             }
         })?;
         let result = self
-            .stop(phone_id)
-            .and_then(|()| {
-                let name = container_name(phone_id);
-                match self.rt.delete(&name, STOP_GRACE) {
-                    Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(container_fail(e)),
-                }
-            })
+            .stop_and_remove(phone_id)
             .and_then(|()| self.server(&rec.server_id))
             .and_then(|server| {
                 self.volumes

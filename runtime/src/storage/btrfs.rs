@@ -549,10 +549,7 @@ impl Storage for BtrfsStorage {
         let _g = self.guard();
         let vol = self.volume_dir(phone_id);
         let meta_path = self.meta_file(phone_id);
-        if !vol.exists() || !meta_path.exists() {
-            return Err(StorageError::UnknownVolume(phone_id.to_string()));
-        }
-        let mut meta = VolumeMeta::load(&meta_path)?;
+        let mut meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         let image = image_id.unwrap_or(&meta.image_id).to_string();
         let tmp = root.join("volumes").join(format!(".reset-{phone_id}"));
         if tmp.exists() {
@@ -586,14 +583,11 @@ impl Storage for BtrfsStorage {
         let _g = self.guard();
         let vol = self.volume_dir(phone_id);
         let meta_path = self.meta_file(phone_id);
-        if !vol.exists() || !meta_path.exists() {
-            return Err(StorageError::UnknownVolume(phone_id.to_string()));
-        }
+        let mut meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         let image = self.image_dir(image_id);
         if !image.is_dir() {
             return Err(StorageError::UnknownImage(image_id.to_string()));
         }
-        let mut meta = VolumeMeta::load(&meta_path)?;
         let tmp = root.join("volumes").join(format!(".upgrade-{phone_id}"));
         if tmp.exists() {
             self.delete_subvolume(&tmp)?;
@@ -667,10 +661,7 @@ impl Storage for BtrfsStorage {
         let _g = self.guard();
         let vol = self.volume_dir(phone_id);
         let meta_path = self.meta_file(phone_id);
-        if !vol.exists() || !meta_path.exists() {
-            return Err(StorageError::UnknownVolume(phone_id.to_string()));
-        }
-        let meta = VolumeMeta::load(&meta_path)?;
+        let meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         let grown = meta.grown(phone_id, disk_size_bytes)?;
         self.btrfs(Btrfs::QgroupLimit {
             bytes: disk_size_bytes,

@@ -284,6 +284,15 @@ impl VolumeMeta {
         })
     }
 
+    /// The record of the phone's volume at `vol`; `UnknownVolume` when
+    /// the volume or its record is missing.
+    pub(crate) fn of_volume(phone_id: &str, vol: &Path, path: &Path) -> Result<Self, StorageError> {
+        if !vol.exists() || !path.exists() {
+            return Err(StorageError::UnknownVolume(phone_id.to_string()));
+        }
+        Self::load(path)
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Self, StorageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StorageError::io("read volume metadata", path, e))?;

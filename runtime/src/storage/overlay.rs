@@ -275,10 +275,7 @@ impl Storage for OverlayStorage {
         let _g = self.guard();
         let vol = self.vol(phone_id);
         let meta_path = self.meta_file(phone_id);
-        if !vol.exists() || !meta_path.exists() {
-            return Err(StorageError::UnknownVolume(phone_id.to_string()));
-        }
-        let mut meta = VolumeMeta::load(&meta_path)?;
+        let mut meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         let image = image_id.unwrap_or(&meta.image_id).to_string();
         validate_id("image", &image)?;
         if !self.dir("images").join(&image).is_dir() {
@@ -308,13 +305,10 @@ impl Storage for OverlayStorage {
         let _g = self.guard();
         let vol = self.vol(phone_id);
         let meta_path = self.meta_file(phone_id);
-        if !vol.exists() || !meta_path.exists() {
-            return Err(StorageError::UnknownVolume(phone_id.to_string()));
-        }
+        let mut meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         if !self.dir("images").join(image_id).is_dir() {
             return Err(StorageError::UnknownImage(image_id.to_string()));
         }
-        let mut meta = VolumeMeta::load(&meta_path)?;
         // The kept directories are made whole in the upper layer: what the
         // phone sees there of the old image is copied up (an owner change
         // to the same owner, through the mount, copies an entry up).
