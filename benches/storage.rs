@@ -1,4 +1,4 @@
-//! Phone volume create+delete and reset on a real btrfs pool (loop-backed
+//! Phone volume create+delete, reset and image update on a real btrfs pool (loop-backed
 //! sparse file), for images of 100 MB and 1 GB, next to a plain `cp -a` of
 //! the same image tree (the anchor: what unpacking per phone costs). Clone
 //! time should not depend on the image size. Writes
@@ -132,7 +132,30 @@ fn main() {
                 total
             })
         });
+        // An image update: the volume moves between two images of the
+        // same tree keeping its first directory (as a phone keeps /data).
+        let other = format!("img-{label}-b");
+        import_tree(&s, &other, &tree);
+        let mut updates = Vec::new();
+        let mut on_other = false;
+        c.bench_function(&format!("storage/update/{label}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let to = if on_other { &image } else { &other };
+                    let t = Instant::now();
+                    s.upgrade_volume("bench-reset", to, &["d0"])
+                        .expect("update");
+                    let d = t.elapsed();
+                    on_other = !on_other;
+                    updates.push(d);
+                    total += d;
+                }
+                total
+            })
+        });
         s.delete_volume("bench-reset").expect("delete");
+        s.delete_image(&other).expect("delete image");
         let mut copies = Vec::new();
         let copy = tmp.path().join("copy");
         c.bench_function(&format!("storage/cp_a/{label}"), |b| {
@@ -159,7 +182,8 @@ fn main() {
         let _ = std::fs::remove_dir_all(&copy);
         let _ = std::fs::remove_dir_all(&tree);
         s.delete_image(&image).expect("delete image");
-        let (ours, reset, anchor) = (mean(&samples), mean(&resets), mean(&copies));
+        let (ours, reset, update, anchor) =
+            (mean(&samples), mean(&resets), mean(&updates), mean(&copies));
         create_ms.push(ours);
         metrics.push(Metric {
             metric: format!("volume create+delete, {label} image (anchor: cp -a)"),
@@ -170,6 +194,14 @@ fn main() {
         metrics.push(Metric {
             metric: format!("volume reset, {label} image (anchor: cp -a)"),
             ours: reset,
+            anchor,
+            unit: "ms",
+        });
+        metrics.push(Metric {
+            metric: format!(
+                "volume image update keeping a directory, {label} image (anchor: cp -a)"
+            ),
+            ours: update,
             anchor,
             unit: "ms",
         });
