@@ -355,6 +355,17 @@ async fn catalog_auth_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buy_phones_jobs_isolation_and_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // An operator's flavor of the development server for game images.
+    std::fs::write(
+        dir.path().join("catalog-game.json"),
+        json!({"phone_models": [{"server_model_name": "physical.dev.local",
+            "phone_model_name": "dev.cg.c1.m512", "status": 1, "cpu": 1.0, "memory": 512,
+            "disk": 2, "resolution": "720x1280", "extend_spec": {"core_bind_strategy": "dev_small"},
+            "spec_code": "dev.cg.c1.m512", "phone_capacity": 2, "image_label": "cloud_game",
+            "product_type": 1}]})
+        .to_string(),
+    )
+    .expect("catalog file");
     let cp = Cp::start(dir.path().to_path_buf()).await;
     let (url, seen) = recorder().await;
 
@@ -893,6 +904,27 @@ async fn buy_phones_jobs_isolation_and_restart() {
     let failed = json!([{"job_id": job, "status": -1, "error_code": "CPS.0257",
                          "error_msg": "does not fit", "execute_msg": null}]);
     assert_eq!(cp.agent_post("/agent/v1/jobs", failed).await.status, 200);
+    assert_eq!(
+        models(sid.clone()).await,
+        (m768.clone(), vec![m768.clone(); 2])
+    );
+    // The phones keep their images: a flavor of another image label is
+    // refused before any job.
+    let r = cp
+        .call(
+            "POST",
+            change_path,
+            Some(change("physical.dev.local", "dev.cg.c1.m512")),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0257", "{:?}", r.body);
+    assert!(
+        r.body["error_msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("cloud_phone image") && m.contains("cloud_game")),
+        "{:?}",
+        r.body
+    );
     assert_eq!(models(sid.clone()).await, (m768.clone(), vec![m768; 2]));
     let r = cp
         .call(

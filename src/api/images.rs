@@ -68,6 +68,18 @@ pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<Us
     }
 }
 
+/// The label of an image the project can see (the catalog's or a custom
+/// one, in any state); `None` when there is no such image any more.
+pub fn label_of(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<String>, ApiError> {
+    if let Some(i) = st.catalog.image(project_id, image_id) {
+        return Ok(Some(i.image_label.clone()));
+    }
+    Ok(st
+        .store
+        .visible_image(project_id, image_id)?
+        .map(|i| i.image_label))
+}
+
 /// A custom image as the catalog lists images: private (2) to its owner.
 pub fn as_phone_image(i: &Image) -> PhoneImage {
     PhoneImage {

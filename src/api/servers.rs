@@ -904,8 +904,20 @@ pub async fn change_model(
         ))
         .into());
     }
-    let phones = st.store.server_phones(&cur.server_id)?.len();
+    let server_phones = st.store.server_phones(&cur.server_id)?;
+    let phones = server_phones.len();
     let refuse = |why: String| ApiError::PhoneModelUnsupported(pm.phone_model_name.clone(), why);
+    // The phones keep their images: each must be of the flavor's label.
+    for p in &server_phones {
+        let label = super::images::label_of(&st, &c.project_id, &p.image_id)?;
+        if let Some(label) = label.filter(|l| *l != pm.image_label) {
+            return Err(refuse(format!(
+                "phone {} runs a {label} image and the flavor runs {} images",
+                p.phone_id, pm.image_label
+            ))
+            .into());
+        }
+    }
     if pm.server_model_name != sm.server_model_name || pm.status != 1 {
         return Err(refuse(format!(
             "it is not an on-sale flavor of {}",
