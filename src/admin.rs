@@ -1,5 +1,5 @@
 //! `cph admin`: projects, credentials and users, written straight into the
-//! data dir's store; the fleet's hosts.
+//! data dir's store; the fleet's hosts; scheduled events on servers.
 
 use std::path::Path;
 
@@ -85,4 +85,62 @@ pub fn host_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
 /// the released server's id.
 pub fn host_forget(data_dir: &Path, node_id: &str) -> Result<Option<String>, StoreError> {
     Store::open_dir(data_dir)?.forget_node(node_id)
+}
+
+/// Announces maintenance of a server's host to its project: the event is
+/// inquiring until the project authorizes it, and starts by itself
+/// `deadline_hours` from now if it does not. Its id.
+pub fn event_create(
+    data_dir: &Path,
+    server_id: &str,
+    kind: &str,
+    description: &str,
+    deadline_hours: u32,
+) -> Result<String, crate::events::EventError> {
+    let s = Store::open_dir(data_dir)?;
+    let server = s
+        .server_by_id(server_id)?
+        .ok_or_else(|| crate::events::EventError::NotFound(format!("(server {server_id})")))?;
+    let id = crate::store::new_id();
+    let now = crate::store::now_ms();
+    s.insert_event(&crate::store::NewEvent {
+        event_id: &id,
+        project_id: &server.project_id,
+        server_id,
+        kind,
+        description,
+        publish_ms: now,
+        not_before_deadline_ms: now + i64::from(deadline_hours) * 3_600_000,
+    })?;
+    Ok(id)
+}
+
+/// Lists every project's events as
+/// `event_id\tproject_id\tserver_id\ttype\tstate\tnot_before|-` lines.
+pub fn event_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let s = Store::open_dir(data_dir)?;
+    let (events, _) = s.list_events(None, &Default::default(), None, usize::MAX)?;
+    Ok(events
+        .into_iter()
+        .map(|e| {
+            let at = e.not_before_ms.map_or("-".to_string(), |ms| {
+                crate::store::utc_string(ms.div_euclid(1000))
+            });
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{at}",
+                e.event_id, e.project_id, e.server_id, e.kind, e.state
+            )
+        })
+        .collect())
+}
+
+/// Ends an executing event: its phones start again.
+pub fn event_complete(data_dir: &Path, event_id: &str) -> Result<usize, crate::events::EventError> {
+    let s = Store::open_dir(data_dir)?;
+    Ok(crate::events::complete(&s, event_id)?.stopped_phones.len())
+}
+
+/// Cancels an event that has not started.
+pub fn event_cancel(data_dir: &Path, event_id: &str) -> Result<(), crate::events::EventError> {
+    crate::events::cancel(&Store::open_dir(data_dir)?, event_id)
 }

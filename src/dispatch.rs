@@ -194,6 +194,9 @@ pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
         if let Err(e) = create_servers(&store, &client, &cfg).await {
             tracing::warn!(error = %e, "server creation dispatch failed");
         }
+        if let Err(e) = crate::events::start_due(&store, crate::store::now_ms()) {
+            tracing::warn!(error = %e, "scheduled events not started");
+        }
         if let Err(e) = send_jobs(&store, &client, &cfg).await {
             tracing::warn!(error = %e, "job dispatch failed");
         }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod catalog;
 pub mod client;
 pub mod dispatch;
+pub mod events;
 pub mod serve;
 pub mod store;
 pub mod up;

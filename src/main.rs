@@ -257,6 +257,37 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AdminHost,
     },
+    /// Scheduled events: maintenance of a server's host, announced to its
+    /// project, which authorizes a time for it.
+    Event {
+        #[command(subcommand)]
+        command: AdminEvent,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminEvent {
+    /// Announce an event on a server; prints its id. It starts (the
+    /// server's running phones are stopped) at the time the project
+    /// authorizes, or at the deadline if the project does not answer.
+    Create {
+        #[arg(long)]
+        server: String,
+        /// `system-maintenance` or `localdisk-recovery`.
+        #[arg(long = "type", default_value = "system-maintenance")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Hours until the event starts without the project's answer.
+        #[arg(long, default_value_t = 72)]
+        deadline_hours: u32,
+    },
+    /// List every project's events: id, project, server, type, state, start.
+    List,
+    /// End an executing event: the phones it stopped start again.
+    Complete { event_id: String },
+    /// Cancel an event that has not started.
+    Cancel { event_id: String },
 }
 
 #[derive(Subcommand)]
@@ -415,6 +446,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for l in cph::admin::project_list(&data_dir)? {
                     println!("{l}");
                 }
+                Ok(())
+            }
+            AdminCommand::Event {
+                command:
+                    AdminEvent::Create {
+                        server,
+                        kind,
+                        description,
+                        deadline_hours,
+                    },
+            } => {
+                if !cph::api::events::EVENT_TYPES.contains(&kind.as_str()) {
+                    anyhow::bail!(
+                        "event type {kind:?} is not one of {}",
+                        cph::api::events::EVENT_TYPES.join(", ")
+                    );
+                }
+                let id = cph::admin::event_create(
+                    &data_dir,
+                    &server,
+                    &kind,
+                    &description,
+                    deadline_hours,
+                )?;
+                println!("{id}");
+                Ok(())
+            }
+            AdminCommand::Event {
+                command: AdminEvent::List,
+            } => {
+                for l in cph::admin::event_list(&data_dir)? {
+                    println!("{l}");
+                }
+                Ok(())
+            }
+            AdminCommand::Event {
+                command: AdminEvent::Complete { event_id },
+            } => {
+                let n = cph::admin::event_complete(&data_dir, &event_id)?;
+                println!("event {event_id} completed; {n} phones starting");
+                Ok(())
+            }
+            AdminCommand::Event {
+                command: AdminEvent::Cancel { event_id },
+            } => {
+                cph::admin::event_cancel(&data_dir, &event_id)?;
+                println!("event {event_id} canceled");
                 Ok(())
             }
             AdminCommand::Host {

@@ -1959,3 +1959,164 @@ async fn custom_images_from_phones_and_shared() {
     beat.abort();
     cp.stop().await;
 }
+
+/// Scheduled events: the operator announces maintenance of a server's
+/// host, the project lists and authorizes it; at the authorized time the
+/// server's running phones are stopped by jobs, and when the operator
+/// completes it they are started again.
+#[tokio::test]
+async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    let phones: Vec<String> = create["phones"]
+        .as_array()
+        .expect("phones")
+        .iter()
+        .map(|p| p["phone_id"].as_str().expect("phone").to_string())
+        .collect();
+    for p in &phones {
+        wait_running(&cp, p).await;
+    }
+    let code = |r: &common::Resp| r.body["error_code"].as_str().unwrap_or("").to_string();
+    let ev = cph::admin::event_create(dir.path(), &sid, "system-maintenance", "new disk", 72)
+        .expect("event");
+    let list = |q: &str| {
+        let cp = &cp;
+        let q = q.to_string();
+        async move {
+            cp.call(
+                "GET",
+                &format!("/v1/{{p}}/cloud-phone/scheduled-events{q}"),
+                None,
+            )
+            .await
+        }
+    };
+    let r = list("").await;
+    assert_eq!(r.body["count"], 1, "{:?}", r.body);
+    let e = &r.body["scheduled_events"][0];
+    assert_eq!(e["event_id"], json!(ev));
+    assert_eq!(e["server_id"], json!(sid));
+    assert_eq!(e["state"], "inquiring");
+    assert_eq!(e["type"], "system-maintenance");
+    assert_eq!(e["description"], "new disk");
+    assert_eq!(e["not_before"], Value::Null);
+    let deadline = cph::store::parse_utc(e["not_before_deadline"].as_str().expect("deadline"))
+        .expect("a time");
+    let ahead = deadline - cph::store::now_secs();
+    assert!((71 * 3600..=72 * 3600).contains(&ahead), "{ahead}");
+    // Filters.
+    assert_eq!(list("?state=scheduled,executing").await.body["count"], 0);
+    assert_eq!(list("?type=localdisk-recovery").await.body["count"], 0);
+    assert_eq!(
+        list(&format!("?server_id={sid}&state=inquiring"))
+            .await
+            .body["count"],
+        1
+    );
+    assert_eq!(
+        list("?publish_since=2099-01-01T00:00:00Z").await.body["count"],
+        0
+    );
+    assert_eq!(code(&list("?state=sleeping").await), "CPS.0001");
+    assert_eq!(code(&list("?publish_until=yesterday").await), "CPS.0001");
+
+    // Refusals change nothing.
+    let authorize = |id: &str, body: Value| {
+        let cp = &cp;
+        let path = format!("/v1/{{p}}/cloud-phone/scheduled-events/{id}/authorize");
+        async move { cp.call("POST", &path, Some(body)).await }
+    };
+    let update_path = format!("/v1/{{p}}/cloud-phone/scheduled-events/{ev}");
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let r = authorize(unknown, json!({"authorization_type": "maintenance"})).await;
+    assert_eq!((r.status, code(&r)), (404, "CPS.0017".to_string()));
+    let r = authorize(&ev, json!({"authorization_type": "redeploy"})).await;
+    assert_eq!(code(&r), "CPS.0001");
+    assert!(r.body["error_msg"]
+        .as_str()
+        .is_some_and(|m| m.contains("redeploy")));
+    let soon = cph::store::utc_string(cph::store::now_secs() + 60);
+    let r = authorize(
+        &ev,
+        json!({"authorization_type": "maintenance", "not_before": soon}),
+    )
+    .await;
+    assert_eq!(code(&r), "CPS.0001");
+    let late = cph::store::utc_string(deadline + 3600);
+    let r = authorize(
+        &ev,
+        json!({"authorization_type": "maintenance", "not_before": late}),
+    )
+    .await;
+    assert_eq!(code(&r), "CPS.0001");
+    let r = cp
+        .call("PUT", &update_path, Some(json!({"not_before": ""})))
+        .await;
+    assert_eq!(code(&r), "CPS.0010", "an inquiring event is not moved");
+    assert_eq!(
+        list("").await.body["scheduled_events"][0]["state"],
+        "inquiring"
+    );
+
+    // Authorized an hour ahead: scheduled, nothing stopped yet.
+    let hour = cph::store::utc_string(cph::store::now_secs() + 3600);
+    let r = authorize(
+        &ev,
+        json!({"authorization_type": "maintenance", "not_before": hour}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let e = list("").await.body["scheduled_events"][0].clone();
+    assert_eq!(
+        (
+            e["state"].as_str(),
+            e["not_before"].as_str(),
+            e["authorization_type"].as_str()
+        ),
+        (Some("scheduled"), Some(hour.as_str()), Some("maintenance"))
+    );
+    let r = authorize(&ev, json!({"authorization_type": "maintenance"})).await;
+    assert_eq!(code(&r), "CPS.0010", "authorized once");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let stops = |s: &Seen, kind: &str| {
+        s.jobs
+            .iter()
+            .filter(|j| j["kind"] == kind && j["server_id"] == json!(sid))
+            .count()
+    };
+    assert_eq!(stops(&seen.lock().expect("lock"), "stop_phone"), 0);
+
+    // Moved to now: it starts, and each running phone gets a stop job.
+    let r = cp
+        .call("PUT", &update_path, Some(json!({"not_before": ""})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(&seen, |s| stops(s, "stop_phone") == phones.len()).await;
+    let e = list("").await.body["scheduled_events"][0].clone();
+    assert_eq!(e["state"], "executing");
+    assert!(e["start_time"].is_string());
+    assert_eq!(
+        cph::admin::event_cancel(dir.path(), &ev).map_err(|e| e.to_string()),
+        Err(format!(
+            "scheduled event {ev} is executing; only an event not started yet is canceled"
+        ))
+    );
+
+    // The operator completes it: the phones it stopped start again.
+    assert_eq!(
+        cph::admin::event_complete(dir.path(), &ev).expect("complete"),
+        phones.len()
+    );
+    wait_for(&seen, |s| stops(s, "start_phone") == phones.len()).await;
+    let e = list("").await.body["scheduled_events"][0].clone();
+    assert_eq!(e["state"], "completed");
+    assert!(e["finish_time"].is_string());
+    assert!(
+        cph::admin::event_complete(dir.path(), &ev).is_err(),
+        "completed once"
+    );
+    beat.abort();
+}

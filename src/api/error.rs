@@ -107,6 +107,12 @@ pub enum ApiError {
     PhoneNotRunning(String),
     #[error("parameter: image_label is invalid")]
     ImageLabel,
+    #[error("scheduled event {0} not found")]
+    EventNotFound(String),
+    #[error("scheduled event {0} is {1}: {2}")]
+    EventState(String, String, &'static str),
+    #[error("parameter: {0}")]
+    EventParam(String),
     #[error("the server's model cannot change: {0}")]
     ModelChangeRefused(String),
     #[error("server model is not supported: {0}")]
@@ -266,6 +272,9 @@ impl ApiError {
             E::PhoneNotRunning(_) => (bad, "CPS.0141"),
             E::ImageLabel | E::ImageModelMismatch { .. } => (bad, "CPS.0142"),
             E::ModelChangeRefused(_) => (bad, "CPS.0245"),
+            E::EventNotFound(_) => (StatusCode::NOT_FOUND, "CPS.0017"),
+            E::EventState(..) => (bad, "CPS.0010"),
+            E::EventParam(_) => (bad, "CPS.0001"),
             E::ServerModelUnsupported(_) => (bad, "CPS.0247"),
             E::PhoneModelUnsupported(..) => (bad, "CPS.0257"),
             E::PortsLimit => (bad, "CPS.0145"),

@@ -176,7 +176,12 @@ pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Val
     Ok(json!({"request_id": request_id, "jobs": out}))
 }
 
-fn job_row(req: &JobRequest, project_id: &str, node_id: &str, now: &str) -> Result<Job, ApiError> {
+pub(crate) fn job_row(
+    req: &JobRequest,
+    project_id: &str,
+    node_id: &str,
+    now: &str,
+) -> Result<Job, ApiError> {
     Ok(Job {
         job_id: req.job_id.clone(),
         request_id: req.request_id.clone(),

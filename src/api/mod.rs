@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod iam;
 pub mod images;
@@ -229,6 +230,18 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/v1/{project_id}/cloud-phone/phone-images",
             get(phones::images),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/scheduled-events",
+            get(events::list),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/scheduled-events/{event_id}",
+            put(events::update),
+        )
+        .route(
+            "/v1/{project_id}/cloud-phone/scheduled-events/{event_id}/authorize",
+            post(events::authorize),
         )
         .route(
             "/v1/{project_id}/cloud-phone/images",

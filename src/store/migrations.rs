@@ -215,4 +215,25 @@ CREATE TABLE image_members (
 );
 CREATE INDEX image_members_by_member ON image_members(member_id);
 "#,
+    // 8: scheduled events: host maintenance the operator announces and the
+    // server's project authorizes (times in ms; `stopped_phones` the phones
+    // the event stopped, started again when it completes).
+    r#"
+CREATE TABLE scheduled_events (
+    event_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    state TEXT NOT NULL,
+    authorization_type TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    publish_ms INTEGER NOT NULL,
+    not_before_deadline_ms INTEGER NOT NULL,
+    not_before_ms INTEGER,
+    start_ms INTEGER,
+    finish_ms INTEGER,
+    stopped_phones TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX scheduled_events_by_project ON scheduled_events(project_id, publish_ms);
+"#,
 ];

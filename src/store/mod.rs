@@ -5,10 +5,15 @@
 //! functions in queries) so a PostgreSQL backend can implement the same
 //! methods for several control-plane replicas.
 
+mod events;
 mod images;
 mod migrations;
 mod tags;
 
+pub use events::{
+    Event, EventFilter, NewEvent, EVENT_CANCELED, EVENT_COMPLETED, EVENT_EXECUTING,
+    EVENT_INQUIRING, EVENT_SCHEDULED,
+};
 pub use images::{
     now_ms, Image, ImageFilter, ImageMember, MemberWrite, IMAGE_ACTIVE, IMAGE_CREATING,
     IMAGE_FAILED, MAX_MEMBERS,
@@ -254,6 +259,43 @@ pub fn utc_string(secs: i64) -> String {
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if mo <= 2 { y + 1 } else { y };
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// The Unix time of `YYYY-MM-DDTHH:MM:SSZ` ([`utc_string`]'s form).
+pub fn parse_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 59 {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm), the inverse of
+    // `utc_string`'s.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se;
+    (utc_string(secs) == s).then_some(secs)
 }
 
 /// Current UTC time as the API prints it.
@@ -1098,6 +1140,17 @@ impl Store {
         )
     }
 
+    /// A server, whichever project has it (the operator's view).
+    pub fn server_by_id(&self, server_id: &str) -> Result<Option<Server>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {SERVER_COLS} FROM servers s JOIN nodes n ON n.node_id = s.node_id
+             WHERE s.server_id = ?1"
+        );
+        Ok(c.query_row(&sql, params![server_id], server_row)
+            .optional()?)
+    }
+
     /// A project's servers, newest first.
     pub fn list_servers(
         &self,
@@ -1670,6 +1723,25 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn utc_times_parse_back_and_malformed_ones_do_not() {
+        for secs in [0, 951_782_400, 1_764_892_800, 4_102_444_799] {
+            assert_eq!(parse_utc(&utc_string(secs)), Some(secs), "{secs}");
+        }
+        assert_eq!(parse_utc("2026-12-05T08:00:00Z"), Some(1_796_457_600));
+        for bad in [
+            "",
+            "2026-12-05 08:00:00Z",
+            "2026-13-05T08:00:00Z",
+            "2026-02-30T08:00:00Z",
+            "2026-12-05T24:00:00Z",
+            "2026-12-05T08:00:00+00:00",
+            "+026-12-05T08:00:00Z",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -2,9 +2,12 @@
 output, tars and APK-shaped zips for the object store."""
 
 import io
+import os
+import subprocess
 import tarfile
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +155,19 @@ def push_share_tar(client, s3, server_id, key, files):
         )
     )
     return wait_jobs_ok(client, resp.jobs)
+
+
+CPH = Path(__file__).resolve().parents[2] / "target" / "debug" / "cph"
+
+
+def cph(*args):
+    """Output of the platform's `cph` command (the debug build)."""
+    out = subprocess.run(
+        [str(CPH), *args], check=True, capture_output=True, text=True, timeout=600
+    )
+    return out.stdout
+
+
+def control_dir():
+    """The data directory of the control plane `cph up` runs."""
+    return str(Path(os.environ["CPH_CREDENTIALS"]).parent / "control")

@@ -6,22 +6,20 @@ DeleteImageMember) and deleted with its object (DeleteImage). The phone is
 reset back to the catalog's test image at the end."""
 
 import os
-import subprocess
-from pathlib import Path
 
 from huaweicloudsdkcph.v1 import model as m
 
 from conftest import make_client
-from sdkutil import TEST_IMAGE_ID, sdk_error, shell, wait_jobs_ok, wait_phone_status
+from sdkutil import (
+    TEST_IMAGE_ID,
+    cph,
+    control_dir,
+    sdk_error,
+    shell,
+    wait_jobs_ok,
+    wait_phone_status,
+)
 
-CPH = Path(__file__).resolve().parents[2] / "target" / "debug" / "cph"
-
-
-def cph(*args):
-    out = subprocess.run(
-        [str(CPH), *args], check=True, capture_output=True, text=True, timeout=600
-    )
-    return out.stdout
 
 
 def images(client, **query):
@@ -56,7 +54,7 @@ def update(client, phone, image_id):
 
 def other_project(creds):
     """A second project of the platform with an AK/SK pair: (id, client)."""
-    data = str(Path(os.environ["CPH_CREDENTIALS"]).parent / "control")
+    data = control_dir()
     project = cph("admin", "--data-dir", data, "project", "create", "image-member").strip()
     out = cph("admin", "--data-dir", data, "credential", "create", "--project", project)
     made = dict(line.split(None, 1) for line in out.splitlines() if line.strip())

@@ -1,0 +1,132 @@
+//! What the platform does with scheduled events: it starts those due (the
+//! server's running phones are stopped by jobs, as a user's stop would),
+//! and the operator ends them (`cph admin event complete`: the phones the
+//! event stopped start again) or cancels them before they start.
+
+use cph_agent::protocol::{JobKind, JobRequest};
+
+use crate::store::{
+    new_id, now_ms, now_string, Event, Store, StoreError, EVENT_CANCELED, EVENT_COMPLETED,
+    EVENT_EXECUTING, EVENT_INQUIRING, EVENT_SCHEDULED,
+};
+
+/// Phone status of a running phone.
+const PHONE_RUNNING: i32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("scheduled event {0} not found")]
+    NotFound(String),
+    #[error("scheduled event {id} is {state}; {wanted}")]
+    State {
+        id: String,
+        state: String,
+        wanted: &'static str,
+    },
+    #[error("job of event {0}: {1}")]
+    Job(String, String),
+}
+
+/// Starts every event due at `now` (authorized ones at their time,
+/// unanswered ones at their deadline); the ids started. The loop calls it
+/// every second.
+pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
+    let mut started = Vec::new();
+    for e in store.due_events(now)? {
+        let phones: Vec<_> = store
+            .server_phones(&e.server_id)?
+            .into_iter()
+            .filter(|p| p.status == PHONE_RUNNING)
+            .collect();
+        let ids: Vec<String> = phones.iter().map(|p| p.phone_id.clone()).collect();
+        if !store.move_event(
+            &e.event_id,
+            &[EVENT_SCHEDULED, EVENT_INQUIRING],
+            EVENT_EXECUTING,
+            now,
+            Some(&ids),
+        )? {
+            continue;
+        }
+        phone_jobs(store, &e, &ids, JobKind::StopPhone)?;
+        tracing::info!(event_id = %e.event_id, server_id = %e.server_id, phones = ids.len(), "scheduled event started, phones stopped");
+        started.push(e.event_id);
+    }
+    Ok(started)
+}
+
+/// Ends an executing event: the phones it stopped start again.
+pub fn complete(store: &Store, event_id: &str) -> Result<Event, EventError> {
+    let e = store
+        .event(None, event_id)?
+        .ok_or_else(|| EventError::NotFound(event_id.to_string()))?;
+    if !store.move_event(
+        event_id,
+        &[EVENT_EXECUTING],
+        EVENT_COMPLETED,
+        now_ms(),
+        None,
+    )? {
+        return Err(EventError::State {
+            id: e.event_id,
+            state: e.state,
+            wanted: "only an executing event completes",
+        });
+    }
+    phone_jobs(store, &e, &e.stopped_phones, JobKind::StartPhone)?;
+    Ok(e)
+}
+
+/// Cancels an event that has not started.
+pub fn cancel(store: &Store, event_id: &str) -> Result<(), EventError> {
+    let e = store
+        .event(None, event_id)?
+        .ok_or_else(|| EventError::NotFound(event_id.to_string()))?;
+    if !store.move_event(
+        event_id,
+        &[EVENT_INQUIRING, EVENT_SCHEDULED],
+        EVENT_CANCELED,
+        now_ms(),
+        None,
+    )? {
+        return Err(EventError::State {
+            id: e.event_id,
+            state: e.state,
+            wanted: "only an event not started yet is canceled",
+        });
+    }
+    Ok(())
+}
+
+/// One job of `kind` per phone of the event's server, under one request
+/// id; the running control plane sends them.
+fn phone_jobs(
+    store: &Store,
+    e: &Event,
+    phones: &[String],
+    kind: JobKind,
+) -> Result<(), EventError> {
+    let Some(server) = store.server(&e.project_id, &e.server_id)? else {
+        return Ok(());
+    };
+    let request_id = new_id();
+    let now = now_string();
+    let rows = phones
+        .iter()
+        .map(|p| {
+            let req = JobRequest {
+                job_id: new_id(),
+                request_id: request_id.clone(),
+                server_id: e.server_id.clone(),
+                phone_id: Some(p.clone()),
+                kind: kind.clone(),
+            };
+            crate::api::jobs::job_row(&req, &e.project_id, &server.node_id, &now)
+                .map_err(|err| EventError::Job(e.event_id.clone(), err.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    store.insert_jobs(&rows)?;
+    Ok(())
+}
