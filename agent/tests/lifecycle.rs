@@ -743,6 +743,21 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
         ["0", "0", phone_ids.as_str(), "131072", "eth0", "lo"],
         "{who:?}"
     );
+    // The sharepool is mounted idmapped too: its directories (the agent's,
+    // host root's) show root as their owner, not the overflow id.
+    let (st, owners) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "share-owner",
+        "stat -c %u:%g /data/media/share/files /data/media/share/apps",
+    );
+    assert_eq!(st, 2, "{owners}");
+    assert_eq!(
+        owners.split_whitespace().collect::<Vec<_>>(),
+        ["0:0", "0:0"]
+    );
     // Its access port reaches a listener inside it.
     let (_, web) = access(phone(&phones(&addr, &token), &phone_id), "web");
     let (st, msg) = sh(

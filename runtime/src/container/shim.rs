@@ -222,15 +222,19 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
                 std::fs::File::open(format!("/proc/{child}/ns/user"))
                     .map_err(|e| format!("open user namespace: {e}"))
             })
-            .and_then(|ns| super::userns::idmapped_tree(&spec.rootfs, &ns.into()))
-            .and_then(|tree| {
-                // The shim is in a named network namespace: its sysfs.
-                match spec.netns {
-                    Some(_) => {
-                        super::userns::send_fds(sock, &[&tree, &super::userns::sysfs_tree()?])
-                    }
-                    None => super::userns::send_fds(sock, &[&tree]),
+            .and_then(|ns| {
+                let ns: OwnedFd = ns.into();
+                // The root; the shim's sysfs when it is in a named network
+                // namespace; then each bind mount's source, idmapped too so
+                // that its files show their owners rather than nobody.
+                let mut trees = vec![super::userns::idmapped_tree(&spec.rootfs, &ns)?];
+                if spec.netns.is_some() {
+                    trees.push(super::userns::sysfs_tree()?);
                 }
+                for b in &spec.mounts {
+                    trees.push(super::userns::idmapped_tree(&b.source, &ns)?);
+                }
+                super::userns::send_fds(sock, &trees.iter().collect::<Vec<_>>())
             });
         if let Err(e) = handed {
             return fail(e);
@@ -543,7 +547,8 @@ fn stat_view(host: &str, cpus: &[u32]) -> String {
 
 /// Runs in the cloned child: builds the phone's mounts and execs init.
 /// `trees`, for a phone with its own user namespace: its idmapped root,
-/// then its sysfs when the shim made it.
+/// then its sysfs when the shim made it, then its bind mounts' sources,
+/// idmapped, in order.
 fn init_child(
     spec: &ContainerSpec,
     views: &Views,
@@ -552,7 +557,10 @@ fn init_child(
 ) -> Result<std::convert::Infallible, String> {
     let mut trees = trees.map(Vec::into_iter);
     let root_tree = trees.as_mut().and_then(Iterator::next);
-    let sys_tree = trees.as_mut().and_then(Iterator::next);
+    let sys_tree = match spec.netns {
+        Some(_) => trees.as_mut().and_then(Iterator::next),
+        None => None,
+    };
     let rootfs = &spec.rootfs;
     let m = |src: Option<&Path>,
              target: &Path,
@@ -742,14 +750,17 @@ fn init_child(
                     .map_err(|e| format!("mount point {}: {e}", target.display()))?;
             }
         }
-        m(
-            Some(&b.source),
-            &target,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-            "bind",
-        )?;
+        match trees.as_mut().and_then(Iterator::next) {
+            Some(t) => super::userns::attach(&t, &target, "idmapped bind mount")?,
+            None => m(
+                Some(&b.source),
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+                "bind",
+            )?,
+        }
         if b.read_only {
             super::userns::remount_read_only(&target)?;
         }

@@ -171,6 +171,12 @@ pub(super) fn sysfs_tree() -> Result<OwnedFd, String> {
 
 /// Sends `fds` over the connected unix socket `sock`.
 pub(super) fn send_fds(sock: &OwnedFd, fds: &[&OwnedFd]) -> Result<(), String> {
+    if fds.len() > MAX_TREES {
+        return Err(format!(
+            "a phone in its own user namespace takes at most {} bind mounts",
+            MAX_TREES - 2
+        ));
+    }
     let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(b"t")];
     sendmsg::<()>(
@@ -184,11 +190,15 @@ pub(super) fn send_fds(sock: &OwnedFd, fds: &[&OwnedFd]) -> Result<(), String> {
     .map_err(|e| format!("hand mounts to init: {e}"))
 }
 
-/// Receives the descriptors [`send_fds`] sent (two at most).
+/// Mount trees a phone's init receives at most: its root, its sysfs and
+/// its bind mounts.
+pub(super) const MAX_TREES: usize = 16;
+
+/// Receives the descriptors [`send_fds`] sent ([`MAX_TREES`] at most).
 pub(super) fn recv_fds(sock: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let mut space = nix::cmsg_space!([RawFd; MAX_TREES]);
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
