@@ -119,7 +119,7 @@ pub fn event_create(
 /// `event_id\tproject_id\tserver_id\ttype\tstate\tnot_before|-` lines.
 pub fn event_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
     let s = Store::open_dir(data_dir)?;
-    let (events, _) = s.list_events(None, &Default::default(), None, usize::MAX)?;
+    let (events, _, _) = s.list_events(None, &Default::default(), None, usize::MAX)?;
     Ok(events
         .into_iter()
         .map(|e| {

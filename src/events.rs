@@ -35,6 +35,17 @@ pub enum EventError {
 pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
     let mut started = Vec::new();
     for e in store.due_events(now)? {
+        if store.server(&e.project_id, &e.server_id)?.is_none() {
+            // The server was deleted before its maintenance: nothing to do.
+            store.move_event(
+                &e.event_id,
+                &[EVENT_SCHEDULED, EVENT_INQUIRING],
+                EVENT_CANCELED,
+                now,
+                None,
+            )?;
+            continue;
+        }
         let phones: Vec<_> = store
             .server_phones(&e.server_id)?
             .into_iter()
@@ -129,4 +140,42 @@ fn phone_jobs(
         .collect::<Result<Vec<_>, _>>()?;
     store.insert_jobs(&rows)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewEvent;
+
+    #[test]
+    fn an_event_of_a_deleted_server_is_canceled_when_due() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("cph.db")).expect("open");
+        store
+            .insert_event(&NewEvent {
+                event_id: "ev1",
+                project_id: "p1",
+                server_id: "gone",
+                kind: "system-maintenance",
+                description: "",
+                publish_ms: 1_000,
+                not_before_deadline_ms: 50_000,
+            })
+            .expect("insert");
+        assert!(start_due(&store, 49_999).expect("not due").is_empty());
+        assert!(start_due(&store, 50_000).expect("due").is_empty());
+        let e = store.event(None, "ev1").expect("event").expect("there");
+        assert_eq!(
+            (e.state.as_str(), e.finish_ms),
+            (EVENT_CANCELED, Some(50_000))
+        );
+        assert!(matches!(
+            complete(&store, "ev1"),
+            Err(EventError::State { .. })
+        ));
+        assert!(matches!(
+            complete(&store, "nope"),
+            Err(EventError::NotFound(_))
+        ));
+    }
 }

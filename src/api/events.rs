@@ -124,13 +124,10 @@ pub async fn list(
             .event(Some(&c.project_id), m)?
             .ok_or(ApiError::Field("marker"))?;
     }
-    let (page, total) = st
-        .store
-        .list_events(Some(&c.project_id), &f, marker.as_deref(), limit)?;
-    let next = page
-        .last()
-        .filter(|_| page.len() == limit)
-        .map(|e| e.event_id.clone());
+    let (page, total, more) =
+        st.store
+            .list_events(Some(&c.project_id), &f, marker.as_deref(), limit)?;
+    let next = page.last().filter(|_| more).map(|e| e.event_id.clone());
     let events: Vec<Value> = page.iter().map(event_json).collect();
     Ok(Reply::ok(json!({
         "count": total,

@@ -126,14 +126,15 @@ impl Store {
     }
 
     /// A project's events (every project's with `None`) by publish time
-    /// then id, `limit` after the event `marker`, and how many match.
+    /// then id, `limit` after the event `marker`, how many match, and
+    /// whether more follow the page.
     pub fn list_events(
         &self,
         project_id: Option<&str>,
         f: &EventFilter,
         marker: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<Event>, usize)> {
+    ) -> Result<(Vec<Event>, usize, bool)> {
         let c = self.db()?;
         let mut all: Vec<Event> = {
             let mut stmt = c.prepare(&format!(
@@ -166,7 +167,9 @@ impl Store {
                 .map_or(total, |i| i + 1),
             None => 0,
         };
-        Ok((all.into_iter().skip(start).take(limit).collect(), total))
+        let page: Vec<Event> = all.into_iter().skip(start).take(limit).collect();
+        let more = start + page.len() < total;
+        Ok((page, total, more))
     }
 
     /// Authorizes an event still inquiring: scheduled for `not_before_ms`.
@@ -342,14 +345,18 @@ mod tests {
             kinds: vec!["localdisk-recovery".into()],
             ..Default::default()
         };
-        let (page, total) = s.list_events(Some("p1"), &f, None, 10).expect("list");
-        assert_eq!((page.len(), total), (1, 1));
+        let (page, total, more) = s.list_events(Some("p1"), &f, None, 10).expect("list");
+        assert_eq!((page.len(), total, more), (1, 1, false));
         assert_eq!(page[0].event_id, "ev2");
-        let (page, total) = s
+        let (page, total, more) = s
             .list_events(Some("p1"), &EventFilter::default(), Some("ev1"), 10)
             .expect("list");
-        assert_eq!((page.len(), total), (1, 2));
+        assert_eq!((page.len(), total, more), (1, 2, false));
         assert_eq!(page[0].event_id, "ev2");
+        let (page, _, more) = s
+            .list_events(Some("p1"), &EventFilter::default(), None, 1)
+            .expect("list");
+        assert_eq!((page[0].event_id.as_str(), more), ("ev1", true));
         let f = EventFilter {
             states: vec![EVENT_SCHEDULED.into()],
             ..Default::default()
