@@ -474,7 +474,7 @@ impl Phones {
         let mut restarted = 0;
         let mut failed = Vec::new();
         for phone in &phones {
-            let applied = self.volumes.grow(phone, flavor.disk_gb).and_then(|_| {
+            let applied = self.volumes.raise_to(phone, flavor.disk_gb).and_then(|()| {
                 let name = container_name(phone);
                 match self.rt.state(&name).map(|s| s.status) {
                     Ok(Status::Running) => self.restart(phone, None, None).map(|()| true),

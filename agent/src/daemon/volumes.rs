@@ -210,6 +210,18 @@ impl Volumes {
         }
     }
 
+    /// Raises the cap of the phone's volume to `disk_gb` GiB when it is
+    /// smaller; a larger cap, or an uncapped volume, stays as it is.
+    pub fn raise_to(&self, phone_id: &str, disk_gb: u64) -> Result<(), JobFailure> {
+        match self
+            .storage
+            .grow_volume(phone_id, disk_gb.saturating_mul(GIB))
+        {
+            Ok(_) | Err(StorageError::Shrink { .. }) => Ok(()),
+            Err(e) => Err(storage_fail(e)),
+        }
+    }
+
     /// Moves the phone's volume to `image` keeping what the phone holds in
     /// [`KEPT_ON_UPDATE`].
     pub fn upgrade(&self, phone_id: &str, image: &ImageRef) -> Result<PathBuf, JobFailure> {
