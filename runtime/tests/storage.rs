@@ -599,6 +599,7 @@ fn check_upgrade(s: &dyn Storage) {
             ("system/build.prop", b"ro.v=2\n"),
             ("data/seed", b"image 2\n"),
             ("data/only-2", b"image 2\n"),
+            ("extra/x", b"image 2\n"),
             ("etc/new", b"yes\n"),
         ]),
     );
@@ -620,7 +621,7 @@ fn check_upgrade(s: &dyn Storage) {
     );
 
     let v2 = s
-        .upgrade_volume("phone-up", "up-2", &["data", "cache"])
+        .upgrade_volume("phone-up", "up-2", &["data", "cache", "extra"])
         .unwrap();
     assert_eq!(v2, v);
     assert_eq!(
@@ -644,6 +645,11 @@ fn check_upgrade(s: &dyn Storage) {
     assert!(
         !v.join("data/only-2").exists(),
         "the new image adds nothing to data"
+    );
+    assert_eq!(
+        std::fs::read(v.join("extra/x")).unwrap(),
+        b"image 2\n",
+        "a kept directory the phone lacks comes from the new image"
     );
     // A reset now goes back to the new image.
     s.reset_volume("phone-up", None).unwrap();

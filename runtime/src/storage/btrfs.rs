@@ -610,11 +610,12 @@ impl Storage for BtrfsStorage {
                 std::fs::read_dir(&image).map_err(|e| StorageError::io("read", &image, e))?
             {
                 let entry = entry.map_err(|e| StorageError::io("read", &image, e))?;
-                if !entry
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| keep.contains(&n))
-                {
+                // A kept directory the phone does not have comes from the
+                // new image too.
+                let name = entry.file_name();
+                let kept = name.to_str().is_some_and(|n| keep.contains(&n))
+                    && tmp.join(&name).symlink_metadata().is_ok();
+                if !kept {
                     args.push(s(&entry.path()));
                 }
             }
