@@ -70,45 +70,49 @@ pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
 
 /// Ends an executing event: the phones it stopped start again.
 pub fn complete(store: &Store, event_id: &str) -> Result<Event, EventError> {
-    let e = store
-        .event(None, event_id)?
-        .ok_or_else(|| EventError::NotFound(event_id.to_string()))?;
-    if !store.move_event(
+    let e = end(
+        store,
         event_id,
         &[EVENT_EXECUTING],
         EVENT_COMPLETED,
-        now_ms(),
-        None,
-    )? {
-        return Err(EventError::State {
-            id: e.event_id,
-            state: e.state,
-            wanted: "only an executing event completes",
-        });
-    }
+        "only an executing event completes",
+    )?;
     phone_jobs(store, &e, &e.stopped_phones, JobKind::StartPhone)?;
     Ok(e)
 }
 
 /// Cancels an event that has not started.
 pub fn cancel(store: &Store, event_id: &str) -> Result<(), EventError> {
-    let e = store
-        .event(None, event_id)?
-        .ok_or_else(|| EventError::NotFound(event_id.to_string()))?;
-    if !store.move_event(
+    end(
+        store,
         event_id,
         &[EVENT_INQUIRING, EVENT_SCHEDULED],
         EVENT_CANCELED,
-        now_ms(),
-        None,
-    )? {
+        "only an event not started yet is canceled",
+    )
+    .map(|_| ())
+}
+
+/// Moves an event in one of `from` to the final state `to` now; the event
+/// as it was, or why it cannot end so.
+fn end(
+    store: &Store,
+    event_id: &str,
+    from: &[&str],
+    to: &str,
+    wanted: &'static str,
+) -> Result<Event, EventError> {
+    let e = store
+        .event(None, event_id)?
+        .ok_or_else(|| EventError::NotFound(event_id.to_string()))?;
+    if !store.move_event(event_id, from, to, now_ms(), None)? {
         return Err(EventError::State {
             id: e.event_id,
             state: e.state,
-            wanted: "only an event not started yet is canceled",
+            wanted,
         });
     }
-    Ok(())
+    Ok(e)
 }
 
 /// One job of `kind` per phone of the event's server, under one request

@@ -887,10 +887,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
                 "execute_msg": null}])
     };
     assert_eq!(cp.agent_post("/agent/v1/jobs", done(2)).await.status, 200);
-    assert_eq!(
-        models(sid.clone()).await,
-        (m768.clone(), vec![m768.clone(); 2])
-    );
+    let on_m768 = (m768.clone(), vec![m768; 2]);
+    assert_eq!(models(sid.clone()).await, on_m768);
     // A change whose job fails leaves the model as it was.
     let r = cp
         .call(
@@ -904,10 +902,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
     let failed = json!([{"job_id": job, "status": -1, "error_code": "CPS.0257",
                          "error_msg": "does not fit", "execute_msg": null}]);
     assert_eq!(cp.agent_post("/agent/v1/jobs", failed).await.status, 200);
-    assert_eq!(
-        models(sid.clone()).await,
-        (m768.clone(), vec![m768.clone(); 2])
-    );
+    assert_eq!(models(sid.clone()).await, on_m768);
     // The phones keep their images: a flavor of another image label is
     // refused before any job.
     let r = cp
@@ -925,7 +920,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
         "{:?}",
         r.body
     );
-    assert_eq!(models(sid.clone()).await, (m768.clone(), vec![m768; 2]));
+    assert_eq!(models(sid.clone()).await, on_m768);
     let r = cp
         .call(
             "DELETE",
