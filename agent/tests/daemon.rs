@@ -12,7 +12,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{delete_server, http, image, job, server_job, wait_job, TestAgent};
+use common::{delete_server, http, image, job, run_job, server_job, wait_job, TestAgent};
 
 #[test]
 fn agent_runs_phones_and_jobs_through_the_protocol() {
@@ -229,18 +229,16 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         ("key-1", "ssh-ed25519 AAAA1 one@cph"),
         ("key-2", "ssh-ed25519 AAAA2 two@cph"),
     ] {
-        http(
+        let st = run_job(
             &addr,
-            "POST",
-            "/v1/jobs",
             &token,
-            Some(&server_job(
+            &server_job(
                 id,
                 &server,
                 json!({"kind": "update_keypair", "public_key": key}),
-            )),
+            ),
         );
-        assert_eq!(wait_job(&addr, &token, id)["status"], 2);
+        assert_eq!(st["status"], 2, "{st}");
     }
     assert_eq!(
         std::fs::read_to_string(&keys).expect("authorized_keys"),

@@ -19,7 +19,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{delete_server, http, image, job, mounts_under, server_job, wait_job, TestAgent};
+use common::{
+    delete_server, http, image, job, mounts_under, run_job, server_job, wait_job, TestAgent,
+};
 use serde_json::{json, Value};
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -58,10 +60,7 @@ fn sh(addr: &str, token: &str, server: &str, phone: &str, id: &str, cmd: &str) -
 
 /// Submits a job and waits for it to succeed.
 fn ok_job(addr: &str, token: &str, body: Value) -> Value {
-    let id = body["job_id"].as_str().expect("job id").to_string();
-    let (code, st) = http(addr, "POST", "/v1/jobs", token, Some(&body));
-    assert_eq!(code, 200, "{st}");
-    let st = wait_job(addr, token, &id);
+    let st = run_job(addr, token, &body);
     assert_eq!(st["status"], 2, "{st}");
     st
 }
@@ -330,19 +329,16 @@ fn phones_get_volumes_and_networks_of_their_own() {
     );
     let route = run("ip", &["-n", &ns_a, "route", "show", "default"]);
     assert!(route.contains(&format!("via {gw}")), "{route}");
-    http(
+    let st = run_job(
         &addr,
-        "POST",
-        "/v1/jobs",
         &token,
-        Some(&job(
+        &job(
             "tr-3",
             &server,
             &a,
             json!({"kind": "set_traffic", "traffic_type": "sideways"}),
-        )),
+        ),
     );
-    let st = wait_job(&addr, &token, "tr-3");
     assert_eq!(st["error_code"], "CPS.0207", "{st}");
 
     // Reset restores the image; the network stays as it was.
@@ -421,18 +417,15 @@ fn phones_get_volumes_and_networks_of_their_own() {
     small["flavor_id"] = json!("dev-one");
     small["phone_capacity"] = json!(1);
     small["memory_mb"] = json!(128);
-    http(
+    let st = run_job(
         &addr,
-        "POST",
-        "/v1/jobs",
         &token,
-        Some(&server_job(
+        &server_job(
             "flavor-2",
             &server,
             json!({"kind": "change_flavor", "server_model_name": "dev", "flavor": small}),
-        )),
+        ),
     );
-    let st = wait_job(&addr, &token, "flavor-2");
     assert_eq!(st["error_code"], "CPS.0257", "{st}");
     assert_eq!(mem_total(&a, "mem-a2"), (384 * 1024).to_string());
 

@@ -285,17 +285,21 @@ pub fn parse_utc(s: &str) -> Option<i64> {
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 59 {
         return None;
     }
-    // Days-from-civil (Howard Hinnant's algorithm), the inverse of
-    // `utc_string`'s.
-    let y = if mo <= 2 { y - 1 } else { y };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se;
+    // A date that does not exist (February 30th) does not print back.
+    (utc_string(secs) == s).then_some(secs)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// days-from-civil, the inverse of [`utc_string`]'s civil-from-days).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
+    let mp = (m + 9) % 12;
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se;
-    (utc_string(secs) == s).then_some(secs)
+    era * 146_097 + doe - 719_468
 }
 
 /// Current UTC time as the API prints it.

@@ -320,6 +320,14 @@ impl TestAgent {
     }
 }
 
+/// Submits a job (answered 200) and waits for it to end; its status.
+pub fn run_job(addr: &str, token: &str, body: &Value) -> Value {
+    let id = body["job_id"].as_str().expect("job id");
+    let (code, st) = http(addr, "POST", "/v1/jobs", token, Some(body));
+    assert_eq!(code, 200, "{st}");
+    wait_job(addr, token, id)
+}
+
 pub fn wait_job(addr: &str, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

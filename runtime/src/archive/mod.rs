@@ -14,7 +14,7 @@
 
 mod extract;
 mod path;
-mod sys;
+pub(crate) mod sys;
 mod write;
 
 use std::io;

@@ -132,27 +132,11 @@ fn copy_up_tree(dir: &Path) -> Result<(), StorageError> {
 /// Marks an upper-layer directory opaque: overlayfs then shows nothing of
 /// the lower layer beneath it.
 fn set_opaque(dir: &Path) -> Result<(), StorageError> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| StorageError::io("opaque", dir, std::io::Error::other(e)))?;
-    // SAFETY: both strings are NUL-terminated and the value is 1 byte long.
-    let rc = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(StorageError::io(
-            "opaque",
-            dir,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    use std::os::fd::AsRawFd;
+    let opaque = std::fs::File::open(dir).and_then(|d| {
+        crate::archive::sys::fsetxattr(d.as_raw_fd(), c"trusted.overlay.opaque", b"y")
+    });
+    opaque.map_err(|e| StorageError::io("mark opaque", dir, e))
 }
 
 impl Storage for OverlayStorage {
