@@ -144,6 +144,13 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         )?;
         tracing::info!(server_id = %req.server_id, %server_model_name, phone_model = %flavor.flavor_id, "server model changed");
     }
+    if let (true, JobState::Failed, JobKind::CreateServer { .. }) = (ended, j.status, &req.kind) {
+        // The phones its agent could not make would otherwise read as
+        // being created for ever.
+        let failed = store.fail_unmade_phones(&req.server_id)?;
+        store.refresh_server_status(&row.node_id)?;
+        tracing::warn!(server_id = %req.server_id, failed, error = ?j.error_msg, "server not fully made on its new host");
+    }
     if ended && matches!(req.kind, JobKind::DeleteServer) {
         if j.status == JobState::Succeeded {
             store.release_server(&req.server_id)?;
@@ -204,6 +211,9 @@ pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
             last_poll = std::time::Instant::now();
             if let Err(e) = poll_jobs(&store, &client, &cfg).await {
                 tracing::warn!(error = %e, "job polling failed");
+            }
+            if let Err(e) = release_hosts(&store, &client, &cfg).await {
+                tracing::warn!(error = %e, "host release failed");
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), d.notify.notified()).await;
@@ -457,6 +467,63 @@ async fn poll_jobs(
                 }
             }
             _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Frees the hosts servers were switched away from: each one's agent gets
+/// the host's release job (a [`JobKind::DeleteServer`] of the server that
+/// left), sent again while the agent does not know it; the host is free
+/// once the job has succeeded. A failed release keeps the host out of
+/// sale (the operator forgets it with `cph admin host forget` once silent,
+/// or the server's phones are removed by hand).
+async fn release_hosts(
+    store: &Arc<Store>,
+    client: &reqwest::Client,
+    cfg: &LoopConfig,
+) -> Result<(), DispatchError> {
+    for (node, server_id, job_id) in store.releasing_hosts()? {
+        let base = node.agent_url.trim_end_matches('/');
+        let resp = client
+            .get(format!("{base}/v1/jobs/{job_id}"))
+            .bearer_auth(&cfg.node_token)
+            .send()
+            .await;
+        let status = match resp {
+            Ok(r) if r.status().as_u16() == 404 => None,
+            Ok(r) if r.status().is_success() => match r.json::<JobStatus>().await {
+                Ok(s) => Some(s),
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        match status.map(|s| (s.status, s.error_msg)) {
+            None => {
+                let req = JobRequest {
+                    job_id: job_id.clone(),
+                    request_id: job_id.clone(),
+                    server_id: server_id.clone(),
+                    phone_id: None,
+                    kind: JobKind::DeleteServer,
+                };
+                match post_json(client, cfg, format!("{base}/v1/jobs"), &req).await {
+                    Ok(_) => {
+                        tracing::info!(node_id = %node.node_id, %server_id, "release of the host sent")
+                    }
+                    Err(e) => {
+                        tracing::warn!(node_id = %node.node_id, error = %e, "release not sent")
+                    }
+                }
+            }
+            Some((JobState::Succeeded, _)) => {
+                store.host_released(&node.node_id, &job_id)?;
+                tracing::info!(node_id = %node.node_id, %server_id, "host released, free again");
+            }
+            Some((JobState::Running, _)) => {}
+            Some((JobState::Failed, error)) => {
+                tracing::warn!(node_id = %node.node_id, %server_id, ?error, "host release failed, host kept out of sale")
+            }
         }
     }
     Ok(())

@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 struct Seen {
     servers: Vec<Value>,
     jobs: Vec<Value>,
+    /// What `GET /v1/jobs/{id}` answers for a job (404 for others).
+    statuses: std::collections::HashMap<String, JobStatus>,
 }
 
 /// Serves the agent side of the protocol and records what it is sent.
@@ -25,6 +27,7 @@ async fn recorder() -> (String, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s1 = seen.clone();
     let s2 = seen.clone();
+    let s3 = seen.clone();
     let app = axum::Router::new()
         .route(
             "/v1/servers",
@@ -55,7 +58,18 @@ async fn recorder() -> (String, Arc<Mutex<Seen>>) {
         )
         .route(
             "/v1/jobs/{id}",
-            get(|| async { axum::http::StatusCode::NOT_FOUND }),
+            get(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let s = s3.clone();
+                    async move {
+                        use axum::response::IntoResponse;
+                        match s.lock().expect("lock").statuses.get(&id) {
+                            Some(st) => axum::Json(st.clone()).into_response(),
+                            None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                        }
+                    }
+                },
+            ),
         );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -2114,4 +2128,222 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
         "completed once"
     );
     beat.abort();
+}
+
+/// `ChangeCloudPhoneServer`: a server moves to a free host of its model
+/// with new phones of the flavor and image asked for; one job makes it
+/// there; the host it left is out of sale until its agent deleted the old
+/// phones; no free host, no switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_switches_to_a_free_host() {
+    let (_dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let old_phones = running_phones(&create);
+    let beat1 = keep_beating(&cp, "n1", old_phones.clone());
+    let beat2 = keep_beating(&cp, "n2", vec![]);
+    let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    let status_is = |want: i64| {
+        let (cp, path) = (&cp, server_path.clone());
+        async move {
+            for _ in 0..50 {
+                let r = cp.call("GET", &path, None).await;
+                if r.body["status"].as_i64() == Some(want) {
+                    return r.body;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("server not in status {want}");
+        }
+    };
+    status_is(5).await;
+    let path = format!("/v2/{{p}}/cloud-phone/servers/{sid}/change");
+    let body = |pm: &str, image: &str| {
+        json!({"phone_model_name": pm, "image_id": image, "keypair_name": "",
+               "ports": [{"name": "web", "listen_port": 20001, "internet_accessible": "false"}],
+               "property": "{\"com.cph.mainkeys\":\"1\"}",
+               "phone_data_volume": {"volume_type": "SSD", "size": 20},
+               "extend_param": {"enterprise_project_id": "0"}})
+    };
+    let test_image = cph::catalog::TEST_IMAGE_ID;
+
+    // Refusals change nothing.
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let code = |r: common::Resp| r.body["error_code"].as_str().unwrap_or("").to_string();
+    let refusals = [
+        (
+            format!("/v2/{{p}}/cloud-phone/servers/{unknown}/change"),
+            body("dev.cp.c1.m768", test_image),
+            "CPS.0015",
+        ),
+        (
+            path.clone(),
+            body("rx1.cp.c60.d10.e1v1", test_image),
+            "CPS.0257",
+        ),
+        (path.clone(), body("dev.cp.c1.nope", test_image), "CPS.0028"),
+        (path.clone(), body("dev.cp.c1.m768", unknown), "CPS.0030"),
+        (
+            path.clone(),
+            body("dev.cp.c1.m768", GAME_IMAGE_ID),
+            "CPS.0142",
+        ),
+    ];
+    for (p, b, want) in refusals {
+        assert_eq!(code(cp.call("POST", &p, Some(b)).await), want);
+    }
+    let mut small = body("dev.cp.c1.m768", test_image);
+    small["phone_data_volume"]["size"] = json!(5);
+    assert_eq!(code(cp.call("POST", &path, Some(small)).await), "CPS.0001");
+    let mut bad_property = body("dev.cp.c1.m768", test_image);
+    bad_property["property"] = json!("[1]");
+    let r = cp.call("POST", &path, Some(bad_property)).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(seen.lock().expect("lock").jobs.is_empty());
+
+    // The switch.
+    let r = cp
+        .call("POST", &path, Some(body("dev.cp.c1.m768", test_image)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["server_id"], json!(sid));
+    assert!(r.body["request_id"].is_string());
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    let sent = sent_job(&seen, &job).await;
+    assert_eq!(sent["kind"], "create_server");
+    let made = &sent["server"];
+    assert_eq!(made["server_id"], json!(sid));
+    assert_eq!(made["server_name"], create["server_name"]);
+    assert_eq!(made["flavor"]["flavor_id"], "dev.cp.c1.m768");
+    assert_eq!(made["flavor"]["disk_gb"], 20);
+    assert_eq!(made["ports"][0]["listen_port"], 20001);
+    let new_phones = running_phones(made);
+    assert_eq!(new_phones.len(), 2);
+    assert_eq!(made["phones"][0]["property"]["com.cph.mainkeys"], "1");
+    for p in &new_phones {
+        assert!(old_phones.iter().all(|o| o.phone_id != p.phone_id));
+    }
+    // Being made on n2: the old phones are gone from the API, the new ones
+    // are being created, the server keeps its id and name.
+    let d = cp.call("GET", &server_path, None).await;
+    assert_eq!(d.body["status"], 1, "{:?}", d.body);
+    assert_eq!(d.body["phone_model_name"], "dev.cp.c1.m768");
+    assert_eq!(d.body["server_name"], create["server_name"]);
+    let listed = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/phones?server_id={sid}"),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = listed.body["phones"]
+        .as_array()
+        .expect("phones")
+        .iter()
+        .map(|p| p["phone_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(new_phones
+        .iter()
+        .all(|p| ids.contains(&p.phone_id.as_str())));
+    // A second switch waits for this one; no host is for sale: n1 still
+    // holds the old phones.
+    assert_eq!(
+        code(
+            cp.call("POST", &path, Some(body("dev.cp.c1.m512", test_image)))
+                .await
+        ),
+        "CPS.0105"
+    );
+    assert_eq!(
+        code(
+            cp.call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+                .await
+        ),
+        "CPS.0242"
+    );
+
+    // n1's agent is told to delete the old phones; once it has, n1 is free.
+    let release = loop_until(&seen, |s| {
+        s.jobs
+            .iter()
+            .find(|j| j["kind"] == "delete_server" && j["server_id"] == json!(sid))
+            .cloned()
+    })
+    .await;
+    let release_id = release["job_id"].as_str().expect("id").to_string();
+    assert!(release_id.starts_with(&format!("{sid}:release:")));
+    beat1.abort();
+    let beat1 = keep_beating(&cp, "n1", vec![]);
+    seen.lock().expect("lock").statuses.insert(
+        release_id.clone(),
+        JobStatus {
+            job_id: release_id,
+            status: JobState::Succeeded,
+            error_code: None,
+            error_msg: None,
+            execute_msg: Some("server released".into()),
+        },
+    );
+    for _ in 0..60 {
+        let r = cp
+            .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let listed = cp.call("GET", "/v1/{p}/cloud-phone/servers", None).await;
+    assert_eq!(
+        listed.body["servers"].as_array().map(Vec::len),
+        Some(2),
+        "{:?}",
+        listed.body
+    );
+
+    // n2 made one phone and not the other: the job fails and names it;
+    // the phone not made reads failed (-8), not as being created.
+    beat2.abort();
+    let beat2 = keep_beating(&cp, "n2", new_phones[..1].to_vec());
+    let failed = json!([{"job_id": job, "status": -1, "error_code": "CPS.0003",
+                         "error_msg": format!("1 of 2 phones created; not created: {}", new_phones[1].phone_id),
+                         "execute_msg": null}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", failed).await.status, 200);
+    let j = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{job}"), None)
+        .await;
+    assert_eq!(j.body["status"], -1, "{:?}", j.body);
+    status_is(5).await;
+    let phone_status = |id: String| {
+        let cp = &cp;
+        async move {
+            cp.call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{id}"), None)
+                .await
+                .body["status"]
+                .as_i64()
+        }
+    };
+    // (The made phone's state comes with n2's next heartbeat.)
+    for _ in 0..50 {
+        if phone_status(new_phones[0].phone_id.clone()).await == Some(2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(phone_status(new_phones[0].phone_id.clone()).await, Some(2));
+    assert_eq!(phone_status(new_phones[1].phone_id.clone()).await, Some(-8));
+    beat1.abort();
+    beat2.abort();
+}
+
+/// Waits until `f` finds something in what the recorder saw.
+async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F) -> T {
+    for _ in 0..100 {
+        if let Some(v) = f(&seen.lock().expect("lock")) {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("not seen in 5 s");
 }

@@ -46,6 +46,9 @@ pub struct AgentConfig {
     /// `tls_key` (PEM); the control plane trusts it with `--agent-ca`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// This host's id in the fleet (default: `/etc/machine-id`). Set it
+    /// when one machine runs several agents, each a host of its own.
+    pub node_id: Option<String>,
     /// Server flavor this host serves.
     pub server_model: String,
     /// Phones this host holds (sizes kernel limits, reported in the inventory).
@@ -249,6 +252,7 @@ impl Default for AgentConfig {
             advertise_url: None,
             tls_cert: None,
             tls_key: None,
+            node_id: None,
             server_model: "dev.small".to_string(),
             phone_capacity: 2,
             server_ip: None,

@@ -436,6 +436,14 @@ pub enum JobKind {
         server_model_name: String,
         flavor: PhoneFlavor,
     },
+    /// A whole server made on this host as one job (a server switched here
+    /// from another host): recorded, its key let into the host's SSH
+    /// access, its encoding server made when the flavor has one, and each
+    /// phone created, a few at once. It fails when any phone could not be
+    /// made, naming them; the phones made stay.
+    CreateServer {
+        server: CreateServer,
+    },
 }
 
 /// A job sent to an agent: one target (a phone or, for server jobs, the server).

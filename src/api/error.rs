@@ -113,6 +113,8 @@ pub enum ApiError {
     EventState(String, String, &'static str),
     #[error("parameter: {0}")]
     EventParam(String),
+    #[error("the server's status does not allow it: {0}")]
+    ServerState(String),
     #[error("the server's model cannot change: {0}")]
     ModelChangeRefused(String),
     #[error("server model is not supported: {0}")]
@@ -272,6 +274,7 @@ impl ApiError {
             E::PhoneNotRunning(_) => (bad, "CPS.0141"),
             E::ImageLabel | E::ImageModelMismatch { .. } => (bad, "CPS.0142"),
             E::ModelChangeRefused(_) => (bad, "CPS.0245"),
+            E::ServerState(_) => (bad, "CPS.0105"),
             E::EventNotFound(_) => (StatusCode::NOT_FOUND, "CPS.0017"),
             E::EventState(..) => (bad, "CPS.0010"),
             E::EventParam(_) => (bad, "CPS.0001"),

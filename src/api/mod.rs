@@ -206,6 +206,10 @@ pub fn router(state: Shared) -> Router {
             post(servers::share_apps_push).delete(servers::share_apps_delete),
         )
         .route(
+            "/v2/{project_id}/cloud-phone/servers/{server_id}/change",
+            post(servers::switch),
+        )
+        .route(
             "/v1/{project_id}/cloud-phone/servers/change-server-model",
             post(servers::change_model),
         )

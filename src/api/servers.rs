@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Extension, Path, State};
-use cph_agent::protocol::{CreateServer, JobKind, PhoneSpec, PortSpec};
+use cph_agent::protocol::{CreateServer, ImageRef, JobKind, JobRequest, PhoneSpec, PortSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -14,7 +14,7 @@ use super::jobs::{submit, Target};
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
 use crate::catalog::Catalog;
-use crate::store::{new_id, NewServer, Order, Server, ServerFilter, SERVER_NORMAL};
+use crate::store::{new_id, NewServer, Order, Server, ServerFilter, Switch, SERVER_NORMAL};
 
 /// Most servers bought in one order.
 pub const MAX_COUNT: u32 = 10;
@@ -371,6 +371,47 @@ fn validate_extend(e: Option<&ExtendParam>) -> Result<(), ApiError> {
 }
 
 /// Network version of a purchase endpoint.
+/// The agent's `CreateServer` of a server with new phones: one per slot of
+/// the flavor, named `<server_name>-0001` on.
+#[allow(clippy::too_many_arguments)]
+fn new_server(
+    server_id: &str,
+    server_name: &str,
+    flavor: cph_agent::protocol::PhoneFlavor,
+    image: &ImageRef,
+    ports: &[PortSpec],
+    band_width_size: u32,
+    public_key: Option<String>,
+    property: &BTreeMap<String, String>,
+) -> CreateServer {
+    let phones = (0..flavor.phone_capacity)
+        .map(|slot| PhoneSpec {
+            phone_id: new_id(),
+            phone_name: format!("{server_name}-{:04}", slot + 1),
+            slot,
+            property: property.clone(),
+        })
+        .collect();
+    CreateServer {
+        server_id: server_id.to_string(),
+        server_name: server_name.to_string(),
+        flavor,
+        image: image.clone(),
+        ports: ports.to_vec(),
+        band_width_size,
+        public_key,
+        phones,
+    }
+}
+
+/// The (id, name) of each phone of `req`, in slot order.
+fn phone_names(req: &CreateServer) -> Vec<(String, String)> {
+    req.phones
+        .iter()
+        .map(|p| (p.phone_id.clone(), p.phone_name.clone()))
+        .collect()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Flavor {
     V1,
@@ -444,37 +485,24 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
         Some(k) if !k.is_empty() => st.store.keypair(&c.project_id, k)?,
         _ => None,
     };
-    let flavor_wire = Catalog::agent_flavor(pm);
     let mut servers = Vec::new();
     for i in 0..b.count {
         let server_id = new_id();
         let server_name = format!("{}-{:04}", b.server_name, i + 1);
-        let phones: Vec<(String, String)> = (0..pm.phone_capacity)
-            .map(|n| (new_id(), format!("{}-{:04}", server_name, n + 1)))
-            .collect();
-        let req = CreateServer {
-            server_id: server_id.clone(),
-            server_name: server_name.clone(),
-            flavor: flavor_wire.clone(),
-            image: image.clone(),
-            ports: ports.clone(),
+        let req = new_server(
+            &server_id,
+            &server_name,
+            Catalog::agent_flavor(pm),
+            &image,
+            &ports,
             band_width_size,
-            public_key: public_key.clone(),
-            phones: phones
-                .iter()
-                .enumerate()
-                .map(|(slot, (id, name))| PhoneSpec {
-                    phone_id: id.clone(),
-                    phone_name: name.clone(),
-                    slot: slot as u32,
-                    property: property.clone(),
-                })
-                .collect(),
-        };
+            public_key.clone(),
+            &property,
+        );
         servers.push(NewServer {
+            phones: phone_names(&req),
             server_id,
             server_name,
-            phones,
             create_request: serde_json::to_string(&req)
                 .map_err(|e| ApiError::Internal(e.to_string()))?,
         });
@@ -950,5 +978,191 @@ pub async fn change_model(
         "order_id": order_id,
         "product_id": cur.product_id,
         "job_id": out["jobs"][0]["job_id"],
+    })))
+}
+
+/// A data or share volume of a switch: `SSD` or `GPSSD`, 10 to 32,768 GiB.
+#[derive(Deserialize)]
+pub struct VolumeBody {
+    volume_type: Option<String>,
+    size: Option<i64>,
+}
+
+impl VolumeBody {
+    /// The size in GiB, when the volume is valid.
+    fn checked(&self, field: &'static str) -> Result<Option<u64>, ApiError> {
+        if self
+            .volume_type
+            .as_deref()
+            .is_some_and(|t| t != "SSD" && t != "GPSSD")
+        {
+            return Err(ApiError::Field(field));
+        }
+        match self.size {
+            None => Ok(None),
+            Some(n) if (10..=32_768).contains(&n) => Ok(Some(n as u64)),
+            Some(_) => Err(ApiError::Field(field)),
+        }
+    }
+}
+
+/// `POST /v2/{project_id}/cloud-phone/servers/{server_id}/change`: what the
+/// server becomes on its new host. The network fields (`tenant_vpc_id`,
+/// `nics`, `public_ip`, `availability_zone`, `phone_count_per_ip`) and
+/// `band_width` are read for their shape only: the server keeps its
+/// network and bandwidth.
+#[derive(Deserialize)]
+pub struct SwitchBody {
+    phone_model_name: String,
+    image_id: String,
+    #[serde(default)]
+    keypair_name: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<PortBody>>,
+    #[serde(default)]
+    property: Option<String>,
+    #[serde(default)]
+    phone_data_volume: Option<VolumeBody>,
+    #[serde(default)]
+    server_share_data_volume: Option<VolumeBody>,
+    #[serde(default)]
+    phone_count_per_ip: Option<i64>,
+    #[serde(default)]
+    extend_param: Option<Value>,
+    #[serde(default)]
+    availability_zone: Option<String>,
+    #[serde(default)]
+    tenant_vpc_id: Option<String>,
+    #[serde(default)]
+    nics: Option<Vec<Value>>,
+    #[serde(default)]
+    public_ip: Option<Value>,
+    #[serde(default)]
+    band_width: Option<Value>,
+}
+
+/// Switching a server to another host (`ChangeCloudPhoneServer`): the
+/// server keeps its id, name, model, network and bandwidth and moves to a
+/// free host of its server model; its phones are made anew there, of
+/// `phone_model_name` (a flavor of the same server model) from
+/// `image_id`, and nothing of the old phones is kept. One job, answered
+/// here, makes the server on the new host; the old host deletes the old
+/// phones when its agent answers and is free to buy once it has. With no
+/// free host the switch is refused (`CPS.0242`) and nothing changes.
+pub async fn switch(
+    State(st): State<Shared>,
+    Extension(c): Extension<Caller>,
+    Path((_, server_id)): Path<(String, String)>,
+    Json(b): Json<SwitchBody>,
+) -> ApiResult {
+    let _ = (&b.extend_param, &b.availability_zone, &b.tenant_vpc_id);
+    let _ = (&b.nics, &b.public_ip, &b.band_width);
+    let cur = st
+        .store
+        .server(&c.project_id, &server_id)?
+        .ok_or_else(|| ApiError::ServerNotFound(server_id.clone()))?;
+    if cur.deleting || cur.status != SERVER_NORMAL && cur.status != 2 {
+        return Err(ApiError::ServerState(format!(
+            "server {} is {}; only a running or abnormal server switches",
+            cur.server_id,
+            if cur.deleting {
+                "being deleted".to_string()
+            } else {
+                format!("in status {}", cur.status)
+            }
+        ))
+        .into());
+    }
+    let pm = st
+        .catalog
+        .phone_model(&b.phone_model_name)
+        .ok_or(ApiError::PhoneModelName)?;
+    if pm.server_model_name != cur.server_model_name || pm.status != 1 {
+        return Err(ApiError::PhoneModelUnsupported(
+            pm.phone_model_name.clone(),
+            format!(
+                "it is not an on-sale flavor of the server's model {}",
+                cur.server_model_name
+            ),
+        )
+        .into());
+    }
+    let usable =
+        super::images::usable(&st, &c.project_id, &b.image_id)?.ok_or(ApiError::ImageId)?;
+    usable.check_model(pm)?;
+    let ports = validate_ports(b.ports.as_deref().unwrap_or(&[]))?;
+    let property = match b.property.as_deref() {
+        Some(p) => validate::property(p)?,
+        None => BTreeMap::new(),
+    };
+    let mut flavor = Catalog::agent_flavor(pm);
+    if let Some(disk) = b
+        .phone_data_volume
+        .as_ref()
+        .map(|v| v.checked("phone_data_volume"))
+        .transpose()?
+        .flatten()
+    {
+        flavor.disk_gb = disk;
+    }
+    if let Some(v) = &b.server_share_data_volume {
+        v.checked("server_share_data_volume")?;
+    }
+    if b.phone_count_per_ip
+        .is_some_and(|n| !(1..=i64::from(pm.phone_capacity)).contains(&n))
+    {
+        return Err(ApiError::Field("phone_count_per_ip").into());
+    }
+    let keypair_name = b.keypair_name.clone().unwrap_or_default();
+    let public_key = match keypair_name.as_str() {
+        "" => None,
+        k => st.store.keypair(&c.project_id, k)?,
+    };
+    let band_width_size = st
+        .store
+        .list_bandwidths(&c.project_id, 0, u32::MAX)?
+        .into_iter()
+        .find(|bw| bw.band_width_id == cur.band_width_id)
+        .map_or(BANDWIDTH_DEDICATED, |bw| bw.band_width_size);
+    let req = new_server(
+        &cur.server_id,
+        &cur.server_name,
+        flavor,
+        &usable.image,
+        &ports,
+        band_width_size,
+        public_key,
+        &property,
+    );
+    let job = JobRequest {
+        job_id: new_id(),
+        request_id: new_id(),
+        server_id: cur.server_id.clone(),
+        phone_id: None,
+        kind: JobKind::CreateServer {
+            server: req.clone(),
+        },
+    };
+    let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
+    let sw = Switch {
+        server_id: cur.server_id.clone(),
+        phone_model_name: pm.phone_model_name.clone(),
+        image_id: usable.image.image_id.clone(),
+        keypair_name,
+        ports: serde_json::to_string(&ports).map_err(internal)?,
+        property: serde_json::to_string(&property).map_err(internal)?,
+        phones: phone_names(&req),
+        job: super::jobs::job_row(&job, &c.project_id, "", &crate::store::now_string())?,
+        release_job: format!("{}:release:{}", cur.server_id, new_id()),
+    };
+    let Some((moved, job)) = st.store.switch_server(&sw)? else {
+        return Err(ApiError::InsufficientBms(cur.server_model_name.clone()).into());
+    };
+    st.dispatcher.kick();
+    tracing::info!(server_id = %moved.server_id, from = %cur.node_id, to = %moved.node_id, job_id = %job.job_id, "server switched to another host");
+    Ok(Reply::ok(json!({
+        "request_id": job.request_id,
+        "server_id": moved.server_id,
+        "job_id": job.job_id,
     })))
 }

@@ -236,4 +236,11 @@ CREATE TABLE scheduled_events (
 );
 CREATE INDEX scheduled_events_by_project ON scheduled_events(project_id, publish_ms);
 "#,
+    // 9: a host a server was switched away from keeps that server's phones
+    // until its agent has deleted them (the job `release_job`); it is not
+    // free to buy until then.
+    r#"
+ALTER TABLE nodes ADD COLUMN releasing_server TEXT;
+ALTER TABLE nodes ADD COLUMN release_job TEXT;
+"#,
 ];

@@ -76,6 +76,9 @@ pub struct Node {
     pub alive: bool,
     /// The server assigned on this host, if bought.
     pub server_id: Option<String>,
+    /// A server switched away from this host whose phones its agent has
+    /// not deleted yet: the host is not free until it has.
+    pub releasing_server: Option<String>,
 }
 
 /// A cloud phone server (a host assigned to a project).
@@ -202,6 +205,28 @@ pub struct NewServer {
     pub phones: Vec<(String, String)>,
     /// The agent's `CreateServer` as JSON.
     pub create_request: String,
+}
+
+/// A server's switch to another host (`ChangeCloudPhoneServer`): what it
+/// becomes there. Its id, name, project, network and bandwidth stay.
+#[derive(Debug, Clone)]
+pub struct Switch {
+    pub server_id: String,
+    pub phone_model_name: String,
+    pub image_id: String,
+    pub keypair_name: String,
+    /// The ports as JSON.
+    pub ports: String,
+    /// The phones' properties as JSON.
+    pub property: String,
+    /// The new phones (id, name), in slot order.
+    pub phones: Vec<(String, String)>,
+    /// The job that makes the server on its new host; its `node_id` is
+    /// filled in with the host chosen.
+    pub job: Job,
+    /// The id of the job that deletes the server's phones from the host it
+    /// leaves.
+    pub release_job: String,
 }
 
 /// An order to assign hosts.
@@ -411,6 +436,11 @@ const SERVER_COLS: &str =
     EXISTS (SELECT 1 FROM jobs j WHERE j.server_id = s.server_id AND j.status = 1 \
         AND json_extract(j.request, '$.kind') = 'delete_server')";
 
+/// A host that can be bought (`n` a row of `nodes`): its agent answers,
+/// no server is on it and none is still leaving it.
+const FREE_HOST: &str = "n.alive = 1 AND n.releasing_server IS NULL
+    AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)";
+
 const PHONE_COLS: &str =
     "phone_id, project_id, server_id, phone_name, phone_model_name, image_id, \
     status, type, slot, property, access_infos, traffic_type, create_time, update_time";
@@ -500,12 +530,13 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
         last_seen: r.get(7)?,
         alive: r.get::<_, i64>(8)? != 0,
         server_id: r.get(9)?,
+        releasing_server: r.get(10)?,
     })
 }
 
 const NODE_COLS: &str =
     "n.node_id, n.hostname, n.agent_url, n.server_model, n.server_ip, n.public_ip, \
-    n.phone_capacity, n.last_seen, n.alive, s.server_id";
+    n.phone_capacity, n.last_seen, n.alive, s.server_id, n.releasing_server";
 
 /// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` fuzzy match.
 fn like_pattern(s: &str) -> String {
@@ -539,6 +570,36 @@ fn drop_server(tx: &rusqlite::Transaction<'_>, server_id: &str) -> Result<()> {
                    AND NOT EXISTS (SELECT 1 FROM servers WHERE band_width_id = ?1)",
             [&band],
         )?;
+    }
+    Ok(())
+}
+
+/// Inserts `jobs` in order within `tx`.
+fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
+    let mut st = tx.prepare(&format!(
+        "INSERT INTO jobs ({JOB_COLS}, seq) VALUES
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+    ))?;
+    let base = now_seq();
+    for (i, j) in jobs.iter().enumerate() {
+        st.execute(params![
+            j.job_id,
+            j.request_id,
+            j.project_id,
+            j.server_id,
+            j.phone_id,
+            j.node_id,
+            j.request,
+            j.status,
+            j.dispatched as i64,
+            j.attempts,
+            j.error_code,
+            j.error_msg,
+            j.execute_msg,
+            j.begin_time,
+            j.end_time,
+            base + i as i64
+        ])?;
     }
     Ok(())
 }
@@ -1001,12 +1062,11 @@ impl Store {
         let mut c = self.db()?;
         let tx = c.transaction()?;
         let free: Vec<(String, u32)> = {
-            let mut st = tx.prepare(
+            let mut st = tx.prepare(&format!(
                 "SELECT n.node_id, n.phone_capacity FROM nodes n
-                 WHERE n.server_model = ?1 AND n.alive = 1
-                   AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)
-                 ORDER BY n.node_id LIMIT ?2",
-            )?;
+                 WHERE n.server_model = ?1 AND {FREE_HOST}
+                 ORDER BY n.node_id LIMIT ?2"
+            ))?;
             let rows = st.query_map(
                 params![order.server_model_name, order.servers.len() as i64],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1087,12 +1147,10 @@ impl Store {
     /// bought).
     pub fn free_hosts_by_model(&self) -> Result<std::collections::BTreeMap<String, u32>> {
         let c = self.db()?;
-        let mut st = c.prepare_cached(
-            "SELECT n.server_model, COUNT(*) FROM nodes n
-             WHERE n.alive = 1
-               AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)
-             GROUP BY n.server_model",
-        )?;
+        let mut st = c.prepare_cached(&format!(
+            "SELECT n.server_model, COUNT(*) FROM nodes n WHERE {FREE_HOST}
+             GROUP BY n.server_model"
+        ))?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -1283,6 +1341,136 @@ impl Store {
         Ok(server)
     }
 
+    /// Switches a server to a free host of its model, all at once: the
+    /// server row moves there as being created (1), its phones are
+    /// replaced by `sw.phones`, the job that makes it there is recorded,
+    /// the host it leaves keeps it as `releasing_server` (not free) until
+    /// `sw.release_job` has run there, and the unfinished jobs of its old
+    /// phones fail. `Ok(None)` when no host is free. Returns the server
+    /// and the job as stored.
+    pub fn switch_server(&self, sw: &Switch) -> Result<Option<(Server, Job)>> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let old: Option<(String, String, String)> = tx
+            .query_row(
+                "SELECT node_id, server_model_name, project_id FROM servers WHERE server_id = ?1",
+                [&sw.server_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((old_node, model, project_id)) = old else {
+            return Ok(None);
+        };
+        let new_node: Option<String> = tx
+            .query_row(
+                &format!(
+                    "SELECT n.node_id FROM nodes n WHERE n.server_model = ?1 AND {FREE_HOST}
+                     ORDER BY n.node_id LIMIT 1"
+                ),
+                [&model],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(new_node) = new_node else {
+            return Ok(None);
+        };
+        let now = now_string();
+        tx.execute(
+            "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
+               error_msg = 'the server was switched to another host', end_time = ?3
+             WHERE server_id = ?1 AND node_id = ?2 AND status = 1",
+            params![sw.server_id, old_node, now],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET releasing_server = ?2, release_job = ?3 WHERE node_id = ?1",
+            params![old_node, sw.server_id, sw.release_job],
+        )?;
+        tx.execute(
+            "UPDATE servers SET node_id = ?2, status = 1, create_dispatched = 1,
+                phone_model_name = ?3, image_id = ?4, keypair_name = ?5, ports = ?6,
+                encoder_status = 0, update_time = ?7
+             WHERE server_id = ?1",
+            params![
+                sw.server_id,
+                new_node,
+                sw.phone_model_name,
+                sw.image_id,
+                sw.keypair_name,
+                sw.ports,
+                now
+            ],
+        )?;
+        tx.execute("DELETE FROM phones WHERE server_id = ?1", [&sw.server_id])?;
+        let base = now_seq();
+        for (slot, (phone_id, phone_name)) in sw.phones.iter().enumerate() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
+                     (?1, ?2, ?3, ?4, ?5, ?6, 1, 0, ?7, ?8, '[]', 'direct', ?9, ?9, ?10)"
+                ),
+                params![
+                    phone_id,
+                    project_id,
+                    sw.server_id,
+                    phone_name,
+                    sw.phone_model_name,
+                    sw.image_id,
+                    slot as u32,
+                    sw.property,
+                    now,
+                    base + slot as i64
+                ],
+            )?;
+        }
+        let job = Job {
+            node_id: new_node,
+            ..sw.job.clone()
+        };
+        insert_jobs_in(&tx, std::slice::from_ref(&job))?;
+        tx.commit()?;
+        drop(c);
+        Ok(self.server_by_id(&sw.server_id)?.map(|s| (s, job)))
+    }
+
+    /// Hosts whose agent answers and that still hold a server switched
+    /// away from them: (node, server id, release job id).
+    pub fn releasing_hosts(&self) -> Result<Vec<(Node, String, String)>> {
+        let c = self.db()?;
+        let sql = format!(
+            "SELECT {NODE_COLS}, n.release_job FROM nodes n
+               LEFT JOIN servers s ON s.node_id = n.node_id
+             WHERE n.alive = 1 AND n.releasing_server IS NOT NULL AND n.release_job IS NOT NULL"
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], |r| {
+            let node = node_row(r)?;
+            let server = node.releasing_server.clone().unwrap_or_default();
+            Ok((node, server, r.get(11)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Frees a host whose agent deleted the phones of the server switched
+    /// away from it (only while `release_job` is still its job).
+    pub fn host_released(&self, node_id: &str, release_job: &str) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE nodes SET releasing_server = NULL, release_job = NULL
+             WHERE node_id = ?1 AND release_job = ?2",
+            params![node_id, release_job],
+        )?;
+        Ok(())
+    }
+
+    /// Marks the phones of a server that are still being created as failed
+    /// (-8): the job that was to make them ended without them.
+    pub fn fail_unmade_phones(&self, server_id: &str) -> Result<usize> {
+        Ok(self.db()?.execute(
+            "UPDATE phones SET status = -8, update_time = ?2
+             WHERE server_id = ?1 AND status IN (0, 1)",
+            params![server_id, now_string()],
+        )?)
+    }
+
     /// Marks a server abnormal (2), as after a deletion that failed.
     pub fn set_server_abnormal(&self, server_id: &str) -> Result<()> {
         self.db()?.execute(
@@ -1464,33 +1652,7 @@ impl Store {
     pub fn insert_jobs(&self, jobs: &[Job]) -> Result<()> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
-        {
-            let mut st = tx.prepare(&format!(
-                "INSERT INTO jobs ({JOB_COLS}, seq) VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-            ))?;
-            let base = now_seq();
-            for (i, j) in jobs.iter().enumerate() {
-                st.execute(params![
-                    j.job_id,
-                    j.request_id,
-                    j.project_id,
-                    j.server_id,
-                    j.phone_id,
-                    j.node_id,
-                    j.request,
-                    j.status,
-                    j.dispatched as i64,
-                    j.attempts,
-                    j.error_code,
-                    j.error_msg,
-                    j.execute_msg,
-                    j.begin_time,
-                    j.end_time,
-                    base + i as i64
-                ])?;
-            }
-        }
+        insert_jobs_in(&tx, jobs)?;
         tx.commit()?;
         Ok(())
     }

@@ -130,7 +130,12 @@ async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateSe
     if !d.accepting() {
         return submit_error(SubmitError::ShuttingDown);
     }
-    if let Err(e) = d.phones.put_server(&server) {
+    // The server's key opens the host's SSH access from now on.
+    if let Err(e) = d
+        .phones
+        .put_server(&server)
+        .and_then(|()| super::jobs::write_host_keys(&d.phones, &d.authorized_keys()))
+    {
         return error(StatusCode::INTERNAL_SERVER_ERROR, &e.code, e.msg);
     }
     // The flavor's encoding server comes up beside the phones.

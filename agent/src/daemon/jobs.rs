@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::phones::Phones;
 use super::{transfer, JobFailure};
 use crate::objstore::ObjectStore;
-use crate::protocol::{ImageRef, JobKind, JobRequest, EXECUTE_MSG_MAX};
+use crate::protocol::{CreateServer, ImageRef, JobKind, JobRequest, PhoneSpec, EXECUTE_MSG_MAX};
 
 /// The sync shell's limit (the reference answers within 2 s).
 pub const SYNC_SHELL_LIMIT: Duration = Duration::from_secs(2);
@@ -29,6 +29,8 @@ pub struct JobContext<'a> {
     pub handle: &'a tokio::runtime::Handle,
     /// Agent-owned scratch space, never reachable from a phone.
     pub staging_dir: &'a Path,
+    /// Phones a [`JobKind::CreateServer`] creates at once.
+    pub parallel_creates: usize,
 }
 
 fn phone_of(req: &JobRequest) -> Result<&str, JobFailure> {
@@ -73,22 +75,7 @@ fn shell_output(
 pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>, JobFailure> {
     let phones = ctx.phones;
     match &req.kind {
-        JobKind::CreatePhone { phone } => {
-            let server = phones.server(&req.server_id)?;
-            {
-                let _using = phones.image_use();
-                transfer::fetch_image(ctx, &server.image)?;
-                phones.create(&req.server_id, phone)?;
-            }
-            if let Some(key) = server
-                .public_key
-                .as_deref()
-                .filter(|k| !k.trim().is_empty())
-            {
-                install_key(ctx, &phone.phone_id, key)?;
-            }
-            Ok(None)
-        }
+        JobKind::CreatePhone { phone } => create_phone(ctx, &req.server_id, phone).map(|()| None),
         JobKind::StartPhone => phones.start(phone_of(req)?).map(|()| None),
         JobKind::StopPhone => phones.stop(phone_of(req)?).map(|()| None),
         JobKind::RestartPhone { image, property } => {
@@ -227,7 +214,87 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         JobKind::CreateImage { object, .. } => {
             transfer::create_image(ctx, phone_of(req)?, object).map(Some)
         }
+        JobKind::CreateServer { server } => create_server(ctx, server).map(Some),
     }
+}
+
+/// Creates one phone of a recorded server from the server's image, with
+/// the server's key when it has one.
+fn create_phone(
+    ctx: &JobContext<'_>,
+    server_id: &str,
+    phone: &PhoneSpec,
+) -> Result<(), JobFailure> {
+    let phones = ctx.phones;
+    let server = phones.server(server_id)?;
+    {
+        let _using = phones.image_use();
+        transfer::fetch_image(ctx, &server.image)?;
+        phones.create(server_id, phone)?;
+    }
+    if let Some(key) = server
+        .public_key
+        .as_deref()
+        .filter(|k| !k.trim().is_empty())
+    {
+        install_key(ctx, &phone.phone_id, key)?;
+    }
+    Ok(())
+}
+
+/// Makes a whole server on this host ([`JobKind::CreateServer`]): the
+/// record, the host's `authorized_keys`, the encoding server, then the
+/// phones, `ctx.parallel_creates` at once. Every phone is tried; the job
+/// fails with the first failure's code when any could not be made.
+fn create_server(ctx: &JobContext<'_>, server: &CreateServer) -> Result<String, JobFailure> {
+    ctx.phones.put_server(server)?;
+    write_authorized_keys(ctx)?;
+    if server.flavor.encode_server_spec().is_some() {
+        ctx.phones.restart_encoder(&server.server_id)?;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    let workers = ctx.parallel_creates.clamp(1, server.phones.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(phone) = server.phones.get(i) else {
+                    break;
+                };
+                if let Err(e) = create_phone(ctx, &server.server_id, phone) {
+                    tracing::warn!(phone_id = %phone.phone_id, error = %e, "phone not created");
+                    failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((i, phone.phone_id.clone(), e));
+                }
+            });
+        }
+    });
+    let mut failed = failed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    failed.sort_by_key(|(i, _, _)| *i);
+    let made = server.phones.len() - failed.len();
+    let Some((_, _, first)) = failed.first() else {
+        return Ok(format!(
+            "server {} made on this host, {made} phones created",
+            server.server_id
+        ));
+    };
+    let names: Vec<String> = failed
+        .iter()
+        .map(|(_, id, e)| format!("{id} ({})", e.msg))
+        .collect();
+    Err(JobFailure::new(
+        &first.code,
+        format!(
+            "{made} of {} phones created; not created: {}",
+            server.phones.len(),
+            names.join("; ")
+        ),
+    ))
 }
 
 /// A public key as the reference accepts it: one line, at most 16 KiB.
@@ -279,10 +346,14 @@ fn update_keypair(
 /// on the host, and nothing else (a replaced key or a deleted server's key
 /// opens nothing any more).
 fn write_authorized_keys(ctx: &JobContext<'_>) -> Result<(), JobFailure> {
+    write_host_keys(ctx.phones, ctx.authorized_keys)
+}
+
+/// [`write_authorized_keys`] to `path` from `phones`' servers.
+pub fn write_host_keys(phones: &Phones, path: &Path) -> Result<(), JobFailure> {
     let mut keys = std::collections::BTreeSet::new();
-    for id in ctx.phones.server_ids() {
-        if let Some(key) = ctx
-            .phones
+    for id in phones.server_ids() {
+        if let Some(key) = phones
             .server(&id)?
             .public_key
             .as_deref()
@@ -292,7 +363,6 @@ fn write_authorized_keys(ctx: &JobContext<'_>) -> Result<(), JobFailure> {
         }
     }
     let text: String = keys.iter().map(|k| format!("{k}\n")).collect();
-    let path = ctx.authorized_keys;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| JobFailure::internal(format!("create {}: {e}", dir.display())))?;

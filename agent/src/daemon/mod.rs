@@ -212,7 +212,11 @@ impl Daemon {
         };
         let (store, interrupted) = JobStore::open(&cfg.state_dir.join("jobs"))?;
         let shim = shim_path(&cfg)?;
-        let node_id = machine_id();
+        let node_id = cfg
+            .node_id
+            .clone()
+            .filter(|id| !id.trim().is_empty())
+            .unwrap_or_else(machine_id);
         let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &node_id);
         let volumes = volumes::Volumes::open(storage, cfg.storage.share_size_gb)
             .map_err(DaemonError::Storage)?;
@@ -396,6 +400,7 @@ impl Daemon {
                 store: me.object_store.as_ref(),
                 handle: &handle,
                 staging_dir: &me.cfg.state_dir.join("staging"),
+                parallel_creates: me.cfg.max_parallel_creates,
             };
             jobs::execute(&ctx, &req)
         })
