@@ -20,7 +20,7 @@ scripts/cgroup-v2-vm.sh
 data=$(mktemp -d /tmp/cph-e2e.XXXXXX)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=$(port); agent=$(port); obs=$(port)
-target/debug/cph up --data-dir "$data" --image "$CPH_TEST_IMAGE" --tls \
+target/debug/cph up --data-dir "$data" --image "$CPH_TEST_IMAGE" --tls --hosts 2 \
     --listen "127.0.0.1:$api" --agent-listen "127.0.0.1:$agent" --obs-listen "127.0.0.1:$obs" \
     >"$data/up.log" 2>&1 &
 up_pid=$!
@@ -32,9 +32,9 @@ cleanup() {
 }
 trap cleanup EXIT
 for _ in $(seq 1 120); do
-    [ -s "$data/credentials.json" ] && [ -s "$data/agent.toml" ] && break
+    [ -s "$data/credentials.json" ] && [ -s "$data/agent-2.toml" ] && break
     kill -0 "$up_pid" 2>/dev/null || { cat "$data/up.log"; exit 1; }
     sleep 0.5
 done
 CPH_CREDENTIALS="$data/credentials.json" python3 -m pytest -q tests/sdk || {
-    echo "== cph up log"; cat "$data/up.log"; tail -50 "$data"/logs/*.log; exit 1; }
+    echo "== cph up log"; cat "$data/up.log"; tail -n 50 "$data"/logs/*.log; exit 1; }

@@ -62,20 +62,24 @@ pub fn keypair_create(
     s.put_keypair(&p.project_id, name, public_key)
 }
 
-/// Lists the fleet's hosts as `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-` lines.
+/// Lists the fleet's hosts as
+/// `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-\treleasing|-`
+/// lines, `releasing` the server switched away whose phones the host still
+/// holds.
 pub fn host_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
     let s = Store::open_dir(data_dir)?;
     Ok(s.nodes()?
         .into_iter()
         .map(|n| {
             format!(
-                "{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 n.node_id,
                 n.hostname,
                 n.server_model,
                 n.server_ip,
                 if n.alive { "alive" } else { "silent" },
-                n.server_id.as_deref().unwrap_or("-")
+                n.server_id.as_deref().unwrap_or("-"),
+                n.releasing_server.as_deref().unwrap_or("-")
             )
         })
         .collect())

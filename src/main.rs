@@ -55,6 +55,11 @@ enum Command {
         /// `ca_cert` for clients to trust.
         #[arg(long)]
         tls: bool,
+        /// Hosts to run on this machine: one agent each, a server of its
+        /// own to buy (a fleet in one machine, to try switching a server
+        /// to another host or migrating a phone between servers).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=cph::up::MAX_HOSTS as i64))]
+        hosts: u32,
     },
     /// Serve the CPH API (control plane) until Ctrl-C or SIGTERM.
     Serve {
@@ -292,7 +297,8 @@ enum AdminEvent {
 
 #[derive(Subcommand)]
 enum AdminHost {
-    /// List hosts: id, hostname, model, address, alive or silent, server.
+    /// List hosts: id, hostname, model, address, alive or silent, server,
+    /// and a server switched away whose phones the host still holds.
     List,
     /// Take a host that is gone for good (its agent silent) out of the
     /// fleet: the server on it is released with its phones and its
@@ -381,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             user_namespaces,
             pool_size_gb,
             tls,
+            hosts,
         } => Ok(cph::up::up(&cph::up::UpOptions {
             data_dir,
             image,
@@ -391,6 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             user_namespaces,
             pool_size_gb,
             tls,
+            hosts,
         })?),
         Command::Serve {
             data_dir,
@@ -607,8 +615,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Phone {
             command: PhoneCommand::List { data_dir },
         } => {
-            for st in cph::up::runtime(&data_dir)?.list()? {
-                println!("{}	{:?}	pid {}", st.name, st.status, st.pid);
+            for rt in cph::up::runtimes(&data_dir)? {
+                for st in rt.list()? {
+                    println!("{}	{:?}	pid {}", st.name, st.status, st.pid);
+                }
             }
             Ok(())
         }
@@ -623,7 +633,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             use std::io::Write;
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let out = cph::up::runtime(&data_dir)?.exec(
+            let runtimes = cph::up::runtimes(&data_dir)?;
+            let mut found = None;
+            for rt in runtimes {
+                if rt.list()?.iter().any(|st| st.name == name) {
+                    found = Some(rt);
+                    break;
+                }
+            }
+            let rt = found.ok_or_else(|| anyhow::anyhow!("no local phone named {name}"))?;
+            let out = rt.exec(
                 &name,
                 &argv,
                 std::time::Duration::from_secs(timeout),

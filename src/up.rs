@@ -83,6 +83,69 @@ pub struct UpOptions {
     /// The CPH API over HTTPS, with a self-signed certificate of the data
     /// dir.
     pub tls: bool,
+    /// Local hosts: agents on this machine, each a host of the fleet with
+    /// a server of its own to buy (1 to [`MAX_HOSTS`]).
+    pub hosts: u32,
+}
+
+/// Most local hosts `cph up` runs.
+pub const MAX_HOSTS: u32 = 4;
+
+/// One local host of `cph up`: host 1 keeps the names of a single-host
+/// platform (`agent/`, `agent.toml`, the machine's id); host `i` has
+/// `agent-i/`, `agent-i.toml`, the node id `<instance>-host-i`, the next
+/// agent port, and its own cgroup parent, bridge, subnet, nft table and
+/// access ports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalHost {
+    pub number: u32,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub listen: SocketAddr,
+    pub cgroup_parent: String,
+    pub node_id: Option<String>,
+}
+
+impl LocalHost {
+    pub fn new(data_dir: &Path, agent_listen: SocketAddr, number: u32) -> Self {
+        let suffix = if number == 1 {
+            String::new()
+        } else {
+            format!("-{number}")
+        };
+        let mut listen = agent_listen;
+        listen.set_port(agent_listen.port().saturating_add((number - 1) as u16));
+        Self {
+            number,
+            dir: data_dir.join(format!("agent{suffix}")),
+            config: data_dir.join(format!("agent{suffix}.toml")),
+            log: data_dir.join("logs").join(format!("agent{suffix}.log")),
+            listen,
+            cgroup_parent: format!("cph{suffix}"),
+            node_id: (number > 1)
+                .then(|| format!("cph-up-{}-host-{number}", instance_number(data_dir))),
+        }
+    }
+
+    /// The local hosts a data dir has had (those with an agent config).
+    pub fn existing(data_dir: &Path) -> Vec<LocalHost> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        (1..=MAX_HOSTS)
+            .map(|i| Self::new(data_dir, any, i))
+            .filter(|h| h.config.is_file() || h.number == 1)
+            .collect()
+    }
+
+    /// The runtime of this host's phones.
+    pub fn runtime(&self) -> Result<Runtime, UpError> {
+        let shim = sibling("cph-shim")?;
+        Ok(Runtime::new(
+            &self.dir.join("containers"),
+            &self.cgroup_parent,
+            &shim,
+        )?)
+    }
 }
 
 /// What a client needs to use the platform; `<data-dir>/credentials.json`.
@@ -128,40 +191,40 @@ fn sibling(name: &'static str) -> Result<PathBuf, UpError> {
     }
 }
 
-/// `cph phone purge`: the local agent deletes every phone (containers,
-/// volumes, networks) and takes its phone network and pool mounts off the
-/// host; without an agent config, the containers alone are deleted.
+/// `cph phone purge`: each local host's agent deletes every phone
+/// (containers, volumes, networks) and takes its phone network and pool
+/// mounts off the host; without an agent config, the containers alone are
+/// deleted.
 pub fn purge(data_dir: &Path) -> Result<(), UpError> {
-    let config = data_dir.join("agent.toml");
-    if config.is_file() {
-        let agent = sibling("cph-agent")?;
-        let status = Command::new(&agent)
-            .arg("--config")
-            .arg(&config)
-            .arg("purge")
-            .status()
-            .map_err(io("run", &agent))?;
-        if status.success() {
-            return Ok(());
+    for host in LocalHost::existing(data_dir) {
+        if host.config.is_file() {
+            let agent = sibling("cph-agent")?;
+            let status = Command::new(&agent)
+                .arg("--config")
+                .arg(&host.config)
+                .arg("purge")
+                .status()
+                .map_err(io("run", &agent))?;
+            if status.success() {
+                continue;
+            }
+            tracing::warn!(%status, host = host.number, "cph-agent purge failed; deleting the containers alone");
         }
-        tracing::warn!(%status, "cph-agent purge failed; deleting the containers alone");
-    }
-    let rt = runtime(data_dir)?;
-    for st in rt.list()? {
-        rt.delete(&st.name, Duration::from_secs(5))?;
-        println!("deleted {}", st.name);
+        let rt = host.runtime()?;
+        for st in rt.list()? {
+            rt.delete(&st.name, Duration::from_secs(5))?;
+            println!("deleted {}", st.name);
+        }
     }
     Ok(())
 }
 
-/// The runtime of the local agent's phones (its state directory in the data dir).
-pub fn runtime(data_dir: &Path) -> Result<Runtime, UpError> {
-    let shim = sibling("cph-shim")?;
-    Ok(Runtime::new(
-        &data_dir.join("agent").join("containers"),
-        "cph",
-        &shim,
-    )?)
+/// The runtimes of the local hosts' phones.
+pub fn runtimes(data_dir: &Path) -> Result<Vec<Runtime>, UpError> {
+    LocalHost::existing(data_dir)
+        .iter()
+        .map(LocalHost::runtime)
+        .collect()
 }
 
 fn random_hex(bytes: usize) -> Result<String, UpError> {
@@ -429,9 +492,32 @@ fn object_store_section(opts: &UpOptions, secrets: &Secrets) -> String {
 }
 
 /// The local agent's configuration, rewritten at every start.
-fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
+fn agent_config(opts: &UpOptions, secrets: &Secrets, host: &LocalHost) -> String {
+    let dir = &host.dir;
     let n = instance_number(&opts.data_dir);
-    let first_port = 20000 + (n % 20) * 500;
+    let i = host.number;
+    let first_port = 20000 + (n % 20) * 500 + 10000 * (i - 1);
+    // Host 1 keeps a single host's names; the others' differ by `i`.
+    let (bridge, table, veth, netns) = if i == 1 {
+        (
+            format!("cphup{n}"),
+            format!("cph_up_{n}"),
+            format!("cu{n}x"),
+            "cph-".to_string(),
+        )
+    } else {
+        (
+            format!("cphup{n}h{i}"),
+            format!("cph_up_{n}_h{i}"),
+            format!("cu{n}{}", ['x', 'y', 'z', 'w'][(i as usize - 1) % 4]),
+            format!("cph-h{i}-"),
+        )
+    };
+    let node_id = host
+        .node_id
+        .as_deref()
+        .map(|id| format!("node_id = {}\n", q(id)))
+        .unwrap_or_default();
     // User namespaces need volumes that can be mounted idmapped: btrfs
     // snapshots in a sparse file (`pool.img`, mounted at `pool`).
     let storage = if opts.user_namespaces {
@@ -462,7 +548,9 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          control_plane_url = {cp}\n\
          {ca}\
          node_token = {token}\n\
+         {node_id}\
          listen = {listen}\n\
+         cgroup_parent = {cgroup}\n\
          state_dir = {state}\n\
          server_model = {model}\n\
          phone_capacity = {cap}\n\
@@ -471,17 +559,24 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, dir: &Path) -> String {
          \n\
          [network]\n\
          enabled = true\n\
-         bridge = \"cphup{n}\"\n\
-         subnet = \"172.31.{subnet}.0/24\"\n\
-         nft_table = \"cph_up_{n}\"\n\
-         veth_prefix = \"cu{n}x\"\n\
+         bridge = {bridge}\n\
+         subnet = \"172.{net}.{subnet}.0/24\"\n\
+         nft_table = {table}\n\
+         veth_prefix = {veth}\n\
+         netns_prefix = {netns}\n\
          access_port_first = {first_port}\n\
          access_port_last = {last_port}\n\
          \n\
          {obs}",
         cp = q(&api_url(opts)),
         token = q(&secrets.node_token),
-        listen = q(&opts.agent_listen.to_string()),
+        listen = q(&host.listen.to_string()),
+        cgroup = q(&host.cgroup_parent),
+        bridge = q(&bridge),
+        table = q(&table),
+        veth = q(&veth),
+        netns = q(&netns),
+        net = 32 - i,
         state = q(&dir.to_string_lossy()),
         model = q(crate::catalog::DEV_SERVER_MODEL),
         cap = opts.phones,
@@ -569,18 +664,17 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
         opts.listen,
     )?;
 
-    let agent_dir = data.join("agent");
-    std::fs::create_dir_all(&agent_dir).map_err(io("create", &agent_dir))?;
-    let agent_toml = data.join("agent.toml");
-    keeps_its_volumes(&agent_toml, &agent_dir, opts.user_namespaces)?;
-    write_private(
-        &agent_toml,
-        agent_config(opts, &secrets, &agent_dir).as_bytes(),
-    )?;
-    let mut agent = Command::new(&agent_bin);
-    agent.arg("--config").arg(&agent_toml).arg("run");
-    let agent = Service::spawn("agent", agent, logs.join("agent.log"), opts.agent_listen)?;
-
+    let mut agents = Vec::new();
+    for i in 1..=opts.hosts.clamp(1, MAX_HOSTS) {
+        let host = LocalHost::new(data, opts.agent_listen, i);
+        std::fs::create_dir_all(&host.dir).map_err(io("create", &host.dir))?;
+        keeps_its_volumes(&host.config, &host.dir, opts.user_namespaces)?;
+        write_private(&host.config, agent_config(opts, &secrets, &host).as_bytes())?;
+        let mut agent = Command::new(&agent_bin);
+        agent.arg("--config").arg(&host.config).arg("run");
+        let name = if i == 1 { "agent" } else { "another agent" };
+        agents.push(Service::spawn(name, agent, host.log.clone(), host.listen)?);
+    }
     println!(
         "cph is up.\n  CPH API      {}\n  project id   {}\n  AK / SK      {} / {}\n  object store {} (AK {})\n  credentials  {}\n  logs         {}\n\
          Buy the local server with the development flavor, e.g. with the official SDK; list servers with\n  cph servers --credentials {}/credentials.json\n\
@@ -596,9 +690,10 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
         data.display(),
         data.display(),
     );
-    let mut services = vec![agent, cp, obs];
+    // Agents first (they finish or checkpoint their jobs), the store last.
+    let mut services = agents;
+    services.extend([cp, obs]);
     let result = wait_for_signal_or_exit(&mut services);
-    // Agent first (it finishes or checkpoints its jobs), the store last.
     for svc in &mut services {
         svc.stop(Duration::from_secs(30));
     }
@@ -733,7 +828,12 @@ mod tests {
             user_namespaces,
             pool_size_gb: None,
             tls: false,
+            hosts: 1,
         }
+    }
+
+    fn host(opts: &UpOptions, i: u32) -> LocalHost {
+        LocalHost::new(&opts.data_dir, opts.agent_listen, i)
     }
 
     fn secrets() -> Secrets {
@@ -747,7 +847,7 @@ mod tests {
     #[test]
     fn agent_config_is_valid_with_overlay_storage_and_its_own_network() {
         let (opts, secrets) = (options(false), secrets());
-        let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
+        let text = agent_config(&opts, &secrets, &host(&opts, 1));
         let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
         assert_eq!(
             cfg.storage.backend,
@@ -769,7 +869,7 @@ mod tests {
             data_dir: PathBuf::from("/srv/cph-second"),
             ..opts
         };
-        let text2 = agent_config(&other, &secrets, Path::new("/srv/cph-second/agent"));
+        let text2 = agent_config(&other, &secrets, &host(&other, 1));
         let cfg2: cph_agent::config::AgentConfig = toml::from_str(&text2).expect("valid config");
         assert_ne!(
             instance_number(&other.data_dir),
@@ -784,7 +884,7 @@ mod tests {
 
         // With --tls the agent speaks HTTPS and trusts the data dir's certificate.
         let tls = UpOptions { tls: true, ..other };
-        let text3 = agent_config(&tls, &secrets, Path::new("/srv/cph-second/agent"));
+        let text3 = agent_config(&tls, &secrets, &host(&tls, 1));
         let cfg3: cph_agent::config::AgentConfig = toml::from_str(&text3).expect("valid config");
         assert_eq!(cfg3.control_plane_url, "https://127.0.0.1:8443");
         let cert = PathBuf::from("/srv/cph-second/tls/cert.pem");
@@ -816,7 +916,7 @@ mod tests {
     #[test]
     fn agent_config_with_user_namespaces_puts_phones_on_btrfs() {
         let (opts, secrets) = (options(true), secrets());
-        let text = agent_config(&opts, &secrets, Path::new("/var/lib/cph/agent"));
+        let text = agent_config(&opts, &secrets, &host(&opts, 1));
         let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
         assert_eq!(
             cfg.storage.backend,
@@ -831,8 +931,45 @@ mod tests {
             pool_size_gb: Some(1),
             ..opts
         };
-        let text = agent_config(&small, &secrets, Path::new("/var/lib/cph/agent"));
+        let text = agent_config(&small, &secrets, &host(&small, 1));
         let cfg: cph_agent::config::AgentConfig = toml::from_str(&text).expect("valid config");
         assert_eq!(cfg.storage.pool_size_gb, 1);
+    }
+
+    #[test]
+    fn local_hosts_share_nothing_the_kernel_or_the_fleet_names() {
+        let (opts, secrets) = (options(false), secrets());
+        let cfgs: Vec<(LocalHost, cph_agent::config::AgentConfig)> = (1..=MAX_HOSTS)
+            .map(|i| {
+                let h = host(&opts, i);
+                let text = agent_config(&opts, &secrets, &h);
+                (h, toml::from_str(&text).expect("valid config"))
+            })
+            .collect();
+        // Host 1 is a single host's agent, as before hosts were counted.
+        let (h1, c1) = &cfgs[0];
+        assert_eq!(h1.dir, PathBuf::from("/var/lib/cph/agent"));
+        assert_eq!(c1.node_id, None);
+        assert_eq!(c1.cgroup_parent, "cph");
+        assert_eq!(c1.listen, "127.0.0.1:8600");
+        for (i, (a, ca)) in cfgs.iter().enumerate() {
+            assert!(ca.network.bridge.len() <= 15, "{}", ca.network.bridge);
+            assert!(ca.network.access_port_last > ca.network.access_port_first);
+            for (b, cb) in &cfgs[i + 1..] {
+                assert_ne!(a.dir, b.dir);
+                assert_ne!(ca.listen, cb.listen);
+                assert_ne!(ca.node_id, cb.node_id);
+                assert_ne!(ca.cgroup_parent, cb.cgroup_parent);
+                assert_ne!(ca.network.bridge, cb.network.bridge);
+                assert_ne!(ca.network.subnet, cb.network.subnet);
+                assert_ne!(ca.network.nft_table, cb.network.nft_table);
+                assert_ne!(ca.network.veth_prefix, cb.network.veth_prefix);
+                assert_ne!(ca.network.netns_prefix, cb.network.netns_prefix);
+                assert!(
+                    ca.network.access_port_last < cb.network.access_port_first,
+                    "access ports overlap"
+                );
+            }
+        }
     }
 }

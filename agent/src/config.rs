@@ -170,6 +170,10 @@ pub struct NetworkConfig {
     /// Prefix of the host-side veth names (1-10 characters, not ending in a
     /// digit); the phone's network slot follows.
     pub veth_prefix: String,
+    /// Prefix of the phones' named network namespaces
+    /// (`/run/netns/<prefix><phone_id>`); agents sharing a machine need
+    /// their own.
+    pub netns_prefix: String,
     /// Inclusive range of host access ports mapped to phones' ports.
     pub access_port_first: u16,
     pub access_port_last: u16,
@@ -191,6 +195,7 @@ impl Default for NetworkConfig {
             subnet: "172.31.0.0/24".to_string(),
             nft_table: "cph".to_string(),
             veth_prefix: "cphv".to_string(),
+            netns_prefix: "cph-".to_string(),
             access_port_first: 20000,
             access_port_last: 29999,
             private_prefixes: vec![

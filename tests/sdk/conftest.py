@@ -1,12 +1,14 @@
 """Fixtures of the official-SDK tests, shared by every `test_*.py` here.
 
-`scripts/test.sh` starts `cph up` in a fresh data directory and points
+`scripts/test.sh` starts `cph up --hosts 2` (two hosts of the development
+server model, one agent each) in a fresh data directory and points
 CPH_CREDENTIALS at its credentials.json. All tests run against that one
 platform, one file after another in name order (`test_e2e.py`,
-`test_errors.py`, `test_inventory.py`, `test_operations.py`,
-`test_phone_lifecycle.py`, `test_release.py`): the ones that stop, reset or
-restart phones come late and leave the phones running; the last deletes the
-server and buys the host again.
+`test_errors.py`, `test_events.py`, `test_images.py`, `test_inventory.py`,
+`test_operations.py`, `test_phone_lifecycle.py`, `test_release.py`,
+`test_switch.py`): the ones that stop, reset or restart phones come late
+and leave the phones running; `test_release.py` deletes the server and
+buys a host again, and the last switches that server to the other host.
 """
 
 import json

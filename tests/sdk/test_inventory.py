@@ -8,7 +8,15 @@ import time
 
 from huaweicloudsdkcph.v1 import model as m
 
-from sdkutil import DEV_PHONE_MODEL, DEV_SERVER_MODEL, TEST_IMAGE_ID, sdk_error, wait_job
+from sdkutil import (
+    DEV_PHONE_MODEL,
+    DEV_SERVER_MODEL,
+    TEST_IMAGE_ID,
+    cph,
+    control_dir,
+    sdk_error,
+    wait_job,
+)
 
 
 def list_servers(client, **kw):
@@ -291,10 +299,14 @@ def test_server_tags(client, server):
 
 
 def test_server_model_offerings(client, server):
-    """The dev model's one host holds the session's server: sold out."""
+    """The dev model is on sale while one of its hosts holds no server
+    (`cph up --hosts 2`: the session's server takes one of two)."""
     resp = client.list_cloud_phone_server_model_offerings(
         m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
     )
     assert resp.count == len(resp.models), resp
     status = {o.model_name: o.sell_status for o in resp.models}
-    assert status[DEV_SERVER_MODEL] == "sellout", status
+    rows = [r.split("\t") for r in cph("admin", "host", "list", "--data-dir", control_dir()).splitlines()]
+    free = [r for r in rows if r[5] == "-" and r[6] == "-"]
+    assert len(rows) == 2 and len(free) == 1, rows
+    assert status[DEV_SERVER_MODEL] == "available", status

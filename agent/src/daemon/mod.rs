@@ -155,6 +155,15 @@ pub struct Daemon {
     pub(crate) share_app_versions: transfer::ShareAppVersions,
 }
 
+/// The host's id in the fleet: the configured `node_id`, else the
+/// machine's.
+fn node_id(cfg: &AgentConfig) -> String {
+    cfg.node_id
+        .clone()
+        .filter(|id| !id.trim().is_empty())
+        .unwrap_or_else(machine_id)
+}
+
 fn machine_id() -> String {
     std::fs::read_to_string("/etc/machine-id")
         .map(|s| s.trim().to_string())
@@ -212,11 +221,7 @@ impl Daemon {
         };
         let (store, interrupted) = JobStore::open(&cfg.state_dir.join("jobs"))?;
         let shim = shim_path(&cfg)?;
-        let node_id = cfg
-            .node_id
-            .clone()
-            .filter(|id| !id.trim().is_empty())
-            .unwrap_or_else(machine_id);
+        let node_id = node_id(&cfg);
         let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &node_id);
         let volumes = volumes::Volumes::open(storage, cfg.storage.share_size_gb)
             .map_err(DaemonError::Storage)?;
@@ -516,7 +521,7 @@ impl Daemon {
 /// runs.
 pub fn purge(cfg: AgentConfig) -> Result<Vec<String>, DaemonError> {
     let shim = shim_path(&cfg)?;
-    let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &machine_id());
+    let storage = volumes::backend(&cfg.storage, &cfg.state_dir, &node_id(&cfg));
     let volumes =
         volumes::Volumes::open(storage, cfg.storage.share_size_gb).map_err(DaemonError::Storage)?;
     let net = if cfg.network.enabled {

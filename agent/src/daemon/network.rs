@@ -1,9 +1,10 @@
 //! Phone networking of the agent over `cph-runtime`'s [`NetManager`]: each
-//! phone gets a named network namespace (`/run/netns/cph-<phone>`) that its
-//! container joins, a veth into it from the agent's bridge with an address
-//! of the phone subnet, its server's ports plus ADB and VNC mapped to host
-//! access ports (nftables DNAT on the server address), and a tc class
-//! capped at its `com.cph.bandwidth_limit` under the server's shared
+//! phone gets a named network namespace (`/run/netns/cph-<phone>`; the
+//! config's `netns_prefix` in place of `cph-`) that its container joins,
+//! a veth into it from the agent's bridge with an address of the phone
+//! subnet, its server's ports plus ADB and VNC mapped to host access
+//! ports (nftables DNAT on the server address), and a tc class capped at
+//! its `com.cph.bandwidth_limit` under the server's shared
 //! bandwidth. The namespace outlives container restarts, so the network is
 //! plumbed once, before the phone first starts.
 //!
@@ -24,7 +25,7 @@ use cph_runtime::net::{
     TrafficType,
 };
 
-use super::phones::container_name;
+use super::phones::prefixed_name;
 use super::JobFailure;
 use crate::config::{AgentConfig, NetworkConfig};
 use crate::protocol::{AccessInfo, PortSpec};
@@ -90,6 +91,8 @@ pub fn network_fail(e: NetworkError) -> JobFailure {
 pub struct Network {
     mgr: Mutex<NetManager>,
     encoder_ip: Ipv4Addr,
+    /// Of the phones' named namespaces (the config's `netns_prefix`).
+    netns_prefix: String,
 }
 
 fn config_err(field: &'static str, reason: impl Into<String>) -> NetworkError {
@@ -236,8 +239,8 @@ fn same_ports(p: &PhoneNet, wanted: &[PortRequest]) -> bool {
 /// The named network namespace of a phone (or encoding container):
 /// made when missing (a stale non-namespace file in its place is removed
 /// first). Returns its name, path and whether it was made now.
-fn own_netns(id: &str) -> Result<(String, PathBuf, bool), NetworkError> {
-    let name = container_name(id);
+fn own_netns(prefix: &str, id: &str) -> Result<(String, PathBuf, bool), NetworkError> {
+    let name = prefixed_name(prefix, id);
     let path = netns::path(&name);
     if netns::is_netns(&path) {
         return Ok((name, path, false));
@@ -280,6 +283,7 @@ impl Network {
         Ok(Self {
             mgr: Mutex::new(mgr),
             encoder_ip: encoder_ip(&cfg.network, subnet)?,
+            netns_prefix: cfg.network.netns_prefix.clone(),
         })
     }
 
@@ -292,9 +296,9 @@ impl Network {
         self.lock().config().server_ip
     }
 
-    /// Path of the phone's network namespace.
-    pub fn netns_path(phone_id: &str) -> PathBuf {
-        netns::path(&container_name(phone_id))
+    /// The name of the phone's network namespace.
+    fn netns_name(&self, phone_id: &str) -> String {
+        prefixed_name(&self.netns_prefix, phone_id)
     }
 
     /// Makes sure the phone has its namespace and network: created the
@@ -307,7 +311,7 @@ impl Network {
         ports: &[PortSpec],
         bandwidth_kbit: i64,
     ) -> Result<PathBuf, NetworkError> {
-        let (name, path, fresh) = own_netns(phone_id)?;
+        let (name, path, fresh) = own_netns(&self.netns_prefix, phone_id)?;
         let mut mgr = self.lock();
         let wanted = port_requests(ports);
         let Some(known) = mgr.phone(phone_id).cloned() else {
@@ -337,7 +341,7 @@ impl Network {
     /// on and redirects off inside it, so phones' traffic passes through it
     /// to the host. Made the first time, re-plumbed after a host reboot.
     pub fn ensure_encoder(&self, encoder_id: &str) -> Result<PathBuf, NetworkError> {
-        let (name, path, fresh) = own_netns(encoder_id)?;
+        let (name, path, fresh) = own_netns(&self.netns_prefix, encoder_id)?;
         let mut mgr = self.lock();
         let plumbed = match mgr.phone(encoder_id).cloned() {
             None => mgr
@@ -375,7 +379,7 @@ impl Network {
         if mgr.phone(phone_id).is_some() {
             mgr.remove_phone(phone_id)?;
         }
-        let name = container_name(phone_id);
+        let name = self.netns_name(phone_id);
         match netns::remove(&name) {
             Ok(()) | Err(ContainerError::NotFound { .. }) => Ok(()),
             Err(source) => Err(NetworkError::Netns {
@@ -392,7 +396,7 @@ impl Network {
         let ids: Vec<String> = mgr.state().phones.keys().cloned().collect();
         mgr.teardown()?;
         for id in ids {
-            match netns::remove(&container_name(&id)) {
+            match netns::remove(&self.netns_name(&id)) {
                 Ok(()) | Err(ContainerError::NotFound { .. }) => {}
                 Err(source) => {
                     return Err(NetworkError::Netns {

@@ -125,6 +125,12 @@ fn plan_request(flavor: &PhoneFlavor, slots: u32) -> PlanRequest {
 
 /// The container name of a phone.
 pub fn container_name(phone_id: &str) -> String {
+    prefixed_name("cph-", phone_id)
+}
+
+/// `prefix` and the phone id made safe for a name (at most 48 of its
+/// characters, each other than ASCII letters, digits and `-` as `-`).
+pub fn prefixed_name(prefix: &str, phone_id: &str) -> String {
     let clean: String = phone_id
         .chars()
         .map(|c| {
@@ -136,7 +142,7 @@ pub fn container_name(phone_id: &str) -> String {
         })
         .take(48)
         .collect();
-    format!("cph-{clean}")
+    format!("{prefix}{clean}")
 }
 
 fn container_fail(e: ContainerError) -> JobFailure {
