@@ -33,11 +33,16 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
                     "core_bind_strategy": "dev_small", "extend_spec": {"max_share_disk_size_g": 2}},
         "image": {"image_id": "img", "url": format!("file://{}", image().display())},
-        "ports": [], "band_width_size": 10, "public_key": null,
+        "ports": [], "band_width_size": 10, "public_key": "ssh-ed25519 AAAA0 zero@cph",
         "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
     });
     let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
     assert_eq!(code, 200, "{body}");
+    // The bought server's key opens the host's SSH access at once.
+    assert_eq!(
+        std::fs::read_to_string(t.state.join("ssh/authorized_keys")).expect("authorized_keys"),
+        "ssh-ed25519 AAAA0 zero@cph\n"
+    );
     let created = wait_job(&addr, &token, &format!("{server}:create:{phone}"));
     assert_eq!(created["status"], 2, "{created}");
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);

@@ -775,3 +775,85 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
         kept.display()
     );
 }
+
+/// A whole server made by one `create_server` job (a server switched to
+/// this host): the phones run, the server's key opens the host's SSH
+/// access and is in each phone; a server whose phones cannot be made fails
+/// the job, naming them.
+#[test]
+fn a_server_made_by_one_job() {
+    if !cph_runtime::privilege::check("a_server_made_by_one_job") {
+        return;
+    }
+    let t = TestAgent::start("mkserver", false, "[storage]\nbackend = \"overlay\"\n");
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMadeByOneJob test@cph";
+    let server_of = |server: &str, image: &str, url: String, phones: &[String]| {
+        json!({
+            "server_id": server, "server_name": server,
+            "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1,
+                       "phone_capacity": phones.len(), "core_bind_strategy": "dev_small",
+                       "extend_spec": {}},
+            "image": {"image_id": image, "url": url},
+            "ports": [], "band_width_size": 10, "public_key": key,
+            "phones": phones.iter().enumerate().map(|(slot, id)| json!({
+                "phone_id": id, "phone_name": format!("p{slot}"), "slot": slot, "property": {}
+            })).collect::<Vec<_>>()
+        })
+    };
+    let server = format!("ms{pid}");
+    let ids = [format!("ma{pid}"), format!("mb{pid}")];
+    let made = ok_job(
+        &addr,
+        &token,
+        server_job(
+            &format!("make-{pid}"),
+            &server,
+            json!({"kind": "create_server",
+                   "server": server_of(&server, "img", format!("file://{}", image().display()), &ids)}),
+        ),
+    );
+    assert_eq!(
+        made["execute_msg"],
+        format!("server {server} made on this host, 2 phones created")
+    );
+    let all = phones(&addr, &token);
+    for id in &ids {
+        assert_eq!(phone(&all, id)["state"], "running", "{all:?}");
+        let (code, out) = sh(
+            &addr,
+            &token,
+            &server,
+            id,
+            &format!("k-{id}"),
+            "cat /data/misc/adb/adb_keys",
+        );
+        assert_eq!((code, out.trim()), (2, key));
+    }
+    let keys = std::fs::read_to_string(t.state.join("ssh/authorized_keys")).expect("keys");
+    assert_eq!(keys.trim(), key);
+
+    // An image that is not there: no phone is made; the job says which.
+    let broken = format!("mx{pid}");
+    let lost = [format!("mc{pid}")];
+    let st = run_job(
+        &addr,
+        &token,
+        &server_job(
+            &format!("make-broken-{pid}"),
+            &broken,
+            json!({"kind": "create_server",
+                   "server": server_of(&broken, "img-gone", "file:///nonexistent/image.tar".into(), &lost)}),
+        ),
+    );
+    assert_eq!(st["status"], -1, "{st}");
+    let msg = st["error_msg"].as_str().unwrap_or("");
+    assert!(
+        msg.starts_with("0 of 1 phones created; not created: ") && msg.contains(&lost[0]),
+        "{st}"
+    );
+    for s in [&server, &broken] {
+        assert_eq!(delete_server(&addr, &token, s)["status"], 2);
+    }
+    assert!(phones(&addr, &token).is_empty());
+}
