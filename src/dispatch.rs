@@ -13,6 +13,7 @@ use cph_agent::protocol::{
 };
 use tokio::sync::Notify;
 
+use crate::catalog::Catalog;
 use crate::store::{Store, StoreError};
 
 /// Attempts before a job that cannot reach its agent fails.
@@ -175,7 +176,7 @@ pub struct LoopConfig {
 }
 
 /// Runs dispatch, polling and liveness until the task is dropped.
-pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
+pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: LoopConfig) {
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(ca) = &cfg.agent_ca {
         builder = builder.add_root_certificate(ca.clone());
@@ -201,7 +202,7 @@ pub async fn run(store: Arc<Store>, d: Dispatcher, cfg: LoopConfig) {
         if let Err(e) = create_servers(&store, &client, &cfg).await {
             tracing::warn!(error = %e, "server creation dispatch failed");
         }
-        if let Err(e) = crate::events::start_due(&store, crate::store::now_ms()) {
+        if let Err(e) = crate::events::start_due(&store, &catalog, crate::store::now_ms()) {
             tracing::warn!(error = %e, "scheduled events not started");
         }
         if let Err(e) = send_jobs(&store, &client, &cfg).await {

@@ -1,13 +1,21 @@
 //! What the platform does with scheduled events: it starts those due (the
 //! server's running phones are stopped by jobs, as a user's stop would),
 //! and the operator ends them (`cph admin event complete`: the phones the
-//! event stopped start again) or cancels them before they start.
+//! event stopped start again) or cancels them before they start. An event
+//! the project authorized as `redeploy` instead switches the server to a
+//! free host of its model when due (new phones of its flavor and image, as
+//! `ChangeCloudPhoneServer` does) and is completed at once; with no host to
+//! switch to, it runs as maintenance.
 
-use cph_agent::protocol::{JobKind, JobRequest};
+use std::collections::BTreeMap;
+
+use cph_agent::protocol::{JobKind, JobRequest, PortSpec};
+
+use crate::catalog::Catalog;
 
 use crate::store::{
-    new_id, now_ms, now_string, Event, Store, StoreError, EVENT_CANCELED, EVENT_COMPLETED,
-    EVENT_EXECUTING, EVENT_INQUIRING, EVENT_SCHEDULED,
+    new_id, now_ms, now_string, Event, Server, Store, StoreError, EVENT_CANCELED, EVENT_COMPLETED,
+    EVENT_EXECUTING, EVENT_INQUIRING, EVENT_SCHEDULED, SERVER_NORMAL,
 };
 
 /// Phone status of a running phone.
@@ -32,10 +40,10 @@ pub enum EventError {
 /// Starts every event due at `now` (authorized ones at their time,
 /// unanswered ones at their deadline); the ids started. The loop calls it
 /// every second.
-pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
+pub fn start_due(store: &Store, catalog: &Catalog, now: i64) -> Result<Vec<String>, EventError> {
     let mut started = Vec::new();
     for e in store.due_events(now)? {
-        if store.server(&e.project_id, &e.server_id)?.is_none() {
+        let Some(server) = store.server(&e.project_id, &e.server_id)? else {
             // The server was deleted before its maintenance: nothing to do.
             store.move_event(
                 &e.event_id,
@@ -45,6 +53,20 @@ pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
                 None,
             )?;
             continue;
+        };
+        if e.authorization_type == "redeploy" {
+            match redeploy(store, catalog, &e, &server, now) {
+                Ok(true) => {
+                    started.push(e.event_id);
+                    continue;
+                }
+                Ok(false) => {
+                    tracing::warn!(event_id = %e.event_id, server_id = %e.server_id, "no host to redeploy to, the event runs as maintenance")
+                }
+                Err(err) => {
+                    tracing::warn!(event_id = %e.event_id, error = %err, "redeploy failed, the event runs as maintenance")
+                }
+            }
         }
         let phones: Vec<_> = store
             .server_phones(&e.server_id)?
@@ -66,6 +88,60 @@ pub fn start_due(store: &Store, now: i64) -> Result<Vec<String>, EventError> {
         started.push(e.event_id);
     }
     Ok(started)
+}
+
+/// Switches the server of a `redeploy` event to a free host of its model
+/// with new phones of its flavor, image, ports, keypair and properties,
+/// and completes the event. `Ok(false)` (nothing done) when the server
+/// cannot switch: no free host, a server being made or deleted, its flavor
+/// or image gone.
+fn redeploy(
+    store: &Store,
+    catalog: &Catalog,
+    e: &Event,
+    server: &Server,
+    now: i64,
+) -> Result<bool, EventError> {
+    if server.deleting || !matches!(server.status, SERVER_NORMAL | 2) {
+        return Ok(false);
+    }
+    let Some(model) = catalog.phone_model(&server.phone_model_name) else {
+        return Ok(false);
+    };
+    let job_err = |err: crate::api::ApiError| EventError::Job(e.event_id.clone(), err.to_string());
+    let Some(image) =
+        crate::api::images::usable_in(catalog, store, &e.project_id, &server.image_id)
+            .map_err(job_err)?
+    else {
+        return Ok(false);
+    };
+    let ports: Vec<PortSpec> = serde_json::from_str(&server.ports).unwrap_or_default();
+    let property: BTreeMap<String, String> = store
+        .server_phones(&server.server_id)?
+        .first()
+        .and_then(|p| serde_json::from_str(&p.property).ok())
+        .unwrap_or_default();
+    let plan = crate::api::servers::switch_plan(
+        store,
+        &e.project_id,
+        server,
+        crate::api::servers::SwitchSpec {
+            flavor: Catalog::agent_flavor(model),
+            image: image.image,
+            ports,
+            property,
+            keypair_name: server.keypair_name.clone(),
+        },
+    )
+    .map_err(job_err)?;
+    let Some((moved, job)) = store.switch_server(&plan)? else {
+        return Ok(false);
+    };
+    let from = [EVENT_SCHEDULED, EVENT_INQUIRING];
+    store.move_event(&e.event_id, &from, EVENT_EXECUTING, now, Some(&[]))?;
+    store.move_event(&e.event_id, &[EVENT_EXECUTING], EVENT_COMPLETED, now, None)?;
+    tracing::info!(event_id = %e.event_id, server_id = %moved.server_id, from = %server.node_id, to = %moved.node_id, job_id = %job.job_id, "scheduled event: server redeployed to another host");
+    Ok(true)
 }
 
 /// Ends an executing event: the phones it stopped start again.
@@ -166,8 +242,11 @@ mod tests {
                 not_before_deadline_ms: 50_000,
             })
             .expect("insert");
-        assert!(start_due(&store, 49_999).expect("not due").is_empty());
-        assert!(start_due(&store, 50_000).expect("due").is_empty());
+        let catalog = Catalog::default();
+        assert!(start_due(&store, &catalog, 49_999)
+            .expect("not due")
+            .is_empty());
+        assert!(start_due(&store, &catalog, 50_000).expect("due").is_empty());
         let e = store.event(None, "ev1").expect("event").expect("there");
         assert_eq!(
             (e.state.as_str(), e.finish_ms),

@@ -130,6 +130,7 @@ where
         .map(cph_agent::objstore::ObjectStore::new)
         .transpose()
         .map_err(|e| ServeError::ObjectStore(e.to_string()))?;
+    let loop_catalog = Arc::new(catalog.clone());
     let state = Arc::new(AppState {
         store: store.clone(),
         catalog,
@@ -156,7 +157,7 @@ where
         .map(cph_agent::tls::acceptor)
         .transpose()
         .map_err(ServeError::Tls)?;
-    let worker = tokio::spawn(dispatch::run(store, dispatcher, lcfg));
+    let worker = tokio::spawn(dispatch::run(store, loop_catalog, dispatcher, lcfg));
     if let Ok(addr) = listener.local_addr() {
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, data_dir = %cfg.data_dir.display(), "control plane listening");

@@ -2042,11 +2042,11 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
     let unknown = "0123456789abcdef0123456789abcdef";
     let r = authorize(unknown, json!({"authorization_type": "maintenance"})).await;
     assert_eq!((r.status, code(&r)), (404, "CPS.0017".to_string()));
-    let r = authorize(&ev, json!({"authorization_type": "redeploy"})).await;
+    let r = authorize(&ev, json!({"authorization_type": "reboot"})).await;
     assert_eq!(code(&r), "CPS.0001");
     assert!(r.body["error_msg"]
         .as_str()
-        .is_some_and(|m| m.contains("redeploy")));
+        .is_some_and(|m| m.contains("maintenance or redeploy")));
     let soon = cph::store::utc_string(cph::store::now_secs() + 60);
     let r = authorize(
         &ev,
@@ -2333,6 +2333,112 @@ async fn a_server_switches_to_a_free_host() {
     }
     assert_eq!(phone_status(new_phones[0].phone_id.clone()).await, Some(2));
     assert_eq!(phone_status(new_phones[1].phone_id.clone()).await, Some(-8));
+    beat1.abort();
+    beat2.abort();
+}
+
+/// A scheduled event authorized as `redeploy` switches the server to a free
+/// host when due (new phones of its flavor and image) and is completed;
+/// with no host free, it runs as maintenance (the phones are stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_event_switches_the_server_to_a_free_host() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let old_phones = running_phones(&create);
+    let beat1 = keep_beating(&cp, "n1", old_phones.clone());
+    let beat2 = keep_beating(&cp, "n2", vec![]);
+    for p in &old_phones {
+        wait_running(&cp, &p.phone_id).await;
+    }
+    let event = |description: &str| {
+        cph::admin::event_create(dir.path(), &sid, "system-maintenance", description, 72)
+            .expect("event")
+    };
+    let authorize = |id: String| {
+        let cp = &cp;
+        async move {
+            let path = format!("/v1/{{p}}/cloud-phone/scheduled-events/{id}/authorize");
+            let r = cp
+                .call(
+                    "POST",
+                    &path,
+                    Some(json!({"authorization_type": "redeploy"})),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+    };
+    let state_of = |id: String| {
+        let cp = &cp;
+        async move {
+            let r = cp
+                .call(
+                    "GET",
+                    &format!("/v1/{{p}}/cloud-phone/scheduled-events?event_id={id}"),
+                    None,
+                )
+                .await;
+            r.body["scheduled_events"][0].clone()
+        }
+    };
+    let ev = event("host retired");
+    authorize(ev.clone()).await;
+    let made = loop_until(&seen, |s| {
+        s.jobs
+            .iter()
+            .find(|j| j["kind"] == "create_server")
+            .cloned()
+    })
+    .await;
+    assert_eq!(made["server_id"], json!(sid));
+    let server = &made["server"];
+    assert_eq!(server["flavor"]["flavor_id"], "dev.cp.c1.m512");
+    assert_eq!(server["image"]["image_id"], cph::catalog::TEST_IMAGE_ID);
+    assert_eq!(server["ports"], create["ports"]);
+    let new_phones = running_phones(server);
+    assert!(new_phones
+        .iter()
+        .all(|p| old_phones.iter().all(|o| o.phone_id != p.phone_id)));
+    let e = state_of(ev).await;
+    assert_eq!(e["state"], "completed", "{e}");
+    assert!(
+        e["start_time"].is_string() && e["finish_time"].is_string(),
+        "{e}"
+    );
+
+    // The server runs on n2; n1 still holds the old phones: no host is free
+    // for a second redeploy, which then runs as maintenance.
+    beat2.abort();
+    let beat2 = keep_beating(&cp, "n2", new_phones.clone());
+    for p in &new_phones {
+        wait_running(&cp, &p.phone_id).await;
+    }
+    let ev2 = event("again");
+    authorize(ev2.clone()).await;
+    let stops = loop_until(&seen, |s| {
+        let stops: Vec<Value> = s
+            .jobs
+            .iter()
+            .filter(|j| j["kind"] == "stop_phone")
+            .cloned()
+            .collect();
+        (stops.len() == new_phones.len()).then_some(stops)
+    })
+    .await;
+    for p in &new_phones {
+        assert!(stops.iter().any(|j| j["phone_id"] == json!(p.phone_id)));
+    }
+    assert_eq!(state_of(ev2).await["state"], "executing");
+    assert_eq!(
+        seen.lock()
+            .expect("lock")
+            .jobs
+            .iter()
+            .filter(|j| j["kind"] == "create_server")
+            .count(),
+        1
+    );
     beat1.abort();
     beat2.abort();
 }

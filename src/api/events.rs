@@ -177,9 +177,9 @@ fn project_event(st: &Shared, c: &Caller, event_id: &str) -> Result<Event, ApiEr
         .ok_or_else(|| ApiError::EventNotFound(event_id.to_string()))
 }
 
-/// `POST .../scheduled-events/{event_id}/authorize`: `maintenance` at
-/// `not_before` (now when empty). `redeploy` (moving the server to another
-/// host) is not offered: a server stays on its host.
+/// `POST .../scheduled-events/{event_id}/authorize`: `maintenance` or
+/// `redeploy` (the server switched to another host, its phones made anew
+/// there; [`crate::events`]) at `not_before` (now when empty).
 pub async fn authorize(
     State(st): State<Shared>,
     Extension(c): Extension<Caller>,
@@ -187,25 +187,17 @@ pub async fn authorize(
     Json(b): Json<AuthorizeBody>,
 ) -> ApiResult {
     let e = project_event(&st, &c, &event_id)?;
-    match b.authorization_type.as_str() {
-        "maintenance" => {}
-        "redeploy" => {
-            return Err(ApiError::EventParam(
-                "authorization_type redeploy is not offered: a server stays on its host; \
-                 authorize maintenance"
-                    .into(),
-            )
-            .into())
-        }
+    let kind = match b.authorization_type.as_str() {
+        k @ ("maintenance" | "redeploy") => k,
         other => {
             return Err(ApiError::EventParam(format!(
                 "authorization_type {other:?} is not maintenance or redeploy"
             ))
             .into())
         }
-    }
+    };
     let at = start_time(&e, b.not_before.as_deref())?;
-    if !st.store.authorize_event(&e.event_id, "maintenance", at)? {
+    if !st.store.authorize_event(&e.event_id, kind, at)? {
         return Err(ApiError::EventState(
             e.event_id,
             e.state,

@@ -46,7 +46,17 @@ impl Usable {
 /// An image a project may run phones from: the catalog's, or a custom one
 /// it owns or accepted. A custom image not active yet is `CPS.0220`.
 pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<Usable>, ApiError> {
-    if let Some(i) = st.catalog.image(project_id, image_id) {
+    usable_in(&st.catalog, &st.store, project_id, image_id)
+}
+
+/// [`usable`] from a catalog and a store.
+pub fn usable_in(
+    catalog: &crate::catalog::Catalog,
+    store: &crate::store::Store,
+    project_id: &str,
+    image_id: &str,
+) -> Result<Option<Usable>, ApiError> {
+    if let Some(i) = catalog.image(project_id, image_id) {
         return Ok(Some(Usable {
             image: ImageRef {
                 image_id: i.image_id.clone(),
@@ -55,7 +65,7 @@ pub fn usable(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<Us
             label: i.image_label.clone(),
         }));
     }
-    match st.store.visible_image(project_id, image_id)? {
+    match store.visible_image(project_id, image_id)? {
         Some(i) if i.status == IMAGE_ACTIVE => Ok(Some(Usable {
             image: ImageRef {
                 image_id: i.image_id,

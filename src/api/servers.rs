@@ -1113,26 +1113,67 @@ pub async fn switch(
     {
         return Err(ApiError::Field("phone_count_per_ip").into());
     }
-    let keypair_name = b.keypair_name.clone().unwrap_or_default();
-    let public_key = match keypair_name.as_str() {
-        "" => None,
-        k => st.store.keypair(&c.project_id, k)?,
+    let sw = switch_plan(
+        &st.store,
+        &c.project_id,
+        &cur,
+        SwitchSpec {
+            flavor,
+            image: usable.image,
+            ports,
+            property,
+            keypair_name: b.keypair_name.clone().unwrap_or_default(),
+        },
+    )?;
+    let Some((moved, job)) = st.store.switch_server(&sw)? else {
+        return Err(ApiError::InsufficientBms(cur.server_model_name.clone()).into());
     };
-    let band_width_size = st
-        .store
-        .list_bandwidths(&c.project_id, 0, u32::MAX)?
+    st.dispatcher.kick();
+    tracing::info!(server_id = %moved.server_id, from = %cur.node_id, to = %moved.node_id, job_id = %job.job_id, "server switched to another host");
+    Ok(Reply::ok(json!({
+        "request_id": job.request_id,
+        "server_id": moved.server_id,
+        "job_id": job.job_id,
+    })))
+}
+
+/// What a server becomes on the host it switches to.
+pub(crate) struct SwitchSpec {
+    pub flavor: cph_agent::protocol::PhoneFlavor,
+    pub image: ImageRef,
+    pub ports: Vec<PortSpec>,
+    pub property: BTreeMap<String, String>,
+    pub keypair_name: String,
+}
+
+/// The switch of server `cur` to `spec` ([`crate::store::Store::switch_server`]
+/// picks the host): new phones named as bought ones, the keypair's key,
+/// the server's bandwidth, the `create_server` job and the release job id.
+pub(crate) fn switch_plan(
+    store: &crate::store::Store,
+    project_id: &str,
+    cur: &Server,
+    spec: SwitchSpec,
+) -> Result<Switch, ApiError> {
+    let public_key = match spec.keypair_name.as_str() {
+        "" => None,
+        k => store.keypair(project_id, k)?,
+    };
+    let band_width_size = store
+        .list_bandwidths(project_id, 0, u32::MAX)?
         .into_iter()
         .find(|bw| bw.band_width_id == cur.band_width_id)
         .map_or(BANDWIDTH_DEDICATED, |bw| bw.band_width_size);
+    let phone_model_name = spec.flavor.flavor_id.clone();
     let req = new_server(
         &cur.server_id,
         &cur.server_name,
-        flavor,
-        &usable.image,
-        &ports,
+        spec.flavor,
+        &spec.image,
+        &spec.ports,
         band_width_size,
         public_key,
-        &property,
+        &spec.property,
     );
     let job = JobRequest {
         job_id: new_id(),
@@ -1144,25 +1185,15 @@ pub async fn switch(
         },
     };
     let internal = |e: serde_json::Error| ApiError::Internal(e.to_string());
-    let sw = Switch {
+    Ok(Switch {
         server_id: cur.server_id.clone(),
-        phone_model_name: pm.phone_model_name.clone(),
-        image_id: usable.image.image_id.clone(),
-        keypair_name,
-        ports: serde_json::to_string(&ports).map_err(internal)?,
-        property: serde_json::to_string(&property).map_err(internal)?,
+        phone_model_name,
+        image_id: spec.image.image_id.clone(),
+        keypair_name: spec.keypair_name,
+        ports: serde_json::to_string(&spec.ports).map_err(internal)?,
+        property: serde_json::to_string(&spec.property).map_err(internal)?,
         phones: phone_names(&req),
-        job: super::jobs::job_row(&job, &c.project_id, "", &crate::store::now_string())?,
+        job: super::jobs::job_row(&job, project_id, "", &crate::store::now_string())?,
         release_job: format!("{}:release:{}", cur.server_id, new_id()),
-    };
-    let Some((moved, job)) = st.store.switch_server(&sw)? else {
-        return Err(ApiError::InsufficientBms(cur.server_model_name.clone()).into());
-    };
-    st.dispatcher.kick();
-    tracing::info!(server_id = %moved.server_id, from = %cur.node_id, to = %moved.node_id, job_id = %job.job_id, "server switched to another host");
-    Ok(Reply::ok(json!({
-        "request_id": job.request_id,
-        "server_id": moved.server_id,
-        "job_id": job.job_id,
-    })))
+    })
 }

@@ -23,7 +23,7 @@ pub struct Event {
     /// `system-maintenance` or `localdisk-recovery`.
     pub kind: String,
     pub state: String,
-    /// `maintenance` once authorized, else empty.
+    /// `maintenance` or `redeploy` once authorized, else empty.
     pub authorization_type: String,
     pub description: String,
     pub publish_ms: i64,

@@ -36,7 +36,7 @@ def test_scheduled_event_authorized_moved_and_completed(client, server):
             client.authorize_scheduled_event,
             m.AuthorizeScheduledEventRequest(
                 event_id=ev,
-                body=m.AuthorizeScheduledEventRequestBody(authorization_type="redeploy"),
+                body=m.AuthorizeScheduledEventRequestBody(authorization_type="reboot"),
             ),
         )
         assert e.error_code == "CPS.0001", e

@@ -2,7 +2,8 @@
 official SDK, on the two real agents of `cph up --hosts 2`: bad requests are
 refused with the reference's codes and change nothing; then the server moves
 to the free host with new phones of another flavor, nothing of the old
-phones is kept, their host deletes them and is for sale again. Runs last."""
+phones is kept, their host deletes them and is for sale again. Last, a
+scheduled event authorized as `redeploy` moves it back. Runs last."""
 
 from pathlib import Path
 
@@ -129,3 +130,42 @@ def test_switch_to_the_free_host(client):
         m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
     ).models
     assert {o.model_name: o.sell_status for o in offers}[DEV_SERVER_MODEL] == "available"
+
+
+def test_a_redeploy_event_moves_the_server_back(client):
+    server_id, old = current_server(client)
+    old_host = host_of(server_id)
+    data = control_dir()
+    ev = cph(
+        "admin", "--data-dir", data, "event", "create", "--server", server_id,
+        "--description", "host retired",
+    ).strip()
+    client.authorize_scheduled_event(
+        m.AuthorizeScheduledEventRequest(
+            event_id=ev,
+            body=m.AuthorizeScheduledEventRequestBody(
+                authorization_type="redeploy", not_before=""
+            ),
+        )
+    )
+
+    def event():
+        listed = client.list_scheduled_events(m.ListScheduledEventsRequest(event_id=ev))
+        return listed.scheduled_events[0]
+
+    poll(lambda: event().state == "completed", 30, "redeploy completed")
+    assert event().authorization_type == "redeploy"
+    # On the other host with new phones of the same flavor, running.
+    poll(lambda: host_of(server_id) != old_host, 30, "server moved")
+    new = poll(
+        lambda: (lambda p: p if len(p) == 2 and not set(p) & set(old) else None)(
+            phones_of(client, server_id)
+        ),
+        30,
+        "new phones",
+    )
+    assert wait_server_ready(client, server_id) == new
+    detail = client.show_cloud_phone_server_detail(
+        m.ShowCloudPhoneServerDetailRequest(server_id=server_id)
+    )
+    assert detail.phone_model_name == DEV_PHONE_MODEL_M768, detail
