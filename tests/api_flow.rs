@@ -1652,7 +1652,7 @@ async fn a_silent_host_is_forgotten_with_its_server() {
     let hosts = cph::admin::host_list(d).expect("hosts");
     assert_eq!(hosts.len(), 1, "{hosts:?}");
     assert!(
-        hosts[0].starts_with(&format!("{live}\t")) && hosts[0].ends_with("\talive\t-"),
+        hosts[0].starts_with(&format!("{live}\t")) && hosts[0].ends_with("\talive\t-\t-"),
         "{hosts:?}"
     );
     let r = cp.call("GET", &server_path, None).await;
@@ -2130,18 +2130,35 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
     beat.abort();
 }
 
+/// Hosts n1 and n2 and a server bought on n1: the dir, the control plane,
+/// the recorder, the server, its `CreateServer`, and the heartbeats of n1
+/// (its phones running) and of n2 (no phones).
+#[allow(clippy::type_complexity)]
+async fn one_server_of_two_hosts() -> (
+    tempfile::TempDir,
+    Cp,
+    Arc<Mutex<Seen>>,
+    String,
+    Value,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat1 = keep_beating(&cp, "n1", running_phones(&create));
+    let beat2 = keep_beating(&cp, "n2", vec![]);
+    (dir, cp, seen, sid, create, beat1, beat2)
+}
+
 /// `ChangeCloudPhoneServer`: a server moves to a free host of its model
 /// with new phones of the flavor and image asked for; one job makes it
 /// there; the host it left is out of sale until its agent deleted the old
 /// phones; no free host, no switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_switches_to_a_free_host() {
-    let (_dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
-    let sid = buy(&cp, &seen, 1).await.remove(0);
-    let create = seen.lock().expect("lock").servers[0].clone();
+    let (_dir, cp, seen, sid, create, beat1, beat2) = one_server_of_two_hosts().await;
     let old_phones = running_phones(&create);
-    let beat1 = keep_beating(&cp, "n1", old_phones.clone());
-    let beat2 = keep_beating(&cp, "n2", vec![]);
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
     let status_is = |want: i64| {
         let (cp, path) = (&cp, server_path.clone());
@@ -2342,12 +2359,8 @@ async fn a_server_switches_to_a_free_host() {
 /// with no host free, it runs as maintenance (the phones are stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redeploy_event_switches_the_server_to_a_free_host() {
-    let (dir, cp, _url, seen) = with_nodes(&["n1", "n2"]).await;
-    let sid = buy(&cp, &seen, 1).await.remove(0);
-    let create = seen.lock().expect("lock").servers[0].clone();
+    let (dir, cp, seen, sid, create, beat1, beat2) = one_server_of_two_hosts().await;
     let old_phones = running_phones(&create);
-    let beat1 = keep_beating(&cp, "n1", old_phones.clone());
-    let beat2 = keep_beating(&cp, "n2", vec![]);
     for p in &old_phones {
         wait_running(&cp, &p.phone_id).await;
     }

@@ -574,6 +574,43 @@ fn drop_server(tx: &rusqlite::Transaction<'_>, server_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The phones of a server being made: all being created (1), in slot
+/// order from `seq`.
+struct NewPhones<'a> {
+    project_id: &'a str,
+    server_id: &'a str,
+    phone_model_name: &'a str,
+    image_id: &'a str,
+    /// Their properties as JSON.
+    property: &'a str,
+    /// (id, name) per slot.
+    phones: &'a [(String, String)],
+    now: &'a str,
+    seq: i64,
+}
+
+fn insert_new_phones(tx: &rusqlite::Transaction<'_>, p: &NewPhones<'_>) -> Result<()> {
+    let mut st = tx.prepare(&format!(
+        "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
+         (?1, ?2, ?3, ?4, ?5, ?6, 1, 0, ?7, ?8, '[]', 'direct', ?9, ?9, ?10)"
+    ))?;
+    for (slot, (phone_id, phone_name)) in p.phones.iter().enumerate() {
+        st.execute(params![
+            phone_id,
+            p.project_id,
+            p.server_id,
+            phone_name,
+            p.phone_model_name,
+            p.image_id,
+            slot as u32,
+            p.property,
+            p.now,
+            p.seq + slot as i64
+        ])?;
+    }
+    Ok(())
+}
+
 /// Inserts `jobs` in order within `tx`.
 fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     let mut st = tx.prepare(&format!(
@@ -1111,26 +1148,19 @@ impl Store {
                     srv.create_request
                 ],
             )?;
-            for (slot, (phone_id, phone_name)) in srv.phones.iter().enumerate() {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
-                         (?1, ?2, ?3, ?4, ?5, ?6, 1, 0, ?7, ?8, '[]', 'direct', ?9, ?9, ?10)"
-                    ),
-                    params![
-                        phone_id,
-                        order.project_id,
-                        srv.server_id,
-                        phone_name,
-                        order.phone_model_name,
-                        order.image_id,
-                        slot as u32,
-                        order.property,
-                        now,
-                        base + i as i64 * 1000 + slot as i64
-                    ],
-                )?;
-            }
+            insert_new_phones(
+                &tx,
+                &NewPhones {
+                    project_id: &order.project_id,
+                    server_id: &srv.server_id,
+                    phone_model_name: &order.phone_model_name,
+                    image_id: &order.image_id,
+                    property: &order.property,
+                    phones: &srv.phones,
+                    now: &now,
+                    seq: base + i as i64 * 1000,
+                },
+            )?;
         }
         tx.commit()?;
         drop(c);
@@ -1401,27 +1431,19 @@ impl Store {
             ],
         )?;
         tx.execute("DELETE FROM phones WHERE server_id = ?1", [&sw.server_id])?;
-        let base = now_seq();
-        for (slot, (phone_id, phone_name)) in sw.phones.iter().enumerate() {
-            tx.execute(
-                &format!(
-                    "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
-                     (?1, ?2, ?3, ?4, ?5, ?6, 1, 0, ?7, ?8, '[]', 'direct', ?9, ?9, ?10)"
-                ),
-                params![
-                    phone_id,
-                    project_id,
-                    sw.server_id,
-                    phone_name,
-                    sw.phone_model_name,
-                    sw.image_id,
-                    slot as u32,
-                    sw.property,
-                    now,
-                    base + slot as i64
-                ],
-            )?;
-        }
+        insert_new_phones(
+            &tx,
+            &NewPhones {
+                project_id: &project_id,
+                server_id: &sw.server_id,
+                phone_model_name: &sw.phone_model_name,
+                image_id: &sw.image_id,
+                property: &sw.property,
+                phones: &sw.phones,
+                now: &now,
+                seq: now_seq(),
+            },
+        )?;
         let job = Job {
             node_id: new_node,
             ..sw.job.clone()
