@@ -2456,6 +2456,58 @@ async fn a_redeploy_event_switches_the_server_to_a_free_host() {
     beat2.abort();
 }
 
+/// A host whose agent reports phones of a server the fleet does not place
+/// on it (a host forgotten and back) is not for sale until its agent has
+/// deleted them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    let ghost = running_phones(&json!({"server_id": "ghost", "phones": [
+        {"phone_id": "gp1", "phone_name": "ghost-0001", "slot": 0}]}));
+    let beat = keep_beating(&cp, "n1", ghost);
+    let release = loop_until(&seen, |s| {
+        s.jobs
+            .iter()
+            .find(|j| j["kind"] == "delete_server" && j["server_id"] == "ghost")
+            .cloned()
+    })
+    .await;
+    let release_id = release["job_id"].as_str().expect("id").to_string();
+    assert!(release_id.starts_with("ghost:release:"), "{release_id}");
+    let r = cp
+        .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0242", "{:?}", r.body);
+    let hosts = cph::admin::host_list(dir.path()).expect("hosts");
+    assert!(hosts[0].ends_with("\talive\t-\tghost"), "{hosts:?}");
+    // Its agent deleted them: the host is for sale.
+    beat.abort();
+    let beat = keep_beating(&cp, "n1", vec![]);
+    seen.lock().expect("lock").statuses.insert(
+        release_id.clone(),
+        JobStatus {
+            job_id: release_id,
+            status: JobState::Succeeded,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+        },
+    );
+    let mut status = 0;
+    for _ in 0..60 {
+        let r = cp
+            .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+            .await;
+        status = r.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    beat.abort();
+}
+
 /// Waits until `f` finds something in what the recorder saw.
 async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F) -> T {
     for _ in 0..100 {

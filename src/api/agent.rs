@@ -52,6 +52,25 @@ fn apply_phones(
             .apply_phone_state(node_id, p, phone_status(p.state))?;
     }
     st.store.refresh_server_status(node_id)?;
+    // Phones of a server the fleet does not place here: the host releases
+    // it before it is for sale.
+    let servers: std::collections::BTreeSet<&str> =
+        phones.iter().map(|p| p.server_id.as_str()).collect();
+    let here = st.store.node(node_id)?.and_then(|n| n.server_id);
+    for server_id in servers {
+        if here.as_deref() == Some(server_id) {
+            continue;
+        }
+        let job = format!("{server_id}:release:{}", crate::store::new_id());
+        if st.store.release_orphan(node_id, server_id, &job)? {
+            tracing::warn!(
+                node_id,
+                server_id,
+                "host holds phones of a server not placed on it: released before it is for sale"
+            );
+            st.dispatcher.kick();
+        }
+    }
     Ok(())
 }
 

@@ -1472,6 +1472,30 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Takes `node` out of sale to release `server_id`, whose phones its
+    /// agent reports though the fleet places no such server on it (a host
+    /// forgotten and back, or away when its server was switched or
+    /// deleted): `release_job` is then sent to it as for a switch. False
+    /// (nothing done) when the server is the node's, the node already
+    /// releases one, or the server's deletion succeeded on the node (a
+    /// heartbeat taken while it ran).
+    pub fn release_orphan(
+        &self,
+        node_id: &str,
+        server_id: &str,
+        release_job: &str,
+    ) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE nodes SET releasing_server = ?2, release_job = ?3
+             WHERE node_id = ?1 AND releasing_server IS NULL
+               AND NOT EXISTS (SELECT 1 FROM servers WHERE server_id = ?2 AND node_id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.server_id = ?2 AND j.node_id = ?1
+                   AND j.status = 2 AND json_extract(j.request, '$.kind') = 'delete_server')",
+            params![node_id, server_id, release_job],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Frees a host whose agent deleted the phones of the server switched
     /// away from it (only while `release_job` is still its job).
     pub fn host_released(&self, node_id: &str, release_job: &str) -> Result<()> {
