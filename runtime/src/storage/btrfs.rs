@@ -721,7 +721,20 @@ impl Storage for BtrfsStorage {
         let _g = self.guard();
         let mp = &self.cfg.mount_point;
         if is_mount_point(mp) {
-            self.run(cmd::umount(&s(mp)))?;
+            // A short-lived opener (a probe of the new mount, writeback
+            // finishing under load) makes it busy for a moment: try again.
+            let deadline = std::time::Instant::now() + LOOP_RELEASE_WAIT;
+            loop {
+                match self.run(cmd::umount(&s(mp))) {
+                    Ok(_) => break,
+                    Err(StorageError::Command { ref stderr, .. })
+                        if stderr.contains("busy") && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         if let PoolDevice::LoopFile { path, .. } = &self.cfg.device {
             if path.exists() {
