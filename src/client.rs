@@ -328,6 +328,14 @@ pub enum Action {
         phone: String,
         name: String,
     },
+    /// A server switched to a free host of its model with new phones
+    /// (`ChangeCloudPhoneServer`), followed until they are made.
+    SwitchServer {
+        server_id: String,
+        phone_model: String,
+        image_id: String,
+        keypair: Option<String>,
+    },
 }
 
 /// Longest a command waits on its jobs.
@@ -557,6 +565,29 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
             let jobs = vec![JobRef {
                 target: format!("image {image_id} of {phone}"),
                 job_id: answer["job_id"].as_str().unwrap_or("").to_string(),
+            }];
+            let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
+            Ok(print_jobs(&answers, &jobs))
+        }
+        Action::SwitchServer {
+            server_id,
+            phone_model,
+            image_id,
+            keypair,
+        } => {
+            let body = json!({"phone_model_name": phone_model, "image_id": image_id,
+                              "keypair_name": keypair});
+            let answer = client
+                .call(
+                    "POST",
+                    &format!("/v2/{{p}}/cloud-phone/servers/{server_id}/change"),
+                    "",
+                    Some(&body),
+                )
+                .await?;
+            let jobs = vec![JobRef {
+                job_id: answer["job_id"].as_str().unwrap_or("").to_string(),
+                target: server_id.clone(),
             }];
             let answers = client.follow(&jobs, FOLLOW_LIMIT).await?;
             Ok(print_jobs(&answers, &jobs))

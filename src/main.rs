@@ -199,6 +199,24 @@ enum Command {
         #[arg(required = true)]
         server_ids: Vec<String>,
     },
+    /// Switch a server to a free host of its model: its phones are made
+    /// anew there of PHONE_MODEL from IMAGE (none of their data is kept);
+    /// follows the switch to its end.
+    SwitchServer {
+        #[command(flatten)]
+        creds: CredsArg,
+        /// Server id.
+        server_id: String,
+        /// Phone model (flavor) of the new phones, of the server's model.
+        #[arg(long)]
+        phone_model: String,
+        /// Image of the new phones.
+        #[arg(long)]
+        image: String,
+        /// Keypair whose key the new phones and the host's SSH access take.
+        #[arg(long)]
+        keypair: Option<String>,
+    },
     /// List the project's custom images and those shared with it.
     Images {
         #[command(flatten)]
@@ -564,6 +582,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeleteServer { creds, server_ids } => {
             client(&creds, cph::client::Action::DeleteServers { server_ids })
         }
+        Command::SwitchServer {
+            creds,
+            server_id,
+            phone_model,
+            image,
+            keypair,
+        } => client(
+            &creds,
+            cph::client::Action::SwitchServer {
+                server_id,
+                phone_model,
+                image_id: image,
+                keypair,
+            },
+        ),
         Command::Images { creds } => client(&creds, cph::client::Action::Images),
         Command::CreateImage {
             creds,

@@ -5,6 +5,7 @@ to the free host with new phones of another flavor, nothing of the old
 phones is kept, their host deletes them and is for sale again. Last, a
 scheduled event authorized as `redeploy` moves it back. Runs last."""
 
+import os
 from pathlib import Path
 
 from huaweicloudsdkcph.v1 import model as m
@@ -169,3 +170,27 @@ def test_a_redeploy_event_moves_the_server_back(client):
         m.ShowCloudPhoneServerDetailRequest(server_id=server_id)
     )
     assert detail.phone_model_name == DEV_PHONE_MODEL_M768, detail
+
+
+def test_the_cli_switches_the_server(client):
+    """`cph switch-server` follows the switch to its end."""
+    server_id, old = current_server(client)
+    here = host_of(server_id)
+    poll(
+        lambda: all(r == "-" for _, r in hosts().values()),
+        120,
+        "the other host released",
+        step=1,
+    )
+    out = cph(
+        "switch-server", "--credentials", os.environ["CPH_CREDENTIALS"], server_id,
+        "--phone-model", DEV_PHONE_MODEL, "--image", TEST_IMAGE_ID,
+    )
+    assert f"{server_id} " in out and ": ok" in out, out
+    assert host_of(server_id) != here
+    new = wait_server_ready(client, server_id)
+    assert not set(new) & set(old), (old, new)
+    detail = client.show_cloud_phone_server_detail(
+        m.ShowCloudPhoneServerDetailRequest(server_id=server_id)
+    )
+    assert detail.phone_model_name == DEV_PHONE_MODEL, detail
