@@ -2508,6 +2508,43 @@ async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
     beat.abort();
 }
 
+/// `GET /metrics`: the fleet by state, behind the node token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_metrics() {
+    let (_dir, cp, _seen, _sid, create, beat1, beat2) = one_server_of_two_hosts().await;
+    for p in running_phones(&create) {
+        wait_running(&cp, &p.phone_id).await;
+    }
+    let get = |token: &'static str| {
+        let cp = &cp;
+        async move {
+            let r = cp
+                .http
+                .get(format!("{}/metrics", cp.base))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("metrics");
+            (r.status().as_u16(), r.text().await.expect("text"))
+        }
+    };
+    assert_eq!(get("wrong").await.0, 401);
+    let (code, text) = get(NODE_TOKEN).await;
+    assert_eq!(code, 200, "{text}");
+    for line in [
+        "# TYPE cph_hosts gauge",
+        "cph_hosts{state=\"alive\"} 2",
+        "cph_hosts_free{server_model=\"physical.dev.local\"} 1",
+        "cph_hosts_releasing 0",
+        "cph_servers{status=\"5\"} 1",
+        "cph_phones{status=\"2\"} 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    beat1.abort();
+    beat2.abort();
+}
+
 /// Waits until `f` finds something in what the recorder saw.
 async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F) -> T {
     for _ in 0..100 {

@@ -8,6 +8,7 @@ pub mod apk;
 pub mod config;
 pub mod daemon;
 pub mod memory;
+pub mod metrics;
 pub mod objstore;
 pub mod protocol;
 pub mod telemetry;

@@ -12,7 +12,9 @@ use serde_json::json;
 
 mod common;
 
-use common::{delete_server, http, image, job, run_job, server_job, wait_job, TestAgent};
+use common::{
+    delete_server, http, http_text, image, job, run_job, server_job, wait_job, TestAgent,
+};
 
 #[test]
 fn agent_runs_phones_and_jobs_through_the_protocol() {
@@ -47,6 +49,35 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     assert_eq!(created["status"], 2, "{created}");
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
+
+    // Metrics: the phone's CPU time, memory and processes from its cgroup,
+    // its traffic from its veth; behind the node token.
+    assert_eq!(http_text(&addr, "GET", "/metrics", "wrong", None).0, 401);
+    let (code, text) = http_text(&addr, "GET", "/metrics", &token, None);
+    assert_eq!(code, 200, "{text}");
+    let sample = |name: &str| -> f64 {
+        let prefix = format!("{name}{{phone_id=\"{phone}\",server_id=\"{server}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} of {phone} in {text}"))
+    };
+    assert!(sample("cph_phone_cpu_seconds_total") > 0.0, "{text}");
+    assert!(sample("cph_phone_memory_bytes") > 0.0, "{text}");
+    assert!(sample("cph_phone_processes") >= 1.0, "{text}");
+    assert!(
+        sample("cph_phone_network_transmit_bytes_total") >= 0.0,
+        "{text}"
+    );
+    assert!(
+        sample("cph_phone_network_receive_bytes_total") >= 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("cph_agent_phones{state=\"running\"} 1\n")
+            && text.contains("# TYPE cph_phone_cpu_seconds_total counter\n"),
+        "{text}"
+    );
 
     // Sync shell answers in the response.
     let (code, st) = http(

@@ -23,7 +23,8 @@ pub fn phone_status(s: PhoneRunState) -> i32 {
     }
 }
 
-fn check_token(st: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The node token as a bearer token, compared in constant time.
+pub(crate) fn check_token(st: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let want = format!("Bearer {}", st.node_token);
     let got = headers
         .get("authorization")

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod iam;
 pub mod images;
 pub mod jobs;
+pub mod metrics;
 pub mod misc;
 pub mod phones;
 pub mod servers;
@@ -355,7 +356,8 @@ pub fn router(state: Shared) -> Router {
     let agents = Router::new()
         .route("/agent/v1/register", post(agent::register))
         .route("/agent/v1/heartbeat", post(agent::heartbeat))
-        .route("/agent/v1/jobs", post(agent::job_reports));
+        .route("/agent/v1/jobs", post(agent::job_reports))
+        .route("/metrics", get(metrics::metrics));
     Router::new()
         .merge(cph)
         .merge(iam)

@@ -1517,6 +1517,23 @@ impl Store {
         )?)
     }
 
+    /// `(key, count)` rows of a `SELECT key, COUNT(*) ... GROUP BY` query.
+    pub fn counts(&self, sql: &str) -> Result<Vec<(String, i64)>> {
+        let c = self.db()?;
+        let mut st = c.prepare_cached(sql)?;
+        let rows = st.query_map([], |r| {
+            let key: rusqlite::types::Value = r.get(0)?;
+            let key = match key {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                rusqlite::types::Value::Real(f) => f.to_string(),
+                _ => String::new(),
+            };
+            Ok((key, r.get(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Marks a server abnormal (2), as after a deletion that failed.
     pub fn set_server_abnormal(&self, server_id: &str) -> Result<()> {
         self.db()?.execute(

@@ -67,8 +67,25 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/jobs/batch", post(submit_batch))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/phones", get(phones))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(Arc::clone(&d), auth))
         .with_state(d)
+}
+
+/// The host's and its phones' metrics ([`super::metrics`]).
+async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    let d2 = Arc::clone(&d);
+    match tokio::task::spawn_blocking(move || super::metrics::render(&d2)).await {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
+    }
 }
 
 async fn inventory(State(d): State<Arc<Daemon>>) -> Response {

@@ -32,6 +32,7 @@ pub mod host;
 pub mod http;
 pub mod jobs;
 pub mod jobstore;
+pub mod metrics;
 pub mod network;
 pub mod notify;
 pub mod phones;
@@ -459,6 +460,11 @@ impl Daemon {
     }
 
     /// The host's inventory.
+    /// Jobs running now (sync shells included).
+    pub fn running_jobs(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
     pub fn inventory(&self) -> Inventory {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u32)

@@ -428,6 +428,18 @@ impl Network {
         }
     }
 
+    /// Bytes the phone has received and sent, from the counters of its
+    /// veth's host side (what the host sends it is what it receives);
+    /// `None` for a phone without a network.
+    pub fn traffic(&self, phone_id: &str) -> Option<(u64, u64)> {
+        let host_if = self.lock().phone(phone_id)?.host_if.clone();
+        let read = |name: &str| -> Option<u64> {
+            let path = format!("/sys/class/net/{host_if}/statistics/{name}");
+            std::fs::read_to_string(path).ok()?.trim().parse().ok()
+        };
+        Some((read("tx_bytes")?, read("rx_bytes")?))
+    }
+
     /// The phone's mapped ports as the protocol reports them.
     pub fn access_infos(&self, phone_id: &str) -> Vec<AccessInfo> {
         self.lock()

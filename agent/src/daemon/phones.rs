@@ -978,6 +978,26 @@ impl Phones {
         out
     }
 
+    /// Every phone's state with what it has used: its cgroup's
+    /// [`cph_runtime::container::Usage`] and its network traffic
+    /// (received, sent), in phone id order.
+    pub fn usage(
+        &self,
+    ) -> Vec<(
+        PhoneState,
+        cph_runtime::container::Usage,
+        Option<(u64, u64)>,
+    )> {
+        self.states()
+            .into_iter()
+            .map(|st| {
+                let usage = self.rt.usage(&container_name(&st.phone_id));
+                let traffic = self.net.as_ref().and_then(|n| n.traffic(&st.phone_id));
+                (st, usage, traffic)
+            })
+            .collect()
+    }
+
     fn state_of(&self, r: &PhoneRecord) -> PhoneState {
         let (state, reason) = if let Some(phase) = r.phase {
             (phase, None)

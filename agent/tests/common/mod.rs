@@ -61,6 +61,18 @@ pub fn http(
     token: &str,
     body: Option<&Value>,
 ) -> (u16, Value) {
+    let (status, text) = http_text(addr, method, path, token, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request; returns status and body text.
+pub fn http_text(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect agent");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
@@ -79,7 +91,7 @@ pub fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status");
-    let json_body = if head
+    let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
@@ -87,10 +99,7 @@ pub fn http(
     } else {
         rest.to_string()
     };
-    (
-        status,
-        serde_json::from_str(&json_body).unwrap_or(Value::Null),
-    )
+    (status, body)
 }
 
 fn dechunk(mut s: &str) -> String {

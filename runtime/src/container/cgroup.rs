@@ -265,6 +265,42 @@ pub(crate) fn memory_usage(cg: &Cgroup) -> Option<(u64, u64)> {
     Some((m.usage_in_bytes, m.stat.cache))
 }
 
+/// What a phone has used, from its cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of all its tasks since it started, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Memory it uses now (page cache included), in bytes.
+    pub memory_bytes: u64,
+    /// Its processes.
+    pub processes: usize,
+}
+
+/// [`Usage`] of a phone's cgroup: `cpuacct.usage` (v1) or the
+/// `usage_usec` of `cpu.stat` (v2); the memory controller's usage.
+pub(crate) fn usage(cg: &Cgroup) -> Usage {
+    use cgroups_rs::fs::cpuacct::CpuAcctController;
+    let cpu_ns = match cg.controller_of::<CpuAcctController>() {
+        Some(acct) => acct.cpuacct().usage,
+        None => cg
+            .controller_of::<CpuController>()
+            .and_then(|c| usage_usec(&c.cpu().stat))
+            .map_or(0, |us| us.saturating_mul(1000)),
+    };
+    Usage {
+        cpu_ns,
+        memory_bytes: memory_usage(cg).map_or(0, |(usage, _)| usage),
+        processes: procs(cg).len(),
+    }
+}
+
+/// `usage_usec` of a v2 `cpu.stat`.
+fn usage_usec(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Pids in the phone's cgroup.
 pub(crate) fn procs(cg: &Cgroup) -> Vec<i32> {
     cg.procs().into_iter().map(|p| p.pid as i32).collect()
@@ -343,6 +379,13 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_cpu_time_is_read_from_cpu_stat() {
+        let stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(usage_usec(stat), Some(1_234_567));
+        assert_eq!(usage_usec("user_usec 5\n"), None);
+    }
 
     #[test]
     fn shares_map_onto_the_v2_weight_scale() {

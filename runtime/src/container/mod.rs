@@ -37,6 +37,7 @@ mod userns;
 
 pub use cgroup::{
     cgroups_named, mount_points as cgroup_mount_points, remove_parent as remove_cgroup_parent,
+    Usage,
 };
 pub use exec::ExecOutput;
 pub use runtime::{Runtime, StatusChange};

@@ -191,6 +191,12 @@ impl Runtime {
         Ok(st)
     }
 
+    /// What the phone has used (CPU time, memory, processes), read from
+    /// its cgroup; zeros for a phone without one.
+    pub fn usage(&self, name: &str) -> cgroup::Usage {
+        cgroup::usage(&cgroup::load(&self.cgroup_parent, name))
+    }
+
     fn frozen(&self, name: &str) -> bool {
         let cg = cgroup::load(&self.cgroup_parent, name);
         cg.controller_of::<cgroups_rs::fs::freezer::FreezerController>()
