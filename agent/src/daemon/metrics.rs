@@ -20,7 +20,12 @@ pub fn render(d: &Daemon) -> String {
     let mut by_state = std::collections::BTreeMap::<String, f64>::new();
     let (mut cpu, mut mem, mut procs, mut rx, mut tx) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (st, u, traffic) in &usage {
+    for super::phones::PhoneUsage {
+        state: st,
+        usage: u,
+        traffic,
+    } in &usage
+    {
         *by_state.entry(state_name(st.state)).or_default() += 1.0;
         let l = labels(&[("phone_id", &st.phone_id), ("server_id", &st.server_id)]);
         cpu.push((l.clone(), u.cpu_ns as f64 / 1e9));

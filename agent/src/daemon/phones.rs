@@ -123,6 +123,15 @@ fn plan_request(flavor: &PhoneFlavor, slots: u32) -> PlanRequest {
     }
 }
 
+/// A phone's state and what it has used.
+pub struct PhoneUsage {
+    pub state: PhoneState,
+    /// From its cgroup.
+    pub usage: cph_runtime::container::Usage,
+    /// Bytes (received, sent) on its network, when it has one.
+    pub traffic: Option<(u64, u64)>,
+}
+
 /// The container name of a phone.
 pub fn container_name(phone_id: &str) -> String {
     prefixed_name("cph-", phone_id)
@@ -978,22 +987,14 @@ impl Phones {
         out
     }
 
-    /// Every phone's state with what it has used: its cgroup's
-    /// [`cph_runtime::container::Usage`] and its network traffic
-    /// (received, sent), in phone id order.
-    pub fn usage(
-        &self,
-    ) -> Vec<(
-        PhoneState,
-        cph_runtime::container::Usage,
-        Option<(u64, u64)>,
-    )> {
+    /// Every phone's state with what it has used, in phone id order.
+    pub fn usage(&self) -> Vec<PhoneUsage> {
         self.states()
             .into_iter()
-            .map(|st| {
-                let usage = self.rt.usage(&container_name(&st.phone_id));
-                let traffic = self.net.as_ref().and_then(|n| n.traffic(&st.phone_id));
-                (st, usage, traffic)
+            .map(|state| PhoneUsage {
+                usage: self.rt.usage(&container_name(&state.phone_id)),
+                traffic: self.net.as_ref().and_then(|n| n.traffic(&state.phone_id)),
+                state,
             })
             .collect()
     }
