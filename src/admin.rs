@@ -148,3 +148,10 @@ pub fn event_complete(data_dir: &Path, event_id: &str) -> Result<usize, crate::e
 pub fn event_cancel(data_dir: &Path, event_id: &str) -> Result<(), crate::events::EventError> {
     crate::events::cancel(&Store::open_dir(data_dir)?, event_id)
 }
+
+/// Writes a consistent copy of the control plane's database to `to` (it may
+/// run meanwhile). Restore: stop `cph serve`, put the copy in place of
+/// `<data-dir>/cph.db` (and remove `cph.db-wal`, `cph.db-shm`), start it.
+pub fn backup(data_dir: &Path, to: &Path) -> Result<(), StoreError> {
+    Store::open_dir(data_dir)?.backup(to)
+}

@@ -286,6 +286,13 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AdminEvent,
     },
+    /// Write a consistent copy of the control plane's database to FILE,
+    /// while it runs. Restore: stop `cph serve`, put the copy in place of
+    /// `<data-dir>/cph.db`, remove `cph.db-wal` and `cph.db-shm`, start it.
+    Backup {
+        /// The copy (must not exist).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -519,6 +526,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 cph::admin::event_cancel(&data_dir, &event_id)?;
                 println!("event {event_id} canceled");
+                Ok(())
+            }
+            AdminCommand::Backup { file } => {
+                cph::admin::backup(&data_dir, &file)?;
+                println!("database copied to {}", file.display());
                 Ok(())
             }
             AdminCommand::Host {
