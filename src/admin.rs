@@ -63,7 +63,7 @@ pub fn keypair_create(
 }
 
 /// Lists the fleet's hosts as
-/// `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-\treleasing|-`
+/// `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-\treleasing|-\tcordoned|-`
 /// lines, `releasing` the server switched away whose phones the host still
 /// holds.
 pub fn host_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
@@ -72,17 +72,27 @@ pub fn host_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
         .into_iter()
         .map(|n| {
             format!(
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 n.node_id,
                 n.hostname,
                 n.server_model,
                 n.server_ip,
                 if n.alive { "alive" } else { "silent" },
                 n.server_id.as_deref().unwrap_or("-"),
-                n.releasing_server.as_deref().unwrap_or("-")
+                n.releasing_server.as_deref().unwrap_or("-"),
+                if n.cordoned { "cordoned" } else { "-" }
             )
         })
         .collect())
+}
+
+/// Keeps a host out of sale, or puts it back on sale.
+pub fn host_cordon(data_dir: &Path, node_id: &str, cordoned: bool) -> Result<(), StoreError> {
+    if Store::open_dir(data_dir)?.cordon(node_id, cordoned)? {
+        Ok(())
+    } else {
+        Err(StoreError::NodeNotFound(node_id.to_string()))
+    }
 }
 
 /// Takes a silent host out of the fleet, releasing the server on it;

@@ -323,8 +323,14 @@ enum AdminEvent {
 #[derive(Subcommand)]
 enum AdminHost {
     /// List hosts: id, hostname, model, address, alive or silent, server,
-    /// and a server switched away whose phones the host still holds.
+    /// a server switched away whose phones the host still holds, and
+    /// whether it is cordoned.
     List,
+    /// Keep a host out of sale (for maintenance, or before it leaves);
+    /// a server on it stays and runs.
+    Cordon { node_id: String },
+    /// Put a cordoned host back on sale.
+    Uncordon { node_id: String },
     /// Take a host that is gone for good (its agent silent) out of the
     /// fleet: the server on it is released with its phones and its
     /// unfinished jobs fail. Purge its agent before it joins again.
@@ -539,6 +545,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for l in cph::admin::host_list(&data_dir)? {
                     println!("{l}");
                 }
+                Ok(())
+            }
+            AdminCommand::Host {
+                command: AdminHost::Cordon { node_id },
+            } => {
+                cph::admin::host_cordon(&data_dir, &node_id, true)?;
+                println!("host {node_id} out of sale");
+                Ok(())
+            }
+            AdminCommand::Host {
+                command: AdminHost::Uncordon { node_id },
+            } => {
+                cph::admin::host_cordon(&data_dir, &node_id, false)?;
+                println!("host {node_id} on sale");
                 Ok(())
             }
             AdminCommand::Host {

@@ -1652,7 +1652,7 @@ async fn a_silent_host_is_forgotten_with_its_server() {
     let hosts = cph::admin::host_list(d).expect("hosts");
     assert_eq!(hosts.len(), 1, "{hosts:?}");
     assert!(
-        hosts[0].starts_with(&format!("{live}\t")) && hosts[0].ends_with("\talive\t-\t-"),
+        hosts[0].starts_with(&format!("{live}\t")) && hosts[0].ends_with("\talive\t-\t-\t-"),
         "{hosts:?}"
     );
     let r = cp.call("GET", &server_path, None).await;
@@ -2479,7 +2479,7 @@ async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
         .await;
     assert_eq!(r.body["error_code"], "CPS.0242", "{:?}", r.body);
     let hosts = cph::admin::host_list(dir.path()).expect("hosts");
-    assert!(hosts[0].ends_with("\talive\t-\tghost"), "{hosts:?}");
+    assert!(hosts[0].ends_with("\talive\t-\tghost\t-"), "{hosts:?}");
     // Its agent deleted them: the host is for sale.
     beat.abort();
     let beat = keep_beating(&cp, "n1", vec![]);
@@ -2508,10 +2508,11 @@ async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
     beat.abort();
 }
 
-/// `GET /metrics`: the fleet by state, behind the node token.
+/// `GET /metrics`: the fleet by state, behind the node token; a host the
+/// operator cordons is not for sale until uncordoned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_metrics() {
-    let (_dir, cp, _seen, _sid, create, beat1, beat2) = one_server_of_two_hosts().await;
+async fn fleet_metrics_and_cordoned_hosts() {
+    let (dir, cp, _seen, _sid, create, beat1, beat2) = one_server_of_two_hosts().await;
     for p in running_phones(&create) {
         wait_running(&cp, &p.phone_id).await;
     }
@@ -2531,6 +2532,7 @@ async fn fleet_metrics() {
     assert_eq!(get("wrong").await.0, 401);
     let (code, text) = get(NODE_TOKEN).await;
     assert_eq!(code, 200, "{text}");
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
     for line in [
         "# TYPE cph_hosts gauge",
         "cph_hosts{state=\"alive\"} 2",
@@ -2539,8 +2541,34 @@ async fn fleet_metrics() {
         "cph_servers{status=\"5\"} 1",
         "cph_phones{status=\"2\"} 2",
     ] {
-        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        assert!(has(&text, line), "{line} not in\n{text}");
     }
+    // Cordoned, the free host n2 is not for sale; uncordoned, it is.
+    cph::admin::host_cordon(dir.path(), "n2", true).expect("cordon");
+    assert!(cph::admin::host_cordon(dir.path(), "nope", true).is_err());
+    let text = get(NODE_TOKEN).await.1;
+    assert!(has(&text, "cph_hosts_cordoned 1"), "{text}");
+    assert!(!text.contains("cph_hosts_free{"), "{text}");
+    let hosts = cph::admin::host_list(dir.path()).expect("hosts");
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.starts_with("n2\t") && h.ends_with("\tcordoned")),
+        "{hosts:?}"
+    );
+    let r = cp
+        .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0242", "{:?}", r.body);
+    cph::admin::host_cordon(dir.path(), "n2", false).expect("uncordon");
+    let text = get(NODE_TOKEN).await.1;
+    assert!(
+        has(
+            &text,
+            "cph_hosts_free{server_model=\"physical.dev.local\"} 1"
+        ),
+        "{text}"
+    );
     beat1.abort();
     beat2.abort();
 }

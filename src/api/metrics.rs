@@ -20,6 +20,12 @@ fn by(st: &Shared, label: &str, sql: &str) -> Result<Vec<(String, f64)>, ApiErro
         .collect())
 }
 
+/// The one sample of a `SELECT '', COUNT(*) ...` query.
+fn count(st: &Shared, sql: &str) -> Result<Vec<(String, f64)>, ApiError> {
+    let n = st.store.counts(sql)?.first().map_or(0, |(_, n)| *n);
+    Ok(vec![(String::new(), n as f64)])
+}
+
 fn families(st: &Shared) -> Result<Vec<Family>, ApiError> {
     let free: Vec<(String, f64)> = st
         .store
@@ -49,13 +55,16 @@ fn families(st: &Shared) -> Result<Vec<Family>, ApiError> {
             "cph_hosts_releasing",
             "Hosts out of sale until their agent deleted the phones of a server that left.",
             "gauge",
-            vec![(
-                String::new(),
-                st.store
-                    .counts("SELECT '', COUNT(*) FROM nodes WHERE releasing_server IS NOT NULL")?
-                    .first()
-                    .map_or(0.0, |(_, n)| *n as f64),
-            )],
+            count(
+                st,
+                "SELECT '', COUNT(*) FROM nodes WHERE releasing_server IS NOT NULL",
+            )?,
+        ),
+        (
+            "cph_hosts_cordoned",
+            "Hosts the operator keeps out of sale.",
+            "gauge",
+            count(st, "SELECT '', COUNT(*) FROM nodes WHERE cordoned = 1")?,
         ),
         (
             "cph_servers",
@@ -91,13 +100,10 @@ fn families(st: &Shared) -> Result<Vec<Family>, ApiError> {
             "cph_jobs_undispatched",
             "Running jobs not yet delivered to their agent.",
             "gauge",
-            vec![(
-                String::new(),
-                st.store
-                    .counts("SELECT '', COUNT(*) FROM jobs WHERE status = 1 AND dispatched = 0")?
-                    .first()
-                    .map_or(0.0, |(_, n)| *n as f64),
-            )],
+            count(
+                st,
+                "SELECT '', COUNT(*) FROM jobs WHERE status = 1 AND dispatched = 0",
+            )?,
         ),
         (
             "cph_scheduled_events",

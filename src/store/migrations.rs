@@ -243,4 +243,9 @@ CREATE INDEX scheduled_events_by_project ON scheduled_events(project_id, publish
 ALTER TABLE nodes ADD COLUMN releasing_server TEXT;
 ALTER TABLE nodes ADD COLUMN release_job TEXT;
 "#,
+    // 10: a host the operator keeps out of sale (maintenance without a
+    // server on it, or before it leaves the fleet).
+    r#"
+ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

@@ -79,6 +79,8 @@ pub struct Node {
     /// A server switched away from this host whose phones its agent has
     /// not deleted yet: the host is not free until it has.
     pub releasing_server: Option<String>,
+    /// Kept out of sale by the operator.
+    pub cordoned: bool,
 }
 
 /// A cloud phone server (a host assigned to a project).
@@ -437,8 +439,9 @@ const SERVER_COLS: &str =
         AND json_extract(j.request, '$.kind') = 'delete_server')";
 
 /// A host that can be bought (`n` a row of `nodes`): its agent answers,
-/// no server is on it and none is still leaving it.
-const FREE_HOST: &str = "n.alive = 1 AND n.releasing_server IS NULL
+/// no server is on it and none is still leaving it, and the operator has
+/// not cordoned it.
+const FREE_HOST: &str = "n.alive = 1 AND n.releasing_server IS NULL AND n.cordoned = 0
     AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.node_id = n.node_id)";
 
 const PHONE_COLS: &str =
@@ -531,12 +534,13 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
         alive: r.get::<_, i64>(8)? != 0,
         server_id: r.get(9)?,
         releasing_server: r.get(10)?,
+        cordoned: r.get::<_, i64>(11)? != 0,
     })
 }
 
 const NODE_COLS: &str =
     "n.node_id, n.hostname, n.agent_url, n.server_model, n.server_ip, n.public_ip, \
-    n.phone_capacity, n.last_seen, n.alive, s.server_id, n.releasing_server";
+    n.phone_capacity, n.last_seen, n.alive, s.server_id, n.releasing_server, n.cordoned";
 
 /// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` fuzzy match.
 fn like_pattern(s: &str) -> String {
@@ -1487,9 +1491,19 @@ impl Store {
         let rows = st.query_map([], |r| {
             let node = node_row(r)?;
             let server = node.releasing_server.clone().unwrap_or_default();
-            Ok((node, server, r.get(11)?))
+            Ok((node, server, r.get(12)?))
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Keeps a host out of sale (`true`) or puts it back on sale; a server
+    /// on it stays. False when there is no such host.
+    pub fn cordon(&self, node_id: &str, cordoned: bool) -> Result<bool> {
+        let n = self.db()?.execute(
+            "UPDATE nodes SET cordoned = ?2 WHERE node_id = ?1",
+            params![node_id, cordoned as i64],
+        )?;
+        Ok(n == 1)
     }
 
     /// Takes `node` out of sale to release `server_id`, whose phones its
