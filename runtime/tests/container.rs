@@ -897,3 +897,60 @@ fn phone_runs_in_its_own_user_namespace() {
         assert!(matches!(err, ContainerError::InvalidSpec { .. }), "{err}");
     }
 }
+
+/// Bind mounts land beneath the phone's root whatever links the phone
+/// planted on their way: a link out of the root (absolute, or climbing
+/// with `..`) makes the start fail and creates nothing outside; a link
+/// that stays inside is followed; a file mount point is made as a file.
+#[test]
+fn mount_points_never_lead_out_of_the_root() {
+    if !cph_runtime::privilege::check("mount_points_never_lead_out_of_the_root") {
+        return;
+    }
+    let mut f = Fixture::new();
+    let outside = tempfile::tempdir().expect("tempdir");
+    let source = tempfile::tempdir().expect("tempdir");
+    std::fs::write(source.path().join("shared.txt"), "shared\n").expect("write");
+    let bind = |target: &str| cph_runtime::container::BindMount {
+        source: source.path().to_path_buf(),
+        target: PathBuf::from(target),
+        read_only: true,
+    };
+    let escape = outside.path().join("planted");
+    std::fs::create_dir_all(f.rootfs.join("data")).expect("mkdir");
+    std::os::unix::fs::symlink(&escape, f.rootfs.join("data/abs")).expect("symlink");
+    std::os::unix::fs::symlink("../../../../../../../../..", f.rootfs.join("data/up"))
+        .expect("symlink");
+    for target in [
+        "/data/abs/x".to_string(),
+        format!("/data/up{}/x", outside.path().display()),
+    ] {
+        let name = unique("mlink");
+        let mut spec = f.spec(&name);
+        spec.mounts.push(bind(&target));
+        let err = f.rt.start(&spec).expect_err("a link out of the root");
+        assert!(err.to_string().contains("mount point"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("ls").count(),
+            0,
+            "{target}: something was made outside"
+        );
+    }
+    // A link inside the root is followed; a file source gets a file point.
+    std::fs::create_dir(f.rootfs.join("data/real")).expect("mkdir");
+    std::os::unix::fs::symlink("real", f.rootfs.join("data/inner")).expect("symlink");
+    let name = unique("mlink");
+    let mut spec = f.spec(&name);
+    spec.mounts.push(bind("/data/inner/share"));
+    spec.mounts.push(cph_runtime::container::BindMount {
+        source: source.path().join("shared.txt"),
+        target: PathBuf::from("/data/one.txt"),
+        read_only: true,
+    });
+    f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    let (out, code) = f.sh(&name, "cat /data/real/share/shared.txt /data/one.txt");
+    assert_eq!((out.as_str(), code), ("shared\nshared", Some(0)));
+    let (_, code) = f.sh(&name, "echo x > /data/real/share/new");
+    assert_ne!(code, Some(0), "read-only");
+}

@@ -736,25 +736,21 @@ fn init_child(
             }
         }
     }
+    // The phone owns what is beneath its root: mount points are made and
+    // opened without a link leading out, and mounted onto through their
+    // descriptors.
+    let root_fd = std::fs::File::open(rootfs)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("open root {}: {e}", rootfs.display()))?;
     for b in &spec.mounts {
         let rel = b.target.strip_prefix("/").unwrap_or(&b.target);
-        let target = rootfs.join(rel);
-        if b.source.is_dir() {
-            mkdir(&target)?;
-        } else {
-            if let Some(p) = target.parent() {
-                mkdir(p)?;
-            }
-            if !target.exists() {
-                std::fs::File::create(&target)
-                    .map_err(|e| format!("mount point {}: {e}", target.display()))?;
-            }
-        }
+        let point = mount_point_beneath(&root_fd, rel, b.source.is_dir())
+            .map_err(|e| format!("mount point {}: {e}", b.target.display()))?;
         match trees.as_mut().and_then(Iterator::next) {
-            Some(t) => super::userns::attach(&t, &target, "idmapped bind mount")?,
+            Some(t) => super::userns::attach_at(&t, &point, "idmapped bind mount")?,
             None => m(
                 Some(&b.source),
-                &target,
+                &fd_path(&point),
                 None,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
@@ -762,7 +758,15 @@ fn init_child(
             )?,
         }
         if b.read_only {
-            super::userns::remount_read_only(&target)?;
+            // The mount now on the point, reached the same way.
+            let mounted = crate::archive::sys::openat2(
+                root_fd.as_raw_fd(),
+                &path_cstr(rel)?,
+                libc::O_PATH | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(|e| format!("reopen {}: {e}", b.target.display()))?;
+            super::userns::remount_read_only(&fd_path(&mounted))?;
         }
     }
 
@@ -882,6 +886,69 @@ fn wait_child(child: Pid) -> i32 {
             Err(_) => return 125,
         }
     }
+}
+
+/// `/proc/self/fd/<fd>`: a path that reaches what the descriptor holds.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn path_cstr(rel: &Path) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    crate::archive::sys::cstr(rel.as_os_str().as_bytes()).map_err(|e| e.to_string())
+}
+
+/// Makes the mount point `rel` beneath the root `root` (its directories,
+/// and the last component a directory or, for a file source, an empty
+/// file) and opens it. Every step resolves beneath the directory it starts
+/// from, so a link the phone planted (absolute, or climbing with `..`)
+/// fails rather than leading to the host.
+fn mount_point_beneath(root: &OwnedFd, rel: &Path, dir: bool) -> Result<OwnedFd, String> {
+    use crate::archive::sys;
+    use std::os::unix::ffi::OsStrExt;
+    let names: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(n) => Ok(n),
+            other => Err(format!("{other:?} in a mount point")),
+        })
+        .collect::<Result<_, _>>()?;
+    let Some((last, parents)) = names.split_last() else {
+        return Err("an empty mount point".into());
+    };
+    let mut cur = sys::open_dir(root.as_raw_fd(), c".").map_err(|e| e.to_string())?;
+    let step = |cur: &OwnedFd, name: &std::ffi::OsStr, make_dir: bool| {
+        let c = sys::cstr(name.as_bytes()).map_err(|e| e.to_string())?;
+        if make_dir {
+            match sys::mkdirat(cur.as_raw_fd(), &c, 0o755) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(format!("mkdir {}: {e}", name.to_string_lossy())),
+            }
+            sys::open_dir_follow(cur.as_raw_fd(), &c)
+                .map_err(|e| format!("open {}: {e}", name.to_string_lossy()))
+        } else {
+            // Created when missing; opened as a path only (a FIFO the phone
+            // put there would block an open for writing).
+            let path_only = libc::O_PATH | libc::O_NOFOLLOW;
+            match sys::openat2(cur.as_raw_fd(), &c, path_only, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+                    drop(
+                        sys::openat2(cur.as_raw_fd(), &c, create, 0o644)
+                            .map_err(|e| format!("create {}: {e}", name.to_string_lossy()))?,
+                    );
+                    sys::openat2(cur.as_raw_fd(), &c, path_only, 0)
+                }
+                other => other,
+            }
+            .map_err(|e| format!("open {}: {e}", name.to_string_lossy()))
+        }
+    };
+    for name in parents {
+        cur = step(&cur, name, true)?;
+    }
+    step(&cur, last, dir)
 }
 
 #[cfg(test)]

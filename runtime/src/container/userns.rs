@@ -38,6 +38,8 @@ struct MountAttr {
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+/// `move_mount` flag: the target is the descriptor itself.
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
 const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
@@ -133,6 +135,29 @@ pub(super) fn attach(tree: &OwnedFd, target: &Path, what: &str) -> Result<(), St
         return Err(format!(
             "attach {what} at {}: {}",
             target.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// [`attach`] onto what the descriptor `target` holds.
+pub(super) fn attach_at(tree: &OwnedFd, target: &OwnedFd, what: &str) -> Result<(), String> {
+    let empty = c"";
+    // SAFETY: two open descriptors with empty paths.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            target.as_raw_fd(),
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "attach {what}: {}",
             std::io::Error::last_os_error()
         ));
     }
