@@ -302,8 +302,10 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
 }
 
 /// How long a new init that starts no process is watched for an exit
-/// before the phone counts as started.
-const EXIT_WATCH: std::time::Duration = std::time::Duration::from_millis(15);
+/// before the phone counts as started. An init that forks ends the watch
+/// at once, so only one that does not pays it; 15 ms proved too short for
+/// an emulated host to exec a failing init.
+const EXIT_WATCH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How often the views inside a running phone are brought up to date.
 const VIEW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
