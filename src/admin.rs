@@ -165,3 +165,56 @@ pub fn event_cancel(data_dir: &Path, event_id: &str) -> Result<(), crate::events
 pub fn backup(data_dir: &Path, to: &Path) -> Result<(), StoreError> {
     Store::open_dir(data_dir)?.backup(to)
 }
+
+/// Offers a project a share file system: `source`, a directory every host
+/// has (where the operator mounted the file system); its id (`id`, or a new
+/// one).
+pub fn sharefs_create(
+    data_dir: &Path,
+    project: &str,
+    source: &Path,
+    id: Option<&str>,
+) -> Result<String, StoreError> {
+    let s = Store::open_dir(data_dir)?;
+    let p = s
+        .project(project)?
+        .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
+    let invalid = |why: &str| StoreError::DataDir {
+        path: source.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+    };
+    if !source.is_absolute() || source.to_str().is_none() {
+        return Err(invalid("the source must be an absolute UTF-8 path"));
+    }
+    let fs_id = id.map_or_else(crate::store::new_id, str::to_string);
+    if fs_id.is_empty()
+        || fs_id.len() > 64
+        || !fs_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "the id must be 1 to 64 letters, digits, '-' or '_'",
+        ));
+    }
+    let fs = crate::store::ShareFilesystem {
+        fs_id: fs_id.clone(),
+        project_id: p.project_id,
+        kind: "sfs_turbo".into(),
+        source: source.to_string_lossy().into_owned(),
+        create_time: crate::store::now_string(),
+    };
+    if !s.insert_share_fs(&fs)? {
+        return Err(invalid("the id is taken"));
+    }
+    Ok(fs_id)
+}
+
+/// `fs_id\tproject_id\ttype\tsource` lines.
+pub fn sharefs_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    Ok(Store::open_dir(data_dir)?
+        .share_filesystems(None)?
+        .into_iter()
+        .map(|f| format!("{}\t{}\t{}\t{}", f.fs_id, f.project_id, f.kind, f.source))
+        .collect())
+}

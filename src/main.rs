@@ -286,6 +286,12 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AdminEvent,
     },
+    /// Share file systems offered to projects (attached to servers through
+    /// the SDK's AttachShareFilesystem).
+    Sharefs {
+        #[command(subcommand)]
+        command: AdminSharefs,
+    },
     /// Write a consistent copy of the control plane's database to FILE,
     /// while it runs. Restore: stop `cph serve`, put the copy in place of
     /// `<data-dir>/cph.db`, remove `cph.db-wal` and `cph.db-shm`, start it.
@@ -318,6 +324,23 @@ enum AdminEvent {
     Complete { event_id: String },
     /// Cancel an event that has not started.
     Cancel { event_id: String },
+}
+
+#[derive(Subcommand)]
+enum AdminSharefs {
+    /// Offer a project a file system mounted at SOURCE on every host;
+    /// prints its id.
+    Create {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        source: PathBuf,
+        /// Its id (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List them: id, project, type, source.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -532,6 +555,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 cph::admin::event_cancel(&data_dir, &event_id)?;
                 println!("event {event_id} canceled");
+                Ok(())
+            }
+            AdminCommand::Sharefs {
+                command:
+                    AdminSharefs::Create {
+                        project,
+                        source,
+                        id,
+                    },
+            } => {
+                let id = cph::admin::sharefs_create(&data_dir, &project, &source, id.as_deref())?;
+                println!("{id}");
+                Ok(())
+            }
+            AdminCommand::Sharefs {
+                command: AdminSharefs::List,
+            } => {
+                for l in cph::admin::sharefs_list(&data_dir)? {
+                    println!("{l}");
+                }
                 Ok(())
             }
             AdminCommand::Backup { file } => {

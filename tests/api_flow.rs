@@ -2573,6 +2573,130 @@ async fn fleet_metrics_and_cordoned_hosts() {
     beat2.abort();
 }
 
+/// Share file systems: offered by the operator, attached to and detached
+/// from servers by one job per server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_filesystems_attach_and_detach() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    let fs = cph::admin::sharefs_create(
+        dir.path(),
+        "p1",
+        std::path::Path::new("/srv/sfs"),
+        Some("games"),
+    )
+    .expect("offer");
+    assert_eq!(fs, "games");
+    assert!(cph::admin::sharefs_create(
+        dir.path(),
+        "p1",
+        std::path::Path::new("/srv/x"),
+        Some("games")
+    )
+    .is_err());
+    assert!(
+        cph::admin::sharefs_create(dir.path(), "p1", std::path::Path::new("rel"), None).is_err()
+    );
+    let body = |kind: &str, id: &str, servers: Value, path: Option<&str>| json!({"type": kind, "id": id, "server_ids": servers, "path": path});
+    let attach = "/v1/{p}/servers/attach-share-filesystem";
+    let detach = "/v1/{p}/servers/detach-share-filesystem";
+    let code = |r: common::Resp| r.body["error_code"].as_str().unwrap_or("").to_string();
+    let many: Vec<String> = (0..21).map(|i| format!("s{i}")).collect();
+    for (path, b, want) in [
+        (attach, body("nfs", "games", json!([sid]), None), "CPS.0001"),
+        (
+            attach,
+            body("sfs_turbo", "other", json!([sid]), None),
+            "CPS.0001",
+        ),
+        (
+            attach,
+            body("sfs_turbo", "games", json!([sid]), Some("/../etc")),
+            "CPS.0001",
+        ),
+        (
+            attach,
+            body("sfs_turbo", "games", json!([]), None),
+            "CPS.0095",
+        ),
+        (
+            attach,
+            body("sfs_turbo", "games", json!(many), None),
+            "CPS.0094",
+        ),
+        (
+            detach,
+            body("sfs_turbo", "other", json!([sid]), None),
+            "CPS.0001",
+        ),
+    ] {
+        assert_eq!(code(cp.call("POST", path, Some(b)).await), want);
+    }
+    assert!(seen.lock().expect("lock").jobs.is_empty());
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let r = cp
+        .call(
+            "POST",
+            attach,
+            Some(body(
+                "sfs_turbo",
+                "games",
+                json!([sid, unknown]),
+                Some("/level1"),
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let jobs = r.body["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(jobs[0]["server_id"], json!(sid));
+    assert_eq!(jobs[1]["error_code"], "CPS.0015");
+    let sent = sent_job(&seen, jobs[0]["job_id"].as_str().expect("job")).await;
+    assert_eq!(sent["kind"], "attach_share_fs");
+    assert_eq!(
+        sent["fs"],
+        json!({"fs_id": "games", "source": "/srv/sfs/level1"})
+    );
+    let r = cp
+        .call(
+            "POST",
+            detach,
+            Some(body("sfs_turbo", "games", json!([sid]), None)),
+        )
+        .await;
+    let sent = sent_job(&seen, r.body["jobs"][0]["job_id"].as_str().expect("job")).await;
+    assert_eq!(sent["kind"], "detach_share_fs");
+    assert_eq!(sent["fs_id"], "games");
+    // Another project's file system is not this one's.
+    common::prepare(dir.path(), "p2");
+    let p2 = cph::store::Store::open_dir(dir.path())
+        .expect("store")
+        .project("p2")
+        .expect("q")
+        .expect("p2");
+    cph::admin::sharefs_create(
+        dir.path(),
+        &p2.project_id,
+        std::path::Path::new("/srv/p2"),
+        Some("p2fs"),
+    )
+    .expect("offer");
+    assert_eq!(
+        code(
+            cp.call(
+                "POST",
+                attach,
+                Some(body("sfs_turbo", "p2fs", json!([sid]), None))
+            )
+            .await
+        ),
+        "CPS.0001"
+    );
+    assert_eq!(cph::admin::sharefs_list(dir.path()).expect("list").len(), 2);
+    beat.abort();
+}
+
 /// Waits until `f` finds something in what the recorder saw.
 async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F) -> T {
     for _ in 0..100 {

@@ -203,6 +203,23 @@ pub struct CreateServer {
     /// Public key for ADB/SSH access, if the order named a keypair.
     pub public_key: Option<String>,
     pub phones: Vec<PhoneSpec>,
+    /// Share file systems attached to the server, in each phone at
+    /// [`SHARE_FS_DIR`]`/<fs_id>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub share_filesystems: Vec<ShareFs>,
+}
+
+/// Where an attached share file system is in a phone: `<dir>/<fs_id>`.
+pub const SHARE_FS_DIR: &str = "/data/media/sfs";
+
+/// A share file system attached to a server: a directory of every host
+/// (where the operator mounted the file system), bound read-write into the
+/// server's phones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareFs {
+    pub fs_id: String,
+    /// The host directory (the file system's root or a sub-directory).
+    pub source: String,
 }
 
 /// Phone lifecycle as the agent sees it; the control plane maps it to the
@@ -443,6 +460,18 @@ pub enum JobKind {
     /// made, naming them; the phones made stay.
     CreateServer {
         server: CreateServer,
+    },
+    /// A share file system attached to the server (or its directory
+    /// changed): recorded, and the running phones restarted to see it at
+    /// [`SHARE_FS_DIR`]`/<fs_id>`. The source must be a directory of the
+    /// host.
+    AttachShareFs {
+        fs: ShareFs,
+    },
+    /// A share file system detached: its record dropped and the running
+    /// phones restarted without it.
+    DetachShareFs {
+        fs_id: String,
     },
 }
 

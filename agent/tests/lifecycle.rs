@@ -857,3 +857,90 @@ fn a_server_made_by_one_job() {
     }
     assert!(phones(&addr, &token).is_empty());
 }
+
+/// A share file system attached to a server is in its running phones
+/// (restarted) at `/data/media/sfs/<id>`, read-write; detached, it is gone;
+/// a source that is not a directory of the host is refused.
+#[test]
+fn a_share_filesystem_attached_and_detached() {
+    if !cph_runtime::privilege::check("a_share_filesystem_attached_and_detached") {
+        return;
+    }
+    let t = TestAgent::start("sharefs", false, "[storage]\nbackend = \"overlay\"\n");
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let server = format!("fs{pid}");
+    let phone_id = format!("fp{pid}");
+    create_one_phone_server(&addr, &token, &server, &phone_id);
+    let source = tempfile::tempdir().expect("tempdir");
+    std::fs::write(source.path().join("level.dat"), "level 1\n").expect("write");
+    let fs = |source: &Path| json!({"fs_id": "games", "source": source.to_string_lossy()});
+    let st = run_job(
+        &addr,
+        &token,
+        &server_job(
+            &format!("bad-{pid}"),
+            &server,
+            json!({"kind": "attach_share_fs", "fs": fs(Path::new("/nonexistent/sfs"))}),
+        ),
+    );
+    assert_eq!(
+        (st["status"].as_i64(), st["error_code"].as_str()),
+        (Some(-1), Some("CPS.0104")),
+        "{st}"
+    );
+    let st = ok_job(
+        &addr,
+        &token,
+        server_job(
+            &format!("attach-{pid}"),
+            &server,
+            json!({"kind": "attach_share_fs", "fs": fs(source.path())}),
+        ),
+    );
+    assert_eq!(
+        st["execute_msg"],
+        "share file system games attached at /data/media/sfs/games; 1 running phones restarted"
+    );
+    let (code, out) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "s1",
+        "cat /data/media/sfs/games/level.dat && echo saved > /data/media/sfs/games/save",
+    );
+    assert_eq!((code, out.as_str()), (2, "level 1\n"));
+    assert_eq!(
+        std::fs::read_to_string(source.path().join("save")).expect("written by the phone"),
+        "saved\n"
+    );
+    ok_job(
+        &addr,
+        &token,
+        server_job(
+            &format!("detach-{pid}"),
+            &server,
+            json!({"kind": "detach_share_fs", "fs_id": "games"}),
+        ),
+    );
+    let (_, out) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "s2",
+        "ls /data/media/sfs/games 2>&1; true",
+    );
+    assert!(!out.contains("level.dat"), "{out}");
+    let st = run_job(
+        &addr,
+        &token,
+        &server_job(
+            &format!("again-{pid}"),
+            &server,
+            json!({"kind": "detach_share_fs", "fs_id": "games"}),
+        ),
+    );
+    assert_eq!(st["error_code"], "CPS.0001", "{st}");
+    assert_eq!(delete_server(&addr, &token, &server)["status"], 2);
+}

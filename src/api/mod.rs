@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod misc;
 pub mod phones;
 pub mod servers;
+pub mod sharefs;
 pub mod tags;
 pub mod validate;
 
@@ -209,6 +210,14 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/v2/{project_id}/cloud-phone/servers/{server_id}/change",
             post(servers::switch),
+        )
+        .route(
+            "/v1/{project_id}/servers/attach-share-filesystem",
+            post(sharefs::attach),
+        )
+        .route(
+            "/v1/{project_id}/servers/detach-share-filesystem",
+            post(sharefs::detach),
         )
         .route(
             "/v1/{project_id}/cloud-phone/servers/change-server-model",

@@ -401,6 +401,7 @@ fn new_server(
         band_width_size,
         public_key,
         phones,
+        share_filesystems: Vec::new(),
     }
 }
 

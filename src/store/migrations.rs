@@ -248,4 +248,15 @@ ALTER TABLE nodes ADD COLUMN release_job TEXT;
     r#"
 ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 11: share file systems the operator offers a project: a directory of
+    // every host (where the file system is mounted), attached to servers.
+    r#"
+CREATE TABLE share_filesystems (
+    fs_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    source TEXT NOT NULL,
+    create_time TEXT NOT NULL
+);
+"#,
 ];

@@ -209,6 +209,18 @@ pub struct NewServer {
     pub create_request: String,
 }
 
+/// A share file system the operator offers a project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareFilesystem {
+    pub fs_id: String,
+    pub project_id: String,
+    /// `sfs_turbo`, the one type the SDK names.
+    pub kind: String,
+    /// The directory where every host has the file system mounted.
+    pub source: String,
+    pub create_time: String,
+}
+
 /// A server's switch to another host (`ChangeCloudPhoneServer`): what it
 /// becomes there. Its id, name, project, network and bandwidth stay.
 #[derive(Debug, Clone)]
@@ -1492,6 +1504,35 @@ impl Store {
             let node = node_row(r)?;
             let server = node.releasing_server.clone().unwrap_or_default();
             Ok((node, server, r.get(12)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a share file system; false when its id is taken.
+    pub fn insert_share_fs(&self, fs: &ShareFilesystem) -> Result<bool> {
+        let n = self.db()?.execute(
+            "INSERT OR IGNORE INTO share_filesystems (fs_id, project_id, type, source, create_time)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![fs.fs_id, fs.project_id, fs.kind, fs.source, fs.create_time],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Share file systems, of one project or all.
+    pub fn share_filesystems(&self, project_id: Option<&str>) -> Result<Vec<ShareFilesystem>> {
+        let c = self.db()?;
+        let mut st = c.prepare_cached(
+            "SELECT fs_id, project_id, type, source, create_time FROM share_filesystems
+             WHERE ?1 IS NULL OR project_id = ?1 ORDER BY fs_id",
+        )?;
+        let rows = st.query_map([project_id], |r| {
+            Ok(ShareFilesystem {
+                fs_id: r.get(0)?,
+                project_id: r.get(1)?,
+                kind: r.get(2)?,
+                source: r.get(3)?,
+                create_time: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

@@ -6,9 +6,10 @@ CPH_CREDENTIALS at its credentials.json. All tests run against that one
 platform, one file after another in name order (`test_e2e.py`,
 `test_errors.py`, `test_events.py`, `test_images.py`, `test_inventory.py`,
 `test_operations.py`, `test_phone_lifecycle.py`, `test_release.py`,
-`test_switch.py`): the ones that stop, reset or restart phones come late
-and leave the phones running; `test_release.py` deletes the server and
-buys a host again, and the last switches that server to the other host.
+`test_sharefs.py`, `test_switch.py`): the ones that stop, reset or restart
+phones come late and leave the phones running; `test_release.py` deletes
+the server and buys a host again, and the last switches that server to
+the other host.
 """
 
 import json
@@ -121,6 +122,15 @@ def wait_server_ready(client, server_id):
         return None
 
     return poll(ready, 300, f"server {server_id} normal with running phones", step=1)
+
+
+def current_server(client):
+    """The project's server now (`test_release.py` replaces the session's;
+    one is bought when there is none) and its running phones."""
+    owned = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest()).servers or []
+    assert len(owned) <= 1, owned
+    server_id = owned[0].server_id if owned else buy_server(client)
+    return server_id, wait_server_ready(client, server_id)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def wait_jobs_ok(client, jobs, limit=120):
     assert jobs, "no jobs in the answer"
     done = []
     for j in jobs:
-        assert j.job_id and not j.error_code, j
+        assert j.job_id and not getattr(j, "error_code", None), j
         job = wait_job(client, j.job_id, limit)
         assert job.status == 2, job
         done.append(job)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huaweicloudsdkcph.v1 import model as m
 
-from conftest import buy_server, wait_server_ready
+from conftest import current_server, wait_server_ready
 from sdkutil import (
     DEV_PHONE_MODEL,
     DEV_PHONE_MODEL_M768,
@@ -51,15 +51,6 @@ def host_of(server_id):
 def phones_of(client, server_id):
     listed = client.list_cloud_phones(m.ListCloudPhonesRequest(server_id=server_id))
     return sorted(p.phone_id for p in listed.phones or [])
-
-
-def current_server(client):
-    """The project's server (`test_release.py` replaced the session's) and
-    its running phones."""
-    owned = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest()).servers or []
-    assert len(owned) <= 1, owned
-    server_id = owned[0].server_id if owned else buy_server(client)
-    return server_id, wait_server_ready(client, server_id)
 
 
 def test_bad_switches_change_nothing(client):

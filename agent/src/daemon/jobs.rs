@@ -215,6 +215,8 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             transfer::create_image(ctx, phone_of(req)?, object).map(Some)
         }
         JobKind::CreateServer { server } => create_server(ctx, server).map(Some),
+        JobKind::AttachShareFs { fs } => phones.attach_share_fs(&req.server_id, fs).map(Some),
+        JobKind::DetachShareFs { fs_id } => phones.detach_share_fs(&req.server_id, fs_id).map(Some),
     }
 }
 

@@ -40,7 +40,10 @@ use super::network::{network_fail, Network};
 use super::volumes::Volumes;
 use super::JobFailure;
 use crate::config::UserNamespacesConfig;
-use crate::protocol::{CreateServer, ImageRef, PhoneFlavor, PhoneRunState, PhoneSpec, PhoneState};
+use crate::protocol::{
+    CreateServer, ImageRef, PhoneFlavor, PhoneRunState, PhoneSpec, PhoneState, ShareFs,
+    SHARE_FS_DIR,
+};
 
 /// Grace a phone gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -486,25 +489,9 @@ impl Phones {
             "server {server_id}: flavor {} (was {})",
             flavor.flavor_id, was.flavor_id
         );
-        let mut restarted = 0;
-        let mut failed = Vec::new();
-        for phone in &phones {
-            let applied = self.volumes.raise_to(phone, flavor.disk_gb).and_then(|()| {
-                let name = container_name(phone);
-                match self.rt.state(&name).map(|s| s.status) {
-                    Ok(Status::Running) => self.restart(phone, None, None).map(|()| true),
-                    _ => Ok(false),
-                }
-            });
-            match applied {
-                Ok(true) => restarted += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(phone_id = %phone, error = %e.msg, "phone not on the new flavor yet");
-                    failed.push(format!("{phone} ({})", e.msg));
-                }
-            }
-        }
+        let (restarted, mut failed) = self.restart_running(&phones, |phone| {
+            self.volumes.raise_to(phone, flavor.disk_gb)
+        });
         msg.push_str(&format!(", {restarted} running phones restarted on it"));
         let had_encoder = self.servers_with_encoder().iter().any(|s| s == server_id);
         let encoder = match (had_encoder, flavor.encode_server_spec().is_some()) {
@@ -523,6 +510,103 @@ impl Phones {
         }
         if !failed.is_empty() {
             msg.push_str(&format!("; not applied yet: {}", failed.join(", ")));
+        }
+        Ok(msg)
+    }
+
+    /// Restarts those of `phones` that run, after `prepare` of each phone
+    /// (stopped ones take the change at their next start); how many were
+    /// restarted and `phone (reason)` of each that failed.
+    fn restart_running(
+        &self,
+        phones: &[String],
+        prepare: impl Fn(&str) -> Result<(), JobFailure>,
+    ) -> (usize, Vec<String>) {
+        let mut restarted = 0;
+        let mut failed = Vec::new();
+        for phone in phones {
+            let applied = prepare(phone).and_then(|()| {
+                match self.rt.state(&container_name(phone)).map(|s| s.status) {
+                    Ok(Status::Running) => self.restart(phone, None, None).map(|()| true),
+                    _ => Ok(false),
+                }
+            });
+            match applied {
+                Ok(true) => restarted += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(phone_id = %phone, error = %e.msg, "phone not restarted on the change");
+                    failed.push(format!("{phone} ({})", e.msg));
+                }
+            }
+        }
+        (restarted, failed)
+    }
+
+    /// Attaches a share file system to a server (or moves it to another
+    /// directory): recorded, and the running phones restarted to see it at
+    /// [`SHARE_FS_DIR`]`/<fs_id>`. The source must be a directory of this
+    /// host (`CPS.0104` otherwise).
+    pub fn attach_share_fs(&self, server_id: &str, fs: &ShareFs) -> Result<String, JobFailure> {
+        let valid_id = !fs.fs_id.is_empty()
+            && fs.fs_id.len() <= 64
+            && fs
+                .fs_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_id {
+            return Err(JobFailure::new(
+                "CPS.0001",
+                format!("share file system id {:?} is invalid", fs.fs_id),
+            ));
+        }
+        let source = Path::new(&fs.source);
+        if !source.is_absolute() || !source.is_dir() {
+            return Err(JobFailure::new(
+                "CPS.0104",
+                format!(
+                    "share file system {}: {} is not a directory of this host",
+                    fs.fs_id, fs.source
+                ),
+            ));
+        }
+        let mut server = self.server(server_id)?;
+        server.share_filesystems.retain(|f| f.fs_id != fs.fs_id);
+        server.share_filesystems.push(fs.clone());
+        self.share_fs_changed(
+            &server,
+            &format!(
+                "share file system {} attached at {SHARE_FS_DIR}/{}",
+                fs.fs_id, fs.fs_id
+            ),
+        )
+    }
+
+    /// Detaches a share file system from a server: its record dropped and
+    /// the running phones restarted without it (`CPS.0001` when it is not
+    /// attached).
+    pub fn detach_share_fs(&self, server_id: &str, fs_id: &str) -> Result<String, JobFailure> {
+        let mut server = self.server(server_id)?;
+        let before = server.share_filesystems.len();
+        server.share_filesystems.retain(|f| f.fs_id != fs_id);
+        if server.share_filesystems.len() == before {
+            return Err(JobFailure::new(
+                "CPS.0001",
+                format!("share file system {fs_id} is not attached to server {server_id}"),
+            ));
+        }
+        self.share_fs_changed(&server, &format!("share file system {fs_id} detached"))
+    }
+
+    /// Records the server's share file systems and restarts its running
+    /// phones on them; the message.
+    fn share_fs_changed(&self, server: &CreateServer, what: &str) -> Result<String, JobFailure> {
+        self.put_server(server)?;
+        let phones = self.phones_of(&server.server_id);
+        let (restarted, failed) = self.restart_running(&phones, |_| Ok(()));
+        let mut msg = format!("{what}; {restarted} running phones restarted");
+        if !failed.is_empty() {
+            msg.push_str(&format!("; not restarted: {}", failed.join(", ")));
         }
         Ok(msg)
     }
@@ -657,6 +741,13 @@ impl Phones {
                 source,
                 target,
                 read_only: true,
+            });
+        }
+        for fs in &server.share_filesystems {
+            spec.mounts.push(cph_runtime::container::BindMount {
+                source: PathBuf::from(&fs.source),
+                target: Path::new(SHARE_FS_DIR).join(&fs.fs_id),
+                read_only: false,
             });
         }
         spec.init
