@@ -152,6 +152,17 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         store.refresh_server_status(&row.node_id)?;
         tracing::warn!(server_id = %req.server_id, failed, error = ?j.error_msg, "server not fully made on its new host");
     }
+    if let (true, JobState::Succeeded) = (ended, j.status) {
+        match &req.kind {
+            JobKind::AttachShareFs { fs } => {
+                store.set_server_share_fs(&req.server_id, &fs.fs_id, Some(&fs.source))?
+            }
+            JobKind::DetachShareFs { fs_id } => {
+                store.set_server_share_fs(&req.server_id, fs_id, None)?
+            }
+            _ => {}
+        }
+    }
     if ended && matches!(req.kind, JobKind::DeleteServer) {
         if j.status == JobState::Succeeded {
             store.release_server(&req.server_id)?;

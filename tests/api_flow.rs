@@ -2577,10 +2577,10 @@ async fn fleet_metrics_and_cordoned_hosts() {
 /// from servers by one job per server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn share_filesystems_attach_and_detach() {
-    let (dir, cp, _url, seen) = with_nodes(&["n1"]).await;
-    let sid = buy(&cp, &seen, 1).await.remove(0);
-    let create = seen.lock().expect("lock").servers[0].clone();
-    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    let (dir, cp, seen, sid, create, beat, beat2) = one_server_of_two_hosts().await;
+    for p in running_phones(&create) {
+        wait_running(&cp, &p.phone_id).await;
+    }
     let fs = cph::admin::sharefs_create(
         dir.path(),
         "p1",
@@ -2652,12 +2652,26 @@ async fn share_filesystems_attach_and_detach() {
     let jobs = r.body["jobs"].as_array().expect("jobs").clone();
     assert_eq!(jobs[0]["server_id"], json!(sid));
     assert_eq!(jobs[1]["error_code"], "CPS.0015");
-    let sent = sent_job(&seen, jobs[0]["job_id"].as_str().expect("job")).await;
+    let attach_job = jobs[0]["job_id"].as_str().expect("job").to_string();
+    let sent = sent_job(&seen, &attach_job).await;
     assert_eq!(sent["kind"], "attach_share_fs");
-    assert_eq!(
-        sent["fs"],
-        json!({"fs_id": "games", "source": "/srv/sfs/level1"})
-    );
+    let games = json!({"fs_id": "games", "source": "/srv/sfs/level1"});
+    assert_eq!(sent["fs"], games);
+    // Once attached, a switch of the server takes it along.
+    let done = json!([{"job_id": attach_job, "status": 2, "error_code": null,
+                       "error_msg": null, "execute_msg": null}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", done).await.status, 200);
+    let r = cp
+        .call(
+            "POST",
+            &format!("/v2/{{p}}/cloud-phone/servers/{sid}/change"),
+            Some(json!({"phone_model_name": "dev.cp.c1.m512",
+                        "image_id": cph::catalog::TEST_IMAGE_ID})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let made = sent_job(&seen, r.body["job_id"].as_str().expect("job")).await;
+    assert_eq!(made["server"]["share_filesystems"], json!([games]));
     let r = cp
         .call(
             "POST",
@@ -2695,6 +2709,7 @@ async fn share_filesystems_attach_and_detach() {
     );
     assert_eq!(cph::admin::sharefs_list(dir.path()).expect("list").len(), 2);
     beat.abort();
+    beat2.abort();
 }
 
 /// Waits until `f` finds something in what the recorder saw.

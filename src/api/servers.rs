@@ -1149,7 +1149,8 @@ pub(crate) struct SwitchSpec {
 
 /// The switch of server `cur` to `spec` ([`crate::store::Store::switch_server`]
 /// picks the host): new phones named as bought ones, the keypair's key,
-/// the server's bandwidth, the `create_server` job and the release job id.
+/// the server's bandwidth and share file systems, the `create_server` job
+/// and the release job id.
 pub(crate) fn switch_plan(
     store: &crate::store::Store,
     project_id: &str,
@@ -1166,7 +1167,7 @@ pub(crate) fn switch_plan(
         .find(|bw| bw.band_width_id == cur.band_width_id)
         .map_or(BANDWIDTH_DEDICATED, |bw| bw.band_width_size);
     let phone_model_name = spec.flavor.flavor_id.clone();
-    let req = new_server(
+    let mut req = new_server(
         &cur.server_id,
         &cur.server_name,
         spec.flavor,
@@ -1176,6 +1177,12 @@ pub(crate) fn switch_plan(
         public_key,
         &spec.property,
     );
+    // The server takes its share file systems along.
+    req.share_filesystems = store
+        .server_share_filesystems(&cur.server_id)?
+        .into_iter()
+        .map(|(fs_id, source)| cph_agent::protocol::ShareFs { fs_id, source })
+        .collect();
     let job = JobRequest {
         job_id: new_id(),
         request_id: new_id(),

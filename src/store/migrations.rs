@@ -249,7 +249,8 @@ ALTER TABLE nodes ADD COLUMN release_job TEXT;
 ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
 "#,
     // 11: share file systems the operator offers a project: a directory of
-    // every host (where the file system is mounted), attached to servers.
+    // every host (where the file system is mounted); those attached to each
+    // server (with the directory bound), which a switch takes along.
     r#"
 CREATE TABLE share_filesystems (
     fs_id TEXT PRIMARY KEY,
@@ -257,6 +258,12 @@ CREATE TABLE share_filesystems (
     type TEXT NOT NULL,
     source TEXT NOT NULL,
     create_time TEXT NOT NULL
+);
+CREATE TABLE server_share_filesystems (
+    server_id TEXT NOT NULL,
+    fs_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (server_id, fs_id)
 );
 "#,
 ];

@@ -580,6 +580,10 @@ fn drop_server(tx: &rusqlite::Transaction<'_>, server_id: &str) -> Result<()> {
     tx.execute("DELETE FROM phones WHERE server_id = ?1", [server_id])?;
     tx.execute("DELETE FROM servers WHERE server_id = ?1", [server_id])?;
     tx.execute("DELETE FROM tags WHERE resource_id = ?1", [server_id])?;
+    tx.execute(
+        "DELETE FROM server_share_filesystems WHERE server_id = ?1",
+        [server_id],
+    )?;
     if let Some(band) = band.filter(|b| !b.is_empty()) {
         tx.execute(
             "DELETE FROM bandwidths WHERE band_width_id = ?1
@@ -1534,6 +1538,39 @@ impl Store {
                 create_time: r.get(4)?,
             })
         })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a share file system attached to a server (`Some(source)`)
+    /// or detached from it (`None`).
+    pub fn set_server_share_fs(
+        &self,
+        server_id: &str,
+        fs_id: &str,
+        source: Option<&str>,
+    ) -> Result<()> {
+        let c = self.db()?;
+        match source {
+            Some(source) => c.execute(
+                "INSERT INTO server_share_filesystems (server_id, fs_id, source) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(server_id, fs_id) DO UPDATE SET source = excluded.source",
+                params![server_id, fs_id, source],
+            )?,
+            None => c.execute(
+                "DELETE FROM server_share_filesystems WHERE server_id = ?1 AND fs_id = ?2",
+                params![server_id, fs_id],
+            )?,
+        };
+        Ok(())
+    }
+
+    /// The share file systems attached to a server: (id, host directory).
+    pub fn server_share_filesystems(&self, server_id: &str) -> Result<Vec<(String, String)>> {
+        let c = self.db()?;
+        let mut st = c.prepare_cached(
+            "SELECT fs_id, source FROM server_share_filesystems WHERE server_id = ?1 ORDER BY fs_id",
+        )?;
+        let rows = st.query_map([server_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
