@@ -2130,9 +2130,9 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
     beat.abort();
 }
 
-/// Hosts n1 and n2 and a server bought on n1: the dir, the control plane,
-/// the recorder, the server, its `CreateServer`, and the heartbeats of n1
-/// (its phones running) and of n2 (no phones).
+/// Hosts n1 and n2 and a server bought on n1, its phones running: the dir,
+/// the control plane, the recorder, the server, its `CreateServer`, and the
+/// heartbeats of n1 (its phones running) and of n2 (no phones).
 #[allow(clippy::type_complexity)]
 async fn one_server_of_two_hosts() -> (
     tempfile::TempDir,
@@ -2148,6 +2148,9 @@ async fn one_server_of_two_hosts() -> (
     let create = seen.lock().expect("lock").servers[0].clone();
     let beat1 = keep_beating(&cp, "n1", running_phones(&create));
     let beat2 = keep_beating(&cp, "n2", vec![]);
+    for p in running_phones(&create) {
+        wait_running(&cp, &p.phone_id).await;
+    }
     (dir, cp, seen, sid, create, beat1, beat2)
 }
 
@@ -2361,9 +2364,6 @@ async fn a_server_switches_to_a_free_host() {
 async fn a_redeploy_event_switches_the_server_to_a_free_host() {
     let (dir, cp, seen, sid, create, beat1, beat2) = one_server_of_two_hosts().await;
     let old_phones = running_phones(&create);
-    for p in &old_phones {
-        wait_running(&cp, &p.phone_id).await;
-    }
     let event = |description: &str| {
         cph::admin::event_create(dir.path(), &sid, "system-maintenance", description, 72)
             .expect("event")
@@ -2512,10 +2512,7 @@ async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
 /// operator cordons is not for sale until uncordoned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_metrics_and_cordoned_hosts() {
-    let (dir, cp, _seen, _sid, create, beat1, beat2) = one_server_of_two_hosts().await;
-    for p in running_phones(&create) {
-        wait_running(&cp, &p.phone_id).await;
-    }
+    let (dir, cp, _seen, _sid, _create, beat1, beat2) = one_server_of_two_hosts().await;
     let get = |token: &'static str| {
         let cp = &cp;
         async move {
@@ -2577,10 +2574,7 @@ async fn fleet_metrics_and_cordoned_hosts() {
 /// from servers by one job per server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn share_filesystems_attach_and_detach() {
-    let (dir, cp, seen, sid, create, beat, beat2) = one_server_of_two_hosts().await;
-    for p in running_phones(&create) {
-        wait_running(&cp, &p.phone_id).await;
-    }
+    let (dir, cp, seen, sid, _create, beat, beat2) = one_server_of_two_hosts().await;
     let fs = cph::admin::sharefs_create(
         dir.path(),
         "p1",

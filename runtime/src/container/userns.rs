@@ -114,52 +114,40 @@ pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, St
     Ok(tree)
 }
 
-/// Attaches a detached mount tree at `target` (`move_mount`); `what` names
-/// it in errors.
+/// Attaches a detached mount tree at `target` (`move_mount`).
 pub(super) fn attach(tree: &OwnedFd, target: &Path, what: &str) -> Result<(), String> {
     let to = cpath(target)?;
-    let empty = c"";
-    // SAFETY: an open mount fd with an empty path, and a NUL-terminated
-    // target path.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if r < 0 {
-        return Err(format!(
-            "attach {what} at {}: {}",
-            target.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    move_tree(tree, libc::AT_FDCWD, &to, MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(|e| format!("attach {what} at {}: {e}", target.display()))
 }
 
 /// [`attach`] onto what the descriptor `target` holds.
 pub(super) fn attach_at(tree: &OwnedFd, target: &OwnedFd, what: &str) -> Result<(), String> {
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+    move_tree(tree, target.as_raw_fd(), c"", flags).map_err(|e| format!("attach {what}: {e}"))
+}
+
+fn move_tree(
+    tree: &OwnedFd,
+    to_dir: libc::c_int,
+    to: &std::ffi::CStr,
+    flags: libc::c_uint,
+) -> std::io::Result<()> {
     let empty = c"";
-    // SAFETY: two open descriptors with empty paths.
+    // SAFETY: an open mount fd with an empty path, and a directory fd (or
+    // AT_FDCWD) with a NUL-terminated path.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            target.as_raw_fd(),
-            empty.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            to_dir,
+            to.as_ptr(),
+            flags,
         )
     };
     if r < 0 {
-        return Err(format!(
-            "attach {what}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
