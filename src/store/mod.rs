@@ -1416,14 +1416,19 @@ impl Store {
     /// replaced by `sw.phones`, the job that makes it there is recorded,
     /// the host it leaves keeps it as `releasing_server` (not free) until
     /// `sw.release_job` has run there, and the unfinished jobs of its old
-    /// phones fail. `Ok(None)` when no host is free. Returns the server
-    /// and the job as stored.
+    /// phones fail. `Ok(None)` when no host is free, or the server is no
+    /// longer running or abnormal (being made, switched or deleted).
+    /// Returns the server and the job as stored.
     pub fn switch_server(&self, sw: &Switch) -> Result<Option<(Server, Job)>> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
+        // Checked again here, against a deletion or switch that raced.
         let old: Option<(String, String, String)> = tx
             .query_row(
-                "SELECT node_id, server_model_name, project_id FROM servers WHERE server_id = ?1",
+                "SELECT node_id, server_model_name, project_id FROM servers s
+                 WHERE server_id = ?1 AND status IN (2, 5)
+                   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.server_id = s.server_id
+                       AND j.status = 1 AND json_extract(j.request, '$.kind') = 'delete_server')",
                 [&sw.server_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
