@@ -2295,25 +2295,8 @@ async fn a_server_switches_to_a_free_host() {
     assert!(release_id.starts_with(&format!("{sid}:release:")));
     beat1.abort();
     let beat1 = keep_beating(&cp, "n1", vec![]);
-    seen.lock().expect("lock").statuses.insert(
-        release_id.clone(),
-        JobStatus {
-            job_id: release_id,
-            status: JobState::Succeeded,
-            error_code: None,
-            error_msg: None,
-            execute_msg: Some("server released".into()),
-        },
-    );
-    for _ in 0..60 {
-        let r = cp
-            .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
-            .await;
-        if r.status == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    release_succeeded(&seen, release_id);
+    assert_eq!(buy_when_free(&cp).await, 200);
     let listed = cp.call("GET", "/v1/{p}/cloud-phone/servers", None).await;
     assert_eq!(
         listed.body["servers"].as_array().map(Vec::len),
@@ -2483,28 +2466,8 @@ async fn a_host_with_phones_of_an_unknown_server_releases_them_first() {
     // Its agent deleted them: the host is for sale.
     beat.abort();
     let beat = keep_beating(&cp, "n1", vec![]);
-    seen.lock().expect("lock").statuses.insert(
-        release_id.clone(),
-        JobStatus {
-            job_id: release_id,
-            status: JobState::Succeeded,
-            error_code: None,
-            error_msg: None,
-            execute_msg: None,
-        },
-    );
-    let mut status = 0;
-    for _ in 0..60 {
-        let r = cp
-            .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
-            .await;
-        status = r.status;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, 200);
+    release_succeeded(&seen, release_id);
+    assert_eq!(buy_when_free(&cp).await, 200);
     beat.abort();
 }
 
@@ -2704,6 +2667,37 @@ async fn share_filesystems_attach_and_detach() {
     assert_eq!(cph::admin::sharefs_list(dir.path()).expect("list").len(), 2);
     beat.abort();
     beat2.abort();
+}
+
+/// Makes the recorder answer that the release job `id` succeeded.
+fn release_succeeded(seen: &Arc<Mutex<Seen>>, id: String) {
+    seen.lock().expect("lock").statuses.insert(
+        id.clone(),
+        JobStatus {
+            job_id: id,
+            status: JobState::Succeeded,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+        },
+    );
+}
+
+/// Buys one server through v2 once a host is for sale (within 6 s); the
+/// last answer's status.
+async fn buy_when_free(cp: &Cp) -> u16 {
+    let mut status = 0;
+    for _ in 0..60 {
+        let r = cp
+            .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
+            .await;
+        status = r.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    status
 }
 
 /// Waits until `f` finds something in what the recorder saw.

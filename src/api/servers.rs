@@ -370,7 +370,6 @@ fn validate_extend(e: Option<&ExtendParam>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Network version of a purchase endpoint.
 /// The agent's `CreateServer` of a server with new phones: one per slot of
 /// the flavor, named `<server_name>-0001` on.
 #[allow(clippy::too_many_arguments)]
@@ -413,6 +412,7 @@ fn phone_names(req: &CreateServer) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Network version of a purchase endpoint.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Flavor {
     V1,
@@ -1062,7 +1062,7 @@ pub async fn switch(
         .store
         .server(&c.project_id, &server_id)?
         .ok_or_else(|| ApiError::ServerNotFound(server_id.clone()))?;
-    if cur.deleting || cur.status != SERVER_NORMAL && cur.status != 2 {
+    if cur.deleting || !matches!(cur.status, SERVER_NORMAL | 2) {
         return Err(ApiError::ServerState(format!(
             "server {} is {}; only a running or abnormal server switches",
             cur.server_id,
