@@ -187,12 +187,7 @@ pub fn sharefs_create(
         return Err(invalid("the source must be an absolute UTF-8 path"));
     }
     let fs_id = id.map_or_else(crate::store::new_id, str::to_string);
-    if fs_id.is_empty()
-        || fs_id.len() > 64
-        || !fs_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !cph_agent::protocol::is_share_fs_id(&fs_id) {
         return Err(invalid(
             "the id must be 1 to 64 letters, digits, '-' or '_'",
         ));

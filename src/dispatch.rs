@@ -495,7 +495,10 @@ async fn release_hosts(
     client: &reqwest::Client,
     cfg: &LoopConfig,
 ) -> Result<(), DispatchError> {
-    for (node, server_id, job_id) in store.releasing_hosts()? {
+    for (node, job_id) in store.releasing_hosts()? {
+        let Some(server_id) = node.releasing_server.clone() else {
+            continue;
+        };
         let base = node.agent_url.trim_end_matches('/');
         let resp = client
             .get(format!("{base}/v1/jobs/{job_id}"))

@@ -212,6 +212,16 @@ pub struct CreateServer {
 /// Where an attached share file system is in a phone: `<dir>/<fs_id>`.
 pub const SHARE_FS_DIR: &str = "/data/media/sfs";
 
+/// Whether `id` can name a share file system: 1 to 64 ASCII letters,
+/// digits, `-` or `_` (it becomes a directory name in every phone).
+pub fn is_share_fs_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// A share file system attached to a server: a directory of every host
 /// (where the operator mounted the file system), bound read-write into the
 /// server's phones.

@@ -1500,8 +1500,8 @@ impl Store {
     }
 
     /// Hosts whose agent answers and that still hold a server switched
-    /// away from them: (node, server id, release job id).
-    pub fn releasing_hosts(&self) -> Result<Vec<(Node, String, String)>> {
+    /// away from them (`releasing_server`), each with its release job id.
+    pub fn releasing_hosts(&self) -> Result<Vec<(Node, String)>> {
         let c = self.db()?;
         let sql = format!(
             "SELECT {NODE_COLS}, n.release_job FROM nodes n
@@ -1509,11 +1509,7 @@ impl Store {
              WHERE n.alive = 1 AND n.releasing_server IS NOT NULL AND n.release_job IS NOT NULL"
         );
         let mut st = c.prepare(&sql)?;
-        let rows = st.query_map([], |r| {
-            let node = node_row(r)?;
-            let server = node.releasing_server.clone().unwrap_or_default();
-            Ok((node, server, r.get(12)?))
-        })?;
+        let rows = st.query_map([], |r| Ok((node_row(r)?, r.get(12)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

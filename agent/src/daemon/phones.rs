@@ -548,13 +548,7 @@ impl Phones {
     /// [`SHARE_FS_DIR`]`/<fs_id>`. The source must be a directory of this
     /// host (`CPS.0104` otherwise).
     pub fn attach_share_fs(&self, server_id: &str, fs: &ShareFs) -> Result<String, JobFailure> {
-        let valid_id = !fs.fs_id.is_empty()
-            && fs.fs_id.len() <= 64
-            && fs
-                .fs_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid_id {
+        if !crate::protocol::is_share_fs_id(&fs.fs_id) {
             return Err(JobFailure::new(
                 "CPS.0001",
                 format!("share file system id {:?} is invalid", fs.fs_id),
