@@ -1,7 +1,8 @@
 //! The object-store client against the real embedded S3 server on loopback:
 //! whole-object operations, typed errors, size limits before download,
 //! streamed download and multipart upload with bounded memory, credentials,
-//! and a tar exported to the store and extracted back while streaming.
+//! and a tar exported to the store and extracted back while streaming (from
+//! the received buffers, as the agent extracts a push).
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -345,7 +346,7 @@ async fn addressing_follows_path_style_setting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_exported_to_store_and_extracted_while_streaming() {
-    use cph_runtime::archive::{extract, write_tar, ExtractOptions};
+    use cph_runtime::archive::{extract_lent, write_tar, ExtractOptions};
     let f = fixture().await;
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
@@ -375,7 +376,8 @@ async fn tar_exported_to_store_and_extracted_while_streaming() {
             &url.bucket,
             &url.key,
             cph_agent::objstore::PUSH_MAX_BYTES,
-            move |r| extract(r, &target, &ExtractOptions::default()),
+            // As the agent extracts a push: written from the received buffers.
+            move |r| extract_lent(r, &target, &ExtractOptions::default()),
         )
         .await
         .unwrap()

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use cph_runtime::archive::{
-    extract, write_tar, ArchiveError, ExtractOptions, Ownership, SpecialFiles,
+    extract, extract_lent, write_tar, ArchiveError, ExtractOptions, Lend, Ownership, SpecialFiles,
 };
 use tar::{Builder, EntryType, Header};
 
@@ -239,10 +239,9 @@ impl std::io::Read for Jagged<'_> {
     }
 }
 
-#[test]
-fn large_files_arrive_whole_through_any_read_sizes() {
-    // Files over the writers' chunk and writeback steps, with small files
-    // between them; every byte differs from its neighbours' positions.
+/// Files over the writers' chunk and writeback steps, with small files
+/// between them; every byte differs from its neighbours' positions.
+fn large_files() -> Vec<(&'static str, Vec<u8>)> {
     let pattern = |len: usize, seed: u64| -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
@@ -254,19 +253,35 @@ fn large_files_arrive_whole_through_any_read_sizes() {
             })
             .collect()
     };
-    let files = [
+    vec![
         ("big/a.bin", pattern((20 << 20) + 5, 1)),
         ("big/small1", pattern(700, 2)),
         ("big/b.bin", pattern((3 << 20) + 7, 3)),
         ("big/small2", pattern(1, 4)),
         ("c.bin", pattern((9 << 20) - 1, 5)),
-    ];
+    ]
+}
+
+fn large_files_tar(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut b = Builder::new(Vec::new());
     add_dir(&mut b, "big", 0o755);
-    for (name, data) in &files {
+    for (name, data) in files {
         add_file(&mut b, name, data, 0o644);
     }
-    let tar = finish(b);
+    finish(b)
+}
+
+fn assert_files(target: &Path, files: &[(&str, Vec<u8>)], how: &str) {
+    for (name, data) in files {
+        let got = fs::read(target.join(name)).expect("read back");
+        assert!(got == *data, "{name} differs after extraction ({how})");
+    }
+}
+
+#[test]
+fn large_files_arrive_whole_through_any_read_sizes() {
+    let files = large_files();
+    let tar = large_files_tar(&files);
     for threads in [1, 3] {
         let s = Scene::new();
         let opts = ExtractOptions {
@@ -280,14 +295,176 @@ fn large_files_arrive_whole_through_any_read_sizes() {
         };
         let report = extract(src, &s.target, &opts).expect("extract");
         assert_eq!(report.files, files.len() as u64);
-        for (name, data) in &files {
-            let got = fs::read(s.target.join(name)).expect("read back");
-            assert!(
-                got == *data,
-                "{name} differs after extraction ({threads} writers)"
-            );
+        assert_files(&s.target, &files, &format!("{threads} writers"));
+    }
+}
+
+/// A source lending pieces of one buffer in uneven sizes, counting what
+/// it lent and what was copied out of it; it fails once `fail_at` bytes
+/// were taken, when set.
+struct Lender {
+    data: bytes::Bytes,
+    step: usize,
+    lent: usize,
+    copied: usize,
+    fail_at: Option<usize>,
+}
+
+impl Lender {
+    fn new(data: Vec<u8>) -> Self {
+        Lender {
+            data: data.into(),
+            step: 0,
+            lent: 0,
+            copied: 0,
+            fail_at: None,
         }
     }
+
+    /// The size of the next piece, at most `max`.
+    fn next(&mut self, max: usize) -> std::io::Result<usize> {
+        const SIZES: [usize; 5] = [3, 4097, 300_000, (1 << 20) + 3, 65_536];
+        if self.fail_at.is_some_and(|at| self.lent + self.copied >= at) {
+            return Err(std::io::Error::other("connection reset"));
+        }
+        let n = SIZES[self.step % SIZES.len()].min(max).min(self.data.len());
+        self.step += 1;
+        Ok(n)
+    }
+}
+
+impl std::io::Read for Lender {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.next(buf.len())?;
+        buf[..n].copy_from_slice(&self.data.split_to(n));
+        self.copied += n;
+        Ok(n)
+    }
+}
+
+impl Lend for Lender {
+    fn lend(&mut self, max: usize) -> std::io::Result<bytes::Bytes> {
+        let n = self.next(max)?;
+        self.lent += n;
+        Ok(self.data.split_to(n))
+    }
+}
+
+#[test]
+fn large_files_are_written_from_lent_buffers() {
+    let files = large_files();
+    let tar = large_files_tar(&files);
+    // Beyond each file's first MiB, all but what the 1 MiB read buffer
+    // held when the file's header was read.
+    let tails: usize = files
+        .iter()
+        .map(|(_, d)| d.len().saturating_sub(2 << 20))
+        .sum();
+    for threads in [1, 3] {
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            threads,
+            sync: true,
+            ..Default::default()
+        };
+        let mut src = Lender::new(tar.clone());
+        let report = extract_lent(&mut src, &s.target, &opts).expect("extract");
+        assert_eq!(report.files, files.len() as u64);
+        assert_files(&s.target, &files, &format!("lent, {threads} writers"));
+        assert!(
+            src.lent >= tails,
+            "{} bytes lent, {} copied: large files were copied",
+            src.lent,
+            src.copied
+        );
+        assert_eq!(src.lent + src.copied, tar.len());
+    }
+
+    // A gzip stream is decompressed: nothing can be lent.
+    let s = Scene::new();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("gzip");
+    let mut src = Lender::new(gz.finish().expect("gzip finish"));
+    extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect("extract gzip");
+    assert_files(&s.target, &files, "gzip");
+    assert_eq!(src.lent, 0);
+}
+
+#[test]
+fn lent_streams_cut_or_failing_inside_a_large_file() {
+    let files = large_files();
+    let tar = large_files_tar(&files);
+    // Cut 5 MiB into the first large file, where its bytes are being lent.
+    let s = Scene::new();
+    let mut src = Lender::new(tar[..5 << 20].to_vec());
+    let e = extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect_err("cut");
+    assert!(
+        matches!(e.root_cause(), ArchiveError::Truncated { .. }),
+        "{e}"
+    );
+    assert!(src.lent > 0, "the cut was not met while lending");
+    s.assert_outside_untouched();
+
+    // The source failing there is the source's failure, not a bad archive.
+    let s = Scene::new();
+    let mut src = Lender::new(tar);
+    src.fail_at = Some(5 << 20);
+    let e = extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect_err("fails");
+    assert!(matches!(e.root_cause(), ArchiveError::Read(_)), "{e}");
+    assert!(!e.is_bad_archive());
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn sparse_files_from_gnu_tar_through_a_lending_source() {
+    // GNU tar's sparse entries: pieces of data with holes between them,
+    // which the extractor reads rather than lends.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src_dir = dir.path().join("src");
+    fs::create_dir(&src_dir).expect("src");
+    let mut want = vec![0u8; 6 << 20];
+    for (at, len, v) in [
+        (0usize, 100_000usize, 1u8),
+        (2 << 20, 300_000, 2),
+        ((6 << 20) - 10, 10, 3),
+    ] {
+        want[at..at + len].fill(v);
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(src_dir.join("holes.img")).expect("sparse file");
+        f.set_len(want.len() as u64).expect("size");
+        for (at, len) in [
+            (0usize, 100_000usize),
+            (2 << 20, 300_000),
+            ((6 << 20) - 10, 10),
+        ] {
+            f.write_all_at(&want[at..at + len], at as u64)
+                .expect("write");
+        }
+    }
+    let archive = dir.path().join("sparse.tar");
+    let st = std::process::Command::new("tar")
+        .args(["--sparse", "--format=gnu", "-cf"])
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src_dir)
+        .arg("holes.img")
+        .status()
+        .expect("GNU tar");
+    assert!(st.success());
+    let tar = fs::read(&archive).expect("read archive");
+    assert!(
+        tar.len() < 2 << 20,
+        "GNU tar did not write a sparse entry ({} bytes)",
+        tar.len()
+    );
+    let s = Scene::new();
+    let mut src = Lender::new(tar);
+    extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect("extract sparse");
+    let got = fs::read(s.target.join("holes.img")).expect("read back");
+    assert!(got == want, "the sparse file differs after extraction");
+    assert_eq!(src.lent, 0);
 }
 
 #[test]

@@ -116,7 +116,7 @@ fn download_extract(
         .handle
         .block_on(store.download_to_reader(&object.bucket, &object.key, limit))
         .map_err(|e| store_failure(&e))?;
-    archive::extract(&mut reader, target, opts).map_err(|e| archive_failure(object, &e))
+    archive::extract_lent(&mut reader, target, opts).map_err(|e| archive_failure(object, &e))
 }
 
 fn extracted(verb: &str, object: &ObjectRef, r: &ExtractReport) -> String {

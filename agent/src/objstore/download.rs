@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
+use cph_runtime::archive;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -83,18 +84,17 @@ impl ObjectReader {
     }
 }
 
-impl io::Read for ObjectReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl ObjectReader {
+    /// Makes `current` hold the next bytes, waiting for the next part when
+    /// needed; false at the end of the object.
+    fn fill(&mut self) -> io::Result<bool> {
         while !self.current.has_remaining() {
             if let Some(next) = self.rest.next() {
                 self.current = next;
                 continue;
             }
             if self.done {
-                return Ok(0);
+                return Ok(false);
             }
             match self.rx.blocking_recv() {
                 Some(Ok(part)) => self.rest = part.into_iter(),
@@ -112,14 +112,36 @@ impl io::Read for ObjectReader {
                         }
                         .into_io());
                     }
-                    return Ok(0);
+                    return Ok(false);
                 }
             }
+        }
+        Ok(true)
+    }
+}
+
+impl io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || !self.fill()? {
+            return Ok(0);
         }
         let n = buf.len().min(self.current.remaining());
         self.current.copy_to_slice(&mut buf[..n]);
         self.stats.sub(n as u64);
         Ok(n)
+    }
+}
+
+/// The received buffers themselves, for an extraction that writes from
+/// them ([`archive::extract_lent`]).
+impl archive::Lend for ObjectReader {
+    fn lend(&mut self, max: usize) -> io::Result<Bytes> {
+        if max == 0 || !self.fill()? {
+            return Ok(Bytes::new());
+        }
+        let lent = self.current.split_to(max.min(self.current.len()));
+        self.stats.sub(lent.len() as u64);
+        Ok(lent)
     }
 }
 

@@ -14,24 +14,31 @@
 //! given to `openat2` is final.
 //!
 //! Large files travel in 1 MiB chunks whose buffers go back to the parser
-//! once written. When the run ends with a sync, each large file has its
+//! once written; from a source that lends its bytes ([`Lend`], a download)
+//! a chunk is the source's own buffers instead, written without a copy. When the run ends with a sync, each large file has its
 //! writeback started every 8 MiB (`sync_file_range`, not waited for), so
 //! the disk works while the archive is still arriving and the final
 //! `syncfs` finds little left to write.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
+
 use super::path::{bytes_path, prefixes, sanitize, RelPath};
 use super::sys;
-use super::{ArchiveError, ExtractOptions, ExtractReport, Skipped, SpecialFiles, WrittenPaths};
+use super::{
+    ArchiveError, ExtractOptions, ExtractReport, Lend, Skipped, SpecialFiles, WrittenPaths,
+};
 
 /// Read buffer over the source.
 const READ_BUFFER: usize = 1 << 20;
@@ -76,7 +83,7 @@ enum Job {
         data: std::ops::Range<usize>,
         total: u64,
     },
-    Chunk(Vec<u8>),
+    Chunk(Chunk),
     Symlink {
         parent: Arc<OwnedFd>,
         rel: RelPath,
@@ -90,6 +97,23 @@ enum Job {
         tname: CString,
     },
     Barrier(SyncSender<()>),
+}
+
+/// A piece of a large file after its first bytes.
+enum Chunk {
+    /// Copied from the source into a buffer of the spare pool.
+    Owned(Vec<u8>),
+    /// Lent by the source ([`Lend`]): its own buffers, written as they are.
+    Lent(Vec<Bytes>),
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Owned(d) => d.len(),
+            Chunk::Lent(segments) => segments.iter().map(Bytes::len).sum(),
+        }
+    }
 }
 
 /// Jobs for one writer with the data of their small files in one buffer
@@ -114,7 +138,7 @@ impl Batch {
                 .jobs
                 .iter()
                 .map(|j| match j {
-                    Job::Chunk(d) => d.len(),
+                    Job::Chunk(c) => c.len(),
                     _ => 0,
                 })
                 .sum::<usize>()
@@ -412,9 +436,18 @@ impl Writer<'_> {
                 let Some(mut file) = self.open.take() else {
                     return Ok(());
                 };
-                let wrote = sys::write_all(file.fd.as_raw_fd(), &data);
+                let fd = file.fd.as_raw_fd();
                 let len = data.len();
-                self.shared.spare.put(data);
+                let wrote = match data {
+                    Chunk::Owned(data) => {
+                        let wrote = sys::write_all(fd, &data);
+                        self.shared.spare.put(data);
+                        wrote
+                    }
+                    Chunk::Lent(segments) => {
+                        segments.iter().try_for_each(|s| sys::write_all(fd, s))
+                    }
+                };
                 wrote.map_err(|e| self.io("write", &file.rel, e))?;
                 file.written += len as u64;
                 if self.shared.early_writeback && file.written - file.flushed >= WRITEBACK_STEP {
@@ -553,32 +586,104 @@ impl<R: Read> Read for Tracked<R> {
     }
 }
 
+/// What the extraction reads from: any reader ([`Copied`]), or one that
+/// lends its bytes ([`Lending`]).
+pub(super) trait Input: Read {
+    /// Whether [`Input::lend`] works.
+    const LENDS: bool;
+    /// As [`Lend::lend`]; called only when [`Input::LENDS`].
+    fn lend(&mut self, max: usize) -> io::Result<Bytes>;
+}
+
+/// A plain reader: file data is copied into the extractor's buffers.
+pub(super) struct Copied<R>(pub R);
+
+impl<R: Read> Read for Copied<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read> Input for Copied<R> {
+    const LENDS: bool = false;
+    fn lend(&mut self, _max: usize) -> io::Result<Bytes> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// A reader whose bytes are written from its own buffers.
+pub(super) struct Lending<L>(pub L);
+
+impl<L: Lend> Read for Lending<L> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<L: Lend> Input for Lending<L> {
+    const LENDS: bool = true;
+    fn lend(&mut self, max: usize) -> io::Result<Bytes> {
+        self.0.lend(max)
+    }
+}
+
+/// Where the parser collects the bytes of a large file's chunk while the
+/// tar parser "reads" it: `Some` while a chunk is taken, during which reads
+/// of the source fill it instead of the buffer given to them (the tar
+/// parser only counts a file's bytes; it never looks at them).
+type Capture = Rc<RefCell<Option<Vec<Bytes>>>>;
+
 /// A read buffer over the source that hands large reads (file data)
 /// straight to the source once it is drained, where `BufReader` would copy
 /// them through its buffer unless they are at least its whole size.
-struct ReadBuffer<R> {
-    inner: R,
+struct ReadBuffer<I> {
+    inner: Source<I>,
     buf: Box<[u8]>,
     pos: usize,
     filled: usize,
+    /// Set when the source lends and the stream is not compressed.
+    capture: Option<Capture>,
 }
 
-impl<R: Read> ReadBuffer<R> {
+impl<I: Input> ReadBuffer<I> {
     /// Reads at least this large skip the buffer when it is empty.
     const DIRECT: usize = 64 << 10;
 
-    fn new(inner: R) -> Self {
+    fn new(inner: Source<I>) -> Self {
         ReadBuffer {
             inner,
             buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
             pos: 0,
             filled: 0,
+            capture: None,
         }
     }
 }
 
-impl<R: Read> Read for ReadBuffer<R> {
+impl<I: Input> Read for ReadBuffer<I> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if let Some(capture) = &self.capture {
+            if let Some(segments) = capture.borrow_mut().as_mut() {
+                // What the buffer still holds is copied (at most one
+                // buffer's worth per file); the rest is lent.
+                let segment = if self.pos < self.filled {
+                    let n = out.len().min(self.filled - self.pos);
+                    let s = Bytes::copy_from_slice(&self.buf[self.pos..self.pos + n]);
+                    self.pos += n;
+                    s
+                } else {
+                    self.inner.lend(out.len())?
+                };
+                let n = segment.len();
+                if n > 0 {
+                    segments.push(segment);
+                }
+                return Ok(n);
+            }
+        }
         if self.pos == self.filled {
             if out.len() >= Self::DIRECT {
                 return self.inner.read(out);
@@ -595,24 +700,39 @@ impl<R: Read> Read for ReadBuffer<R> {
 
 /// The raw source: its own failures are kept so they are not mistaken for
 /// a corrupt archive.
-struct Source<R> {
-    inner: R,
+struct Source<I> {
+    inner: I,
     state: Arc<Mutex<SourceState>>,
 }
 
-impl<R: Read> Read for Source<R> {
+impl<I: Input> Source<I> {
+    /// Keeps the source's error `e` and returns the one the parser sees.
+    fn failed(&self, e: io::Error) -> io::Error {
+        let kind = e.kind();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.source_error.is_none() {
+            st.source_error = Some(e);
+        }
+        io::Error::new(kind, "archive source failed")
+    }
+
+    fn lend(&mut self, max: usize) -> io::Result<Bytes> {
+        loop {
+            match self.inner.lend(max) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.failed(e)),
+                Ok(b) => return Ok(b),
+            }
+        }
+    }
+}
+
+impl<I: Input> Read for Source<I> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.inner.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let kind = e.kind();
-                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if st.source_error.is_none() {
-                        st.source_error = Some(e);
-                    }
-                    return Err(io::Error::new(kind, "archive source failed"));
-                }
+                Err(e) => return Err(self.failed(e)),
                 Ok(n) => return Ok(n),
             }
         }
@@ -663,6 +783,11 @@ struct Parser<'o> {
     written: WrittenPaths,
     report: ExtractReport,
     umask: u32,
+    /// Set when the source lends ([`Capture`]).
+    capture: Option<Capture>,
+    /// What the tar parser is given to "read" a lent chunk into: never
+    /// written, so never touched.
+    scratch: Vec<u8>,
 }
 
 /// Stops the parse loop early because a writer failed (its error is in `Shared`).
@@ -797,7 +922,7 @@ impl Parser<'_> {
 
     fn send(&mut self, i: usize, job: Job) -> Result<(), Stop> {
         let bytes = match &job {
-            Job::Chunk(data) => data.len(),
+            Job::Chunk(c) => c.len(),
             _ => 0,
         };
         if self.pool.send(i, job, bytes) {
@@ -1006,6 +1131,9 @@ impl Parser<'_> {
         state: &Mutex<SourceState>,
     ) -> Result<(), Fail> {
         let size = entry.size();
+        // A sparse file's data is the archive's pieces with holes between
+        // them: read (and copied), never lent.
+        let contiguous = entry.header().entry_type() != tar::EntryType::GNUSparse;
         let total = self.report.bytes.saturating_add(size);
         if let Some(limit) = self.opts.max_bytes {
             if total > limit {
@@ -1051,11 +1179,25 @@ impl Parser<'_> {
             let n = left.min(CHUNK as u64) as usize;
             let budget = &self.shared.budget;
             budget.acquire(n);
-            let mut data = self.shared.spare.take(n);
-            if let Err(e) = entry.read_exact(&mut data) {
-                budget.release(n);
-                return Err(truncated(e).into());
-            }
+            let data = match self.capture.as_ref().filter(|_| contiguous) {
+                Some(capture) => {
+                    *capture.borrow_mut() = Some(Vec::new());
+                    let read = entry.read_exact(&mut self.scratch[..n]);
+                    let segments = capture.borrow_mut().take().unwrap_or_default();
+                    read.map(|()| Chunk::Lent(segments))
+                }
+                None => {
+                    let mut data = self.shared.spare.take(n);
+                    entry.read_exact(&mut data).map(|()| Chunk::Owned(data))
+                }
+            };
+            let data = match data {
+                Ok(data) => data,
+                Err(e) => {
+                    budget.release(n);
+                    return Err(truncated(e).into());
+                }
+            };
             self.send(i, Job::Chunk(data))?;
             left -= n as u64;
         }
@@ -1111,8 +1253,8 @@ pub(super) fn sync_dir(target: &Path) -> Result<(), ArchiveError> {
 }
 
 /// Extracts `reader` beneath the existing directory `target`.
-pub(super) fn run<R: Read>(
-    reader: R,
+pub(super) fn run<I: Input>(
+    reader: I,
     target: &Path,
     opts: &ExtractOptions,
     track: bool,
@@ -1147,8 +1289,11 @@ pub(super) fn run<R: Read>(
             detail: "empty input".into(),
         });
     }
+    let gzip = head[..got] == [0x1f, 0x8b];
+    let capture = (I::LENDS && !gzip).then(Capture::default);
+    src.capture = capture.clone();
     let chained = io::Cursor::new(head[..got].to_vec()).chain(src);
-    let stream: Box<dyn Read + '_> = if head[..got] == [0x1f, 0x8b] {
+    let stream: Box<dyn Read + '_> = if gzip {
         Box::new(flate2::read::MultiGzDecoder::new(chained))
     } else {
         Box::new(chained)
@@ -1184,6 +1329,12 @@ pub(super) fn run<R: Read>(
         written: WrittenPaths::default(),
         report: ExtractReport::default(),
         umask: process_umask(),
+        scratch: if capture.is_some() {
+            vec![0u8; CHUNK]
+        } else {
+            Vec::new()
+        },
+        capture,
     };
 
     let mut parsed: Result<(), Fail> = Ok(());

@@ -246,6 +246,22 @@ impl ArchiveError {
     }
 }
 
+/// A reader that can hand over its next bytes without copying them. An
+/// object being downloaded holds what it received in shared buffers;
+/// [`extract_lent`] writes a large file's data straight from them instead
+/// of copying each byte once more on its way to the file.
+pub trait Lend: io::Read {
+    /// Up to `max` (at least 1) of the next bytes, consumed from the stream
+    /// as by `read`; empty only at the end of the stream.
+    fn lend(&mut self, max: usize) -> io::Result<bytes::Bytes>;
+}
+
+impl<L: Lend + ?Sized> Lend for &mut L {
+    fn lend(&mut self, max: usize) -> io::Result<bytes::Bytes> {
+        (**self).lend(max)
+    }
+}
+
 /// Extracts a tar stream (gzip detected from its magic bytes) beneath `target`.
 ///
 /// Without staging, `target` must be an existing directory; on failure the
@@ -254,6 +270,25 @@ impl ArchiveError {
 /// absent after a failure.
 pub fn extract<R: io::Read>(
     reader: R,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, ArchiveError> {
+    extract_input(extract::Copied(reader), target, opts)
+}
+
+/// As [`extract`], the data of large files written from the buffers
+/// `reader` lends rather than copied out of them (a gzip stream is read and
+/// copied as by [`extract`]).
+pub fn extract_lent<L: Lend>(
+    reader: L,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, ArchiveError> {
+    extract_input(extract::Lending(reader), target, opts)
+}
+
+fn extract_input<I: extract::Input>(
+    reader: I,
     target: &Path,
     opts: &ExtractOptions,
 ) -> Result<ExtractReport, ArchiveError> {
