@@ -6,7 +6,8 @@
 //! sample (see [`fastest`]).
 //!
 //! Both keep ownership and modification times (GNU tar as root keeps
-//! owners by default; ours with `Ownership::Archive`).
+//! owners by default; ours with `Ownership::Archive`). Every run starts from
+//! the same page cache: dropped, then the inputs read back (see [`settle`]).
 //!
 //! Ours also runs streamed from the embedded S3 store on loopback (ranged
 //! GETs in flight while the extractor writes large files from the received
@@ -335,6 +336,23 @@ fn peak_rss_mib(cmd: &mut Command) -> f64 {
     peak_kib as f64 / 1024.0
 }
 
+/// Puts the host's memory back in the same state before every run: the
+/// page cache dropped (as root), then `inputs` read into it again. On these
+/// VMs a run that follows others on a page cache they filled and emptied
+/// (every run writes the archive's size and removes it) takes up to twice
+/// the time and CPU of one on a fresh cache, whatever the extractor, and
+/// more with each run; without this, whichever extractor ran later looked
+/// slower (100,000 small files: 1.95-2.2 s settled, 3.5-5 s not).
+fn settle(inputs: &[PathBuf]) {
+    if std::fs::write("/proc/sys/vm/drop_caches", "1").is_err() {
+        return;
+    }
+    for p in inputs {
+        let mut f = File::open(p).expect("open input");
+        std::io::copy(&mut f, &mut std::io::sink()).expect("read input");
+    }
+}
+
 /// One way of extracting an archive into a new directory.
 type Extractor<'a> = dyn Fn(&Path, &Path) + 'a;
 
@@ -449,6 +467,13 @@ fn main() {
             let counter = RefCell::new(0u64);
             let archive = archive.clone();
             let root: PathBuf = dir.path().to_path_buf();
+            // What every run reads: the archive, and the store's copy of it.
+            let inputs = [
+                archive.clone(),
+                dir.path().join("objects").join(BUCKET).join(&key),
+            ];
+            assert!(inputs[1].is_file(), "the store keeps objects elsewhere");
+            settle(&inputs);
             let mut g = c.benchmark_group(format!("tar/{}", shape.name));
             g.sampling_mode(SamplingMode::Flat);
             g.bench_function(label, |b| {
@@ -474,6 +499,7 @@ fn main() {
                             .arg(&root)
                             .status()
                             .expect("run sync");
+                        settle(&inputs);
                         total += d;
                         rec.borrow_mut().push(Sample { wall: d, cpu });
                     }

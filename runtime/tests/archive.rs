@@ -205,15 +205,20 @@ fn round_trip_files_dirs_links_long_names_modes() {
     s.assert_outside_untouched();
 }
 
+/// `threads` writers and a final sync.
+fn synced(threads: usize) -> ExtractOptions {
+    ExtractOptions {
+        threads,
+        sync: true,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn single_writer_and_many_writers_agree() {
     for threads in [1, 4] {
         let s = Scene::new();
-        let opts = ExtractOptions {
-            threads,
-            sync: true,
-            ..Default::default()
-        };
+        let opts = synced(threads);
         extract(&sample_tree()[..], &s.target, &opts).expect("extract");
         check_sample_tree(&s.target);
     }
@@ -284,11 +289,7 @@ fn large_files_arrive_whole_through_any_read_sizes() {
     let tar = large_files_tar(&files);
     for threads in [1, 3] {
         let s = Scene::new();
-        let opts = ExtractOptions {
-            threads,
-            sync: true,
-            ..Default::default()
-        };
+        let opts = synced(threads);
         let src = Jagged {
             data: &tar,
             step: 0,
@@ -362,11 +363,7 @@ fn large_files_are_written_from_lent_buffers() {
         .sum();
     for threads in [1, 3] {
         let s = Scene::new();
-        let opts = ExtractOptions {
-            threads,
-            sync: true,
-            ..Default::default()
-        };
+        let opts = synced(threads);
         let mut src = Lender::new(tar.clone());
         let report = extract_lent(&mut src, &s.target, &opts).expect("extract");
         assert_eq!(report.files, files.len() as u64);
