@@ -15,10 +15,11 @@
 //!
 //! Large files travel in 1 MiB chunks whose buffers go back to the parser
 //! once written; from a source that lends its bytes ([`Lend`], a download)
-//! a chunk is the source's own buffers instead, written without a copy. When the run ends with a sync, each large file has its
-//! writeback started every 8 MiB (`sync_file_range`, not waited for), so
-//! the disk works while the archive is still arriving and the final
-//! `syncfs` finds little left to write.
+//! a chunk is the source's own buffers instead, written without a copy.
+//! When the run ends with a sync, each large file has its writeback started
+//! every 8 MiB (`sync_file_range`, not waited for), so the disk works while
+//! the archive is still arriving and the final `syncfs` finds little left
+//! to write.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
