@@ -217,26 +217,36 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
 
     // TCP goodput carries 1448 payload bytes per 1514-byte frame (95.6%);
     // the shaper counts frames, so the layer-2 rate is goodput * 1514/1448.
-    let check = |got: f64, limit_bps: f64, what: &str| {
-        let ratio = got / limit_bps;
-        let l2 = ratio * 1514.0 / 1448.0;
-        eprintln!(
-            "{what}: goodput {:.2} Mbit/s = {ratio:.3} of the limit, layer 2 {l2:.3}",
-            got / 1e6
-        );
-        assert!(
-            (0.93..=1.0).contains(&ratio),
-            "{what}: goodput ratio {ratio:.3}"
-        );
-        assert!((0.97..=1.03).contains(&l2), "{what}: layer-2 ratio {l2:.3}");
+    // More than the limit fails at once. Less is measured again, up to three
+    // runs: a loaded host can starve the sender for a moment (0.85 once).
+    let check = |measure: &mut dyn FnMut() -> f64, limit_bps: f64, what: &str| {
+        for run in 1..=3 {
+            let ratio = measure() / limit_bps;
+            let l2 = ratio * 1514.0 / 1448.0;
+            eprintln!(
+                "{what}, run {run}: goodput {:.2} Mbit/s = {ratio:.3} of the limit, layer 2 {l2:.3}",
+                ratio * limit_bps / 1e6
+            );
+            assert!(ratio <= 1.0, "{what}: goodput ratio {ratio:.3}");
+            assert!(l2 <= 1.03, "{what}: layer-2 ratio {l2:.3}");
+            if (ratio >= 0.93 && l2 >= 0.97) || run == 3 {
+                assert!(ratio >= 0.93, "{what}: goodput ratio {ratio:.3}");
+                assert!(l2 >= 0.97, "{what}: layer-2 ratio {l2:.3}");
+                return;
+            }
+        }
     };
     // Uploads: the phone sends to a sink outside, through the same limits.
     let (up_tx, up_rx) = std::sync::mpsc::channel();
     let public = netns_path(&tb.public);
     spawn_sink(&public, 20001, up_tx).unwrap();
-    check(measure(&tb, &rx, ap), 10e6, "phone limit 10000 kbit/s");
     check(
-        measure_upload(&phone_ns, &up_rx, 20001),
+        &mut || measure(&tb, &rx, ap),
+        10e6,
+        "phone limit 10000 kbit/s",
+    );
+    check(
+        &mut || measure_upload(&phone_ns, &up_rx, 20001),
         10e6,
         "upload, phone limit 10000 kbit/s",
     );
@@ -258,24 +268,24 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
         assert!(classes.contains("ceil 18Mbit"), "{dev}: {classes}");
     }
     check(
-        measure(&tb, &rx, ap),
+        &mut || measure(&tb, &rx, ap),
         18e6,
         "phone limit changed to 18000 kbit/s",
     );
     check(
-        measure_upload(&phone_ns, &up_rx, 20001),
+        &mut || measure_upload(&phone_ns, &up_rx, 20001),
         18e6,
         "upload, phone limit changed to 18000 kbit/s",
     );
     net.set_bandwidth_limit("phone-bw", -1).unwrap();
     net.set_shared_bandwidth(14).unwrap();
     check(
-        measure(&tb, &rx, ap),
+        &mut || measure(&tb, &rx, ap),
         14e6,
         "unlimited phone, shared 14 Mbit/s",
     );
     check(
-        measure_upload(&phone_ns, &up_rx, 20001),
+        &mut || measure_upload(&phone_ns, &up_rx, 20001),
         14e6,
         "upload, unlimited phone, shared 14 Mbit/s",
     );
