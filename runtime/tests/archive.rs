@@ -224,26 +224,6 @@ fn single_writer_and_many_writers_agree() {
     }
 }
 
-/// A reader handing out its bytes in awkward read sizes, from one byte to
-/// over a MiB, so buffered and direct reads alternate at every offset.
-struct Jagged<'a> {
-    data: &'a [u8],
-    step: usize,
-}
-
-impl std::io::Read for Jagged<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        const SIZES: [usize; 6] = [1, 511, 4097, 70_000, (1 << 20) + 3, 65_536];
-        let n = SIZES[self.step % SIZES.len()]
-            .min(buf.len())
-            .min(self.data.len());
-        self.step += 1;
-        buf[..n].copy_from_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Ok(n)
-    }
-}
-
 /// Files over the writers' chunk and writeback steps, with small files
 /// between them; every byte differs from its neighbours' positions.
 fn large_files() -> Vec<(&'static str, Vec<u8>)> {
@@ -290,20 +270,17 @@ fn large_files_arrive_whole_through_any_read_sizes() {
     for threads in [1, 3] {
         let s = Scene::new();
         let opts = synced(threads);
-        let src = Jagged {
-            data: &tar,
-            step: 0,
-        };
-        let report = extract(src, &s.target, &opts).expect("extract");
+        let report = extract(Jagged::new(tar.clone()), &s.target, &opts).expect("extract");
         assert_eq!(report.files, files.len() as u64);
         assert_files(&s.target, &files, &format!("{threads} writers"));
     }
 }
 
-/// A source lending pieces of one buffer in uneven sizes, counting what
-/// it lent and what was copied out of it; it fails once `fail_at` bytes
-/// were taken, when set.
-struct Lender {
+/// A source handing out its bytes in awkward sizes, from one byte to over
+/// a MiB, so buffered and direct reads alternate at every offset. It reads
+/// or lends ([`Lend`]) pieces of one buffer, counting what it lent and what
+/// was copied out of it, and fails once `fail_at` bytes were taken, when set.
+struct Jagged {
     data: bytes::Bytes,
     step: usize,
     lent: usize,
@@ -311,9 +288,9 @@ struct Lender {
     fail_at: Option<usize>,
 }
 
-impl Lender {
+impl Jagged {
     fn new(data: Vec<u8>) -> Self {
-        Lender {
+        Jagged {
             data: data.into(),
             step: 0,
             lent: 0,
@@ -324,7 +301,7 @@ impl Lender {
 
     /// The size of the next piece, at most `max`.
     fn next(&mut self, max: usize) -> std::io::Result<usize> {
-        const SIZES: [usize; 5] = [3, 4097, 300_000, (1 << 20) + 3, 65_536];
+        const SIZES: [usize; 6] = [1, 511, 4097, 70_000, (1 << 20) + 3, 65_536];
         if self.fail_at.is_some_and(|at| self.lent + self.copied >= at) {
             return Err(std::io::Error::other("connection reset"));
         }
@@ -334,7 +311,7 @@ impl Lender {
     }
 }
 
-impl std::io::Read for Lender {
+impl std::io::Read for Jagged {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.next(buf.len())?;
         buf[..n].copy_from_slice(&self.data.split_to(n));
@@ -343,7 +320,7 @@ impl std::io::Read for Lender {
     }
 }
 
-impl Lend for Lender {
+impl Lend for Jagged {
     fn lend(&mut self, max: usize) -> std::io::Result<bytes::Bytes> {
         let n = self.next(max)?;
         self.lent += n;
@@ -364,7 +341,7 @@ fn large_files_are_written_from_lent_buffers() {
     for threads in [1, 3] {
         let s = Scene::new();
         let opts = synced(threads);
-        let mut src = Lender::new(tar.clone());
+        let mut src = Jagged::new(tar.clone());
         let report = extract_lent(&mut src, &s.target, &opts).expect("extract");
         assert_eq!(report.files, files.len() as u64);
         assert_files(&s.target, &files, &format!("lent, {threads} writers"));
@@ -381,7 +358,7 @@ fn large_files_are_written_from_lent_buffers() {
     let s = Scene::new();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).expect("gzip");
-    let mut src = Lender::new(gz.finish().expect("gzip finish"));
+    let mut src = Jagged::new(gz.finish().expect("gzip finish"));
     extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect("extract gzip");
     assert_files(&s.target, &files, "gzip");
     assert_eq!(src.lent, 0);
@@ -393,7 +370,7 @@ fn lent_streams_cut_or_failing_inside_a_large_file() {
     let tar = large_files_tar(&files);
     // Cut 5 MiB into the first large file, where its bytes are being lent.
     let s = Scene::new();
-    let mut src = Lender::new(tar[..5 << 20].to_vec());
+    let mut src = Jagged::new(tar[..5 << 20].to_vec());
     let e = extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect_err("cut");
     assert!(
         matches!(e.root_cause(), ArchiveError::Truncated { .. }),
@@ -404,7 +381,7 @@ fn lent_streams_cut_or_failing_inside_a_large_file() {
 
     // The source failing there is the source's failure, not a bad archive.
     let s = Scene::new();
-    let mut src = Lender::new(tar);
+    let mut src = Jagged::new(tar);
     src.fail_at = Some(5 << 20);
     let e = extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect_err("fails");
     assert!(matches!(e.root_cause(), ArchiveError::Read(_)), "{e}");
@@ -457,7 +434,7 @@ fn sparse_files_from_gnu_tar_through_a_lending_source() {
         tar.len()
     );
     let s = Scene::new();
-    let mut src = Lender::new(tar);
+    let mut src = Jagged::new(tar);
     extract_lent(&mut src, &s.target, &ExtractOptions::default()).expect("extract sparse");
     let got = fs::read(s.target.join("holes.img")).expect("read back");
     assert!(got == want, "the sparse file differs after extraction");
