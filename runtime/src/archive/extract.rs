@@ -63,8 +63,14 @@ const _: () = assert!(MAX_THREADS * BATCH_BYTES + CHUNK < BUDGET);
 /// A large file's writeback is started every this many bytes written
 /// (when the run ends with a sync).
 const WRITEBACK_STEP: u64 = 8 << 20;
-/// Cached directory fds at most (the cache is cleared when full).
-const DIR_CACHE: usize = 512;
+/// Cached directory fds: an eighth of the open-file limit (several
+/// extractions may run at once in one process), within these bounds; the
+/// cache is cleared when full. An archive that visits its directories in
+/// turn rather than one after the other (every file in a directory other
+/// than the last one's) needs them all open: a miss costs an `openat2` and
+/// a `close` on top of the file's own.
+const DIR_CACHE_MIN: usize = 64;
+const DIR_CACHE_MAX: usize = 8192;
 
 /// Attributes applied to a created file or link.
 struct Meta {
@@ -118,10 +124,14 @@ impl Chunk {
 }
 
 /// Jobs for one writer with the data of their small files in one buffer
-/// (one allocation per batch rather than per file).
+/// (one allocation per batch rather than per file, and none once buffers
+/// come back from the writers).
 struct Batch {
     jobs: Vec<Job>,
+    /// File data in `data[..used]`; the rest is initialised room left from
+    /// the buffer's earlier batches, filled again without zeroing.
     data: Vec<u8>,
+    used: usize,
 }
 
 impl Batch {
@@ -129,12 +139,13 @@ impl Batch {
         Batch {
             jobs: Vec::with_capacity(BATCH),
             data: Vec::new(),
+            used: 0,
         }
     }
 
     /// Bytes of file data this batch holds against the budget.
     fn held(&self) -> usize {
-        self.data.len()
+        self.used
             + self
                 .jobs
                 .iter()
@@ -198,29 +209,49 @@ struct Shared {
     /// A final sync was asked: large files start their writeback as they
     /// are written.
     early_writeback: bool,
+    /// Chunk buffers, and batch data buffers.
     spare: Spare,
+    batch_buffers: Spare,
 }
 
-/// Chunk buffers written out and handed back for the parser to fill again
-/// (no allocation, zeroing or page faults per MiB of a large file).
-struct Spare(Mutex<Vec<Vec<u8>>>);
+/// Buffers written out and handed back for the parser to fill again (no
+/// allocation, zeroing or page faults per MiB of a large file or per batch
+/// of small ones).
+struct Spare {
+    bufs: Mutex<Vec<Vec<u8>>>,
+    /// Buffers kept at most.
+    keep: usize,
+    /// Buffers smaller than this are not kept.
+    min: usize,
+}
 
 impl Spare {
-    /// Buffers kept at most: what the budget lets be in flight.
-    const KEEP: usize = BUDGET / CHUNK + 2;
+    fn new(keep: usize, min: usize) -> Self {
+        Spare {
+            bufs: Mutex::new(Vec::new()),
+            keep,
+            min,
+        }
+    }
 
     /// A buffer of `n` bytes (contents unspecified).
     fn take(&self, n: usize) -> Vec<u8> {
-        let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut buf = reused.unwrap_or_else(|| Vec::with_capacity(CHUNK));
+        let mut buf = self
+            .reuse()
+            .unwrap_or_else(|| Vec::with_capacity(n.max(self.min)));
         buf.resize(n, 0);
         buf
     }
 
+    /// A buffer handed back, as long as it was.
+    fn reuse(&self) -> Option<Vec<u8>> {
+        self.bufs.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
     fn put(&self, buf: Vec<u8>) {
-        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < Self::KEEP && buf.capacity() >= CHUNK {
-            spare.push(buf);
+        let mut bufs = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
+        if bufs.len() < self.keep && buf.capacity() >= self.min {
+            bufs.push(buf);
         }
     }
 }
@@ -279,26 +310,38 @@ impl Pool {
         let i = i % self.txs.len();
         let batch = &mut self.pending[i];
         batch.jobs.push(job);
-        if batch.jobs.len() >= BATCH || batch.data.len() + bytes >= BATCH_BYTES {
+        if batch.jobs.len() >= BATCH || batch.used + bytes >= BATCH_BYTES {
             return self.flush(i);
         }
         true
     }
 
-    /// The data buffer of writer `i`'s next batch, with room for `n` more
-    /// bytes (the pending batch is sent first when it would overflow).
-    fn buffer(&mut self, i: usize, n: usize) -> Result<&mut Vec<u8>, Stop> {
+    /// Room for `n` more bytes in writer `i`'s next batch, and where it
+    /// starts in the batch's data (the pending batch is sent first when it
+    /// would overflow). What is read into it counts once [`Pool::fill`]ed.
+    fn buffer(&mut self, i: usize, n: usize) -> Result<(&mut [u8], usize), Stop> {
         let i = i % self.txs.len();
-        if self.pending[i].data.len() + n > BATCH_BYTES + CHUNK && !self.flush(i) {
+        if self.pending[i].used + n > BATCH_BYTES + CHUNK && !self.flush(i) {
             return Err(Stop);
         }
-        let data = &mut self.pending[i].data;
-        if data.capacity() == 0 {
+        let batch = &mut self.pending[i];
+        if batch.data.is_empty() {
+            if let Some(reused) = self.shared.batch_buffers.reuse() {
+                batch.data = reused;
+            }
+        }
+        let start = batch.used;
+        if batch.data.len() < start + n {
             // Most batches end near `BATCH_BYTES`; one that takes a large
             // file's first chunk late grows once.
-            data.reserve_exact(BATCH_BYTES.max(n));
+            batch.data.resize((start + n).max(BATCH_BYTES), 0);
         }
-        Ok(data)
+        Ok((&mut batch.data[start..start + n], start))
+    }
+
+    /// Counts the `n` bytes last read into writer `i`'s [`Pool::buffer`].
+    fn fill(&mut self, i: usize, n: usize) {
+        self.pending[i % self.txs.len()].used += n;
     }
 
     fn flush(&mut self, i: usize) -> bool {
@@ -323,7 +366,7 @@ impl Pool {
             let (atx, arx) = sync_channel(1);
             let barrier = Batch {
                 jobs: vec![Job::Barrier(atx)],
-                data: Vec::new(),
+                ..Batch::new()
             };
             if tx.send(barrier).is_err() {
                 return false;
@@ -374,6 +417,9 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
             }
         }
         shared.budget.release(held);
+        if !batch.data.is_empty() {
+            shared.batch_buffers.put(batch.data);
+        }
     }
     w.written
 }
@@ -779,6 +825,8 @@ struct Parser<'o> {
     pool: Pool,
     root: Arc<OwnedFd>,
     dirs: HashMap<Vec<u8>, Arc<OwnedFd>>,
+    /// Directory fds cached at most.
+    dir_cache: usize,
     symlinks: HashSet<Vec<u8>>,
     deferred: Vec<DirMeta>,
     written: WrittenPaths,
@@ -856,7 +904,7 @@ impl Parser<'_> {
     }
 
     fn cache(&mut self, rel: &[u8], fd: OwnedFd) -> Arc<OwnedFd> {
-        if self.dirs.len() >= DIR_CACHE {
+        if self.dirs.len() >= self.dir_cache {
             self.dirs.clear();
         }
         let fd = Arc::new(fd);
@@ -1156,14 +1204,12 @@ impl Parser<'_> {
         let budget = &self.shared.budget;
         let first = size.min(CHUNK as u64) as usize;
         budget.acquire(first);
-        let buf = self.pool.buffer(i, first)?;
-        let start = buf.len();
-        buf.resize(start + first, 0);
-        if let Err(e) = entry.read_exact(&mut buf[start..]) {
-            buf.truncate(start);
+        let (buf, start) = self.pool.buffer(i, first)?;
+        if let Err(e) = entry.read_exact(buf) {
             budget.release(first);
             return Err(truncated(e).into());
         }
+        self.pool.fill(i, first);
         self.send(
             i,
             Job::File {
@@ -1246,6 +1292,13 @@ fn default_threads() -> usize {
         .clamp(2, 4)
 }
 
+fn dir_cache_size() -> usize {
+    let limit = sys::open_files_limit().unwrap_or(1024);
+    usize::try_from(limit / 8)
+        .unwrap_or(DIR_CACHE_MAX)
+        .clamp(DIR_CACHE_MIN, DIR_CACHE_MAX)
+}
+
 /// Opens `target` and calls `syncfs` on its filesystem.
 pub(super) fn sync_dir(target: &Path) -> Result<(), ArchiveError> {
     let dir =
@@ -1311,7 +1364,11 @@ pub(super) fn run<I: Input>(
         budget: Budget::new(),
         track,
         early_writeback: opts.sync,
-        spare: Spare(Mutex::new(Vec::new())),
+        // What the budget lets be in flight.
+        spare: Spare::new(BUDGET / CHUNK + 2, CHUNK),
+        // In a steady run a writer hands a buffer back as the parser needs
+        // one; a few more cover the writers' queues.
+        batch_buffers: Spare::new(2 * MAX_THREADS, BATCH_BYTES),
     });
     let threads = if opts.threads == 0 {
         default_threads()
@@ -1325,6 +1382,7 @@ pub(super) fn run<I: Input>(
         pool,
         root: Arc::new(root),
         dirs: HashMap::new(),
+        dir_cache: dir_cache_size(),
         symlinks: HashSet::new(),
         deferred: Vec::new(),
         written: WrittenPaths::default(),
