@@ -23,6 +23,13 @@
 //! The process keeps the agent's allocator settings
 //! (`cph_agent::memory`). `CPH_TAR_BENCH_SHAPES=small,large` limits the run
 //! to the shapes whose names start so.
+//!
+//! The extractions land on the filesystem of the build (`target/`), or,
+//! with `CPH_TAR_BENCH_FS=btrfs` (as root), in a subvolume of a btrfs pool
+//! made as the agent makes one on a loop file (a sparse file on a loop
+//! device, mounted `noatime,user_subvol_rm_allowed`; without the agent's
+//! simple quotas): where a push lands.
+//! That run writes `target/bench-report/tar_btrfs.json`.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -442,6 +449,15 @@ fn main() {
         .tempdir_in(&base)
         .expect("tempdir");
     let store = Store::start(&dir.path().join("objects"));
+    // Where extractions land: next to the archives, or a pool's subvolume.
+    let pool = match std::env::var("CPH_TAR_BENCH_FS").as_deref() {
+        Ok("btrfs") => Some(Pool::make(&dir.path().join("pool"))),
+        Ok("") | Err(_) => None,
+        Ok(other) => panic!("CPH_TAR_BENCH_FS={other}: only btrfs is known"),
+    };
+    let root: PathBuf = pool
+        .as_ref()
+        .map_or_else(|| dir.path().to_path_buf(), |p| p.subvolume.clone());
     let mut metrics = Vec::new();
     for shape in &shapes {
         let archive = dir.path().join(format!("{}.tar", shape.name));
@@ -466,7 +482,7 @@ fn main() {
             let rec = samples.clone();
             let counter = RefCell::new(0u64);
             let archive = archive.clone();
-            let root: PathBuf = dir.path().to_path_buf();
+            let root = root.clone();
             // What every run reads: the archive, and the store's copy of it.
             let inputs = [
                 archive.clone(),
@@ -516,7 +532,7 @@ fn main() {
         }
         // Peak memory, each extraction in a process of its own.
         let exe = std::env::current_exe().expect("bench executable");
-        let dest = |what: &str| dir.path().join(format!("peak-{what}-{}", shape.name));
+        let dest = |what: &str| root.join(format!("peak-{what}-{}", shape.name));
         let mut local_cmd = Command::new(&exe);
         local_cmd
             .arg(PROBE)
@@ -593,5 +609,63 @@ fn main() {
         }
         return;
     }
-    report::write("tar", &metrics);
+    report::write(if pool.is_some() { "tar_btrfs" } else { "tar" }, &metrics);
+}
+
+/// A btrfs pool on a loop file, as the agent makes one, with one subvolume
+/// (a phone's) to extract into; removed when dropped, also on a panic.
+struct Pool {
+    image: PathBuf,
+    mount: PathBuf,
+    device: String,
+    subvolume: PathBuf,
+}
+
+impl Pool {
+    fn make(base: &Path) -> Pool {
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("run a pool command");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let image = base.with_extension("img");
+        let mount = base.to_path_buf();
+        // Sparse: only what the runs write takes space.
+        File::create(&image)
+            .and_then(|f| f.set_len(256 << 30))
+            .expect("pool image");
+        let device = run(Command::new("losetup")
+            .args(["--find", "--show", "--nooverlap"])
+            .arg(&image));
+        let mut pool = Pool {
+            image,
+            mount,
+            device,
+            subvolume: base.join("phone"),
+        };
+        run(Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&pool.device));
+        std::fs::create_dir_all(&pool.mount).expect("pool mount point");
+        run(Command::new("mount")
+            .args(["-t", "btrfs", "-o", "noatime,user_subvol_rm_allowed"])
+            .arg(&pool.device)
+            .arg(&pool.mount));
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&pool.subvolume));
+        pool
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
 }
