@@ -27,8 +27,8 @@
 //! The extractions land on the filesystem of the build (`target/`), or,
 //! with `CPH_TAR_BENCH_FS=btrfs` (as root), in a subvolume of a btrfs pool
 //! made as the agent makes one on a loop file (a sparse file on a loop
-//! device, mounted `noatime,user_subvol_rm_allowed`; without the agent's
-//! simple quotas): where a push lands.
+//! device doing direct I/O, mounted `noatime,user_subvol_rm_allowed`;
+//! without the agent's simple quotas): where a push lands.
 //! That run writes `target/bench-report/tar_btrfs.json`.
 
 use std::cell::RefCell;
@@ -639,7 +639,7 @@ impl Pool {
             .and_then(|f| f.set_len(256 << 30))
             .expect("pool image");
         let device = run(Command::new("losetup")
-            .args(["--find", "--show", "--nooverlap"])
+            .args(["--find", "--show", "--nooverlap", "--direct-io=on"])
             .arg(&image));
         let mut pool = Pool {
             image,

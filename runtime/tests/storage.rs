@@ -100,6 +100,19 @@ impl Pool {
             .collect()
     }
 
+    /// Whether each of the file's loop devices does direct I/O.
+    fn direct_io(&self) -> Vec<bool> {
+        self.loops()
+            .iter()
+            .map(|dev| {
+                let name = dev.trim_start_matches("/dev/");
+                std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+                    .map(|v| v.trim() == "1")
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
     fn mounted(&self) -> bool {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let want = self.mount.to_string_lossy().to_string();
@@ -375,6 +388,8 @@ fn layout_is_rediscovered_after_restart_and_reboot() {
     }
     let pool = Pool::new();
     let s = pool.open();
+    // The pool file is read and written past its own page cache.
+    assert_eq!(pool.direct_io(), vec![true]);
     import(&s, "img", &make_image(&[("etc/hostname", b"phone\n")]));
     let v = s.create_volume("phone-r", "img", 32 << 20).unwrap();
     std::fs::write(v.join("data.txt"), b"kept").unwrap();
@@ -394,7 +409,7 @@ fn layout_is_rediscovered_after_restart_and_reboot() {
     assert!(pool.loops().is_empty());
     drop(s);
     let s = pool.open();
-    assert_eq!(pool.loops().len(), 1);
+    assert_eq!(pool.direct_io(), vec![true], "re-attached with direct I/O");
     assert_eq!(s.volume_path("phone-r").unwrap(), Some(v.clone()));
     assert_eq!(std::fs::read(v.join("data.txt")).unwrap(), b"kept");
     assert!(s.has_image("img").unwrap());
