@@ -28,7 +28,9 @@
 //! with `CPH_TAR_BENCH_FS=btrfs` (as root), in a subvolume of a btrfs pool
 //! made as the agent makes one on a loop file (a sparse file on a loop
 //! device doing direct I/O, mounted `noatime,user_subvol_rm_allowed`;
-//! without the agent's simple quotas): where a push lands.
+//! without the agent's simple quotas): where a push lands on a host whose
+//! phones live on btrfs volumes (with the overlay backend, `cph up`'s
+//! default, it lands on the host's own filesystem).
 //! That run writes `target/bench-report/tar_btrfs.json`.
 
 use std::cell::RefCell;
@@ -344,12 +346,17 @@ fn peak_rss_mib(cmd: &mut Command) -> f64 {
 }
 
 /// Puts the host's memory back in the same state before every run: the
-/// page cache dropped (as root), then `inputs` read into it again. On these
-/// VMs a run that follows others on a page cache they filled and emptied
-/// (every run writes the archive's size and removes it) takes up to twice
-/// the time and CPU of one on a fresh cache, whatever the extractor, and
-/// more with each run; without this, whichever extractor ran later looked
-/// slower (100,000 small files: 1.95-2.2 s settled, 3.5-5 s not).
+/// page cache dropped (as root), then `inputs` read into it again. Without
+/// it a run that follows others takes up to twice the time and CPU of one
+/// on a fresh cache, whatever the extractor, and more with each run, so
+/// whichever extractor ran later looked slower (100,000 small files:
+/// 1.95-2.2 s settled, 3.5-5 s not). On ext4 without a journal (these VMs'
+/// root filesystem) the cause is in the inode allocator: it skips inodes
+/// freed in the last minute or so, which it recognises from the inode
+/// table blocks it has cached, so after a run removed 100,000 files the
+/// next run's creations step past them one by one. Dropping the cache
+/// shortens that walk without removing it: in a profile of a settled run
+/// of ours it still took a sixth of the CPU.
 fn settle(inputs: &[PathBuf]) {
     if std::fs::write("/proc/sys/vm/drop_caches", "1").is_err() {
         return;
@@ -641,7 +648,7 @@ impl Pool {
         let device = run(Command::new("losetup")
             .args(["--find", "--show", "--nooverlap", "--direct-io=on"])
             .arg(&image));
-        let mut pool = Pool {
+        let pool = Pool {
             image,
             mount,
             device,

@@ -105,6 +105,19 @@ pub fn apply_sysctls(root: &Path, needs: &[SysctlNeed]) -> Vec<SysctlOutcome> {
         .collect()
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as
+/// the unit's `LimitNOFILE` does under systemd (an agent started by hand,
+/// or by `cph up`, gets a shell's 1,024): each extraction caches directory
+/// fds in proportion to it. Returns the limit before and after.
+pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard.max(soft)))
+}
+
 /// What the host lacks, in words, looking at `proc_root` (`/proc`),
 /// `cgroup_root` (`/sys/fs/cgroup`) and `PATH`.
 pub fn missing_features(proc_root: &Path, cgroup_root: &Path) -> Vec<String> {
@@ -153,6 +166,22 @@ fn on_path(tool: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        // One below the hard limit: lowering is allowed to anyone, and
+        // leaves the other tests of this process their descriptors.
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).expect("lower soft limit");
+        assert_eq!(raise_open_files_limit().expect("raise"), (hard - 1, hard));
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit"),
+            (hard, hard)
+        );
+        // Already at the hard limit: nothing to do.
+        assert_eq!(raise_open_files_limit().expect("raise"), (hard, hard));
+    }
 
     #[test]
     fn raises_only_what_is_below_need() {

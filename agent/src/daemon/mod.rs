@@ -207,6 +207,11 @@ impl Daemon {
                 tracing::info!(?outcome, "host sysctl");
             }
         }
+        match host::raise_open_files_limit() {
+            Ok((from, to)) if from < to => tracing::info!(from, to, "open-file limit raised"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "open-file limit not raised"),
+        }
         let mut missing = host::missing_features(
             std::path::Path::new("/proc"),
             std::path::Path::new("/sys/fs/cgroup"),
