@@ -256,7 +256,21 @@ impl BtrfsStorage {
                 if let Some(dev) = self.loops_of(path)?.into_iter().next() {
                     return Ok((dev, false, created));
                 }
-                match self.run(Losetup::Attach { file: s(path) }.render()) {
+                let attach = |direct_io| {
+                    self.run(
+                        Losetup::Attach {
+                            file: s(path),
+                            direct_io,
+                        }
+                        .render(),
+                    )
+                };
+                let attached = attach(true).or_else(|e| {
+                    tracing::info!(pool = %path.display(), error = %e,
+                        "pool file refused direct I/O; attached with buffered I/O");
+                    attach(false)
+                });
+                match attached {
                     Ok(out) => Ok((out.trim().to_string(), true, created)),
                     Err(e) => {
                         if created {
