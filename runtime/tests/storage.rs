@@ -101,7 +101,8 @@ impl Pool {
     }
 
     /// Whether the pool file's filesystem lets it be opened for direct I/O
-    /// (tmpfs before Linux 6.6 does not): the loop device then does it.
+    /// (ramfs does not, nor tmpfs on older kernels such as 6.1): the loop
+    /// device then does it.
     fn file_takes_direct_io(&self) -> bool {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()

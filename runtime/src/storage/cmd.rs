@@ -41,8 +41,9 @@ pub enum Losetup {
     /// the filesystem on the loop device), not twice, and a sync writes
     /// them once: a btrfs pool of 100,000 small files synced in 0.4 s
     /// instead of 0.9, of 4 files of 256 MB in 0.6-0.9 s instead of 2-3 s.
-    /// Where the file's filesystem cannot open it for direct I/O (tmpfs
-    /// before Linux 6.6) `losetup` fails, and is run again without it.
+    /// Where the file's filesystem cannot open it for direct I/O (ramfs;
+    /// tmpfs on older kernels, such as 6.1) `losetup` fails, and is run
+    /// again without it.
     Attach { file: String, direct_io: bool },
     /// List the loop devices backing a file (`NAME` column only).
     Find { file: String },
