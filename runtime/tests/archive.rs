@@ -979,15 +979,10 @@ const STRACE_DIRS: usize = 600;
 
 /// Raises the soft open-file limit to `want` (or the hard limit if lower).
 fn raise_open_files_limit(want: u64) {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain rlimit syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < want {
-            r.rlim_cur = want.min(r.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < want {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
         }
     }
 }
@@ -1033,16 +1028,8 @@ fn syscalls_per_regular_file() {
         eprintln!("skipping: under an emulator strace would count the emulator's calls");
         return;
     }
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: a plain getrlimit on a valid struct.
-    let hard = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
-        r.rlim_max
-    } else {
-        0
-    };
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(_, hard)| hard);
     if hard < 8 * STRACE_DIRS as u64 {
         eprintln!(
             "skipping: the open-file limit ({hard}) is too low to cache {STRACE_DIRS} directories"

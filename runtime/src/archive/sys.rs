@@ -361,18 +361,11 @@ pub fn close(fd: OwnedFd) -> io::Result<()> {
     cvt(unsafe { libc::close(raw) }).map(drop)
 }
 
-/// The soft limit on open files (`RLIMIT_NOFILE`; `u64::MAX` when
-/// unlimited), or `None` when it cannot be read.
+/// The soft limit on open files (`RLIMIT_NOFILE`; unlimited is
+/// `RLIM_INFINITY`, `u64::MAX`), or `None` when it cannot be read.
 pub fn open_files_limit() -> Option<u64> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid rlimit for the kernel to fill.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
-    (rc == 0).then_some(if r.rlim_cur == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        r.rlim_cur
-    })
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
 }
