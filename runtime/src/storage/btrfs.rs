@@ -267,7 +267,7 @@ impl BtrfsStorage {
                 };
                 let attached = attach(true).or_else(|e| {
                     tracing::info!(pool = %path.display(), error = %e,
-                        "pool file refused direct I/O; attached with buffered I/O");
+                        "attaching the pool file with direct I/O failed; trying buffered I/O");
                     attach(false)
                 });
                 match attached {
