@@ -26,8 +26,8 @@
 //!
 //! The extractions land on the filesystem of the build (`target/`), or,
 //! with `CPH_TAR_BENCH_FS=btrfs` (as root), in a subvolume of a btrfs pool
-//! made as the agent makes one on a loop file (a sparse file on a loop
-//! device doing direct I/O, mounted `noatime,user_subvol_rm_allowed`;
+//! made with the agent's own commands on a loop file (a sparse file on a
+//! loop device doing direct I/O, formatted and mounted as the agent does;
 //! without the agent's simple quotas): where a push lands on a host whose
 //! phones live on btrfs volumes (with the overlay backend, `cph up`'s
 //! default, it lands on the host's own filesystem).
@@ -42,6 +42,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use cph_runtime::archive::{extract, extract_lent, ExtractOptions, Ownership};
+use cph_runtime::storage::btrfs::{pool_mount, POOL_LABEL};
+use cph_runtime::storage::cmd::{self, Btrfs, Invocation, Losetup, Runner, SystemRunner};
 use criterion::{Criterion, SamplingMode};
 
 #[path = "common/report.rs"]
@@ -630,49 +632,43 @@ struct Pool {
 
 impl Pool {
     fn make(base: &Path) -> Pool {
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().expect("run a pool command");
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
+        let run = |inv: Invocation| SystemRunner.run(&inv).expect("pool command");
+        let text = |p: &Path| p.to_string_lossy().into_owned();
         let image = base.with_extension("img");
         let mount = base.to_path_buf();
         // Sparse: only what the runs write takes space.
         File::create(&image)
             .and_then(|f| f.set_len(256 << 30))
             .expect("pool image");
-        let device = run(Command::new("losetup")
-            .args(["--find", "--show", "--nooverlap", "--direct-io=on"])
-            .arg(&image));
+        let attach = Losetup::Attach {
+            file: text(&image),
+            direct_io: true,
+        };
+        let device = run(attach.render()).trim().to_string();
         let pool = Pool {
             image,
             mount,
             device,
             subvolume: base.join("phone"),
         };
-        run(Command::new("mkfs.btrfs")
-            .args(["-q", "-f"])
-            .arg(&pool.device));
+        run(cmd::mkfs_btrfs(&pool.device, POOL_LABEL));
         std::fs::create_dir_all(&pool.mount).expect("pool mount point");
-        run(Command::new("mount")
-            .args(["-t", "btrfs", "-o", "noatime,user_subvol_rm_allowed"])
-            .arg(&pool.device)
-            .arg(&pool.mount));
-        run(Command::new("btrfs")
-            .args(["subvolume", "create"])
-            .arg(&pool.subvolume));
+        run(pool_mount(&pool.device, &pool.mount).render());
+        run(Btrfs::SubvolumeCreate {
+            path: text(&pool.subvolume),
+        }
+        .render());
         pool
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = SystemRunner.run(&cmd::umount(&self.mount.to_string_lossy()));
+        let detach = Losetup::Detach {
+            device: self.device.clone(),
+        };
+        let _ = SystemRunner.run(&detach.render());
         let _ = std::fs::remove_file(&self.image);
     }
 }

@@ -56,6 +56,16 @@ pub struct BtrfsConfig {
     pub max_share_bytes: u64,
 }
 
+/// How a pool's device is mounted.
+pub fn pool_mount(device: &str, mount_point: &Path) -> Mount {
+    Mount {
+        fstype: Some("btrfs"),
+        options: vec!["noatime".into()],
+        source: device.to_string(),
+        target: s(mount_point),
+    }
+}
+
 /// The btrfs backend.
 pub struct BtrfsStorage {
     cfg: BtrfsConfig,
@@ -307,15 +317,7 @@ impl BtrfsStorage {
                 self.run(cmd::mkfs_btrfs(&dev, POOL_LABEL))?;
             }
             std::fs::create_dir_all(mp).map_err(|e| StorageError::io("create", mp, e))?;
-            self.run(
-                Mount {
-                    fstype: Some("btrfs"),
-                    options: vec!["noatime".into()],
-                    source: dev.clone(),
-                    target: s(mp),
-                }
-                .render(),
-            )?;
+            self.run(pool_mount(&dev, mp).render())?;
             Ok(())
         })();
         if let Err(e) = result {
