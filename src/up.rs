@@ -421,16 +421,141 @@ fn api_url(opts: &UpOptions) -> String {
     }
 }
 
-/// A small number (0-99) fixed by the data directory, so platforms of
-/// different data directories on one machine use different bridges, nft
-/// tables, subnets and access ports.
+/// Instance numbers `cph up` hands out: each names a bridge, an nft table,
+/// a veth prefix and a subnet of its own.
+const INSTANCES: u32 = 100;
+/// Access-port ranges: instance `n` maps the ports of slot `n % PORT_SLOTS`,
+/// so at most this many platforms run at once on one machine.
+const PORT_SLOTS: u32 = 20;
+
+/// Access ports of each local host.
+const ACCESS_PORTS: u32 = 500;
+
+/// The first access port of local host `host` of instance `n`.
+fn first_access_port(n: u32, host: u32) -> u32 {
+    20000 + (n % PORT_SLOTS) * ACCESS_PORTS + 10000 * (host - 1)
+}
+
+/// Where a data dir keeps the instance number its first `cph up` took.
+fn instance_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("instance")
+}
+
+/// The instance number a data dir took, or for one that never ran (or ran
+/// before the number was kept), the number its path hashes to.
 fn instance_number(data_dir: &Path) -> u32 {
+    kept_instance(data_dir).unwrap_or_else(|| hashed_instance(data_dir))
+}
+
+fn kept_instance(data_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(instance_file(data_dir)).ok()?;
+    text.trim().parse().ok().filter(|n| *n < INSTANCES)
+}
+
+/// The first number tried for a data dir: a hash of its path.
+fn hashed_instance(data_dir: &Path) -> u32 {
     let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let mut h: u32 = 0x811c_9dc5;
     for b in path.to_string_lossy().bytes() {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
-    h % 100
+    h % INSTANCES
+}
+
+/// A running `cph up`'s hold on its instance number and that number's
+/// access-port slot: an abstract unix socket named after the slot, which
+/// the kernel releases when the process ends, however it ends, and which
+/// leaves nothing on disk.
+#[derive(Debug)]
+struct InstanceClaim {
+    number: u32,
+    _socket: std::os::unix::net::UnixListener,
+}
+
+/// Binds the slot of instance `n`; `None` when another `cph up` holds it.
+fn hold_slot(n: u32) -> Result<Option<InstanceClaim>, UpError> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("cph-up-port-slot-{}", n % PORT_SLOTS);
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(io("name", Path::new(&name)))?;
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(socket) => Ok(Some(InstanceClaim {
+            number: n,
+            _socket: socket,
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(io("bind", Path::new(&name))(e)),
+    }
+}
+
+/// Phones the data dir's local hosts hold.
+fn phone_count(data_dir: &Path) -> usize {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    (1..=MAX_HOSTS)
+        .map(|i| LocalHost::new(data_dir, any, i).dir.join("phones"))
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .map(|d| d.flatten().count())
+        .sum()
+}
+
+/// Takes the data dir's instance number for this run: the one it kept,
+/// or, the first time, the first number from its hash whose port slot no
+/// running `cph up` holds and whose bridge is not on the host (a stopped
+/// platform's phones keep theirs). Two platforms started at once never
+/// share bridge, veth names, subnet or access ports.
+fn claim_instance(data_dir: &Path) -> Result<InstanceClaim, UpError> {
+    claim_instance_from(
+        data_dir,
+        hashed_instance(data_dir),
+        Path::new("/sys/class/net"),
+    )
+}
+
+fn claim_instance_from(
+    data_dir: &Path,
+    first: u32,
+    links: &Path,
+) -> Result<InstanceClaim, UpError> {
+    let phones = phone_count(data_dir);
+    // Phones made before numbers were kept have networks named by the hash.
+    let kept = kept_instance(data_dir).or((phones > 0).then_some(first));
+    if let Some(n) = kept {
+        if let Some(claim) = hold_slot(n)? {
+            return Ok(claim);
+        }
+        if phones > 0 {
+            let port = first_access_port(n, 1);
+            return Err(UpError::Bootstrap {
+                what: "instance",
+                reason: format!(
+                    "another running `cph up` maps access ports {port}-{} that this data dir's \
+                     {phones} phones use; stop it first",
+                    port + ACCESS_PORTS - 1
+                ),
+            });
+        }
+    }
+    for k in 0..INSTANCES {
+        let n = (first + k) % INSTANCES;
+        if Some(n) == kept || links.join(format!("cphup{n}")).exists() {
+            continue;
+        }
+        let Some(claim) = hold_slot(n)? else {
+            continue;
+        };
+        let path = instance_file(data_dir);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{n}\n")).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("write", &path))?;
+        return Ok(claim);
+    }
+    Err(UpError::Bootstrap {
+        what: "instance",
+        reason: format!(
+            "{PORT_SLOTS} platforms already run on this machine (or {INSTANCES} bridges of \
+             stopped ones remain; `cph phone purge --data-dir` takes one off)"
+        ),
+    })
 }
 
 /// Refuses to switch the phone volumes' backend (`--user-namespaces` on or
@@ -496,7 +621,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, host: &LocalHost) -> String
     let dir = &host.dir;
     let n = instance_number(&opts.data_dir);
     let i = host.number;
-    let first_port = 20000 + (n % 20) * 500 + 10000 * (i - 1);
+    let first_port = first_access_port(n, i);
     // Host 1 keeps a single host's names; the others' differ by `i`.
     let (bridge, table, veth, netns) = if i == 1 {
         (
@@ -582,7 +707,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, host: &LocalHost) -> String
         cap = opts.phones,
         obs = object_store_section(opts, secrets),
         subnet = 100 + n,
-        last_port = first_port + 499,
+        last_port = first_port + ACCESS_PORTS - 1,
     )
 }
 
@@ -598,6 +723,8 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).map_err(io("create", &logs))?;
     let secrets = load_or_create_secrets(&data.join("secrets.json"))?;
+    let instance = claim_instance(data)?;
+    tracing::debug!(instance = instance.number, "instance claimed");
 
     let obs_root = data.join("objects");
     std::fs::create_dir_all(&obs_root).map_err(io("create", &obs_root))?;
@@ -782,7 +909,6 @@ fn self_signed(dir: &Path, listen: SocketAddr) -> Result<crate::serve::TlsFiles,
 const DEV_PUBLIC_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcphdevelopmentkeypairnotforproduction000 cph-up";
 
-/// Waits for Ctrl-C (SIGINT) or SIGTERM, or for a service to die.
 /// Waits for SIGINT/SIGTERM; a service that dies meanwhile is restarted
 /// (phones keep running through an agent restart), and one that keeps
 /// dying stops the platform with an error.
@@ -894,6 +1020,46 @@ mod tests {
             cfg3.tls_key,
             Some(PathBuf::from("/srv/cph-second/tls/key.pem"))
         );
+    }
+
+    #[test]
+    fn platforms_started_at_once_take_numbers_that_share_nothing() {
+        let links = tempfile::tempdir().expect("tempdir");
+        let (a, b, c) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        // Three data dirs whose paths hash to the same number (other
+        // tests may hold slots meanwhile: only distinctness is asserted).
+        let first = 37;
+        let ca = claim_instance_from(a.path(), first, links.path()).expect("claim a");
+        let cb = claim_instance_from(b.path(), first, links.path()).expect("claim b");
+        assert_ne!(ca.number % PORT_SLOTS, cb.number % PORT_SLOTS);
+        assert_eq!(instance_number(a.path()), ca.number);
+        assert_eq!(instance_number(b.path()), cb.number);
+        // A bridge of that number left on the host by a stopped platform
+        // is passed over too.
+        let n = ca.number;
+        drop(ca);
+        std::fs::create_dir(links.path().join(format!("cphup{n}"))).expect("link");
+        let cc = claim_instance_from(c.path(), n, links.path()).expect("claim c");
+        assert_ne!(cc.number, n);
+        // The first data dir keeps its number across restarts.
+        let again = claim_instance_from(a.path(), first + 1, links.path()).expect("claim a again");
+        assert_eq!(again.number, n);
+        // A data dir with phones whose port slot another platform holds
+        // is refused, with the reason.
+        let held = hold_slot(cb.number + PORT_SLOTS).expect("bind");
+        assert!(held.is_none(), "slot of b is held");
+        std::fs::create_dir_all(b.path().join("agent/phones")).expect("mkdir");
+        std::fs::write(b.path().join("agent/phones/p.json"), "{}").expect("write");
+        let other = b.path().join("copy");
+        std::fs::create_dir_all(other.join("agent/phones")).expect("mkdir");
+        std::fs::write(other.join("agent/phones/p.json"), "{}").expect("write");
+        std::fs::write(instance_file(&other), format!("{}\n", cb.number)).expect("write");
+        let err = claim_instance_from(&other, first, links.path()).expect_err("slot held");
+        assert!(err.to_string().contains("stop it first"), "{err}");
     }
 
     #[test]
