@@ -2,6 +2,7 @@
 //! malicious archives (each refused with nothing written outside the
 //! target, checked on a sentinel directory next to it).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -987,8 +988,9 @@ fn raise_open_files_limit(want: u64) {
     }
 }
 
-/// Total syscalls of the strace child extracting `n` files.
-fn traced_calls(n: usize) -> Option<u64> {
+/// Syscalls of the strace child extracting `n` files, by name, and their
+/// total (`"total"`).
+fn traced_calls(n: usize) -> Option<HashMap<String, u64>> {
     let out = tempfile::NamedTempFile::new().expect("strace output");
     let exe = std::env::current_exe().expect("test binary");
     let s = Scene::new();
@@ -1009,23 +1011,61 @@ fn traced_calls(n: usize) -> Option<u64> {
         .ok()?;
     assert!(st.success(), "strace child failed");
     let text = fs::read_to_string(out.path()).expect("read strace summary");
-    let total = text.lines().find(|l| l.trim_end().ends_with("total"))?;
-    // "100.00 0.123 1 12345 67 total": the calls column is the 4th.
-    total.split_whitespace().nth(3)?.parse().ok()
+    // "100.00 0.123 1 12345 67 total" (errors may be blank): the calls
+    // column is the 4th, the name the last.
+    let calls: HashMap<String, u64> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.last()?.to_string(), f.get(3)?.parse().ok()?))
+        })
+        .collect();
+    calls.contains_key("total").then_some(calls)
 }
 
-#[test]
-fn syscalls_per_regular_file() {
+/// Whether strace can count this test binary's calls; says why not.
+fn strace_usable() -> bool {
     if std::process::Command::new("strace")
         .arg("-V")
         .output()
         .is_err()
     {
         eprintln!("skipping: strace is not installed (apt package strace)");
-        return;
+        return false;
     }
     if std::env::var_os("CPH_SPAWN_WRAPPER").is_some() {
         eprintln!("skipping: under an emulator strace would count the emulator's calls");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn a_synced_run_flushes_while_it_writes() {
+    if !strace_usable() {
+        return;
+    }
+    let tmp = nix::sys::statfs::statfs(&std::env::temp_dir()).expect("statfs");
+    if tmp.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC {
+        eprintln!("skipping: the temporary directory is on btrfs, where runs do not flush early");
+        return;
+    }
+    // Three times the flusher's step (4,096 jobs): at least one flush
+    // before the final one, whatever the threads' timing.
+    let Some(calls) = traced_calls(3 * 4096) else {
+        eprintln!("skipping: strace could not trace the test binary (ptrace refused?)");
+        return;
+    };
+    let syncs = calls.get("syncfs").copied().unwrap_or(0);
+    assert!(
+        syncs >= 2,
+        "{syncs} syncfs calls: no flush before the final one"
+    );
+}
+
+#[test]
+fn syscalls_per_regular_file() {
+    if !strace_usable() {
         return;
     }
     let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -1038,7 +1078,8 @@ fn syscalls_per_regular_file() {
     }
     // Both archives make the same directories; the second visits each
     // one more times.
-    let (Some(a), Some(b)) = (traced_calls(STRACE_DIRS), traced_calls(STRACE_DIRS + 2000)) else {
+    let total = |n| traced_calls(n).and_then(|c| c.get("total").copied());
+    let (Some(a), Some(b)) = (total(STRACE_DIRS), total(STRACE_DIRS + 2000)) else {
         eprintln!("skipping: strace could not trace the test binary (ptrace refused?)");
         return;
     };

@@ -16,10 +16,14 @@
 //! Large files travel in 1 MiB chunks whose buffers go back to the parser
 //! once written; from a source that lends its bytes ([`Lend`], a download)
 //! a chunk is the source's own buffers instead, written without a copy.
-//! When the run ends with a sync, each large file has its writeback started
-//! every 8 MiB (`sync_file_range`, not waited for), so the disk works while
-//! the archive is still arriving and the final `syncfs` finds little left
-//! to write.
+//! When the run ends with a sync, the disk works while the archive is still
+//! arriving, so the final `syncfs` finds little left to write: each large
+//! file has its writeback started every 8 MiB (`sync_file_range`, not
+//! waited for), and, except on btrfs, a flusher thread calls `syncfs` each
+//! time the writers have finished another 4,096 jobs (small files have no
+//! per-file call for it: that would be a sixth syscall each). On a two-core
+//! host the final sync of 100,000 small files was a third of the run, on
+//! one core while the other idled.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -28,7 +32,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -56,6 +60,9 @@ const QUEUE: usize = 64;
 /// channel's wake-ups are amortised over many files.
 const BATCH: usize = 64;
 const BATCH_BYTES: usize = 512 << 10;
+/// Jobs (files, links, 1 MiB chunks) the writers finish between two
+/// background flushes of a run that ends with a sync.
+const FLUSH_EVERY: u64 = 4096;
 /// Writer threads at most; `MAX_THREADS * BATCH_BYTES + CHUNK` stays under
 /// `BUDGET`, so the parser never waits on bytes it has not handed out yet.
 const MAX_THREADS: usize = 8;
@@ -209,6 +216,10 @@ struct Shared {
     /// A final sync was asked: large files start their writeback as they
     /// are written.
     early_writeback: bool,
+    /// Jobs the writers finished, and the flusher they wake every
+    /// [`FLUSH_EVERY`] of them (when a final sync was asked).
+    jobs_done: AtomicU64,
+    flusher: Option<Arc<Flusher>>,
     /// Chunk buffers, and batch data buffers.
     spare: Spare,
     batch_buffers: Spare,
@@ -404,6 +415,7 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
     }
     for batch in rx {
         let held = batch.held();
+        let jobs = batch.jobs.len();
         for job in batch.jobs {
             if let Job::Barrier(ack) = job {
                 let _ = ack.send(());
@@ -417,6 +429,12 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
             }
         }
         shared.budget.release(held);
+        if let Some(f) = &shared.flusher {
+            let before = shared.jobs_done.fetch_add(jobs as u64, Ordering::Relaxed);
+            if before / FLUSH_EVERY != (before + jobs as u64) / FLUSH_EVERY {
+                f.kick();
+            }
+        }
         if !batch.data.is_empty() {
             shared.batch_buffers.put(batch.data);
         }
@@ -1299,6 +1317,86 @@ fn dir_cache_size() -> usize {
         .clamp(DIR_CACHE_MIN, DIR_CACHE_MAX)
 }
 
+/// Calls `syncfs` in the background each time the writers have finished
+/// [`FLUSH_EVERY`] more jobs, while the run goes on.
+struct Flusher {
+    state: Mutex<FlushState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    wanted: bool,
+    done: bool,
+}
+
+impl Flusher {
+    /// Starts the flusher thread on its own descriptor of `root`: an
+    /// intermediate `syncfs` must not take a writeback error from the
+    /// final one, and errors are reported per open file.
+    fn start(root: &OwnedFd, target: &Path) -> Result<FlushThread, ArchiveError> {
+        let fd = sys::open_dir(root.as_raw_fd(), c".")
+            .map_err(|e| ArchiveError::io("open target", target, e))?;
+        let flusher = Arc::new(Flusher {
+            state: Mutex::new(FlushState::default()),
+            wake: Condvar::new(),
+        });
+        let f = flusher.clone();
+        let handle = std::thread::Builder::new()
+            .name("tar-flusher".into())
+            .spawn(move || {
+                let mut st = f.lock();
+                loop {
+                    while !st.wanted && !st.done {
+                        st = f.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if st.done {
+                        return;
+                    }
+                    st.wanted = false;
+                    drop(st);
+                    // Best effort: the final `syncfs` is the one that counts.
+                    let _ = sys::syncfs(fd.as_raw_fd());
+                    st = f.lock();
+                }
+            })
+            .map_err(|e| ArchiveError::io("spawn flusher thread for", target, e))?;
+        Ok(FlushThread {
+            flusher,
+            handle: Some(handle),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for a flush (one already asked for and not begun is not
+    /// doubled).
+    fn kick(&self) {
+        self.lock().wanted = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The flusher's thread, stopped and joined when dropped (on every return
+/// of the run).
+struct FlushThread {
+    flusher: Arc<Flusher>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for FlushThread {
+    fn drop(&mut self) {
+        self.flusher.lock().done = true;
+        self.flusher.wake.notify_one();
+        if let Some(h) = self.handle.take() {
+            // A flusher that panicked flushed less: the final sync does the rest.
+            let _ = h.join();
+        }
+    }
+}
+
 /// Opens `target` and calls `syncfs` on its filesystem.
 pub(super) fn sync_dir(target: &Path) -> Result<(), ArchiveError> {
     let dir =
@@ -1357,6 +1455,11 @@ pub(super) fn run<I: Input>(
         state: state.clone(),
     });
 
+    // On btrfs each `syncfs` commits a transaction the writers then wait
+    // on: 100,000 small files took 13% longer with the flusher than
+    // without, where on ext4 they took 6-10% less.
+    let flush = opts.sync && !sys::on_btrfs(root.as_raw_fd()).unwrap_or(true);
+    let flusher = flush.then(|| Flusher::start(&root, target)).transpose()?;
     let shared = Arc::new(Shared {
         target: target.to_path_buf(),
         abort: AtomicBool::new(false),
@@ -1364,6 +1467,8 @@ pub(super) fn run<I: Input>(
         budget: Budget::new(),
         track,
         early_writeback: opts.sync,
+        jobs_done: AtomicU64::new(0),
+        flusher: flusher.as_ref().map(|t| t.flusher.clone()),
         // What the budget lets be in flight.
         spare: Spare::new(BUDGET / CHUNK + 2, CHUNK),
         // In a steady run a writer hands a buffer back as the parser needs
@@ -1441,6 +1546,7 @@ pub(super) fn run<I: Input>(
     } = p;
     drop(dirs);
     let joined = pool.finish(&mut written);
+    drop(flusher);
     let writer_err = shared.take_error();
     let err = match (parsed, joined, writer_err) {
         (_, Err(e), _) => Some(e),

@@ -297,6 +297,16 @@ pub fn start_writeback(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     cvt(unsafe { libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE) }).map(drop)
 }
 
+/// Whether the filesystem holding `fd` is btrfs.
+pub fn on_btrfs(fd: RawFd) -> io::Result<bool> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a valid out-pointer for one `statfs`.
+    cvt(unsafe { libc::fstatfs(fd, st.as_mut_ptr()) })?;
+    // SAFETY: `fstatfs` succeeded and filled it.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_type == libc::BTRFS_SUPER_MAGIC)
+}
+
 pub fn syncfs(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
     cvt(unsafe { libc::syncfs(fd) }).map(drop)
