@@ -490,12 +490,22 @@ fn hold_slot(n: u32) -> Result<Option<InstanceClaim>, UpError> {
 
 /// Phones the data dir's local hosts hold.
 fn phone_count(data_dir: &Path) -> usize {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    (1..=MAX_HOSTS)
-        .map(|i| LocalHost::new(data_dir, any, i).dir.join("phones"))
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .map(|d| d.flatten().count())
+    LocalHost::existing(data_dir)
+        .iter()
+        .map(|h| host_phones(&h.dir))
         .sum()
+}
+
+/// Phones of the local host whose agent state dir is `agent_dir`.
+fn host_phones(agent_dir: &Path) -> usize {
+    std::fs::read_dir(agent_dir.join("phones"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0)
+}
+
+/// The bridge of host 1 of instance `n`.
+fn bridge_name(n: u32) -> String {
+    format!("cphup{n}")
 }
 
 /// Takes the data dir's instance number for this run: the one it kept,
@@ -537,16 +547,13 @@ fn claim_instance_from(
     }
     for k in 0..INSTANCES {
         let n = (first + k) % INSTANCES;
-        if Some(n) == kept || links.join(format!("cphup{n}")).exists() {
+        if Some(n) == kept || links.join(bridge_name(n)).exists() {
             continue;
         }
         let Some(claim) = hold_slot(n)? else {
             continue;
         };
-        let path = instance_file(data_dir);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{n}\n")).map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("write", &path))?;
+        write_private(&instance_file(data_dir), format!("{n}\n").as_bytes())?;
         return Ok(claim);
     }
     Err(UpError::Bootstrap {
@@ -571,9 +578,7 @@ fn keeps_its_volumes(
     let Ok(old) = toml::from_str::<cph_agent::config::AgentConfig>(&text) else {
         return Ok(());
     };
-    let phones = std::fs::read_dir(agent_dir.join("phones"))
-        .map(|d| d.flatten().count())
-        .unwrap_or(0);
+    let phones = host_phones(agent_dir);
     if old.user_namespaces.enabled != user_namespaces && phones > 0 {
         let (was, flag) = if old.user_namespaces.enabled {
             ("with", "add --user-namespaces")
@@ -625,7 +630,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, host: &LocalHost) -> String
     // Host 1 keeps a single host's names; the others' differ by `i`.
     let (bridge, table, veth, netns) = if i == 1 {
         (
-            format!("cphup{n}"),
+            bridge_name(n),
             format!("cph_up_{n}"),
             format!("cu{n}x"),
             "cph-".to_string(),
@@ -1042,7 +1047,7 @@ mod tests {
         // is passed over too.
         let n = ca.number;
         drop(ca);
-        std::fs::create_dir(links.path().join(format!("cphup{n}"))).expect("link");
+        std::fs::create_dir(links.path().join(bridge_name(n))).expect("link");
         let cc = claim_instance_from(c.path(), n, links.path()).expect("claim c");
         assert_ne!(cc.number, n);
         // The first data dir keeps its number across restarts.

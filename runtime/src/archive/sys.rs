@@ -298,13 +298,9 @@ pub fn start_writeback(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Whether the filesystem holding `fd` is btrfs.
-pub fn on_btrfs(fd: RawFd) -> io::Result<bool> {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `st` is a valid out-pointer for one `statfs`.
-    cvt(unsafe { libc::fstatfs(fd, st.as_mut_ptr()) })?;
-    // SAFETY: `fstatfs` succeeded and filled it.
-    let st = unsafe { st.assume_init() };
-    Ok(st.f_type == libc::BTRFS_SUPER_MAGIC)
+pub fn on_btrfs(fd: &impl std::os::fd::AsFd) -> io::Result<bool> {
+    use nix::sys::statfs::{fstatfs, BTRFS_SUPER_MAGIC};
+    Ok(fstatfs(fd)?.filesystem_type() == BTRFS_SUPER_MAGIC)
 }
 
 pub fn syncfs(fd: RawFd) -> io::Result<()> {
