@@ -220,8 +220,17 @@ fn single_writer_and_many_writers_agree() {
     for threads in [1, 4] {
         let s = Scene::new();
         let opts = synced(threads);
-        extract(&sample_tree()[..], &s.target, &opts).expect("extract");
+        let report = extract(&sample_tree()[..], &s.target, &opts).expect("extract");
         check_sample_tree(&s.target);
+        assert_eq!(report.writers, threads);
+    }
+    // Left to choose: one writer per core, at least two, except on btrfs
+    // (storage.rs checks that one).
+    let tmp = nix::sys::statfs::statfs(&std::env::temp_dir()).expect("statfs");
+    if tmp.filesystem_type() != nix::sys::statfs::BTRFS_SUPER_MAGIC {
+        let s = Scene::new();
+        let report = extract(&sample_tree()[..], &s.target, &synced(0)).expect("extract");
+        assert!(report.writers >= 2, "{} writers", report.writers);
     }
 }
 

@@ -704,6 +704,39 @@ fn an_image_update_keeps_data_and_cache_on_btrfs() {
     assert!(!pool.mounted());
 }
 
+#[test]
+fn pushes_onto_a_btrfs_pool_use_one_writer() {
+    if !btrfs_available("pushes_onto_a_btrfs_pool_use_one_writer") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let names: Vec<String> = (0..300).map(|i| format!("d{}/f{i}", i % 7)).collect();
+    let datas: Vec<Vec<u8>> = (0..300usize).map(|i| vec![i as u8; 100 + 37 * i]).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&datas)
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let tar = make_image(&files);
+    let target = pool.mount.join(unique("push"));
+    std::fs::create_dir(&target).unwrap();
+    let opts = cph_runtime::archive::ExtractOptions {
+        sync: true,
+        ..Default::default()
+    };
+    let report =
+        cph_runtime::archive::extract(std::io::Cursor::new(tar), &target, &opts).expect("extract");
+    assert_eq!(report.writers, 1);
+    assert_eq!(report.files, 300);
+    for (name, data) in &files {
+        assert_eq!(std::fs::read(target.join(name)).unwrap(), *data, "{name}");
+    }
+    std::fs::remove_dir_all(&target).unwrap();
+    s.teardown().unwrap();
+    assert!(!pool.mounted());
+}
+
 fn import_dyn(s: &dyn Storage, id: &str, tar: &[u8]) {
     let r = s
         .import_image(id, Box::new(std::io::Cursor::new(tar.to_vec())))

@@ -167,6 +167,8 @@ pub struct ExtractReport {
     /// Everything created or replaced, relative to the target (empty when
     /// staging, where the whole target is new).
     pub written: WrittenPaths,
+    /// Writer threads the run used (one on btrfs unless asked otherwise).
+    pub writers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
