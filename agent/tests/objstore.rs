@@ -526,3 +526,53 @@ async fn object_replaced_during_a_download_fails_it_instead_of_mixing_versions()
         .expect("current etag");
     assert_eq!(got.content_length(), Some(10));
 }
+
+/// Drops `path`'s pages from the page cache, then reads `len` bytes from
+/// its start back into it without readahead: the store then serves a
+/// cached head, a piece partly cached and uncached pieces.
+fn cache_only_head(path: &std::path::Path, len: usize) {
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    let fd = f.as_raw_fd();
+    // SAFETY: advice on an open descriptor.
+    unsafe {
+        assert_eq!(libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED), 0);
+        assert_eq!(libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM), 0);
+    }
+    let mut head = vec![0u8; len];
+    f.read_exact(&mut head).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_partly_in_the_page_cache_are_served_whole() {
+    let f = fixture().await;
+    let data = pattern(13 * MIB + 5, 21);
+    let path = f.server.root().join(BUCKET).join("cold.bin");
+    std::fs::write(&path, &data).unwrap();
+    // The ETag first (it reads the whole file into the cache).
+    f.store.head(BUCKET, "cold.bin").await.unwrap();
+
+    cache_only_head(&path, 5 * MIB + 1234);
+    let got = f
+        .store
+        .get_bytes(BUCKET, "cold.bin", u64::MAX)
+        .await
+        .unwrap();
+    assert!(got == data, "whole object differs");
+
+    cache_only_head(&path, 3 * MIB + 99);
+    let mut reader = f
+        .store
+        .download_to_reader(BUCKET, "cold.bin", u64::MAX)
+        .await
+        .unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        all
+    })
+    .await
+    .unwrap();
+    assert!(got == data, "ranged reads differ");
+}
