@@ -206,17 +206,24 @@ fn check_if_match(
 }
 
 /// `len` bytes of a file from `pos`, in [`READ_CHUNK`] pieces, each read
-/// straight into the buffer that is sent (no second copy). A piece the page
-/// cache holds is read at once on the server's thread (`preadv2` with
-/// `RWF_NOWAIT`, which never waits for the disk); what it does not hold is
-/// read on the blocking pool, the next piece started as soon as that one is
-/// done. Served from the cache, the trip through the blocking pool was a
+/// straight into the buffer that is sent (no second copy), one piece ahead
+/// of the one being sent. A piece the page cache holds is read at once on
+/// the server's thread (`preadv2` with `RWF_NOWAIT`, which never waits for
+/// the disk); the rest of one it does not hold is read on the blocking
+/// pool. Served from the cache, the trip through the blocking pool was a
 /// sixth of the server's CPU per GB.
 struct FileChunks {
     file: Arc<std::fs::File>,
+    /// Where the piece after `next` starts, and the bytes left from there.
     pos: u64,
     left: u64,
-    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    next: Option<Piece>,
+}
+
+/// The piece read ahead.
+enum Piece {
+    Read(std::io::Result<Bytes>),
+    Reading(JoinHandle<std::io::Result<Bytes>>),
 }
 
 /// Reads into `buf`'s spare capacity at `pos` until it is full (true) or a
@@ -268,32 +275,37 @@ fn read_into(
 
 impl FileChunks {
     fn new(file: std::fs::File, pos: u64, left: u64) -> Self {
-        FileChunks {
+        let mut chunks = FileChunks {
             file: Arc::new(file),
             pos,
             left,
-            reading: None,
-        }
+            next: None,
+        };
+        chunks.read_ahead();
+        chunks
     }
 
-    /// The next piece if the page cache holds it; else its read is started
-    /// on the blocking pool (keeping what was read) and `None` returned.
-    fn next_piece(&mut self) -> Option<std::io::Result<Bytes>> {
+    /// Reads the next piece, or starts reading it on the blocking pool
+    /// where the page cache does not hold it all (keeping what was read).
+    fn read_ahead(&mut self) {
+        if self.left == 0 {
+            return;
+        }
         let n = self.left.min(READ_CHUNK as u64) as usize;
         let pos = self.pos;
         self.pos += n as u64;
         self.left -= n as u64;
         let mut buf = Vec::with_capacity(n);
-        match read_into(&self.file, &mut buf, pos, true) {
-            Ok(true) => return Some(Ok(Bytes::from(buf))),
-            Ok(false) => {}
-            Err(e) => return Some(Err(e)),
-        }
-        let file = self.file.clone();
-        self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_into(&file, &mut buf, pos, false).map(|_| Bytes::from(buf))
-        }));
-        None
+        self.next = Some(match read_into(&self.file, &mut buf, pos, true) {
+            Ok(true) => Piece::Read(Ok(Bytes::from(buf))),
+            Err(e) => Piece::Read(Err(e)),
+            Ok(false) => {
+                let file = self.file.clone();
+                Piece::Reading(tokio::task::spawn_blocking(move || {
+                    read_into(&file, &mut buf, pos, false).map(|_| Bytes::from(buf))
+                }))
+            }
+        });
     }
 }
 
@@ -305,34 +317,26 @@ impl futures_core::Stream for FileChunks {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
-        if self.reading.is_none() {
-            if self.left == 0 {
-                return Poll::Ready(None);
-            }
-            if let Some(piece) = self.next_piece() {
-                if piece.is_err() {
-                    self.left = 0;
+        let piece = match self.next.take() {
+            None => return Poll::Ready(None),
+            Some(Piece::Read(r)) => r,
+            Some(Piece::Reading(mut reading)) => match std::pin::Pin::new(&mut reading).poll(cx) {
+                Poll::Pending => {
+                    self.next = Some(Piece::Reading(reading));
+                    return Poll::Pending;
                 }
-                return Poll::Ready(Some(piece));
-            }
-        }
-        let Some(reading) = self.reading.as_mut() else {
-            return Poll::Ready(None);
+                Poll::Ready(Ok(r)) => r,
+                Poll::Ready(Err(e)) => Err(std::io::Error::other(e)),
+            },
         };
-        let done = match std::pin::Pin::new(reading).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
-        };
-        self.reading = None;
-        match done {
-            Ok(Ok(chunk)) => Poll::Ready(Some(Ok(chunk))),
-            Ok(Err(e)) => {
-                self.left = 0;
-                Poll::Ready(Some(Err(e)))
+        match piece {
+            Ok(chunk) => {
+                self.read_ahead();
+                Poll::Ready(Some(Ok(chunk)))
             }
             Err(e) => {
                 self.left = 0;
-                Poll::Ready(Some(Err(std::io::Error::other(e))))
+                Poll::Ready(Some(Err(e)))
             }
         }
     }
