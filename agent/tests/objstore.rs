@@ -391,6 +391,21 @@ async fn tar_exported_to_store_and_extracted_while_streaming() {
 }
 
 /// MD5 of `data` in hex, as S3 gives a single PUT's ETag.
+/// The whole of `key` through a streamed, ranged download.
+async fn read_streamed(store: &ObjectStore, key: &str) -> Vec<u8> {
+    let mut reader = store
+        .download_to_reader(BUCKET, key, u64::MAX)
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        all
+    })
+    .await
+    .unwrap()
+}
+
 fn md5_hex(data: &[u8]) -> String {
     use s3s::crypto::{Checksum, Md5};
     let mut md5 = Md5::new();
@@ -431,18 +446,7 @@ async fn objects_put_in_the_directory_by_hand_are_served_with_their_md5() {
     assert_eq!(unquoted(info.etag), "0123456789abcdef");
 
     // Ranged, streamed reads return the file's bytes.
-    let mut reader = f
-        .store
-        .download_to_reader(BUCKET, "dropped/x.bin", u64::MAX)
-        .await
-        .unwrap();
-    let got = tokio::task::spawn_blocking(move || {
-        let mut all = Vec::new();
-        reader.read_to_end(&mut all).unwrap();
-        all
-    })
-    .await
-    .unwrap();
+    let got = read_streamed(&f.store, "dropped/x.bin").await;
     assert!(got == data, "streamed bytes differ");
 
     // Replaced by hand: its new MD5.
@@ -562,17 +566,6 @@ async fn objects_partly_in_the_page_cache_are_served_whole() {
     assert!(got == data, "whole object differs");
 
     cache_only_head(&path, 3 * MIB + 99);
-    let mut reader = f
-        .store
-        .download_to_reader(BUCKET, "cold.bin", u64::MAX)
-        .await
-        .unwrap();
-    let got = tokio::task::spawn_blocking(move || {
-        let mut all = Vec::new();
-        reader.read_to_end(&mut all).unwrap();
-        all
-    })
-    .await
-    .unwrap();
+    let got = read_streamed(&f.store, "cold.bin").await;
     assert!(got == data, "ranged reads differ");
 }
