@@ -390,7 +390,6 @@ async fn tar_exported_to_store_and_extracted_while_streaming() {
     );
 }
 
-/// MD5 of `data` in hex, as S3 gives a single PUT's ETag.
 /// The whole of `key` through a streamed, ranged download.
 async fn read_streamed(store: &ObjectStore, key: &str) -> Vec<u8> {
     let mut reader = store
@@ -406,6 +405,7 @@ async fn read_streamed(store: &ObjectStore, key: &str) -> Vec<u8> {
     .unwrap()
 }
 
+/// MD5 of `data` in hex, as S3 gives a single PUT's ETag.
 fn md5_hex(data: &[u8]) -> String {
     use s3s::crypto::{Checksum, Md5};
     let mut md5 = Md5::new();
