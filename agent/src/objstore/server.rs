@@ -212,6 +212,11 @@ fn check_if_match(
 /// the disk); the rest of one it does not hold is read on the blocking
 /// pool. Served from the cache, the trip through the blocking pool was a
 /// sixth of the server's CPU per GB.
+///
+/// This is about as cheap as serving over TCP gets here: a bare sender
+/// reading 4 MiB pieces and writing them to a loopback socket took
+/// 0.36-0.41 CPU-s per cached GB (this server: 0.40-0.43), and one using
+/// `sendfile` took more, 0.48-0.50, so hyper writing the body is no loss.
 struct FileChunks {
     file: Arc<std::fs::File>,
     /// Where the piece after `next` starts, and the bytes left from there.
@@ -329,16 +334,11 @@ impl futures_core::Stream for FileChunks {
                 Poll::Ready(Err(e)) => Err(std::io::Error::other(e)),
             },
         };
-        match piece {
-            Ok(chunk) => {
-                self.read_ahead();
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Err(e) => {
-                self.left = 0;
-                Poll::Ready(Some(Err(e)))
-            }
+        // After an error nothing is read ahead, so the stream ends.
+        if piece.is_ok() {
+            self.read_ahead();
         }
+        Poll::Ready(Some(piece))
     }
 }
 
