@@ -16,7 +16,7 @@
 //! archive sent over one plain loopback TCP connection (a thread reading
 //! the file and writing it to the socket, no HTTP): what any network
 //! stream costs on this host before the object store protocol adds its
-//! share. And the same download read into nothing: the stream's own cost.
+//! share. And the same download taken into nothing: the stream's own cost.
 //! Each run's CPU time (this process and its children: user + system) is
 //! reported next to its wall time, since on a host with few cores the
 //! store, the client and the extractor of a streamed run share them.
@@ -262,13 +262,13 @@ impl Store {
             .expect("download")
     }
 
-    /// Reads `key` through the same streaming download into nothing, in the
-    /// extractor's read size: what the stream alone costs.
+    /// Takes `key` through the same streaming download into nothing, as a
+    /// push's extraction takes it (lent, not copied into a buffer of its
+    /// own): what the stream alone costs.
     fn download(&self, key: &str) {
-        use std::io::Read;
+        use cph_runtime::archive::Lend;
         let mut reader = self.reader(key);
-        let mut buf = vec![0u8; 1 << 20];
-        while reader.read(&mut buf).expect("read download") > 0 {}
+        while !reader.lend(1 << 20).expect("read download").is_empty() {}
     }
 
     /// Extracts `key` into `dest` while it downloads.
