@@ -106,6 +106,22 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         tracing::info!(job_id = %row_id, target = %t.phone_id, "migration written, restoring on the target");
         return Ok(());
     }
+    // A phone's properties are what its agent applied, so a refused or
+    // failed change leaves the recorded ones as they were. Recorded before
+    // the job reads as succeeded, so whoever sees it ended sees them.
+    if let (1, JobState::Succeeded, Some(phone_id)) = (row.status, j.status, &req.phone_id) {
+        let (property, replace) = match &req.kind {
+            JobKind::UpdateProperty { property } => (Some(property), false),
+            JobKind::RestartPhone { property, .. } => (property.as_ref(), false),
+            JobKind::ResetPhone { property, .. } | JobKind::Restore { property, .. } => {
+                (property.as_ref(), true)
+            }
+            _ => (None, false),
+        };
+        if let Some(property) = property {
+            store.apply_phone_property(phone_id, property, replace)?;
+        }
+    }
     let execute = j
         .execute_msg
         .as_deref()

@@ -713,15 +713,70 @@ async fn buy_phones_jobs_isolation_and_restart() {
             Some(json!({"phones": [{"phone_id": pid, "property": "{\"com.cph.mainkeys\":1}"}]})),
         )
         .await;
-    assert!(r.body["jobs"][0]["job_id"].is_string(), "{:?}", r.body);
+    // The phone's recorded properties change only once its agent applied
+    // the new ones: not while the job runs, not when it failed.
+    let prop_job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("property job")
+        .to_string();
+    let recorded = |body: &Value| {
+        let text = body["property"].as_str().unwrap_or("{}");
+        serde_json::from_str::<Value>(text).expect("property json")["com.cph.mainkeys"].clone()
+    };
+    let detail_path = format!("/v1/{{p}}/cloud-phone/phones/{pid}");
+    let report = |job: &str, status: i32| {
+        json!([{"job_id": job, "status": status, "error_code": (status < 0).then_some("CPS.0003"),
+                "error_msg": null, "execute_msg": null}])
+    };
+    sent_job(&seen, &prop_job).await;
+    assert_eq!(
+        recorded(&cp.call("GET", &detail_path, None).await.body),
+        Value::Null
+    );
+    cp.agent_post("/agent/v1/jobs", report(&prop_job, -1)).await;
+    assert_eq!(
+        recorded(&cp.call("GET", &detail_path, None).await.body),
+        Value::Null
+    );
     let r = cp
         .call(
             "POST",
             "/v1/{p}/cloud-phone/phones/batch-update-property",
-            Some(json!({"phones": [{"phone_id": pid, "property": "[1]"}]})),
+            Some(
+                json!({"phones": [{"phone_id": pid, "property": "{\"com.cph.mainkeys\":\"1\"}"}]}),
+            ),
         )
         .await;
-    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0078");
+    let prop_job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    sent_job(&seen, &prop_job).await;
+    cp.agent_post("/agent/v1/jobs", report(&prop_job, 2)).await;
+    assert_eq!(
+        recorded(&cp.call("GET", &detail_path, None).await.body),
+        json!("1")
+    );
+    // Names and values are checked before a job is made.
+    for (property, code) in [
+        ("[1]", "CPS.0078"),
+        ("{\"no.such\":\"1\"}", "CPS.0163"),
+        ("{\"sys.prop.write_imsi\":\"46000x\"}", "CPS.0164"),
+        ("{\"com.cph.cg.app_port\":9000}", "CPS.0164"),
+    ] {
+        let r = cp
+            .call(
+                "POST",
+                "/v1/{p}/cloud-phone/phones/batch-update-property",
+                Some(json!({"phones": [{"phone_id": pid, "property": property}]})),
+            )
+            .await;
+        assert_eq!(
+            r.body["jobs"][0]["error_code"], code,
+            "{property}: {:?}",
+            r.body
+        );
+    }
     let r = cp
         .call(
             "POST",

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod memory;
 pub mod metrics;
 pub mod objstore;
+pub mod property;
 pub mod protocol;
 pub mod telemetry;
 pub mod tls;

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 mod common;
 
@@ -201,6 +201,52 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let st = wait_job(&addr, &token, "prop-2");
     assert_eq!(st["status"], -1);
     assert_eq!(st["error_code"], "CPS.0163");
+
+    // A read-only property waits for the next start, where it is an init
+    // argument; it and the live ones hold over every later boot.
+    let run = |id: &str, kind: Value| {
+        http(
+            &addr,
+            "POST",
+            "/v1/jobs",
+            &token,
+            Some(&job(id, &server, &phone, kind)),
+        );
+        wait_job(&addr, &token, id)
+    };
+    let getprop = |id: &str, name: &str| {
+        let cmd = format!("getprop {name}");
+        let st = run(
+            id,
+            json!({"kind": "sync_shell", "command": cmd, "timeout_ms": 2000}),
+        );
+        st["execute_msg"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let st = run(
+        "prop-3",
+        json!({"kind": "update_property", "property": {"ro.install.auto": "1"}}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(st["execute_msg"], "applied at next start: ro.install.auto");
+    assert_eq!(getprop("sync-ro-1", "ro.install.auto"), "");
+    for boot in ["restart-1", "restart-2"] {
+        let st = run(
+            boot,
+            json!({"kind": "restart_phone", "image": null, "property": null}),
+        );
+        assert_eq!(st["status"], 2, "{boot}: {st}");
+        assert_eq!(getprop(&format!("{boot}-ro"), "ro.install.auto"), "1");
+        assert_eq!(getprop(&format!("{boot}-live"), "com.cph.mainkeys"), "1");
+    }
+    let st = run(
+        "prop-4",
+        json!({"kind": "update_property", "property": {"sys.prop.write_imsi": "46000x"}}),
+    );
+    assert_eq!(st["error_code"], "CPS.0164", "{st}");
 
     // A sync shell over its 2 s limit fails instead of waiting.
     let (_, st) = http(

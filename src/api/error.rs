@@ -77,6 +77,10 @@ pub enum ApiError {
     KeypairNotFound(String),
     #[error("parameter: property is invalid: {0}")]
     Property(String),
+    #[error("parameter: {0}")]
+    PropertyUnsupported(String),
+    #[error("parameter: {0}")]
+    PropertyInvalid(String),
     #[error("parameter: phone_ids is invalid")]
     PhoneIds,
     #[error("parameter: server_name is invalid")]
@@ -257,6 +261,8 @@ impl ApiError {
             E::KeypairEmpty => (bad, "CPS.0068"),
             E::KeypairNotFound(_) => (bad, "CPS.0067"),
             E::Property(_) => (bad, "CPS.0078"),
+            E::PropertyUnsupported(_) => (bad, "CPS.0163"),
+            E::PropertyInvalid(_) => (bad, "CPS.0164"),
             E::PhoneIds => (bad, "CPS.0080"),
             E::ServerName => (bad, "CPS.0087"),
             E::ServerModelName => (bad, "CPS.0089"),

@@ -428,6 +428,8 @@ pub async fn update_property(
     if b.phones.iter().any(|p| p.property.is_none()) {
         return Err(ApiError::Property("property is required".into()).into());
     }
+    // The phone's recorded properties change when its agent has applied
+    // the new ones (`dispatch::apply_status`).
     let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
         let property = property.unwrap_or_default();
         let mut merged: BTreeMap<String, Value> =
@@ -435,13 +437,11 @@ pub async fn update_property(
         for (k, v) in &property {
             merged.insert(k.clone(), Value::String(v.clone()));
         }
-        st.store
-            .set_phone_property(
-                &p.phone_id,
-                &serde_json::to_string(&merged).unwrap_or_default(),
-                None,
-            )
-            .map_err(ApiError::from)?;
+        if Value::from_iter(merged).to_string().len() > validate::PROPERTY_MAX {
+            return Err(ApiError::Property(
+                "the phone's properties with these would be longer than 2048 bytes".into(),
+            ));
+        }
         Ok(JobKind::UpdateProperty { property })
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))

@@ -65,7 +65,8 @@ pub fn file_path(s: &str) -> Result<(), ApiError> {
 }
 
 /// A property JSON string: an object of at most 2,048 bytes whose values are
-/// strings or numbers.
+/// strings, numbers or booleans, each name one of the reference's attributes
+/// (CPS.0163) with a value its rule takes (CPS.0164).
 pub fn property(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
     if s.len() > PROPERTY_MAX {
         return Err(ApiError::Property("longer than 2048 bytes".into()));
@@ -89,6 +90,12 @@ pub fn property(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
         };
         if k.is_empty() || k.len() > 128 {
             return Err(ApiError::Property(format!("name {k} is invalid")));
+        }
+        if let Err(r) = cph_agent::property::check(k, &text) {
+            return Err(match r.code {
+                "CPS.0163" => ApiError::PropertyUnsupported(r.message),
+                _ => ApiError::PropertyInvalid(r.message),
+            });
         }
         out.insert(k.clone(), text);
     }

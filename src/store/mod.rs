@@ -1788,6 +1788,47 @@ impl Store {
         Ok(())
     }
 
+    /// Records the properties a phone's agent applied: merged into the
+    /// phone's own (an update, a restart) or in their place (a reset, a
+    /// migration's restore). Values are stored as strings, as given.
+    pub fn apply_phone_property(
+        &self,
+        phone_id: &str,
+        property: &std::collections::BTreeMap<String, String>,
+        replace: bool,
+    ) -> Result<()> {
+        let mut c = self.db()?;
+        let tx = c.transaction()?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT property FROM phones WHERE phone_id = ?1",
+                [phone_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(current) = current else {
+            return Ok(());
+        };
+        let mut merged: serde_json::Map<String, serde_json::Value> = if replace {
+            serde_json::Map::new()
+        } else {
+            serde_json::from_str(&current).unwrap_or_default()
+        };
+        for (k, v) in property {
+            merged.insert(k.clone(), serde_json::Value::String(v.clone()));
+        }
+        tx.execute(
+            "UPDATE phones SET property = ?2, update_time = ?3 WHERE phone_id = ?1",
+            params![
+                phone_id,
+                serde_json::Value::Object(merged).to_string(),
+                now_string()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Inserts phones directly (fleet import and benchmarks).
     pub fn insert_phones(&self, phones: &[Phone]) -> Result<()> {
         let mut c = self.db()?;

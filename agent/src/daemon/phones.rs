@@ -40,6 +40,7 @@ use super::network::{network_fail, Network};
 use super::volumes::Volumes;
 use super::JobFailure;
 use crate::config::UserNamespacesConfig;
+use crate::property;
 use crate::protocol::{
     CreateServer, ImageRef, PhoneFlavor, PhoneRunState, PhoneSpec, PhoneState, ShareFs,
     SHARE_FS_DIR,
@@ -746,6 +747,15 @@ impl Phones {
         }
         spec.init
             .push(format!("androidboot.serialno={}", rec.spec.phone_id));
+        // Read-only properties are init arguments (the Redroid convention):
+        // Android takes an `ro.*` value once, before anything else sets it.
+        spec.init.extend(
+            rec.spec
+                .property
+                .iter()
+                .filter(|(k, _)| property::read_only(k))
+                .map(|(k, v)| format!("{k}={v}")),
+        );
         if let Some(dev) = slot.render_device().filter(|d| Path::new(d).exists()) {
             spec.devices
                 .push(cph_runtime::container::DeviceNode { path: dev.into() });
@@ -765,8 +775,11 @@ impl Phones {
         }
         self.rt.start(&spec).map_err(container_fail)?;
         self.wait_ready(&name);
+        // Android forgets the others at every boot.
         for (k, v) in &rec.spec.property {
-            self.setprop(&name, k, v)?;
+            if !property::read_only(k) {
+                self.setprop(&name, k, v)?;
+            }
         }
         Ok(())
     }
@@ -997,7 +1010,7 @@ impl Phones {
         let running = matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running));
         let mut deferred = Vec::new();
         for (k, v) in property {
-            if running && !k.starts_with("ro.") {
+            if running && !property::read_only(k) {
                 self.setprop(&name, k, v)?;
             } else {
                 deferred.push(k.as_str());
@@ -1213,70 +1226,9 @@ fn bandwidth_limit(property: &BTreeMap<String, String>) -> i64 {
         .unwrap_or(-1)
 }
 
-/// The reference's attribute list (A.1) and whether each is an integer 0/1 flag.
-const PROPERTIES: &[(&str, bool)] = &[
-    ("com.cph.mainkeys", true),
-    ("disable.status.bar", true),
-    ("ro.permission.changed", true),
-    ("ro.install.auto", true),
-    ("ro.com.cph.non_root", true),
-    ("ro.com.cph.notification_disable", true),
-    ("com.cph.disable_fb_permission", true),
-    ("com.cph.bandwidth_limit", false),
-    ("ro.com.cph.toast_enable", true),
-    ("com.cph.cam_local_pic_path", false),
-    ("persist.sys.locale", false),
-    ("sys.prop.write_imsi", false),
-    ("sys.prop.write_phonenum", false),
-    ("sys.prop.write_wifissid", false),
-    ("gsm.sim.operator.iso-country", false),
-    ("gsm.sim.operator.numeric", false),
-    ("gsm.sim.operator.alpha", false),
-    ("gsm.operator.iso-country", false),
-    ("gsm.operator.numeric", false),
-    ("gsm.operator.alpha", false),
-    ("ro.hardware.gpu-renderer", false),
-    ("ro.board.platform", false),
-    ("ro.build.product", false),
-    ("ro.product.device", false),
-    ("ro.com.cph.sfs_enable", false),
-    ("ro.product.manufacturer", false),
-    ("ro.product.name", false),
-    ("qemu.hw.mainkeys", true),
-    ("ro.horizontal.screen", false),
-    ("com.cph.cg.sign_check_url", false),
-    ("com.cph.cg.event_notify_url", false),
-    ("com.cph.cg.heartbeat_url", false),
-    ("com.cph.cg.heartbeat_interval", false),
-    ("com.cph.cg.app_port", false),
-    ("com.cph.cg.h5_port", false),
-    ("ro.com.cph.cloud_app_engine", false),
-];
-
 /// Checks names against the attribute list (CPS.0163) and values (CPS.0164).
 pub fn validate_properties(property: &BTreeMap<String, String>) -> Result<(), JobFailure> {
-    for (k, v) in property {
-        let Some((_, flag)) = PROPERTIES.iter().find(|(n, _)| n == k) else {
-            return Err(JobFailure::new(
-                "CPS.0163",
-                format!("property {k} not supported"),
-            ));
-        };
-        let bad = v.len() > 256
-            || v.chars().any(char::is_control)
-            || (*flag && v != "0" && v != "1")
-            || (k == "com.cph.bandwidth_limit"
-                && !(v == "-1"
-                    || v.parse::<u32>()
-                        .is_ok_and(|n| (1..=99_999_999).contains(&n))));
-        if bad {
-            return Err(JobFailure::new(
-                "CPS.0164",
-                format!("invalid property {k}={v:?}"),
-            ));
-        }
-    }
-    Ok(())
+    crate::property::check_all(property).map_err(|r| JobFailure::new(r.code, r.message))
 }
 
 #[cfg(test)]

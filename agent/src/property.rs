@@ -1,0 +1,339 @@
+//! Phone attributes: the names of the reference's list (A.1) and what each
+//! value may be. The control plane checks a request with these rules before
+//! it accepts it; the agent checks again before a phone records anything.
+//!
+//! Where the reference contradicts itself the rule follows what a phone
+//! needs: `gsm.*.numeric` is documented as letters and commas with a
+//! default of `46000`, so digits pass too; the game URLs list neither `:`
+//! nor `.` among their characters, which no `http://host.domain` can do
+//! without, so both pass. Deprecated names are still taken (old scripts
+//! keep working) with any printable value up to 256 bytes.
+//!
+//! Names beginning with `ro.` are read-only in Android once set, so a
+//! phone gets them at its next start, as init arguments; the others are
+//! set at once in a running phone.
+
+use std::collections::BTreeMap;
+
+/// Why a property was refused: the reference's code and a message saying
+/// what the value must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// `CPS.0163` (name not in the list) or `CPS.0164` (value invalid).
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// What a value of an attribute must look like.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    /// `0` or `1`.
+    Flag,
+    /// `min..=max` decimal digits.
+    Digits { min: usize, max: usize },
+    /// A decimal number in `min..=max`.
+    Range { min: u32, max: u32 },
+    /// `1..=99999999` kbit/s, or `-1` for no limit.
+    Bandwidth,
+    /// `min..=max` characters, each alphanumeric or one of `extra`.
+    Text {
+        min: usize,
+        max: usize,
+        extra: &'static str,
+    },
+    /// `http://` or `https://`, at most 256 characters.
+    Url,
+    /// Deprecated: printable, at most 256 bytes.
+    Any,
+}
+
+use Rule::*;
+
+const ALPHA_EXTRA: &str = "-_@#.,:/\\() ";
+
+/// The reference's attribute list (A.1).
+const ATTRIBUTES: &[(&str, Rule)] = &[
+    ("com.cph.mainkeys", Flag),
+    ("disable.status.bar", Flag),
+    ("ro.permission.changed", Flag),
+    ("ro.install.auto", Flag),
+    ("ro.com.cph.non_root", Flag),
+    ("ro.com.cph.notification_disable", Flag),
+    ("com.cph.disable_fb_permission", Flag),
+    ("com.cph.bandwidth_limit", Bandwidth),
+    ("ro.com.cph.toast_enable", Flag),
+    (
+        "com.cph.cam_local_pic_path",
+        Text {
+            min: 1,
+            max: 90,
+            extra: "-_@#.:/ ",
+        },
+    ),
+    (
+        "persist.sys.locale",
+        Text {
+            min: 1,
+            max: 64,
+            extra: "-",
+        },
+    ),
+    ("sys.prop.write_imsi", Digits { min: 0, max: 15 }),
+    ("sys.prop.write_phonenum", Digits { min: 0, max: 20 }),
+    (
+        "sys.prop.write_wifissid",
+        Text {
+            min: 1,
+            max: 64,
+            extra: "-_./",
+        },
+    ),
+    (
+        "gsm.sim.operator.iso-country",
+        Text {
+            min: 0,
+            max: 10,
+            extra: ",",
+        },
+    ),
+    (
+        "gsm.sim.operator.numeric",
+        Text {
+            min: 0,
+            max: 10,
+            extra: ",",
+        },
+    ),
+    (
+        "gsm.sim.operator.alpha",
+        Text {
+            min: 0,
+            max: 90,
+            extra: ALPHA_EXTRA,
+        },
+    ),
+    (
+        "gsm.operator.iso-country",
+        Text {
+            min: 0,
+            max: 10,
+            extra: ",",
+        },
+    ),
+    (
+        "gsm.operator.numeric",
+        Text {
+            min: 0,
+            max: 10,
+            extra: ",",
+        },
+    ),
+    (
+        "gsm.operator.alpha",
+        Text {
+            min: 0,
+            max: 90,
+            extra: ALPHA_EXTRA,
+        },
+    ),
+    ("ro.hardware.gpu-renderer", Any),
+    ("ro.board.platform", Any),
+    ("ro.build.product", Any),
+    ("ro.product.device", Any),
+    ("ro.com.cph.sfs_enable", Any),
+    ("ro.product.manufacturer", Any),
+    ("ro.product.name", Any),
+    ("qemu.hw.mainkeys", Flag),
+    ("ro.horizontal.screen", Flag),
+    ("com.cph.cg.sign_check_url", Url),
+    ("com.cph.cg.event_notify_url", Url),
+    ("com.cph.cg.heartbeat_url", Url),
+    ("com.cph.cg.heartbeat_interval", Digits { min: 1, max: 10 }),
+    (
+        "com.cph.cg.app_port",
+        Range {
+            min: 10_000,
+            max: 11_000,
+        },
+    ),
+    (
+        "com.cph.cg.h5_port",
+        Range {
+            min: 10_000,
+            max: 11_000,
+        },
+    ),
+    ("ro.com.cph.cloud_app_engine", Flag),
+];
+
+/// Characters allowed in a game URL besides letters and digits.
+const URL_EXTRA: &str = "_,/;-:.";
+
+fn digits(v: &str) -> bool {
+    v.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Rule {
+    /// `None` when `v` is valid, else what a value must be.
+    fn fault(self, v: &str) -> Option<String> {
+        let chars = v.chars().count();
+        match self {
+            Flag => (v != "0" && v != "1").then(|| "0 or 1".to_string()),
+            Digits { min, max } => (!digits(v) || !(min..=max).contains(&chars))
+                .then(|| format!("{min} to {max} decimal digits")),
+            Range { min, max } => (!digits(v)
+                || v.is_empty()
+                || !v.parse::<u32>().is_ok_and(|n| (min..=max).contains(&n)))
+            .then(|| format!("a number from {min} to {max}")),
+            Bandwidth => (v != "-1"
+                && !(digits(v)
+                    && !v.is_empty()
+                    && v.parse::<u32>()
+                        .is_ok_and(|n| (1..=99_999_999).contains(&n))))
+            .then(|| "a rate from 1 to 99999999 kbit/s, or -1 for no limit".to_string()),
+            Text { min, max, extra } => (!(min..=max).contains(&chars)
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || extra.contains(c)))
+            .then(|| format!("{min} to {max} characters: letters, digits and {extra:?}")),
+            Url => {
+                let scheme = v.starts_with("http://") || v.starts_with("https://");
+                (!scheme
+                    || chars > 256
+                    || !v.chars().all(|c| c.is_ascii_alphanumeric() || URL_EXTRA.contains(c)))
+                .then(|| {
+                    format!(
+                        "http:// or https:// then letters, digits and {URL_EXTRA:?}, 256 characters at most"
+                    )
+                })
+            }
+            Any => (v.len() > 256 || v.chars().any(char::is_control))
+                .then(|| "printable, 256 bytes at most".to_string()),
+        }
+    }
+}
+
+/// Checks one attribute.
+pub fn check(name: &str, value: &str) -> Result<(), Refused> {
+    let Some((_, rule)) = ATTRIBUTES.iter().find(|(n, _)| *n == name) else {
+        return Err(Refused {
+            code: "CPS.0163",
+            message: format!("property {name} not supported"),
+        });
+    };
+    match rule.fault(value) {
+        None => Ok(()),
+        Some(want) => Err(Refused {
+            code: "CPS.0164",
+            message: format!("invalid property {name}={value:?}: it must be {want}"),
+        }),
+    }
+}
+
+/// Checks every attribute of `property`; the first refusal in name order.
+pub fn check_all(property: &BTreeMap<String, String>) -> Result<(), Refused> {
+    property.iter().try_for_each(|(k, v)| check(k, v))
+}
+
+/// Whether `name` is read-only once set (`ro.*`): such a property reaches
+/// a phone at its next start, as an init argument.
+pub fn read_only(name: &str) -> bool {
+    name.starts_with("ro.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(name: &str, value: &str) -> Option<&'static str> {
+        check(name, value).err().map(|r| r.code)
+    }
+
+    #[test]
+    fn names_outside_the_list_are_not_supported() {
+        assert_eq!(code("no.such.property", "1"), Some("CPS.0163"));
+        // The reference's request examples spell some names without the
+        // underscore; its attribute list is what is served.
+        assert_eq!(code("sys.prop.writeimsi", "1"), Some("CPS.0163"));
+    }
+
+    #[test]
+    fn values_follow_the_reference_constraints() {
+        let ok = [
+            ("com.cph.mainkeys", "1"),
+            ("com.cph.bandwidth_limit", "-1"),
+            ("com.cph.bandwidth_limit", "99999999"),
+            ("com.cph.cam_local_pic_path", "/sdcard/DCIM/a b@#.jpg"),
+            ("persist.sys.locale", "zh-Hans-CN"),
+            ("sys.prop.write_imsi", "460001234567890"),
+            ("sys.prop.write_phonenum", "13800000000"),
+            ("sys.prop.write_wifissid", "cloudphone_wifi"),
+            ("gsm.sim.operator.iso-country", "cn"),
+            ("gsm.sim.operator.numeric", "46000"),
+            ("gsm.operator.alpha", "China Mobile (CMCC)"),
+            ("ro.product.name", "monbox"),
+            ("ro.horizontal.screen", "0"),
+            (
+                "com.cph.cg.heartbeat_url",
+                "https://game.example.com:8443/hb;v-1",
+            ),
+            ("com.cph.cg.heartbeat_interval", "30"),
+            ("com.cph.cg.app_port", "10000"),
+            ("com.cph.cg.h5_port", "11000"),
+        ];
+        for (k, v) in ok {
+            assert_eq!(check(k, v), Ok(()), "{k}={v}");
+        }
+        let bad = [
+            ("com.cph.mainkeys", "7"),
+            ("disable.status.bar", "true"),
+            ("com.cph.bandwidth_limit", "0"),
+            ("com.cph.bandwidth_limit", "+5"),
+            ("com.cph.bandwidth_limit", "100000000"),
+            ("com.cph.cam_local_pic_path", ""),
+            ("com.cph.cam_local_pic_path", "/sdcard/a;b"),
+            ("persist.sys.locale", ""),
+            ("persist.sys.locale", "en_US"),
+            ("sys.prop.write_imsi", "4600012345678901"),
+            ("sys.prop.write_imsi", "46000abc"),
+            ("sys.prop.write_phonenum", "+8613800000000"),
+            ("sys.prop.write_wifissid", ""),
+            ("sys.prop.write_wifissid", "my wifi"),
+            ("gsm.operator.iso-country", "cn-1"),
+            ("gsm.sim.operator.numeric", "46000460004"),
+            ("gsm.operator.alpha", "a\"b"),
+            ("ro.product.name", "a\nb"),
+            ("ro.horizontal.screen", "2"),
+            ("ro.com.cph.cloud_app_engine", "yes"),
+            ("com.cph.cg.sign_check_url", "ftp://example.com"),
+            ("com.cph.cg.sign_check_url", "https://example.com/?a=b"),
+            ("com.cph.cg.heartbeat_interval", ""),
+            ("com.cph.cg.heartbeat_interval", "12345678901"),
+            ("com.cph.cg.app_port", "9999"),
+            ("com.cph.cg.h5_port", "11001"),
+        ];
+        for (k, v) in bad {
+            assert_eq!(code(k, v), Some("CPS.0164"), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_what_the_value_must_be() {
+        let r = check("sys.prop.write_imsi", "abc").expect_err("refused");
+        assert!(r.message.contains("sys.prop.write_imsi"), "{}", r.message);
+        assert!(
+            r.message.contains("0 to 15 decimal digits"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn a_map_is_refused_at_its_first_bad_attribute() {
+        let mut p = BTreeMap::new();
+        p.insert("com.cph.mainkeys".to_string(), "1".to_string());
+        assert_eq!(check_all(&p), Ok(()));
+        p.insert("ro.install.auto".to_string(), "2".to_string());
+        assert_eq!(check_all(&p).map_err(|r| r.code), Err("CPS.0164"));
+    }
+}
