@@ -298,6 +298,11 @@ pub struct MigrateTarget {
 /// source's agent creates it when missing).
 pub const MIGRATE_BUCKET: &str = "cph-migrate";
 
+/// Options of `pm install` an install job may carry (`-p`, which takes a
+/// package name, is not one: an install-multiple names its APKs instead).
+/// The API refuses others before a job is made; the agent checks again.
+pub const INSTALL_FLAGS: &[&str] = &["-r", "-t", "-d", "-g", "-f", "-l", "-s"];
+
 /// Bucket of custom images made from phones (the agent creates it when
 /// missing).
 pub const IMAGE_BUCKET: &str = "cph-images";

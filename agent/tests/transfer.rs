@@ -286,6 +286,22 @@ fn object_store_jobs_on_a_real_phone() {
     assert_eq!(p.state(), "running");
     assert_eq!(p.sh("cat /data/local/pushed/hello.txt"), "hello push");
     assert_eq!(p.sh("getprop persist.sys.locale").trim(), "fr-FR");
+    // A missing object is found before the phone is stopped: the same init
+    // runs after the job; an object that is no tar stops the phone, which
+    // runs again after.
+    let init_start = |p: &mut Phone| p.sh("cut -d' ' -f22 /proc/1/stat").trim().to_string();
+    let before = init_start(&mut p);
+    assert_failed(
+        &p.run(json!({"kind": "restore", "object": obj("export/none.tar")})),
+        "CPS.0104",
+    );
+    assert_eq!(init_start(&mut p), before, "the phone was restarted");
+    put("export/not-a-tar.tar", b"plain text, no tar".repeat(64));
+    assert_failed(
+        &p.run(json!({"kind": "restore", "object": obj("export/not-a-tar.tar")})),
+        "CPS.0119",
+    );
+    assert_eq!(p.state(), "running");
 
     // Share files: pushed once for the server, seen in the phone, listed, deleted.
     put(
@@ -423,7 +439,7 @@ fn object_store_jobs_on_a_real_phone() {
     p.sh("mkdir -p /data/local/only-here && echo x > /data/local/only-here/f");
     let st = p.run(json!({"kind": "restore",
                           "object": {"bucket": "cph-migrate", "key": "m/none.tar"}}));
-    assert_eq!(st["status"], -1, "{st}");
+    assert_failed(&st, "CPS.0104");
     assert_eq!(p.sh("cat /data/local/only-here/f").trim(), "x");
     let st = p.run(json!({"kind": "restore",
                           "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}}));

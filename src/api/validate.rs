@@ -153,7 +153,7 @@ pub fn adb_command(command: &str, content: &str, sync: bool) -> Result<JobKind, 
             let mut objects = Vec::new();
             for w in content.split_whitespace() {
                 if w.starts_with('-') {
-                    if !matches!(w, "-r" | "-t" | "-d" | "-g" | "-p" | "-l" | "-s") {
+                    if !cph_agent::protocol::INSTALL_FLAGS.contains(&w) {
                         return Err(ApiError::Content);
                     }
                     flags.push(w.to_string());
@@ -221,6 +221,15 @@ mod tests {
         assert_eq!(
             adb_command("install", "obs://bucket-a/x.zip", false),
             Err(ApiError::NotApk)
+        );
+        // The API takes exactly the options the agent passes to `pm install`.
+        for flag in cph_agent::protocol::INSTALL_FLAGS {
+            let content = format!("{flag} obs://bucket-a/x.apk");
+            assert!(adb_command("install", &content, false).is_ok(), "{flag}");
+        }
+        assert_eq!(
+            adb_command("install", "-p obs://bucket-a/x.apk", false),
+            Err(ApiError::Content)
         );
         assert_eq!(adb_command("rm", "x", false), Err(ApiError::Command));
         assert!(matches!(

@@ -22,17 +22,18 @@ use super::jobs::JobContext;
 use super::phones::validate_properties;
 use super::JobFailure;
 use crate::apk;
-use crate::objstore::{ObjectStore, ObjectStoreError, ObjectUrl, APK_MAX_BYTES, PUSH_MAX_BYTES};
+use crate::objstore::{
+    ObjectReader, ObjectStore, ObjectStoreError, ObjectUrl, APK_MAX_BYTES, PUSH_MAX_BYTES,
+};
 use crate::protocol::{
-    image_written, ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, IMAGE_BUCKET, MIGRATE_BUCKET,
+    image_written, ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, IMAGE_BUCKET, INSTALL_FLAGS,
+    MIGRATE_BUCKET,
 };
 
 /// Time an installation may take inside the phone.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most APKs in one install-multiple (the reference's limit).
 const MAX_APKS: usize = 50;
-/// Flags `pm install` accepts from the API.
-const INSTALL_FLAGS: &[&str] = &["-r", "-t", "-d", "-g", "-f", "-l", "-s"];
 /// Where an installation's APKs are placed inside the phone.
 const INSTALL_DIR: &str = "data/local/tmp";
 /// What a whole-phone migration leaves out: the sharepool mounts (not the
@@ -103,6 +104,19 @@ fn archive_failure(object: &ObjectRef, e: &ArchiveError) -> JobFailure {
     f
 }
 
+/// Starts streaming `object` (at most `limit` bytes): a missing object, one
+/// too large or a store out of reach fails here, before any byte is used.
+fn open_download(
+    ctx: &JobContext<'_>,
+    object: &ObjectRef,
+    limit: u64,
+) -> Result<ObjectReader, JobFailure> {
+    let store = store(ctx)?;
+    ctx.handle
+        .block_on(store.download_to_reader(&object.bucket, &object.key, limit))
+        .map_err(|e| store_failure(&e))
+}
+
 /// Streams `object` (at most `limit` bytes) and extracts it beneath `target`.
 fn download_extract(
     ctx: &JobContext<'_>,
@@ -111,11 +125,16 @@ fn download_extract(
     target: &Path,
     opts: &ExtractOptions,
 ) -> Result<ExtractReport, JobFailure> {
-    let store = store(ctx)?;
-    let mut reader = ctx
-        .handle
-        .block_on(store.download_to_reader(&object.bucket, &object.key, limit))
-        .map_err(|e| store_failure(&e))?;
+    let reader = open_download(ctx, object, limit)?;
+    extract_from(reader, object, target, opts)
+}
+
+fn extract_from(
+    mut reader: ObjectReader,
+    object: &ObjectRef,
+    target: &Path,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, JobFailure> {
     archive::extract_lent(&mut reader, target, opts).map_err(|e| archive_failure(object, &e))
 }
 
@@ -495,19 +514,42 @@ pub fn restore(
     if let Some(p) = property {
         validate_properties(p)?;
     }
-    store(ctx)?;
+    // A missing object, one too large or a store out of reach fails the
+    // job before the phone is stopped.
+    let reader = open_download(ctx, object, PUSH_MAX_BYTES)?;
     let stopped = Stopped::new(ctx, phone)?;
-    let root = ctx.phones.rootfs(phone)?;
-    let report = if object.bucket == MIGRATE_BUCKET {
-        replace_root(ctx, object, &root)?
-    } else {
-        download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?
-    };
-    if let Some(p) = property.filter(|p| !p.is_empty()) {
-        ctx.phones.update_property(phone, p)?;
-    }
-    stopped.restart()?;
+    let restored = ctx.phones.rootfs(phone).and_then(|root| {
+        let report = if object.bucket == MIGRATE_BUCKET {
+            replace_root(reader, object, &root)?
+        } else {
+            extract_from(reader, object, &root, &phone_extract_options())?
+        };
+        if let Some(p) = property.filter(|p| !p.is_empty()) {
+            ctx.phones.update_property(phone, p)?;
+        }
+        Ok(report)
+    });
+    let report = with_restart(restored, stopped.restart())?;
     Ok(extracted("restored", object, &report))
+}
+
+/// A job's result after it started its phone again: a failed start fails
+/// a job that had succeeded, and is added to the message of one that had
+/// not, so the user knows the phone is down.
+fn with_restart<T>(
+    done: Result<T, JobFailure>,
+    started: Result<(), JobFailure>,
+) -> Result<T, JobFailure> {
+    match (done, started) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Err(mut e), Err(s)) => {
+            e.msg
+                .push_str(&format!("; the phone did not start again: {}", s.msg));
+            Err(e)
+        }
+    }
 }
 
 /// Name of the directory a migrated phone is unpacked into first, at the
@@ -519,7 +561,7 @@ const MIGRATE_STAGING: &str = ".cph-migrate-in";
 /// unpack swaps them (the old entries deleted, the new renamed into
 /// place), so a failed download leaves the target as it was.
 fn replace_root(
-    ctx: &JobContext<'_>,
+    reader: ObjectReader,
     object: &ObjectRef,
     root: &Path,
 ) -> Result<ExtractReport, JobFailure> {
@@ -531,13 +573,7 @@ fn replace_root(
         remove_entry(&staging)?;
     }
     std::fs::create_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
-    let report = match download_extract(
-        ctx,
-        object,
-        PUSH_MAX_BYTES,
-        &staging,
-        &phone_extract_options(),
-    ) {
+    let report = match extract_from(reader, object, &staging, &phone_extract_options()) {
         Ok(r) => r,
         Err(e) => {
             let _ = remove_entry(&staging);
@@ -565,22 +601,24 @@ fn replace_root(
 
 /// Whole-phone migration, source side: the phone is stopped and its whole
 /// root written to the store (the control plane has the target restore
-/// it). The phone stays stopped, as the reference asks.
+/// it). The phone stays stopped, as the reference asks; when the write
+/// fails it is started again if it was running, as it was before.
 pub fn migrate_out(
     ctx: &JobContext<'_>,
     phone: &str,
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
-    ctx.phones.record(phone)?;
+    let was_running = !ctx.phones.record(phone)?.stopped;
     make_own_bucket(ctx, object, MIGRATE_BUCKET)?;
     ctx.phones.stop(phone)?;
-    upload_tar(
-        ctx,
-        &ctx.phones.rootfs(phone)?,
-        &[],
-        &whole_root_exclude(),
-        object,
-    )
+    let written = ctx
+        .phones
+        .rootfs(phone)
+        .and_then(|root| upload_tar(ctx, &root, &[], &whole_root_exclude(), object));
+    if written.is_ok() || !was_running {
+        return written;
+    }
+    with_restart(written, ctx.phones.start(phone))
 }
 
 /// Creates `own`, a bucket of the platform's, when `object` is in it.
