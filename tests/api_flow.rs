@@ -569,6 +569,25 @@ async fn buy_phones_jobs_isolation_and_restart() {
     // phone to the store; then the target's agent restores it under
     // `<job_id>-restore` with the source's properties; its end is the job's.
     let target = states[1].phone_id.clone();
+    let nobody = "0".repeat(32);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-migrate",
+            Some(json!({"migrate_infos": [
+                {"source_phone_id": nobody, "target_phone_id": target},
+                {"source_phone_id": pid, "target_phone_id": nobody},
+                {"source_phone_id": pid, "target_phone_id": pid},
+            ]})),
+        )
+        .await;
+    let codes: Vec<&Value> = (0..3).map(|i| &r.body["jobs"][i]["error_code"]).collect();
+    assert_eq!(
+        codes,
+        [&json!("CPS.0232"), &json!("CPS.0233"), &json!("CPS.0231")],
+        "{:?}",
+        r.body
+    );
     let r = cp
         .call(
             "POST",

@@ -413,10 +413,14 @@ fn object_store_jobs_on_a_real_phone() {
     assert!(!names.iter().any(|n| n.starts_with("data/media/share/")));
 
     // A job on a stopped phone: CPS.0141.
-    assert_failed(
-        &p.run(json!({"kind": "push", "object": obj("push/ok.tar")})),
-        "CPS.0141",
-    );
+    for kind in [
+        json!({"kind": "push", "object": obj("push/ok.tar")}),
+        json!({"kind": "shell", "command": "true"}),
+        json!({"kind": "sync_shell", "command": "true", "timeout_ms": 2000}),
+        json!({"kind": "uninstall", "flags": [], "package": "com.example.app"}),
+    ] {
+        assert_failed(&p.run(kind), "CPS.0141");
+    }
 
     // Reset from an image in the store: imported once, the phone runs it
     // and what was pushed before is gone.

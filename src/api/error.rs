@@ -162,6 +162,10 @@ pub enum ApiError {
     SamePhone,
     #[error("parameter: migrate_infos is invalid")]
     MigrateInfos,
+    #[error("parameter: source_phone_id is invalid: phone {0} not found")]
+    SourcePhone(String),
+    #[error("parameter: target_phone_id is invalid: phone {0} not found")]
+    TargetPhone(String),
     #[error("parameter: network_version is invalid")]
     NetworkVersion,
     #[error("insufficient bms quantity for server model {0}")]
@@ -301,6 +305,8 @@ impl ApiError {
             E::TooManyPhoneIds => (bad, "CPS.0209"),
             E::SamePhone => (bad, "CPS.0231"),
             E::MigrateInfos => (bad, "CPS.0234"),
+            E::SourcePhone(_) => (bad, "CPS.0232"),
+            E::TargetPhone(_) => (bad, "CPS.0233"),
             E::NetworkVersion => (bad, "CPS.0240"),
             E::InsufficientBms(_) => (bad, "CPS.0242"),
             E::ServerModelNotFound(_) => (bad, "CPS.0246"),

@@ -641,13 +641,24 @@ pub async fn migrate(
         }
         let src = st.store.phone(&c.project_id, &m.source_phone_id)?;
         let dst = st.store.phone(&c.project_id, &m.target_phone_id)?;
-        let (Some(src), Some(dst)) = (src, dst) else {
-            out.push(Target::Error {
-                key: "phone_id",
-                id: m.source_phone_id.clone(),
-                err: ApiError::PhoneNotFound(m.source_phone_id),
-            });
-            continue;
+        let (src, dst) = match (src, dst) {
+            (Some(src), Some(dst)) => (src, dst),
+            (None, _) => {
+                out.push(Target::Error {
+                    key: "phone_id",
+                    id: m.source_phone_id.clone(),
+                    err: ApiError::SourcePhone(m.source_phone_id),
+                });
+                continue;
+            }
+            (Some(_), None) => {
+                out.push(Target::Error {
+                    key: "phone_id",
+                    id: m.source_phone_id,
+                    err: ApiError::TargetPhone(m.target_phone_id),
+                });
+                continue;
+            }
         };
         let target_server = st.store.server(&c.project_id, &dst.server_id)?;
         if target_server.as_ref().is_some_and(|s| s.deleting) {

@@ -155,6 +155,15 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             argv.push(package);
             let out = phones.exec(phone, &argv, ctx.shell_timeout, EXECUTE_MSG_MAX)?;
             let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.timed_out {
+                return Err(JobFailure::new(
+                    "CPS.0054",
+                    format!(
+                        "pm uninstall {package} timed out after {} s",
+                        ctx.shell_timeout.as_secs()
+                    ),
+                ));
+            }
             if out.exit_code == Some(0) {
                 Ok(Some(text))
             } else {

@@ -1062,7 +1062,14 @@ impl Phones {
         self.record(phone_id)?;
         self.rt
             .exec(&container_name(phone_id), argv, timeout, cap)
-            .map_err(container_fail)
+            .map_err(|e| match e {
+                // A known phone without a container (stopped, or a reset
+                // that failed) is one that does not run.
+                ContainerError::NotRunning { .. } | ContainerError::NotFound { .. } => {
+                    JobFailure::new("CPS.0141", format!("phone {phone_id} is not running"))
+                }
+                e => container_fail(e),
+            })
     }
 
     /// Fails with CPS.0141 unless the phone runs.
