@@ -1155,11 +1155,22 @@ impl Phones {
     /// Points the phone's default route at the bridge (`direct`) or the
     /// encoding container (`routing`) and records it.
     pub fn set_traffic(&self, phone_id: &str, traffic_type: &str) -> Result<(), JobFailure> {
-        self.record(phone_id)?;
+        let rec = self.record(phone_id)?;
         if !matches!(traffic_type, "direct" | "routing") {
             return Err(JobFailure::new(
                 "CPS.0207",
                 format!("traffic type {traffic_type:?} is neither direct nor routing"),
+            ));
+        }
+        // Routed traffic leaves through the server's encoding container; a
+        // phone sent to one that does not run would lose its network.
+        if traffic_type == "routing" && !self.encoder_running(&rec.server_id)? {
+            return Err(JobFailure::new(
+                "CPS.0208",
+                format!(
+                    "the encoding server of server {} does not run (or its flavor has none), so phone {phone_id} cannot route through it",
+                    rec.server_id
+                ),
             ));
         }
         self.require_network()?

@@ -62,6 +62,12 @@ pub fn store_failure(e: &ObjectStoreError) -> JobFailure {
         ObjectStoreError::TooLarge { .. } | ObjectStoreError::InvalidUrl { .. } => {
             JobFailure::new("CPS.0118", e.to_string())
         }
+        // Not a passing fault: the object cannot be read until the bucket's
+        // owner lets this platform read it.
+        ObjectStoreError::AccessDenied { bucket, .. } => JobFailure::new(
+            "CPS.0104",
+            format!("{e}; grant the platform's account read access to bucket {bucket}"),
+        ),
         _ => JobFailure::internal(e.to_string()),
     }
 }
@@ -318,29 +324,35 @@ pub fn install(
 
     // Into the phone beneath its root, through the extractor.
     let in_phone = format!("{INSTALL_DIR}/cph-install-{tag}");
-    let root = ctx.phones.rootfs(phone)?;
-    let mut phone_paths = Vec::new();
-    for (i, a) in apks.iter().enumerate() {
-        let name = format!("{in_phone}/{i}.apk");
-        let file = std::fs::File::open(&a.path)
-            .map_err(|e| JobFailure::internal(format!("open {}: {e}", a.path.display())))?;
-        let tar = single_file_tar(&name, a.size, io::BufReader::new(file))
-            .map_err(|e| JobFailure::internal(format!("apk entry {name}: {e}")))?;
-        archive::extract(tar, &root, &ExtractOptions::default())
-            .map_err(|e| archive_failure(&objects[i], &e))?;
-        phone_paths.push(format!("/{name}"));
-    }
     let verb = if objects.len() > 1 {
         "install-multiple"
     } else {
         "install"
     };
-    let mut argv: Vec<&str> = vec!["pm", verb];
-    argv.extend(flags.iter().map(String::as_str));
-    argv.extend(phone_paths.iter().map(String::as_str));
-    let out = ctx
-        .phones
-        .exec(phone, &argv, INSTALL_TIMEOUT, EXECUTE_MSG_MAX);
+    let place = || -> Result<Vec<String>, JobFailure> {
+        let root = ctx.phones.rootfs(phone)?;
+        let mut phone_paths = Vec::new();
+        for (i, a) in apks.iter().enumerate() {
+            let name = format!("{in_phone}/{i}.apk");
+            let file = std::fs::File::open(&a.path)
+                .map_err(|e| JobFailure::internal(format!("open {}: {e}", a.path.display())))?;
+            let tar = single_file_tar(&name, a.size, io::BufReader::new(file))
+                .map_err(|e| JobFailure::internal(format!("apk entry {name}: {e}")))?;
+            archive::extract(tar, &root, &ExtractOptions::default())
+                .map_err(|e| archive_failure(&objects[i], &e))?;
+            phone_paths.push(format!("/{name}"));
+        }
+        Ok(phone_paths)
+    };
+    let out = place().and_then(|phone_paths| {
+        let mut argv: Vec<&str> = vec!["pm", verb];
+        argv.extend(flags.iter().map(String::as_str));
+        argv.extend(phone_paths.iter().map(String::as_str));
+        ctx.phones
+            .exec(phone, &argv, INSTALL_TIMEOUT, EXECUTE_MSG_MAX)
+    });
+    // Removed by the phone's own shell (the directory is the phone's to
+    // change), also when placing an APK failed part way.
     let cleanup = format!("/{in_phone}");
     if let Err(e) = ctx.phones.exec(
         phone,
@@ -928,6 +940,60 @@ pub fn write_into_phone(root: &Path, rel: &str, data: &[u8]) -> Result<(), JobFa
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn store_failures_carry_the_reference_codes() {
+        use super::{store_failure, ObjectStoreError as E};
+        let (bucket, key) = ("b".to_string(), "k.tar".to_string());
+        let cases = [
+            (
+                E::NotFound {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                },
+                "CPS.0104",
+            ),
+            (
+                E::TooLarge {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    size: 7 << 30,
+                    limit: 6 << 30,
+                },
+                "CPS.0118",
+            ),
+            (
+                E::AccessDenied {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    detail: "403".into(),
+                },
+                "CPS.0104",
+            ),
+            (
+                E::Unreachable {
+                    endpoint: "http://127.0.0.1:9".into(),
+                    detail: "connection refused".into(),
+                },
+                "CPS.0003",
+            ),
+        ];
+        for (e, code) in cases {
+            let f = store_failure(&e);
+            assert_eq!(f.code, code, "{e}");
+            assert!(f.msg.contains(&e.to_string()), "{}", f.msg);
+        }
+        let denied = store_failure(&E::AccessDenied {
+            bucket,
+            key,
+            detail: "403".into(),
+        });
+        assert!(
+            denied.msg.contains("read access to bucket b"),
+            "{}",
+            denied.msg
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -162,6 +162,23 @@ impl Phones {
             .collect()
     }
 
+    /// Whether the server's flavor has an encoding server and it runs.
+    pub fn encoder_running(&self, server_id: &str) -> Result<bool, JobFailure> {
+        if self
+            .server(server_id)?
+            .flavor
+            .encode_server_spec()
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let name = container_name(&encoder_id(server_id));
+        Ok(matches!(
+            self.rt.state(&name).map(|s| s.status),
+            Ok(Status::Running)
+        ))
+    }
+
     /// The encoding servers of the recorded servers and their status.
     pub fn encoder_states(&self) -> Vec<EncoderState> {
         let servers = self.servers_with_encoder();
