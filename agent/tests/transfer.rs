@@ -395,6 +395,15 @@ fn object_store_jobs_on_a_real_phone() {
     let st = p.run(json!({"kind": "update_keypair", "public_key": key}));
     assert_eq!(st["status"], -1, "{st}");
     assert!(!std::path::Path::new("/adb_keys").exists());
+    // A server's change names the phones that could not take the key.
+    let st = p.run_server(json!({"kind": "update_keypair", "public_key": server_key}));
+    let want = format!("key installed in 0 of 1 phones; not in {} (", p.phone);
+    assert!(
+        st["error_msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&want)),
+        "{st}"
+    );
 
     // Migration, source side: stopped, whole phone in the store.
     let st = p

@@ -932,6 +932,73 @@ fn export_round_trip_with_include_and_exclude() {
     );
 }
 
+/// Names of the entries of a tar.
+fn entry_names(tar: &[u8]) -> Vec<String> {
+    let mut a = tar::Archive::new(tar);
+    let mut names: Vec<String> = a
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            let e = e.expect("entry");
+            let p = e.path().expect("path").to_string_lossy().into_owned();
+            p.trim_end_matches('/').to_string()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn export_patterns_ending_in_a_star() {
+    let s = Scene::new();
+    for d in [
+        "data/app/com.xx.xx-1",
+        "data/app/com.xx.xy-2",
+        "data/app/other",
+        "cache/c",
+    ] {
+        fs::create_dir_all(s.target.join(d)).expect("dir");
+        fs::write(s.target.join(d).join("base.apk"), b"apk").expect("file");
+    }
+    let names = |include: &[&str], exclude: &[&str]| {
+        let own = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        write_tar(&s.target, &own(include), &own(exclude), &mut out).expect("write tar");
+        entry_names(&out)
+    };
+    // The reference's example: one package's directories left out.
+    assert_eq!(
+        names(&["/data"], &["/data/app/com.xx.xx-*"]),
+        [
+            "data",
+            "data/app",
+            "data/app/com.xx.xy-2",
+            "data/app/com.xx.xy-2/base.apk",
+            "data/app/other",
+            "data/app/other/base.apk"
+        ]
+    );
+    // Included by a name prefix: the directory above is stored, not its
+    // other entries.
+    assert_eq!(
+        names(&["/data/app/com.xx.x*"], &[]),
+        [
+            "data",
+            "data/app",
+            "data/app/com.xx.xx-1",
+            "data/app/com.xx.xx-1/base.apk",
+            "data/app/com.xx.xy-2",
+            "data/app/com.xx.xy-2/base.apk"
+        ]
+    );
+    // `dir/*`: what is beneath `dir`, with exclude still winning.
+    assert_eq!(
+        names(&["/cache/*"], &["/cache/c/base.apk"]),
+        ["cache", "cache/c"]
+    );
+    assert_eq!(names(&["/data"], &["/data/*"]), ["data"]);
+}
+
 #[test]
 fn export_refuses_paths_outside_root() {
     let s = Scene::new();

@@ -542,10 +542,10 @@ pub async fn export(
             .unwrap_or_else(|| vec!["/data".into()]);
         let exclude = s.exclude_files.clone().unwrap_or_default();
         for f in &include {
-            validate::file_path(f).map_err(|_| ApiError::IncludeFiles)?;
+            validate::storage_path(f).map_err(|_| ApiError::IncludeFiles)?;
         }
         for f in &exclude {
-            validate::file_path(f).map_err(|_| ApiError::ExcludeFiles)?;
+            validate::storage_path(f).map_err(|_| ApiError::ExcludeFiles)?;
         }
         Ok(JobKind::Export {
             object: object(&s.bucket_name, &s.object_path)?,

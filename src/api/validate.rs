@@ -53,6 +53,21 @@ pub fn object_path(s: &str) -> Result<(), ApiError> {
     ok.then_some(()).ok_or(ApiError::ObjectPath)
 }
 
+/// A path of `batch-storage`'s include or exclude list: starts with `/`, at
+/// most 4,096 bytes of letters, digits, `.`, `/`, `-`, `_`, `+`, `#`, `=`;
+/// no `..` segment. A final `*` names every entry beginning with what comes
+/// before it, as in the reference's own example (`/data/app/com.xx.xx-*`).
+pub fn storage_path(s: &str) -> Result<(), ApiError> {
+    let body = s.strip_suffix('*').unwrap_or(s);
+    let ok = s.starts_with('/')
+        && s.len() <= FILE_PATH_MAX
+        && !body.split('/').any(|seg| seg == "..")
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./-_+#=".contains(c));
+    ok.then_some(()).ok_or(ApiError::FilePaths)
+}
+
 /// An absolute file path: starts with `/`, at most 4,096 bytes of letters,
 /// digits, `.`, `/`, `-`, space, `_`, `=`; no `..` segment.
 pub fn file_path(s: &str) -> Result<(), ApiError> {
@@ -210,6 +225,11 @@ mod tests {
         assert!(file_path("/data/../etc").is_err());
         assert!(object_path("a/../b.tar").is_err());
         assert!(object_path("my_apps/test.tar").is_ok());
+        assert!(storage_path("/data/app/com.xx.xx-*").is_ok());
+        assert!(storage_path("/data/a+b#c=d").is_ok());
+        assert!(storage_path("/data/*/x").is_err());
+        assert!(storage_path("/data/../*").is_err());
+        assert!(storage_path("data/app").is_err());
     }
 
     #[test]

@@ -347,10 +347,28 @@ fn update_keypair(
             ctx.phones.phones_of(&req.server_id)
         }
     };
-    for p in &phones {
-        install_key(ctx, p, key)?;
-    }
-    Ok(format!("key installed in {} phones", phones.len()))
+    // Every phone is tried: one that cannot take the key does not keep the
+    // others on the old one.
+    let failed: Vec<(String, JobFailure)> = phones
+        .iter()
+        .filter_map(|p| install_key(ctx, p, key).err().map(|e| (p.clone(), e)))
+        .collect();
+    let Some((_, first)) = failed.first() else {
+        return Ok(format!("key installed in {} phones", phones.len()));
+    };
+    let names: Vec<String> = failed
+        .iter()
+        .map(|(p, e)| format!("{p} ({})", e.msg))
+        .collect();
+    Err(JobFailure::new(
+        &first.code,
+        format!(
+            "key installed in {} of {} phones; not in {}",
+            phones.len() - failed.len(),
+            phones.len(),
+            names.join(", ")
+        ),
+    ))
 }
 
 /// Writes the host's `authorized_keys` anew: the current key of each server

@@ -4,8 +4,9 @@
 //! (`O_NOFOLLOW`, beneath its parent), so a symlink is stored as a link and
 //! never followed, and a directory swapped for a symlink mid-walk is not
 //! entered. Paths in the archive are relative to `root`. Include and
-//! exclude lists are path prefixes at component boundaries; an empty
-//! include list means everything, and exclude wins. Hard-linked files are
+//! exclude lists are path prefixes at component boundaries, or end in `*`
+//! to name every entry beginning so; an empty include list means
+//! everything, and exclude wins. Hard-linked files are
 //! stored once and linked after; xattrs are not exported.
 
 use std::collections::HashMap;
@@ -30,16 +31,66 @@ pub struct WriteReport {
     pub skipped: u64,
 }
 
-/// Normalises an include/exclude path: a leading `/` is allowed (paths are
-/// relative to `root` either way), `..` is refused.
-fn prefix(p: &str) -> Result<Vec<u8>, ArchiveError> {
-    let trimmed = p.trim_start_matches('/');
-    sanitize(trimmed.as_bytes())
-        .map(|r| r.joined)
-        .map_err(|r| ArchiveError::Escape {
-            entry: PathBuf::from(p),
-            reason: r.reason(),
-        })
+/// An include/exclude path: a prefix at component boundaries, or, ending
+/// in `*` (as in the reference's `/data/app/com.xx.xx-*`), every name that
+/// begins with what comes before the `*`, and what lies beneath it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pattern {
+    /// Relative, normalised, without the `*`.
+    stem: Vec<u8>,
+    wild: Wild,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wild {
+    /// A plain path.
+    No,
+    /// `dir/*`: everything beneath `dir`, not `dir` itself.
+    Children,
+    /// `dir/name*`: names in `dir` beginning with `name`.
+    Name,
+}
+
+impl Pattern {
+    /// Normalises an include/exclude path: a leading `/` is allowed (paths
+    /// are relative to `root` either way), `..` is refused.
+    fn parse(p: &str) -> Result<Pattern, ArchiveError> {
+        let (body, wild) = match p.strip_suffix('*') {
+            Some(b) if b.ends_with('/') || b.is_empty() => (b, Wild::Children),
+            Some(b) => (b, Wild::Name),
+            None => (p, Wild::No),
+        };
+        let trimmed = body.trim_start_matches('/');
+        let stem = sanitize(trimmed.as_bytes())
+            .map(|r| r.joined)
+            .map_err(|r| ArchiveError::Escape {
+                entry: PathBuf::from(p),
+                reason: r.reason(),
+            })?;
+        Ok(Pattern { stem, wild })
+    }
+
+    /// Whether `p` is matched (it, or an entry above it, is named).
+    fn matches(&self, p: &[u8]) -> bool {
+        match self.wild {
+            Wild::No => under(p, &self.stem),
+            Wild::Children => under(p, &self.stem) && p.len() > self.stem.len(),
+            Wild::Name => p.starts_with(&self.stem),
+        }
+    }
+
+    /// Whether `p` is a directory above what this pattern names.
+    fn below(&self, p: &[u8]) -> bool {
+        let dir = match self.wild {
+            Wild::No | Wild::Children => &self.stem[..],
+            Wild::Name => match self.stem.iter().rposition(|b| *b == b'/') {
+                Some(at) => &self.stem[..at],
+                None => &[],
+            },
+        };
+        // A plain path's own entry is matched, not passed through.
+        under(dir, p) && (self.wild != Wild::No || dir.len() > p.len())
+    }
 }
 
 /// `p` equals `pre` or lies beneath it.
@@ -49,8 +100,8 @@ fn under(p: &[u8], pre: &[u8]) -> bool {
 
 struct Walk<'w, W: Write> {
     root: PathBuf,
-    include: Vec<Vec<u8>>,
-    exclude: Vec<Vec<u8>>,
+    include: Vec<Pattern>,
+    exclude: Vec<Pattern>,
     builder: tar::Builder<&'w mut W>,
     links: HashMap<(u64, u64), Vec<u8>>,
     report: WriteReport,
@@ -66,13 +117,13 @@ enum Want {
 
 impl<W: Write> Walk<'_, W> {
     fn want(&self, rel: &[u8], all: bool) -> Want {
-        if self.exclude.iter().any(|e| under(rel, e)) {
+        if self.exclude.iter().any(|e| e.matches(rel)) {
             return Want::No;
         }
-        if all || self.include.is_empty() || self.include.iter().any(|i| under(rel, i)) {
+        if all || self.include.is_empty() || self.include.iter().any(|i| i.matches(rel)) {
             return Want::All;
         }
-        if self.include.iter().any(|i| under(i, rel)) {
+        if self.include.iter().any(|i| i.below(rel)) {
             return Want::Ancestor;
         }
         Want::No
@@ -245,11 +296,11 @@ pub fn write_tar<W: Write>(
 ) -> Result<WriteReport, ArchiveError> {
     let include = include
         .iter()
-        .map(|p| prefix(p))
+        .map(|p| Pattern::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     let exclude = exclude
         .iter()
-        .map(|p| prefix(p))
+        .map(|p| Pattern::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     let root_fd: OwnedFd = File::open(root)
         .map_err(|e| ArchiveError::io("open export root", root, e))?
