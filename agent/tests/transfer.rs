@@ -321,6 +321,16 @@ fn object_store_jobs_on_a_real_phone() {
             .contains("refused"),
         "the share is read-only inside phones"
     );
+    // A missing object makes no directory.
+    let st = p.run_server(
+        json!({"kind": "share_push_files", "object": obj("share/none.tar"), "target_dir": "/new"}),
+    );
+    assert_failed(&st, "CPS.0104");
+    assert_eq!(
+        p.sh("test -e /data/media/share/files/new && echo made || echo none")
+            .trim(),
+        "none"
+    );
     let st = p
         .run_server(json!({"kind": "share_list_files", "path": "/data", "offset": 0, "limit": 10}));
     assert_eq!(st["status"], 2, "{st}");

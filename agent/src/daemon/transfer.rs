@@ -715,6 +715,8 @@ pub fn share_push_files(
 ) -> Result<String, JobFailure> {
     let paths = ctx.phones.share_paths()?;
     let target = share_files_path(&paths, target_dir)?;
+    // A missing object leaves no new directory behind.
+    let reader = open_download(ctx, object, PUSH_MAX_BYTES)?;
     std::fs::create_dir_all(&target)
         .map_err(|e| JobFailure::internal(format!("create {}: {e}", target.display())))?;
     let usage = ctx.phones.share_usage()?;
@@ -723,7 +725,7 @@ pub fn share_push_files(
         max_bytes: Some(usage.avail),
         ..ExtractOptions::default()
     };
-    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &target, &opts)?;
+    let report = extract_from(reader, object, &target, &opts)?;
     Ok(extracted("pushed to the share", object, &report))
 }
 
