@@ -45,13 +45,21 @@ async fn recorder() -> (String, Arc<Mutex<Seen>>) {
                 let s = s2.clone();
                 async move {
                     let id = v["job_id"].as_str().unwrap_or("").to_string();
+                    // A sync shell is answered with its result, as the
+                    // agent does.
+                    let sync = (v["kind"] == "sync_shell")
+                        .then(|| format!("ran {}", v["command"].as_str().unwrap_or("")));
                     s.lock().expect("lock").jobs.push(v);
                     axum::Json(JobStatus {
                         job_id: id,
-                        status: JobState::Running,
+                        status: if sync.is_some() {
+                            JobState::Succeeded
+                        } else {
+                            JobState::Running
+                        },
                         error_code: None,
                         error_msg: None,
-                        execute_msg: None,
+                        execute_msg: sync,
                     })
                 }
             }),
@@ -703,6 +711,14 @@ async fn buy_phones_jobs_isolation_and_restart() {
             .await;
         if i < 6 {
             assert_eq!(r.status, 200, "{i} {:?}", r.body);
+            // The answer carries the result, not only the job's id.
+            let j = &r.body["jobs"][0];
+            assert_eq!(
+                (&j["status"], &j["error_code"], &j["execute_msg"]),
+                (&json!(2), &json!(""), &json!("ran echo hi")),
+                "{:?}",
+                r.body
+            );
         } else {
             assert_eq!(r.status, 429);
         }

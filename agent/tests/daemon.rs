@@ -290,6 +290,61 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     );
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
+
+    // Killed while a restart waits for a phone that does not stop at once
+    // (its init held with SIGSTOP, so the stop waits out its grace): the
+    // phone ran before the job, so the agent starts it again at its own
+    // next start rather than leaving it stopped for good.
+    let read_json = |path: std::path::PathBuf| -> Value {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_slice(&bytes).expect("json")
+    };
+    let container = t.state.join(format!("containers/cph-{phone}/state.json"));
+    let init_pid = read_json(container)["pid"].as_i64().expect("init pid");
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &init_pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill {sig} {init_pid}");
+    };
+    let within = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    signal("-STOP");
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "restart-held",
+            &server,
+            &phone,
+            json!({"kind": "restart_phone", "image": null, "property": null}),
+        )),
+    );
+    let record = t.state.join(format!("phones/cph-{phone}.json"));
+    within("the restart stops the phone", &|| {
+        read_json(record.clone())["stopped"] == json!(true)
+    });
+    t.agent.kill();
+    // The pending TERM ends init once it runs again.
+    signal("-CONT");
+    within("the phone's init exits", &|| {
+        !std::path::Path::new(&format!("/proc/{init_pid}")).exists()
+    });
+    t.agent.restart();
+    assert_eq!(wait_job(&addr, &token, "restart-held")["status"], -1);
+    within("the phone runs again", &|| {
+        let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+        phones[0]["state"] == "running"
+    });
+
     let (_, st) = http(
         &addr,
         "POST",

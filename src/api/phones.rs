@@ -780,7 +780,69 @@ pub async fn sync_commands(
         return Err(ApiError::SyncShellRate.into());
     }
     let t = targets(&st, &c.project_id, ids, |_, _| Ok(kind.clone()))?;
-    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+    let mut answer = submit(&st, &c.project_id, t)?;
+    let request_id = answer["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let ended = sync_results(&st, &c.project_id, &request_id).await?;
+    if let Some(jobs) = answer["jobs"].as_array_mut() {
+        for j in jobs {
+            let job = j["job_id"].as_str().and_then(|id| ended.get(id));
+            let text = |v: Option<&String>| json!(v.cloned().unwrap_or_default());
+            let fields = match job {
+                Some(job) => json!({
+                    "status": job.status,
+                    "error_code": text(job.error_code.as_ref()),
+                    "error_msg": text(job.error_msg.as_ref()),
+                    "execute_msg": text(job.execute_msg.as_ref()),
+                }),
+                // Refused before a job was made: its code is already there.
+                None => json!({"status": -1, "execute_msg": ""}),
+            };
+            for (k, v) in fields.as_object().into_iter().flatten() {
+                j[k] = v.clone();
+            }
+        }
+    }
+    Ok(Reply::ok(answer))
+}
+
+/// How long a sync command request waits for its phones (the reference's
+/// bound on the call).
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits for the jobs of a sync command request to end (each phone's agent
+/// answers within its 2 s limit) and returns them by id. A job still
+/// running at [`SYNC_WAIT`] (its agent out of reach) is failed with
+/// CPS.0054, so the answer and any later query agree.
+async fn sync_results(
+    st: &Shared,
+    project_id: &str,
+    request_id: &str,
+) -> Result<std::collections::HashMap<String, crate::store::Job>, ApiError> {
+    let ids = [request_id.to_string()];
+    let deadline = tokio::time::Instant::now() + SYNC_WAIT;
+    let mut wait = std::time::Duration::from_millis(5);
+    loop {
+        let jobs = st.store.jobs_by_requests(project_id, &ids, 0, 1000)?;
+        let running: Vec<&crate::store::Job> = jobs.iter().filter(|j| j.status == 1).collect();
+        if running.is_empty() || tokio::time::Instant::now() >= deadline {
+            for j in running {
+                st.store.update_job(
+                    &j.job_id,
+                    -1,
+                    Some("CPS.0054"),
+                    Some("no answer from the phone's agent within 30 s"),
+                    None,
+                )?;
+            }
+            let jobs = st.store.jobs_by_requests(project_id, &ids, 0, 1000)?;
+            return Ok(jobs.into_iter().map(|j| (j.job_id.clone(), j)).collect());
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_millis(50));
+    }
 }
 
 fn phone_ids_of(

@@ -96,10 +96,7 @@ def sync_shell(client, phone_id, command):
             )
         )
     )
-    job = out.jobs[0]
-    if job.execute_msg is None:
-        job = wait_job(client, job.job_id, limit=10)
-    return job.execute_msg or ""
+    return out.jobs[0].execute_msg or ""
 
 
 def packages(client, phone_id):

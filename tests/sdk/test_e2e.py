@@ -26,11 +26,21 @@ def test_sync_shell_echo(client, server):
             )
         )
     )
+    # The answer carries each phone's result, as the reference's RunSyncCommand does.
     job = resp.jobs[0]
-    assert job.error_code in (None, ""), job
-    if job.execute_msg is None:  # answered with the job; its output is on the job
-        job = wait_job(client, job.job_id, limit=10)
-    assert "hello-from-phone" in (job.execute_msg or ""), job
+    assert job.status == 2 and job.error_code == "", job
+    assert "hello-from-phone" in job.execute_msg, job
+    # A command that fails still returns its output.
+    resp = client.run_sync_command(
+        m.RunSyncCommandRequest(
+            body=m.RunSyncCommandRequestBody(
+                command="shell", content="ls /no-such-dir", phone_ids=phones[:1]
+            )
+        )
+    )
+    job = resp.jobs[0]
+    assert job.status == -1 and job.error_code, job
+    assert "no-such-dir" in job.execute_msg, job
 
 
 def test_async_shell_job(client, server):

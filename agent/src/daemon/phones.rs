@@ -66,6 +66,11 @@ pub struct PhoneRecord {
     /// Whether the phone was stopped on purpose.
     #[serde(default)]
     pub stopped: bool,
+    /// Stopped by a job that starts it again when done (restart, restore,
+    /// migration, custom image): an agent killed before then starts the
+    /// phone at its own next start instead of leaving it stopped.
+    #[serde(default)]
+    pub resume: bool,
     #[serde(default)]
     pub traffic_type: String,
     /// The phone's own user namespace (kept for its life), or `None` when
@@ -203,6 +208,10 @@ impl Phones {
         }
         let mut records = HashMap::new();
         for mut r in read_dir_json::<PhoneRecord>(&state_dir.join("phones")) {
+            // A phone a killed agent's job had stopped for a while runs.
+            if std::mem::take(&mut r.resume) {
+                r.stopped = false;
+            }
             // A transient phase left by a killed agent is over.
             if let Some(phase) = r.phase.take() {
                 if phase == PhoneRunState::Creating || phase == PhoneRunState::Resetting {
@@ -867,6 +876,7 @@ impl Phones {
             phase: Some(PhoneRunState::Creating),
             failure: None,
             stopped: false,
+            resume: false,
             traffic_type: "direct".to_string(),
             user_ns,
         };
@@ -893,10 +903,31 @@ impl Phones {
     }
 
     pub fn start(&self, phone_id: &str) -> Result<(), JobFailure> {
-        let rec = self.update(phone_id, |r| r.stopped = false)?;
+        let rec = self.update(phone_id, |r| {
+            r.stopped = false;
+            r.resume = false;
+        })?;
         let result = self.boot(&rec);
         self.finish_phase(phone_id, &result)?;
         result
+    }
+
+    /// Stops a phone meant to run for a job that starts it again when done
+    /// ([`PhoneRecord::resume`]); whether it was meant to run (a phone
+    /// stopped on purpose is left alone).
+    pub fn stop_for_job(&self, phone_id: &str) -> Result<bool, JobFailure> {
+        if self.record(phone_id)?.stopped {
+            return Ok(false);
+        }
+        self.update(phone_id, |r| r.resume = true)?;
+        self.stop(phone_id)?;
+        Ok(true)
+    }
+
+    /// Records that a phone a job stopped stays stopped (a migrated
+    /// source, as the reference asks).
+    pub fn keep_stopped(&self, phone_id: &str) -> Result<(), JobFailure> {
+        self.update(phone_id, |r| r.resume = false).map(|_| ())
     }
 
     pub fn stop(&self, phone_id: &str) -> Result<(), JobFailure> {
@@ -925,6 +956,8 @@ impl Phones {
         }
         self.update(phone_id, |r| {
             r.phase = Some(PhoneRunState::Restarting);
+            // Runs afterwards, even when the agent is killed in between.
+            r.resume = true;
             if let Some(p) = property {
                 r.spec.property.extend(p.clone());
             }

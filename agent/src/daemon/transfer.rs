@@ -481,10 +481,7 @@ struct Stopped<'a, 'b> {
 
 impl<'a, 'b> Stopped<'a, 'b> {
     fn new(ctx: &'a JobContext<'b>, phone: &'a str) -> Result<Self, JobFailure> {
-        let was_running = ctx.phones.require_running(phone).is_ok();
-        if was_running {
-            ctx.phones.stop(phone)?;
-        }
+        let was_running = ctx.phones.stop_for_job(phone)?;
         Ok(Self {
             ctx,
             phone,
@@ -620,14 +617,20 @@ pub fn migrate_out(
     phone: &str,
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
-    let was_running = !ctx.phones.record(phone)?.stopped;
+    ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, MIGRATE_BUCKET)?;
+    let was_running = ctx.phones.stop_for_job(phone)?;
+    // Stopped whatever it was; a stopped phone may be migrated too.
     ctx.phones.stop(phone)?;
     let written = ctx
         .phones
         .rootfs(phone)
         .and_then(|root| upload_tar(ctx, &root, &[], &whole_root_exclude(), object));
-    if written.is_ok() || !was_running {
+    if written.is_ok() {
+        ctx.phones.keep_stopped(phone)?;
+        return written;
+    }
+    if !was_running {
         return written;
     }
     with_restart(written, ctx.phones.start(phone))
@@ -656,8 +659,9 @@ pub fn create_image(
     phone: &str,
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
-    let was_running = !ctx.phones.record(phone)?.stopped;
+    ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, IMAGE_BUCKET)?;
+    let was_running = ctx.phones.stop_for_job(phone)?;
     ctx.phones.stop(phone)?;
     let written = ctx
         .phones
