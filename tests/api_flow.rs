@@ -690,7 +690,29 @@ async fn buy_phones_jobs_isolation_and_restart() {
     );
     assert_eq!(sent["keep_property"], false);
 
-    // ADB: validation and a sync shell limit of 6 a minute.
+    // ADB: validation and a sync shell limit of 6 a minute. A missing or
+    // mistyped parameter gets that parameter's code.
+    for (body, want) in [
+        (json!({"content": "ls", "phone_ids": [pid]}), "CPS.0117"),
+        (
+            json!({"command": "shell", "content": 7, "phone_ids": [pid]}),
+            "CPS.0118",
+        ),
+        (
+            json!({"command": "shell", "content": "ls", "phone_ids": [7]}),
+            "CPS.0080",
+        ),
+    ] {
+        let r = cp
+            .call("POST", "/v1/{p}/cloud-phone/phones/commands", Some(body))
+            .await;
+        assert_eq!(
+            (r.status, &r.body["error_code"]),
+            (400, &json!(want)),
+            "{:?}",
+            r.body
+        );
+    }
     let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/commands", Some(json!({"command": "install", "content": "obs://bucket-a/x.zip", "phone_ids": [pid]}))).await;
     assert_eq!(r.body["error_code"], "CPS.0119");
     let r = cp
@@ -878,6 +900,15 @@ async fn buy_phones_jobs_isolation_and_restart() {
         )
         .await;
     assert_eq!(r.body["error_code"], "CPS.0207");
+    let many: Vec<String> = (0..101).map(|i| format!("{i:032}")).collect();
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones-traffic",
+            Some(json!({"phone_ids": many, "traffic_type": "direct"})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0209", "{:?}", r.body);
 
     // Server-level calls in the reference's shapes (as the official SDK sends them).
     let sid = node_of_server0.clone();

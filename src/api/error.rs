@@ -9,6 +9,14 @@ use axum::http::StatusCode;
 pub enum ApiError {
     #[error("invalid request body: {0}")]
     BadBody(String),
+    /// A body whose field `name` is missing or of the wrong type: the
+    /// reference's code for that parameter.
+    #[error("parameter: {name} is invalid: {detail}")]
+    BadField {
+        name: String,
+        code: &'static str,
+        detail: String,
+    },
     #[error("request body exceeds the limit")]
     BodyTooLarge,
     #[error("parameter: offset or limit is invalid")]
@@ -231,6 +239,7 @@ impl ApiError {
         let bad = StatusCode::BAD_REQUEST;
         match self {
             E::BadBody(_) => (bad, "CPS.0001"),
+            E::BadField { code, .. } => (bad, code),
             E::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "CPS.0001"),
             E::OffsetLimit => (bad, "CPS.0002"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003"),

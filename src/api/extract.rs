@@ -27,9 +27,136 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 if e.status().as_u16() == 413 {
                     return Err(Failure(ApiError::BodyTooLarge));
                 }
-                Err(Failure(ApiError::BadBody(e.body_text().to_lowercase())))
+                Err(Failure(body_error(&e.body_text())))
             }
         }
+    }
+}
+
+/// The reference's code for a request parameter that is missing or of the
+/// wrong type, by the parameter's name (its error code table).
+const FIELD_CODES: &[(&str, &str)] = &[
+    ("phone_id", "CPS.0004"),
+    ("phone_ids", "CPS.0080"),
+    ("status", "CPS.0010"),
+    ("count", "CPS.0024"),
+    ("phone_name", "CPS.0025"),
+    ("phone_model_name", "CPS.0028"),
+    ("image_id", "CPS.0030"),
+    ("band_width", "CPS.0031"),
+    ("band_width_id", "CPS.0033"),
+    ("band_width_share_type", "CPS.0034"),
+    ("band_width_charge_mode", "CPS.0035"),
+    ("band_width_size", "CPS.0036"),
+    ("ports", "CPS.0037"),
+    ("listen_port", "CPS.0040"),
+    ("extend_param", "CPS.0055"),
+    ("charging_mode", "CPS.0056"),
+    ("period_type", "CPS.0057"),
+    ("period_num", "CPS.0058"),
+    ("is_auto_renew", "CPS.0059"),
+    ("is_auto_pay", "CPS.0060"),
+    ("keypair_name", "CPS.0068"),
+    ("phones", "CPS.0077"),
+    ("property", "CPS.0078"),
+    ("server_name", "CPS.0087"),
+    ("server_model_name", "CPS.0089"),
+    ("internet_accessible", "CPS.0093"),
+    ("server_ids", "CPS.0094"),
+    ("server_id", "CPS.0097"),
+    ("type", "CPS.0116"),
+    ("command", "CPS.0117"),
+    ("content", "CPS.0118"),
+    ("bucket_name", "CPS.0134"),
+    ("object_path", "CPS.0135"),
+    ("image_label", "CPS.0142"),
+    ("image_name", "CPS.0162"),
+    ("storage_infos", "CPS.0167"),
+    ("include_files", "CPS.0168"),
+    ("exclude_files", "CPS.0169"),
+    ("restore_infos", "CPS.0171"),
+    ("package_name", "CPS.0173"),
+    ("traffic_type", "CPS.0207"),
+    ("availability_zone", "CPS.0211"),
+    ("tenant_vpc_id", "CPS.0223"),
+    ("subnet_id", "CPS.0224"),
+    ("ip_address", "CPS.0225"),
+    ("nics", "CPS.0226"),
+    ("source_phone_id", "CPS.0232"),
+    ("target_phone_id", "CPS.0233"),
+    ("migrate_infos", "CPS.0234"),
+];
+
+/// A body axum could not read into its type: the code of the parameter
+/// at fault where the reference has one (`missing field `command``, or the
+/// path `phones[0].property: invalid type ...`), else `BadBody`.
+fn body_error(text: &str) -> ApiError {
+    let detail = text
+        .split_once("target type: ")
+        .map_or(text, |(_, d)| d)
+        .to_string();
+    let name = match detail.split_once("missing field `") {
+        Some((_, rest)) => rest.split('`').next().unwrap_or(""),
+        None => detail
+            .split_once(": ")
+            .map_or("", |(path, _)| path)
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or(""),
+    };
+    match FIELD_CODES.iter().find(|(n, _)| *n == name) {
+        Some((n, code)) => ApiError::BadField {
+            name: n.to_string(),
+            code,
+            detail: detail.to_lowercase(),
+        },
+        None => ApiError::BadBody(text.to_lowercase()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body_error;
+    use crate::api::ApiError;
+
+    fn code(text: &str) -> &'static str {
+        body_error(text).status_and_code().1
+    }
+
+    #[test]
+    fn body_errors_name_the_parameter() {
+        let prefix = "Failed to deserialize the JSON body into the target type: ";
+        let cases = [
+            ("missing field `command` at line 1 column 2", "CPS.0117"),
+            (
+                "migrate_infos[0]: missing field `target_phone_id` at line 1 column 40",
+                "CPS.0233",
+            ),
+            (
+                "phones[0].property: invalid type: integer `1`, expected a string at line 1 column 9",
+                "CPS.0078",
+            ),
+            (
+                "phone_ids[2]: invalid type: integer `7`, expected a string at line 1 column 9",
+                "CPS.0080",
+            ),
+            ("missing field `traffic_type` at line 1 column 2", "CPS.0207"),
+            ("no_such: invalid type: null at line 1 column 2", "CPS.0001"),
+            ("expected value at line 1 column 1", "CPS.0001"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(code(&format!("{prefix}{text}")), want, "{text}");
+        }
+        let e = body_error(&format!(
+            "{prefix}missing field `command` at line 1 column 2"
+        ));
+        assert!(
+            matches!(&e, ApiError::BadField { name, .. } if name == "command"),
+            "{e}"
+        );
     }
 }
 

@@ -724,6 +724,9 @@ pub struct TrafficBody {
     traffic_type: String,
 }
 
+/// Most phones of one traffic diversion (the reference's limit).
+const MAX_TRAFFIC_PHONES: usize = 100;
+
 pub async fn traffic(
     State(st): State<Shared>,
     Extension(c): Extension<Caller>,
@@ -731,6 +734,9 @@ pub async fn traffic(
 ) -> ApiResult {
     if !matches!(b.traffic_type.as_str(), "direct" | "routing") {
         return Err(ApiError::TrafficType.into());
+    }
+    if b.phone_ids.len() > MAX_TRAFFIC_PHONES {
+        return Err(ApiError::TooManyPhoneIds.into());
     }
     let ids = b.phone_ids.into_iter().map(|i| (i, None)).collect();
     let tt = b.traffic_type.clone();
