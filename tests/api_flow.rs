@@ -345,6 +345,15 @@ async fn catalog_auth_and_errors() {
         )
         .await;
     assert_eq!(r.body["error_code"], "CPS.0161");
+    for (query, want) in [
+        ("request_ids=,", "CPS.0049"),
+        ("request_id=a%2Fb", "CPS.0264"),
+        ("request_id=0123456789abcdef0123456789abcdef", "CPS.0050"),
+    ] {
+        let path = format!("/v1/{{p}}/cloud-phone/jobs?{query}");
+        let r = cp.call("GET", &path, None).await;
+        assert_eq!(r.body["error_code"], want, "{query}: {:?}", r.body);
+    }
     let r = cp.call("GET", "/v1/{p}/cloud-phone/jobs/nope", None).await;
     assert_eq!(r.body["error_code"], "CPS.0011");
 

@@ -65,6 +65,10 @@ pub enum ApiError {
     ListenPortConflict,
     #[error("parameter: request_id is empty")]
     RequestIdEmpty,
+    #[error("parameter: request_id {0} is invalid")]
+    RequestIdInvalid(String),
+    #[error("jobs related to this request id are not found")]
+    RequestJobsNotFound,
     #[error("parameter: extend_param is invalid")]
     ExtendParam,
     #[error("parameter: charging_mode is invalid")]
@@ -264,6 +268,8 @@ impl ApiError {
             E::ListenPort => (bad, "CPS.0040"),
             E::ListenPortConflict => (bad, "CPS.0041"),
             E::RequestIdEmpty => (bad, "CPS.0049"),
+            E::RequestIdInvalid(_) => (bad, "CPS.0264"),
+            E::RequestJobsNotFound => (bad, "CPS.0050"),
             E::ExtendParam => (bad, "CPS.0055"),
             E::ChargingMode => (bad, "CPS.0056"),
             E::PeriodType => (bad, "CPS.0057"),

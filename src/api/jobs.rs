@@ -76,12 +76,21 @@ pub async fn list(
         (_, Some(id)) if !id.is_empty() => vec![id.clone()],
         _ => return Err(ApiError::RequestIdEmpty.into()),
     };
+    if ids.is_empty() {
+        return Err(ApiError::RequestIdEmpty.into());
+    }
     if ids.len() > MAX_REQUEST_IDS {
         return Err(ApiError::TooManyRequestIds.into());
+    }
+    if let Some(bad) = ids.iter().find(|id| !super::validate::is_id(id)) {
+        return Err(ApiError::RequestIdInvalid(bad.clone()).into());
     }
     let jobs = st
         .store
         .jobs_by_requests(&c.project_id, &ids, offset, limit)?;
+    if jobs.is_empty() && offset == 0 {
+        return Err(ApiError::RequestJobsNotFound.into());
+    }
     Ok(Reply::ok(json!({
         "jobs": jobs.iter().map(|j| job_json(j, true)).collect::<Vec<_>>()
     })))
