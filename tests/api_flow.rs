@@ -899,8 +899,69 @@ async fn buy_phones_jobs_isolation_and_restart() {
     assert_eq!(sent["kind"], "restart_phone");
     assert_eq!(sent["image"]["image_id"], cph::catalog::TEST_IMAGE_ID);
     assert_eq!(sent["image"]["url"], "file:///nonexistent/test.tar.gz");
-    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones/batch-storage", Some(json!({"storage_infos": [{"phone_id": pid, "bucket_name": "bucket-a", "object_path": "../x.tar"}]}))).await;
-    assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0135");
+    // Export: what each storage_info must hold, checked before a job.
+    let info = |include: Value, exclude: Option<Value>, path: &str| {
+        let mut i = json!({"phone_id": pid, "bucket_name": "bucket-a", "object_path": path,
+                           "include_files": include});
+        if let Some(e) = exclude {
+            i["exclude_files"] = e;
+        }
+        i
+    };
+    for (infos, want) in [
+        (
+            json!([info(json!(["/data"]), None, "../x.tar")]),
+            "CPS.0135",
+        ),
+        (json!([info(Value::Null, None, "x.tar")]), "CPS.0168"),
+        (json!([info(json!(["/system"]), None, "x.tar")]), "CPS.0168"),
+        (
+            json!([info(json!(["/data"]), Some(json!([])), "x.tar")]),
+            "CPS.0169",
+        ),
+        (
+            json!([info(json!(["/data"]), Some(json!(["/etc"])), "x.tar")]),
+            "CPS.0169",
+        ),
+    ] {
+        let r = cp
+            .call(
+                "POST",
+                "/v1/{p}/cloud-phone/phones/batch-storage",
+                Some(json!({"storage_infos": infos})),
+            )
+            .await;
+        assert_eq!(
+            r.body["jobs"][0]["error_code"], want,
+            "{infos}: {:?}",
+            r.body
+        );
+    }
+    let twice = json!([
+        info(json!(["/data"]), None, "a.tar"),
+        info(json!(["/cache"]), None, "b.tar")
+    ]);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-storage",
+            Some(json!({"storage_infos": twice})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0167", "{:?}", r.body);
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-storage",
+            Some(json!({"storage_infos": [info(json!(["/data/app/com.xx.xx-*"]), Some(json!(["/data/app/com.xx.xx-1"])), "ok.tar")]})),
+        )
+        .await;
+    let export_job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("export job")
+        .to_string();
+    let sent = sent_job(&seen, &export_job).await;
+    assert_eq!(sent["include"], json!(["/data/app/com.xx.xx-*"]));
     let r = cp
         .call(
             "POST",

@@ -156,6 +156,8 @@ pub enum ApiError {
     ImageNotFound(String),
     #[error("parameter: storage_infos is invalid")]
     StorageInfos,
+    #[error("parameter: storage_infos exceeds the limit")]
+    StorageInfosLimit,
     #[error("parameter: include_files is invalid")]
     IncludeFiles,
     #[error("parameter: exclude_files is invalid")]
@@ -311,6 +313,7 @@ impl ApiError {
             E::TooManyRequestIds => (bad, "CPS.0161"),
             E::ImageNotFound(_) => (bad, "CPS.0166"),
             E::StorageInfos => (bad, "CPS.0167"),
+            E::StorageInfosLimit => (bad, "CPS.0170"),
             E::IncludeFiles => (bad, "CPS.0168"),
             E::ExcludeFiles => (bad, "CPS.0169"),
             E::RestoreInfos => (bad, "CPS.0171"),

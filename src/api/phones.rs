@@ -517,12 +517,24 @@ fn object(bucket: &str, path: &str) -> Result<ObjectRef, ApiError> {
     })
 }
 
+/// Whether a phone is named twice (its entries would be one job's).
+fn repeats<'a>(ids: impl Iterator<Item = &'a String>) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().any(|id| !seen.insert(id))
+}
+
 pub async fn export(
     State(st): State<Shared>,
     Extension(c): Extension<Caller>,
     Json(b): Json<ExportBody>,
 ) -> ApiResult {
     if b.storage_infos.is_empty() {
+        return Err(ApiError::StorageInfos.into());
+    }
+    if b.storage_infos.len() > MAX_BATCH_PHONES {
+        return Err(ApiError::StorageInfosLimit.into());
+    }
+    if repeats(b.storage_infos.iter().map(|s| &s.phone_id)) {
         return Err(ApiError::StorageInfos.into());
     }
     let mut infos = BTreeMap::new();
@@ -536,17 +548,20 @@ pub async fn export(
     }
     let t = targets(&st, &c.project_id, ids, |p, _| {
         let s = infos.get(&p.phone_id).ok_or(ApiError::StorageInfos)?;
-        let include = s
-            .include_files
-            .clone()
-            .unwrap_or_else(|| vec!["/data".into()]);
-        let exclude = s.exclude_files.clone().unwrap_or_default();
-        for f in &include {
-            validate::storage_path(f).map_err(|_| ApiError::IncludeFiles)?;
+        // Both lists name paths in /data or /cache; the include list is
+        // required, the exclude list optional but not empty when given.
+        let include = s.include_files.clone().unwrap_or_default();
+        if include.is_empty() || !include.iter().all(|f| validate::export_path(f)) {
+            return Err(ApiError::IncludeFiles);
         }
-        for f in &exclude {
-            validate::storage_path(f).map_err(|_| ApiError::ExcludeFiles)?;
+        let exclude = s.exclude_files.clone();
+        if exclude
+            .as_ref()
+            .is_some_and(|e| e.is_empty() || !e.iter().all(|f| validate::export_path(f)))
+        {
+            return Err(ApiError::ExcludeFiles);
         }
+        let exclude = exclude.unwrap_or_default();
         Ok(JobKind::Export {
             object: object(&s.bucket_name, &s.object_path)?,
             include,
@@ -573,7 +588,7 @@ pub async fn restore(
     Extension(c): Extension<Caller>,
     Json(b): Json<RestoreBody>,
 ) -> ApiResult {
-    if b.restore_infos.is_empty() {
+    if b.restore_infos.is_empty() || repeats(b.restore_infos.iter().map(|r| &r.phone_id)) {
         return Err(ApiError::RestoreInfos.into());
     }
     let ids: Vec<_> = b

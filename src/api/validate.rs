@@ -68,6 +68,13 @@ pub fn storage_path(s: &str) -> Result<(), ApiError> {
     ok.then_some(()).ok_or(ApiError::FilePaths)
 }
 
+/// A [`storage_path`] in `/data` or `/cache`, the directories a phone's data
+/// may be exported from.
+pub fn export_path(s: &str) -> bool {
+    let top = s.trim_start_matches('/').split('/').next().unwrap_or("");
+    storage_path(s).is_ok() && (top == "data" || top == "cache")
+}
+
 /// An absolute file path: starts with `/`, at most 4,096 bytes of letters,
 /// digits, `.`, `/`, `-`, space, `_`, `=`; no `..` segment.
 pub fn file_path(s: &str) -> Result<(), ApiError> {
@@ -230,6 +237,11 @@ mod tests {
         assert!(storage_path("/data/*/x").is_err());
         assert!(storage_path("/data/../*").is_err());
         assert!(storage_path("data/app").is_err());
+        assert!(export_path("/data/app/com.xx.xx-*"));
+        assert!(export_path("/cache"));
+        assert!(!export_path("/data*"));
+        assert!(!export_path("/system/app"));
+        assert!(!export_path("/"));
     }
 
     #[test]
