@@ -699,6 +699,20 @@ async fn buy_phones_jobs_isolation_and_restart() {
     );
     assert_eq!(sent["keep_property"], false);
 
+    // With both phone_ids and server_ids, the phones named are the targets.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/commands",
+            Some(
+                json!({"command": "shell", "content": "true", "phone_ids": [pid],
+                        "server_ids": [node_of_server0]}),
+            ),
+        )
+        .await;
+    let jobs = r.body["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 1, "{:?}", r.body);
+    assert_eq!(jobs[0]["phone_id"], json!(pid));
     // ADB: validation and a sync shell limit of 6 a minute. A missing or
     // mistyped parameter gets that parameter's code.
     for (body, want) in [

@@ -302,6 +302,8 @@ pub const MIGRATE_BUCKET: &str = "cph-migrate";
 /// package name, is not one: an install-multiple names its APKs instead).
 /// The API refuses others before a job is made; the agent checks again.
 pub const INSTALL_FLAGS: &[&str] = &["-r", "-t", "-d", "-g", "-f", "-l", "-s"];
+/// Most APKs of one install-multiple (the reference's limit).
+pub const MAX_APKS: usize = 50;
 
 /// Bucket of custom images made from phones (the agent creates it when
 /// missing).

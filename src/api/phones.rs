@@ -877,7 +877,14 @@ fn phone_ids_of(
         .into_iter()
         .map(|i| (i, None))
         .collect();
-    for s in server_ids.unwrap_or_default() {
+    // With both lists the phones named are the targets (the reference:
+    // "if both are available, set phone_ids only").
+    let server_ids = if ids.is_empty() {
+        server_ids.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for s in server_ids {
         if st.store.server(project_id, &s)?.is_none() {
             return Err(ApiError::ServerNotFound(s));
         }

@@ -162,6 +162,16 @@ pub fn adb_command(command: &str, content: &str, sync: bool) -> Result<JobKind, 
             timeout_ms: SYNC_SHELL_TIMEOUT_MS,
         });
     }
+    // The reference's length limits of `content`: 1,024 bytes, 8,100 for
+    // an install-multiple (at most 50 APKs).
+    let max = if command == "install-multiple" {
+        8_100
+    } else {
+        1_024
+    };
+    if content.len() > max {
+        return Err(ApiError::Content);
+    }
     match command {
         "push" => {
             let o = obs_url(content.trim())?;
@@ -187,7 +197,10 @@ pub fn adb_command(command: &str, content: &str, sync: bool) -> Result<JobKind, 
                     objects.push(o);
                 }
             }
-            if objects.is_empty() || (command == "install" && objects.len() != 1) {
+            if objects.is_empty()
+                || objects.len() > cph_agent::protocol::MAX_APKS
+                || (command == "install" && objects.len() != 1)
+            {
                 return Err(ApiError::Content);
             }
             Ok(JobKind::Install { flags, objects })
@@ -264,6 +277,19 @@ mod tests {
             Err(ApiError::Content)
         );
         assert_eq!(adb_command("rm", "x", false), Err(ApiError::Command));
+        let apks = |n: usize| {
+            (0..n)
+                .map(|i| format!("obs://bucket-a/a{i}.apk"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(adb_command("install-multiple", &apks(50), false).is_ok());
+        assert_eq!(
+            adb_command("install-multiple", &apks(51), false),
+            Err(ApiError::Content)
+        );
+        let long = format!("obs://bucket-a/{}.tar", "a".repeat(1_010));
+        assert_eq!(adb_command("push", &long, false), Err(ApiError::Content));
         assert!(matches!(
             adb_command("uninstall", "com.example.app", false),
             Ok(JobKind::Uninstall { .. })

@@ -27,13 +27,11 @@ use crate::objstore::{
 };
 use crate::protocol::{
     image_written, ImageRef, ObjectRef, ShareApp, EXECUTE_MSG_MAX, IMAGE_BUCKET, INSTALL_FLAGS,
-    MIGRATE_BUCKET,
+    MAX_APKS, MIGRATE_BUCKET,
 };
 
 /// Time an installation may take inside the phone.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Most APKs in one install-multiple (the reference's limit).
-const MAX_APKS: usize = 50;
 /// Where an installation's APKs are placed inside the phone.
 const INSTALL_DIR: &str = "data/local/tmp";
 /// What a whole-phone migration leaves out: the sharepool mounts (not the
