@@ -704,6 +704,54 @@ fn an_image_update_keeps_data_and_cache_on_btrfs() {
     assert!(!pool.mounted());
 }
 
+/// An image update cut off by a kill, at each side of the moment the old
+/// volume is deleted: the agent's next start keeps the phone's data.
+#[test]
+fn an_image_update_cut_off_keeps_the_phone_data() {
+    if !btrfs_available("an_image_update_cut_off_keeps_the_phone_data") {
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    import(&s, "img", &make_image(&[("data/seed", b"image\n")]));
+    let btrfs = |args: &[&str]| {
+        let st = Command::new("btrfs").args(args).output().expect("btrfs");
+        assert!(st.status.success(), "btrfs {args:?}: {st:?}");
+    };
+    let text = |p: &Path| p.to_string_lossy().into_owned();
+    for (phone, old_deleted) in [("phone-a", false), ("phone-b", true)] {
+        let v = s.create_volume(phone, "img", 32 << 20).unwrap();
+        std::fs::write(v.join("data/mine"), b"old volume\n").unwrap();
+        // The update's new volume, made beside the old one.
+        let tmp = v.with_file_name(format!(".upgrade-{phone}"));
+        btrfs(&["subvolume", "snapshot", &text(&v), &text(&tmp)]);
+        std::fs::write(tmp.join("data/mine"), b"new volume\n").unwrap();
+        if old_deleted {
+            btrfs(&["subvolume", "delete", &text(&v)]);
+        }
+    }
+    drop(s);
+    // The agent starts again.
+    let s = pool.open();
+    let vol = |phone: &str| s.volume_path(phone).unwrap().expect("volume");
+    let mine = |phone: &str| std::fs::read(vol(phone).join("data/mine")).unwrap();
+    assert_eq!(mine("phone-a"), b"old volume\n", "the old volume was whole");
+    assert_eq!(
+        mine("phone-b"),
+        b"new volume\n",
+        "the new volume took its place"
+    );
+    let volumes = vol("phone-a").parent().expect("volumes").to_path_buf();
+    let left: Vec<String> = std::fs::read_dir(&volumes)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    s.teardown().unwrap();
+}
+
 #[test]
 fn pushes_onto_a_btrfs_pool_use_one_writer() {
     if !btrfs_available("pushes_onto_a_btrfs_pool_use_one_writer") {

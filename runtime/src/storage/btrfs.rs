@@ -372,6 +372,24 @@ impl BtrfsStorage {
                     tracing::warn!(path = %e.path().display(), "removing interrupted staging");
                     self.delete_subvolume(&e.path())?;
                 }
+                // An image update cut off: before the old volume was
+                // deleted it is still whole and the new one goes; after,
+                // the new one (the phone's kept data on the new image,
+                // complete by then) takes its place, so no data is lost.
+                if let Some(phone) = name.strip_prefix(".upgrade-") {
+                    let vol = dir.join(phone);
+                    if vol.symlink_metadata().is_ok() {
+                        tracing::warn!(path = %e.path().display(), "removing interrupted image update");
+                        self.delete_subvolume(&e.path())?;
+                    } else {
+                        tracing::warn!(
+                            phone_id = phone,
+                            "finishing an image update cut off after the old volume went"
+                        );
+                        std::fs::rename(e.path(), &vol)
+                            .map_err(|err| StorageError::io("rename", &e.path(), err))?;
+                    }
+                }
             }
         }
         Ok(())
