@@ -387,7 +387,7 @@ impl BtrfsStorage {
                             "finishing an image update cut off after the old volume went"
                         );
                         std::fs::rename(e.path(), &vol)
-                            .map_err(|err| StorageError::io("rename", &e.path(), err))?;
+                            .map_err(|err| StorageError::io("rename", e.path(), err))?;
                     }
                 }
             }
