@@ -315,6 +315,12 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    // A migration's unpacking a kill cut off, inside the phone's root.
+    let st = run(
+        "leftover",
+        json!({"kind": "sync_shell", "command": "mkdir -p /.cph-migrate-in/data && echo x > /.cph-migrate-in/data/f", "timeout_ms": 2000}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
     signal("-STOP");
     http(
         &addr,
@@ -344,6 +350,14 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
         phones[0]["state"] == "running"
     });
+    assert_eq!(
+        output(&run(
+            "leftover-gone",
+            json!({"kind": "sync_shell",
+            "command": "test -e /.cph-migrate-in && echo left || echo gone", "timeout_ms": 2000})
+        )),
+        "gone"
+    );
 
     let (_, st) = http(
         &addr,
@@ -428,4 +442,13 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     assert_eq!(placements(), 0);
     // Asked again, the deletion is the same job, already done.
     assert_eq!(delete_server(&addr, &token, &server)["status"], 2);
+}
+
+/// A finished job's output, trimmed.
+fn output(st: &Value) -> String {
+    st["execute_msg"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }

@@ -1249,6 +1249,14 @@ impl Phones {
         }
         let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
         for r in recs {
+            // What a migration cut off by a kill was unpacking, inside the
+            // phone's root where the phone would see it.
+            if let Ok(root) = self.rootfs(&r.spec.phone_id) {
+                let staging = root.join(super::transfer::MIGRATE_STAGING);
+                if let Err(e) = super::transfer::remove_entry(&staging) {
+                    tracing::warn!(phone = %r.spec.phone_id, error = %e, "migration leftovers not removed");
+                }
+            }
             if r.stopped || r.failure.is_some() {
                 continue;
             }

@@ -561,7 +561,7 @@ fn with_restart<T>(
 
 /// Name of the directory a migrated phone is unpacked into first, at the
 /// top of the target's root (same volume, so the swap is renames).
-const MIGRATE_STAGING: &str = ".cph-migrate-in";
+pub(crate) const MIGRATE_STAGING: &str = ".cph-migrate-in";
 
 /// A migration's target side: the whole phone replaces the target's root.
 /// It is unpacked beside the current contents first; only a complete
@@ -755,7 +755,7 @@ pub fn share_list_files(
 
 /// Removes a sharepool entry: a directory with its tree, anything else
 /// (links included, never followed) by itself. `false` when it is not there.
-fn remove_entry(path: &Path) -> Result<bool, JobFailure> {
+pub(crate) fn remove_entry(path: &Path) -> Result<bool, JobFailure> {
     let result = match path.symlink_metadata() {
         Ok(md) if md.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),
