@@ -339,6 +339,11 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         read_json(record.clone())["stopped"] == json!(true)
     });
     t.agent.kill();
+    // A key left by a server deletion a kill cut off.
+    let keys = t.state.join("ssh/authorized_keys");
+    let mut text = std::fs::read_to_string(&keys).expect("authorized_keys");
+    text.push_str("ssh-ed25519 AAAAstale stale@cph\n");
+    std::fs::write(&keys, text).expect("write authorized_keys");
     // The pending TERM ends init once it runs again.
     signal("-CONT");
     within("the phone's init exits", &|| {
@@ -346,6 +351,9 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     });
     t.agent.restart();
     assert_eq!(wait_job(&addr, &token, "restart-held")["status"], -1);
+    let text = std::fs::read_to_string(&keys).expect("authorized_keys");
+    assert!(!text.contains("stale@cph"), "{text}");
+    assert!(text.contains("zero@cph"), "{text}");
     within("the phone runs again", &|| {
         let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
         phones[0]["state"] == "running"

@@ -562,6 +562,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
         let listen = cfg.listen.clone();
         let grace = Duration::from_secs(cfg.shutdown_grace_secs);
         let daemon = Daemon::open(cfg)?;
+        // The host's SSH keys as the recorded servers have them (a server
+        // deletion cut off by a kill may have left its key).
+        if let Err(e) = jobs::write_host_keys(&daemon.phones, &daemon.authorized_keys()) {
+            tracing::warn!(error = %e, "authorized_keys not rewritten");
+        }
         {
             let d = Arc::clone(&daemon);
             tokio::task::spawn_blocking(move || d.phones.reconcile())

@@ -214,7 +214,13 @@ impl Phones {
             }
             // A transient phase left by a killed agent is over.
             if let Some(phase) = r.phase.take() {
-                if phase == PhoneRunState::Creating || phase == PhoneRunState::Resetting {
+                // A phone half made, half reset or half deleted is not
+                // booted again; it reads failed until made, reset or
+                // deleted anew.
+                if matches!(
+                    phase,
+                    PhoneRunState::Creating | PhoneRunState::Resetting | PhoneRunState::Deleting
+                ) {
                     r.failure = Some(format!("{phase:?} interrupted by an agent restart"));
                 }
             }
