@@ -378,6 +378,20 @@ fn object_store_jobs_on_a_real_phone() {
             .trim(),
         "yes"
     );
+    // A new version replaces the old whole, and leaves nothing beside it.
+    put(
+        "share/app2.tar",
+        tar_of(&[("split.apk", &apk("com.example.shared"))]),
+    );
+    let st = p.run_server(
+        json!({"kind": "share_push_apps", "object": obj("share/app2.tar"),
+                                 "package_name": "com.example.shared"}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("ls -A /data/media/share/apps /data/media/share/apps/com.example.shared"),
+        "/data/media/share/apps:\ncom.example.shared\n\n/data/media/share/apps/com.example.shared:\nsplit.apk\n"
+    );
     let st =
         p.run_server(json!({"kind": "share_delete_apps", "package_names": ["com.example.shared"]}));
     assert_eq!(st["status"], 2, "{st}");

@@ -845,9 +845,23 @@ pub fn share_push_apps(
         ..ExtractOptions::default()
     };
     let report = download_extract(ctx, object, PUSH_MAX_BYTES, &fresh, &opts)?;
-    let _ = std::fs::remove_dir_all(&target);
-    std::fs::rename(&fresh, &target)
-        .map_err(|e| JobFailure::internal(format!("rename {}: {e}", target.display())))?;
+    // The new version takes the old one's place in one step (phones see
+    // one or the other, and a kill never leaves the app gone); the old one
+    // is then removed from where the new one was.
+    let swapped = if target.symlink_metadata().is_ok() {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &fresh,
+            nix::fcntl::AT_FDCWD,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(io::Error::from)
+    } else {
+        std::fs::rename(&fresh, &target)
+    };
+    swapped.map_err(|e| JobFailure::internal(format!("rename {}: {e}", target.display())))?;
+    let _ = remove_entry(&fresh);
     Ok(extracted(
         &format!("shared app {package} from"),
         object,
