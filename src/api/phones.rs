@@ -848,7 +848,10 @@ async fn sync_results(
     loop {
         let jobs = st.store.jobs_by_requests(project_id, &ids, 0, 1000)?;
         let running: Vec<&crate::store::Job> = jobs.iter().filter(|j| j.status == 1).collect();
-        if running.is_empty() || tokio::time::Instant::now() >= deadline {
+        if running.is_empty() {
+            return Ok(jobs.into_iter().map(|j| (j.job_id.clone(), j)).collect());
+        }
+        if tokio::time::Instant::now() >= deadline {
             for j in running {
                 st.store.update_job(
                     &j.job_id,
@@ -858,6 +861,7 @@ async fn sync_results(
                     None,
                 )?;
             }
+            // Read again: an answer may have come in meanwhile.
             let jobs = st.store.jobs_by_requests(project_id, &ids, 0, 1000)?;
             return Ok(jobs.into_iter().map(|j| (j.job_id.clone(), j)).collect());
         }

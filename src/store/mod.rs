@@ -1773,21 +1773,6 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Replaces a phone's property JSON and, when given, its image.
-    pub fn set_phone_property(
-        &self,
-        phone_id: &str,
-        property: &str,
-        image_id: Option<&str>,
-    ) -> Result<()> {
-        self.db()?.execute(
-            "UPDATE phones SET property = ?2, image_id = COALESCE(?3, image_id), update_time = ?4
-             WHERE phone_id = ?1",
-            params![phone_id, property, image_id, now_string()],
-        )?;
-        Ok(())
-    }
-
     /// Records the properties a phone's agent applied: merged into the
     /// phone's own (an update, a restart) or in their place (a reset, a
     /// migration's restore). Values are stored as strings, as given.

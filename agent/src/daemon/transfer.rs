@@ -618,8 +618,10 @@ pub fn migrate_out(
     ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, MIGRATE_BUCKET)?;
     let was_running = ctx.phones.stop_for_job(phone)?;
-    // Stopped whatever it was; a stopped phone may be migrated too.
-    ctx.phones.stop(phone)?;
+    // A phone stopped on purpose may be migrated too.
+    if !was_running {
+        ctx.phones.stop(phone)?;
+    }
     let written = ctx
         .phones
         .rootfs(phone)
@@ -660,7 +662,9 @@ pub fn create_image(
     ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, IMAGE_BUCKET)?;
     let was_running = ctx.phones.stop_for_job(phone)?;
-    ctx.phones.stop(phone)?;
+    if !was_running {
+        ctx.phones.stop(phone)?;
+    }
     let written = ctx
         .phones
         .rootfs(phone)
