@@ -2923,3 +2923,97 @@ async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F)
     }
     panic!("not seen in 5 s");
 }
+
+/// Share files and share apps only on servers whose phone flavor has shared
+/// storage and a sharepool: others are refused with the reference's
+/// CPS.0137 / CPS.0147 before any job, each server on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_jobs_need_a_flavor_with_shared_storage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("catalog-noshare.json"),
+        json!({"phone_models": [{"server_model_name": "physical.dev.local",
+            "phone_model_name": "dev.cp.c1.noshare", "status": 1, "cpu": 1.0, "memory": 512,
+            "disk": 2, "resolution": "720x1280", "extend_spec": {"core_bind_strategy": "dev_small"},
+            "spec_code": "dev.cp.c1.noshare", "phone_capacity": 2, "image_label": "cloud_phone",
+            "product_type": 0}]})
+        .to_string(),
+    )
+    .expect("catalog file");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let (url, seen) = recorder().await;
+    for n in ["n1", "n2"] {
+        let inv = serde_json::to_value(inventory(n, &url)).expect("json");
+        assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    }
+    let with_share = buy(&cp, &seen, 1).await.remove(0);
+    let mut b = buy_body(1);
+    b["phone_model_name"] = json!("dev.cp.c1.noshare");
+    let r = cp.call("POST", "/v1/{p}/cloud-phone/phones", Some(b)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let without = r.body["server_ids"][0].as_str().expect("id").to_string();
+    wait_for(&seen, |s| s.servers.len() == 2).await;
+    let ids = json!([with_share, without]);
+    let calls = [
+        (
+            "POST",
+            "/v1/{p}/cloud-phone/phones/share-files".to_string(),
+            Some(json!({"bucket_name": "bucket1", "object_path": "f/a.tar", "server_ids": ids})),
+            "CPS.0137",
+        ),
+        (
+            "DELETE",
+            "/v1/{p}/cloud-phone/phones/share-files".to_string(),
+            Some(json!({"file_paths": ["/data/a"], "server_ids": ids})),
+            "CPS.0137",
+        ),
+        (
+            "GET",
+            format!("/v1/{{p}}/cloud-phone/servers/share-files?path=/data&server_ids={with_share},{without}"),
+            None,
+            "CPS.0137",
+        ),
+        (
+            "POST",
+            "/v1/{p}/cloud-phone/phones/share-apps".to_string(),
+            Some(json!({"bucket_name": "bucket1", "object_path": "a/app.tar",
+                        "package_name": "com.example.app", "server_ids": ids})),
+            "CPS.0147",
+        ),
+        (
+            "DELETE",
+            "/v1/{p}/cloud-phone/phones/share-apps".to_string(),
+            Some(json!({"package_name": "com.example.app", "server_ids": ids})),
+            "CPS.0147",
+        ),
+    ];
+    for (method, path, body, code) in calls {
+        let r = cp.call(method, &path, body).await;
+        assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+        let jobs = r.body["jobs"].as_array().expect("jobs");
+        let of = |sid: &str| {
+            jobs.iter()
+                .find(|j| j["server_id"] == json!(sid))
+                .cloned()
+                .unwrap_or_else(|| panic!("{path}: no entry for {sid}: {jobs:?}"))
+        };
+        assert!(of(&with_share)["job_id"].is_string(), "{path}: {jobs:?}");
+        let refused = of(&without);
+        assert_eq!(refused["error_code"], code, "{path}: {jobs:?}");
+        assert!(refused["job_id"].is_null(), "{path}: {jobs:?}");
+        assert!(
+            refused["error_msg"]
+                .as_str()
+                .is_some_and(|m| m.contains(&without)),
+            "{path}: {jobs:?}"
+        );
+    }
+    // One job per call, each to the server with shared storage.
+    wait_for(&seen, |s| s.jobs.len() == 5).await;
+    let sent = seen.lock().expect("lock").jobs.clone();
+    assert!(
+        sent.iter().all(|j| j["server_id"] == json!(with_share)),
+        "{sent:?}"
+    );
+    cp.stop().await;
+}

@@ -236,6 +236,10 @@ pub enum ApiError {
     PhoneNotSettled(String),
     #[error("image {0} is shared with {1} projects already")]
     TooManyMembers(String, usize),
+    #[error("server {0} does not support share files: its phone flavor has no shared storage (max_share_disk_size_g)")]
+    ShareFilesUnsupported(String),
+    #[error("server {0} does not support share apps: its phone flavor has no sharepool (sharepool_size_g)")]
+    ShareAppsUnsupported(String),
 }
 
 impl ApiError {
@@ -338,6 +342,8 @@ impl ApiError {
             E::ImageNotActive(_) => (bad, "CPS.0220"),
             E::PhoneNotSettled(_) => (bad, "CPS.0165"),
             E::TooManyMembers(..) => (bad, "CPS.0196"),
+            E::ShareFilesUnsupported(_) => (bad, "CPS.0137"),
+            E::ShareAppsUnsupported(_) => (bad, "CPS.0147"),
             E::ServerDeleting(_) | E::ServerCreating(_) => (bad, "CPS.0105"),
             E::TooManyServerIds(_) => (bad, "CPS.0094"),
             E::TagResourceType(_) => (bad, "CPS.0300"),

@@ -757,13 +757,39 @@ pub async fn share_files_push(
         bucket: bucket.into(),
         key: path.into(),
     };
-    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |s| {
+        share_files_supported(&st, s)?;
         Ok(JobKind::SharePushFiles {
             object: object.clone(),
             target_dir: "/".into(),
         })
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+/// Whether the server's phone flavor names `key` in its `extend_spec`
+/// (the reference: shared storage is there when `max_share_disk_size_g` is;
+/// shared apps live in the flavor's sharepool, `sharepool_size_g`).
+fn flavor_names(st: &Shared, s: &Server, key: &str) -> bool {
+    st.catalog
+        .phone_model(&s.phone_model_name)
+        .is_some_and(|m| m.extend_spec.get(key).is_some())
+}
+
+fn share_files_supported(st: &Shared, s: &Server) -> Result<(), ApiError> {
+    if flavor_names(st, s, "max_share_disk_size_g") {
+        Ok(())
+    } else {
+        Err(ApiError::ShareFilesUnsupported(s.server_id.clone()))
+    }
+}
+
+fn share_apps_supported(st: &Shared, s: &Server) -> Result<(), ApiError> {
+    if flavor_names(st, s, "sharepool_size_g") {
+        Ok(())
+    } else {
+        Err(ApiError::ShareAppsUnsupported(s.server_id.clone()))
+    }
 }
 
 pub async fn share_files_delete(
@@ -782,7 +808,8 @@ fn share_files_delete_inner(st: Shared, c: Caller, b: ShareFilesBody) -> ApiResu
     for p in &paths {
         validate::file_path(p)?;
     }
-    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |s| {
+        share_files_supported(&st, s)?;
         Ok(JobKind::ShareDeleteFiles {
             paths: paths.clone(),
         })
@@ -813,7 +840,8 @@ pub async fn share_files_list(
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
-    let t = server_targets(&st, &c.project_id, &ids, |_| {
+    let t = server_targets(&st, &c.project_id, &ids, |s| {
+        share_files_supported(&st, s)?;
         Ok(JobKind::ShareListFiles {
             path: path.clone(),
             offset,
@@ -847,7 +875,8 @@ pub async fn share_apps_push(
         bucket: bucket.into(),
         key: path.into(),
     };
-    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |s| {
+        share_apps_supported(&st, s)?;
         Ok(JobKind::SharePushApps {
             object: object.clone(),
             package_name: pkg.clone(),
@@ -871,7 +900,8 @@ pub async fn share_apps_delete(
     for n in &names {
         validate::package(n)?;
     }
-    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |s| {
+        share_apps_supported(&st, s)?;
         Ok(JobKind::ShareDeleteApps {
             package_names: names.clone(),
         })
