@@ -1168,3 +1168,130 @@ fn syscalls_per_regular_file() {
     );
     assert!(per_file <= 6.0, "{per_file:.2} syscalls per file");
 }
+
+/// Every path beneath `root` (relative), directories included.
+fn tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in fs::read_dir(root.join(&rel)).expect("read_dir") {
+            let e = e.expect("entry");
+            let p = rel.join(e.file_name());
+            if e.file_type().expect("type").is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_journal_names_every_path_before_it_is_made() {
+    use cph_runtime::archive::read_journal;
+    use std::collections::HashSet;
+    // A whole run: the journal holds what the report says was written.
+    let s = Scene::new();
+    let jdir = tempfile::tempdir().expect("tempdir");
+    let journal = jdir.path().join("run.journal");
+    let opts = ExtractOptions {
+        journal: Some(journal.clone()),
+        ..Default::default()
+    };
+    let report = extract(&sample_tree()[..], &s.target, &opts).expect("extract");
+    let noted: HashSet<PathBuf> = read_journal(&journal).expect("journal").iter().collect();
+    let written: HashSet<PathBuf> = report.written.iter().collect();
+    assert_eq!(noted, written);
+    assert_eq!(noted.len(), 12);
+    fs::remove_file(&journal).expect("remove journal");
+
+    // A run held mid-stream, as a kill would find it: everything on disk
+    // is in the journal already; once the source fails, the journal holds
+    // what the error names as written.
+    let s = Scene::new();
+    let journal = jdir.path().join("held.journal");
+    let mut b = Builder::new(Vec::new());
+    for d in 0..5 {
+        add_dir(&mut b, &format!("d{d}"), 0o755);
+        for f in 0..100 {
+            add_file(&mut b, &format!("d{d}/f{f:03}"), &[f as u8; 300], 0o644);
+        }
+    }
+    let tar = finish(b);
+    let cut = tar.len() * 3 / 5;
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    /// Hands out `data` up to `cut`, then says so and blocks until
+    /// released, then fails.
+    struct Held {
+        data: Vec<u8>,
+        pos: usize,
+        cut: usize,
+        reached: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+    impl std::io::Read for Held {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.pos >= self.cut {
+                let _ = self.reached.send(());
+                let _ = self.release.recv();
+                return Err(std::io::Error::other("source cut off"));
+            }
+            let n = buf.len().min(self.cut - self.pos).min(4096);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+    let held = Held {
+        data: tar,
+        pos: 0,
+        cut,
+        reached: reached_tx,
+        release: release_rx,
+    };
+    let (target, j) = (s.target.clone(), journal.clone());
+    let run = std::thread::spawn(move || {
+        let opts = ExtractOptions {
+            journal: Some(j),
+            threads: 2,
+            ..Default::default()
+        };
+        extract(held, &target, &opts)
+    });
+    reached_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the extraction reads up to the cut");
+    // Let the writers finish what they were handed.
+    let mut on_disk = tree(&s.target);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = tree(&s.target);
+        if now.len() == on_disk.len() {
+            break;
+        }
+        on_disk = now;
+    }
+    assert!(on_disk.len() > 100, "{} paths written", on_disk.len());
+    let noted: HashSet<PathBuf> = read_journal(&journal).expect("journal").iter().collect();
+    for p in &on_disk {
+        assert!(
+            noted.contains(p),
+            "{} on disk, not in the journal",
+            p.display()
+        );
+    }
+    // Ahead of the disk by at most the batches not yet handed out.
+    assert!(
+        noted.len() < on_disk.len() + 2 * 64 + 5,
+        "{} noted",
+        noted.len()
+    );
+    release_tx.send(()).expect("release");
+    let e = run.join().expect("join").expect_err("cut off");
+    let written: HashSet<PathBuf> = e.written().expect("incomplete").iter().collect();
+    let noted: HashSet<PathBuf> = read_journal(&journal).expect("journal").iter().collect();
+    assert!(written.is_subset(&noted));
+    assert_eq!(written, tree(&s.target).into_iter().collect::<HashSet<_>>());
+    s.assert_outside_untouched();
+}

@@ -31,6 +31,10 @@ pub struct JobContext<'a> {
     pub staging_dir: &'a Path,
     /// Phones a [`JobKind::CreateServer`] creates at once.
     pub parallel_creates: usize,
+    /// Where the job's archive extraction (push, restore, share files)
+    /// lists each path before writing it: a job cut off by a kill then
+    /// names them when the agent starts again.
+    pub journal: &'a Path,
 }
 
 fn phone_of(req: &JobRequest) -> Result<&str, JobFailure> {

@@ -3,7 +3,10 @@
 //! the old or the new one after a crash. A job is recorded before the agent
 //! acknowledges it; a repeated `job_id` returns the recorded status and never
 //! runs twice. On start, jobs still recorded as running were cut short by a
-//! crash or kill and are marked failed (CPS.0054) with the reason.
+//! crash or kill and are marked failed (CPS.0054) with the reason; a job
+//! that was extracting an archive names, from its journal
+//! (`<job_id>.written`, see [`JobStore::journal_path`]), the paths it may
+//! have written.
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,7 +16,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{cap_execute_msg, JobRequest, JobState, JobStatus};
+use crate::protocol::{cap_execute_msg, JobRequest, JobState, JobStatus, EXECUTE_MSG_MAX};
 
 /// Errors of the job store.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +154,22 @@ impl JobStore {
                     reason: e.to_string(),
                 })?;
             if rec.status.status == JobState::Running {
-                rec.status = failed(
-                    &rec.request.job_id,
-                    "CPS.0054",
-                    "job interrupted: the agent stopped while it ran",
-                    None,
-                );
+                let mut msg = "job interrupted: the agent stopped while it ran".to_string();
+                let mut list = None;
+                let journal = journal_path(dir, &rec.request.job_id);
+                if let Ok(paths) = cph_runtime::archive::read_journal(&journal) {
+                    if !paths.is_empty() {
+                        msg.push_str(&format!(
+                            "; {} paths may have been written before it stopped",
+                            paths.len()
+                        ));
+                        list = Some(path_list(
+                            "may have been written before the agent stopped:",
+                            paths.iter(),
+                        ));
+                    }
+                }
+                rec.status = failed(&rec.request.job_id, "CPS.0054", &msg, list.as_deref());
                 // Written back to the file it was read from.
                 let (_, bytes) = encode(dir, &rec)?;
                 write_atomic(&path, &bytes).map_err(io(&path))?;
@@ -165,6 +178,14 @@ impl JobStore {
             inner.next_seq = inner.next_seq.max(rec.seq + 1);
             inner.jobs.insert(rec.request.job_id.clone(), rec);
         }
+        // Journals are read above; those of jobs that ended were left by a
+        // kill after their end was recorded.
+        for entry in fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some(JOURNAL_EXT) {
+                fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
         Ok((
             Self {
                 dir: dir.to_path_buf(),
@@ -172,6 +193,12 @@ impl JobStore {
             },
             interrupted,
         ))
+    }
+
+    /// Where job `job_id` keeps the write-ahead list of an archive it
+    /// extracts into a phone or the sharepool (removed when the job ends).
+    pub fn journal_path(&self, job_id: &str) -> PathBuf {
+        journal_path(&self.dir, job_id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -311,6 +338,27 @@ pub fn succeeded(job_id: &str, execute_msg: Option<&str>) -> JobStatus {
     }
 }
 
+const JOURNAL_EXT: &str = "written";
+
+fn journal_path(dir: &Path, job_id: &str) -> PathBuf {
+    dir.join(format!("{job_id}.{JOURNAL_EXT}"))
+}
+
+/// `heading`, then `paths` one per line, within [`EXECUTE_MSG_MAX`] bytes
+/// (the rest cut to `...`).
+pub fn path_list(heading: &str, paths: impl Iterator<Item = PathBuf>) -> String {
+    let mut list = format!("{heading}\n");
+    for p in paths {
+        let line = format!("{}\n", p.display());
+        if list.len() + line.len() > EXECUTE_MSG_MAX - 4 {
+            list.push_str("...\n");
+            break;
+        }
+        list.push_str(&line);
+    }
+    list
+}
+
 /// A failed status with messages capped.
 pub fn failed(job_id: &str, code: &str, msg: &str, execute_msg: Option<&str>) -> JobStatus {
     JobStatus {
@@ -387,6 +435,45 @@ mod tests {
             store.get("old").map(|s| s.status),
             Some(JobState::Succeeded)
         );
+    }
+
+    #[test]
+    fn a_job_cut_off_mid_extraction_names_what_its_journal_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = JobStore::open(dir.path()).expect("open");
+            store.insert(&req("push")).expect("push");
+            store.insert(&req("done")).expect("done");
+            store.finish(succeeded("done", None)).expect("finish");
+            // Two whole records and one a kill cut off mid-write.
+            fs::write(
+                store.journal_path("push"),
+                b"data/a\0data/a/b.txt\0data/a/c",
+            )
+            .expect("journal");
+            fs::write(store.journal_path("done"), b"x\0").expect("stale journal");
+        }
+        let (store, interrupted) = JobStore::open(dir.path()).expect("reopen");
+        assert_eq!(interrupted, ["push"]);
+        let st = store.get("push").expect("push");
+        assert_eq!(st.error_code.as_deref(), Some("CPS.0054"));
+        assert!(
+            st.error_msg
+                .as_deref()
+                .is_some_and(|m| m.contains("2 paths may have been written")),
+            "{st:?}"
+        );
+        assert_eq!(
+            st.execute_msg.as_deref(),
+            Some("may have been written before the agent stopped:\ndata/a\ndata/a/b.txt\n")
+        );
+        assert_eq!(store.get("done").map(|s| s.execute_msg), Some(None));
+        let journals: Vec<_> = fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "written"))
+            .collect();
+        assert!(journals.is_empty(), "journals left: {journals:?}");
     }
 
     #[test]

@@ -403,6 +403,8 @@ impl Daemon {
         let handle = tokio::runtime::Handle::current();
         let job_id = req.job_id.clone();
         tracing::info!(job_id = %job_id, kind = %req.kind.name(), "job started");
+        let journal = self.store.journal_path(&job_id);
+        let journal_in_job = journal.clone();
         let result = tokio::task::spawn_blocking(move || {
             let ctx = jobs::JobContext {
                 phones: &me.phones,
@@ -412,6 +414,7 @@ impl Daemon {
                 handle: &handle,
                 staging_dir: &me.cfg.state_dir.join("staging"),
                 parallel_creates: me.cfg.max_parallel_creates,
+                journal: &journal_in_job,
             };
             jobs::execute(&ctx, &req)
         })
@@ -423,6 +426,13 @@ impl Daemon {
         };
         tracing::info!(job_id = %job_id, status = ?status.status, error = ?status.error_msg, "job ended");
         self.finish(status.clone());
+        // The status names what a failed extraction wrote; the journal was
+        // only for a kill.
+        if let Err(e) = std::fs::remove_file(&journal) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, path = %journal.display(), "job journal not removed");
+            }
+        }
         if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }

@@ -19,6 +19,7 @@ use cph_runtime::archive::{self, ArchiveError, ExtractOptions, ExtractReport, Ow
 use cph_runtime::storage::{capacity_report, list_share_dir, SharePaths, StorageError};
 
 use super::jobs::JobContext;
+use super::jobstore::path_list;
 use super::phones::validate_properties;
 use super::JobFailure;
 use crate::apk;
@@ -90,20 +91,11 @@ fn archive_failure(object: &ObjectRef, e: &ArchiveError) -> JobFailure {
         c => JobFailure::internal(format!("extracting {}: {c}", url(object))),
     };
     if let Some(written) = e.written().filter(|w| !w.is_empty()) {
-        let mut list = String::new();
-        for p in written.iter() {
-            let line = format!("{}\n", p.display());
-            if list.len() + line.len() > EXECUTE_MSG_MAX - 64 {
-                list.push_str("...\n");
-                break;
-            }
-            list.push_str(&line);
-        }
         f.msg.push_str(&format!(
             "; {} paths were written before the failure",
             written.len()
         ));
-        f.execute_msg = Some(format!("written before the failure:\n{list}"));
+        f.execute_msg = Some(path_list("written before the failure:", written.iter()));
     }
     f
 }
@@ -153,10 +145,13 @@ fn extracted(verb: &str, object: &ObjectRef, r: &ExtractReport) -> String {
     )
 }
 
-fn phone_extract_options() -> ExtractOptions {
+/// Extraction into a phone's root; `journal` lists what it writes ahead
+/// of writing it, for a kill to leave a trace ([`JobContext::journal`]).
+fn phone_extract_options(journal: Option<&Path>) -> ExtractOptions {
     ExtractOptions {
         sync: true,
         ownership: Ownership::Archive,
+        journal: journal.map(Path::to_path_buf),
         ..ExtractOptions::default()
     }
 }
@@ -189,7 +184,8 @@ pub fn fetch_image(ctx: &JobContext<'_>, image: &ImageRef) -> Result<(), JobFail
 pub fn push(ctx: &JobContext<'_>, phone: &str, object: &ObjectRef) -> Result<String, JobFailure> {
     ctx.phones.require_running(phone)?;
     let root = ctx.phones.rootfs(phone)?;
-    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &root, &phone_extract_options())?;
+    let opts = phone_extract_options(Some(ctx.journal));
+    let report = download_extract(ctx, object, PUSH_MAX_BYTES, &root, &opts)?;
     Ok(extracted("pushed", object, &report))
 }
 
@@ -529,7 +525,12 @@ pub fn restore(
         let report = if object.bucket == MIGRATE_BUCKET {
             replace_root(reader, object, &root)?
         } else {
-            extract_from(reader, object, &root, &phone_extract_options())?
+            extract_from(
+                reader,
+                object,
+                &root,
+                &phone_extract_options(Some(ctx.journal)),
+            )?
         };
         if let Some(p) = property.filter(|p| !p.is_empty()) {
             ctx.phones.update_property(phone, p)?;
@@ -580,7 +581,8 @@ fn replace_root(
         remove_entry(&staging)?;
     }
     std::fs::create_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
-    let report = match extract_from(reader, object, &staging, &phone_extract_options()) {
+    // A kill leaves the staging directory, removed at the agent's start.
+    let report = match extract_from(reader, object, &staging, &phone_extract_options(None)) {
         Ok(r) => r,
         Err(e) => {
             let _ = remove_entry(&staging);
@@ -729,6 +731,7 @@ pub fn share_push_files(
     let opts = ExtractOptions {
         sync: true,
         max_bytes: Some(usage.avail),
+        journal: Some(ctx.journal.to_path_buf()),
         ..ExtractOptions::default()
     };
     let report = extract_from(reader, object, &target, &opts)?;

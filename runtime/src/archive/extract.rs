@@ -286,21 +286,65 @@ impl Shared {
     }
 }
 
+/// The write-ahead list of [`ExtractOptions::journal`]: each path about
+/// to be created or replaced is appended (NUL-terminated) before a writer
+/// or the parser touches it, a batch at a time, so a process killed
+/// mid-run leaves a list holding everything it wrote.
+struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+    pending: Vec<u8>,
+}
+
+impl Journal {
+    fn open(path: &Path) -> Result<Self, ArchiveError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| ArchiveError::io("create journal", path, e))?;
+        Ok(Journal {
+            file,
+            path: path.to_path_buf(),
+            pending: Vec::new(),
+        })
+    }
+
+    fn note(&mut self, rel: &[u8]) {
+        self.pending.extend_from_slice(rel);
+        self.pending.push(0);
+    }
+
+    /// Appends what was noted since the last call.
+    fn write(&mut self) -> Result<(), ArchiveError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        io::Write::write_all(&mut self.file, &self.pending)
+            .map_err(|e| ArchiveError::io("write journal", &self.path, e))?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
 /// The writer threads.
 struct Pool {
     txs: Vec<SyncSender<Batch>>,
     pending: Vec<Batch>,
     handles: Vec<JoinHandle<WrittenPaths>>,
     shared: Arc<Shared>,
+    journal: Option<Journal>,
 }
 
 impl Pool {
-    fn new(n: usize, shared: Arc<Shared>) -> Result<Self, ArchiveError> {
+    fn new(n: usize, shared: Arc<Shared>, journal: Option<Journal>) -> Result<Self, ArchiveError> {
         let mut pool = Pool {
             txs: Vec::new(),
             pending: Vec::new(),
             handles: Vec::new(),
             shared,
+            journal,
         };
         for i in 0..n {
             let (tx, rx) = sync_channel(QUEUE);
@@ -320,6 +364,14 @@ impl Pool {
     /// writers stopped.
     fn send(&mut self, i: usize, job: Job, bytes: usize) -> bool {
         let i = i % self.txs.len();
+        if let Some(j) = &mut self.journal {
+            match &job {
+                Job::File { rel, .. } | Job::Symlink { rel, .. } | Job::Hardlink { rel, .. } => {
+                    j.note(&rel.joined)
+                }
+                Job::Chunk(_) | Job::Barrier(_) => {}
+            }
+        }
         let batch = &mut self.pending[i];
         batch.jobs.push(job);
         if batch.jobs.len() >= BATCH || batch.used + bytes >= BATCH_BYTES {
@@ -360,8 +412,36 @@ impl Pool {
         if self.pending[i].jobs.is_empty() {
             return true;
         }
+        if !self.write_journal() {
+            return false;
+        }
         let b = std::mem::replace(&mut self.pending[i], Batch::new());
         self.txs[i].send(b).is_ok()
+    }
+
+    /// Writes the journal's noted paths ahead of the jobs that create them;
+    /// false (the failure recorded) when it cannot.
+    fn write_journal(&mut self) -> bool {
+        match self.journal.as_mut().map(Journal::write) {
+            Some(Err(e)) => {
+                self.shared.fail(e);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Notes `rel` in the journal and writes it at once (the parser is
+    /// about to create it itself).
+    fn journal_now(&mut self, rel: &[u8]) -> Result<(), Stop> {
+        if let Some(j) = &mut self.journal {
+            j.note(rel);
+        }
+        if self.write_journal() {
+            Ok(())
+        } else {
+            Err(Stop)
+        }
     }
 
     fn flush_all(&mut self) -> bool {
@@ -941,6 +1021,7 @@ impl Parser<'_> {
     ) -> Result<Arc<OwnedFd>, Fail> {
         let parent = self.dir(p.parent())?;
         let name = cname(p)?;
+        self.pool.journal_now(&p.joined)?;
         match sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700) {
             Ok(()) => {
                 if self.shared.track {
@@ -1493,7 +1574,8 @@ pub(super) fn run<I: Input>(
     } else {
         opts.threads.min(MAX_THREADS)
     };
-    let pool = Pool::new(threads, shared.clone())?;
+    let journal = opts.journal.as_deref().map(Journal::open).transpose()?;
+    let pool = Pool::new(threads, shared.clone(), journal)?;
     let mut p = Parser {
         opts,
         shared: shared.clone(),

@@ -85,6 +85,12 @@ pub struct ExtractOptions {
     pub staging: bool,
     /// Writer threads (0 picks from the available cores; at most 8).
     pub threads: usize,
+    /// A file (made anew) to which every path is appended before it is
+    /// created or replaced, a batch of entries at a time: if the process
+    /// dies mid-run, [`read_journal`] lists what it may have written (a
+    /// superset by at most the batches in flight). Not synced: it outlives
+    /// the process, not a host crash. The caller removes it.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for ExtractOptions {
@@ -101,6 +107,7 @@ impl Default for ExtractOptions {
                 .collect(),
             staging: false,
             threads: 0,
+            journal: None,
         }
     }
 }
@@ -147,6 +154,23 @@ impl WrittenPaths {
             .take(self.count)
             .map(path::bytes_path)
     }
+}
+
+/// The paths an extraction's [`ExtractOptions::journal`] holds: those it
+/// may have created or replaced, relative to its target, each once.
+pub fn read_journal(path: &Path) -> io::Result<WrittenPaths> {
+    let mut bytes = std::fs::read(path)?;
+    // A record cut off by a kill mid-write was not acted on yet.
+    let whole = bytes.iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+    bytes.truncate(whole);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = WrittenPaths::default();
+    for rel in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+        if seen.insert(rel) {
+            out.push(rel);
+        }
+    }
+    Ok(out)
 }
 
 /// What an extraction wrote.
