@@ -220,6 +220,12 @@ pub struct ObjectStoreConfig {
     pub region: String,
     #[serde(default = "default_true")]
     pub path_style: bool,
+    /// Part sizes and parallelism of streamed downloads and uploads
+    /// (`[object_store.transfer]`: `range_bytes`, `part_bytes`,
+    /// `parts_in_flight`, `queued_parts`); a store far away may want more
+    /// parts in flight.
+    #[serde(default)]
+    pub transfer: crate::objstore::TransferConfig,
 }
 
 impl ObjectStoreConfig {
@@ -228,6 +234,7 @@ impl ObjectStoreConfig {
         crate::objstore::ObjectStoreConfig {
             region: self.region.clone(),
             path_style: self.path_style,
+            transfer: self.transfer.clone(),
             ..crate::objstore::ObjectStoreConfig::local(
                 self.endpoint.clone(),
                 self.access_key.clone(),

@@ -633,3 +633,198 @@ fn object_store_jobs_on_a_real_phone() {
     assert!(!String::from_utf8_lossy(&links.stdout).contains(&format!("{}:", net.bridge)));
     let _ = rt.block_on(server_store.shutdown());
 }
+
+/// A TCP proxy in front of the store: requests pass until one asks for a
+/// range starting at `hold_from` bytes or beyond; that connection is then
+/// held open with nothing more forwarded, as over a network that stopped.
+/// (A double of the network between agent and store, nothing of ours.)
+async fn holding_proxy(store: String, hold_from: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    let store = store.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&store).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                });
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    let held = text.split("range: bytes=").skip(1).any(|rest| {
+                        rest.split('-')
+                            .next()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .is_some_and(|start| start >= hold_from)
+                    });
+                    if held {
+                        // Both halves stay open: the request just hangs.
+                        std::future::pending::<()>().await;
+                    }
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A push the agent is killed in the middle of: at its next start the job
+/// is failed (CPS.0054) naming what it may have written, which holds at
+/// least everything that is in the phone, and the phone runs on.
+#[test]
+fn a_push_cut_off_by_a_kill_names_what_it_may_have_written() {
+    if !cph_runtime::privilege::check("a_push_cut_off_by_a_kill_names_what_it_may_have_written") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind store");
+    let server_store = rt
+        .block_on(serve(
+            tmp.path().join("store"),
+            listener,
+            AK.into(),
+            SK.into(),
+        ))
+        .expect("embedded store");
+    let store = ObjectStore::new(&server_store.client_config()).expect("client");
+    rt.block_on(store.create_bucket(BUCKET)).expect("bucket");
+    // 300 files of 1,000 bytes (1.5 KiB each in the tar); the download
+    // stalls at 320 KiB, about 200 entries in.
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("data/local/cut/f{i:03}"))
+        .collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .map(|n| (n.as_str(), &[7u8; 1000][..]))
+        .collect();
+    rt.block_on(store.put_bytes(BUCKET, "push/cut.tar", tar_of(&files)))
+        .expect("put object");
+    let endpoint = rt.block_on(holding_proxy(server_store.endpoint(), 320 << 10));
+    let store_toml = format!(
+        "[object_store]\nendpoint = \"{endpoint}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n\
+         [object_store.transfer]\nrange_bytes = 65536\n"
+    );
+    let mut t = TestAgent::start_in(tmp, "pushkill", false, &store_toml);
+    let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
+    let server = format!("ks{pid}");
+    let phone = format!("kp{pid}");
+    let create = json!({
+        "server_id": server, "server_name": "pushkill",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", common::image().display())},
+        "ports": [], "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let created = wait_job(&addr, &token, &format!("{server}:create:{phone}"));
+    assert_eq!(created["status"], 2, "{created}");
+
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(t.state.join(format!("containers/cph-{phone}/state.json")))
+            .expect("container state"),
+    )
+    .expect("json");
+    let init = state["pid"].as_i64().expect("init pid");
+    let cut = std::path::PathBuf::from(format!("/proc/{init}/root/data/local/cut"));
+    let on_disk = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&cut)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "push-cut",
+            &server,
+            &phone,
+            json!({"kind": "push", "object": obj("push/cut.tar")}),
+        )),
+    );
+    assert_eq!(code, 200, "{body}");
+    // Wait until the writers wrote what reached them and the download hangs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = on_disk();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = on_disk();
+        if !now.is_empty() && now == seen {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing written");
+        seen = now;
+    }
+    let (_, st) = http(&addr, "GET", "/v1/jobs/push-cut", &token, None);
+    assert_eq!(st["status"], 1, "the push hangs on its download: {st}");
+    t.agent.kill();
+    let journal = t.state.join("jobs/push-cut.written");
+    assert!(journal.is_file(), "the journal outlives the kill");
+    t.agent.restart();
+
+    let st = wait_job(&addr, &token, "push-cut");
+    assert_failed(&st, "CPS.0054");
+    let msg = st["error_msg"].as_str().expect("error_msg");
+    let noted: usize = msg
+        .split("; ")
+        .find_map(|part| part.strip_suffix(" paths may have been written before it stopped"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of paths in {msg:?}"));
+    // Everything in the phone (the new directory and its files) is
+    // counted; the journal runs ahead by at most the batches not yet
+    // handed to the writers.
+    let written = on_disk();
+    assert!(
+        noted > written.len() && noted <= written.len() + 1 + 2 * 64,
+        "{noted} noted, {} in the phone",
+        written.len()
+    );
+    let list = st["execute_msg"].as_str().expect("execute_msg");
+    let mut lines = list.lines();
+    assert_eq!(
+        lines.next(),
+        Some("may have been written before the agent stopped:")
+    );
+    assert_eq!(lines.next(), Some("data/local/cut"));
+    let listed: Vec<&str> = lines.take_while(|l| *l != "...").collect();
+    assert!(listed.len() > 20, "{list}");
+    for l in &listed {
+        let name = l.strip_prefix("data/local/cut/").expect("a pushed path");
+        assert!(
+            written.iter().any(|w| w == name),
+            "{l} listed, not in the phone"
+        );
+    }
+    assert!(!journal.exists(), "the journal is removed once read");
+    // The phone ran through the agent's restart.
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "{phones}");
+    let _ = rt.block_on(server_store.shutdown());
+}
