@@ -1255,12 +1255,17 @@ impl Phones {
         }
         let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
         for r in recs {
-            // What a migration cut off by a kill was unpacking, inside the
-            // phone's root where the phone would see it.
+            // A migration's restore cut off by a kill: its unpack removed,
+            // or its swap finished, before the phone boots.
             if let Ok(root) = self.rootfs(&r.spec.phone_id) {
-                let staging = root.join(super::transfer::MIGRATE_STAGING);
-                if let Err(e) = super::transfer::remove_entry(&staging) {
-                    tracing::warn!(phone = %r.spec.phone_id, error = %e, "migration leftovers not removed");
+                match super::transfer::settle_migration(&root) {
+                    Ok(super::transfer::Settled::Nothing) => {}
+                    Ok(s) => {
+                        tracing::warn!(phone = %r.spec.phone_id, outcome = ?s, "migration cut off by a restart settled")
+                    }
+                    Err(e) => {
+                        tracing::warn!(phone = %r.spec.phone_id, error = %e.msg, "migration leftovers not settled")
+                    }
                 }
             }
             if r.stopped || r.failure.is_some() {

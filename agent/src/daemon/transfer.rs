@@ -562,25 +562,31 @@ fn with_restart<T>(
 
 /// Name of the directory a migrated phone is unpacked into first, at the
 /// top of the target's root (same volume, so the swap is renames).
-pub(crate) const MIGRATE_STAGING: &str = ".cph-migrate-in";
+const MIGRATE_STAGING: &str = ".cph-migrate-in";
+/// Made beside it once the unpack is whole (and synced): the old entries
+/// are being deleted.
+const MIGRATE_UNPACKED: &str = ".cph-migrate-in.unpacked";
+/// Renamed from [`MIGRATE_UNPACKED`] once the old entries are gone: the new
+/// ones are being moved into place.
+const MIGRATE_MOVING: &str = ".cph-migrate-in.moving";
 
 /// A migration's target side: the whole phone replaces the target's root.
 /// It is unpacked beside the current contents first; only a complete
 /// unpack swaps them (the old entries deleted, the new renamed into
-/// place), so a failed download leaves the target as it was.
+/// place), so a failed download leaves the target as it was, and a kill
+/// during the swap is finished by [`settle_migration`] at the agent's next
+/// start (the phone is then the migrated one, never a mix).
 fn replace_root(
     reader: ObjectReader,
     object: &ObjectRef,
     root: &Path,
 ) -> Result<ExtractReport, JobFailure> {
-    let fail = |what: &str, p: &Path, e: io::Error| {
-        JobFailure::internal(format!("migration {what} {}: {e}", p.display()))
-    };
     let staging = root.join(MIGRATE_STAGING);
-    if staging.symlink_metadata().is_ok() {
-        remove_entry(&staging)?;
+    for leftover in [MIGRATE_UNPACKED, MIGRATE_MOVING] {
+        remove_entry(&root.join(leftover))?;
     }
-    std::fs::create_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
+    remove_entry(&staging)?;
+    std::fs::create_dir(&staging).map_err(|e| migration_fail("staging", &staging, e))?;
     // A kill leaves the staging directory, removed at the agent's start.
     let report = match extract_from(reader, object, &staging, &phone_extract_options(None)) {
         Ok(r) => r,
@@ -589,23 +595,83 @@ fn replace_root(
             return Err(e);
         }
     };
-    let entries = |dir: &Path| -> Result<Vec<std::ffi::OsString>, JobFailure> {
-        std::fs::read_dir(dir)
-            .map_err(|e| fail("list", dir, e))?
-            .map(|e| e.map(|e| e.file_name()).map_err(|e| fail("list", dir, e)))
-            .collect()
-    };
-    for name in entries(root)? {
-        if name != MIGRATE_STAGING {
-            remove_entry(&root.join(&name))?;
-        }
-    }
-    for name in entries(&staging)? {
-        let (from, to) = (staging.join(&name), root.join(&name));
-        std::fs::rename(&from, &to).map_err(|e| fail("move", &to, e))?;
-    }
-    std::fs::remove_dir(&staging).map_err(|e| fail("staging", &staging, e))?;
+    let marker = root.join(MIGRATE_UNPACKED);
+    std::fs::File::create(&marker).map_err(|e| migration_fail("mark", &marker, e))?;
+    sync_dir(root)?;
+    settle_migration(root)?;
     Ok(report)
+}
+
+fn migration_fail(what: &str, p: &Path, e: io::Error) -> JobFailure {
+    JobFailure::internal(format!("migration {what} {}: {e}", p.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), JobFailure> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| migration_fail("sync", dir, e))
+}
+
+fn dir_entries(dir: &Path) -> Result<Vec<std::ffi::OsString>, JobFailure> {
+    std::fs::read_dir(dir)
+        .map_err(|e| migration_fail("list", dir, e))?
+        .map(|e| {
+            e.map(|e| e.file_name())
+                .map_err(|e| migration_fail("list", dir, e))
+        })
+        .collect()
+}
+
+/// What [`settle_migration`] found in a phone's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// No migration was under way.
+    Nothing,
+    /// An unpack not whole was removed; the root is as it was.
+    Undone,
+    /// A swap under way was finished; the root is the migrated phone's.
+    Finished,
+}
+
+/// Brings a phone's root out of a migration's restore wherever it stopped:
+/// an unpack not yet whole is removed (the old root untouched); from a
+/// whole unpack on, the swap goes to its end (the old entries deleted, the
+/// new moved into place).
+pub(crate) fn settle_migration(root: &Path) -> Result<Settled, JobFailure> {
+    let staging = root.join(MIGRATE_STAGING);
+    let (unpacked, moving) = (root.join(MIGRATE_UNPACKED), root.join(MIGRATE_MOVING));
+    let has = |p: &Path| p.symlink_metadata().is_ok();
+    if has(&unpacked) && has(&staging) {
+        let ours = [MIGRATE_STAGING, MIGRATE_UNPACKED, MIGRATE_MOVING];
+        for name in dir_entries(root)? {
+            if !ours.iter().any(|o| name == *o) {
+                remove_entry(&root.join(&name))?;
+            }
+        }
+        std::fs::rename(&unpacked, &moving).map_err(|e| migration_fail("mark", &moving, e))?;
+        sync_dir(root)?;
+    }
+    if has(&moving) && has(&staging) {
+        // Only new entries are in the root now: no name is taken twice.
+        for name in dir_entries(&staging)? {
+            let (from, to) = (staging.join(&name), root.join(&name));
+            std::fs::rename(&from, &to).map_err(|e| migration_fail("move", &to, e))?;
+        }
+        std::fs::remove_dir(&staging).map_err(|e| migration_fail("staging", &staging, e))?;
+        remove_entry(&moving)?;
+        sync_dir(root)?;
+        return Ok(Settled::Finished);
+    }
+    // Markers without their staging directory: the swap had ended.
+    let markers = remove_entry(&unpacked)? | remove_entry(&moving)?;
+    if remove_entry(&staging)? {
+        return Ok(Settled::Undone);
+    }
+    Ok(if markers {
+        Settled::Finished
+    } else {
+        Settled::Nothing
+    })
 }
 
 /// Whole-phone migration, source side: the phone is stopped and its whole
@@ -965,6 +1031,119 @@ pub fn write_into_phone(root: &Path, rel: &str, data: &[u8]) -> Result<(), JobFa
 
 #[cfg(test)]
 mod tests {
+    use super::{settle_migration, Settled, MIGRATE_MOVING, MIGRATE_STAGING, MIGRATE_UNPACKED};
+    use std::path::Path;
+
+    /// Every file beneath `root` with its contents, sorted.
+    fn files(root: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else {
+                    let rel = p.strip_prefix(root).expect("beneath").display().to_string();
+                    out.push((rel, std::fs::read_to_string(&p).expect("read")));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+
+    fn new_phone() -> Vec<(String, String)> {
+        [
+            ("data/app/a", "new a"),
+            ("data/b", "new b"),
+            ("system/c", "new c"),
+        ]
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect()
+    }
+
+    /// A restore's swap is undone before its unpack is whole and finished
+    /// from then on, wherever a kill cut it off; the root never mixes the
+    /// two phones.
+    #[test]
+    fn a_migration_cut_off_anywhere_settles_to_one_phone() {
+        let old = |root: &Path| {
+            write(root, "data/b", "old b");
+            write(root, "data/old-only", "old");
+            write(root, "vendor/d", "old d");
+        };
+        let staged = |root: &Path, names: &[&str]| {
+            for (p, t) in new_phone() {
+                if names.iter().any(|n| p.starts_with(n)) {
+                    write(&root.join(MIGRATE_STAGING), &p, &t);
+                }
+            }
+        };
+        let all = ["data", "system"];
+        // Unpack cut off: the old phone stays.
+        let t = tempfile::tempdir().expect("tempdir");
+        old(t.path());
+        staged(t.path(), &["data"]);
+        let before: Vec<_> = files(t.path())
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with(MIGRATE_STAGING))
+            .collect();
+        assert_eq!(settle_migration(t.path()).expect("settle"), Settled::Undone);
+        assert_eq!(files(t.path()), before);
+        // Whole, old entries partly deleted.
+        let t = tempfile::tempdir().expect("tempdir");
+        write(t.path(), "vendor/d", "old d");
+        staged(t.path(), &all);
+        std::fs::write(t.path().join(MIGRATE_UNPACKED), "").expect("marker");
+        assert_eq!(
+            settle_migration(t.path()).expect("settle"),
+            Settled::Finished
+        );
+        assert_eq!(files(t.path()), new_phone());
+        // Old entries gone, new ones partly moved.
+        let t = tempfile::tempdir().expect("tempdir");
+        write(t.path(), "data/app/a", "new a");
+        write(t.path(), "data/b", "new b");
+        staged(t.path(), &["system"]);
+        std::fs::write(t.path().join(MIGRATE_MOVING), "").expect("marker");
+        assert_eq!(
+            settle_migration(t.path()).expect("settle"),
+            Settled::Finished
+        );
+        assert_eq!(files(t.path()), new_phone());
+        // Everything moved, the marker left.
+        std::fs::write(t.path().join(MIGRATE_MOVING), "").expect("marker");
+        assert_eq!(
+            settle_migration(t.path()).expect("settle"),
+            Settled::Finished
+        );
+        assert_eq!(files(t.path()), new_phone());
+        // Nothing under way: nothing touched.
+        assert_eq!(
+            settle_migration(t.path()).expect("settle"),
+            Settled::Nothing
+        );
+        assert_eq!(files(t.path()), new_phone());
+        // Whole, nothing deleted yet (the old phone is there in full).
+        let t = tempfile::tempdir().expect("tempdir");
+        old(t.path());
+        staged(t.path(), &all);
+        std::fs::write(t.path().join(MIGRATE_UNPACKED), "").expect("marker");
+        assert_eq!(
+            settle_migration(t.path()).expect("settle"),
+            Settled::Finished
+        );
+        assert_eq!(files(t.path()), new_phone());
+    }
+
     #[test]
     fn store_failures_carry_the_reference_codes() {
         use super::{store_failure, ObjectStoreError as E};
