@@ -253,6 +253,63 @@ async fn catalog_auth_and_errors() {
         .iter()
         .any(|i| i["image_id"] == cph::catalog::TEST_IMAGE_ID));
 
+    // Flavors a page at a time.
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/phone-models", None)
+        .await;
+    let all = r.body["phone_models"].as_array().expect("list").clone();
+    assert!(all.len() >= 3, "{all:?}");
+    let r = cp
+        .call(
+            "GET",
+            "/v1/{p}/cloud-phone/phone-models?offset=1&limit=2",
+            None,
+        )
+        .await;
+    assert_eq!(r.body["phone_models"], json!(all[1..3]));
+
+    // Query and path parameters the reference gives a code of their own.
+    let unknown = "0123456789abcdef0123456789abcdef";
+    for (method, path, body, status, code) in [
+        ("GET", "/v1/{p}/cloud-phone/phones?type=9".to_string(), None, 400, "CPS.0116"),
+        ("GET", "/v1/{p}/cloud-phone/encode-servers?type=x".to_string(), None, 400, "CPS.0116"),
+        ("GET", "/v1/{p}/cloud-phone/phone-models?product_type=5".to_string(), None, 400, "CPS.0144"),
+        ("GET", "/v1/{p}/cloud-phone/server-models?product_type=5".to_string(), None, 400, "CPS.0144"),
+        ("GET", "/v1/{p}/cloud-phone/phone-images?is_public=3".to_string(), None, 400, "CPS.0143"),
+        ("GET", "/v1/{p}/cloud-phone/phone-models?limit=101".to_string(), None, 400, "CPS.0002"),
+        ("GET", "/v1/{p}/cloud-phone/phones/bad%2Bid".to_string(), None, 400, "CPS.0004"),
+        ("GET", format!("/v1/{{p}}/cloud-phone/phones/{}", "a".repeat(33)), None, 400, "CPS.0004"),
+        ("GET", format!("/v1/{{p}}/cloud-phone/phones/{unknown}"), None, 400, "CPS.0005"),
+        ("PUT", "/v1/{p}/cloud-phone/phones/bad%2Bid".to_string(),
+            Some(json!({"phone_name": "x"})), 400, "CPS.0004"),
+        ("GET", "/v1/{p}/cloud-phone/servers/bad%2Bid".to_string(), None, 400, "CPS.0016"),
+        ("GET", format!("/v1/{{p}}/cloud-phone/servers/{unknown}"), None, 400, "CPS.0015"),
+        ("PUT", "/v1/{p}/cloud-phone/servers/bad%2Bid".to_string(),
+            Some(json!({"server_name": "x"})), 400, "CPS.0016"),
+        ("POST", "/v1/{p}/cloud-phone/encode-servers/batch-restart".to_string(),
+            Some(json!({"encode_server_ids": []})), 400, "CPS.0122"),
+        ("POST", "/v1/{p}/cloud-phone/phones/share-apps".to_string(),
+            Some(json!({"bucket_name": "bucket1", "object_path": "a/app.zip",
+                        "package_name": "com.example.app", "server_ids": [unknown]})), 400, "CPS.0135"),
+        ("POST", "/v1/{p}/cloud-phone/phones/share-apps".to_string(),
+            Some(json!({"bucket_name": "bucket1", "object_path": "a/app.tar",
+                        "package_name": "noperiod", "server_ids": [unknown]})), 400, "CPS.0173"),
+        ("DELETE", "/v1/{p}/cloud-phone/phones/share-apps".to_string(),
+            Some(json!({"package_name": "_a.b", "server_ids": [unknown]})), 400, "CPS.0173"),
+        ("GET", format!("/v1/{{p}}/cloud-phone/servers/share-files?path=/a//b&server_ids={unknown}"),
+            None, 400, "CPS.0199"),
+        ("GET", format!("/v1/{{p}}/cloud-phone/servers/share-files?path=/data&server_ids={unknown}&limit=101"),
+            None, 400, "CPS.0002"),
+    ] {
+        let r = cp.call(method, &path, body).await;
+        assert_eq!(
+            (r.status, r.body["error_code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {:?}",
+            r.body
+        );
+    }
+
     // Pagination errors.
     for q in ["limit=0", "limit=101", "offset=-1", "limit=abc"] {
         let r = cp
@@ -1011,11 +1068,25 @@ async fn buy_phones_jobs_isolation_and_restart() {
             Some(json!({"server_ids": [sid]})),
         )
         .await;
+    // One job for the server, as the reference answers.
     let jobs = r.body["jobs"].as_array().expect("jobs").clone();
-    assert_eq!(jobs.len(), 2, "{:?}", r.body);
+    assert_eq!(jobs.len(), 1, "{:?}", r.body);
     assert!(jobs
         .iter()
         .all(|j| j["server_id"] == json!(sid) && j["job_id"].is_string()));
+    let restart_job = jobs[0]["job_id"].as_str().expect("job id").to_string();
+    let sent = loop_until(&seen, |s| {
+        s.jobs
+            .iter()
+            .find(|j| j["job_id"] == json!(restart_job))
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        (sent["kind"].as_str(), sent["server_id"].as_str()),
+        (Some("restart_server"), Some(sid.as_str())),
+        "{sent}"
+    );
     let r = cp
         .call(
             "POST",
@@ -1208,7 +1279,10 @@ async fn buy_phones_jobs_isolation_and_restart() {
             .expect("send"),
     )
     .await;
-    assert_eq!(r.status, 404);
+    assert_eq!(
+        (r.status, r.body["error_code"].as_str()),
+        (400, Some("CPS.0005"))
+    );
     let r = common::resp(
         cp.http
             .get(format!("{}/v1/{other}/cloud-phone/phones", cp.base))
@@ -1328,7 +1402,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
         .await;
     assert_eq!(
         (r.status, r.body["error_code"].as_str()),
-        (404, Some("CPS.0015"))
+        (400, Some("CPS.0015"))
     );
     let many: Vec<String> = (0..101).map(|i| format!("{i:032x}")).collect();
     let r = cp
@@ -1458,7 +1532,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     let r = cp.call("GET", &server_path, None).await;
     assert_eq!(
         (r.status, r.body["error_code"].as_str()),
-        (404, Some("CPS.0015"))
+        (400, Some("CPS.0015"))
     );
     let r = cp.call("GET", "/v1/{p}/cloud-phone/phones", None).await;
     assert_eq!(r.body["phones"], json!([]), "{:?}", r.body);
@@ -1552,7 +1626,7 @@ async fn server_tags() {
     let unknown = "0123456789abcdef0123456789abcdef";
     assert_eq!(
         code(act(unknown, "create", json!([{"key": "k", "value": "v"}])).await),
-        (404, "CPS.0302".to_string())
+        (400, "CPS.0302".to_string())
     );
     assert_eq!(code(act(a, "create", json!([])).await), bad("CPS.0303"));
     assert_eq!(
@@ -1821,7 +1895,7 @@ async fn share_apps_snapshot() {
         .await;
     assert_eq!(
         (r.status, r.body["error_code"].as_str()),
-        (404, Some("CPS.0015"))
+        (400, Some("CPS.0015"))
     );
     cp.stop().await;
 }
@@ -2254,7 +2328,7 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
     let update_path = format!("/v1/{{p}}/cloud-phone/scheduled-events/{ev}");
     let unknown = "0123456789abcdef0123456789abcdef";
     let r = authorize(unknown, json!({"authorization_type": "maintenance"})).await;
-    assert_eq!((r.status, code(&r)), (404, "CPS.0017".to_string()));
+    assert_eq!((r.status, code(&r)), (400, "CPS.0017".to_string()));
     let r = authorize(&ev, json!({"authorization_type": "reboot"})).await;
     assert_eq!(code(&r), "CPS.0001");
     assert!(r.body["error_msg"]
@@ -3014,6 +3088,16 @@ async fn share_jobs_need_a_flavor_with_shared_storage() {
     assert!(
         sent.iter().all(|j| j["server_id"] == json!(with_share)),
         "{sent:?}"
+    );
+    // A listing 50 entries a page unless asked, as the reference says.
+    let list = sent
+        .iter()
+        .find(|j| j["kind"] == "share_list_files")
+        .unwrap_or_else(|| panic!("no listing sent: {sent:?}"));
+    assert_eq!(
+        (list["offset"].clone(), list["limit"].clone()),
+        (json!(0), json!(50)),
+        "{list}"
     );
     cp.stop().await;
 }

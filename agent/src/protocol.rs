@@ -443,6 +443,10 @@ pub enum JobKind {
         band_width_size: u32,
     },
     RestartEncodeServer,
+    /// `RestartCloudPhoneServer`: every phone of the server restarted
+    /// (stopped ones started), each once no job of its own runs, and the
+    /// server's encoding server.
+    RestartServer,
     /// Releases the server from its host: its phones (containers, networks
     /// and volumes) and its encoding server are deleted, its keys no longer
     /// open the host's SSH access, and the sharepool is emptied once no

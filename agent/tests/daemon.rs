@@ -381,6 +381,63 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     );
     assert_eq!(st["execute_msg"], "still\n", "{st}");
 
+    // A server restart waits for the job its phone runs (a shell that
+    // would die with the phone), then restarts the phone; a stopped phone
+    // is started by it.
+    let init_pid = |path: std::path::PathBuf| read_json(path)["pid"].as_i64();
+    let state_file = t.state.join(format!("containers/cph-{phone}/state.json"));
+    let before = init_pid(state_file.clone()).expect("init pid");
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "held-shell",
+            &server,
+            &phone,
+            json!({"kind": "shell", "command": "sleep 2; echo survived"}),
+        )),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let st = run_job(
+        &addr,
+        &token,
+        &server_job(
+            "restart-server-1",
+            &server,
+            json!({"kind": "restart_server"}),
+        ),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        st["execute_msg"],
+        json!(format!("server {server}: 1 phones restarted")),
+        "{st}"
+    );
+    let shell = wait_job(&addr, &token, "held-shell");
+    assert_eq!(
+        (shell["status"].clone(), output(&shell)),
+        (json!(2), "survived".to_string()),
+        "{shell}"
+    );
+    let after = init_pid(state_file.clone()).expect("init pid");
+    assert_ne!(before, after, "the phone was restarted");
+    let st = run("stop-for-server", json!({"kind": "stop_phone"}));
+    assert_eq!(st["status"], 2, "{st}");
+    let st = run_job(
+        &addr,
+        &token,
+        &server_job(
+            "restart-server-2",
+            &server,
+            json!({"kind": "restart_server"}),
+        ),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "{phones}");
+
     // A server keypair change replaces the server's earlier key in the
     // host's authorized_keys.
     let keys = t.state.join("ssh/authorized_keys");

@@ -53,9 +53,7 @@ pub async fn bandwidth_update(
     if bw.band_width_share_type != 1 {
         return Err(ApiError::OnlySharedBandwidth.into());
     }
-    if !(super::servers::BANDWIDTH_MIN as i64..=super::servers::BANDWIDTH_MAX as i64)
-        .contains(&b.band_width_size)
-    {
+    if !bandwidth_step(b.band_width_size) {
         return Err(ApiError::BandWidthSize.into());
     }
     let size = b.band_width_size as u32;
@@ -161,7 +159,7 @@ pub async fn encode_servers_list(
         None | Some("") => None,
         Some("0") => Some(0),
         Some("1") => Some(1),
-        Some(_) => return Err(ApiError::Field("type").into()),
+        Some(_) => return Err(ApiError::Type.into()),
     };
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -225,7 +223,7 @@ pub async fn encode_servers_restart(
     Json(b): Json<EncodeRestartBody>,
 ) -> ApiResult {
     if b.encode_server_ids.is_empty() {
-        return Err(ApiError::EncodeServerId.into());
+        return Err(ApiError::EncodeServerIds.into());
     }
     let mut t = Vec::new();
     for id in &b.encode_server_ids {
@@ -251,4 +249,30 @@ pub async fn encode_servers_restart(
         }
     }
     Ok(Reply::ok(out))
+}
+
+/// A shared bandwidth's new size (Mbit/s): within the sizes on sale, in
+/// steps of 1 up to 300, of 50 up to 1,000 and of 500 beyond, as the
+/// reference's minimum increments say.
+fn bandwidth_step(size: i64) -> bool {
+    let on_sale = super::servers::BANDWIDTH_MIN as i64..=super::servers::BANDWIDTH_MAX as i64;
+    on_sale.contains(&size)
+        && match size {
+            ..=300 => true,
+            301..=1000 => size % 50 == 0,
+            _ => size % 500 == 0,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bandwidth_sizes_in_the_reference_steps() {
+        for ok in [5, 299, 300, 350, 1000, 1500, 2000] {
+            assert!(super::bandwidth_step(ok), "{ok}");
+        }
+        for bad in [0, 4, 301, 351, 999, 1050, 1200, 2500] {
+            assert!(!super::bandwidth_step(bad), "{bad}");
+        }
+    }
 }

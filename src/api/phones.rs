@@ -76,7 +76,7 @@ pub async fn list(
         None | Some("") => None,
         Some("0") => Some(0),
         Some("1") => Some(1),
-        Some(_) => return Err(ApiError::Field("type").into()),
+        Some(_) => return Err(ApiError::Type.into()),
     };
     let f = PhoneFilter {
         phone_name: q.phone_name.filter(|s| !s.is_empty()),
@@ -104,6 +104,9 @@ pub async fn detail(
     Extension(c): Extension<Caller>,
     Path((_p, phone_id)): Path<(String, String)>,
 ) -> ApiResult {
+    if !validate::is_id(&phone_id) {
+        return Err(ApiError::InvalidPhoneId(phone_id).into());
+    }
     let p = st
         .store
         .phone(&c.project_id, &phone_id)?
@@ -149,9 +152,12 @@ pub async fn detail(
 pub struct ModelsQuery {
     status: Option<String>,
     product_type: Option<String>,
+    offset: Option<String>,
+    limit: Option<String>,
 }
 
 pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> ApiResult {
+    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some("0") => Some(0),
@@ -162,7 +168,7 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
         None | Some("") => None,
         Some("0") => Some(0),
         Some("1") => Some(1),
-        Some(_) => return Err(ApiError::Field("product_type").into()),
+        Some(_) => return Err(ApiError::ProductType.into()),
     };
     let out: Vec<Value> = st
         .catalog
@@ -170,6 +176,8 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
         .iter()
         .filter(|m| status.is_none_or(|s| m.status == s))
         .filter(|m| product_type.is_none_or(|t| m.product_type == t))
+        .skip(offset as usize)
+        .take(limit as usize)
         .map(|m| {
             json!({
                 "server_model_name": m.server_model_name,
@@ -205,7 +213,7 @@ pub async fn images(
         None | Some("") => None,
         Some("1") => Some(1),
         Some("2") => Some(2),
-        Some(_) => return Err(ApiError::Field("is_public").into()),
+        Some(_) => return Err(ApiError::IsPublic.into()),
     };
     // The catalog's images, then the project's custom ones (private).
     let custom: Vec<_> = st
@@ -405,6 +413,9 @@ pub async fn rename(
     Path((_p, phone_id)): Path<(String, String)>,
     Json(b): Json<RenameBody>,
 ) -> ApiResult {
+    if !validate::is_id(&phone_id) {
+        return Err(ApiError::InvalidPhoneId(phone_id).into());
+    }
     validate::name(&b.phone_name, 60).map_err(|_| ApiError::PhoneName)?;
     if !st
         .store

@@ -92,6 +92,9 @@ pub async fn detail(
     Extension(c): Extension<Caller>,
     Path((_p, server_id)): Path<(String, String)>,
 ) -> ApiResult {
+    if !validate::is_id(&server_id) {
+        return Err(ApiError::InvalidServerId.into());
+    }
     let s = st
         .store
         .server(&c.project_id, &server_id)?
@@ -119,6 +122,9 @@ pub async fn rename(
     Path((_p, server_id)): Path<(String, String)>,
     Json(b): Json<RenameBody>,
 ) -> ApiResult {
+    if !validate::is_id(&server_id) {
+        return Err(ApiError::InvalidServerId.into());
+    }
     validate::name(&b.server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
     if !st
         .store
@@ -139,7 +145,7 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
         None | Some("") => None,
         Some("0") => Some(0),
         Some("1") => Some(1),
-        Some(_) => return Err(ApiError::Field("product_type").into()),
+        Some(_) => return Err(ApiError::ProductType.into()),
     };
     let out: Vec<Value> = st
         .catalog
@@ -641,39 +647,12 @@ pub async fn batch_restart(
     Extension(c): Extension<Caller>,
     Json(b): Json<ServerIds>,
 ) -> ApiResult {
-    if b.server_ids.is_empty() {
-        return Err(ApiError::ServerIdsEmpty.into());
-    }
-    let mut t = Vec::new();
-    let mut server_of = BTreeMap::new();
-    for id in &b.server_ids {
-        if st.store.server(&c.project_id, id)?.is_none() {
-            t.push(Target::Error {
-                key: "server_id",
-                id: id.clone(),
-                err: ApiError::ServerNotFound(id.clone()),
-            });
-            continue;
-        }
-        for p in st.store.server_phones(id)? {
-            server_of.insert(p.phone_id.clone(), id.clone());
-            t.push(Target::Phone(
-                p,
-                JobKind::RestartPhone {
-                    image: None,
-                    property: None,
-                },
-            ));
-        }
-    }
-    // The reference's jobs name their server; here there is one per phone.
-    let mut out = submit(&st, &c.project_id, t)?;
-    for j in out["jobs"].as_array_mut().into_iter().flatten() {
-        if let Some(server_id) = j["phone_id"].as_str().and_then(|p| server_of.get(p)) {
-            j["server_id"] = json!(server_id);
-        }
-    }
-    Ok(Reply::ok(out))
+    // One job per server, as the reference answers: its agent restarts
+    // each phone (stopped ones started) and the encoding server.
+    let t = server_targets(&st, &c.project_id, &b.server_ids, |_| {
+        Ok(JobKind::RestartServer)
+    })?;
+    Ok(Reply::ok(submit(&st, &c.project_id, t)?))
 }
 
 /// Most servers one deletion names.
@@ -830,9 +809,11 @@ pub async fn share_files_list(
     Extension(c): Extension<Caller>,
     Query(q): Query<ShareListQuery>,
 ) -> ApiResult {
-    let (offset, limit) = page(q.offset.as_deref(), q.limit.as_deref())?;
+    // 50 a page unless asked, as the reference says.
+    let limit = q.limit.as_deref().filter(|l| !l.is_empty()).or(Some("50"));
+    let (offset, limit) = page(q.offset.as_deref(), limit)?;
     let path = q.path.unwrap_or_default();
-    validate::file_path(&path).map_err(|_| ApiError::Path)?;
+    validate::share_dir(&path)?;
     let ids: Vec<String> = q
         .server_ids
         .unwrap_or_default()
@@ -869,8 +850,11 @@ pub async fn share_apps_push(
     let path = b.object_path.as_deref().ok_or(ApiError::ObjectPath)?;
     validate::bucket(bucket)?;
     validate::object_path(path)?;
+    if !path.ends_with(".tar") {
+        return Err(ApiError::ObjectPath.into());
+    }
     let pkg = b.package_name.clone().ok_or(ApiError::PackageName)?;
-    validate::package(&pkg)?;
+    validate::share_package(&pkg)?;
     let object = cph_agent::protocol::ObjectRef {
         bucket: bucket.into(),
         key: path.into(),
@@ -898,7 +882,7 @@ pub async fn share_apps_delete(
         return Err(ApiError::PackageName.into());
     }
     for n in &names {
-        validate::package(n)?;
+        validate::share_package(n)?;
     }
     let t = server_targets(&st, &c.project_id, &b.server_ids, |s| {
         share_apps_supported(&st, s)?;

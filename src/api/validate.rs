@@ -18,7 +18,7 @@ pub const SYNC_SHELL_TIMEOUT_MS: u64 = 2000;
 
 /// A 32-byte-at-most id of hex digits, letters and dashes.
 pub fn is_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 36 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// Letters, digits, `_` and `-`, 1..=max characters.
@@ -84,6 +84,33 @@ pub fn file_path(s: &str) -> Result<(), ApiError> {
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "./- _=".contains(c));
     ok.then_some(()).ok_or(ApiError::FilePaths)
+}
+
+/// A sharepool directory to list: starts with `/`, letters, digits, `.`,
+/// `+`, `-`, `_`, `/` and `=`, no `//` nor `../`. The reference refuses a
+/// path of slashes only; `/` alone, the top of the shared files, is taken.
+pub fn share_dir(s: &str) -> Result<(), ApiError> {
+    let ok = s.starts_with('/')
+        && s.len() <= FILE_PATH_MAX
+        && !s.contains("//")
+        && !s.contains("../")
+        && !s.split('/').any(|seg| seg == "..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./+-_=".contains(c));
+    ok.then_some(()).ok_or(ApiError::Path)
+}
+
+/// A shared application's package name: at most 128 bytes of letters,
+/// digits, `_` and `.`, at least one `.`, not beginning with a digit or
+/// `_`, not ending with `.`.
+pub fn share_package(s: &str) -> Result<(), ApiError> {
+    let ok = s.len() <= 128
+        && s.contains('.')
+        && !s.ends_with('.')
+        && !s.starts_with(|c: char| c.is_ascii_digit() || c == '_' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    ok.then_some(()).ok_or(ApiError::PackageName)
 }
 
 /// A property JSON string: an object of at most 2,048 bytes whose values are
@@ -255,6 +282,33 @@ mod tests {
         assert!(!export_path("/data*"));
         assert!(!export_path("/system/app"));
         assert!(!export_path("/"));
+    }
+
+    #[test]
+    fn share_directories_and_packages_follow_the_reference() {
+        for ok in ["/", "/data/data", "/a+b=c/d_e-f.g", "/data/"] {
+            assert!(share_dir(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "//", "///", "data", "/a//b", "/a/../b", "/a/..", "/a b", "/a*",
+        ] {
+            assert!(share_dir(bad).is_err(), "{bad}");
+        }
+        for ok in ["com.example.app", "a.b", "Com_x.y2"] {
+            assert!(share_package(ok).is_ok(), "{ok}");
+        }
+        let long = format!("a.{}", "b".repeat(127));
+        for bad in [
+            "noperiod",
+            "1a.b",
+            "_a.b",
+            "a.b.",
+            ".a.b",
+            "a-b.c",
+            long.as_str(),
+        ] {
+            assert!(share_package(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

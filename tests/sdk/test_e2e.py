@@ -172,5 +172,4 @@ def test_unknown_phone_is_an_error(client):
     e = sdk_error(
         client.show_cloud_phone_detail, m.ShowCloudPhoneDetailRequest(phone_id="0" * 32)
     )
-    assert e.status_code in (400, 404)
-    assert e.error_code == "CPS.0005", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0005"), e

@@ -29,39 +29,39 @@ def test_bad_offset_or_limit(client, server, kw):
 
 
 def test_unknown_resources(client, server):
-    """The not-found codes; the reference's error table answers them with
-    400, its status list allows 404, and the platform answers 404."""
+    """The not-found codes, answered with 400 as the reference's error
+    table says."""
     missing = "0" * 32
     e = sdk_error(client.show_cloud_phone_detail, m.ShowCloudPhoneDetailRequest(phone_id=missing))
-    assert e.error_code == "CPS.0005", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0005"), e
     e = sdk_error(
         client.show_cloud_phone_server_detail,
         m.ShowCloudPhoneServerDetailRequest(server_id=missing),
     )
-    assert e.error_code == "CPS.0015", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0015"), e
     e = sdk_error(client.show_job, m.ShowJobRequest(job_id=missing))
-    assert e.error_code == "CPS.0011", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0011"), e
     e = sdk_error(
         client.update_phone_name,
         m.UpdatePhoneNameRequest(
             phone_id=missing, body=m.UpdatePhoneNameRequestBody(phone_name="x")
         ),
     )
-    assert e.error_code == "CPS.0005", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0005"), e
     e = sdk_error(
         client.update_server_name,
         m.UpdateServerNameRequest(
             server_id=missing, body=m.UpdateServerNameRequestBody(server_name="x")
         ),
     )
-    assert e.error_code == "CPS.0015", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0015"), e
     e = sdk_error(
         client.update_bandwidth,
         m.UpdateBandwidthRequest(
             band_width_id=missing, body=m.UpdateBandwidthRequestBody(band_width_size=10)
         ),
     )
-    assert e.error_code == "CPS.0115", e
+    assert (e.status_code, e.error_code) == (400, "CPS.0115"), e
 
 
 def test_per_target_errors_in_jobs(client, server):

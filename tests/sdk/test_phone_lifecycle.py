@@ -64,7 +64,7 @@ def test_restart_server_restarts_its_phones(client, server):
             body=m.RestartCloudPhoneServerRequestBody(server_ids=[server_id])
         )
     )
-    assert resp.jobs and all(j.server_id == server_id for j in resp.jobs), resp
+    assert [j.server_id for j in resp.jobs] == [server_id], resp
     wait_jobs_ok(client, resp.jobs)
     for p in phones:
         wait_phone_status(client, p, 2)

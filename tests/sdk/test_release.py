@@ -31,7 +31,7 @@ def test_bad_deletions_change_nothing(client, server):
     e = sdk_error(delete, client, [])
     assert (e.status_code, e.error_code) == (400, "CPS.0095"), e
     e = sdk_error(delete, client, [server_id, "0" * 32])
-    assert (e.status_code, e.error_code) == (404, "CPS.0015"), e
+    assert (e.status_code, e.error_code) == (400, "CPS.0015"), e
     detail = client.show_cloud_phone_server_detail(
         m.ShowCloudPhoneServerDetailRequest(server_id=server_id)
     )

@@ -217,6 +217,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             .update_bandwidth(&req.server_id, *band_width_size)
             .map(|()| None),
         JobKind::RestartEncodeServer => ctx.phones.restart_encoder(&req.server_id).map(|()| None),
+        JobKind::RestartServer => ctx.phones.restart_server(&req.server_id).map(Some),
         JobKind::DeleteServer => delete_server(ctx, &req.server_id).map(Some),
         JobKind::ExpandVolume { disk_gb } => {
             phones.expand_volume(phone_of(req)?, *disk_gb).map(Some)

@@ -406,6 +406,16 @@ impl Daemon {
         let journal = self.store.journal_path(&job_id);
         let journal_in_job = journal.clone();
         let result = tokio::task::spawn_blocking(move || {
+            // A phone's job waits for a server's job restarting it (a sync
+            // shell, which changes nothing the phone's jobs rely on, does
+            // not).
+            let held_phone = match (&req.kind, &req.phone_id) {
+                (JobKind::SyncShell { .. }, _) => None,
+                (JobKind::CreatePhone { phone }, _) => Some(phone.phone_id.as_str()),
+                (_, Some(p)) => Some(p.as_str()),
+                (_, None) => None,
+            };
+            let _held = held_phone.map(|p| me.phones.hold(p));
             let ctx = jobs::JobContext {
                 phones: &me.phones,
                 shell_timeout: Duration::from_secs(me.cfg.shell_timeout_secs.max(1)),

@@ -96,6 +96,10 @@ pub struct Phones {
     user_namespaces: Option<UserNamespacesConfig>,
     /// Held while a new phone's id range is chosen and recorded.
     id_lock: Mutex<()>,
+    /// Phones a job is working on ([`Phones::hold`]), and the wake-up of
+    /// those waiting for one.
+    busy: Mutex<BTreeSet<String>>,
+    freed: std::sync::Condvar,
     /// Read-held while an image is imported and a phone recorded on it;
     /// write-held while unused images are removed, so none is removed
     /// between its import and its first use.
@@ -241,6 +245,8 @@ impl Phones {
             encoders_restarting: Mutex::new(BTreeSet::new()),
             user_namespaces: None,
             id_lock: Mutex::new(()),
+            busy: Mutex::new(BTreeSet::new()),
+            freed: std::sync::Condvar::new(),
             image_use: RwLock::new(()),
         })
     }
@@ -530,6 +536,62 @@ impl Phones {
         Ok(msg)
     }
 
+    /// Waits until no other job works on `phone`, and keeps others off it
+    /// until the guard drops: a phone's own jobs run one at a time from its
+    /// queue, and a server's job that restarts its phones takes each in
+    /// turn this way, never in the middle of a phone's job.
+    pub fn hold(&self, phone: &str) -> PhoneHeld<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(phone) {
+            busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        busy.insert(phone.to_string());
+        PhoneHeld {
+            phones: self,
+            phone: phone.to_string(),
+        }
+    }
+
+    /// Restarts a server (`RestartCloudPhoneServer`): every phone of it,
+    /// stopped ones included (a server restart brings all of them up), and
+    /// its encoding server. Fails naming the phones that did not start.
+    pub fn restart_server(&self, server_id: &str) -> Result<String, JobFailure> {
+        self.server(server_id)?;
+        let phones = self.phones_of(server_id);
+        let mut failed: Vec<(String, JobFailure)> = Vec::new();
+        for phone in &phones {
+            let _held = self.hold(phone);
+            if let Err(e) = self.restart(phone, None, None) {
+                tracing::warn!(phone_id = %phone, error = %e.msg, "phone not restarted with its server");
+                failed.push((phone.clone(), e));
+            }
+        }
+        let mut msg = format!(
+            "server {server_id}: {} phones restarted",
+            phones.len() - failed.len()
+        );
+        if self.servers_with_encoder().iter().any(|s| s == server_id) {
+            match self.restart_encoder(server_id) {
+                Ok(()) => msg.push_str(", encoding server restarted"),
+                Err(e) => failed.push(("encoding server".into(), e)),
+            }
+        }
+        match failed.first() {
+            None => Ok(msg),
+            Some((_, first)) => {
+                let names: Vec<String> = failed
+                    .iter()
+                    .map(|(what, e)| format!("{what} ({})", e.msg))
+                    .collect();
+                Err(JobFailure {
+                    code: first.code.clone(),
+                    msg: format!("{msg}; not restarted: {}", names.join(", ")),
+                    execute_msg: None,
+                })
+            }
+        }
+    }
+
     /// Restarts those of `phones` that run, after `prepare` of each phone
     /// (stopped ones take the change at their next start); how many were
     /// restarted and `phone (reason)` of each that failed.
@@ -541,6 +603,7 @@ impl Phones {
         let mut restarted = 0;
         let mut failed = Vec::new();
         for phone in phones {
+            let _held = self.hold(phone);
             let applied = prepare(phone).and_then(|()| {
                 match self.rt.state(&container_name(phone)).map(|s| s.status) {
                     Ok(Status::Running) => self.restart(phone, None, None).map(|()| true),
@@ -1282,6 +1345,20 @@ impl Phones {
             }
         }
         self.reconcile_encoders();
+    }
+}
+
+/// A phone a job works on ([`Phones::hold`]), until dropped.
+pub struct PhoneHeld<'a> {
+    phones: &'a Phones,
+    phone: String,
+}
+
+impl Drop for PhoneHeld<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.phones.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.remove(&self.phone);
+        self.phones.freed.notify_all();
     }
 }
 
