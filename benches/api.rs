@@ -55,6 +55,7 @@ fn fill(dir: &std::path::Path, n: usize, agents: &[String]) -> (String, Vec<Stri
             phones: vec![],
             encoder_ip: None,
             encoders: vec![],
+            pools: vec![],
         };
         s.upsert_node(&inv).expect("node");
     }

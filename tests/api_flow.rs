@@ -107,6 +107,13 @@ fn inventory(node_id: &str, url: &str) -> Inventory {
         phones: vec![],
         encoder_ip: None,
         encoders: vec![],
+        pools: vec![cph_agent::protocol::PoolState {
+            name: "thinpool".into(),
+            backend: "btrfs".into(),
+            size_bytes: 64 << 30,
+            used_bytes: 1 << 30,
+            avail_bytes: 63 << 30,
+        }],
     }
 }
 
@@ -1863,6 +1870,46 @@ async fn share_apps_snapshot() {
     assert_eq!(r.status, 200);
     let r = cp.call("GET", &path, None).await;
     assert_eq!(r.body["share_apps"], apps);
+    // The host's pools show as the server's volumes: registered, then as
+    // each heartbeat measures them.
+    let detail = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    let d = cp.call("GET", &detail, None).await;
+    assert_eq!(
+        (
+            d.body["volumes"][0]["volume_size"].clone(),
+            d.body["volumes"][0]["volume_type"].clone(),
+            d.body["volumes"].as_array().map(Vec::len)
+        ),
+        (json!(64), json!("btrfs"), Some(1)),
+        "{:?}",
+        d.body
+    );
+    let pools = json!([
+        {"name": "thinpool", "backend": "btrfs", "size_bytes": 128u64 << 30,
+         "used_bytes": 2u64 << 30, "avail_bytes": 126u64 << 30},
+        {"name": "sharepool", "backend": "btrfs", "size_bytes": 50u64 << 30,
+         "used_bytes": 0, "avail_bytes": 50u64 << 30}]);
+    let hb = cp
+        .agent_post(
+            "/agent/v1/heartbeat",
+            json!({"node_id": "n1", "phones": [], "jobs": [], "pools": pools}),
+        )
+        .await;
+    assert_eq!(hb.status, 200);
+    let d = cp.call("GET", &detail, None).await;
+    let volumes: Vec<(Value, Value)> = d.body["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| (v["volume_id"].clone(), v["volume_size"].clone()))
+        .collect();
+    assert_eq!(
+        volumes,
+        vec![
+            (json!(format!("{sid}-thinpool")), json!(128)),
+            (json!(format!("{sid}-sharepool")), json!(50))
+        ]
+    );
     assert!(
         r.body["collect_time"]
             .as_str()
@@ -3023,10 +3070,30 @@ async fn share_jobs_need_a_flavor_with_shared_storage() {
     let with_share = buy(&cp, &seen, 1).await.remove(0);
     let mut b = buy_body(1);
     b["phone_model_name"] = json!("dev.cp.c1.noshare");
+    b["availability_zone"] = json!("az-dev-1");
     let r = cp.call("POST", "/v1/{p}/cloud-phone/phones", Some(b)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let without = r.body["server_ids"][0].as_str().expect("id").to_string();
     wait_for(&seen, |s| s.servers.len() == 2).await;
+    // Its phones are in its availability zone.
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/phones?server_id={without}"),
+            None,
+        )
+        .await;
+    let zones: Vec<&Value> = r.body["phones"]
+        .as_array()
+        .expect("phones")
+        .iter()
+        .map(|p| &p["availability_zone"])
+        .collect();
+    assert!(
+        !zones.is_empty() && zones.iter().all(|z| **z == json!("az-dev-1")),
+        "{:?}",
+        r.body
+    );
     let ids = json!([with_share, without]);
     let calls = [
         (

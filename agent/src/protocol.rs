@@ -56,6 +56,21 @@ pub struct Inventory {
     /// The encoding servers of this host's servers.
     #[serde(default)]
     pub encoders: Vec<EncoderState>,
+    /// The host's storage pools and their space.
+    #[serde(default)]
+    pub pools: Vec<PoolState>,
+}
+
+/// A storage pool of a host: `thinpool` (images and phones' volumes) or
+/// `sharepool` (shared files and apps), with its backend (`btrfs`,
+/// `overlay`) and space in bytes as last measured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolState {
+    pub name: String,
+    pub backend: String,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub avail_bytes: u64,
 }
 
 /// Answer to a registration.
@@ -80,6 +95,9 @@ pub struct Heartbeat {
     /// heartbeat (`None` when they could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_apps: Option<Vec<ShareApp>>,
+    /// The host's storage pools (`None` when they could not be measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pools: Option<Vec<PoolState>>,
 }
 
 /// One shared application: its package and the versions of its APKs.

@@ -26,7 +26,37 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
 
     // A wrong or missing token is refused.
     assert_eq!(http(&addr, "GET", "/v1/phones", "wrong", None).0, 401);
-    assert_eq!(http(&addr, "GET", "/v1/inventory", &token, None).0, 200);
+    // The inventory: the host's topology as placement reads it, and its
+    // pools measured.
+    let (code, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
+    assert_eq!(code, 200, "{inv}");
+    let topo =
+        cph_runtime::placement::Topology::discover(std::path::Path::new("/sys")).expect("topology");
+    assert_eq!(
+        (
+            inv["cpus"].as_u64(),
+            inv["numa_nodes"].as_u64(),
+            inv["gpus"].as_u64()
+        ),
+        (
+            Some(topo.cpus.len() as u64),
+            Some(topo.nodes.len() as u64),
+            Some(topo.gpus.len() as u64)
+        ),
+        "{inv}"
+    );
+    let pools = inv["pools"].as_array().expect("pools");
+    let names: Vec<&str> = pools.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["thinpool", "sharepool"], "{inv}");
+    for p in pools {
+        let (size, used, avail) = (
+            p["size_bytes"].as_u64().expect("size"),
+            p["used_bytes"].as_u64().expect("used"),
+            p["avail_bytes"].as_u64().expect("avail"),
+        );
+        assert!(size > 0 && used <= size && avail <= size, "{p}");
+        assert_eq!(p["backend"], "overlay", "{p}");
+    }
 
     let server = format!("s{pid}");
     let phone = format!("p{pid}");

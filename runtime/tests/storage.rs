@@ -521,6 +521,15 @@ fn sharepool_is_capped_and_reported() {
     let usage = s.share_usage().unwrap();
     assert_eq!(usage.max, 64 << 20);
     assert!(usage.used >= 4 << 20, "{usage:?}");
+    // The pool as a whole: the sharepool's bytes are in it.
+    let pool_usage = s.pool_usage().unwrap();
+    assert_eq!(s.name(), "btrfs");
+    assert!(
+        pool_usage.used >= 4 << 20
+            && pool_usage.used <= pool_usage.size
+            && pool_usage.avail <= pool_usage.size,
+        "{pool_usage:?}"
+    );
     let (cap, max) = capacity_report(&usage);
     assert_eq!(max, "64M");
     assert_eq!(cap.split(' ').count(), 4, "{cap}");
@@ -592,6 +601,12 @@ fn overlay_backend_clones_resets_and_remounts() {
     s2.prepare().unwrap();
     assert_eq!(std::fs::read(a.join("etc/os")).unwrap(), b"two\n");
     assert_eq!(s2.share_usage().unwrap().max, 1 << 30);
+    assert_eq!(s2.name(), "overlay");
+    let pool_usage = s2.pool_usage().unwrap();
+    assert!(
+        pool_usage.size > 0 && pool_usage.used <= pool_usage.size,
+        "{pool_usage:?}"
+    );
     s2.set_share_limit(5 << 30).unwrap();
     assert_eq!(s2.share_usage().unwrap().max, 5 << 30);
     let other = OverlayStorage::new(OverlayConfig {

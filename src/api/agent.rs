@@ -134,6 +134,9 @@ pub async fn heartbeat(
         if let Some(apps) = &hb.share_apps {
             st.store.set_share_apps(&hb.node_id, apps)?;
         }
+        if let Some(pools) = &hb.pools {
+            st.store.set_node_pools(&hb.node_id, pools)?;
+        }
         apply_jobs(&st, &hb.jobs)?;
         Ok(Accepted { accepted: true })
     })();

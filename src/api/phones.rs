@@ -21,14 +21,19 @@ pub const MAX_BATCH_PHONES: usize = 1000;
 /// Synchronous shell calls allowed per project per minute.
 pub const SYNC_SHELL_PER_MINUTE: u32 = 6;
 
-fn metadata(st: &Shared, p: &Phone) -> Value {
+/// What a phone shows of its server: the order (`metadata`) and the
+/// availability zone.
+fn of_server(st: &Shared, p: &Phone) -> (Value, String) {
     match st.store.server(&p.project_id, &p.server_id) {
-        Ok(Some(s)) => json!({"order_id": s.order_id, "product_id": s.product_id}),
-        _ => json!({"order_id": "", "product_id": ""}),
+        Ok(Some(s)) => (
+            json!({"order_id": s.order_id, "product_id": s.product_id}),
+            s.availability_zone,
+        ),
+        _ => (json!({"order_id": "", "product_id": ""}), String::new()),
     }
 }
 
-fn phone_json(p: &Phone, meta: Value) -> Value {
+fn phone_json(p: &Phone, (meta, zone): (Value, String)) -> Value {
     json!({
         "phone_name": p.phone_name,
         "server_id": p.server_id,
@@ -39,7 +44,7 @@ fn phone_json(p: &Phone, meta: Value) -> Value {
         "status": p.status,
         "type": p.phone_type,
         "metadata": meta,
-        "availability_zone": "",
+        "availability_zone": zone,
         "create_time": p.create_time,
         "update_time": p.update_time,
     })
@@ -85,13 +90,13 @@ pub async fn list(
         phone_type,
     };
     let phones = st.store.list_phones(&c.project_id, &f, offset, limit)?;
-    let mut metas: BTreeMap<String, Value> = BTreeMap::new();
+    let mut metas: BTreeMap<String, (Value, String)> = BTreeMap::new();
     let out: Vec<Value> = phones
         .iter()
         .map(|p| {
             let m = metas
                 .entry(p.server_id.clone())
-                .or_insert_with(|| metadata(&st, p))
+                .or_insert_with(|| of_server(&st, p))
                 .clone();
             phone_json(p, m)
         })
@@ -139,7 +144,7 @@ pub async fn detail(
             })
         })
         .collect();
-    let mut v = phone_json(&p, metadata(&st, &p));
+    let mut v = phone_json(&p, of_server(&st, &p));
     v["access_infos"] = json!(access);
     v["property"] = json!(p.property);
     if let Some(m) = v.as_object_mut() {

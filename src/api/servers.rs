@@ -106,7 +106,24 @@ pub async fn detail(
         .filter(|b| b.band_width_id == s.band_width_id)
         .map(super::misc::bandwidth_json)
         .collect::<Vec<_>>());
-    v["volumes"] = json!([]);
+    // The host's pools as its agent last measured them: the thinpool
+    // (images and phones' volumes) and the sharepool.
+    let pools = st
+        .store
+        .node_inventory(&s.node_id)?
+        .map(|inv| inv.pools)
+        .unwrap_or_default();
+    v["volumes"] = json!(pools
+        .iter()
+        .map(|p| json!({
+            "volume_name": format!("{}-{}", s.server_name, p.name),
+            "volume_id": format!("{}-{}", s.server_id, p.name),
+            "volume_size": p.size_bytes >> 30,
+            "volume_type": p.backend,
+            "create_time": s.create_time,
+            "update_time": s.update_time,
+        }))
+        .collect::<Vec<_>>());
     v["security_groups"] = json!([]);
     Ok(Reply::ok(v))
 }

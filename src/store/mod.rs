@@ -962,6 +962,21 @@ impl Store {
         Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 
+    /// A node's storage pools as its agent last measured them (kept in
+    /// its inventory).
+    pub fn set_node_pools(
+        &self,
+        node_id: &str,
+        pools: &[cph_agent::protocol::PoolState],
+    ) -> Result<()> {
+        self.db()?.execute(
+            "UPDATE nodes SET inventory = json_set(inventory, '$.pools', json(?2))
+             WHERE node_id = ?1",
+            params![node_id, serde_json::to_string(pools)?],
+        )?;
+        Ok(())
+    }
+
     /// Every node.
     pub fn nodes(&self) -> Result<Vec<Node>> {
         let c = self.db()?;

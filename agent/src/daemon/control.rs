@@ -97,12 +97,18 @@ pub async fn run(d: Arc<Daemon>) {
         let jobs: Vec<JobStatus> =
             std::mem::take(&mut *d.unreported.lock().unwrap_or_else(|p| p.into_inner()));
         let d2 = Arc::clone(&d);
-        let (phones, encoders, share_apps) = tokio::task::spawn_blocking(move || {
+        let (phones, encoders, share_apps, pools) = tokio::task::spawn_blocking(move || {
             let share_apps =
                 d2.phones.share_paths().ok().and_then(|paths| {
                     super::transfer::share_apps(&paths, &d2.share_app_versions).ok()
                 });
-            (d2.phones.states(), d2.phones.encoder_states(), share_apps)
+            let pools = d2.phones.pools().ok();
+            (
+                d2.phones.states(),
+                d2.phones.encoder_states(),
+                share_apps,
+                pools,
+            )
         })
         .await
         .unwrap_or_default();
@@ -112,6 +118,7 @@ pub async fn run(d: Arc<Daemon>) {
             jobs: jobs.clone(),
             encoders,
             share_apps,
+            pools,
         };
         let result = post(&client, &d, "/agent/v1/heartbeat", &hb)
             .await

@@ -491,9 +491,20 @@ impl Daemon {
     }
 
     pub fn inventory(&self) -> Inventory {
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
+        // The host's CPUs, NUMA nodes and GPUs as placement sees them.
+        let (cpus, numa_nodes, gpus) =
+            match cph_runtime::placement::Topology::discover(std::path::Path::new("/sys")) {
+                Ok(t) => (
+                    t.cpus.len() as u32,
+                    t.nodes.len() as u32,
+                    t.gpus.len() as u32,
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "host topology not read");
+                    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                    (cpus, 1, 0)
+                }
+            };
         let memory_mb = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|t| {
@@ -535,14 +546,18 @@ impl Daemon {
             },
             public_ip: self.cfg.network.public_ip.clone(),
             cpus,
-            numa_nodes: 1,
-            gpus: 0,
+            numa_nodes,
+            gpus,
             memory_mb,
             phone_capacity: self.cfg.phone_capacity,
             missing: self.missing.clone(),
             phones: self.phones.states(),
             encoder_ip: self.phones.network().map(|n| n.encoder_ip().to_string()),
             encoders: self.phones.encoder_states(),
+            pools: self.phones.pools().unwrap_or_else(|e| {
+                tracing::warn!(error = %e.msg, "storage pools not measured");
+                Vec::new()
+            }),
         }
     }
 }

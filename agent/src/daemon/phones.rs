@@ -747,6 +747,11 @@ impl Phones {
         self.volumes.share_usage()
     }
 
+    /// The host's storage pools and their space.
+    pub fn pools(&self) -> Result<Vec<crate::protocol::PoolState>, JobFailure> {
+        self.volumes.pools()
+    }
+
     /// Where a server's placement checkpoint is kept.
     fn placement_path(&self, server_id: &str) -> PathBuf {
         self.state_dir

@@ -18,7 +18,7 @@ use cph_runtime::storage::{
 
 use super::JobFailure;
 use crate::config::{StorageBackend, StorageConfig};
-use crate::protocol::ImageRef;
+use crate::protocol::{ImageRef, PoolState};
 
 const GIB: u64 = 1 << 30;
 
@@ -278,6 +278,29 @@ impl Volumes {
     /// Size, use and availability of the sharepool.
     pub fn share_usage(&self) -> Result<ShareUsage, JobFailure> {
         self.storage.share_usage().map_err(storage_fail)
+    }
+
+    /// The thinpool and the sharepool with their space.
+    pub fn pools(&self) -> Result<Vec<PoolState>, JobFailure> {
+        let pool = self.storage.pool_usage().map_err(storage_fail)?;
+        let share = self.storage.share_usage().map_err(storage_fail)?;
+        let backend = self.storage.name().to_string();
+        Ok(vec![
+            PoolState {
+                name: "thinpool".into(),
+                backend: backend.clone(),
+                size_bytes: pool.size,
+                used_bytes: pool.used,
+                avail_bytes: pool.avail,
+            },
+            PoolState {
+                name: "sharepool".into(),
+                backend,
+                size_bytes: share.size,
+                used_bytes: share.used,
+                avail_bytes: share.avail,
+            },
+        ])
     }
 }
 

@@ -22,9 +22,9 @@ use std::sync::Mutex;
 
 use super::cmd::{self, Btrfs, Invocation, Losetup, Mount, Runner, SystemRunner};
 use super::{
-    claim_owner, image_extract_options, is_mount_point, list_ids, read_owner, record_share_limit,
-    recorded_share_limit, share_usage_of, validate_id, ImportOutcome, SharePaths, ShareUsage,
-    Storage, StorageError, VolumeMeta,
+    claim_owner, fs_usage, image_extract_options, is_mount_point, list_ids, read_owner,
+    record_share_limit, recorded_share_limit, share_usage_of, validate_id, ImportOutcome,
+    PoolUsage, SharePaths, ShareUsage, Storage, StorageError, VolumeMeta,
 };
 
 /// Offset and value of the btrfs superblock magic.
@@ -454,6 +454,10 @@ impl BtrfsStorage {
 }
 
 impl Storage for BtrfsStorage {
+    fn name(&self) -> &'static str {
+        "btrfs"
+    }
+
     fn prepare(&self) -> Result<(), StorageError> {
         let _g = self.guard();
         let mp = &self.cfg.mount_point;
@@ -725,6 +729,10 @@ impl Storage for BtrfsStorage {
             files: root.join("share/files"),
             apps: root.join("share/apps"),
         })
+    }
+
+    fn pool_usage(&self) -> Result<PoolUsage, StorageError> {
+        fs_usage(self.root()?)
     }
 
     fn share_usage(&self) -> Result<ShareUsage, StorageError> {

@@ -147,6 +147,8 @@ pub struct ImportOutcome {
 
 /// A disk-layout backend. Object-safe: the agent holds a `Box<dyn Storage>`.
 pub trait Storage: Send + Sync {
+    /// The backend's name (`btrfs`, `overlay`).
+    fn name(&self) -> &'static str;
     /// Creates or rediscovers the pool (attach, mount, check the owner).
     /// Idempotent; never reformats an existing pool.
     fn prepare(&self) -> Result<(), StorageError>;
@@ -197,6 +199,9 @@ pub trait Storage: Send + Sync {
     fn share_paths(&self) -> Result<SharePaths, StorageError>;
     /// Size, use and availability of the sharepool.
     fn share_usage(&self) -> Result<ShareUsage, StorageError>;
+    /// Size, use and room of the pool the images and phones' volumes are
+    /// on (the sharepool included where it shares the filesystem).
+    fn pool_usage(&self) -> Result<PoolUsage, StorageError>;
     /// Caps the sharepool at `bytes` (the flavor's `max_share_disk_size_g`;
     /// 0: no cap but the pool's size). The cap is recorded in the pool and
     /// outlives restarts, taking the place of the configured default.
@@ -340,6 +345,29 @@ pub(crate) fn record_share_limit(root: &Path, bytes: u64) -> Result<(), StorageE
         &root.join(SHARE_LIMIT_FILE),
         format!("{bytes}\n").as_bytes(),
     )
+}
+
+/// A pool's space in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub size: u64,
+    pub used: u64,
+    pub avail: u64,
+}
+
+/// The space of the filesystem holding `path`, as `df` reports it (used is
+/// what is neither free nor reserved-free).
+pub(crate) fn fs_usage(path: &Path) -> Result<PoolUsage, StorageError> {
+    let vfs = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| StorageError::io("statvfs", path, e.into()))?;
+    let frag = vfs.fragment_size() as u64;
+    let size = vfs.blocks() as u64 * frag;
+    let free = vfs.blocks_free() as u64 * frag;
+    Ok(PoolUsage {
+        size,
+        used: size.saturating_sub(free),
+        avail: vfs.blocks_available() as u64 * frag,
+    })
 }
 
 /// Size, use and room of a sharepool from its use, its cap (0: none) and

@@ -14,9 +14,9 @@ use std::sync::Mutex;
 
 use super::cmd::{self, Mount, Runner, SystemRunner};
 use super::{
-    image_extract_options, is_mount_point, list_ids, read_owner, record_share_limit,
-    recorded_share_limit, share_usage_of, validate_id, ImportOutcome, SharePaths, ShareUsage,
-    Storage, StorageError, VolumeMeta,
+    fs_usage, image_extract_options, is_mount_point, list_ids, read_owner, record_share_limit,
+    recorded_share_limit, share_usage_of, validate_id, ImportOutcome, PoolUsage, SharePaths,
+    ShareUsage, Storage, StorageError, VolumeMeta,
 };
 
 /// Where the development layout lives.
@@ -140,6 +140,10 @@ fn set_opaque(dir: &Path) -> Result<(), StorageError> {
 }
 
 impl Storage for OverlayStorage {
+    fn name(&self) -> &'static str {
+        "overlay"
+    }
+
     fn prepare(&self) -> Result<(), StorageError> {
         let _g = self.guard();
         let root = &self.cfg.root;
@@ -369,6 +373,11 @@ impl Storage for OverlayStorage {
             files: self.dir("share/files"),
             apps: self.dir("share/apps"),
         })
+    }
+
+    fn pool_usage(&self) -> Result<PoolUsage, StorageError> {
+        self.check_prepared()?;
+        fs_usage(&self.cfg.root)
     }
 
     fn share_usage(&self) -> Result<ShareUsage, StorageError> {
