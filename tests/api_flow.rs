@@ -1419,7 +1419,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
             Some(delete(json!(many))),
         )
         .await;
-    assert_eq!(r.body["error_code"], "CPS.0094");
+    assert_eq!(r.body["error_code"], "CPS.0096");
     assert_eq!(status(&cp.call("GET", &server_path, None).await), Some(5));
 
     let tag = json!({"action": "create", "tags": [{"key": "env", "value": "prod"}]});
@@ -2915,7 +2915,7 @@ async fn share_filesystems_attach_and_detach() {
         (
             attach,
             body("sfs_turbo", "games", json!(many), None),
-            "CPS.0094",
+            "CPS.0096",
         ),
         (
             detach,

@@ -357,7 +357,7 @@ impl ApiError {
             E::ShareFilesUnsupported(_) => (bad, "CPS.0137"),
             E::ShareAppsUnsupported(_) => (bad, "CPS.0147"),
             E::ServerDeleting(_) | E::ServerCreating(_) => (bad, "CPS.0105"),
-            E::TooManyServerIds(_) => (bad, "CPS.0094"),
+            E::TooManyServerIds(_) => (bad, "CPS.0096"),
             E::TagResourceType(_) => (bad, "CPS.0300"),
             E::TagResourceId => (bad, "CPS.0301"),
             E::TagResourceNotFound(_) => (bad, "CPS.0302"),

@@ -626,7 +626,7 @@ where
         return Err(ApiError::ServerIdsEmpty);
     }
     if ids.len() > 100 {
-        return Err(ApiError::ServerIds);
+        return Err(ApiError::TooManyServerIds(100));
     }
     let mut out = Vec::new();
     for id in ids {
