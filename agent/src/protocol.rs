@@ -442,9 +442,14 @@ pub enum JobKind {
     ShareDeleteFiles {
         paths: Vec<String>,
     },
+    /// A shared application into the sharepool; with `pre_install` (the
+    /// API's `pre_install_app`) also installed in each running phone of the
+    /// server from there.
     SharePushApps {
         object: ObjectRef,
         package_name: String,
+        #[serde(default)]
+        pre_install: bool,
     },
     ShareDeleteApps {
         package_names: Vec<String>,

@@ -392,6 +392,37 @@ fn object_store_jobs_on_a_real_phone() {
         p.sh("ls -A /data/media/share/apps /data/media/share/apps/com.example.shared"),
         "/data/media/share/apps:\ncom.example.shared\n\n/data/media/share/apps/com.example.shared:\nsplit.apk\n"
     );
+    // Pre-installed: in every running phone of the server, from the
+    // sharepool.
+    assert!(!p.sh("pm list packages").contains("com.example.shared"));
+    let st = p.run_server(
+        json!({"kind": "share_push_apps", "object": obj("share/app.tar"),
+               "package_name": "com.example.shared", "pre_install": true}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert!(
+        st["execute_msg"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("installed in 1 running phones")),
+        "{st}"
+    );
+    assert!(
+        p.sh("pm list packages")
+            .contains("package:com.example.shared"),
+        "installed"
+    );
+    // An app without an APK cannot be pre-installed.
+    put("share/noapk.tar", tar_of(&[("readme.txt", b"no apk")]));
+    assert_failed(
+        &p.run_server(
+            json!({"kind": "share_push_apps", "object": obj("share/noapk.tar"),
+                   "package_name": "com.example.noapk", "pre_install": true}),
+        ),
+        "CPS.0119",
+    );
+    let st =
+        p.run_server(json!({"kind": "share_delete_apps", "package_names": ["com.example.noapk"]}));
+    assert_eq!(st["status"], 2, "{st}");
     let st =
         p.run_server(json!({"kind": "share_delete_apps", "package_names": ["com.example.shared"]}));
     assert_eq!(st["status"], 2, "{st}");

@@ -855,6 +855,8 @@ pub struct ShareAppsBody {
     object_path: Option<String>,
     package_name: Option<String>,
     package_names: Option<Vec<String>>,
+    /// 1: the app is also installed in each running phone of the servers.
+    pre_install_app: Option<i64>,
     server_ids: Vec<String>,
 }
 
@@ -872,6 +874,11 @@ pub async fn share_apps_push(
     }
     let pkg = b.package_name.clone().ok_or(ApiError::PackageName)?;
     validate::share_package(&pkg)?;
+    let pre_install = match b.pre_install_app {
+        None | Some(0) => false,
+        Some(1) => true,
+        Some(_) => return Err(ApiError::Field("pre_install_app").into()),
+    };
     let object = cph_agent::protocol::ObjectRef {
         bucket: bucket.into(),
         key: path.into(),
@@ -881,6 +888,7 @@ pub async fn share_apps_push(
         Ok(JobKind::SharePushApps {
             object: object.clone(),
             package_name: pkg.clone(),
+            pre_install,
         })
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))

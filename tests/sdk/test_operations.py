@@ -253,6 +253,7 @@ def test_share_apps_push_and_delete(client, server, s3):
                 bucket_name="e2e",
                 object_path="share/app.tar",
                 server_ids=[server_id],
+                pre_install_app=1,
             )
         )
     )
@@ -262,6 +263,8 @@ def test_share_apps_push_and_delete(client, server, s3):
         app = f"/data/media/share/apps/{pkg}"
         seen = shell(client, p, f"ls {app} {app}/lib/arm64")
         assert "base.apk" in seen and "libe2e.so" in seen, seen
+        # and pre-installed from there
+        assert f"package:{pkg}" in shell(client, p, "pm list packages"), p
     # The server's snapshot of its shared apps shows it after a heartbeat.
     assert poll(lambda: share_app_versions(client, server_id, pkg) == ["7.1"], 30, "snapshot")
     resp = client.delete_share_apps(
@@ -273,6 +276,7 @@ def test_share_apps_push_and_delete(client, server, s3):
     wait_jobs_ok(client, resp.jobs)
     for p in phones:
         assert pkg not in shell(client, p, "ls /data/media/share/apps")
+        uninstall(client, p, pkg)
     assert poll(lambda: share_app_versions(client, server_id, pkg) is None, 30, "snapshot")
 
 

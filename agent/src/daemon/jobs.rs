@@ -206,7 +206,17 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         JobKind::SharePushApps {
             object,
             package_name,
-        } => transfer::share_push_apps(ctx, object, package_name).map(Some),
+            pre_install,
+        } => transfer::share_push_apps(ctx, object, package_name)
+            .and_then(|msg| {
+                if *pre_install {
+                    transfer::preinstall_share_app(ctx, &req.server_id, package_name)
+                        .map(|done| format!("{msg}; {done}"))
+                } else {
+                    Ok(msg)
+                }
+            })
+            .map(Some),
         JobKind::ShareDeleteApps { package_names } => {
             transfer::share_delete_apps(ctx, package_names).map(Some)
         }

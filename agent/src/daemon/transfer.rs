@@ -16,7 +16,9 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use cph_runtime::archive::{self, ArchiveError, ExtractOptions, ExtractReport, Ownership};
-use cph_runtime::storage::{capacity_report, list_share_dir, SharePaths, StorageError};
+use cph_runtime::storage::{
+    capacity_report, list_share_dir, SharePaths, StorageError, PHONE_SHARE_APPS_DIR,
+};
 
 use super::jobs::JobContext;
 use super::jobstore::path_list;
@@ -779,6 +781,100 @@ fn share_files_path(paths: &SharePaths, api_path: &str) -> Result<PathBuf, JobFa
         }
     }
     Ok(host)
+}
+
+/// Installs a shared application in each running phone of `server_id`
+/// from where the sharepool shows it ([`PHONE_SHARE_APPS_DIR`]): its APKs
+/// (`base.apk` first, then the others by name) through `pm install -r`, or
+/// `install-multiple` for several. Stopped phones are named, not started;
+/// the job fails naming the phones whose `pm` failed.
+pub fn preinstall_share_app(
+    ctx: &JobContext<'_>,
+    server_id: &str,
+    package: &str,
+) -> Result<String, JobFailure> {
+    let dir = ctx.phones.share_paths()?.apps.join(package);
+    let mut apks: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| JobFailure::internal(format!("list {}: {e}", dir.display())))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".apk"))
+        .collect();
+    apks.sort_by_key(|n| (n != "base.apk", n.clone()));
+    if apks.is_empty() {
+        return Err(JobFailure::new(
+            "CPS.0119",
+            format!("shared app {package} holds no .apk file to install"),
+        ));
+    }
+    if apks.len() > MAX_APKS {
+        return Err(JobFailure::new(
+            "CPS.0118",
+            format!(
+                "shared app {package} holds {} APKs, more than {MAX_APKS}",
+                apks.len()
+            ),
+        ));
+    }
+    let in_phone: Vec<String> = apks
+        .iter()
+        .map(|n| format!("{PHONE_SHARE_APPS_DIR}/{package}/{n}"))
+        .collect();
+    let verb = if apks.len() > 1 {
+        "install-multiple"
+    } else {
+        "install"
+    };
+    let mut argv = vec!["pm", verb, "-r"];
+    argv.extend(in_phone.iter().map(String::as_str));
+    let (mut installed, mut stopped, mut failed) = (0, Vec::new(), Vec::new());
+    for phone in ctx.phones.phones_of(server_id) {
+        let _held = ctx.phones.hold(&phone);
+        if ctx.phones.require_running(&phone).is_err() {
+            stopped.push(phone);
+            continue;
+        }
+        match ctx
+            .phones
+            .exec(&phone, &argv, INSTALL_TIMEOUT, EXECUTE_MSG_MAX)
+        {
+            Ok(out)
+                if out.exit_code == Some(0)
+                    && String::from_utf8_lossy(&out.stdout).contains("Success") =>
+            {
+                installed += 1
+            }
+            Ok(out) => failed.push(format!(
+                "{phone} ({})",
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .trim()
+            )),
+            Err(e) => failed.push(format!("{phone} ({})", e.msg)),
+        }
+    }
+    let mut msg = format!("installed in {installed} running phones");
+    if !stopped.is_empty() {
+        msg.push_str(&format!(
+            "; not running, not installed: {}",
+            stopped.join(", ")
+        ));
+    }
+    if failed.is_empty() {
+        Ok(msg)
+    } else {
+        Err(JobFailure::new(
+            "CPS.0003",
+            format!(
+                "shared app {package} pushed, {msg}; pm {verb} failed in {}",
+                failed.join(", ")
+            ),
+        ))
+    }
 }
 
 /// Share files push: the tar is extracted into the shared files tree.
