@@ -366,7 +366,12 @@ fn update_keypair(
     // others on the old one.
     let failed: Vec<(String, JobFailure)> = phones
         .iter()
-        .filter_map(|p| install_key(ctx, p, key).err().map(|e| (p.clone(), e)))
+        .filter_map(|p| {
+            // A server's change takes each phone between its own jobs (a
+            // phone's change runs as one of them, the phone held already).
+            let _held = req.phone_id.is_none().then(|| ctx.phones.hold(p));
+            install_key(ctx, p, key).err().map(|e| (p.clone(), e))
+        })
         .collect();
     let Some((_, first)) = failed.first() else {
         return Ok(format!("key installed in {} phones", phones.len()));

@@ -438,6 +438,8 @@ impl Phones {
                 s.spawn(|| loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some(phone) = next else { break };
+                    // After the job the phone runs, if any.
+                    let _held = self.hold(phone);
                     if let Err(e) = self.delete(phone) {
                         tracing::warn!(phone_id = %phone, error = %e.msg, "phone not deleted");
                         failure
