@@ -344,6 +344,21 @@ pub fn image_size(execute_msg: &str) -> Option<u64> {
 }
 
 impl JobKind {
+    /// Kinds that work on every phone of their server, each in turn
+    /// between that phone's own jobs (whatever `phone_id` a request names).
+    pub fn is_server_wide(&self) -> bool {
+        matches!(
+            self,
+            JobKind::RestartServer
+                | JobKind::ChangeFlavor { .. }
+                | JobKind::AttachShareFs { .. }
+                | JobKind::DetachShareFs { .. }
+                | JobKind::DeleteServer
+                | JobKind::SharePushApps { .. }
+                | JobKind::CreateServer { .. }
+        )
+    }
+
     /// The wire name of the kind (`sync_shell`, `push`, ...), for logs.
     pub fn name(&self) -> String {
         serde_json::to_value(self)

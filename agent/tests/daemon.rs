@@ -397,6 +397,29 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         "gone"
     );
 
+    // A restore's swap caught half way (new entries partly moved in) is
+    // finished before the phone boots again.
+    let st = run(
+        "half-moved",
+        json!({"kind": "sync_shell",
+               "command": "mkdir -p /.cph-migrate-in/migrated && echo in > /.cph-migrate-in/migrated/f && : > /.cph-migrate-in.moving",
+               "timeout_ms": 2000}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    let st = run(
+        "restart-settles",
+        json!({"kind": "restart_phone", "image": null, "property": null}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        output(&run(
+            "settled",
+            json!({"kind": "sync_shell",
+                   "command": "cat /migrated/f; ls -a / | grep -c cph-migrate; true", "timeout_ms": 2000})
+        )),
+        "in\n0"
+    );
+
     let (_, st) = http(
         &addr,
         "POST",

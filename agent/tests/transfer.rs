@@ -509,6 +509,30 @@ fn object_store_jobs_on_a_real_phone() {
                           "object": {"bucket": "cph-migrate", "key": "m/none.tar"}}));
     assert_failed(&st, "CPS.0104");
     assert_eq!(p.sh("cat /data/local/only-here/f").trim(), "x");
+    // A phone cut off in the middle: unpacked aside and dropped, so the
+    // failure names nothing as written and the phone is as it was.
+    rt.block_on(store.put_bytes(
+        "cph-migrate",
+        "m/cut.tar",
+        whole[..whole.len() / 2].to_vec(),
+    ))
+    .expect("put cut object");
+    let st = p.run(json!({"kind": "restore",
+                          "object": {"bucket": "cph-migrate", "key": "m/cut.tar"}}));
+    assert_failed(&st, "CPS.0119");
+    let msg = st["error_msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.ends_with("the phone's root is as it was") && !msg.contains("were written"),
+        "{st}"
+    );
+    assert_eq!(st["execute_msg"], Value::Null, "{st}");
+    assert_eq!(p.state(), "running");
+    assert_eq!(p.sh("cat /data/local/only-here/f").trim(), "x");
+    assert_eq!(
+        p.sh("test -e /.cph-migrate-in && echo left || echo gone")
+            .trim(),
+        "gone"
+    );
     let st = p.run(json!({"kind": "restore",
                           "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}}));
     assert_eq!(st["status"], 2, "{st}");
@@ -580,12 +604,18 @@ fn object_store_jobs_on_a_real_phone() {
     let mut create2 = create.clone();
     create2["server_id"] = json!(second);
     create2["image"] = json!({"image_id": custom2, "url": format!("obs://cph-images/{image_key}")});
+    // With an encoding server, made from the custom image too (its job may
+    // run before any phone of the server imported the image).
+    create2["flavor"]["extend_spec"]["encode_server_spec"] =
+        json!({"cpu": 1, "memory": 128, "disk": 1});
     create2["phones"] =
         json!([{"phone_id": phone2, "phone_name": "phone-2", "slot": 0, "property": {}}]);
     let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create2));
     assert_eq!(code, 200, "{body}");
     let created = wait_job(&addr, &token, &format!("{second}:create:{phone2}"));
     assert_eq!(created["status"], 2, "{created}");
+    let encoder = wait_job(&addr, &token, &format!("{second}:encoder"));
+    assert_eq!(encoder["status"], 2, "{encoder}");
     assert!(images.join(&custom2).is_dir());
     let st = common::delete_server(&addr, &token, &second);
     assert_eq!(st["status"], 2, "{st}");

@@ -208,6 +208,8 @@ pub enum ApiError {
     ProductType,
     #[error("parameter: encode server id list is invalid")]
     EncodeServerIds,
+    #[error("parameter: pre_install_app is invalid")]
+    PreInstallApp,
     #[error("server {0} is being deleted")]
     ServerDeleting(String),
     #[error("server {0} is being created; delete it once it is created")]
@@ -350,6 +352,7 @@ impl ApiError {
             E::IsPublic => (bad, "CPS.0143"),
             E::ProductType => (bad, "CPS.0144"),
             E::EncodeServerIds => (bad, "CPS.0122"),
+            E::PreInstallApp => (bad, "CPS.0148"),
             E::ImageName => (bad, "CPS.0162"),
             E::ImageNotActive(_) => (bad, "CPS.0220"),
             E::PhoneNotSettled(_) => (bad, "CPS.0165"),

@@ -877,7 +877,7 @@ pub async fn share_apps_push(
     let pre_install = match b.pre_install_app {
         None | Some(0) => false,
         Some(1) => true,
-        Some(_) => return Err(ApiError::Field("pre_install_app").into()),
+        Some(_) => return Err(ApiError::PreInstallApp.into()),
     };
     let object = cph_agent::protocol::ObjectRef {
         bucket: bucket.into(),

@@ -226,7 +226,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
         JobKind::UpdateBandwidth { band_width_size } => phones
             .update_bandwidth(&req.server_id, *band_width_size)
             .map(|()| None),
-        JobKind::RestartEncodeServer => ctx.phones.restart_encoder(&req.server_id).map(|()| None),
+        JobKind::RestartEncodeServer => restart_encoder(ctx, &req.server_id).map(|()| None),
         JobKind::RestartServer => ctx.phones.restart_server(&req.server_id).map(Some),
         JobKind::DeleteServer => delete_server(ctx, &req.server_id).map(Some),
         JobKind::ExpandVolume { disk_gb } => {
@@ -244,6 +244,18 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
     }
 }
 
+/// Starts the server's encoding container afresh from the server's image,
+/// fetched first when it comes from the object store (a custom image the
+/// server's phones have not imported yet).
+fn restart_encoder(ctx: &JobContext<'_>, server_id: &str) -> Result<(), JobFailure> {
+    let server = ctx.phones.server(server_id)?;
+    let _using = ctx.phones.image_use();
+    if server.flavor.encode_server_spec().is_some() {
+        transfer::fetch_image(ctx, &server.image)?;
+    }
+    ctx.phones.restart_encoder(server_id)
+}
+
 /// Creates one phone of a recorded server from the server's image, with
 /// the server's key when it has one.
 fn create_phone(
@@ -252,13 +264,16 @@ fn create_phone(
     phone: &PhoneSpec,
 ) -> Result<(), JobFailure> {
     let phones = ctx.phones;
-    let server = phones.server(server_id)?;
     {
+        let server = phones.server(server_id)?;
         let _using = phones.image_use();
         transfer::fetch_image(ctx, &server.image)?;
         phones.create(server_id, phone)?;
     }
-    if let Some(key) = server
+    // The key as it is now: a keypair change during the image's download
+    // did not see this phone yet.
+    if let Some(key) = phones
+        .server(server_id)?
         .public_key
         .as_deref()
         .filter(|k| !k.trim().is_empty())
@@ -276,7 +291,7 @@ fn create_server(ctx: &JobContext<'_>, server: &CreateServer) -> Result<String, 
     ctx.phones.put_server(server)?;
     write_authorized_keys(ctx)?;
     if server.flavor.encode_server_spec().is_some() {
-        ctx.phones.restart_encoder(&server.server_id)?;
+        restart_encoder(ctx, &server.server_id)?;
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::Mutex::new(Vec::new());
@@ -288,6 +303,9 @@ fn create_server(ctx: &JobContext<'_>, server: &CreateServer) -> Result<String, 
                 let Some(phone) = server.phones.get(i) else {
                     break;
                 };
+                // Before any job of the phone (a switch's phone may be
+                // sent jobs while it is made).
+                let _held = ctx.phones.hold(&phone.phone_id);
                 if let Err(e) = create_phone(ctx, &server.server_id, phone) {
                     tracing::warn!(phone_id = %phone.phone_id, error = %e, "phone not created");
                     failed

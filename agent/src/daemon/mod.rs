@@ -411,6 +411,7 @@ impl Daemon {
             // not).
             let held_phone = match (&req.kind, &req.phone_id) {
                 (JobKind::SyncShell { .. }, _) => None,
+                (k, _) if k.is_server_wide() => None,
                 (JobKind::CreatePhone { phone }, _) => Some(phone.phone_id.as_str()),
                 (_, Some(p)) => Some(p.as_str()),
                 (_, None) => None,

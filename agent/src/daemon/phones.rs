@@ -855,6 +855,18 @@ impl Phones {
         if matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running)) {
             return Ok(());
         }
+        // Never on a root a migration's restore left between two phones.
+        if let Ok(root) = self.rootfs(&rec.spec.phone_id) {
+            super::transfer::settle_migration(&root).map_err(|e| {
+                JobFailure::new(
+                    &e.code,
+                    format!(
+                        "not started: a migration's restore left its root unsettled: {}",
+                        e.msg
+                    ),
+                )
+            })?;
+        }
         if self.rt.state(&name).is_ok() {
             self.rt.delete(&name, STOP_GRACE).map_err(container_fail)?;
         }
@@ -1326,8 +1338,14 @@ impl Phones {
         let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
         for r in recs {
             // A migration's restore cut off by a kill: its unpack removed,
-            // or its swap finished, before the phone boots.
-            if let Ok(root) = self.rootfs(&r.spec.phone_id) {
+            // or its swap finished (the phone is not running: a running
+            // one's root is its own).
+            let name = container_name(&r.spec.phone_id);
+            let running = matches!(
+                self.rt.state(&name).map(|s| s.status),
+                Ok(Status::Running) | Ok(Status::Paused)
+            );
+            if let (false, Ok(root)) = (running, self.rootfs(&r.spec.phone_id)) {
                 match super::transfer::settle_migration(&root) {
                     Ok(super::transfer::Settled::Nothing) => {}
                     Ok(s) => {

@@ -590,11 +590,16 @@ fn replace_root(
     remove_entry(&staging)?;
     std::fs::create_dir(&staging).map_err(|e| migration_fail("staging", &staging, e))?;
     // A kill leaves the staging directory, removed at the agent's start.
-    let report = match extract_from(reader, object, &staging, &phone_extract_options(None)) {
+    // A failure removes it: what it held is not named, the phone's root
+    // is untouched.
+    let mut reader = reader;
+    let report = match archive::extract_lent(&mut reader, &staging, &phone_extract_options(None)) {
         Ok(r) => r,
         Err(e) => {
             let _ = remove_entry(&staging);
-            return Err(e);
+            let mut f = archive_failure(object, e.root_cause());
+            f.msg.push_str("; the phone's root is as it was");
+            return Err(f);
         }
     };
     let marker = root.join(MIGRATE_UNPACKED);
@@ -744,8 +749,7 @@ pub fn create_image(
     } else {
         Ok(())
     };
-    let (_, stored) = written?;
-    started?;
+    let (_, stored) = with_restart(written, started)?;
     Ok(image_written(&url(object), stored))
 }
 
