@@ -134,6 +134,23 @@ fn assert_failed(st: &Value, code: &str) {
     assert_eq!(st["error_code"], code, "{st}");
 }
 
+/// The embedded store serving `dir` on a free port with [`BUCKET`] made,
+/// and a client of it.
+fn start_store(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (cph_agent::objstore::EmbeddedStore, ObjectStore) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind store");
+    let server_store = rt
+        .block_on(serve(dir.to_path_buf(), listener, AK.into(), SK.into()))
+        .expect("embedded store");
+    let store = ObjectStore::new(&server_store.client_config()).expect("client");
+    rt.block_on(store.create_bucket(BUCKET)).expect("bucket");
+    (server_store, store)
+}
+
 #[test]
 fn object_store_jobs_on_a_real_phone() {
     if !cph_runtime::privilege::check("object_store_jobs_on_a_real_phone") {
@@ -141,19 +158,7 @@ fn object_store_jobs_on_a_real_phone() {
     }
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind store");
-    let server_store = rt
-        .block_on(serve(
-            tmp.path().join("store"),
-            listener,
-            AK.into(),
-            SK.into(),
-        ))
-        .expect("embedded store");
-    let store = ObjectStore::new(&server_store.client_config()).expect("client");
-    rt.block_on(store.create_bucket(BUCKET)).expect("bucket");
+    let (server_store, store) = start_store(&rt, &tmp.path().join("store"));
     let put = |key: &str, data: Vec<u8>| {
         rt.block_on(store.put_bytes(BUCKET, key, data))
             .expect("put object");
@@ -754,19 +759,7 @@ fn a_push_cut_off_by_a_kill_names_what_it_may_have_written() {
     }
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind store");
-    let server_store = rt
-        .block_on(serve(
-            tmp.path().join("store"),
-            listener,
-            AK.into(),
-            SK.into(),
-        ))
-        .expect("embedded store");
-    let store = ObjectStore::new(&server_store.client_config()).expect("client");
-    rt.block_on(store.create_bucket(BUCKET)).expect("bucket");
+    let (server_store, store) = start_store(&rt, &tmp.path().join("store"));
     // 300 files of 1,000 bytes (1.5 KiB each in the tar); the download
     // stalls at 320 KiB, about 200 entries in.
     let names: Vec<String> = (0..300)
