@@ -767,7 +767,14 @@ fn share_failure(code: &str, e: StorageError) -> JobFailure {
 /// shared files tree, `/apps/...` style paths are not accepted here. Every
 /// existing component must be a real directory (a symlink pushed in a tar
 /// never redirects a listing or a deletion outside the pool).
-fn share_files_path(paths: &SharePaths, api_path: &str) -> Result<PathBuf, JobFailure> {
+/// The host path of a share path (beneath the shared files). No component
+/// may be a symlink, but the last one when `link_last` (a deletion removes
+/// the link itself; a push or a listing would go through it).
+fn share_files_path(
+    paths: &SharePaths,
+    api_path: &str,
+    link_last: bool,
+) -> Result<PathBuf, JobFailure> {
     let bad = || JobFailure::new("CPS.0155", format!("share path {api_path:?} is invalid"));
     let rel = api_path.trim_end_matches('/');
     let full = format!("/files{rel}");
@@ -779,7 +786,7 @@ fn share_files_path(paths: &SharePaths, api_path: &str) -> Result<PathBuf, JobFa
         at.push(c);
         let last = i + 1 == comps.len();
         match at.symlink_metadata() {
-            Ok(md) if md.file_type().is_symlink() && !last => return Err(bad()),
+            Ok(md) if md.file_type().is_symlink() && (!last || !link_last) => return Err(bad()),
             Ok(md) if !last && !md.is_dir() => return Err(bad()),
             _ => {}
         }
@@ -888,7 +895,7 @@ pub fn share_push_files(
     target_dir: &str,
 ) -> Result<String, JobFailure> {
     let paths = ctx.phones.share_paths()?;
-    let target = share_files_path(&paths, target_dir)?;
+    let target = share_files_path(&paths, target_dir, false)?;
     // A missing object leaves no new directory behind.
     let reader = open_download(ctx, object, PUSH_MAX_BYTES)?;
     std::fs::create_dir_all(&target)
@@ -912,7 +919,7 @@ pub fn share_list_files(
     limit: u32,
 ) -> Result<String, JobFailure> {
     let paths = ctx.phones.share_paths()?;
-    share_files_path(&paths, path)?;
+    share_files_path(&paths, path, false)?;
     let rel = format!("/files{}", path.trim_end_matches('/'));
     let listing = list_share_dir(&paths, &rel, offset as usize, limit.max(1) as usize)
         .map_err(|e| share_failure("CPS.0155", e))?;
@@ -971,7 +978,7 @@ pub fn share_delete_files(
     let paths = ctx.phones.share_paths()?;
     let mut resolved = Vec::new();
     for p in api_paths {
-        let host = share_files_path(&paths, p)?;
+        let host = share_files_path(&paths, p, true)?;
         if host == paths.files {
             return Err(JobFailure::new(
                 "CPS.0155",
@@ -1380,18 +1387,25 @@ mod tests {
         };
         std::fs::create_dir_all(paths.files.join("data/real")).expect("mkdir");
         std::os::unix::fs::symlink("/etc", paths.files.join("data/link")).expect("symlink");
-        assert!(share_files_path(&paths, "/data/real/x").is_ok());
+        assert!(share_files_path(&paths, "/data/real/x", false).is_ok());
         assert!(
-            share_files_path(&paths, "/data/link").is_ok(),
-            "the link itself"
+            share_files_path(&paths, "/data/link", true).is_ok(),
+            "the link itself, to delete"
         );
         assert_eq!(
-            share_files_path(&paths, "/data/link/passwd").map_err(|e| e.code),
-            Err("CPS.0155".to_string())
+            share_files_path(&paths, "/data/link", false).map_err(|e| e.code),
+            Err("CPS.0155".to_string()),
+            "pushed into or listed through"
         );
-        assert!(share_files_path(&paths, "/data/../x").is_err());
+        for link_last in [false, true] {
+            assert_eq!(
+                share_files_path(&paths, "/data/link/passwd", link_last).map_err(|e| e.code),
+                Err("CPS.0155".to_string())
+            );
+            assert!(share_files_path(&paths, "/data/../x", link_last).is_err());
+        }
         assert_eq!(
-            share_files_path(&paths, "/").expect("root"),
+            share_files_path(&paths, "/", false).expect("root"),
             paths.files.clone()
         );
     }
