@@ -133,14 +133,13 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         j.error_msg.as_deref(),
         execute.as_deref(),
     )?;
-    if let (true, JobKind::CreateImage { image_id, .. }) = (ended, &req.kind) {
-        let size = match j.status {
-            JobState::Succeeded => j
-                .execute_msg
-                .as_deref()
-                .and_then(cph_agent::protocol::image_size),
-            _ => None,
-        };
+    if let (true, JobState::Succeeded, JobKind::CreateImage { image_id, .. }) =
+        (ended, j.status, &req.kind)
+    {
+        let size = j
+            .execute_msg
+            .as_deref()
+            .and_then(cph_agent::protocol::image_size);
         store.finish_image(image_id, size)?;
         tracing::info!(%image_id, ?size, "image creation ended");
     }
@@ -161,12 +160,8 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         )?;
         tracing::info!(server_id = %req.server_id, %server_model_name, phone_model = %flavor.flavor_id, "server model changed");
     }
-    if let (true, JobState::Failed, JobKind::CreateServer { .. }) = (ended, j.status, &req.kind) {
-        // The phones its agent could not make would otherwise read as
-        // being created for ever.
-        let failed = store.fail_unmade_phones(&req.server_id)?;
-        store.refresh_server_status(&row.node_id)?;
-        tracing::warn!(server_id = %req.server_id, failed, error = ?j.error_msg, "server not fully made on its new host");
+    if let (true, JobState::Failed) = (ended, j.status) {
+        failed_effects(store, &req, &row.node_id)?;
     }
     if let (true, JobState::Succeeded) = (ended, j.status) {
         match &req.kind {
@@ -179,16 +174,64 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
             _ => {}
         }
     }
-    if ended && matches!(req.kind, JobKind::DeleteServer) {
-        if j.status == JobState::Succeeded {
-            store.release_server(&req.server_id)?;
-            tracing::info!(server_id = %req.server_id, "server deleted, its host is free");
-        } else {
-            store.set_server_abnormal(&req.server_id)?;
-            tracing::warn!(server_id = %req.server_id, error = ?j.error_msg, "server deletion failed");
-        }
+    if let (true, JobState::Succeeded, JobKind::DeleteServer) = (ended, j.status, &req.kind) {
+        store.release_server(&req.server_id)?;
+        tracing::info!(server_id = %req.server_id, "server deleted, its host is free");
     }
     Ok(())
+}
+
+/// What a failed job leaves to the control plane, whoever failed it (its
+/// agent, or the control plane giving up on a silent or unreachable one):
+/// an image being made reads failed, the phones a server's creation did
+/// not make read failed, a server whose deletion failed reads abnormal.
+fn failed_effects(store: &Store, req: &JobRequest, node_id: &str) -> Result<(), StoreError> {
+    match &req.kind {
+        JobKind::CreateImage { image_id, .. } => {
+            store.finish_image(image_id, None)?;
+            tracing::info!(%image_id, "image creation failed");
+        }
+        JobKind::CreateServer { .. } => {
+            // Else they would read as being created for ever.
+            let failed = store.fail_unmade_phones(&req.server_id)?;
+            store.refresh_server_status(node_id)?;
+            tracing::warn!(server_id = %req.server_id, failed, "server not fully made on its new host");
+        }
+        JobKind::DeleteServer => {
+            store.set_server_abnormal(&req.server_id)?;
+            tracing::warn!(server_id = %req.server_id, "server deletion failed");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// [`failed_effects`] of a job the store has just failed.
+pub fn after_failure(store: &Store, job_id: &str) -> Result<(), StoreError> {
+    let Some(row) = store.job_any(job_id)? else {
+        return Ok(());
+    };
+    let req: JobRequest = serde_json::from_str(&row.request)?;
+    failed_effects(store, &req, &row.node_id)
+}
+
+/// Fails a job the control plane gives up on, as a failure its agent
+/// reported would (its effects included); nothing when it had ended.
+pub fn fail_job(store: &Store, job_id: &str, code: &str, msg: &str) -> Result<(), StoreError> {
+    let Some(row) = store.job_any(job_id)? else {
+        return Ok(());
+    };
+    let req: JobRequest = serde_json::from_str(&row.request)?;
+    apply_status(
+        store,
+        &JobStatus {
+            job_id: req.job_id,
+            status: JobState::Failed,
+            error_code: Some(code.to_string()),
+            error_msg: Some(msg.to_string()),
+            execute_msg: None,
+        },
+    )
 }
 
 /// The loop's settings.
@@ -215,13 +258,25 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
             return;
         }
     };
+    // Agents get a whole silent period to reach a control plane back from
+    // a restart before their servers read abnormal and their jobs fail.
+    match store.restart_liveness() {
+        Ok(n) if n > 0 => tracing::info!(nodes = n, "liveness counted from this start"),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "liveness not reset at start"),
+    }
     let mut last_poll = std::time::Instant::now();
     loop {
         let deadline = crate::store::now_secs() - (cfg.heartbeat_secs * cfg.silent_after) as i64;
         match store.mark_silent_nodes(deadline) {
-            Ok(ids) => {
+            Ok((ids, failed)) => {
                 for id in ids {
                     tracing::warn!(node_id = %id, "agent silent, server and phones marked abnormal");
+                }
+                for job_id in failed {
+                    if let Err(e) = after_failure(&store, &job_id) {
+                        tracing::error!(error = %e, %job_id, "failed job's effects not applied");
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "liveness check failed"),
@@ -336,12 +391,11 @@ async fn send_jobs(
                 }
             };
             let Some(node) = node.filter(|n| n.alive) else {
-                store.update_job(
+                fail_job(
+                    store,
                     &j.job_id,
-                    -1,
-                    Some("CPS.0054"),
-                    Some("the agent of the server is not reachable"),
-                    None,
+                    "CPS.0054",
+                    "the agent of the server is not reachable",
                 )?;
                 continue;
             };
@@ -378,12 +432,11 @@ async fn send_jobs(
                     apply_status(store, &s)?;
                 }
             } else if attempts >= MAX_ATTEMPTS {
-                store.update_job(
+                fail_job(
+                    store,
                     &job_id,
-                    -1,
-                    Some("CPS.0054"),
-                    Some("the job could not be delivered to the agent of its server"),
-                    None,
+                    "CPS.0054",
+                    "the job could not be delivered to the agent of its server",
                 )?;
             }
         }

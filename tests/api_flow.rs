@@ -1309,10 +1309,23 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .await;
     assert_eq!(r.status, 403);
 
-    // Restart: same data dir, same state.
+    // Restart: same data dir, same state. A control plane away longer than
+    // the silent period gives its agents a whole period to reach it again
+    // before their servers read abnormal.
+    let server_path = format!("/v1/{{p}}/cloud-phone/servers/{node_of_server0}");
+    let before = cp.call("GET", &server_path, None).await.body["status"].clone();
+    assert_ne!(before, json!(2), "alive before the restart");
     let token = cp.token.clone();
     cp.stop().await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     let cp = Cp::start(dir.path().to_path_buf()).await;
+    // Its liveness check has run by then (within the 3 s silent period).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        cp.call("GET", &server_path, None).await.body["status"],
+        before,
+        "not silent at once"
+    );
     let r = cp
         .call_as(
             &token,
@@ -3170,5 +3183,56 @@ async fn share_jobs_need_a_flavor_with_shared_storage() {
         (json!(0), json!(50)),
         "{list}"
     );
+    cp.stop().await;
+}
+
+/// A job the control plane fails itself (its agent went silent) ends as a
+/// failure its agent reported would: the image it was making reads failed
+/// and can be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_whose_agent_goes_silent_reads_failed() {
+    let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    buy(&cp, &seen, 1).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    let phone = create["phones"][0]["phone_id"]
+        .as_str()
+        .expect("phone")
+        .to_string();
+    wait_running(&cp, &phone).await;
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(json!({"phone_id": phone, "image_name": "lost"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let image = r.body["image_id"].as_str().expect("image_id").to_string();
+    let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    sent_job(&seen, &job).await;
+    beat.abort();
+    let status = || async {
+        let r = cp.call("GET", "/v1/{p}/cloud-phone/images", None).await;
+        r.body["image_infos"][0]["status"].as_i64()
+    };
+    assert_eq!(status().await, Some(0), "being made");
+    let mut failed = false;
+    for _ in 0..100 {
+        if status().await == Some(2) {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(failed, "the image reads failed once its agent is silent");
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{job}"), None)
+        .await;
+    assert_eq!(
+        (r.body["status"].as_i64(), r.body["error_code"].as_str()),
+        (Some(-1), Some("CPS.0054"))
+    );
+    assert_eq!(delete_image(&cp, &image).await.status, 200);
     cp.stop().await;
 }

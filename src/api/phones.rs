@@ -869,12 +869,11 @@ async fn sync_results(
         }
         if tokio::time::Instant::now() >= deadline {
             for j in running {
-                st.store.update_job(
+                crate::dispatch::fail_job(
+                    &st.store,
                     &j.job_id,
-                    -1,
-                    Some("CPS.0054"),
-                    Some("no answer from the phone's agent within 30 s"),
-                    None,
+                    "CPS.0054",
+                    "no answer from the phone's agent within 30 s",
                 )?;
             }
             // Read again: an answer may have come in meanwhile.

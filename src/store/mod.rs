@@ -988,10 +988,20 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Counts every alive node as heard from now: the control plane was
+    /// away itself (restarted), so the silence since is its own, not the
+    /// agents'. Returns how many.
+    pub fn restart_liveness(&self) -> Result<usize> {
+        Ok(self.db()?.execute(
+            "UPDATE nodes SET last_seen = ?1 WHERE alive = 1",
+            [now_secs()],
+        )?)
+    }
+
     /// Marks nodes silent since before `deadline` dead, their servers abnormal
     /// (2) and their phones abnormal (-7); fails their unfinished jobs.
-    /// Returns the node ids newly marked.
-    pub fn mark_silent_nodes(&self, deadline: i64) -> Result<Vec<String>> {
+    /// Returns the node ids newly marked and the ids of the jobs failed.
+    pub fn mark_silent_nodes(&self, deadline: i64) -> Result<(Vec<String>, Vec<String>)> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
         let ids: Vec<String> = {
@@ -1001,6 +1011,7 @@ impl Store {
             rows.collect::<rusqlite::Result<_>>()?
         };
         let now = now_string();
+        let mut failed = Vec::new();
         for id in &ids {
             tx.execute("UPDATE nodes SET alive = 0 WHERE node_id = ?1", [id])?;
             tx.execute(
@@ -1012,15 +1023,18 @@ impl Store {
                  WHERE server_id IN (SELECT server_id FROM servers WHERE node_id = ?1)",
                 params![id, now],
             )?;
-            tx.execute(
+            let mut st = tx.prepare(
                 "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
                    error_msg = 'agent of the server stopped answering', end_time = ?2
-                 WHERE node_id = ?1 AND status = 1",
-                params![id, now],
+                 WHERE node_id = ?1 AND status = 1 RETURNING job_id",
             )?;
+            let rows = st.query_map(params![id, now], |r| r.get::<_, String>(0))?;
+            for r in rows {
+                failed.push(r?);
+            }
         }
         tx.commit()?;
-        Ok(ids)
+        Ok((ids, failed))
     }
 
     /// Applies a phone state an agent reported: status, access, traffic and

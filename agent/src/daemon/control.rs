@@ -5,14 +5,17 @@
 //! the next heartbeat forward (after a short pause that gathers the jobs
 //! ending together), so job results and phone states reach the API at once
 //! and a busy agent never goes silent. Failures retry with
-//! exponential backoff (1 s doubling to 60 s); phones and jobs carry on
-//! while the control plane is away. All requests carry the node token.
+//! exponential backoff (1 s doubling to 60 s for a registration, to the
+//! heartbeat period for heartbeats); phones and jobs carry on while the
+//! control plane is away. A heartbeat the control plane does not accept
+//! (it forgot the host) leads to a registration again. All requests carry
+//! the node token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::Daemon;
-use crate::protocol::{Heartbeat, JobStatus, Registered};
+use crate::protocol::{Accepted, Heartbeat, JobStatus, Registered};
 
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long an early heartbeat waits for other jobs ending with the first.
@@ -54,28 +57,37 @@ async fn post<T: serde::Serialize>(
     }
 }
 
-/// Registration and heartbeats, forever.
+/// Registration and heartbeats, forever. A heartbeat the control plane
+/// does not accept (it forgot this host) brings a registration again.
 pub async fn run(d: Arc<Daemon>) {
     if d.cfg.control_plane_url.is_empty() {
         return;
     }
     let Some(client) = client(&d) else { return };
-    let mut backoff = Duration::from_secs(1);
     let mut period = Duration::from_secs(d.cfg.heartbeat_secs.max(1));
-    // Register.
     loop {
-        let d2 = Arc::clone(&d);
+        period = register(&d, &client, period).await;
+        heartbeat(&d, &client, period).await;
+        tracing::warn!("the control plane no longer knows this host; registering again");
+    }
+}
+
+/// Registers (retrying with backoff); the heartbeat period answered.
+async fn register(d: &Arc<Daemon>, client: &reqwest::Client, period: Duration) -> Duration {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let d2 = Arc::clone(d);
         let inv = match tokio::task::spawn_blocking(move || d2.inventory()).await {
             Ok(i) => i,
-            Err(_) => return,
+            Err(_) => return period,
         };
-        match post(&client, &d, "/agent/v1/register", &inv).await {
+        match post(client, d, "/agent/v1/register", &inv).await {
             Ok(resp) => {
-                if let Ok(r) = resp.json::<Registered>().await {
-                    period = Duration::from_secs(r.heartbeat_secs.max(1));
-                }
                 tracing::info!(control_plane = %d.cfg.control_plane_url, "registered");
-                break;
+                return match resp.json::<Registered>().await {
+                    Ok(r) => Duration::from_secs(r.heartbeat_secs.max(1)),
+                    Err(_) => period,
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "registration failed");
@@ -84,7 +96,14 @@ pub async fn run(d: Arc<Daemon>) {
             }
         }
     }
-    backoff = Duration::from_secs(1);
+}
+
+/// Heartbeats every `period` (sooner when jobs end) until one is not
+/// accepted. Failures retry with backoff capped at the period, so a
+/// control plane back from a restart hears from this host before it
+/// counts it silent.
+async fn heartbeat(d: &Arc<Daemon>, client: &reqwest::Client, period: Duration) {
+    let mut backoff = Duration::from_secs(1);
     let mut next = tokio::time::Instant::now() + period;
     loop {
         let early = tokio::select! {
@@ -96,7 +115,7 @@ pub async fn run(d: Arc<Daemon>) {
         }
         let jobs: Vec<JobStatus> =
             std::mem::take(&mut *d.unreported.lock().unwrap_or_else(|p| p.into_inner()));
-        let d2 = Arc::clone(&d);
+        let d2 = Arc::clone(d);
         let (phones, encoders, share_apps, pools) = tokio::task::spawn_blocking(move || {
             let share_apps =
                 d2.phones.share_paths().ok().and_then(|paths| {
@@ -120,24 +139,36 @@ pub async fn run(d: Arc<Daemon>) {
             share_apps,
             pools,
         };
-        let result = post(&client, &d, "/agent/v1/heartbeat", &hb)
-            .await
-            .map(|_| ());
+        let result = match post(client, d, "/agent/v1/heartbeat", &hb).await {
+            Ok(resp) => resp
+                .json::<Accepted>()
+                .await
+                .map_err(|e| format!("answer: {e}")),
+            Err(e) => Err(e),
+        };
         next = tokio::time::Instant::now() + period;
         match result {
-            Ok(()) => backoff = Duration::from_secs(1),
+            Ok(Accepted { accepted: true }) => backoff = Duration::from_secs(1),
+            Ok(Accepted { accepted: false }) => {
+                // Reported again after the registration.
+                requeue(d, jobs);
+                return;
+            }
             Err(e) => {
-                // Keep the unreported jobs for the next attempt.
-                {
-                    let mut pending = d.unreported.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut again = jobs;
-                    again.append(&mut pending);
-                    *pending = again;
-                }
+                requeue(d, jobs);
                 tracing::warn!(error = %e, retry_in = ?backoff, "control-plane report failed");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = (backoff * 2).min(BACKOFF_MAX).min(period);
             }
         }
     }
+}
+
+/// Keeps job reports that did not get through for the next attempt, ahead
+/// of those that ended since.
+fn requeue(d: &Daemon, jobs: Vec<JobStatus>) {
+    let mut pending = d.unreported.lock().unwrap_or_else(|p| p.into_inner());
+    let mut again = jobs;
+    again.append(&mut pending);
+    *pending = again;
 }
