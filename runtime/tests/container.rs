@@ -261,6 +261,45 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
         "0",
         "timed-out exec left processes"
     );
+    // A command that leaves a process in the background holding its
+    // output ends at the deadline with what it wrote and its status; one
+    // whose background process let go of the output ends at once, that
+    // process left running.
+    let started = Instant::now();
+    let out =
+        f.rt.exec(
+            &name,
+            &["sh", "-c", "sleep 30 & echo started"],
+            Duration::from_millis(500),
+            1024,
+        )
+        .expect("exec");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held by its output"
+    );
+    assert_eq!(
+        (out.stdout.as_slice(), out.exit_code, out.timed_out),
+        (&b"started\n"[..], Some(0), false)
+    );
+    assert_eq!(f.sh(&name, "ps | grep '[s]leep 30' | wc -l").0, "0");
+    let started = Instant::now();
+    let out =
+        f.rt.exec(
+            &name,
+            &["sh", "-c", "sleep 31 >/dev/null 2>&1 & echo detached"],
+            Duration::from_secs(20),
+            1024,
+        )
+        .expect("exec");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.stdout, b"detached\n");
+    assert_eq!(f.sh(&name, "ps | grep '[s]leep 31' | wc -l").0, "1");
+    f.sh(&name, "pkill -f 'sleep 31' || kill $(pidof sleep) ; true");
     let out =
         f.rt.exec(
             &name,

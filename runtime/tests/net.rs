@@ -156,7 +156,31 @@ fn port_mapping_reaches_phone_private_ports_refused_outside_teardown_clean() {
     let up = cfg.upload_dev();
     let upload_filters = || in_ns(&host, "tc", &["filter", "show", "dev", &up, "parent", "1:"]);
     assert!(upload_filters().contains(&format!("flowid {minor} ")));
+    // A removal cut off after its map elements went (deleted here by
+    // hand) finishes when done again.
+    let of_b = |map: &str| -> Vec<(String, String)> {
+        nft_json_elements(&host, &cfg.table, map)
+            .into_iter()
+            .filter(|(_, data)| data.starts_with("10.210.0.3 "))
+            .collect()
+    };
+    let b_public = of_b("public_ports");
+    assert_eq!(b_public.len(), 1, "{b_public:?}");
+    in_ns(
+        &host,
+        "nft",
+        &[
+            "delete",
+            "element",
+            "ip",
+            &cfg.table,
+            "public_ports",
+            &format!("{{ {} }}", b_public[0].0),
+        ],
+    );
+    assert!(of_b("public_ports").is_empty());
     net.remove_phone("phone-b").unwrap();
+    assert!(of_b("public_ports").is_empty() && of_b("private_ports").is_empty());
     // Its classes in both trees and its upload filter went with it.
     for dev in cfg.shaped_devs() {
         let classes = in_ns(&host, "tc", &["class", "show", "dev", &dev]);

@@ -698,7 +698,14 @@ impl<R: Runner> NetManager<R> {
     /// Removes a phone's network: map elements, class, veth, conntrack.
     pub fn remove_phone(&mut self, phone_id: &str) -> Result<(), NetError> {
         let p = self.known(phone_id)?.clone();
-        self.apply_phone_delta(Some(&p), None)?;
+        match self.apply_phone_delta(Some(&p), None) {
+            Err(NetError::Command { status, .. }) if status == libc::ENOENT => {
+                // A removal cut off after some of its elements went: the
+                // rest one at a time, those gone skipped, so it can finish.
+                self.remove_elements_left(&p)?
+            }
+            r => r?,
+        }
         self.delete_shaping(|i| i == p.index)?;
         if self.host_links()?.contains(&p.host_if) {
             self.host_ip(vec![format!("link del {}", p.host_if)])?;
@@ -707,6 +714,27 @@ impl<R: Runner> NetManager<R> {
         self.save_phone(phone_id)?;
         self.drop_conntrack(p.ip, None);
         info!(phone_id, "phone network removed");
+        Ok(())
+    }
+
+    /// Deletes what is left of a phone's map elements, one at a time.
+    fn remove_elements_left(&mut self, p: &PhoneNet) -> Result<(), NetError> {
+        let batch = nft::phone_delta(&self.cfg, Some(p), None);
+        for change in &batch.changes {
+            for element in &change.elements {
+                let one = nfnl::ElemBatch {
+                    table: batch.table.clone(),
+                    changes: vec![nfnl::MapChange {
+                        elements: vec![element.clone()],
+                        ..change.clone()
+                    }],
+                };
+                match self.netlink(|s| s.apply(&one)) {
+                    Err(e) if e.errno() != Some(nix::errno::Errno::ENOENT) => return Err(e.into()),
+                    _ => {}
+                }
+            }
+        }
         Ok(())
     }
 
