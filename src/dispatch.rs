@@ -165,6 +165,12 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
     }
     if let (true, JobState::Succeeded) = (ended, j.status) {
         match &req.kind {
+            JobKind::UpdateKeypair {
+                keypair_name: Some(name),
+                ..
+            } if req.phone_id.is_none() => {
+                store.set_server_keypair(&row.project_id, &req.server_id, name)?;
+            }
             JobKind::AttachShareFs { fs } => {
                 store.set_server_share_fs(&req.server_id, &fs.fs_id, Some(&fs.source))?
             }

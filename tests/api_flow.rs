@@ -657,6 +657,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .await;
     assert_eq!(r.body["status"], 2);
     assert_eq!(r.body["execute_msg"], "ok");
+    assert_eq!(r.body["request_id"], json!(request_id), "the job's request");
+    assert_eq!(r.request_id, request_id, "in the header too");
 
     // Migration: one CPH job in two phases. The source's agent writes the
     // phone to the store; then the target's agent restores it under
@@ -1246,6 +1248,51 @@ async fn buy_phones_jobs_isolation_and_restart() {
         )
         .await;
     assert_eq!(r.body["jobs"][0]["error_code"], "CPS.0067", "{:?}", r.body);
+    // A keypair the project has: the server shows it once its agent put
+    // the key in place, not before, and not after a failure.
+    cph::store::Store::open_dir(dir.path())
+        .expect("store")
+        .put_keypair(
+            &cp.project_id,
+            "second",
+            "ssh-ed25519 AAAAsecond second@cph",
+        )
+        .expect("keypair");
+    let keypair_of = || async {
+        cp.call("GET", &format!("/v1/{{p}}/cloud-phone/servers/{sid}"), None)
+            .await
+            .body["keypair_name"]
+            .clone()
+    };
+    let before = keypair_of().await;
+    let change = |name: &'static str| {
+        let cp = &cp;
+        let sid = sid.clone();
+        async move {
+            let r = cp
+                .call(
+                    "PUT",
+                    "/v1/{p}/cloud-phone/servers/open-access",
+                    Some(json!({"servers": [{"server_id": sid, "keypair_name": name}]})),
+                )
+                .await;
+            r.body["jobs"][0]["job_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{:?}", r.body))
+                .to_string()
+        }
+    };
+    let job = change("second").await;
+    let sent = sent_job(&seen, &job).await;
+    assert_eq!(sent["keypair_name"], "second", "{sent}");
+    assert_eq!(keypair_of().await, before, "not before the agent's answer");
+    let failed = json!([{"job_id": job, "status": -1, "error_code": "CPS.0003", "error_msg": "no", "execute_msg": null}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", failed).await.status, 200);
+    assert_eq!(keypair_of().await, before, "nor after a failure");
+    let job = change("second").await;
+    let done = json!([{"job_id": job, "status": 2, "error_code": null, "error_msg": null, "execute_msg": "ok"}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", done).await.status, 200);
+    assert_eq!(keypair_of().await, json!("second"));
     let r = cp
         .call(
             "POST",

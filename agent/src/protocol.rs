@@ -471,6 +471,10 @@ pub enum JobKind {
     },
     UpdateKeypair {
         public_key: String,
+        /// The keypair's name, which the control plane records for the
+        /// server once the key is in place (the agent does not use it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keypair_name: Option<String>,
     },
     /// `direct` or `routing`.
     SetTraffic {

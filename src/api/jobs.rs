@@ -49,7 +49,11 @@ pub async fn detail(
         .store
         .job(&c.project_id, &job_id)?
         .ok_or(ApiError::JobNotFound(job_id))?;
-    Ok(Reply::ok(job_json(&j, false)))
+    // The request the job belongs to (what the job list takes), as the
+    // reference's detail shows it.
+    let mut v = job_json(&j, false);
+    v["request_id"] = json!(j.request_id);
+    Ok(Reply::ok(v))
 }
 
 #[derive(Deserialize)]

@@ -123,15 +123,16 @@ pub async fn change_keypair(
                     id: id.clone(),
                     err: ApiError::KeypairNotFound(keypair_name.clone()),
                 }),
-                Some(key) => {
-                    st.store
-                        .set_server_keypair(&c.project_id, id, keypair_name)?;
-                    t.push(Target::Server {
-                        server_id: s.server_id,
-                        node_id: s.node_id,
-                        kind: JobKind::UpdateKeypair { public_key: key },
-                    });
-                }
+                // Recorded for the server once its agent put the key in
+                // place (a refused or failed change keeps the old name).
+                Some(key) => t.push(Target::Server {
+                    server_id: s.server_id,
+                    node_id: s.node_id,
+                    kind: JobKind::UpdateKeypair {
+                        public_key: key,
+                        keypair_name: Some(keypair_name.clone()),
+                    },
+                }),
             },
         }
     }

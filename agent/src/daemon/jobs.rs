@@ -178,7 +178,7 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
                 })
             }
         }
-        JobKind::UpdateKeypair { public_key } => update_keypair(ctx, req, public_key).map(Some),
+        JobKind::UpdateKeypair { public_key, .. } => update_keypair(ctx, req, public_key).map(Some),
         JobKind::Push { object } => transfer::push(ctx, phone_of(req)?, object).map(Some),
         JobKind::Install { flags, objects } => {
             transfer::install(ctx, &req.job_id, phone_of(req)?, flags, objects).map(Some)
