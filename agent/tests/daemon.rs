@@ -491,6 +491,41 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
 
+    // A create sent again for a phone whose last step failed (a restart's
+    // failure, recorded by hand while the agent is down) starts it and
+    // keeps its data; it never makes the volume anew.
+    let st = run(
+        "keep-me",
+        json!({"kind": "sync_shell", "command": "echo kept > /data/local/keep-me", "timeout_ms": 2000}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    t.agent.kill();
+    let record = t.state.join(format!("phones/cph-{phone}.json"));
+    let mut rec = read_json(record.clone());
+    rec["failure"] = json!("restart failed");
+    std::fs::write(&record, rec.to_string()).expect("write record");
+    t.agent.restart();
+    let st = run(
+        "create-again",
+        json!({"kind": "create_phone",
+               "phone": {"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    // Read from the volume after a restart (a running phone could still
+    // see a dropped volume's files).
+    let st = run(
+        "restart-after-create",
+        json!({"kind": "restart_phone", "image": null, "property": null}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        output(&run(
+            "kept",
+            json!({"kind": "sync_shell", "command": "cat /data/local/keep-me", "timeout_ms": 2000})
+        )),
+        "kept"
+    );
+
     // A server keypair change replaces the server's earlier key in the
     // host's authorized_keys.
     let keys = t.state.join("ssh/authorized_keys");

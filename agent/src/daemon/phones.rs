@@ -77,6 +77,15 @@ pub struct PhoneRecord {
     /// it runs as host root.
     #[serde(default)]
     pub user_ns: Option<UserNamespace>,
+    /// Its volume was made: a create done again after a later failure (a
+    /// restart's) starts the phone rather than making its volume anew.
+    /// Records from before the field were made.
+    #[serde(default = "made_before")]
+    pub made: bool,
+}
+
+fn made_before() -> bool {
+    true
 }
 
 /// The phone registry over a container runtime.
@@ -947,8 +956,10 @@ impl Phones {
         let server = self.server(server_id)?;
         let existing = self.record(&spec.phone_id).ok();
         if let Some(existing) = &existing {
-            if existing.phase.is_none() && existing.failure.is_none() {
-                // Already created (a repeated create): make sure it runs.
+            let settled = existing.phase.is_none() && existing.failure.is_none();
+            if settled || (existing.made && existing.phase.is_none()) {
+                // Already made (a repeated create, or one after a later
+                // step failed): its volume and data stay; make sure it runs.
                 return self.start(&spec.phone_id);
             }
         }
@@ -967,13 +978,15 @@ impl Phones {
             resume: false,
             traffic_type: "direct".to_string(),
             user_ns,
+            made: false,
         };
         self.save(&rec)?;
         drop(ids_guard);
         let result = self
             .volumes
             .create(&spec.phone_id, &server.image, server.flavor.disk_gb)
-            .and_then(|_| self.boot(&rec));
+            .and_then(|_| self.update(&spec.phone_id, |r| r.made = true))
+            .and_then(|rec| self.boot(&rec));
         self.finish_phase(&spec.phone_id, &result)?;
         result
     }
