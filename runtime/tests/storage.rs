@@ -255,7 +255,21 @@ fn clones_are_isolated_and_reset_restores_the_image() {
         Err(StorageError::VolumeExists(_))
     ));
     assert_eq!(s.list_volumes().unwrap(), vec!["phone-a", "phone-b"]);
+    // Subvolumes the phone made inside its root (two deep) go with it.
+    let nested = a.join("data/nested");
+    let deeper = nested.join("deeper");
+    std::fs::create_dir_all(a.join("data")).unwrap();
+    for sub in [&nested, &deeper] {
+        let st = Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(sub)
+            .status()
+            .unwrap();
+        assert!(st.success(), "btrfs subvolume create {}", sub.display());
+    }
+    std::fs::write(deeper.join("f"), b"x").unwrap();
     s.delete_volume("phone-a").unwrap();
+    assert!(!nested.exists());
     s.delete_volume("phone-a").unwrap();
     assert_eq!(s.volume_path("phone-a").unwrap(), None);
     assert!(matches!(

@@ -412,9 +412,39 @@ impl BtrfsStorage {
         self.btrfs(Btrfs::QuotaEnable { mount: s(mp) }).map(|_| ())
     }
 
+    /// Deletes a subvolume, and first the subvolumes a phone made inside
+    /// it (its root may make them; the kernel refuses to delete a
+    /// subvolume holding others, and btrfs-progs before 6.12 cannot do it
+    /// in one go).
     fn delete_subvolume(&self, path: &Path) -> Result<(), StorageError> {
+        let first = self.btrfs(Btrfs::SubvolumeDelete { path: s(path) });
+        if first.is_ok() {
+            return Ok(());
+        }
+        let nested = self.nested_subvolumes(path)?;
+        if nested.is_empty() {
+            return first.map(|_| ());
+        }
+        for n in &nested {
+            self.delete_subvolume(n)?;
+        }
         self.btrfs(Btrfs::SubvolumeDelete { path: s(path) })
             .map(|_| ())
+    }
+
+    /// The subvolumes directly beneath subvolume `path`, as paths.
+    fn nested_subvolumes(&self, path: &Path) -> Result<Vec<PathBuf>, StorageError> {
+        let root = self.root()?.to_path_buf();
+        let out = self.run(Invocation::new(
+            "btrfs",
+            &["subvolume", "list", "-o", &s(path)],
+        ))?;
+        // `ID 259 gen 9 top level 258 path <path from the top level>`.
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(" path ").map(|(_, p)| p.trim()))
+            .map(|p| root.join(p.trim_start_matches("<FS_TREE>/")))
+            .collect())
     }
 
     fn subvol_id(&self, path: &Path) -> Result<u64, StorageError> {
