@@ -110,7 +110,9 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let null: OwnedFd = std::fs::File::open("/dev/null")
         .map_err(|e| format!("open /dev/null: {e}"))?
         .into();
-    let (go_r, go_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // Close-on-exec: init inherits neither end.
+    let (go_r, go_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // A named network namespace is joined by init; otherwise it gets a new one.
