@@ -504,7 +504,19 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let mut rec = read_json(record.clone());
     rec["failure"] = json!("restart failed");
     std::fs::write(&record, rec.to_string()).expect("write record");
+    // What jobs a kill cut off left: an installation's APKs, a share app's
+    // version not swapped in. Gone at the next start; a shared app stays.
+    let apk_left = t.state.join("staging/install-cut/0.apk");
+    let apps = t.state.join("pool/share/apps");
+    let share_left = apps.join(".com.example.cut.new");
+    std::fs::create_dir_all(apk_left.parent().expect("dir")).expect("staging");
+    std::fs::write(&apk_left, b"apk").expect("apk");
+    std::fs::create_dir_all(share_left.join("lib")).expect("share staging");
+    std::fs::create_dir_all(apps.join("com.example.kept")).expect("shared app");
     t.agent.restart();
+    assert!(!apk_left.exists() && !share_left.exists());
+    assert!(apps.join("com.example.kept").is_dir());
+    std::fs::remove_dir(apps.join("com.example.kept")).expect("remove");
     let st = run(
         "create-again",
         json!({"kind": "create_phone",

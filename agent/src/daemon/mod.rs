@@ -247,6 +247,7 @@ impl Daemon {
         let phones = Phones::open(&cfg.state_dir, &cfg.cgroup_parent, &shim, volumes, net)
             .map_err(DaemonError::Phones)?
             .with_user_namespaces(&cfg.user_namespaces);
+        sweep_scratch(&cfg.state_dir.join("staging"), &phones);
         let unreported: Vec<JobStatus> =
             interrupted.iter().filter_map(|id| store.get(id)).collect();
         for id in &interrupted {
@@ -559,6 +560,36 @@ impl Daemon {
                 tracing::warn!(error = %e.msg, "storage pools not measured");
                 Vec::new()
             }),
+        }
+    }
+}
+
+/// Removes what jobs a kill cut off left in the agent's scratch space
+/// (downloaded APKs) and in the sharepool's apps (a share app's new
+/// version not yet swapped in: names beginning with `.`).
+fn sweep_scratch(staging: &std::path::Path, phones: &Phones) {
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(staging) {
+        left.extend(entries.flatten().map(|e| e.path()));
+    }
+    if let Ok(paths) = phones.share_paths() {
+        if let Ok(entries) = std::fs::read_dir(&paths.apps) {
+            left.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    for path in left {
+        let removed = match path.symlink_metadata() {
+            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        match removed {
+            Ok(()) => tracing::info!(path = %path.display(), "left by a job cut off, removed"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "not removed"),
         }
     }
 }
