@@ -54,7 +54,7 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     ) {
         return;
     }
-    let t = TestAgent::start("enc", true, "");
+    let mut t = TestAgent::start("enc", true, "");
     let (addr, token, pid) = (t.addr.clone(), t.token.clone(), std::process::id());
     let (state, parent, shim) = (&t.state, &t.parent, &t.shim);
     let net = t.net.clone().expect("network");
@@ -175,7 +175,20 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     let second = rt.state(&enc_name).expect("encoder after restart");
     assert_ne!(first.pid, second.pid);
 
-    // Deleting the server takes the encoder with it.
+    // Deleting the server takes the encoder with it, also one its flavor
+    // no longer names (a flavor change whose removal of it failed; the
+    // record changed by hand while the agent is down).
+    t.agent.kill();
+    let record = state.join(format!("servers/cph-{server}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("server record")).expect("json");
+    let spec = rec["flavor"]["extend_spec"]
+        .as_object_mut()
+        .expect("extend_spec")
+        .remove("encode_server_spec");
+    assert!(spec.is_some(), "{rec}");
+    std::fs::write(&record, rec.to_string()).expect("write record");
+    t.agent.restart();
     let st = delete_server(&addr, &token, &server);
     assert_eq!(st["status"], 2, "{st}");
     assert!(rt.state(&enc_name).is_err(), "encoder left behind");

@@ -462,9 +462,9 @@ impl Phones {
         if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
-        if self.servers_with_encoder().iter().any(|s| s == server_id) {
-            self.remove_encoder(server_id)?;
-        }
+        // Whatever the flavor says now: a flavor change whose removal of
+        // the encoding server failed left it behind (a no-op without one).
+        self.remove_encoder(server_id)?;
         let placement = self.placement_path(server_id);
         if let Err(e) = std::fs::remove_file(&placement) {
             if e.kind() != std::io::ErrorKind::NotFound {
