@@ -272,6 +272,9 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
         Err(e) => tracing::error!(error = %e, "liveness not reset at start"),
     }
     let mut last_poll = std::time::Instant::now();
+    // Jobs whose delivery failed, since when.
+    let mut undelivered: std::collections::HashMap<String, std::time::Instant> =
+        std::collections::HashMap::new();
     loop {
         let deadline = crate::store::now_secs() - (cfg.heartbeat_secs * cfg.silent_after) as i64;
         match store.mark_silent_nodes(deadline) {
@@ -293,7 +296,7 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
         if let Err(e) = crate::events::start_due(&store, &catalog, crate::store::now_ms()) {
             tracing::warn!(error = %e, "scheduled events not started");
         }
-        if let Err(e) = send_jobs(&store, &client, &cfg).await {
+        if let Err(e) = send_jobs(&store, &client, &cfg, &mut undelivered).await {
             tracing::warn!(error = %e, "job dispatch failed");
         }
         if last_poll.elapsed() >= Duration::from_secs(cfg.heartbeat_secs.max(1)) {
@@ -375,7 +378,12 @@ async fn send_jobs(
     store: &Arc<Store>,
     client: &reqwest::Client,
     cfg: &LoopConfig,
+    undelivered: &mut std::collections::HashMap<String, std::time::Instant>,
 ) -> Result<(), DispatchError> {
+    // An agent restarting (an upgrade) is out of reach a few seconds: a
+    // job is given up only after [`MAX_ATTEMPTS`] and as long as the agent
+    // may be silent before it counts as gone.
+    let patience = Duration::from_secs(cfg.heartbeat_secs.max(1) * cfg.silent_after.max(1));
     loop {
         let jobs = store.undispatched_jobs(2000)?;
         if jobs.is_empty() {
@@ -434,10 +442,17 @@ async fn send_jobs(
         for ((job_id, ok, status), attempts) in sent.into_iter().zip(attempts) {
             if ok {
                 progress = true;
+                undelivered.remove(&job_id);
                 if let Some(s) = status {
                     apply_status(store, &s)?;
                 }
-            } else if attempts >= MAX_ATTEMPTS {
+                continue;
+            }
+            let since = *undelivered
+                .entry(job_id.clone())
+                .or_insert_with(std::time::Instant::now);
+            if attempts >= MAX_ATTEMPTS && since.elapsed() >= patience {
+                undelivered.remove(&job_id);
                 fail_job(
                     store,
                     &job_id,
@@ -507,8 +522,21 @@ async fn post_batch(
             .map(|(row, a)| match a.status {
                 Some(s) => (row, true, Some(s)),
                 None => {
+                    // A refusal (an id or a job the agent cannot take) is
+                    // the job's end, with the agent's reason; sending it
+                    // again would meet the same.
                     tracing::warn!(job_id = %a.job_id, code = ?a.error_code, error = ?a.error_msg, "job refused by its agent");
-                    (row, false, None)
+                    let refused = JobStatus {
+                        job_id: a.job_id,
+                        status: JobState::Failed,
+                        error_code: Some(a.error_code.unwrap_or_else(|| "CPS.0003".into())),
+                        error_msg: Some(
+                            a.error_msg
+                                .unwrap_or_else(|| "refused by the agent of its server".into()),
+                        ),
+                        execute_msg: None,
+                    };
+                    (row, true, Some(refused))
                 }
             })
             .collect(),

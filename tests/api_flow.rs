@@ -3283,3 +3283,97 @@ async fn an_image_whose_agent_goes_silent_reads_failed() {
     assert_eq!(delete_image(&cp, &image).await.status, 200);
     cp.stop().await;
 }
+
+/// A job its agent refuses (per job, in a batch) ends at once with the
+/// agent's code and reason; it is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_its_agent_refuses_fails_with_the_agents_reason() {
+    // An agent's batch endpoint that refuses every job (a double of the
+    // agent, as the recorder is, for the control plane's side).
+    let batches = Arc::new(Mutex::new(0u32));
+    let counted = batches.clone();
+    let (url, seen) = recorder().await;
+    let refuser = axum::Router::new()
+        .route(
+            "/v1/jobs/batch",
+            post(move |axum::Json(v): axum::Json<Value>| {
+                let counted = counted.clone();
+                async move {
+                    *counted.lock().expect("lock") += 1;
+                    let answers: Vec<Value> = v["jobs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|j| {
+                            json!({"job_id": j["job_id"], "status": null,
+                                        "error_code": "CPS.0001", "error_msg": "job id refused"})
+                        })
+                        .collect();
+                    axum::Json(Value::Array(answers))
+                }
+            }),
+        )
+        .fallback_service(axum::routing::any(move |req: axum::extract::Request| {
+            let url = url.clone();
+            async move {
+                // Everything else as the recorder answers it.
+                let client = reqwest::Client::new();
+                let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                let r = client
+                    .post(format!("{url}/v1/servers"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("forward");
+                axum::Json(r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let agent = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, refuser).await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let inv = serde_json::to_value(inventory("n1", &agent)).expect("json");
+    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    let sid = buy(&cp, &seen, 1).await.remove(0);
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let beat = keep_beating(&cp, "n1", running_phones(&create));
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/servers/batch-restart",
+            Some(json!({"server_ids": [sid]})),
+        )
+        .await;
+    let job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{:?}", r.body))
+        .to_string();
+    let mut ended = Value::Null;
+    for _ in 0..50 {
+        let r = cp
+            .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{job}"), None)
+            .await;
+        if r.body["status"] == -1 {
+            ended = r.body;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (ended["error_code"].as_str(), ended["error_msg"].as_str()),
+        (Some("CPS.0001"), Some("job id refused")),
+        "{ended}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(*batches.lock().expect("lock"), 1, "sent once");
+    beat.abort();
+    cp.stop().await;
+}
