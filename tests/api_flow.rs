@@ -1914,6 +1914,24 @@ async fn expand_volume_jobs() {
 async fn share_apps_snapshot() {
     let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
     let sid = buy(&cp, &seen, 1).await.remove(0);
+    // A phone its agent reports down after a failed reset or restart reads
+    // as that step failed (-5, -6), not as a failed creation (-8).
+    let create = seen.lock().expect("lock").servers[0].clone();
+    for (state, status) in [
+        (cph_agent::protocol::PhoneRunState::ResetFailed, -5),
+        (cph_agent::protocol::PhoneRunState::RestartFailed, -6),
+        (cph_agent::protocol::PhoneRunState::Failed, -8),
+    ] {
+        let mut phones = running_phones(&create);
+        phones[0].state = state;
+        let pid = phones[0].phone_id.clone();
+        let hb = json!({"node_id": "n1", "phones": phones, "jobs": []});
+        assert_eq!(cp.agent_post("/agent/v1/heartbeat", hb).await.status, 200);
+        let r = cp
+            .call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{pid}"), None)
+            .await;
+        assert_eq!(r.body["status"], status, "{state:?}: {:?}", r.body);
+    }
     let path = format!("/v1/{{p}}/servers/{sid}/share-apps-snapshot");
     let r = cp.call("GET", &path, None).await;
     assert_eq!(

@@ -261,8 +261,13 @@ pub enum PhoneRunState {
     Restarting,
     Resetting,
     Exited,
+    /// Not running after its creation (or a start) failed.
     Failed,
     Deleting,
+    /// Not running after a reset failed.
+    ResetFailed,
+    /// Not running after a restart failed.
+    RestartFailed,
 }
 
 /// A phone's access address for one port (`access_infos` of the API).

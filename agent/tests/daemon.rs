@@ -491,6 +491,24 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
 
+    // A restart that cannot start the phone again (its init gone) leaves
+    // it reading "restart failed" (the API's -6), not "creation failed".
+    let init = t.state.join(format!("pool/volumes/{phone}/rootfs/init"));
+    let moved = init.with_file_name("init.off");
+    std::fs::rename(&init, &moved).expect("hide init");
+    let st = run(
+        "restart-fails",
+        json!({"kind": "restart_phone", "image": null, "property": null}),
+    );
+    assert_eq!(st["status"], -1, "{st}");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "restart_failed", "{phones}");
+    std::fs::rename(&moved, &init).expect("init back");
+    let st = run("start-again", json!({"kind": "start_phone"}));
+    assert_eq!(st["status"], 2, "{st}");
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "{phones}");
+
     // A create sent again for a phone whose last step failed (a restart's
     // failure, recorded by hand while the agent is down) starts it and
     // keeps its data; it never makes the volume anew.

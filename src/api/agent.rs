@@ -20,6 +20,8 @@ pub fn phone_status(s: PhoneRunState) -> i32 {
         PhoneRunState::Stopped => 8,
         PhoneRunState::Exited => -7,
         PhoneRunState::Failed => -8,
+        PhoneRunState::ResetFailed => -5,
+        PhoneRunState::RestartFailed => -6,
     }
 }
 

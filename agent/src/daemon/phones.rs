@@ -82,6 +82,10 @@ pub struct PhoneRecord {
     /// Records from before the field were made.
     #[serde(default = "made_before")]
     pub made: bool,
+    /// The step [`PhoneRecord::failure`] comes from (a reset, a restart),
+    /// so a phone left down by it reads as that step failed.
+    #[serde(default)]
+    pub failed_in: Option<PhoneRunState>,
 }
 
 fn made_before() -> bool {
@@ -979,6 +983,7 @@ impl Phones {
             traffic_type: "direct".to_string(),
             user_ns,
             made: false,
+            failed_in: None,
         };
         self.save(&rec)?;
         drop(ids_guard);
@@ -997,6 +1002,12 @@ impl Phones {
         result: &Result<(), JobFailure>,
     ) -> Result<(), JobFailure> {
         self.update(phone_id, |r| {
+            // A step's inner start recorded the step already.
+            r.failed_in = if result.is_err() {
+                r.phase.or(r.failed_in)
+            } else {
+                None
+            };
             r.phase = None;
             r.failure = result.as_ref().err().map(|e| e.msg.clone());
         })
@@ -1252,17 +1263,25 @@ impl Phones {
                 Ok(Status::Exited { code }) if r.stopped => {
                     (PhoneRunState::Stopped, Some(format!("exit code {code}")))
                 }
+                // Down after a step of its own failed: that step's state.
+                Ok(Status::Exited { .. } | Status::Failed { .. }) | Err(_)
+                    if r.failure.is_some() =>
+                {
+                    (failed_state(r.failed_in), r.failure.clone())
+                }
                 Ok(Status::Exited { code }) => {
                     (PhoneRunState::Exited, Some(format!("exit code {code}")))
                 }
                 Ok(Status::Failed { reason }) => (PhoneRunState::Failed, Some(reason)),
-                Err(_) if r.failure.is_some() => (PhoneRunState::Failed, r.failure.clone()),
                 Err(_) if r.stopped => (PhoneRunState::Stopped, None),
                 Err(e) => (PhoneRunState::Failed, Some(e.to_string())),
             }
         };
         let reason = reason.or_else(|| {
-            if state == PhoneRunState::Failed {
+            if matches!(
+                state,
+                PhoneRunState::Failed | PhoneRunState::ResetFailed | PhoneRunState::RestartFailed
+            ) {
                 r.failure.clone()
             } else {
                 None
@@ -1383,6 +1402,15 @@ impl Phones {
             }
         }
         self.reconcile_encoders();
+    }
+}
+
+/// The state of a phone down after the step `failed_in` failed.
+fn failed_state(failed_in: Option<PhoneRunState>) -> PhoneRunState {
+    match failed_in {
+        Some(PhoneRunState::Resetting) => PhoneRunState::ResetFailed,
+        Some(PhoneRunState::Restarting) => PhoneRunState::RestartFailed,
+        _ => PhoneRunState::Failed,
     }
 }
 
