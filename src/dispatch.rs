@@ -18,6 +18,8 @@ use crate::store::{Store, StoreError};
 
 /// Attempts before a job that cannot reach its agent fails.
 pub const MAX_ATTEMPTS: u32 = 5;
+/// Undispatched jobs read at once.
+const UNDISPATCHED_BATCH: u32 = 2000;
 
 /// Dispatch failures.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +70,6 @@ impl Dispatcher {
 /// (the host is free again); one that failed leaves the server abnormal,
 /// to be deleted again.
 pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
-    let status: i32 = j.status.into();
     if j.status == JobState::Running {
         return Ok(());
     }
@@ -76,13 +77,33 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         .job_id
         .strip_suffix(MIGRATE_RESTORE_SUFFIX)
         .unwrap_or(&j.job_id);
+    match job_request(store, row_id)? {
+        Some((row, req)) if req.job_id == j.job_id => apply_to(store, &row, &req, j),
+        _ => Ok(()),
+    }
+}
+
+/// A job's row and the request its agent was sent.
+fn job_request(
+    store: &Store,
+    row_id: &str,
+) -> Result<Option<(crate::store::Job, JobRequest)>, StoreError> {
     let Some(row) = store.job_any(row_id)? else {
-        return Ok(());
+        return Ok(None);
     };
     let req: JobRequest = serde_json::from_str(&row.request)?;
-    if req.job_id != j.job_id {
-        return Ok(());
-    }
+    Ok(Some((row, req)))
+}
+
+/// [`apply_status`] of the job `row` that was sent as `req`.
+fn apply_to(
+    store: &Store,
+    row: &crate::store::Job,
+    req: &JobRequest,
+    j: &JobStatus,
+) -> Result<(), StoreError> {
+    let status: i32 = j.status.into();
+    let row_id = row.job_id.as_str();
     if let (
         JobState::Succeeded,
         JobKind::Migrate {
@@ -161,7 +182,7 @@ pub fn apply_status(store: &Store, j: &JobStatus) -> Result<(), StoreError> {
         tracing::info!(server_id = %req.server_id, %server_model_name, phone_model = %flavor.flavor_id, "server model changed");
     }
     if let (true, JobState::Failed) = (ended, j.status) {
-        failed_effects(store, &req, &row.node_id)?;
+        failed_effects(store, req, &row.node_id)?;
     }
     if let (true, JobState::Succeeded) = (ended, j.status) {
         match &req.kind {
@@ -214,30 +235,26 @@ fn failed_effects(store: &Store, req: &JobRequest, node_id: &str) -> Result<(), 
 
 /// [`failed_effects`] of a job the store has just failed.
 pub fn after_failure(store: &Store, job_id: &str) -> Result<(), StoreError> {
-    let Some(row) = store.job_any(job_id)? else {
-        return Ok(());
-    };
-    let req: JobRequest = serde_json::from_str(&row.request)?;
-    failed_effects(store, &req, &row.node_id)
+    match job_request(store, job_id)? {
+        Some((row, req)) => failed_effects(store, &req, &row.node_id),
+        None => Ok(()),
+    }
 }
 
 /// Fails a job the control plane gives up on, as a failure its agent
 /// reported would (its effects included); nothing when it had ended.
 pub fn fail_job(store: &Store, job_id: &str, code: &str, msg: &str) -> Result<(), StoreError> {
-    let Some(row) = store.job_any(job_id)? else {
+    let Some((row, req)) = job_request(store, job_id)? else {
         return Ok(());
     };
-    let req: JobRequest = serde_json::from_str(&row.request)?;
-    apply_status(
-        store,
-        &JobStatus {
-            job_id: req.job_id,
-            status: JobState::Failed,
-            error_code: Some(code.to_string()),
-            error_msg: Some(msg.to_string()),
-            execute_msg: None,
-        },
-    )
+    let failed = JobStatus {
+        job_id: req.job_id.clone(),
+        status: JobState::Failed,
+        error_code: Some(code.to_string()),
+        error_msg: Some(msg.to_string()),
+        execute_msg: None,
+    };
+    apply_to(store, &row, &req, &failed)
 }
 
 /// The loop's settings.
@@ -385,7 +402,14 @@ async fn send_jobs(
     // may be silent before it counts as gone.
     let patience = Duration::from_secs(cfg.heartbeat_secs.max(1) * cfg.silent_after.max(1));
     loop {
-        let jobs = store.undispatched_jobs(2000)?;
+        let jobs = store.undispatched_jobs(UNDISPATCHED_BATCH)?;
+        if jobs.len() < UNDISPATCHED_BATCH as usize {
+            // Every job still to send is here: those no longer waiting
+            // (ended some other way, an agent gone silent) are forgotten.
+            let waiting: std::collections::HashSet<&str> =
+                jobs.iter().map(|j| j.job_id.as_str()).collect();
+            undelivered.retain(|id, _| waiting.contains(id.as_str()));
+        }
         if jobs.is_empty() {
             return Ok(());
         }

@@ -117,6 +117,22 @@ fn inventory(node_id: &str, url: &str) -> Inventory {
     }
 }
 
+/// An operator's flavor `name` of the development server in the catalog of
+/// the data directory `dir`: two phones of 1 CPU and 512 MB for images of
+/// `label`, no shared storage nor sharepool.
+fn dev_flavor(dir: &std::path::Path, name: &str, label: &str, product_type: u32) {
+    std::fs::write(
+        dir.join(format!("catalog-{name}.json")),
+        json!({"phone_models": [{"server_model_name": "physical.dev.local",
+            "phone_model_name": name, "status": 1, "cpu": 1.0, "memory": 512,
+            "disk": 2, "resolution": "720x1280", "extend_spec": {"core_bind_strategy": "dev_small"},
+            "spec_code": name, "phone_capacity": 2, "image_label": label,
+            "product_type": product_type}]})
+        .to_string(),
+    )
+    .expect("catalog file");
+}
+
 /// The catalog's public image labelled `cloud_game`.
 const GAME_IMAGE_ID: &str = "20032420200401a60b0003a99684b8ea";
 
@@ -463,16 +479,7 @@ async fn catalog_auth_and_errors() {
 async fn buy_phones_jobs_isolation_and_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     // An operator's flavor of the development server for game images.
-    std::fs::write(
-        dir.path().join("catalog-game.json"),
-        json!({"phone_models": [{"server_model_name": "physical.dev.local",
-            "phone_model_name": "dev.cg.c1.m512", "status": 1, "cpu": 1.0, "memory": 512,
-            "disk": 2, "resolution": "720x1280", "extend_spec": {"core_bind_strategy": "dev_small"},
-            "spec_code": "dev.cg.c1.m512", "phone_capacity": 2, "image_label": "cloud_game",
-            "product_type": 1}]})
-        .to_string(),
-    )
-    .expect("catalog file");
+    dev_flavor(dir.path(), "dev.cg.c1.m512", "cloud_game", 1);
     let cp = Cp::start(dir.path().to_path_buf()).await;
     let (url, seen) = recorder().await;
 
@@ -3133,16 +3140,7 @@ async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn share_jobs_need_a_flavor_with_shared_storage() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("catalog-noshare.json"),
-        json!({"phone_models": [{"server_model_name": "physical.dev.local",
-            "phone_model_name": "dev.cp.c1.noshare", "status": 1, "cpu": 1.0, "memory": 512,
-            "disk": 2, "resolution": "720x1280", "extend_spec": {"core_bind_strategy": "dev_small"},
-            "spec_code": "dev.cp.c1.noshare", "phone_capacity": 2, "image_label": "cloud_phone",
-            "product_type": 0}]})
-        .to_string(),
-    )
-    .expect("catalog file");
+    dev_flavor(dir.path(), "dev.cp.c1.noshare", "cloud_phone", 0);
     let cp = Cp::start(dir.path().to_path_buf()).await;
     let (url, seen) = recorder().await;
     for n in ["n1", "n2"] {

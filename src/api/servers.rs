@@ -763,29 +763,36 @@ pub async fn share_files_push(
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))
 }
 
-/// Whether the server's phone flavor names `key` in its `extend_spec`
-/// (the reference: shared storage is there when `max_share_disk_size_g` is;
-/// shared apps live in the flavor's sharepool, `sharepool_size_g`).
-fn flavor_names(st: &Shared, s: &Server, key: &str) -> bool {
-    st.catalog
+/// The server's phone flavor names `key` in its `extend_spec`, else
+/// `unsupported` of the server (the reference: shared storage is there
+/// when `max_share_disk_size_g` is; shared apps live in the flavor's
+/// sharepool, `sharepool_size_g`).
+fn flavor_offers(
+    st: &Shared,
+    s: &Server,
+    key: &str,
+    unsupported: fn(String) -> ApiError,
+) -> Result<(), ApiError> {
+    let offered = st
+        .catalog
         .phone_model(&s.phone_model_name)
-        .is_some_and(|m| m.extend_spec.get(key).is_some())
+        .is_some_and(|m| m.extend_spec.get(key).is_some());
+    offered
+        .then_some(())
+        .ok_or_else(|| unsupported(s.server_id.clone()))
 }
 
 fn share_files_supported(st: &Shared, s: &Server) -> Result<(), ApiError> {
-    if flavor_names(st, s, "max_share_disk_size_g") {
-        Ok(())
-    } else {
-        Err(ApiError::ShareFilesUnsupported(s.server_id.clone()))
-    }
+    flavor_offers(
+        st,
+        s,
+        "max_share_disk_size_g",
+        ApiError::ShareFilesUnsupported,
+    )
 }
 
 fn share_apps_supported(st: &Shared, s: &Server) -> Result<(), ApiError> {
-    if flavor_names(st, s, "sharepool_size_g") {
-        Ok(())
-    } else {
-        Err(ApiError::ShareAppsUnsupported(s.server_id.clone()))
-    }
+    flavor_offers(st, s, "sharepool_size_g", ApiError::ShareAppsUnsupported)
 }
 
 pub async fn share_files_delete(

@@ -141,11 +141,17 @@ impl JobStore {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let mut inner = Inner::default();
         let mut interrupted = Vec::new();
+        let mut journals = Vec::new();
         for entry in fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => {}
+                Some(JOURNAL_EXT) => {
+                    journals.push(path);
+                    continue;
+                }
+                _ => continue,
             }
             let text = fs::read(&path).map_err(io(&path))?;
             let mut rec: JobRecord =
@@ -180,11 +186,8 @@ impl JobStore {
         }
         // Journals are read above; those of jobs that ended were left by a
         // kill after their end was recorded.
-        for entry in fs::read_dir(dir).map_err(io(dir))? {
-            let path = entry.map_err(io(dir))?.path();
-            if path.extension().and_then(|e| e.to_str()) == Some(JOURNAL_EXT) {
-                fs::remove_file(&path).map_err(io(&path))?;
-            }
+        for path in journals {
+            fs::remove_file(&path).map_err(io(&path))?;
         }
         Ok((
             Self {

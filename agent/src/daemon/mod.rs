@@ -583,13 +583,9 @@ fn sweep_scratch(staging: &std::path::Path, phones: &Phones) {
         }
     }
     for path in left {
-        let removed = match path.symlink_metadata() {
-            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
-            _ => std::fs::remove_file(&path),
-        };
-        match removed {
-            Ok(()) => tracing::info!(path = %path.display(), "left by a job cut off, removed"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "not removed"),
+        match transfer::remove_entry(&path) {
+            Ok(_) => tracing::info!(path = %path.display(), "left by a job cut off, removed"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e.msg, "not removed"),
         }
     }
 }

@@ -960,8 +960,7 @@ impl Phones {
         let server = self.server(server_id)?;
         let existing = self.record(&spec.phone_id).ok();
         if let Some(existing) = &existing {
-            let settled = existing.phase.is_none() && existing.failure.is_none();
-            if settled || (existing.made && existing.phase.is_none()) {
+            if existing.phase.is_none() && (existing.failure.is_none() || existing.made) {
                 // Already made (a repeated create, or one after a later
                 // step failed): its volume and data stay; make sure it runs.
                 return self.start(&spec.phone_id);
@@ -1369,15 +1368,18 @@ impl Phones {
         }
         let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
         for r in recs {
-            // A migration's restore cut off by a kill: its unpack removed,
-            // or its swap finished (the phone is not running: a running
-            // one's root is its own).
+            // A running phone (an agent restart leaves it be) has its root
+            // as it runs on it.
             let name = container_name(&r.spec.phone_id);
-            let running = matches!(
+            if matches!(
                 self.rt.state(&name).map(|s| s.status),
                 Ok(Status::Running) | Ok(Status::Paused)
-            );
-            if let (false, Ok(root)) = (running, self.rootfs(&r.spec.phone_id)) {
+            ) {
+                continue;
+            }
+            // A migration's restore cut off by a kill: its unpack removed,
+            // or its swap finished.
+            if let Ok(root) = self.rootfs(&r.spec.phone_id) {
                 match super::transfer::settle_migration(&root) {
                     Ok(super::transfer::Settled::Nothing) => {}
                     Ok(s) => {
@@ -1391,14 +1393,8 @@ impl Phones {
             if r.stopped || r.failure.is_some() {
                 continue;
             }
-            let name = container_name(&r.spec.phone_id);
-            match self.rt.state(&name).map(|s| s.status) {
-                Ok(Status::Running) | Ok(Status::Paused) => {}
-                _ => {
-                    if let Err(e) = self.boot(&r) {
-                        tracing::warn!(phone = %r.spec.phone_id, error = %e, "phone not restarted");
-                    }
-                }
+            if let Err(e) = self.boot(&r) {
+                tracing::warn!(phone = %r.spec.phone_id, error = %e, "phone not restarted");
             }
         }
         self.reconcile_encoders();

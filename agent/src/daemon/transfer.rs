@@ -359,13 +359,7 @@ pub fn install(
         tracing::warn!(phone, error = %e, "installation files left in the phone");
     }
     let out = out?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .trim()
-    .to_string();
+    let text = output_text(&out);
     if out.timed_out {
         return Err(JobFailure::new(
             "CPS.0054",
@@ -383,6 +377,17 @@ pub fn install(
         });
     }
     Ok(format!("{package}: {text}"))
+}
+
+/// A command's output and errors together, trimmed.
+fn output_text(out: &cph_runtime::container::ExecOutput) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .trim()
+    .to_string()
 }
 
 /// An export path: absolute, beneath `/data` or `/cache`, no `..`.
@@ -579,7 +584,7 @@ const MIGRATE_MOVING: &str = ".cph-migrate-in.moving";
 /// during the swap is finished by [`settle_migration`] at the agent's next
 /// start (the phone is then the migrated one, never a mix).
 fn replace_root(
-    reader: ObjectReader,
+    mut reader: ObjectReader,
     object: &ObjectRef,
     root: &Path,
 ) -> Result<ExtractReport, JobFailure> {
@@ -592,7 +597,6 @@ fn replace_root(
     // A kill leaves the staging directory, removed at the agent's start.
     // A failure removes it: what it held is not named, the phone's root
     // is untouched.
-    let mut reader = reader;
     let report = match archive::extract_lent(&mut reader, &staging, &phone_extract_options(None)) {
         Ok(r) => r,
         Err(e) => {
@@ -766,10 +770,9 @@ fn share_failure(code: &str, e: StorageError) -> JobFailure {
 /// Host path of a sharepool path as the API names it: `/data/x` lies in the
 /// shared files tree, `/apps/...` style paths are not accepted here. Every
 /// existing component must be a real directory (a symlink pushed in a tar
-/// never redirects a listing or a deletion outside the pool).
-/// The host path of a share path (beneath the shared files). No component
-/// may be a symlink, but the last one when `link_last` (a deletion removes
-/// the link itself; a push or a listing would go through it).
+/// never redirects a push, a listing or a deletion outside the pool); the
+/// last one may be a symlink only when `link_last` (a deletion removes the
+/// link itself).
 fn share_files_path(
     paths: &SharePaths,
     api_path: &str,
@@ -856,15 +859,7 @@ pub fn preinstall_share_app(
             {
                 installed += 1
             }
-            Ok(out) => failed.push(format!(
-                "{phone} ({})",
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .trim()
-            )),
+            Ok(out) => failed.push(format!("{phone} ({})", output_text(&out))),
             Err(e) => failed.push(format!("{phone} ({})", e.msg)),
         }
     }
@@ -1195,6 +1190,11 @@ mod tests {
             }
         };
         let all = ["data", "system"];
+        // Settled as `want`, the root holding the new phone alone.
+        let settles_to = |root: &Path, want: Settled| {
+            assert_eq!(settle_migration(root).expect("settle"), want);
+            assert_eq!(files(root), new_phone());
+        };
         // Unpack cut off: the old phone stays.
         let t = tempfile::tempdir().expect("tempdir");
         old(t.path());
@@ -1210,45 +1210,25 @@ mod tests {
         write(t.path(), "vendor/d", "old d");
         staged(t.path(), &all);
         std::fs::write(t.path().join(MIGRATE_UNPACKED), "").expect("marker");
-        assert_eq!(
-            settle_migration(t.path()).expect("settle"),
-            Settled::Finished
-        );
-        assert_eq!(files(t.path()), new_phone());
+        settles_to(t.path(), Settled::Finished);
         // Old entries gone, new ones partly moved.
         let t = tempfile::tempdir().expect("tempdir");
         write(t.path(), "data/app/a", "new a");
         write(t.path(), "data/b", "new b");
         staged(t.path(), &["system"]);
         std::fs::write(t.path().join(MIGRATE_MOVING), "").expect("marker");
-        assert_eq!(
-            settle_migration(t.path()).expect("settle"),
-            Settled::Finished
-        );
-        assert_eq!(files(t.path()), new_phone());
+        settles_to(t.path(), Settled::Finished);
         // Everything moved, the marker left.
         std::fs::write(t.path().join(MIGRATE_MOVING), "").expect("marker");
-        assert_eq!(
-            settle_migration(t.path()).expect("settle"),
-            Settled::Finished
-        );
-        assert_eq!(files(t.path()), new_phone());
+        settles_to(t.path(), Settled::Finished);
         // Nothing under way: nothing touched.
-        assert_eq!(
-            settle_migration(t.path()).expect("settle"),
-            Settled::Nothing
-        );
-        assert_eq!(files(t.path()), new_phone());
+        settles_to(t.path(), Settled::Nothing);
         // Whole, nothing deleted yet (the old phone is there in full).
         let t = tempfile::tempdir().expect("tempdir");
         old(t.path());
         staged(t.path(), &all);
         std::fs::write(t.path().join(MIGRATE_UNPACKED), "").expect("marker");
-        assert_eq!(
-            settle_migration(t.path()).expect("settle"),
-            Settled::Finished
-        );
-        assert_eq!(files(t.path()), new_phone());
+        settles_to(t.path(), Settled::Finished);
     }
 
     #[test]

@@ -858,9 +858,7 @@ pub fn check_space(file: &Path, wanted: u64) -> Result<(), StorageError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let vfs = nix::sys::statvfs::statvfs(parent)
-        .map_err(|e| StorageError::io("statvfs", parent, e.into()))?;
-    let available = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    let available = fs_usage(parent)?.avail;
     if available < wanted {
         return Err(StorageError::InsufficientSpace {
             path: file.to_path_buf(),

@@ -377,10 +377,8 @@ pub(crate) fn share_usage_of(
     used: u64,
     max: u64,
 ) -> Result<ShareUsage, StorageError> {
-    let vfs = nix::sys::statvfs::statvfs(fs_root)
-        .map_err(|e| StorageError::io("statvfs", fs_root, e.into()))?;
-    let fs_size = vfs.blocks() as u64 * vfs.fragment_size() as u64;
-    let fs_avail = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+    let fs = fs_usage(fs_root)?;
+    let (fs_size, fs_avail) = (fs.size, fs.avail);
     let size = if max > 0 { max.min(fs_size) } else { fs_size };
     Ok(ShareUsage {
         size,
