@@ -96,9 +96,13 @@ pub fn host_cordon(data_dir: &Path, node_id: &str, cordoned: bool) -> Result<(),
 }
 
 /// Takes a silent host out of the fleet, releasing the server on it;
-/// the released server's id.
+/// the released server's id. The host's unfinished jobs fail with their
+/// effects (an image being made from one of its phones reads failed).
 pub fn host_forget(data_dir: &Path, node_id: &str) -> Result<Option<String>, StoreError> {
-    Store::open_dir(data_dir)?.forget_node(node_id)
+    let store = Store::open_dir(data_dir)?;
+    let gone = store.forget_node(node_id)?;
+    crate::dispatch::after_failures(&store, &gone.failed_jobs);
+    Ok(gone.server_id)
 }
 
 /// Announces maintenance of a server's host to its project: the event is

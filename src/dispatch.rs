@@ -113,6 +113,18 @@ fn apply_to(
         },
     ) = (j.status, &req.kind)
     {
+        // The target phone may have gone since the job was accepted (its
+        // server switched to another host, or deleted): its restore would
+        // land on a phone being released.
+        if !target_in_place(store, &row.project_id, t)? {
+            let msg = format!(
+                "the phone was written to {}/{}, but the target phone {} is no longer on \
+                 server {} (switched to another host or deleted); restore it with \
+                 batch-restore",
+                object.bucket, object.key, t.phone_id, t.server_id
+            );
+            return fail_job(store, row_id, "CPS.0233", &msg);
+        }
         let restore = JobRequest {
             job_id: format!("{row_id}{MIGRATE_RESTORE_SUFFIX}"),
             request_id: req.request_id.clone(),
@@ -208,23 +220,49 @@ fn apply_to(
     Ok(())
 }
 
+/// Whether a migration's target phone is still where the job was accepted
+/// for: on its server, on the host the restore is to be sent to.
+fn target_in_place(
+    store: &Store,
+    project_id: &str,
+    t: &cph_agent::protocol::MigrateTarget,
+) -> Result<bool, StoreError> {
+    if store
+        .phone(project_id, &t.phone_id)?
+        .is_none_or(|p| p.server_id != t.server_id)
+    {
+        return Ok(false);
+    }
+    Ok(store
+        .server_by_id(&t.server_id)?
+        .is_some_and(|s| s.node_id == t.node_id))
+}
+
 /// What a failed job leaves to the control plane, whoever failed it (its
 /// agent, or the control plane giving up on a silent or unreachable one):
 /// an image being made reads failed, the phones a server's creation did
 /// not make read failed, a server whose deletion failed reads abnormal.
+/// A server's effects are left out once it is no longer on the job's host
+/// (switched away, or released with a forgotten host): its phones and
+/// status are then another host's.
 fn failed_effects(store: &Store, req: &JobRequest, node_id: &str) -> Result<(), StoreError> {
+    let on_host = || -> Result<bool, StoreError> {
+        Ok(store
+            .server_by_id(&req.server_id)?
+            .is_some_and(|s| s.node_id == node_id))
+    };
     match &req.kind {
         JobKind::CreateImage { image_id, .. } => {
             store.finish_image(image_id, None)?;
             tracing::info!(%image_id, "image creation failed");
         }
-        JobKind::CreateServer { .. } => {
+        JobKind::CreateServer { .. } if on_host()? => {
             // Else they would read as being created for ever.
             let failed = store.fail_unmade_phones(&req.server_id)?;
             store.refresh_server_status(node_id)?;
             tracing::warn!(server_id = %req.server_id, failed, "server not fully made on its new host");
         }
-        JobKind::DeleteServer => {
+        JobKind::DeleteServer if on_host()? => {
             store.set_server_abnormal(&req.server_id)?;
             tracing::warn!(server_id = %req.server_id, "server deletion failed");
         }
@@ -238,6 +276,16 @@ pub fn after_failure(store: &Store, job_id: &str) -> Result<(), StoreError> {
     match job_request(store, job_id)? {
         Some((row, req)) => failed_effects(store, &req, &row.node_id),
         None => Ok(()),
+    }
+}
+
+/// [`after_failure`] of each job the store failed in bulk (a silent,
+/// forgotten or switched host); an error is logged and the rest go on.
+pub fn after_failures(store: &Store, job_ids: &[String]) {
+    for job_id in job_ids {
+        if let Err(e) = after_failure(store, job_id) {
+            tracing::error!(error = %e, %job_id, "failed job's effects not applied");
+        }
     }
 }
 
@@ -299,11 +347,7 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
                 for id in ids {
                     tracing::warn!(node_id = %id, "agent silent, server and phones marked abnormal");
                 }
-                for job_id in failed {
-                    if let Err(e) = after_failure(&store, &job_id) {
-                        tracing::error!(error = %e, %job_id, "failed job's effects not applied");
-                    }
-                }
+                after_failures(&store, &failed);
             }
             Err(e) => tracing::error!(error = %e, "liveness check failed"),
         }

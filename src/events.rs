@@ -134,9 +134,15 @@ fn redeploy(
         },
     )
     .map_err(job_err)?;
-    let Some((moved, job)) = store.switch_server(&plan)? else {
+    let Some(crate::store::Switched {
+        server: moved,
+        job,
+        failed_jobs,
+    }) = store.switch_server(&plan)?
+    else {
         return Ok(false);
     };
+    crate::dispatch::after_failures(store, &failed_jobs);
     let from = [EVENT_SCHEDULED, EVENT_INQUIRING];
     store.move_event(&e.event_id, &from, EVENT_EXECUTING, now, Some(&[]))?;
     store.move_event(&e.event_id, &[EVENT_EXECUTING], EVENT_COMPLETED, now, None)?;

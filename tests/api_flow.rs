@@ -2763,6 +2763,149 @@ async fn a_server_switches_to_a_free_host() {
     beat2.abort();
 }
 
+/// A switch fails what its server's old host still had to do, with the
+/// failures' effects: an image being made from one of its phones reads
+/// failed; a migration into one of its phones whose source side ends after
+/// the switch fails (CPS.0233, the data's object named) and no restore is
+/// sent to the old host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_fails_the_jobs_left_on_the_old_host() {
+    let (dir, cp, _url, seen) = with_nodes(&["n1", "n2", "n3"]).await;
+    let ids = buy(&cp, &seen, 2).await;
+    let store = cph::store::Store::open_dir(dir.path()).expect("store");
+    let node_of = |sid: &str| {
+        store
+            .server(&cp.project_id, sid)
+            .expect("server")
+            .expect("bought")
+            .node_id
+    };
+    let creates = seen.lock().expect("lock").servers.clone();
+    let create_of = |sid: &str| {
+        creates
+            .iter()
+            .find(|c| c["server_id"] == json!(sid))
+            .cloned()
+            .expect("create")
+    };
+    let (moved, other) = (ids[0].clone(), ids[1].clone());
+    let moved_phones = running_phones(&create_of(&moved));
+    let other_phones = running_phones(&create_of(&other));
+    let mut beats = vec![
+        keep_beating(&cp, &node_of(&moved), moved_phones.clone()),
+        keep_beating(&cp, &node_of(&other), other_phones.clone()),
+    ];
+    let free = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != node_of(&moved) && *n != node_of(&other))
+        .expect("a free host");
+    beats.push(keep_beating(&cp, free, vec![]));
+    for p in moved_phones.iter().chain(&other_phones) {
+        wait_running(&cp, &p.phone_id).await;
+    }
+
+    // An image being made from a phone of the server, and a migration
+    // from a phone of the other server into one of it.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/images",
+            Some(json!({"phone_id": moved_phones[0].phone_id, "image_name": "golden"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let image = r.body["image_id"].as_str().expect("image_id").to_string();
+    let image_job = r.body["job_id"].as_str().expect("job_id").to_string();
+    sent_job(&seen, &image_job).await;
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-migrate",
+            Some(
+                json!({"migrate_infos": [{"source_phone_id": other_phones[0].phone_id,
+                "target_phone_id": moved_phones[1].phone_id,
+                "bucket_name": "bucket-a", "object_path": "mig/phone.tar"}]}),
+            ),
+        )
+        .await;
+    let mig = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .expect("migrate job")
+        .to_string();
+    sent_job(&seen, &mig).await;
+
+    let path = format!("/v2/{{p}}/cloud-phone/servers/{moved}/change");
+    let r = cp
+        .call(
+            "POST",
+            &path,
+            Some(json!({"phone_model_name": "dev.cp.c1.m512",
+                "image_id": cph::catalog::TEST_IMAGE_ID, "keypair_name": "",
+                "extend_param": {"enterprise_project_id": "0"}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(node_of(&moved), free);
+
+    let job = |id: String| {
+        let cp = &cp;
+        async move {
+            cp.call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{id}"), None)
+                .await
+                .body
+        }
+    };
+    let j = job(image_job).await;
+    assert_eq!(
+        (j["status"].as_i64(), j["error_msg"].as_str()),
+        (Some(-1), Some("the server was switched to another host")),
+        "{j:?}"
+    );
+    let r = cp.call("GET", "/v1/{p}/cloud-phone/images", None).await;
+    let made = r.body["image_infos"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|i| i["image_id"] == json!(image))
+        .cloned()
+        .expect("listed");
+    assert_eq!(made["status"], 2, "failed, not creating for ever: {made:?}");
+    // Deletable, as a failed image is.
+    assert_eq!(delete_image(&cp, &image).await.status, 200);
+
+    // The migration's source side ends after the switch: the target phone
+    // is gone with the old host's phones.
+    let done = json!([{"job_id": mig, "status": 2, "error_code": null, "error_msg": null,
+                       "execute_msg": "written"}]);
+    assert_eq!(cp.agent_post("/agent/v1/jobs", done).await.status, 200);
+    let j = job(mig.clone()).await;
+    assert_eq!(
+        (j["status"].as_i64(), j["error_code"].as_str()),
+        (Some(-1), Some("CPS.0233")),
+        "{j:?}"
+    );
+    let msg = j["error_msg"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("bucket-a/mig/phone.tar") && msg.contains(&moved_phones[1].phone_id),
+        "{msg}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let restore = format!("{mig}-restore");
+    assert!(
+        !seen
+            .lock()
+            .expect("lock")
+            .jobs
+            .iter()
+            .any(|j| j["job_id"] == json!(restore)),
+        "a restore was sent into a phone being released"
+    );
+    for b in beats {
+        b.abort();
+    }
+    cp.stop().await;
+}
+
 /// A scheduled event authorized as `redeploy` switches the server to a free
 /// host when due (new phones of its flavor and image) and is completed;
 /// with no host free, it runs as maintenance (the phones are stopped).

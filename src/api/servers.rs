@@ -1172,9 +1172,15 @@ pub async fn switch(
             keypair_name: b.keypair_name.clone().unwrap_or_default(),
         },
     )?;
-    let Some((moved, job)) = st.store.switch_server(&sw)? else {
+    let Some(crate::store::Switched {
+        server: moved,
+        job,
+        failed_jobs,
+    }) = st.store.switch_server(&sw)?
+    else {
         return Err(ApiError::InsufficientBms(cur.server_model_name.clone()).into());
     };
+    crate::dispatch::after_failures(&st.store, &failed_jobs);
     st.dispatcher.kick();
     tracing::info!(server_id = %moved.server_id, from = %cur.node_id, to = %moved.node_id, job_id = %job.job_id, "server switched to another host");
     Ok(Reply::ok(json!({

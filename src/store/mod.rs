@@ -115,6 +115,24 @@ pub struct Server {
     pub deleting: bool,
 }
 
+/// What [`Store::forget_node`] did.
+#[derive(Debug)]
+pub struct Forgotten {
+    /// The server the host held, released.
+    pub server_id: Option<String>,
+    /// The host's unfinished jobs, failed.
+    pub failed_jobs: Vec<String>,
+}
+
+/// What [`Store::switch_server`] did: the server and its creation job as
+/// stored, and the jobs it failed on the host left.
+#[derive(Debug)]
+pub struct Switched {
+    pub server: Server,
+    pub job: Job,
+    pub failed_jobs: Vec<String>,
+}
+
 /// The status of a server whose phones are all made: normal.
 pub const SERVER_NORMAL: i32 = 5;
 
@@ -632,6 +650,16 @@ fn insert_new_phones(tx: &rusqlite::Transaction<'_>, p: &NewPhones<'_>) -> Resul
 }
 
 /// Inserts `jobs` in order within `tx`.
+/// Fails the unfinished jobs of a host with CPS.0054 and `why`; their ids.
+fn fail_node_jobs(tx: &rusqlite::Transaction<'_>, node_id: &str, why: &str) -> Result<Vec<String>> {
+    let mut st = tx.prepare(
+        "UPDATE jobs SET status = -1, error_code = 'CPS.0054', error_msg = ?2, end_time = ?3
+         WHERE node_id = ?1 AND status = 1 RETURNING job_id",
+    )?;
+    let ids = st.query_map(params![node_id, why, now_string()], |r| r.get(0))?;
+    Ok(ids.collect::<rusqlite::Result<_>>()?)
+}
+
 fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     let mut st = tx.prepare(&format!(
         "INSERT INTO jobs ({JOB_COLS}, seq) VALUES
@@ -1023,15 +1051,11 @@ impl Store {
                  WHERE server_id IN (SELECT server_id FROM servers WHERE node_id = ?1)",
                 params![id, now],
             )?;
-            let mut st = tx.prepare(
-                "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
-                   error_msg = 'agent of the server stopped answering', end_time = ?2
-                 WHERE node_id = ?1 AND status = 1 RETURNING job_id",
-            )?;
-            let rows = st.query_map(params![id, now], |r| r.get::<_, String>(0))?;
-            for r in rows {
-                failed.push(r?);
-            }
+            failed.extend(fail_node_jobs(
+                &tx,
+                id,
+                "agent of the server stopped answering",
+            )?);
         }
         tx.commit()?;
         Ok((ids, failed))
@@ -1402,9 +1426,9 @@ impl Store {
 
     /// Forgets a host that is gone for good (its agent silent): the
     /// server on it is released as by [`Store::release_server`], its
-    /// unfinished jobs fail, and the host leaves the fleet. Returns the
-    /// released server's id. A host whose agent answers is refused.
-    pub fn forget_node(&self, node_id: &str) -> Result<Option<String>> {
+    /// unfinished jobs fail, and the host leaves the fleet. A host whose
+    /// agent answers is refused.
+    pub fn forget_node(&self, node_id: &str) -> Result<Forgotten> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
         let alive: Option<i64> = tx
@@ -1426,29 +1450,31 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        tx.execute(
-            "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
-               error_msg = 'the host of the server was taken out of the fleet', end_time = ?2
-             WHERE node_id = ?1 AND status = 1",
-            params![node_id, now_string()],
+        let failed_jobs = fail_node_jobs(
+            &tx,
+            node_id,
+            "the host of the server was taken out of the fleet",
         )?;
         if let Some(server) = &server {
             drop_server(&tx, server)?;
         }
         tx.execute("DELETE FROM nodes WHERE node_id = ?1", [node_id])?;
         tx.commit()?;
-        Ok(server)
+        Ok(Forgotten {
+            server_id: server,
+            failed_jobs,
+        })
     }
 
     /// Switches a server to a free host of its model, all at once: the
     /// server row moves there as being created (1), its phones are
     /// replaced by `sw.phones`, the job that makes it there is recorded,
     /// the host it leaves keeps it as `releasing_server` (not free) until
-    /// `sw.release_job` has run there, and the unfinished jobs of its old
-    /// phones fail. `Ok(None)` when no host is free, or the server is no
-    /// longer running or abnormal (being made, switched or deleted).
-    /// Returns the server and the job as stored.
-    pub fn switch_server(&self, sw: &Switch) -> Result<Option<(Server, Job)>> {
+    /// `sw.release_job` has run there, and the unfinished jobs on that host
+    /// fail (those of its old phones, and a migration's restore into one).
+    /// `Ok(None)` when no host is free, or the server is no longer running
+    /// or abnormal (being made, switched or deleted).
+    pub fn switch_server(&self, sw: &Switch) -> Result<Option<Switched>> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
         // Checked again here, against a deletion or switch that raced.
@@ -1479,12 +1505,10 @@ impl Store {
             return Ok(None);
         };
         let now = now_string();
-        tx.execute(
-            "UPDATE jobs SET status = -1, error_code = 'CPS.0054',
-               error_msg = 'the server was switched to another host', end_time = ?3
-             WHERE server_id = ?1 AND node_id = ?2 AND status = 1",
-            params![sw.server_id, old_node, now],
-        )?;
+        // A host holds one server: every job still unfinished there is
+        // one of its phones' (or a restore into one of them).
+        let failed_jobs =
+            fail_node_jobs(&tx, &old_node, "the server was switched to another host")?;
         tx.execute(
             "UPDATE nodes SET releasing_server = ?2, release_job = ?3 WHERE node_id = ?1",
             params![old_node, sw.server_id, sw.release_job],
@@ -1525,7 +1549,11 @@ impl Store {
         insert_jobs_in(&tx, std::slice::from_ref(&job))?;
         tx.commit()?;
         drop(c);
-        Ok(self.server_by_id(&sw.server_id)?.map(|s| (s, job)))
+        Ok(self.server_by_id(&sw.server_id)?.map(|server| Switched {
+            server,
+            job,
+            failed_jobs,
+        }))
     }
 
     /// Hosts whose agent answers and that still hold a server switched
