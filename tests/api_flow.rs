@@ -2900,6 +2900,74 @@ async fn a_switch_fails_the_jobs_left_on_the_old_host() {
             .any(|j| j["job_id"] == json!(restore)),
         "a restore was sent into a phone being released"
     );
+
+    // A job made for the old host in the instant of the switch, or for a
+    // server whose deletion began in that instant, is stored failed.
+    let row = |server_id: &str, phone_id: &str, node_id: String| {
+        let req = cph_agent::protocol::JobRequest {
+            job_id: cph::store::new_id(),
+            request_id: cph::store::new_id(),
+            server_id: server_id.into(),
+            phone_id: Some(phone_id.into()),
+            kind: cph_agent::protocol::JobKind::Shell {
+                command: "ls".into(),
+            },
+        };
+        cph::store::Job {
+            job_id: req.job_id.clone(),
+            request_id: req.request_id.clone(),
+            project_id: cp.project_id.clone(),
+            server_id: server_id.into(),
+            phone_id: Some(phone_id.into()),
+            node_id,
+            request: serde_json::to_string(&req).expect("json"),
+            status: 1,
+            dispatched: false,
+            attempts: 0,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+            begin_time: cph::store::now_string(),
+            end_time: None,
+        }
+    };
+    let old_host = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != free && *n != node_of(&other))
+        .expect("the host left");
+    let late = row(&moved, &moved_phones[0].phone_id, old_host.into());
+    let fine = row(&other, &other_phones[1].phone_id, node_of(&other));
+    let stale = store
+        .insert_jobs(&[late.clone(), fine.clone()])
+        .expect("insert");
+    assert_eq!(stale, vec![late.job_id.clone()]);
+    let j = job(late.job_id).await;
+    assert_eq!(
+        (j["status"].as_i64(), j["error_code"].as_str()),
+        (Some(-1), Some("CPS.0054")),
+        "{j:?}"
+    );
+    let msg = j["error_msg"].as_str().unwrap_or("");
+    assert!(msg.contains("switched"), "{msg}");
+    assert_eq!(job(fine.job_id.clone()).await["status"], 1);
+    sent_job(&seen, &fine.job_id).await;
+    let r = cp
+        .call(
+            "DELETE",
+            "/v2/{p}/cloud-phone/servers",
+            Some(json!({"server_ids": [other]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let late = row(&other, &other_phones[1].phone_id, node_of(&other));
+    let stale = store.insert_jobs(std::slice::from_ref(&late)).expect("insert");
+    assert_eq!(stale, vec![late.job_id.clone()]);
+    let j = job(late.job_id).await;
+    assert_eq!(
+        (j["status"].as_i64(), j["error_code"].as_str()),
+        (Some(-1), Some("CPS.0105")),
+        "{j:?}"
+    );
     for b in beats {
         b.abort();
     }

@@ -184,7 +184,9 @@ pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Val
             }
         }
     }
-    st.store.insert_jobs(&rows)?;
+    for job_id in st.store.insert_jobs(&rows)? {
+        tracing::info!(%job_id, "job's server moved or is being deleted as it was made, failed");
+    }
     st.dispatcher.kick();
     Ok(json!({"request_id": request_id, "jobs": out}))
 }

@@ -650,6 +650,42 @@ fn insert_new_phones(tx: &rusqlite::Transaction<'_>, p: &NewPhones<'_>) -> Resul
 }
 
 /// Inserts `jobs` in order within `tx`.
+/// Why a new job can no longer run where it was made for (see
+/// [`Store::insert_jobs`]): its code and message.
+fn moved_since(tx: &rusqlite::Transaction<'_>, j: &Job) -> Result<Option<(&'static str, String)>> {
+    let in_place: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM servers WHERE server_id = ?1 AND node_id = ?2)
+            AND (?3 IS NULL OR EXISTS (SELECT 1 FROM phones WHERE phone_id = ?3 AND server_id = ?1))",
+        params![j.server_id, j.node_id, j.phone_id],
+        |r| r.get(0),
+    )?;
+    if !in_place {
+        let what = match &j.phone_id {
+            Some(p) => format!("phone {p}"),
+            None => format!("server {}", j.server_id),
+        };
+        return Ok(Some((
+            "CPS.0054",
+            format!(
+                "{what} left its host as the job was made (its server was switched to \
+                 another host or deleted); nothing was run"
+            ),
+        )));
+    }
+    let deleting: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE server_id = ?1 AND status = 1
+            AND json_extract(request, '$.kind') = 'delete_server')",
+        [&j.server_id],
+        |r| r.get(0),
+    )?;
+    Ok(deleting.then(|| {
+        (
+            "CPS.0105",
+            format!("server {} is being deleted; nothing was run", j.server_id),
+        )
+    }))
+}
+
 /// Fails the unfinished jobs of a host with CPS.0054 and `why`; their ids.
 fn fail_node_jobs(tx: &rusqlite::Transaction<'_>, node_id: &str, why: &str) -> Result<Vec<String>> {
     let mut st = tx.prepare(
@@ -1907,13 +1943,32 @@ impl Store {
 
     // ---- jobs ----------------------------------------------------------
 
-    /// Persists new jobs in one transaction.
-    pub fn insert_jobs(&self, jobs: &[Job]) -> Result<()> {
+    /// Persists new jobs in one transaction. A job whose server left its
+    /// host, or whose phone left its server, or whose server's deletion
+    /// began, since the job was made (a switch or deletion in the same
+    /// instant) is stored failed with the reason, never sent. Returns the
+    /// ids of those.
+    pub fn insert_jobs(&self, jobs: &[Job]) -> Result<Vec<String>> {
         let mut c = self.db()?;
         let tx = c.transaction()?;
-        insert_jobs_in(&tx, jobs)?;
+        let mut rows = Vec::with_capacity(jobs.len());
+        let mut stale = Vec::new();
+        for j in jobs {
+            let mut j = j.clone();
+            if j.status == 1 {
+                if let Some((code, msg)) = moved_since(&tx, &j)? {
+                    j.status = -1;
+                    j.error_code = Some(code.to_string());
+                    j.error_msg = Some(msg);
+                    j.end_time = Some(now_string());
+                    stale.push(j.job_id.clone());
+                }
+            }
+            rows.push(j);
+        }
+        insert_jobs_in(&tx, &rows)?;
         tx.commit()?;
-        Ok(())
+        Ok(stale)
     }
 
     /// A project's job.
