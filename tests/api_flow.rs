@@ -2960,7 +2960,9 @@ async fn a_switch_fails_the_jobs_left_on_the_old_host() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let late = row(&other, &other_phones[1].phone_id, node_of(&other));
-    let stale = store.insert_jobs(std::slice::from_ref(&late)).expect("insert");
+    let stale = store
+        .insert_jobs(std::slice::from_ref(&late))
+        .expect("insert");
     assert_eq!(stale, vec![late.job_id.clone()]);
     let j = job(late.job_id).await;
     assert_eq!(

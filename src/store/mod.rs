@@ -696,12 +696,23 @@ fn fail_node_jobs(tx: &rusqlite::Transaction<'_>, node_id: &str, why: &str) -> R
     Ok(ids.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Where the `seq` of new jobs starts: the time in microseconds, and after
+/// every unfinished job whatever the clock did since they were made (set
+/// back, new jobs would be sent before older ones of the same phone).
+fn next_job_seq(tx: &rusqlite::Transaction<'_>) -> Result<i64> {
+    let last: Option<i64> =
+        tx.query_row("SELECT MAX(seq) FROM jobs WHERE status = 1", [], |r| {
+            r.get(0)
+        })?;
+    Ok(last.map_or(now_seq(), |l| now_seq().max(l + 1)))
+}
+
 fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     let mut st = tx.prepare(&format!(
         "INSERT INTO jobs ({JOB_COLS}, seq) VALUES
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
     ))?;
-    let base = now_seq();
+    let base = next_job_seq(tx)?;
     for (i, j) in jobs.iter().enumerate() {
         st.execute(params![
             j.job_id,
@@ -2276,6 +2287,51 @@ mod tests {
         s.create_user("alice", "pw", &p.project_id).expect("user");
         assert_eq!(s.check_user("alice", "pw").expect("q"), Some(p.project_id));
         assert_eq!(s.check_user("alice", "bad").expect("q"), None);
+    }
+
+    /// Jobs are sent in the order they were made even when the host's
+    /// clock went back in between.
+    #[test]
+    fn jobs_keep_their_order_when_the_clock_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        let job = |id: &str| Job {
+            job_id: id.into(),
+            request_id: "r".into(),
+            project_id: "p".into(),
+            server_id: "s".into(),
+            phone_id: Some("ph".into()),
+            node_id: "n".into(),
+            request: r#"{"kind":"shell","command":"ls"}"#.into(),
+            status: 1,
+            dispatched: false,
+            attempts: 0,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+            begin_time: now_string(),
+            end_time: None,
+        };
+        let insert = |id: &str| {
+            let mut c = s.db().expect("db");
+            let tx = c.transaction().expect("tx");
+            insert_jobs_in(&tx, &[job(id)]).expect("insert");
+            tx.commit().expect("commit");
+        };
+        insert("first");
+        // As if made an hour ahead of the clock now.
+        s.db()
+            .expect("db")
+            .execute("UPDATE jobs SET seq = seq + 3600000000", [])
+            .expect("shift");
+        insert("second");
+        let order: Vec<String> = s
+            .undispatched_jobs(10)
+            .expect("pending")
+            .into_iter()
+            .map(|j| j.job_id)
+            .collect();
+        assert_eq!(order, ["first", "second"]);
     }
 
     fn test_phone(project: &str, i: usize) -> Phone {
