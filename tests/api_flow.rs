@@ -3,6 +3,8 @@
 //! agent's HTTP side), buying, phones, batch jobs, errors, isolation and
 //! restart persistence.
 
+#[path = "../benches/common/bins.rs"]
+mod bins;
 #[path = "api_common.rs"]
 mod common;
 
@@ -2085,6 +2087,89 @@ async fn a_silent_host_is_forgotten_with_its_server() {
     // The live host is the one left to buy.
     buy(&cp, &seen, 1).await;
     beat.abort();
+    cp.stop().await;
+}
+
+/// The real `cph-agent` of a host the control plane forgot while the
+/// agent was out of reach (stopped here, as a network partition would
+/// leave it): once back, its first heartbeat is not accepted and it
+/// registers again, so its host is in the fleet again without an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_host_registers_again_when_its_agent_is_back() {
+    // `bins::built` builds for this host, not for a cross target run under
+    // QEMU.
+    if std::env::var_os("CPH_SPAWN_WRAPPER").is_some() {
+        eprintln!("SKIPPED a_forgotten_host_registers_again_when_its_agent_is_back: cross run");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let bin = bins::built(&["cph-agent"]).join("cph-agent");
+    let node = format!("reregister-{}", std::process::id());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "control_plane_url = \"{}\"\nnode_token = \"{NODE_TOKEN}\"\n\
+             listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nnode_id = \"{node}\"\n\
+             prepare_host = false\ncgroup_parent = \"cph-{node}\"\nheartbeat_secs = 1\n\
+             [network]\nenabled = false\n",
+            cp.base,
+            dir.path().join("agent-state").display(),
+        ),
+    )
+    .expect("agent config");
+    /// The agent process, killed when dropped (also on a failed assertion).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = Killed(
+        std::process::Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn cph-agent"),
+    );
+    let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
+    let state = |want: Option<&'static str>| {
+        let (d, node) = (dir.path(), node.clone());
+        async move {
+            for _ in 0..150 {
+                let hosts = cph::admin::host_list(d).expect("hosts");
+                let now = hosts
+                    .iter()
+                    .find(|h| h.starts_with(&format!("{node}\t")))
+                    .map(|h| h.split('\t').nth(4).unwrap_or("").to_string());
+                if now.as_deref() == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("host {node} never read {want:?}");
+        }
+    };
+    state(Some("alive")).await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop agent");
+    state(Some("silent")).await;
+    assert_eq!(
+        cph::admin::host_forget(dir.path(), &node).expect("forget"),
+        None
+    );
+    state(None).await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("resume agent");
+    state(Some("alive")).await;
+    drop(agent);
     cp.stop().await;
 }
 
