@@ -110,6 +110,7 @@ fn apply_to(
             object,
             keep_property,
             target: Some(t),
+            platform_object,
         },
     ) = (j.status, &req.kind)
     {
@@ -133,6 +134,8 @@ fn apply_to(
             kind: JobKind::Restore {
                 object: object.clone(),
                 property: keep_property.then(|| t.property.clone()),
+                whole_phone: true,
+                remove_object: *platform_object,
             },
         };
         store.retarget_job(row_id, &t.node_id, &serde_json::to_string(&restore)?)?;

@@ -744,6 +744,9 @@ async fn buy_phones_jobs_isolation_and_restart() {
     assert_eq!(restore["kind"], "restore");
     assert_eq!(restore["phone_id"], json!(target));
     assert_eq!(restore["object"]["key"], "mig/phone.tar");
+    // The whole phone replaces the target's; the user's object is kept.
+    assert_eq!(restore["whole_phone"], true, "{restore}");
+    assert_eq!(restore.get("remove_object"), None, "{restore}");
     assert!(restore["property"].is_object(), "{restore}");
     let r = cp
         .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{mig}"), None)
@@ -785,6 +788,15 @@ async fn buy_phones_jobs_isolation_and_restart() {
         cph_agent::protocol::MIGRATE_BUCKET
     );
     assert_eq!(sent["keep_property"], false);
+    // The platform's copy goes once restored.
+    assert_eq!(sent["platform_object"], true, "{sent}");
+    cp.agent_post("/agent/v1/jobs", report(&mig2, 2)).await;
+    let restore2 = sent_job(&seen, &format!("{mig2}-restore")).await;
+    assert_eq!(
+        (&restore2["whole_phone"], &restore2["remove_object"]),
+        (&json!(true), &json!(true)),
+        "{restore2}"
+    );
 
     // With both phone_ids and server_ids, the phones named are the targets.
     let r = cp

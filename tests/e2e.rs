@@ -64,6 +64,16 @@ impl Obs {
             .unwrap_or_else(|e| panic!("get obs://{BUCKET}/{key}: {e}"))
             .to_vec()
     }
+
+    /// The keys of a bucket of the platform's store.
+    fn keys(&self, bucket: &str) -> Vec<String> {
+        self.rt
+            .block_on(self.store.list(bucket, ""))
+            .unwrap_or_else(|e| panic!("list obs://{bucket}: {e}"))
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    }
 }
 
 /// Prints each step with the time since the start.
@@ -609,6 +619,11 @@ impl Scene<'_> {
         api.wait_phone_status(a, 8, STATUS_LIMIT);
         api.wait_phone_status(b, 2, STATUS_LIMIT);
         assert!(api.shell(b, "cat /data/mig/f").contains("travelled"));
+        // The phone's copy in the platform's bucket went once restored.
+        assert_eq!(
+            self.obs.keys(cph_agent::protocol::MIGRATE_BUCKET),
+            Vec::<String>::new()
+        );
         let prop = api.phone(a)["property"].as_str().unwrap_or("").to_string();
         if prop.contains("com.cph.mainkeys") {
             assert!(

@@ -434,12 +434,21 @@ pub enum JobKind {
         include: Vec<String>,
         exclude: Vec<String>,
     },
-    /// `batch-restore` from an export tar; `property` (a migration's
-    /// copied properties) is applied after it.
+    /// `batch-restore` from an export tar, extracted over the phone's
+    /// root; `property` (a migration's copied properties) is applied after
+    /// it.
     Restore {
         object: ObjectRef,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         property: Option<BTreeMap<String, String>>,
+        /// A migration's whole phone: it replaces the root (unpacked beside
+        /// it first) rather than being extracted over it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        whole_phone: bool,
+        /// The object is the platform's own (a migration that named no
+        /// bucket): removed once restored.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        remove_object: bool,
     },
     /// Whole-phone migration, source side: the phone is stopped and written
     /// to `object`. The control plane then sends the target's agent a
@@ -449,6 +458,10 @@ pub enum JobKind {
         keep_property: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         target: Option<MigrateTarget>,
+        /// `object` was named by the control plane in the platform's
+        /// bucket (the request named none): the restore removes it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        platform_object: bool,
     },
     SharePushFiles {
         object: ObjectRef,

@@ -510,7 +510,7 @@ fn object_store_jobs_on_a_real_phone() {
     // Migration, target side: the whole phone replaces this one's root,
     // what only this phone had included; a missing object changes nothing.
     p.sh("mkdir -p /data/local/only-here && echo x > /data/local/only-here/f");
-    let st = p.run(json!({"kind": "restore",
+    let st = p.run(json!({"kind": "restore", "whole_phone": true,
                           "object": {"bucket": "cph-migrate", "key": "m/none.tar"}}));
     assert_failed(&st, "CPS.0104");
     assert_eq!(p.sh("cat /data/local/only-here/f").trim(), "x");
@@ -522,7 +522,7 @@ fn object_store_jobs_on_a_real_phone() {
         whole[..whole.len() / 2].to_vec(),
     ))
     .expect("put cut object");
-    let st = p.run(json!({"kind": "restore",
+    let st = p.run(json!({"kind": "restore", "whole_phone": true,
                           "object": {"bucket": "cph-migrate", "key": "m/cut.tar"}}));
     assert_failed(&st, "CPS.0119");
     let msg = st["error_msg"].as_str().unwrap_or_default();
@@ -538,8 +538,13 @@ fn object_store_jobs_on_a_real_phone() {
             .trim(),
         "gone"
     );
-    let st = p.run(json!({"kind": "restore",
-                          "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}}));
+    // Through a bucket of the user's (the job, not the bucket, says it is
+    // a whole phone), the object removed once restored as asked.
+    put("m/phone.tar", whole.to_vec());
+    let st = p.run(
+        json!({"kind": "restore", "whole_phone": true, "remove_object": true,
+                          "object": obj("m/phone.tar")}),
+    );
     assert_eq!(st["status"], 2, "{st}");
     assert_eq!(p.state(), "running");
     assert_eq!(
@@ -548,6 +553,10 @@ fn object_store_jobs_on_a_real_phone() {
         "replaced"
     );
     assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+    assert!(
+        rt.block_on(store.head(BUCKET, "m/phone.tar")).is_err(),
+        "the restored object was kept"
+    );
 
     // A custom image of the running phone: its whole root is written, the
     // phone runs again, and a reset to the image brings back what it held.

@@ -622,6 +622,8 @@ pub async fn restore(
         Ok(JobKind::Restore {
             object: object(&r.bucket_name, &r.object_path)?,
             property: None,
+            whole_phone: false,
+            remove_object: false,
         })
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))
@@ -707,12 +709,17 @@ pub async fn migrate(
             Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
             _ => false,
         };
-        let object = match (&m.bucket_name, &m.object_path) {
-            (Some(b), Some(p)) => object(b, p),
-            _ => Ok(ObjectRef {
-                bucket: MIGRATE_BUCKET.to_string(),
-                key: format!("{}/{}.tar", crate::store::new_id(), src.phone_id),
-            }),
+        // With no bucket named the phone goes through the platform's own,
+        // and its copy there is removed once restored.
+        let (object, platform_object) = match (&m.bucket_name, &m.object_path) {
+            (Some(b), Some(p)) => (object(b, p), false),
+            _ => (
+                Ok(ObjectRef {
+                    bucket: MIGRATE_BUCKET.to_string(),
+                    key: format!("{}/{}.tar", crate::store::new_id(), src.phone_id),
+                }),
+                true,
+            ),
         };
         match object {
             Ok(o) => out.push(Target::Phone(
@@ -720,6 +727,7 @@ pub async fn migrate(
                 JobKind::Migrate {
                     object: o,
                     keep_property,
+                    platform_object,
                     target: Some(MigrateTarget {
                         phone_id: dst.phone_id,
                         server_id: dst.server_id,

@@ -188,9 +188,22 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
             include,
             exclude,
         } => transfer::export(ctx, phone_of(req)?, object, include, exclude).map(Some),
-        JobKind::Restore { object, property } => {
-            transfer::restore(ctx, phone_of(req)?, object, property.as_ref()).map(Some)
-        }
+        JobKind::Restore {
+            object,
+            property,
+            whole_phone,
+            remove_object,
+        } => transfer::restore(
+            ctx,
+            phone_of(req)?,
+            object,
+            &transfer::RestoreOptions {
+                property: property.as_ref(),
+                whole_phone: *whole_phone,
+                remove_object: *remove_object,
+            },
+        )
+        .map(Some),
         JobKind::Migrate { object, .. } => {
             transfer::migrate_out(ctx, phone_of(req)?, object).map(Some)
         }

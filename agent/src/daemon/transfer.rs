@@ -511,25 +511,35 @@ impl Drop for Stopped<'_, '_> {
     }
 }
 
+/// How a restore goes (see [`JobKind::Restore`]).
+pub struct RestoreOptions<'a> {
+    pub property: Option<&'a BTreeMap<String, String>>,
+    pub whole_phone: bool,
+    pub remove_object: bool,
+}
+
 /// `batch-restore` (and a migration's target side): the phone is stopped,
-/// the archive extracted over its root, the properties recorded, and the
-/// phone started again if it was running.
+/// the archive extracted over its root (a migration's whole phone replaces
+/// it), the properties recorded, and the phone started again if it was
+/// running. The reference sets no size limit on what is restored (a whole
+/// phone can be far over a push's 6 GB); the phone's disk bounds it.
 pub fn restore(
     ctx: &JobContext<'_>,
     phone: &str,
     object: &ObjectRef,
-    property: Option<&BTreeMap<String, String>>,
+    opts: &RestoreOptions<'_>,
 ) -> Result<String, JobFailure> {
+    let property = opts.property;
     ctx.phones.record(phone)?;
     if let Some(p) = property {
         validate_properties(p)?;
     }
-    // A missing object, one too large or a store out of reach fails the
-    // job before the phone is stopped.
-    let reader = open_download(ctx, object, PUSH_MAX_BYTES)?;
+    // A missing object or a store out of reach fails the job before the
+    // phone is stopped.
+    let reader = open_download(ctx, object, u64::MAX)?;
     let stopped = Stopped::new(ctx, phone)?;
     let restored = ctx.phones.rootfs(phone).and_then(|root| {
-        let report = if object.bucket == MIGRATE_BUCKET {
+        let report = if opts.whole_phone {
             replace_root(reader, object, &root)?
         } else {
             extract_from(
@@ -545,6 +555,17 @@ pub fn restore(
         Ok(report)
     });
     let report = with_restart(restored, stopped.restart())?;
+    if opts.remove_object {
+        // The phone is restored whatever becomes of its copy.
+        let removed = store(ctx).and_then(|s| {
+            ctx.handle
+                .block_on(s.delete(&object.bucket, &object.key))
+                .map_err(|e| store_failure(&e))
+        });
+        if let Err(e) = removed {
+            tracing::warn!(phone, bucket = %object.bucket, key = %object.key, error = %e.msg, "restored object not removed");
+        }
+    }
     Ok(extracted("restored", object, &report))
 }
 
