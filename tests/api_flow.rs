@@ -940,8 +940,12 @@ async fn buy_phones_jobs_isolation_and_restart() {
     for (property, code) in [
         ("[1]", "CPS.0078"),
         ("{\"no.such\":\"1\"}", "CPS.0163"),
-        ("{\"sys.prop.write_imsi\":\"46000x\"}", "CPS.0164"),
+        ("{\"sys.prop.write_imsi\":\"46000x\"}", "CPS.0075"),
         ("{\"com.cph.cg.app_port\":9000}", "CPS.0164"),
+        ("{\"gsm.sim.operator.iso-country\":\"460\"}", "CPS.0131"),
+        // Not a value at all: the name is judged first.
+        ("{\"no.such\":{}}", "CPS.0163"),
+        ("{\"com.cph.mainkeys\":null}", "CPS.0127"),
     ] {
         let r = cp
             .call(
@@ -953,6 +957,70 @@ async fn buy_phones_jobs_isolation_and_restart() {
         assert_eq!(
             r.body["jobs"][0]["error_code"], code,
             "{property}: {:?}",
+            r.body
+        );
+    }
+    // What a phone records stays within 2,048 bytes whichever request
+    // adds to it: an update or a restart with properties.
+    let long = |names: &[&str], n: usize| {
+        let v: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|k| (k.to_string(), json!("x".repeat(n))))
+            .collect();
+        Value::Object(v).to_string()
+    };
+    let first = long(
+        &[
+            "ro.product.name",
+            "ro.product.device",
+            "ro.build.product",
+            "ro.board.platform",
+            "ro.hardware.gpu-renderer",
+        ],
+        250,
+    );
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-update-property",
+            Some(json!({"phones": [{"phone_id": pid, "property": first}]})),
+        )
+        .await;
+    let big_job = r.body["jobs"][0]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{:?}", r.body))
+        .to_string();
+    sent_job(&seen, &big_job).await;
+    cp.agent_post("/agent/v1/jobs", report(&big_job, 2)).await;
+    let more = long(
+        &[
+            "ro.product.manufacturer",
+            "ro.com.cph.sfs_enable",
+            "com.cph.cg.heartbeat_url",
+        ],
+        240,
+    )
+    .replace("\"xxx", "\"https://xxx");
+    for (path, body) in [
+        (
+            "batch-update-property",
+            json!({"phones": [{"phone_id": pid, "property": more}]}),
+        ),
+        (
+            "batch-restart",
+            json!({"phones": [{"phone_id": pid, "property": more}]}),
+        ),
+    ] {
+        let r = cp
+            .call(
+                "POST",
+                &format!("/v1/{{p}}/cloud-phone/phones/{path}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(
+            r.body["jobs"][0]["error_code"], "CPS.0078",
+            "{path}: {:?}",
             r.body
         );
     }

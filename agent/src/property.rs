@@ -19,9 +19,30 @@ use std::collections::BTreeMap;
 /// what the value must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    /// `CPS.0163` (name not in the list) or `CPS.0164` (value invalid).
+    /// `CPS.0163` (name not in the list), or the code of an invalid value
+    /// (see [`invalid_code`]).
     pub code: &'static str,
     pub message: String,
+}
+
+/// The reference's code for an invalid value of `name`: the attributes its
+/// error list names have their own (phone_num, imsi, wifi_name,
+/// hide_navigate for the virtual keys, gsm_* for the network carrier,
+/// sim_* for the SIM card), every other one `CPS.0164`.
+pub fn invalid_code(name: &str) -> &'static str {
+    match name {
+        "sys.prop.write_phonenum" => "CPS.0074",
+        "sys.prop.write_imsi" => "CPS.0075",
+        "sys.prop.write_wifissid" => "CPS.0082",
+        "com.cph.mainkeys" | "qemu.hw.mainkeys" => "CPS.0127",
+        "gsm.operator.iso-country" => "CPS.0128",
+        "gsm.operator.numeric" => "CPS.0129",
+        "gsm.operator.alpha" => "CPS.0130",
+        "gsm.sim.operator.iso-country" => "CPS.0131",
+        "gsm.sim.operator.numeric" => "CPS.0132",
+        "gsm.sim.operator.alpha" => "CPS.0133",
+        _ => "CPS.0164",
+    }
 }
 
 /// What a value of an attribute must look like.
@@ -41,6 +62,8 @@ enum Rule {
         max: usize,
         extra: &'static str,
     },
+    /// `0..=max` characters, each a letter or a comma.
+    Letters { max: usize },
     /// `http://` or `https://`, at most 256 characters.
     Url,
     /// Deprecated: printable, at most 256 bytes.
@@ -88,14 +111,7 @@ const ATTRIBUTES: &[(&str, Rule)] = &[
             extra: "-_./",
         },
     ),
-    (
-        "gsm.sim.operator.iso-country",
-        Text {
-            min: 0,
-            max: 10,
-            extra: ",",
-        },
-    ),
+    ("gsm.sim.operator.iso-country", Letters { max: 10 }),
     (
         "gsm.sim.operator.numeric",
         Text {
@@ -112,14 +128,7 @@ const ATTRIBUTES: &[(&str, Rule)] = &[
             extra: ALPHA_EXTRA,
         },
     ),
-    (
-        "gsm.operator.iso-country",
-        Text {
-            min: 0,
-            max: 10,
-            extra: ",",
-        },
-    ),
+    ("gsm.operator.iso-country", Letters { max: 10 }),
     (
         "gsm.operator.numeric",
         Text {
@@ -196,6 +205,9 @@ impl Rule {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || extra.contains(c)))
             .then(|| format!("{min} to {max} characters: letters, digits and {extra:?}")),
+            Letters { max } => (chars > max
+                || !v.chars().all(|c| c.is_ascii_alphabetic() || c == ','))
+            .then(|| format!("at most {max} characters: letters and commas")),
             Url => {
                 let scheme = v.starts_with("http://") || v.starts_with("https://");
                 (!scheme
@@ -224,9 +236,22 @@ pub fn check(name: &str, value: &str) -> Result<(), Refused> {
     match rule.fault(value) {
         None => Ok(()),
         Some(want) => Err(Refused {
-            code: "CPS.0164",
+            code: invalid_code(name),
             message: format!("invalid property {name}={value:?}: it must be {want}"),
         }),
+    }
+}
+
+/// The refusal of `name` given something other than a string, number or
+/// boolean (an object, an array, null): an unknown name as such, else an
+/// invalid value of the attribute.
+pub fn not_a_value(name: &str) -> Refused {
+    match check(name, "0") {
+        Err(r) if r.code == "CPS.0163" => r,
+        _ => Refused {
+            code: invalid_code(name),
+            message: format!("invalid property {name}: its value must be a string or a number"),
+        },
     }
 }
 
@@ -300,6 +325,8 @@ mod tests {
             ("sys.prop.write_wifissid", ""),
             ("sys.prop.write_wifissid", "my wifi"),
             ("gsm.operator.iso-country", "cn-1"),
+            ("gsm.operator.iso-country", "c1"),
+            ("gsm.sim.operator.iso-country", "460"),
             ("gsm.sim.operator.numeric", "46000460004"),
             ("gsm.operator.alpha", "a\"b"),
             ("ro.product.name", "a\nb"),
@@ -313,8 +340,35 @@ mod tests {
             ("com.cph.cg.h5_port", "11001"),
         ];
         for (k, v) in bad {
-            assert_eq!(code(k, v), Some("CPS.0164"), "{k}={v}");
+            assert_eq!(code(k, v), Some(invalid_code(k)), "{k}={v}");
         }
+    }
+
+    /// The attributes the reference's error list names get their own code;
+    /// the others CPS.0164.
+    #[test]
+    fn invalid_values_carry_the_attribute_s_code() {
+        let cases = [
+            ("sys.prop.write_phonenum", "+86", "CPS.0074"),
+            ("sys.prop.write_imsi", "46000x", "CPS.0075"),
+            ("sys.prop.write_wifissid", "my wifi", "CPS.0082"),
+            ("com.cph.mainkeys", "2", "CPS.0127"),
+            ("qemu.hw.mainkeys", "2", "CPS.0127"),
+            ("gsm.operator.iso-country", "c1", "CPS.0128"),
+            ("gsm.operator.numeric", "4600046000460", "CPS.0129"),
+            ("gsm.operator.alpha", "a\"b", "CPS.0130"),
+            ("gsm.sim.operator.iso-country", "460", "CPS.0131"),
+            ("gsm.sim.operator.numeric", "4600046000460", "CPS.0132"),
+            ("gsm.sim.operator.alpha", "a;b", "CPS.0133"),
+            ("disable.status.bar", "2", "CPS.0164"),
+            ("com.cph.cg.app_port", "9999", "CPS.0164"),
+        ];
+        for (k, v, want) in cases {
+            assert_eq!(code(k, v), Some(want), "{k}={v}");
+        }
+        assert_eq!(not_a_value("no.such").code, "CPS.0163");
+        assert_eq!(not_a_value("sys.prop.write_imsi").code, "CPS.0075");
+        assert_eq!(not_a_value("disable.status.bar").code, "CPS.0164");
     }
 
     #[test]

@@ -276,7 +276,7 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         "prop-4",
         json!({"kind": "update_property", "property": {"sys.prop.write_imsi": "46000x"}}),
     );
-    assert_eq!(st["error_code"], "CPS.0164", "{st}");
+    assert_eq!(st["error_code"], "CPS.0075", "{st}");
 
     // A sync shell over its 2 s limit fails instead of waiting.
     let (_, st) = http(

@@ -91,8 +91,9 @@ pub enum ApiError {
     Property(String),
     #[error("parameter: {0}")]
     PropertyUnsupported(String),
-    #[error("parameter: {0}")]
-    PropertyInvalid(String),
+    /// A value an attribute's rule refuses, with the attribute's code.
+    #[error("parameter: {1}")]
+    PropertyInvalid(&'static str, String),
     #[error("parameter: phone_ids is invalid")]
     PhoneIds,
     #[error("parameter: server_name is invalid")]
@@ -297,7 +298,7 @@ impl ApiError {
             E::KeypairNotFound(_) => (bad, "CPS.0067"),
             E::Property(_) => (bad, "CPS.0078"),
             E::PropertyUnsupported(_) => (bad, "CPS.0163"),
-            E::PropertyInvalid(_) => (bad, "CPS.0164"),
+            E::PropertyInvalid(code, _) => (bad, code),
             E::PhoneIds => (bad, "CPS.0080"),
             E::ServerName => (bad, "CPS.0087"),
             E::ServerModelName => (bad, "CPS.0089"),

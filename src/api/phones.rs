@@ -384,6 +384,10 @@ pub async fn batch_restart(
 ) -> ApiResult {
     let image = requested_image(&st, &c.project_id, b.image_id.as_deref())?;
     let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
+        // A restart's properties are merged into the phone's.
+        if let Some(property) = &property {
+            fits_with(p, property)?;
+        }
         Ok(JobKind::RestartPhone {
             image: image_for(&st, image.as_ref(), p)?,
             property,
@@ -448,19 +452,25 @@ pub async fn update_property(
     // the new ones (`dispatch::apply_status`).
     let t = targets(&st, &c.project_id, phone_props(b.phones), |p, property| {
         let property = property.unwrap_or_default();
-        let mut merged: BTreeMap<String, Value> =
-            serde_json::from_str(&p.property).unwrap_or_default();
-        for (k, v) in &property {
-            merged.insert(k.clone(), Value::String(v.clone()));
-        }
-        if Value::from_iter(merged).to_string().len() > validate::PROPERTY_MAX {
-            return Err(ApiError::Property(
-                "the phone's properties with these would be longer than 2048 bytes".into(),
-            ));
-        }
+        fits_with(p, &property)?;
         Ok(JobKind::UpdateProperty { property })
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))
+}
+
+/// A phone's recorded properties with `property` merged in (as an update
+/// or a restart leaves them) stay within the reference's 2,048 bytes.
+fn fits_with(p: &Phone, property: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let mut merged: BTreeMap<String, Value> = serde_json::from_str(&p.property).unwrap_or_default();
+    for (k, v) in property {
+        merged.insert(k.clone(), Value::String(v.clone()));
+    }
+    if Value::from_iter(merged).to_string().len() > validate::PROPERTY_MAX {
+        return Err(ApiError::Property(
+            "the phone's properties with these would be longer than 2048 bytes".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

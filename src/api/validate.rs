@@ -115,7 +115,8 @@ pub fn share_package(s: &str) -> Result<(), ApiError> {
 
 /// A property JSON string: an object of at most 2,048 bytes whose values are
 /// strings, numbers or booleans, each name one of the reference's attributes
-/// (CPS.0163) with a value its rule takes (CPS.0164).
+/// (CPS.0163) with a value its rule takes (the attribute's code, see
+/// [`cph_agent::property::check`]).
 pub fn property(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
     if s.len() > PROPERTY_MAX {
         return Err(ApiError::Property("longer than 2048 bytes".into()));
@@ -125,27 +126,24 @@ pub fn property(s: &str) -> Result<BTreeMap<String, String>, ApiError> {
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::Property("not a json object".into()))?;
+    let refused = |r: cph_agent::property::Refused| match r.code {
+        "CPS.0163" => ApiError::PropertyUnsupported(r.message),
+        code => ApiError::PropertyInvalid(code, r.message),
+    };
     let mut out = BTreeMap::new();
     for (k, v) in obj {
+        if k.is_empty() || k.len() > 128 {
+            return Err(ApiError::Property(format!("name {k} is invalid")));
+        }
         let text = match v {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
-            _ => {
-                return Err(ApiError::Property(format!(
-                    "value of {k} is not a string or number"
-                )))
-            }
+            // The name is judged first (CPS.0163), then the value, which is
+            // not one (the attribute's code).
+            _ => return Err(refused(cph_agent::property::not_a_value(k))),
         };
-        if k.is_empty() || k.len() > 128 {
-            return Err(ApiError::Property(format!("name {k} is invalid")));
-        }
-        if let Err(r) = cph_agent::property::check(k, &text) {
-            return Err(match r.code {
-                "CPS.0163" => ApiError::PropertyUnsupported(r.message),
-                _ => ApiError::PropertyInvalid(r.message),
-            });
-        }
+        cph_agent::property::check(k, &text).map_err(refused)?;
         out.insert(k.clone(), text);
     }
     Ok(out)
