@@ -11,7 +11,8 @@
 //!
 //! Names beginning with `ro.` are read-only in Android once set, so a
 //! phone gets them at its next start, as init arguments; the others are
-//! set at once in a running phone.
+//! set at once in a running phone. Android forgets those at every start,
+//! except `persist.*` ones, which it keeps in the phone's data.
 
 use std::collections::BTreeMap;
 
@@ -264,6 +265,14 @@ pub fn check_all(property: &BTreeMap<String, String>) -> Result<(), Refused> {
 /// a phone at its next start, as an init argument.
 pub fn read_only(name: &str) -> bool {
     name.starts_with("ro.")
+}
+
+/// Whether Android keeps `name` across starts itself (`persist.*`, in its
+/// data): such a property is set once (at the phone's first start, or when
+/// it is given), so a value the user then picks inside the phone (its
+/// language) is not set back at every start.
+pub fn persistent(name: &str) -> bool {
+    name.starts_with("persist.")
 }
 
 #[cfg(test)]

@@ -278,6 +278,70 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     );
     assert_eq!(st["error_code"], "CPS.0075", "{st}");
 
+    // A persistent property (the language) is set once: the user's own
+    // choice inside the phone then holds over a restart; one given while
+    // the phone is stopped is set at its next start.
+    let sh = |id: &str, cmd: &str| {
+        let st = run(
+            id,
+            json!({"kind": "sync_shell", "command": cmd, "timeout_ms": 2000}),
+        );
+        assert_eq!(st["status"], 2, "{id}: {st}");
+    };
+    let st = run(
+        "locale-1",
+        json!({"kind": "update_property", "property": {"persist.sys.locale": "en-US"}}),
+    );
+    assert_eq!(st["execute_msg"], "applied", "{st}");
+    assert_eq!(getprop("locale-get-1", "persist.sys.locale"), "en-US");
+    sh("locale-user", "setprop persist.sys.locale fr-FR");
+    let st = run(
+        "locale-restart",
+        json!({"kind": "restart_phone", "image": null, "property": null}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(getprop("locale-get-2", "persist.sys.locale"), "fr-FR");
+    assert_eq!(
+        run("locale-stop", json!({"kind": "stop_phone"}))["status"],
+        2
+    );
+    let st = run(
+        "locale-2",
+        json!({"kind": "update_property", "property": {"persist.sys.locale": "de-DE"}}),
+    );
+    assert_eq!(
+        st["execute_msg"], "applied at next start: persist.sys.locale",
+        "{st}"
+    );
+    assert_eq!(
+        run("locale-start", json!({"kind": "start_phone"}))["status"],
+        2
+    );
+    assert_eq!(getprop("locale-get-3", "persist.sys.locale"), "de-DE");
+
+    // A property the phone cannot take fails the job and is not recorded:
+    // the next start does not bring it in.
+    sh(
+        "break-props",
+        "rm -rf /data/property.keep && mv /data/property /data/property.keep && : > /data/property",
+    );
+    let st = run(
+        "prop-5",
+        json!({"kind": "update_property", "property": {"disable.status.bar": "1"}}),
+    );
+    assert_eq!(st["status"], -1, "{st}");
+    sh(
+        "mend-props",
+        "rm /data/property && mv /data/property.keep /data/property",
+    );
+    let st = run(
+        "restart-3",
+        json!({"kind": "restart_phone", "image": null, "property": null}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(getprop("prop-5-get", "disable.status.bar"), "");
+    assert_eq!(getprop("prop-5-live", "com.cph.mainkeys"), "1");
+
     // A sync shell over its 2 s limit fails instead of waiting.
     let (_, st) = http(
         &addr,

@@ -86,6 +86,21 @@ pub struct PhoneRecord {
     /// so a phone left down by it reads as that step failed.
     #[serde(default)]
     pub failed_in: Option<PhoneRunState>,
+    /// `persist.*` properties to set at the next start: those of a phone
+    /// whose data is new (made, reset) and those given while it was
+    /// stopped. Android keeps them across starts itself
+    /// ([`property::persistent`]).
+    #[serde(default)]
+    pub pending_persist: BTreeSet<String>,
+}
+
+/// The `persist.*` names of `property`.
+fn persistent_names(property: &BTreeMap<String, String>) -> BTreeSet<String> {
+    property
+        .keys()
+        .filter(|k| property::persistent(k))
+        .cloned()
+        .collect()
 }
 
 fn made_before() -> bool {
@@ -885,11 +900,16 @@ impl Phones {
         }
         self.rt.start(&spec).map_err(container_fail)?;
         self.wait_ready(&name);
-        // Android forgets the others at every boot.
+        // Android forgets the others at every boot, but for the
+        // persistent ones it keeps.
         for (k, v) in &rec.spec.property {
-            if !property::read_only(k) {
+            let kept = property::persistent(k) && !rec.pending_persist.contains(k);
+            if !property::read_only(k) && !kept {
                 self.setprop(&name, k, v)?;
             }
+        }
+        if !rec.pending_persist.is_empty() {
+            self.update(&rec.spec.phone_id, |r| r.pending_persist.clear())?;
         }
         Ok(())
     }
@@ -983,6 +1003,7 @@ impl Phones {
             user_ns,
             made: false,
             failed_in: None,
+            pending_persist: persistent_names(&spec.property),
         };
         self.save(&rec)?;
         drop(ids_guard);
@@ -1071,6 +1092,7 @@ impl Phones {
             r.resume = true;
             if let Some(p) = property {
                 r.spec.property.extend(p.clone());
+                r.pending_persist.extend(persistent_names(p));
             }
         })?;
         let stopped = match image {
@@ -1114,6 +1136,8 @@ impl Phones {
             if let Some(p) = property {
                 r.spec.property = p.clone();
             }
+            // The phone's data is made anew.
+            r.pending_persist = persistent_names(&r.spec.property);
         })?;
         let result = self
             .stop_and_remove(phone_id)
@@ -1138,32 +1162,57 @@ impl Phones {
             .map(|_| ())
     }
 
-    /// Records new properties; live ones are set at once in a running phone.
+    /// Records new properties; live ones are set at once in a running
+    /// phone, the others at its next start. When one cannot be applied the
+    /// phone's recorded properties are put back as they were (as the
+    /// control plane keeps them), so its next start does not bring in what
+    /// the failed job carried.
     pub fn update_property(
         &self,
         phone_id: &str,
         property: &BTreeMap<String, String>,
     ) -> Result<String, JobFailure> {
         validate_properties(property)?;
-        let rec = self.update(phone_id, |r| r.spec.property.extend(property.clone()))?;
-        if let (Some(net), true) = (&self.net, property.contains_key(BANDWIDTH_LIMIT)) {
-            net.set_bandwidth_limit(phone_id, bandwidth_limit(&rec.spec.property))
-                .map_err(network_fail)?;
-        }
         let name = container_name(phone_id);
         let running = matches!(self.rt.state(&name).map(|s| s.status), Ok(Status::Running));
-        let mut deferred = Vec::new();
-        for (k, v) in property {
-            if running && !property::read_only(k) {
-                self.setprop(&name, k, v)?;
-            } else {
-                deferred.push(k.as_str());
+        let (live, deferred): (Vec<_>, Vec<_>) = property
+            .iter()
+            .partition(|(k, _)| running && !property::read_only(k));
+        let before = self.record(phone_id)?;
+        let rec = self.update(phone_id, |r| {
+            r.spec.property.extend(property.clone());
+            r.pending_persist.extend(
+                deferred
+                    .iter()
+                    .filter(|(k, _)| property::persistent(k))
+                    .map(|(k, _)| (*k).clone()),
+            );
+        })?;
+        let limit = self
+            .net
+            .as_ref()
+            .filter(|_| property.contains_key(BANDWIDTH_LIMIT));
+        let applied = limit
+            .map_or(Ok(()), |net| {
+                net.set_bandwidth_limit(phone_id, bandwidth_limit(&rec.spec.property))
+                    .map_err(network_fail)
+            })
+            .and_then(|()| live.iter().try_for_each(|(k, v)| self.setprop(&name, k, v)));
+        if let Err(e) = applied {
+            let _ = self.update(phone_id, |r| {
+                r.spec.property = before.spec.property.clone();
+                r.pending_persist = before.pending_persist.clone();
+            });
+            if let Some(net) = limit {
+                let _ = net.set_bandwidth_limit(phone_id, bandwidth_limit(&before.spec.property));
             }
+            return Err(e);
         }
         Ok(if deferred.is_empty() {
             "applied".to_string()
         } else {
-            format!("applied at next start: {}", deferred.join(","))
+            let names: Vec<&str> = deferred.iter().map(|(k, _)| k.as_str()).collect();
+            format!("applied at next start: {}", names.join(","))
         })
     }
 
@@ -1486,7 +1535,7 @@ mod tests {
             Err("CPS.0163".to_string())
         );
         let bad: BTreeMap<String, String> =
-            [("com.cph.mainkeys".to_string(), "7".to_string())].into();
+            [("disable.status.bar".to_string(), "7".to_string())].into();
         assert_eq!(
             validate_properties(&bad).map_err(|e| e.code),
             Err("CPS.0164".to_string())
