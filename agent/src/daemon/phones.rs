@@ -1484,7 +1484,8 @@ fn bandwidth_limit(property: &BTreeMap<String, String>) -> i64 {
         .unwrap_or(-1)
 }
 
-/// Checks names against the attribute list (CPS.0163) and values (CPS.0164).
+/// Checks names against the attribute list (CPS.0163) and values (the
+/// attribute's code, [`crate::property::invalid_code`]).
 pub fn validate_properties(property: &BTreeMap<String, String>) -> Result<(), JobFailure> {
     crate::property::check_all(property).map_err(|r| JobFailure::new(r.code, r.message))
 }
