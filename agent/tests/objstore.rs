@@ -569,3 +569,148 @@ async fn objects_partly_in_the_page_cache_are_served_whole() {
     let got = read_streamed(&f.store, "cold.bin").await;
     assert!(got == data, "ranged reads differ");
 }
+
+/// A TCP proxy in front of the store (a double of the network between the
+/// agent and its store, nothing of ours). With `cut_after`, the first
+/// response to pass that many bytes is cut off there (both directions
+/// closed), once; with `hold_from`, a request for a range starting at or
+/// past that offset is held (nothing forwarded) while its client keeps the
+/// connection, counted in `held`.
+struct Proxy {
+    url: String,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn proxy(store: &str, cut_after: Option<u64>, hold_from: Option<u64>) -> Proxy {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = store.trim_start_matches("http://").to_string();
+    let (cuts, held) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (cuts2, held2) = (cuts.clone(), held.clone());
+    let cut_done = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&store).await else {
+                continue;
+            };
+            let (cuts, held, cut_done) = (cuts2.clone(), held2.clone(), cut_done.clone());
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let down = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut sent = 0u64;
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if let Some(limit) = cut_after {
+                            if sent + n as u64 > limit && !cut_done.swap(true, Ordering::SeqCst) {
+                                let _ = cw.write_all(&buf[..(limit - sent) as usize]).await;
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                        sent += n as u64;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    let hold = hold_from.is_some_and(|from| {
+                        text.split("range: bytes=").skip(1).any(|rest| {
+                            rest.split('-')
+                                .next()
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .is_some_and(|start| start >= from)
+                        })
+                    });
+                    if hold {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        // Until the client lets go of the connection.
+                        while matches!(cr.read(&mut buf).await, Ok(n) if n > 0) {}
+                        held.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    }
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                down.abort();
+            });
+        }
+    });
+    Proxy { url, cuts, held }
+}
+
+/// A connection that breaks off in the middle of a range's body costs that
+/// range another GET, not the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_cut_off_mid_body_is_fetched_again() {
+    let f = fixture().await;
+    let data = pattern(12 * MIB + 777, 5);
+    f.store
+        .put_bytes(BUCKET, "cut.bin", data.clone())
+        .await
+        .unwrap();
+    let p = proxy(&f.server.endpoint(), Some(MIB as u64), None).await;
+    let store = ObjectStore::new(&ObjectStoreConfig::local(&p.url, AK, SK)).unwrap();
+    let got = read_streamed(&store, "cut.bin").await;
+    assert_eq!(p.cuts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(got == data, "bytes differ after a range was fetched again");
+}
+
+/// A download given up (its reader dropped, as after a bad archive) stops
+/// the GETs it still had running instead of leaving them to their timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_download_stops_its_requests() {
+    use std::sync::atomic::Ordering;
+    let f = fixture().await;
+    let data = pattern(16 * MIB, 6);
+    f.store
+        .put_bytes(BUCKET, "held.bin", data.clone())
+        .await
+        .unwrap();
+    let range = ObjectStoreConfig::default().transfer.range_bytes as u64;
+    let p = proxy(&f.server.endpoint(), None, Some(range)).await;
+    let store = ObjectStore::new(&ObjectStoreConfig::local(&p.url, AK, SK)).unwrap();
+    let mut reader = store
+        .download_to_reader(BUCKET, "held.bin", u64::MAX)
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 4096];
+    let mut reader = tokio::task::spawn_blocking(move || {
+        reader.read_exact(&mut first).unwrap();
+        reader
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while p.held.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no range was held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = reader.read(&mut [0u8; 0]);
+    drop(reader);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while p.held.load(Ordering::SeqCst) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} GETs still open after their download was dropped",
+            p.held.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

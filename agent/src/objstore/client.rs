@@ -29,6 +29,10 @@ pub(crate) struct Inner {
     /// Timeout of one attempt of a request (see
     /// [`super::config::complete_timeout`] for the exception).
     pub attempt_timeout: std::time::Duration,
+    /// Attempts of a ranged GET whose body broke off (the SDK's retries
+    /// end with the response's head), and the first wait between them.
+    pub max_attempts: u32,
+    pub initial_backoff: std::time::Duration,
 }
 
 /// What a HEAD or a listing says of an object.
@@ -50,6 +54,8 @@ impl ObjectStore {
                 endpoint: cfg.endpoint.clone(),
                 transfer: cfg.transfer.clone(),
                 attempt_timeout: cfg.attempt_timeout(),
+                max_attempts: cfg.max_attempts,
+                initial_backoff: cfg.initial_backoff(),
             }),
         })
     }

@@ -221,6 +221,11 @@ impl ObjectStore {
     /// With `etag` (the HEAD's), the store answers only while the object
     /// still has it: a replaced object fails the download as
     /// [`ObjectStoreError::Inconsistent`] instead of mixing two versions.
+    ///
+    /// A body that breaks off (a connection reset, a timeout mid-transfer)
+    /// is fetched again, up to the configured attempts with the backoff
+    /// doubling: the SDK's own retries end once a response's head arrived,
+    /// and one dropped connection would otherwise fail a whole push.
     async fn get_range(
         &self,
         bucket: &str,
@@ -229,6 +234,31 @@ impl ObjectStore {
         start: u64,
         len: u64,
     ) -> Result<Vec<Bytes>, ObjectStoreError> {
+        let mut wait = self.inner.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            match self.get_range_once(bucket, key, etag, start, len).await {
+                Err(Range::BrokeOff(e)) if attempt < self.inner.max_attempts => {
+                    tracing::debug!(%bucket, %key, start, attempt, error = %e, "range broke off, fetched again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                Err(Range::BrokeOff(e) | Range::Failed(e)) => return Err(e),
+                Ok(part) => return Ok(part),
+            }
+        }
+    }
+
+    /// One attempt of [`ObjectStore::get_range`].
+    async fn get_range_once(
+        &self,
+        bucket: &str,
+        key: &str,
+        etag: Option<&str>,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<Bytes>, Range> {
         let mut out = self
             .inner
             .client
@@ -239,15 +269,12 @@ impl ObjectStore {
             .range(format!("bytes={start}-{}", start + len - 1))
             .send()
             .await
-            .map_err(|e| map_sdk(e, &self.ctx("get", bucket, key)))?;
+            .map_err(|e| Range::Failed(map_sdk(e, &self.ctx("get", bucket, key))))?;
         let mut part = Part::default();
         let mut got = 0u64;
-        while let Some(chunk) = out
-            .body
-            .try_next()
-            .await
-            .map_err(|e| self.body_failed(bucket, key, &format!(" at {start}"), &e))?
-        {
+        while let Some(chunk) = out.body.try_next().await.map_err(|e| {
+            Range::BrokeOff(self.body_failed(bucket, key, &format!(" at {}", start + got), &e))
+        })? {
             got += chunk.len() as u64;
             if got > len {
                 break;
@@ -260,13 +287,31 @@ impl ObjectStore {
             } else {
                 got.to_string()
             };
-            return Err(ObjectStoreError::Inconsistent {
+            return Err(Range::Failed(ObjectStoreError::Inconsistent {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
                 detail: format!("bytes {start}.. gave {got} bytes, expected {len}"),
-            });
+            }));
         }
         Ok(part.finish())
+    }
+}
+
+/// How one attempt at a range failed.
+enum Range {
+    /// The body broke off after the response began: worth another attempt.
+    BrokeOff(ObjectStoreError),
+    /// The request was refused or the bytes are not the object's.
+    Failed(ObjectStoreError),
+}
+
+/// A part's fetch, stopped when dropped: a download given up (its reader
+/// dropped after an error, or a bad archive) leaves no GET running.
+struct Fetch(JoinHandle<Result<Vec<Bytes>, ObjectStoreError>>);
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -326,7 +371,7 @@ async fn produce(
     let part = store.inner.transfer.range_bytes as u64;
     let in_flight = store.inner.transfer.parts_in_flight.max(1);
     let mut next = 0u64;
-    let mut running: VecDeque<JoinHandle<Result<Vec<Bytes>, ObjectStoreError>>> = VecDeque::new();
+    let mut running: VecDeque<Fetch> = VecDeque::new();
     loop {
         while running.len() < in_flight && next < info.size {
             let len = part.min(info.size - next);
@@ -337,17 +382,17 @@ async fn produce(
                 info.etag.clone(),
                 stats.clone(),
             );
-            running.push_back(tokio::spawn(async move {
+            running.push_back(Fetch(tokio::spawn(async move {
                 let data = s.get_range(&b, &k, e.as_deref(), next, len).await?;
                 st.add(len);
                 Ok(data)
-            }));
+            })));
             next += len;
         }
-        let Some(oldest) = running.pop_front() else {
+        let Some(mut oldest) = running.pop_front() else {
             break;
         };
-        let result = match oldest.await {
+        let result = match (&mut oldest.0).await {
             Ok(r) => r,
             Err(e) => Err(ObjectStoreError::Aborted {
                 bucket: bucket.clone(),
@@ -360,9 +405,8 @@ async fn produce(
             break;
         }
     }
-    for task in running {
-        task.abort();
-    }
+    // The fetches still running stop as `running` drops (also when this
+    // task is aborted with its reader).
 }
 
 #[cfg(test)]
