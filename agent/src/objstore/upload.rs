@@ -1,8 +1,9 @@
 //! Streaming upload: a synchronous writer feeding a multipart upload.
 //!
-//! [`ObjectWriter`] fills one part at a time; each full part goes through a
-//! channel of `queued_parts` slots to an uploader task that keeps up to
-//! `parts_in_flight` UploadPart requests running. The multipart upload is
+//! [`ObjectWriter`] fills one part at a time (of the size
+//! [`super::TransferConfig::part_size`] gives its number); each full part
+//! goes through a channel of `queued_parts` slots to an uploader task that
+//! keeps up to `parts_in_flight` UploadPart requests running. The multipart upload is
 //! created with the first full part, so an object smaller than one part is a
 //! single PUT. Finishing completes the upload; dropping the writer unfinished
 //! (or any failure) aborts it, so no partial object appears.
@@ -46,7 +47,10 @@ pub struct ObjectWriter {
     handle: Handle,
     bucket: String,
     key: String,
+    /// The size of the part being written.
     part_bytes: usize,
+    /// Parts sent to the uploader.
+    parts: usize,
     buf: Vec<u8>,
     total: u64,
     tx: Option<mpsc::Sender<Msg>>,
@@ -58,13 +62,14 @@ impl ObjectStore {
     /// uploads run there), then used from a blocking thread.
     pub fn writer(&self, bucket: &str, key: &str) -> Result<ObjectWriter, ObjectStoreError> {
         let handle = Handle::try_current().map_err(|_| ObjectStoreError::NoRuntime)?;
-        let part_bytes = self.inner.transfer.part_bytes;
+        let part_bytes = self.inner.transfer.part_size(1);
         Ok(ObjectWriter {
             store: self.clone(),
             handle,
             bucket: bucket.to_string(),
             key: key.to_string(),
             part_bytes,
+            parts: 0,
             buf: Vec::new(),
             total: 0,
             tx: None,
@@ -154,6 +159,8 @@ impl ObjectWriter {
             self.tx = None;
             return Err(self.task_error());
         }
+        self.parts += 1;
+        self.part_bytes = self.store.inner.transfer.part_size(self.parts + 1);
         Ok(())
     }
 
@@ -236,7 +243,7 @@ async fn upload(
     };
     let result = upload_parts(&store, &bucket, &key, &upload_id, &mut rx).await;
     let result = match result {
-        Ok(parts) => complete(&store, &bucket, &key, &upload_id, parts).await,
+        Ok((parts, bytes)) => complete(&store, &bucket, &key, &upload_id, parts, bytes).await,
         Err(e) => Err(e),
     };
     if result.is_err() {
@@ -261,11 +268,12 @@ async fn upload_parts(
     key: &str,
     upload_id: &str,
     rx: &mut mpsc::Receiver<Msg>,
-) -> Result<Vec<CompletedPart>, ObjectStoreError> {
+) -> Result<(Vec<CompletedPart>, u64), ObjectStoreError> {
     let in_flight = store.inner.transfer.parts_in_flight.max(1);
     let mut running: JoinSet<Result<CompletedPart, ObjectStoreError>> = JoinSet::new();
     let mut done = Vec::new();
     let mut number = 0i32;
+    let mut bytes = 0u64;
     let finished = loop {
         let Some(msg) = rx.recv().await else {
             break false;
@@ -275,6 +283,7 @@ async fn upload_parts(
             Msg::Finish => break true,
         };
         number += 1;
+        bytes += data.len() as u64;
         if number as usize > MAX_PARTS {
             return Err(ObjectStoreError::UploadTooLarge {
                 bucket: bucket.to_string(),
@@ -322,7 +331,7 @@ async fn upload_parts(
         });
     }
     done.sort_by_key(|p| p.part_number);
-    Ok(done)
+    Ok((done, bytes))
 }
 
 fn joined(
@@ -351,9 +360,9 @@ async fn complete(
     key: &str,
     upload_id: &str,
     parts: Vec<CompletedPart>,
+    bytes: u64,
 ) -> Result<usize, ObjectStoreError> {
     let n = parts.len();
-    let bytes = n as u64 * store.inner.transfer.part_bytes as u64;
     let timeout = complete_timeout(store.inner.attempt_timeout, bytes);
     store
         .inner
