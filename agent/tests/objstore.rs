@@ -575,7 +575,9 @@ async fn objects_partly_in_the_page_cache_are_served_whole() {
 /// response to pass that many bytes is cut off there (both directions
 /// closed), once; with `hold_from`, a request for a range starting at or
 /// past that offset is held (nothing forwarded) while its client keeps the
-/// connection, counted in `held`.
+/// connection, counted in `held`; with `lose_answer_to`, the answer to the
+/// first request whose text (lowercased) holds it is lost: the request
+/// reaches the store, the connection closes before its answer.
 struct Proxy {
     url: String,
     cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -583,6 +585,15 @@ struct Proxy {
 }
 
 async fn proxy(store: &str, cut_after: Option<u64>, hold_from: Option<u64>) -> Proxy {
+    proxy_losing(store, cut_after, hold_from, None).await
+}
+
+async fn proxy_losing(
+    store: &str,
+    cut_after: Option<u64>,
+    hold_from: Option<u64>,
+    lose_answer_to: Option<&'static str>,
+) -> Proxy {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -592,12 +603,16 @@ async fn proxy(store: &str, cut_after: Option<u64>, hold_from: Option<u64>) -> P
     let (cuts, held) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (cuts2, held2) = (cuts.clone(), held.clone());
     let cut_done = Arc::new(AtomicBool::new(false));
+    let lost_one = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let Ok(upstream) = tokio::net::TcpStream::connect(&store).await else {
                 continue;
             };
             let (cuts, held, cut_done) = (cuts2.clone(), held2.clone(), cut_done.clone());
+            let lost_one = lost_one.clone();
+            let lose_here = Arc::new(AtomicBool::new(false));
+            let lose = lose_here.clone();
             tokio::spawn(async move {
                 let (mut cr, mut cw) = client.into_split();
                 let (mut ur, mut uw) = upstream.into_split();
@@ -609,6 +624,11 @@ async fn proxy(store: &str, cut_after: Option<u64>, hold_from: Option<u64>) -> P
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
+                        if lose.load(Ordering::SeqCst) {
+                            // The answer goes nowhere; the client's
+                            // connection closes.
+                            return;
+                        }
                         if let Some(limit) = cut_after {
                             if sent + n as u64 > limit && !cut_done.swap(true, Ordering::SeqCst) {
                                 let _ = cw.write_all(&buf[..(limit - sent) as usize]).await;
@@ -629,6 +649,11 @@ async fn proxy(store: &str, cut_after: Option<u64>, hold_from: Option<u64>) -> P
                         Ok(n) => n,
                     };
                     let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    if lose_answer_to.is_some_and(|p| text.contains(p))
+                        && !lost_one.swap(true, Ordering::SeqCst)
+                    {
+                        lose_here.store(true, Ordering::SeqCst);
+                    }
                     let hold = hold_from.is_some_and(|from| {
                         text.split("range: bytes=").skip(1).any(|rest| {
                             rest.split('-')
@@ -713,4 +738,104 @@ async fn a_dropped_download_stops_its_requests() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A multipart upload its writer could not end (its process killed in the
+/// middle of an export) is noted while open, and ended from the note: its
+/// parts stop taking room in the store. A writer that ends its upload
+/// leaves no note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_left_open_is_ended_from_its_note() {
+    let f = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let note = dir.path().join("job.upload");
+    let part = ObjectStoreConfig::default().transfer.part_bytes;
+    let mut w = f.store.writer(BUCKET, "left.bin").unwrap();
+    w.note_upload_in(note.clone());
+    tokio::task::spawn_blocking(move || {
+        w.write_all(&pattern(part + 10, 9)).unwrap();
+        // Lost with its upload open, as in a process killed.
+        std::mem::forget(w);
+    })
+    .await
+    .unwrap();
+    let mut noted = None;
+    for _ in 0..100 {
+        noted = std::fs::read(&note)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok());
+        if noted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noted = noted.expect("the open upload is noted");
+    assert_eq!(noted["key"], "left.bin");
+    let id = noted["upload_id"].as_str().unwrap().to_string();
+    let parts = || {
+        f.store
+            .sdk()
+            .list_parts()
+            .bucket(BUCKET)
+            .key("left.bin")
+            .upload_id(&id)
+            .send()
+    };
+    // Wait for its first part to be stored.
+    for _ in 0..100 {
+        if parts().await.is_ok_and(|p| !p.parts().is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        parts().await.is_ok_and(|p| !p.parts().is_empty()),
+        "the upload holds its first part"
+    );
+    assert!(f.store.abort_noted(&note).await.unwrap());
+    assert!(!note.exists(), "the note outlived its upload");
+    assert!(parts().await.is_err(), "the upload is still open");
+    assert!(
+        !f.store.abort_noted(&note).await.unwrap(),
+        "no note, nothing to do"
+    );
+
+    // Ended by its writer: no note left.
+    let mut w = f.store.writer(BUCKET, "done.bin").unwrap();
+    w.note_upload_in(note.clone());
+    tokio::task::spawn_blocking(move || {
+        w.write_all(&pattern(part + 10, 10)).unwrap();
+        w.finish().unwrap();
+    })
+    .await
+    .unwrap();
+    assert!(!note.exists());
+}
+
+/// A multipart upload whose completion was stored but whose answer was lost
+/// is a success: the retry finds the upload gone and the object whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_answer_was_lost_is_a_success() {
+    let f = fixture().await;
+    let p = proxy_losing(
+        &f.server.endpoint(),
+        None,
+        None,
+        Some("post /push-bucket/lost.bin?uploadid="),
+    )
+    .await;
+    let store = ObjectStore::new(&ObjectStoreConfig::local(&p.url, AK, SK)).unwrap();
+    let data = pattern(10 * MIB + 5, 11);
+    let payload = data.clone();
+    let report = store
+        .upload_with(BUCKET, "lost.bin", move |w| w.write_all(&payload))
+        .await
+        .unwrap();
+    assert_eq!(report.parts, 2);
+    let got = f
+        .store
+        .get_bytes(BUCKET, "lost.bin", u64::MAX)
+        .await
+        .unwrap();
+    assert!(got[..] == data[..], "stored bytes differ");
 }

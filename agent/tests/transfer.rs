@@ -709,11 +709,14 @@ fn object_store_jobs_on_a_real_phone() {
     let _ = rt.block_on(server_store.shutdown());
 }
 
-/// A TCP proxy in front of the store: requests pass until one asks for a
-/// range starting at `hold_from` bytes or beyond; that connection is then
-/// held open with nothing more forwarded, as over a network that stopped.
-/// (A double of the network between agent and store, nothing of ours.)
-async fn holding_proxy(store: String, hold_from: u64) -> String {
+/// A TCP proxy in front of the store: requests pass until one whose text
+/// (lowercased) `hold` picks; that connection is then held open with
+/// nothing more forwarded, as over a network that stopped. (A double of
+/// the network between agent and store, nothing of ours.)
+async fn holding_proxy(
+    store: String,
+    hold: impl Fn(&str) -> bool + Send + Sync + Copy + 'static,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -738,13 +741,7 @@ async fn holding_proxy(store: String, hold_from: u64) -> String {
                         Ok(n) => n,
                     };
                     let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
-                    let held = text.split("range: bytes=").skip(1).any(|rest| {
-                        rest.split('-')
-                            .next()
-                            .and_then(|s| s.parse::<u64>().ok())
-                            .is_some_and(|start| start >= hold_from)
-                    });
-                    if held {
+                    if hold(&text) {
                         // Both halves stay open: the request just hangs.
                         std::future::pending::<()>().await;
                     }
@@ -780,7 +777,17 @@ fn a_push_cut_off_by_a_kill_names_what_it_may_have_written() {
         .collect();
     rt.block_on(store.put_bytes(BUCKET, "push/cut.tar", tar_of(&files)))
         .expect("put object");
-    let endpoint = rt.block_on(holding_proxy(server_store.endpoint(), 320 << 10));
+    // The download of the push hangs at its ranges past 320 KiB, the
+    // upload of an export at its second part.
+    let endpoint = rt.block_on(holding_proxy(server_store.endpoint(), |text| {
+        let range_past = text.split("range: bytes=").skip(1).any(|rest| {
+            rest.split('-')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|start| start >= 320 << 10)
+        });
+        range_past || text.contains("partnumber=2&") || text.contains("partnumber=2 ")
+    }));
     let store_toml = format!(
         "[object_store]\nendpoint = \"{endpoint}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n\
          [object_store.transfer]\nrange_bytes = 65536\n"
@@ -889,5 +896,66 @@ fn a_push_cut_off_by_a_kill_names_what_it_may_have_written() {
     // The phone ran through the agent's restart.
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
+
+    // An export killed with its upload open: the upload is ended at the
+    // agent's next start, its parts no longer held in the store.
+    let big = std::path::PathBuf::from(format!("/proc/{init}/root/data/local/big"));
+    std::fs::write(&big, vec![7u8; 20 << 20]).expect("a large file in the phone");
+    let (code, body) = http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&job(
+            "export-cut",
+            &server,
+            &phone,
+            json!({"kind": "export", "object": obj("export/cut.tar"),
+                   "include": ["/data/local/big"], "exclude": []}),
+        )),
+    );
+    assert_eq!(code, 200, "{body}");
+    let note = t.state.join("jobs/export-cut.upload");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let upload_id = loop {
+        let noted = std::fs::read(&note)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Value>(&t).ok());
+        if let Some(id) = noted.as_ref().and_then(|n| n["upload_id"].as_str()) {
+            break id.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no upload noted");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let parts = || {
+        rt.block_on(
+            store
+                .sdk()
+                .list_parts()
+                .bucket(BUCKET)
+                .key("export/cut.tar")
+                .upload_id(&upload_id)
+                .send(),
+        )
+        .map(|p| p.parts().len())
+        .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while parts() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no part stored");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    t.agent.kill();
+    t.agent.restart();
+    assert_failed(&wait_job(&addr, &token, "export-cut"), "CPS.0054");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while note.exists() || parts() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed export's upload is still open ({} parts)",
+            parts()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let _ = rt.block_on(server_store.shutdown());
 }

@@ -419,6 +419,11 @@ fn upload_tar(
     ))
 }
 
+/// Where a job notes the multipart upload it has open: beside its journal.
+pub fn upload_note(journal: &Path) -> PathBuf {
+    journal.with_extension("upload")
+}
+
 /// Writes `root` (the `include`d paths, `exclude` winning) as a tar to
 /// `object` while it is read; what was written and the bytes stored.
 fn upload(
@@ -433,6 +438,8 @@ fn upload(
     let mut writer = store
         .writer(&object.bucket, &object.key)
         .map_err(|e| store_failure(&e))?;
+    // Ended at the agent's next start if this job cannot end it.
+    writer.note_upload_in(upload_note(ctx.journal));
     let report = archive::write_tar(root, include, exclude, &mut writer).map_err(|e| {
         match e.root_cause() {
             ArchiveError::Io { source, .. } => match ObjectStoreError::from_io(source) {

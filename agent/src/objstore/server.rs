@@ -95,6 +95,38 @@ macro_rules! s3_impl {
             ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
                 Backend::head_object(self, req).await
             }
+
+            async fn upload_part(
+                &self,
+                req: s3s::S3Request<s3s::dto::UploadPartInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::UploadPartOutput>> {
+                self.upload_exists(&req.input.upload_id)?;
+                self.fs.upload_part(req).await
+            }
+
+            async fn list_parts(
+                &self,
+                req: s3s::S3Request<s3s::dto::ListPartsInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListPartsOutput>> {
+                self.upload_exists(&req.input.upload_id)?;
+                self.fs.list_parts(req).await
+            }
+
+            async fn complete_multipart_upload(
+                &self,
+                req: s3s::S3Request<s3s::dto::CompleteMultipartUploadInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CompleteMultipartUploadOutput>> {
+                self.upload_exists(&req.input.upload_id)?;
+                self.fs.complete_multipart_upload(req).await
+            }
+
+            async fn abort_multipart_upload(
+                &self,
+                req: s3s::S3Request<s3s::dto::AbortMultipartUploadInput>,
+            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::AbortMultipartUploadOutput>> {
+                self.upload_exists(&req.input.upload_id)?;
+                self.fs.abort_multipart_upload(req).await
+            }
         }
     };
 }
@@ -112,14 +144,32 @@ s3_impl!(
     list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
     put_object: PutObjectInput => PutObjectOutput,
     create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
-    upload_part: UploadPartInput => UploadPartOutput,
     upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput,
-    list_parts: ListPartsInput => ListPartsOutput,
-    complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
-    abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
 );
 
 impl Backend {
+    /// An upload id the store does not hold (completed, aborted, never
+    /// made) is `NoSuchUpload`, as S3 answers (`s3s-fs` answers
+    /// `AccessDenied`): a client whose completion's answer was lost tells
+    /// by it that its retry came after the completion.
+    fn upload_exists(&self, upload_id: &str) -> s3s::S3Result<()> {
+        // `s3s-fs` keeps an upload's owner in `.upload-<id>.json` at the
+        // root while it is open.
+        let known = uuid_like(upload_id)
+            && self
+                .root
+                .join(format!(".upload-{upload_id}.json"))
+                .is_file();
+        if known {
+            Ok(())
+        } else {
+            Err(s3s::s3_error!(
+                NoSuchUpload,
+                "the upload does not exist: it was completed or aborted"
+            ))
+        }
+    }
+
     /// Stores the ETag of `key` in `bucket` when `s3s-fs` has none.
     async fn e_tag(&self, bucket: &str, key: &str) -> s3s::S3Result<()> {
         let (root, locks) = (self.root.clone(), self.etags.clone());
@@ -180,6 +230,12 @@ impl Backend {
         resp.output.body = Some(s3s::dto::StreamingBlob::wrap(body));
         Ok(resp)
     }
+}
+
+/// An upload id as `s3s-fs` makes them (a UUID: hex digits and dashes), so
+/// it names no other file.
+fn uuid_like(id: &str) -> bool {
+    id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 /// `If-Match` on a read, which `s3s-fs` does not check: the object's ETag

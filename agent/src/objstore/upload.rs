@@ -7,8 +7,15 @@
 //! created with the first full part, so an object smaller than one part is a
 //! single PUT. Finishing completes the upload; dropping the writer unfinished
 //! (or any failure) aborts it, so no partial object appears.
+//!
+//! A multipart upload holds its parts in the store until it is completed or
+//! aborted. One whose abort cannot be sent (the store out of reach) or
+//! whose process is killed would hold them for good: with
+//! [`ObjectWriter::note_upload_in`] the upload's id is kept in a file while
+//! it is open, for [`ObjectStore::abort_noted`] to end it later.
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::primitives::ByteStream;
@@ -55,6 +62,16 @@ pub struct ObjectWriter {
     total: u64,
     tx: Option<mpsc::Sender<Msg>>,
     task: Option<JoinHandle<Result<usize, ObjectStoreError>>>,
+    /// Where the open multipart upload is noted.
+    note: Option<PathBuf>,
+}
+
+/// A multipart upload left open, as noted in a file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct OpenUpload {
+    bucket: String,
+    key: String,
+    upload_id: String,
 }
 
 impl ObjectStore {
@@ -74,7 +91,50 @@ impl ObjectStore {
             total: 0,
             tx: None,
             task: None,
+            note: None,
         })
+    }
+
+    /// Ends a multipart upload noted at `note` by a writer that could not
+    /// (see [`ObjectWriter::note_upload_in`]): aborted, or found already
+    /// gone; the note is then removed. False when there was no note.
+    pub async fn abort_noted(&self, note: &Path) -> Result<bool, ObjectStoreError> {
+        let text = match std::fs::read(note) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(self.note_error(note, &e.to_string())),
+        };
+        // A note cut short by a crash names no upload that can be ended.
+        if let Ok(open) = serde_json::from_slice::<OpenUpload>(&text) {
+            match self
+                .inner
+                .client
+                .abort_multipart_upload()
+                .bucket(&open.bucket)
+                .key(&open.key)
+                .upload_id(&open.upload_id)
+                .send()
+                .await
+                .map_err(|e| {
+                    map_sdk(
+                        e,
+                        &self.ctx("abort multipart upload", &open.bucket, &open.key),
+                    )
+                }) {
+                Ok(_) | Err(ObjectStoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        std::fs::remove_file(note).map_err(|e| self.note_error(note, &e.to_string()))?;
+        Ok(true)
+    }
+
+    fn note_error(&self, note: &Path, detail: &str) -> ObjectStoreError {
+        ObjectStoreError::Aborted {
+            bucket: String::new(),
+            key: note.display().to_string(),
+            detail: format!("upload note: {detail}"),
+        }
     }
 
     /// Runs `produce` on a blocking thread with a writer to `bucket/key`
@@ -115,6 +175,14 @@ pub enum UploadError {
 }
 
 impl ObjectWriter {
+    /// Keeps the id of the multipart upload in the file `note` while it is
+    /// open (removed once it is completed or aborted): an upload whose
+    /// abort failed, or whose process was killed, can then be ended with
+    /// [`ObjectStore::abort_noted`].
+    pub fn note_upload_in(&mut self, note: PathBuf) {
+        self.note = Some(note);
+    }
+
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.total
@@ -148,7 +216,8 @@ impl ObjectWriter {
         if self.tx.is_none() {
             let (tx, rx) = mpsc::channel(self.store.inner.transfer.queued_parts.max(1));
             let (store, bucket, key) = (self.store.clone(), self.bucket.clone(), self.key.clone());
-            self.task = Some(self.handle.spawn(upload(store, bucket, key, rx)));
+            let note = self.note.clone();
+            self.task = Some(self.handle.spawn(upload(store, bucket, key, note, rx)));
             self.tx = Some(tx);
         }
         let sent = match &self.tx {
@@ -223,6 +292,7 @@ async fn upload(
     store: ObjectStore,
     bucket: String,
     key: String,
+    note: Option<PathBuf>,
     mut rx: mpsc::Receiver<Msg>,
 ) -> Result<usize, ObjectStoreError> {
     let client = &store.inner.client;
@@ -241,13 +311,27 @@ async fn upload(
             detail: "the answer has no upload id".into(),
         });
     };
+    if let Some(note) = &note {
+        let open = OpenUpload {
+            bucket: bucket.clone(),
+            key: key.clone(),
+            upload_id: upload_id.clone(),
+        };
+        let written = serde_json::to_vec(&open)
+            .map_err(io::Error::other)
+            .and_then(|text| std::fs::write(note, text));
+        if let Err(e) = written {
+            tracing::warn!(note = %note.display(), error = %e, "multipart upload not noted");
+        }
+    }
     let result = upload_parts(&store, &bucket, &key, &upload_id, &mut rx).await;
     let result = match result {
         Ok((parts, bytes)) => complete(&store, &bucket, &key, &upload_id, parts, bytes).await,
         Err(e) => Err(e),
     };
+    let mut ended = result.is_ok();
     if result.is_err() {
-        if let Err(e) = client
+        match client
             .abort_multipart_upload()
             .bucket(&bucket)
             .key(&key)
@@ -255,9 +339,15 @@ async fn upload(
             .send()
             .await
         {
-            let e = map_sdk(e, &store.ctx("abort multipart upload", &bucket, &key));
-            tracing::warn!(bucket = %bucket, key = %key, error = %e, "aborting multipart upload");
+            Ok(_) => ended = true,
+            Err(e) => {
+                let e = map_sdk(e, &store.ctx("abort multipart upload", &bucket, &key));
+                tracing::warn!(bucket = %bucket, key = %key, error = %e, note = ?note, "multipart upload not aborted");
+            }
         }
+    }
+    if let (true, Some(note)) = (ended, &note) {
+        let _ = std::fs::remove_file(note);
     }
     result
 }
@@ -364,7 +454,7 @@ async fn complete(
 ) -> Result<usize, ObjectStoreError> {
     let n = parts.len();
     let timeout = complete_timeout(store.inner.attempt_timeout, bytes);
-    store
+    let done = store
         .inner
         .client
         .complete_multipart_upload()
@@ -386,6 +476,16 @@ async fn complete(
         )
         .send()
         .await
-        .map_err(|e| map_sdk(e, &store.ctx("complete multipart upload", bucket, key)))?;
-    Ok(n)
+        .map_err(|e| map_sdk(e, &store.ctx("complete multipart upload", bucket, key)));
+    match done {
+        Ok(_) => Ok(n),
+        // A retry after an answer that was lost finds the upload gone:
+        // completed, when the object is there with every byte.
+        Err(ObjectStoreError::NotFound { .. })
+            if store.head(bucket, key).await.is_ok_and(|o| o.size == bytes) =>
+        {
+            Ok(n)
+        }
+        Err(e) => Err(e),
+    }
 }
