@@ -960,6 +960,16 @@ async fn buy_phones_jobs_isolation_and_restart() {
             r.body
         );
     }
+    // The reference's own request example is taken.
+    let example = r#"{"sys.prop.writephonenum":"13666666666","sys.prop.writeimsi": "460021624617113","sys.prop.writewifissid":"test_wifi"}"#;
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-update-property",
+            Some(json!({"phones": [{"phone_id": pid, "property": example}]})),
+        )
+        .await;
+    assert!(r.body["jobs"][0]["job_id"].is_string(), "{:?}", r.body);
     // What a phone records stays within 2,048 bytes whichever request
     // adds to it: an update or a restart with properties.
     let long = |names: &[&str], n: usize| {

@@ -6,8 +6,10 @@
 //! needs: `gsm.*.numeric` is documented as letters and commas with a
 //! default of `46000`, so digits pass too; the game URLs list neither `:`
 //! nor `.` among their characters, which no `http://host.domain` can do
-//! without, so both pass. Deprecated names are still taken (old scripts
-//! keep working) with any printable value up to 256 bytes.
+//! without, so both pass; the request examples spell three names without
+//! their underscore (`sys.prop.writeimsi`), so those spellings pass too.
+//! Deprecated names are still taken (old scripts keep working) with any
+//! printable value up to 256 bytes.
 //!
 //! Names beginning with `ro.` are read-only in Android once set, so a
 //! phone gets them at its next start, as init arguments; the others are
@@ -32,9 +34,9 @@ pub struct Refused {
 /// sim_* for the SIM card), every other one `CPS.0164`.
 pub fn invalid_code(name: &str) -> &'static str {
     match name {
-        "sys.prop.write_phonenum" => "CPS.0074",
-        "sys.prop.write_imsi" => "CPS.0075",
-        "sys.prop.write_wifissid" => "CPS.0082",
+        "sys.prop.write_phonenum" | "sys.prop.writephonenum" => "CPS.0074",
+        "sys.prop.write_imsi" | "sys.prop.writeimsi" => "CPS.0075",
+        "sys.prop.write_wifissid" | "sys.prop.writewifissid" => "CPS.0082",
         "com.cph.mainkeys" | "qemu.hw.mainkeys" => "CPS.0127",
         "gsm.operator.iso-country" => "CPS.0128",
         "gsm.operator.numeric" => "CPS.0129",
@@ -106,6 +108,18 @@ const ATTRIBUTES: &[(&str, Rule)] = &[
     ("sys.prop.write_phonenum", Digits { min: 0, max: 20 }),
     (
         "sys.prop.write_wifissid",
+        Text {
+            min: 1,
+            max: 64,
+            extra: "-_./",
+        },
+    ),
+    // The spellings of the reference's request examples, taken as given
+    // (the phone's image reads one or the other).
+    ("sys.prop.writeimsi", Digits { min: 0, max: 15 }),
+    ("sys.prop.writephonenum", Digits { min: 0, max: 20 }),
+    (
+        "sys.prop.writewifissid",
         Text {
             min: 1,
             max: 64,
@@ -287,8 +301,11 @@ mod tests {
     fn names_outside_the_list_are_not_supported() {
         assert_eq!(code("no.such.property", "1"), Some("CPS.0163"));
         // The reference's request examples spell some names without the
-        // underscore; its attribute list is what is served.
-        assert_eq!(code("sys.prop.writeimsi", "1"), Some("CPS.0163"));
+        // underscore: taken too, with the same rules.
+        assert_eq!(check("sys.prop.writeimsi", "460021624617113"), Ok(()));
+        assert_eq!(check("sys.prop.writephonenum", "13666666666"), Ok(()));
+        assert_eq!(check("sys.prop.writewifissid", "test_wifi"), Ok(()));
+        assert_eq!(code("sys.prop.writeimsi", "46002x"), Some("CPS.0075"));
     }
 
     #[test]
