@@ -3088,23 +3088,8 @@ async fn a_switch_fails_the_jobs_left_on_the_old_host() {
                 command: "ls".into(),
             },
         };
-        cph::store::Job {
-            job_id: req.job_id.clone(),
-            request_id: req.request_id.clone(),
-            project_id: cp.project_id.clone(),
-            server_id: server_id.into(),
-            phone_id: Some(phone_id.into()),
-            node_id,
-            request: serde_json::to_string(&req).expect("json"),
-            status: 1,
-            dispatched: false,
-            attempts: 0,
-            error_code: None,
-            error_msg: None,
-            execute_msg: None,
-            begin_time: cph::store::now_string(),
-            end_time: None,
-        }
+        cph::store::Job::running(&req, &cp.project_id, &node_id, &cph::store::now_string())
+            .expect("job")
     };
     let old_host = ["n1", "n2", "n3"]
         .into_iter()

@@ -197,21 +197,5 @@ pub(crate) fn job_row(
     node_id: &str,
     now: &str,
 ) -> Result<Job, ApiError> {
-    Ok(Job {
-        job_id: req.job_id.clone(),
-        request_id: req.request_id.clone(),
-        project_id: project_id.to_string(),
-        server_id: req.server_id.clone(),
-        phone_id: req.phone_id.clone(),
-        node_id: node_id.to_string(),
-        request: serde_json::to_string(req).map_err(|e| ApiError::Internal(e.to_string()))?,
-        status: 1,
-        dispatched: false,
-        attempts: 0,
-        error_code: None,
-        error_msg: None,
-        execute_msg: None,
-        begin_time: now.to_string(),
-        end_time: None,
-    })
+    Job::running(req, project_id, node_id, now).map_err(|e| ApiError::Internal(e.to_string()))
 }

@@ -180,6 +180,35 @@ pub struct Job {
     pub end_time: Option<String>,
 }
 
+impl Job {
+    /// The job `req` just made for the host `node_id`: running, not yet
+    /// sent.
+    pub fn running(
+        req: &cph_agent::protocol::JobRequest,
+        project_id: &str,
+        node_id: &str,
+        now: &str,
+    ) -> serde_json::Result<Job> {
+        Ok(Job {
+            job_id: req.job_id.clone(),
+            request_id: req.request_id.clone(),
+            project_id: project_id.to_string(),
+            server_id: req.server_id.clone(),
+            phone_id: req.phone_id.clone(),
+            node_id: node_id.to_string(),
+            request: serde_json::to_string(req)?,
+            status: 1,
+            dispatched: false,
+            attempts: 0,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+            begin_time: now.to_string(),
+            end_time: None,
+        })
+    }
+}
+
 /// A bandwidth.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bandwidth {
@@ -2295,22 +2324,17 @@ mod tests {
     fn jobs_keep_their_order_when_the_clock_goes_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open_dir(dir.path()).expect("open");
-        let job = |id: &str| Job {
-            job_id: id.into(),
-            request_id: "r".into(),
-            project_id: "p".into(),
-            server_id: "s".into(),
-            phone_id: Some("ph".into()),
-            node_id: "n".into(),
-            request: r#"{"kind":"shell","command":"ls"}"#.into(),
-            status: 1,
-            dispatched: false,
-            attempts: 0,
-            error_code: None,
-            error_msg: None,
-            execute_msg: None,
-            begin_time: now_string(),
-            end_time: None,
+        let job = |id: &str| {
+            let req = cph_agent::protocol::JobRequest {
+                job_id: id.into(),
+                request_id: "r".into(),
+                server_id: "s".into(),
+                phone_id: Some("ph".into()),
+                kind: cph_agent::protocol::JobKind::Shell {
+                    command: "ls".into(),
+                },
+            };
+            Job::running(&req, "p", "n", &now_string()).expect("job")
         };
         let insert = |id: &str| {
             let mut c = s.db().expect("db");
