@@ -68,6 +68,21 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
         "ports": [], "band_width_size": 10, "public_key": "ssh-ed25519 AAAA0 zero@cph",
         "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
     });
+    // A phone id that would not name its container as it is: refused,
+    // nothing taken (not even the server's key).
+    let mut odd = create.clone();
+    odd["phones"][0]["phone_id"] = json!(format!("p.{pid}"));
+    let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&odd));
+    assert_eq!(
+        (code, &body["error_code"]),
+        (400, &json!("CPS.0004")),
+        "{body}"
+    );
+    assert!(
+        !std::fs::read_to_string(t.state.join("ssh/authorized_keys"))
+            .unwrap_or_default()
+            .contains("zero@cph")
+    );
     let (code, body) = http(&addr, "POST", "/v1/servers", &token, Some(&create));
     assert_eq!(code, 200, "{body}");
     // The bought server's key opens the host's SSH access at once.

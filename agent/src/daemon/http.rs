@@ -147,6 +147,22 @@ async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateSe
     if !d.accepting() {
         return submit_error(SubmitError::ShuttingDown);
     }
+    // Each phone's id names its container, network and volume as it is.
+    if let Some(bad) = server
+        .phones
+        .iter()
+        .find(|p| !super::phones::valid_phone_id(&p.phone_id))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "CPS.0004",
+            format!(
+                "phone id {:?} is invalid: 1 to {} ASCII letters, digits or '-'",
+                bad.phone_id,
+                super::phones::PHONE_ID_MAX
+            ),
+        );
+    }
     // The server's key opens the host's SSH access from now on.
     if let Err(e) = d
         .phones

@@ -174,6 +174,18 @@ pub struct PhoneUsage {
 }
 
 /// The container name of a phone.
+/// Longest phone id: its container's name is `cph-` and the id whole.
+pub const PHONE_ID_MAX: usize = 48;
+
+/// A phone id a new phone may have: 1 to [`PHONE_ID_MAX`] ASCII letters,
+/// digits or `-`, so its container, network and volume names are the id
+/// itself and two phones never share them (the control plane makes 32 hex
+/// digits).
+pub fn valid_phone_id(id: &str) -> bool {
+    (1..=PHONE_ID_MAX).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 pub fn container_name(phone_id: &str) -> String {
     prefixed_name("cph-", phone_id)
 }
@@ -1549,5 +1561,17 @@ mod tests {
     #[test]
     fn container_names_are_safe() {
         assert_eq!(container_name("ab/c.d"), "cph-ab-c-d");
+    }
+
+    /// Ids that would share a container name with another are refused.
+    #[test]
+    fn new_phone_ids_name_their_container_as_they_are() {
+        for ok in ["0123456789abcdef0123456789abcdef", "p-1", &"a".repeat(48)] {
+            assert!(valid_phone_id(ok), "{ok}");
+            assert_eq!(container_name(ok), format!("cph-{ok}"));
+        }
+        for bad in ["", "a.b", "a_b", "a/b", "ä", &"a".repeat(49)] {
+            assert!(!valid_phone_id(bad), "{bad}");
+        }
     }
 }
