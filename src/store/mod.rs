@@ -678,7 +678,6 @@ fn insert_new_phones(tx: &rusqlite::Transaction<'_>, p: &NewPhones<'_>) -> Resul
     Ok(())
 }
 
-/// Inserts `jobs` in order within `tx`.
 /// Why a new job can no longer run where it was made for (see
 /// [`Store::insert_jobs`]): its code and message.
 fn moved_since(tx: &rusqlite::Transaction<'_>, j: &Job) -> Result<Option<(&'static str, String)>> {
@@ -736,6 +735,7 @@ fn next_job_seq(tx: &rusqlite::Transaction<'_>) -> Result<i64> {
     Ok(last.map_or(now_seq(), |l| now_seq().max(l + 1)))
 }
 
+/// Inserts `jobs` in order within `tx`.
 fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     let mut st = tx.prepare(&format!(
         "INSERT INTO jobs ({JOB_COLS}, seq) VALUES

@@ -173,7 +173,6 @@ pub struct PhoneUsage {
     pub traffic: Option<(u64, u64)>,
 }
 
-/// The container name of a phone.
 /// Longest phone id: its container's name is `cph-` and the id whole.
 pub const PHONE_ID_MAX: usize = 48;
 
@@ -186,6 +185,7 @@ pub fn valid_phone_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// The container name of a phone.
 pub fn container_name(phone_id: &str) -> String {
     prefixed_name("cph-", phone_id)
 }

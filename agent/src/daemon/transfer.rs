@@ -420,7 +420,7 @@ fn upload_tar(
 }
 
 /// Where a job notes the multipart upload it has open: beside its journal.
-pub fn upload_note(journal: &Path) -> PathBuf {
+fn upload_note(journal: &Path) -> PathBuf {
     journal.with_extension("upload")
 }
 

@@ -107,8 +107,8 @@ impl TransferConfig {
     }
 
     /// Bytes of the `n`-th part (from 1) of an upload: `part_bytes` for the
-    /// first [`PARTS_PER_SIZE`], then twice as many for as many parts
-    /// again, up to [`PART_DOUBLINGS`] times. What an export writes is not
+    /// first [`PARTS_PER_SIZE`], twice that for the next as many, and so
+    /// on, doubling [`PART_DOUBLINGS`] times at most. What an export writes is not
     /// known before it is written, and S3 takes 10,000 parts at most:
     /// constant 8 MiB parts would stop an export at 78 GiB; growing, they
     /// take 492 GiB, while an export under 7.8 GiB (nearly all) keeps 8 MiB
