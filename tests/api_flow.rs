@@ -222,14 +222,25 @@ fn keep_beating(cp: &Cp, node: &str, phones: Vec<PhoneState>) -> tokio::task::Jo
     })
 }
 
+/// How many times longer the waits of these tests are: 4 under QEMU (a
+/// cross run, `CPH_SPAWN_WRAPPER` set), where the control plane and the
+/// test run emulated; 1 otherwise.
+fn slowdown() -> u32 {
+    if std::env::var_os("CPH_SPAWN_WRAPPER").is_some() {
+        4
+    } else {
+        1
+    }
+}
+
 async fn wait_for<F: Fn(&Seen) -> bool>(seen: &Arc<Mutex<Seen>>, f: F) {
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         if f(&seen.lock().expect("lock")) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("condition not reached in 5 s");
+    panic!("condition not reached in {} s", 5 * slowdown());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1545,7 +1556,7 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     let beat = keep_beating(&cp, "n1", states.clone());
     let status = |r: &common::Resp| r.body["status"].as_i64();
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
-    for _ in 0..50 {
+    for _ in 0..50 * slowdown() {
         if status(&cp.call("GET", &server_path, None).await) == Some(5) {
             break;
         }
@@ -2143,7 +2154,7 @@ async fn a_silent_host_is_forgotten_with_its_server() {
     let live = if gone == "n1" { "n2" } else { "n1" };
     let beat = keep_beating(&cp, live, Vec::new());
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         if cp.call("GET", &server_path, None).await.body["status"] == 2 {
             break;
         }
@@ -2300,7 +2311,7 @@ async fn the_api_over_tls() {
 /// Waits until the API shows the phone running (its agent's heartbeat
 /// reported it).
 async fn wait_running(cp: &Cp, phone: &str) {
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         let r = cp
             .call(
                 "GET",
@@ -2313,7 +2324,7 @@ async fn wait_running(cp: &Cp, phone: &str) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("phone {phone} not running in 5 s");
+    panic!("phone {phone} not running in {} s", 5 * slowdown());
 }
 
 async fn delete_image(cp: &Cp, id: &str) -> common::Resp {
@@ -2452,7 +2463,7 @@ async fn custom_images_from_phones_and_shared() {
     states[0].image_id = image.clone();
     let beat = keep_beating(&cp, "n1", states);
     let detail = format!("/v1/{{p}}/cloud-phone/phones/{phone}");
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         if cp.call("GET", &detail, None).await.body["image_id"] == json!(image) {
             break;
         }
@@ -2764,7 +2775,7 @@ async fn a_server_switches_to_a_free_host() {
     let status_is = |want: i64| {
         let (cp, path) = (&cp, server_path.clone());
         async move {
-            for _ in 0..50 {
+            for _ in 0..50 * slowdown() {
                 let r = cp.call("GET", &path, None).await;
                 if r.body["status"].as_i64() == Some(want) {
                     return r.body;
@@ -2926,7 +2937,7 @@ async fn a_server_switches_to_a_free_host() {
         }
     };
     // (The made phone's state comes with n2's next heartbeat.)
-    for _ in 0..50 {
+    for _ in 0..50 * slowdown() {
         if phone_status(new_phones[0].phone_id.clone()).await == Some(2) {
             break;
         }
@@ -3483,7 +3494,7 @@ fn release_succeeded(seen: &Arc<Mutex<Seen>>, id: String) {
 /// last answer's status.
 async fn buy_when_free(cp: &Cp) -> u16 {
     let mut status = 0;
-    for _ in 0..60 {
+    for _ in 0..60 * slowdown() {
         let r = cp
             .call("POST", "/v2/{p}/cloud-phone/servers", Some(buy_body(1)))
             .await;
@@ -3498,13 +3509,13 @@ async fn buy_when_free(cp: &Cp) -> u16 {
 
 /// Waits until `f` finds something in what the recorder saw.
 async fn loop_until<T, F: Fn(&Seen) -> Option<T>>(seen: &Arc<Mutex<Seen>>, f: F) -> T {
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         if let Some(v) = f(&seen.lock().expect("lock")) {
             return v;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("not seen in 5 s");
+    panic!("not seen in {} s", 5 * slowdown());
 }
 
 /// Share files and share apps only on servers whose phone flavor has shared
@@ -3654,7 +3665,7 @@ async fn an_image_whose_agent_goes_silent_reads_failed() {
     };
     assert_eq!(status().await, Some(0), "being made");
     let mut failed = false;
-    for _ in 0..100 {
+    for _ in 0..100 * slowdown() {
         if status().await == Some(2) {
             failed = true;
             break;
@@ -3746,7 +3757,7 @@ async fn a_job_its_agent_refuses_fails_with_the_agents_reason() {
         .unwrap_or_else(|| panic!("{:?}", r.body))
         .to_string();
     let mut ended = Value::Null;
-    for _ in 0..50 {
+    for _ in 0..50 * slowdown() {
         let r = cp
             .call("GET", &format!("/v1/{{p}}/cloud-phone/jobs/{job}"), None)
             .await;

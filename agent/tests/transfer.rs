@@ -307,6 +307,26 @@ fn object_store_jobs_on_a_real_phone() {
         "CPS.0119",
     );
     assert_eq!(p.state(), "running");
+    // A tar that goes bad after its first entries leaves the phone as it
+    // was: it is unpacked aside, and only a whole one goes in.
+    p.sh("echo kept > /data/local/pushed/half.txt");
+    let mut half = tar_of(&[
+        ("data/local/pushed/half.txt", b"from a bad tar"),
+        ("data/local/pushed/new.txt", b"from a bad tar"),
+    ]);
+    half.truncate(half.len() - 1024);
+    half.extend_from_slice(&[0xa5; 1536]);
+    put("export/half.tar", half);
+    assert_failed(
+        &p.run(json!({"kind": "restore", "object": obj("export/half.tar")})),
+        "CPS.0119",
+    );
+    assert_eq!(p.sh("cat /data/local/pushed/half.txt").trim(), "kept");
+    assert_eq!(
+        p.sh("ls -a / /data/local/pushed | grep -c -e cph-migrate -e new.txt; true")
+            .trim(),
+        "0"
+    );
 
     // Share files: pushed once for the server, seen in the phone, listed, deleted.
     put(

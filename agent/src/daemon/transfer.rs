@@ -546,16 +546,12 @@ pub fn restore(
     let reader = open_download(ctx, object, u64::MAX)?;
     let stopped = Stopped::new(ctx, phone)?;
     let restored = ctx.phones.rootfs(phone).and_then(|root| {
-        let report = if opts.whole_phone {
-            replace_root(reader, object, &root)?
+        let into = if opts.whole_phone {
+            Unpacked::Replaces
         } else {
-            extract_from(
-                reader,
-                object,
-                &root,
-                &phone_extract_options(Some(ctx.journal)),
-            )?
+            Unpacked::Merges
         };
+        let report = unpack_aside(reader, object, &root, into)?;
         if let Some(p) = property.filter(|p| !p.is_empty()) {
             ctx.phones.update_property(phone, p)?;
         }
@@ -604,20 +600,36 @@ const MIGRATE_UNPACKED: &str = ".cph-migrate-in.unpacked";
 /// Renamed from [`MIGRATE_UNPACKED`] once the old entries are gone: the new
 /// ones are being moved into place.
 const MIGRATE_MOVING: &str = ".cph-migrate-in.moving";
+/// Made beside the staging directory once a restore's unpack is whole (and
+/// synced): its entries are being merged into the root.
+const RESTORE_MERGING: &str = ".cph-migrate-in.merging";
 
-/// A migration's target side: the whole phone replaces the target's root.
-/// It is unpacked beside the current contents first; only a complete
-/// unpack swaps them (the old entries deleted, the new renamed into
-/// place), so a failed download leaves the target as it was, and a kill
-/// during the swap is finished by [`settle_migration`] at the agent's next
-/// start (the phone is then the migrated one, never a mix).
-fn replace_root(
+/// What a whole unpack does to the phone's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unpacked {
+    /// A migration's whole phone: the old entries go, the new take their
+    /// place.
+    Replaces,
+    /// An export's tar: its entries are merged over the root, as an
+    /// extraction in place would leave it (files replaced, directories
+    /// merged), the rest of the root kept.
+    Merges,
+}
+
+/// A restore: the archive is unpacked beside the phone's current contents
+/// first (same volume), and only a complete unpack goes into the root,
+/// by renames, so a failed download or a bad archive leaves the phone as
+/// it was. A kill while it goes in is finished by [`settle_migration`] at
+/// the agent's next start (the phone is then the restored one, never
+/// part of it).
+fn unpack_aside(
     mut reader: ObjectReader,
     object: &ObjectRef,
     root: &Path,
+    into: Unpacked,
 ) -> Result<ExtractReport, JobFailure> {
     let staging = root.join(MIGRATE_STAGING);
-    for leftover in [MIGRATE_UNPACKED, MIGRATE_MOVING] {
+    for leftover in [MIGRATE_UNPACKED, MIGRATE_MOVING, RESTORE_MERGING] {
         remove_entry(&root.join(leftover))?;
     }
     remove_entry(&staging)?;
@@ -634,11 +646,73 @@ fn replace_root(
             return Err(f);
         }
     };
-    let marker = root.join(MIGRATE_UNPACKED);
+    // Names of the agent's own at the top of the root are not an
+    // archive's to bring.
+    for name in dir_entries(&staging)? {
+        if name.to_string_lossy().starts_with(MIGRATE_STAGING) {
+            remove_entry(&staging.join(&name))?;
+        }
+    }
+    let marker = root.join(match into {
+        Unpacked::Replaces => MIGRATE_UNPACKED,
+        Unpacked::Merges => RESTORE_MERGING,
+    });
     std::fs::File::create(&marker).map_err(|e| migration_fail("mark", &marker, e))?;
     sync_dir(root)?;
     settle_migration(root)?;
     Ok(report)
+}
+
+/// Moves every entry of `from` into `to` (a directory of the phone's root,
+/// the phone stopped): a name `to` does not have is renamed in; a file,
+/// link or other entry replaces what `to` has under its name; a directory
+/// both have is merged into and takes the unpacked one's owner, mode and
+/// times. Whatever was moved is gone from `from`, so it can be run again
+/// after a kill and go on where it stopped. Nothing beneath `to` is
+/// followed: an entry is looked at without following a link.
+fn merge_tree(from: &Path, to: &Path) -> Result<(), JobFailure> {
+    for name in dir_entries(from)? {
+        let (src, dst) = (from.join(&name), to.join(&name));
+        let src_dir = src
+            .symlink_metadata()
+            .map_err(|e| migration_fail("read", &src, e))?
+            .is_dir();
+        match dst.symlink_metadata() {
+            Ok(m) if m.is_dir() && src_dir => {
+                merge_tree(&src, &dst)?;
+                copy_dir_meta(&src, &dst)?;
+                std::fs::remove_dir(&src).map_err(|e| migration_fail("merge", &src, e))?;
+                continue;
+            }
+            // A directory and a file under one name: the unpacked one wins,
+            // as an extraction in place would have it.
+            Ok(m) if m.is_dir() || src_dir => {
+                remove_entry(&dst)?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(migration_fail("read", &dst, e)),
+        }
+        std::fs::rename(&src, &dst).map_err(|e| migration_fail("move", &dst, e))?;
+    }
+    Ok(())
+}
+
+/// Gives the directory `dst` the owner, mode and times of `src`.
+fn copy_dir_meta(src: &Path, dst: &Path) -> Result<(), JobFailure> {
+    use std::os::unix::fs::MetadataExt;
+    let m = src
+        .symlink_metadata()
+        .map_err(|e| migration_fail("read", src, e))?;
+    std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))
+        .and_then(|()| std::fs::set_permissions(dst, m.permissions()))
+        .and_then(|()| {
+            let times = std::fs::FileTimes::new()
+                .set_accessed(m.accessed()?)
+                .set_modified(m.modified()?);
+            std::fs::File::open(dst)?.set_times(times)
+        })
+        .map_err(|e| migration_fail("merge", dst, e))
 }
 
 fn migration_fail(what: &str, p: &Path, e: io::Error) -> JobFailure {
@@ -672,14 +746,22 @@ pub(crate) enum Settled {
     Finished,
 }
 
-/// Brings a phone's root out of a migration's restore wherever it stopped:
-/// an unpack not yet whole is removed (the old root untouched); from a
-/// whole unpack on, the swap goes to its end (the old entries deleted, the
-/// new moved into place).
+/// Brings a phone's root out of a restore wherever it stopped: an unpack
+/// not yet whole is removed (the old root untouched); from a whole unpack
+/// on, it goes to its end: a migration's swap (the old entries deleted, the
+/// new moved into place), or a restore's merge.
 pub(crate) fn settle_migration(root: &Path) -> Result<Settled, JobFailure> {
     let staging = root.join(MIGRATE_STAGING);
     let (unpacked, moving) = (root.join(MIGRATE_UNPACKED), root.join(MIGRATE_MOVING));
+    let merging = root.join(RESTORE_MERGING);
     let has = |p: &Path| p.symlink_metadata().is_ok();
+    if has(&merging) && has(&staging) {
+        merge_tree(&staging, root)?;
+        std::fs::remove_dir(&staging).map_err(|e| migration_fail("staging", &staging, e))?;
+        remove_entry(&merging)?;
+        sync_dir(root)?;
+        return Ok(Settled::Finished);
+    }
     if has(&unpacked) && has(&staging) {
         let ours = [MIGRATE_STAGING, MIGRATE_UNPACKED, MIGRATE_MOVING];
         for name in dir_entries(root)? {
@@ -702,7 +784,7 @@ pub(crate) fn settle_migration(root: &Path) -> Result<Settled, JobFailure> {
         return Ok(Settled::Finished);
     }
     // Markers without their staging directory: the swap had ended.
-    let markers = remove_entry(&unpacked)? | remove_entry(&moving)?;
+    let markers = remove_entry(&unpacked)? | remove_entry(&moving)? | remove_entry(&merging)?;
     if remove_entry(&staging)? {
         return Ok(Settled::Undone);
     }
@@ -1161,7 +1243,10 @@ pub fn write_into_phone(root: &Path, rel: &str, data: &[u8]) -> Result<(), JobFa
 
 #[cfg(test)]
 mod tests {
-    use super::{settle_migration, Settled, MIGRATE_MOVING, MIGRATE_STAGING, MIGRATE_UNPACKED};
+    use super::{
+        settle_migration, Settled, MIGRATE_MOVING, MIGRATE_STAGING, MIGRATE_UNPACKED,
+        RESTORE_MERGING,
+    };
     use std::path::Path;
 
     /// Every file beneath `root` with its contents, sorted.
@@ -1416,5 +1501,58 @@ mod tests {
             share_files_path(&paths, "/", false).expect("root"),
             paths.files.clone()
         );
+    }
+
+    /// A restore's whole unpack is merged over the root (files replaced, a
+    /// directory both have merged and given the unpacked one's mode, a
+    /// directory where a file comes replaced, the rest kept), also when a
+    /// kill stopped the merge part way; an unpack not whole is undone.
+    #[test]
+    fn a_restore_merges_once_whole_and_after_a_kill() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path();
+        let staging = root.join(MIGRATE_STAGING);
+        write(root, "data/b", "old b");
+        write(root, "data/keep", "kept");
+        write(root, "data/x/inside", "a directory where a file comes");
+        let before = files(root);
+        write(&staging, "data/b", "new b");
+        write(&staging, "data/new", "new");
+        write(&staging, "data/x", "now a file");
+        std::fs::set_permissions(staging.join("data"), std::fs::Permissions::from_mode(0o750))
+            .expect("mode");
+        // Cut off before the unpack was whole: undone.
+        let aside = root.join("aside");
+        std::fs::rename(&staging, &aside).expect("aside");
+        std::fs::create_dir(&staging).expect("staging");
+        write(&staging, "data/partial", "x");
+        assert_eq!(settle_migration(root).expect("settle"), Settled::Undone);
+        let undone: Vec<_> = files(root)
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with("aside"))
+            .collect();
+        assert_eq!(undone, before);
+        std::fs::rename(&aside, &staging).expect("back");
+        // Whole, then killed with one entry moved.
+        std::fs::write(root.join(RESTORE_MERGING), "").expect("marker");
+        std::fs::rename(staging.join("data/new"), root.join("data/new")).expect("moved");
+        assert_eq!(settle_migration(root).expect("settle"), Settled::Finished);
+        let want: Vec<(String, String)> = [
+            ("data/b", "new b"),
+            ("data/keep", "kept"),
+            ("data/new", "new"),
+            ("data/x", "now a file"),
+        ]
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect();
+        assert_eq!(files(root), want);
+        let mode = std::fs::metadata(root.join("data"))
+            .expect("data")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o750);
+        assert_eq!(settle_migration(root).expect("settle"), Settled::Nothing);
     }
 }
