@@ -1496,7 +1496,7 @@ async fn buy_phones_jobs_isolation_and_restart() {
     assert_eq!(r.body["phones"].as_array().expect("list").len(), 4);
 
     // Silent agents: server abnormal (2), phones abnormal (-7).
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(5 * u64::from(slowdown()))).await;
     let r = cp
         .call(
             "GET",
