@@ -526,9 +526,9 @@ pub struct RestoreOptions<'a> {
 }
 
 /// `batch-restore` (and a migration's target side): the phone is stopped,
-/// the archive extracted over its root (a migration's whole phone replaces
-/// it), the properties recorded, and the phone started again if it was
-/// running. The reference sets no size limit on what is restored (a whole
+/// the archive unpacked beside its root and, once whole, merged over it (a
+/// migration's whole phone replaces it; see [`unpack_aside`]), the
+/// properties recorded, and the phone started again if it was running. The reference sets no size limit on what is restored (a whole
 /// phone can be far over a push's 6 GB); the phone's disk bounds it.
 pub fn restore(
     ctx: &JobContext<'_>,
