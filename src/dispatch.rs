@@ -236,9 +236,15 @@ fn target_in_place(
     {
         return Ok(false);
     }
+    server_on(store, &t.server_id, &t.node_id)
+}
+
+/// Whether the server `server_id` is on the host `node_id` (it may have
+/// been switched away or released since a job was made for it there).
+fn server_on(store: &Store, server_id: &str, node_id: &str) -> Result<bool, StoreError> {
     Ok(store
-        .server_by_id(&t.server_id)?
-        .is_some_and(|s| s.node_id == t.node_id))
+        .server_by_id(server_id)?
+        .is_some_and(|s| s.node_id == node_id))
 }
 
 /// What a failed job leaves to the control plane, whoever failed it (its
@@ -249,11 +255,7 @@ fn target_in_place(
 /// (switched away, or released with a forgotten host): its phones and
 /// status are then another host's.
 fn failed_effects(store: &Store, req: &JobRequest, node_id: &str) -> Result<(), StoreError> {
-    let on_host = || -> Result<bool, StoreError> {
-        Ok(store
-            .server_by_id(&req.server_id)?
-            .is_some_and(|s| s.node_id == node_id))
-    };
+    let on_host = || server_on(store, &req.server_id, node_id);
     match &req.kind {
         JobKind::CreateImage { image_id, .. } => {
             store.finish_image(image_id, None)?;

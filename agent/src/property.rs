@@ -33,10 +33,10 @@ pub struct Refused {
 /// hide_navigate for the virtual keys, gsm_* for the network carrier,
 /// sim_* for the SIM card), every other one `CPS.0164`.
 pub fn invalid_code(name: &str) -> &'static str {
-    match name {
-        "sys.prop.write_phonenum" | "sys.prop.writephonenum" => "CPS.0074",
-        "sys.prop.write_imsi" | "sys.prop.writeimsi" => "CPS.0075",
-        "sys.prop.write_wifissid" | "sys.prop.writewifissid" => "CPS.0082",
+    match canonical(name) {
+        "sys.prop.write_phonenum" => "CPS.0074",
+        "sys.prop.write_imsi" => "CPS.0075",
+        "sys.prop.write_wifissid" => "CPS.0082",
         "com.cph.mainkeys" | "qemu.hw.mainkeys" => "CPS.0127",
         "gsm.operator.iso-country" => "CPS.0128",
         "gsm.operator.numeric" => "CPS.0129",
@@ -108,18 +108,6 @@ const ATTRIBUTES: &[(&str, Rule)] = &[
     ("sys.prop.write_phonenum", Digits { min: 0, max: 20 }),
     (
         "sys.prop.write_wifissid",
-        Text {
-            min: 1,
-            max: 64,
-            extra: "-_./",
-        },
-    ),
-    // The spellings of the reference's request examples, taken as given
-    // (the phone's image reads one or the other).
-    ("sys.prop.writeimsi", Digits { min: 0, max: 15 }),
-    ("sys.prop.writephonenum", Digits { min: 0, max: 20 }),
-    (
-        "sys.prop.writewifissid",
         Text {
             min: 1,
             max: 64,
@@ -242,12 +230,7 @@ impl Rule {
 
 /// Checks one attribute.
 pub fn check(name: &str, value: &str) -> Result<(), Refused> {
-    let Some((_, rule)) = ATTRIBUTES.iter().find(|(n, _)| *n == name) else {
-        return Err(Refused {
-            code: "CPS.0163",
-            message: format!("property {name} not supported"),
-        });
-    };
+    let rule = rule(name)?;
     match rule.fault(value) {
         None => Ok(()),
         Some(want) => Err(Refused {
@@ -261,13 +244,43 @@ pub fn check(name: &str, value: &str) -> Result<(), Refused> {
 /// boolean (an object, an array, null): an unknown name as such, else an
 /// invalid value of the attribute.
 pub fn not_a_value(name: &str) -> Refused {
-    match check(name, "0") {
-        Err(r) if r.code == "CPS.0163" => r,
-        _ => Refused {
+    match rule(name) {
+        Err(unknown) => unknown,
+        Ok(_) => Refused {
             code: invalid_code(name),
             message: format!("invalid property {name}: its value must be a string or a number"),
         },
     }
+}
+
+/// The spellings of the reference's request examples, taken as the list's
+/// names they stand for (under their own name: the phone's image reads one
+/// or the other).
+const EXAMPLE_SPELLINGS: &[(&str, &str)] = &[
+    ("sys.prop.writeimsi", "sys.prop.write_imsi"),
+    ("sys.prop.writephonenum", "sys.prop.write_phonenum"),
+    ("sys.prop.writewifissid", "sys.prop.write_wifissid"),
+];
+
+/// The list's name `name` stands for.
+fn canonical(name: &str) -> &str {
+    EXAMPLE_SPELLINGS
+        .iter()
+        .find(|(spelt, _)| *spelt == name)
+        .map_or(name, |(_, listed)| listed)
+}
+
+/// The rule of `name`, or its refusal as not supported (CPS.0163).
+fn rule(name: &str) -> Result<Rule, Refused> {
+    let listed = canonical(name);
+    ATTRIBUTES
+        .iter()
+        .find(|(n, _)| *n == listed)
+        .map(|(_, rule)| *rule)
+        .ok_or_else(|| Refused {
+            code: "CPS.0163",
+            message: format!("property {name} not supported"),
+        })
 }
 
 /// Checks every attribute of `property`; the first refusal in name order.

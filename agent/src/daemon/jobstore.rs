@@ -83,6 +83,9 @@ fn encode(dir: &Path, rec: &JobRecord) -> Result<(PathBuf, Vec<u8>), JobStoreErr
 pub struct JobStore {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// The multipart upload notes found at open (left by jobs a kill cut
+    /// off, or whose abort failed), until taken.
+    left_uploads: Mutex<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +145,7 @@ impl JobStore {
         let mut inner = Inner::default();
         let mut interrupted = Vec::new();
         let mut journals = Vec::new();
+        let mut left_uploads = Vec::new();
         for entry in fs::read_dir(dir).map_err(io(dir))? {
             let entry = entry.map_err(io(dir))?;
             let path = entry.path();
@@ -149,6 +153,10 @@ impl JobStore {
                 Some("json") => {}
                 Some(JOURNAL_EXT) => {
                     journals.push(path);
+                    continue;
+                }
+                Some(UPLOAD_NOTE_EXT) => {
+                    left_uploads.push(path);
                     continue;
                 }
                 _ => continue,
@@ -193,6 +201,7 @@ impl JobStore {
             Self {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(inner),
+                left_uploads: Mutex::new(left_uploads),
             },
             interrupted,
         ))
@@ -200,6 +209,11 @@ impl JobStore {
 
     /// Where job `job_id` keeps the write-ahead list of an archive it
     /// extracts into a phone or the sharepool (removed when the job ends).
+    /// The multipart upload notes found at open, taken once.
+    pub fn take_left_uploads(&self) -> Vec<PathBuf> {
+        std::mem::take(&mut *self.left_uploads.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn journal_path(&self, job_id: &str) -> PathBuf {
         journal_path(&self.dir, job_id)
     }
@@ -342,6 +356,8 @@ pub fn succeeded(job_id: &str, execute_msg: Option<&str>) -> JobStatus {
 }
 
 const JOURNAL_EXT: &str = "written";
+/// A job's note of the multipart upload it has open, beside its journal.
+pub const UPLOAD_NOTE_EXT: &str = "upload";
 
 fn journal_path(dir: &Path, job_id: &str) -> PathBuf {
     dir.join(format!("{job_id}.{JOURNAL_EXT}"))

@@ -592,9 +592,9 @@ fn sweep_scratch(staging: &std::path::Path, phones: &Phones) {
 
 /// Ends the multipart uploads jobs left open in the store (a kill in the
 /// middle of an export, or an abort the store was out of reach for), as
-/// their notes in the job directory name them: their parts would take
-/// room in the store for good. A note whose upload cannot be ended yet is
-/// kept for the next start.
+/// their notes the job store found at its open name them: their parts
+/// would take room in the store for good. A note whose upload cannot be
+/// ended yet is kept for the next start.
 async fn abort_left_uploads(d: Arc<Daemon>, notes: Vec<PathBuf>) {
     let Some(store) = d.object_store.clone() else {
         return;
@@ -609,19 +609,6 @@ async fn abort_left_uploads(d: Arc<Daemon>, notes: Vec<PathBuf>) {
             }
         }
     }
-}
-
-/// The multipart upload notes in the job directory `dir`.
-fn upload_notes(dir: &std::path::Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "upload"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `cph-agent purge`: deletes every phone of this agent and takes down what
@@ -687,8 +674,6 @@ pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
             _ => None,
         };
         tracing::info!(listen = %listen, tls = tls.is_some(), node_id = %daemon.node_id, "cph-agent listening");
-        // Read before any job is taken: every note there is one left.
-        let left_uploads = upload_notes(&daemon.cfg.state_dir.join("jobs"));
         let app = http::router(Arc::clone(&daemon));
         let shutdown = Arc::new(Notify::new());
         let server = {
@@ -712,6 +697,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
             }
         };
         tokio::spawn(control::run(Arc::clone(&daemon)));
+        let left_uploads = daemon.store.take_left_uploads();
         tokio::spawn(abort_left_uploads(Arc::clone(&daemon), left_uploads));
         notify::notify("READY=1");
         if let Some(every) = notify::watchdog_interval() {

@@ -421,7 +421,7 @@ fn upload_tar(
 
 /// Where a job notes the multipart upload it has open: beside its journal.
 fn upload_note(journal: &Path) -> PathBuf {
-    journal.with_extension("upload")
+    journal.with_extension(super::jobstore::UPLOAD_NOTE_EXT)
 }
 
 /// Writes `root` (the `include`d paths, `exclude` winning) as a tar to
@@ -528,8 +528,9 @@ pub struct RestoreOptions<'a> {
 /// `batch-restore` (and a migration's target side): the phone is stopped,
 /// the archive unpacked beside its root and, once whole, merged over it (a
 /// migration's whole phone replaces it; see [`unpack_aside`]), the
-/// properties recorded, and the phone started again if it was running. The reference sets no size limit on what is restored (a whole
-/// phone can be far over a push's 6 GB); the phone's disk bounds it.
+/// properties recorded, and the phone started again if it was running.
+/// The reference sets no size limit on what is restored (a whole phone can
+/// be far over a push's 6 GB); the phone's disk bounds it.
 pub fn restore(
     ctx: &JobContext<'_>,
     phone: &str,
@@ -673,14 +674,14 @@ fn unpack_aside(
 fn merge_tree(from: &Path, to: &Path) -> Result<(), JobFailure> {
     for name in dir_entries(from)? {
         let (src, dst) = (from.join(&name), to.join(&name));
-        let src_dir = src
+        let src_meta = src
             .symlink_metadata()
-            .map_err(|e| migration_fail("read", &src, e))?
-            .is_dir();
+            .map_err(|e| migration_fail("read", &src, e))?;
+        let src_dir = src_meta.is_dir();
         match dst.symlink_metadata() {
             Ok(m) if m.is_dir() && src_dir => {
                 merge_tree(&src, &dst)?;
-                copy_dir_meta(&src, &dst)?;
+                copy_dir_meta(&src_meta, &dst)?;
                 std::fs::remove_dir(&src).map_err(|e| migration_fail("merge", &src, e))?;
                 continue;
             }
@@ -698,12 +699,9 @@ fn merge_tree(from: &Path, to: &Path) -> Result<(), JobFailure> {
     Ok(())
 }
 
-/// Gives the directory `dst` the owner, mode and times of `src`.
-fn copy_dir_meta(src: &Path, dst: &Path) -> Result<(), JobFailure> {
+/// Gives the directory `dst` the owner, mode and times `m` says.
+fn copy_dir_meta(m: &std::fs::Metadata, dst: &Path) -> Result<(), JobFailure> {
     use std::os::unix::fs::MetadataExt;
-    let m = src
-        .symlink_metadata()
-        .map_err(|e| migration_fail("read", src, e))?;
     std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))
         .and_then(|()| std::fs::set_permissions(dst, m.permissions()))
         .and_then(|()| {

@@ -66,11 +66,15 @@ struct Backend {
     etags: Arc<super::etag::Locks>,
 }
 
-/// The S3 operations: those named pass through to `s3s-fs`; `get_object`
-/// and `head_object` are [`Backend`]'s. (A macro around the whole impl,
-/// since `async_trait` must see the methods it rewrites.)
+/// The S3 operations: those named pass through to `s3s-fs`, those of an
+/// open multipart upload once [`Backend::upload_exists`] finds it;
+/// `get_object` and `head_object` are [`Backend`]'s. (A macro around the
+/// whole impl, since `async_trait` must see the methods it rewrites.)
 macro_rules! s3_impl {
-    ($($op:ident: $input:ident => $output:ident),* $(,)?) => {
+    (
+        $($op:ident: $input:ident => $output:ident),* $(,)?;
+        upload: $($up:ident: $up_input:ident => $up_output:ident),* $(,)?
+    ) => {
         #[async_trait::async_trait]
         impl s3s::S3 for Backend {
             $(
@@ -79,6 +83,16 @@ macro_rules! s3_impl {
                     req: s3s::S3Request<s3s::dto::$input>,
                 ) -> s3s::S3Result<s3s::S3Response<s3s::dto::$output>> {
                     self.fs.$op(req).await
+                }
+            )*
+
+            $(
+                async fn $up(
+                    &self,
+                    req: s3s::S3Request<s3s::dto::$up_input>,
+                ) -> s3s::S3Result<s3s::S3Response<s3s::dto::$up_output>> {
+                    self.upload_exists(&req.input.upload_id)?;
+                    self.fs.$up(req).await
                 }
             )*
 
@@ -94,38 +108,6 @@ macro_rules! s3_impl {
                 req: s3s::S3Request<s3s::dto::HeadObjectInput>,
             ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
                 Backend::head_object(self, req).await
-            }
-
-            async fn upload_part(
-                &self,
-                req: s3s::S3Request<s3s::dto::UploadPartInput>,
-            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::UploadPartOutput>> {
-                self.upload_exists(&req.input.upload_id)?;
-                self.fs.upload_part(req).await
-            }
-
-            async fn list_parts(
-                &self,
-                req: s3s::S3Request<s3s::dto::ListPartsInput>,
-            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListPartsOutput>> {
-                self.upload_exists(&req.input.upload_id)?;
-                self.fs.list_parts(req).await
-            }
-
-            async fn complete_multipart_upload(
-                &self,
-                req: s3s::S3Request<s3s::dto::CompleteMultipartUploadInput>,
-            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CompleteMultipartUploadOutput>> {
-                self.upload_exists(&req.input.upload_id)?;
-                self.fs.complete_multipart_upload(req).await
-            }
-
-            async fn abort_multipart_upload(
-                &self,
-                req: s3s::S3Request<s3s::dto::AbortMultipartUploadInput>,
-            ) -> s3s::S3Result<s3s::S3Response<s3s::dto::AbortMultipartUploadOutput>> {
-                self.upload_exists(&req.input.upload_id)?;
-                self.fs.abort_multipart_upload(req).await
             }
         }
     };
@@ -144,7 +126,12 @@ s3_impl!(
     list_objects_v2: ListObjectsV2Input => ListObjectsV2Output,
     put_object: PutObjectInput => PutObjectOutput,
     create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput,
-    upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput,
+    upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput;
+    upload:
+    upload_part: UploadPartInput => UploadPartOutput,
+    list_parts: ListPartsInput => ListPartsOutput,
+    complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput,
+    abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput,
 );
 
 impl Backend {

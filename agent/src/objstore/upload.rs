@@ -3,9 +3,9 @@
 //! [`ObjectWriter`] fills one part at a time (of the size
 //! [`super::TransferConfig::part_size`] gives its number); each full part
 //! goes through a channel of `queued_parts` slots to an uploader task that
-//! keeps up to `parts_in_flight` UploadPart requests running. The multipart upload is
-//! created with the first full part, so an object smaller than one part is a
-//! single PUT. Finishing completes the upload; dropping the writer unfinished
+//! keeps up to `parts_in_flight` UploadPart requests running. The
+//! multipart upload is created with the first full part, so an object
+//! smaller than one part is a single PUT. Finishing completes the upload; dropping the writer unfinished
 //! (or any failure) aborts it, so no partial object appears.
 //!
 //! A multipart upload holds its parts in the store until it is completed or
@@ -54,8 +54,6 @@ pub struct ObjectWriter {
     handle: Handle,
     bucket: String,
     key: String,
-    /// The size of the part being written.
-    part_bytes: usize,
     /// Parts sent to the uploader.
     parts: usize,
     buf: Vec<u8>,
@@ -79,13 +77,11 @@ impl ObjectStore {
     /// uploads run there), then used from a blocking thread.
     pub fn writer(&self, bucket: &str, key: &str) -> Result<ObjectWriter, ObjectStoreError> {
         let handle = Handle::try_current().map_err(|_| ObjectStoreError::NoRuntime)?;
-        let part_bytes = self.inner.transfer.part_size(1);
         Ok(ObjectWriter {
             store: self.clone(),
             handle,
             bucket: bucket.to_string(),
             key: key.to_string(),
-            part_bytes,
             parts: 0,
             buf: Vec::new(),
             total: 0,
@@ -106,27 +102,34 @@ impl ObjectStore {
         };
         // A note cut short by a crash names no upload that can be ended.
         if let Ok(open) = serde_json::from_slice::<OpenUpload>(&text) {
-            match self
-                .inner
-                .client
-                .abort_multipart_upload()
-                .bucket(&open.bucket)
-                .key(&open.key)
-                .upload_id(&open.upload_id)
-                .send()
-                .await
-                .map_err(|e| {
-                    map_sdk(
-                        e,
-                        &self.ctx("abort multipart upload", &open.bucket, &open.key),
-                    )
-                }) {
-                Ok(_) | Err(ObjectStoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
+            self.abort_upload(&open.bucket, &open.key, &open.upload_id)
+                .await?;
         }
         std::fs::remove_file(note).map_err(|e| self.note_error(note, &e.to_string()))?;
         Ok(true)
+    }
+
+    /// Aborts a multipart upload; one the store no longer holds (completed
+    /// or aborted already) is done with as well.
+    async fn abort_upload(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<(), ObjectStoreError> {
+        let sent = self
+            .inner
+            .client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        match sent.map_err(|e| map_sdk(e, &self.ctx("abort multipart upload", bucket, key))) {
+            Ok(_) | Err(ObjectStoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn note_error(&self, note: &Path, detail: &str) -> ObjectStoreError {
@@ -229,8 +232,12 @@ impl ObjectWriter {
             return Err(self.task_error());
         }
         self.parts += 1;
-        self.part_bytes = self.store.inner.transfer.part_size(self.parts + 1);
         Ok(())
+    }
+
+    /// The size of the part being written.
+    fn part_bytes(&self) -> usize {
+        self.store.inner.transfer.part_size(self.parts + 1)
     }
 
     /// The result of the uploader task, waited for.
@@ -262,13 +269,14 @@ impl ObjectWriter {
 
 impl io::Write for ObjectWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let part_bytes = self.part_bytes();
         if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(self.part_bytes);
+            self.buf.reserve_exact(part_bytes);
         }
-        let n = data.len().min(self.part_bytes - self.buf.len());
+        let n = data.len().min(part_bytes - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         self.total += n as u64;
-        if self.buf.len() == self.part_bytes {
+        if self.buf.len() == part_bytes {
             self.send_part().map_err(ObjectStoreError::into_io)?;
         }
         Ok(n)
@@ -331,17 +339,9 @@ async fn upload(
     };
     let mut ended = result.is_ok();
     if result.is_err() {
-        match client
-            .abort_multipart_upload()
-            .bucket(&bucket)
-            .key(&key)
-            .upload_id(&upload_id)
-            .send()
-            .await
-        {
-            Ok(_) => ended = true,
+        match store.abort_upload(&bucket, &key, &upload_id).await {
+            Ok(()) => ended = true,
             Err(e) => {
-                let e = map_sdk(e, &store.ctx("abort multipart upload", &bucket, &key));
                 tracing::warn!(bucket = %bucket, key = %key, error = %e, note = ?note, "multipart upload not aborted");
             }
         }
