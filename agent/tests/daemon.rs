@@ -447,6 +447,20 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     within("the restart stops the phone", &|| {
         read_json(record.clone())["stopped"] == json!(true)
     });
+    // The record is written before the TERM is sent: wait for the signal
+    // itself, pending on the stopped init, before the kill.
+    within("the restart's TERM is pending", &|| {
+        let status =
+            std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap_or_default();
+        status.lines().any(|l| {
+            let pending = l
+                .strip_prefix("ShdPnd:")
+                .or_else(|| l.strip_prefix("SigPnd:"));
+            pending
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (15 - 1)) != 0)
+        })
+    });
     t.agent.kill();
     // A key left by a server deletion a kill cut off.
     let keys = t.state.join("ssh/authorized_keys");
