@@ -380,6 +380,69 @@ fn new_pools_charge_phones_only_for_their_own_writes() {
 }
 
 #[test]
+fn subvolumes_a_phone_makes_count_against_its_disk() {
+    if !btrfs_available("subvolumes_a_phone_makes_count_against_its_disk") {
+        return;
+    }
+    if !Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
+        eprintln!("SKIPPED subvolumes_a_phone_makes_count_against_its_disk: no simple quotas");
+        return;
+    }
+    let pool = Pool::new();
+    let s = pool.open();
+    let btrfs = |args: &[&str]| {
+        let out = Command::new("btrfs").args(args).output().unwrap();
+        assert!(out.status.success(), "btrfs {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let caps = || {
+        let out = btrfs(&["qgroup", "show", "--raw", pool.mount.to_str().unwrap()]);
+        out.lines().filter(|l| l.starts_with("1/")).count()
+    };
+    import(&s, "img", &make_image(&[("init", b"#!/bin/sh\n")]));
+    let v = s.create_volume("phone-nest", "img", 16 << 20).unwrap();
+    // What the phone's root may do: a subvolume (a nested one in it too)
+    // in its own volume, and writes into them.
+    let nested = v.join("nested");
+    btrfs(&["subvolume", "create", nested.to_str().unwrap()]);
+    btrfs(&[
+        "subvolume",
+        "create",
+        nested.join("deeper").to_str().unwrap(),
+    ]);
+    let (own, err) = fill(&v.join("own.bin"), 6);
+    assert!(err.is_none() && own == 6, "{own} MiB, {err:?}");
+    let (written, err) = fill(&nested.join("deeper/data.bin"), 32);
+    assert!(
+        err.is_some(),
+        "32 MiB written into a 16 MiB disk through a subvolume"
+    );
+    assert!(
+        (6..=10).contains(&written),
+        "{written} MiB beside 6 of its own"
+    );
+    // A grown disk lets it write more there.
+    s.grow_volume("phone-nest", 64 << 20).unwrap();
+    let (more, err) = fill(&nested.join("more.bin"), 32);
+    assert!(
+        err.is_none() && more == 32,
+        "{more} MiB after growing, {err:?}"
+    );
+    // The cap goes with the volume, also through a reset.
+    assert_eq!(caps(), 1);
+    s.reset_volume("phone-nest", None).unwrap();
+    assert_eq!(caps(), 1);
+    s.delete_volume("phone-nest").unwrap();
+    assert_eq!(caps(), 0, "a deleted volume's cap is removed");
+    // One a crash left behind, its volume gone, is swept at the next start.
+    btrfs(&["qgroup", "create", "1/4242", pool.mount.to_str().unwrap()]);
+    s.teardown().unwrap();
+    let s = pool.open();
+    assert_eq!(caps(), 0, "a cap left by a crash is swept");
+    s.teardown().unwrap();
+}
+
+#[test]
 fn a_pool_with_full_quotas_keeps_them() {
     if !btrfs_available("a_pool_with_full_quotas_keeps_them") {
         return;

@@ -2,7 +2,11 @@
 //! loop-attached sparse file. Images are read-only subvolumes; a phone's
 //! volume is a writable snapshot of one (constant time, copy-on-write) whose
 //! qgroup carries a referenced-bytes limit, so writes past the phone's disk
-//! size fail with EDQUOT. The sharepool is a subvolume with its own limit.
+//! size fail with EDQUOT. Under simple quotas the limit is on a level-1
+//! qgroup `1/<volume id>` holding the volume's own: a subvolume the phone
+//! makes inside its volume joins it (the kernel gives a new subvolume its
+//! parent's level-1 qgroups), so what it writes there counts too. The
+//! sharepool is a subvolume with its own limit.
 //!
 //! A new pool uses simple quotas (kernel 6.7+): an extent is charged to the
 //! subvolume that wrote it for its whole life, so a phone's limit caps what
@@ -168,6 +172,11 @@ fn enable_simple_quotas(mount: &Path) -> Result<bool, StorageError> {
         Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => Ok(false),
         Err(e) => Err(StorageError::io("enable simple quotas on", mount, e.into())),
     }
+}
+
+/// The level-1 qgroup capping volume subvolume `id` under simple quotas.
+fn cap_qgroup(id: u64) -> String {
+    format!("1/{id}")
 }
 
 fn s(p: &Path) -> String {
@@ -361,6 +370,7 @@ impl BtrfsStorage {
         let limit = recorded_share_limit(mp)?.unwrap_or(self.cfg.max_share_bytes);
         self.btrfs(Btrfs::QgroupLimit {
             bytes: limit,
+            qgroup: None,
             path: s(&share),
         })?;
         // Leftovers of an import or reset interrupted by a crash.
@@ -392,7 +402,7 @@ impl BtrfsStorage {
                 }
             }
         }
-        Ok(())
+        self.sweep_caps(mp)
     }
 
     /// Quotas as they are on an existing pool; simple ones on a new pool
@@ -471,12 +481,123 @@ impl BtrfsStorage {
             read_only: false,
         })?;
         if size > 0 {
-            if let Err(e) = self.btrfs(Btrfs::QgroupLimit {
-                bytes: size,
-                path: s(dest),
-            }) {
-                let _ = self.delete_subvolume(dest);
+            if let Err(e) = self.cap_volume(dest, size) {
+                let _ = self.delete_volume_subvolume(dest);
                 return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the pool accounts with simple quotas, where a volume's cap
+    /// is its level-1 qgroup.
+    fn simple_quotas(&self) -> Result<bool, StorageError> {
+        Ok(quota_mode(self.root()?)? == Some(QuotaMode::Simple))
+    }
+
+    /// Caps what volume `vol` holds at `bytes`, the subvolumes made inside
+    /// it included under simple quotas (its level-1 qgroup, made here).
+    /// Full accounting gives a new subvolume no parent qgroup: the cap is
+    /// then on the volume's own.
+    fn cap_volume(&self, vol: &Path, bytes: u64) -> Result<(), StorageError> {
+        let root = s(self.root()?);
+        if !self.simple_quotas()? {
+            return self
+                .btrfs(Btrfs::QgroupLimit {
+                    bytes,
+                    qgroup: None,
+                    path: s(vol),
+                })
+                .map(|_| ());
+        }
+        let id = self.subvol_id(vol)?;
+        let cap = cap_qgroup(id);
+        // Made already: a cap being raised, or one a crash left (subvolume
+        // ids of deleted subvolumes come back after a remount).
+        let made = |r: Result<String, StorageError>| match r {
+            Err(StorageError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+            r => r.map(|_| ()),
+        };
+        made(self.btrfs(Btrfs::QgroupCreate {
+            qgroup: cap.clone(),
+            path: root.clone(),
+        }))?;
+        made(self.btrfs(Btrfs::QgroupRelation {
+            child: format!("0/{id}"),
+            parent: cap.clone(),
+            assign: true,
+            path: root.clone(),
+        }))?;
+        self.btrfs(Btrfs::QgroupLimit {
+            bytes,
+            qgroup: Some(cap),
+            path: root,
+        })
+        .map(|_| ())
+    }
+
+    /// Deletes a volume's subvolume (with those made inside it) and its
+    /// cap. A cap that cannot be removed now is swept at the next start.
+    fn delete_volume_subvolume(&self, vol: &Path) -> Result<(), StorageError> {
+        let id = match self.simple_quotas()? {
+            true => Some(self.subvol_id(vol)?),
+            false => None,
+        };
+        self.delete_subvolume(vol)?;
+        if let Some(id) = id {
+            if let Err(e) = self.release_cap(&cap_qgroup(id)) {
+                tracing::warn!(path = %vol.display(), error = %e, "volume cap left for the next start");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes cap qgroup `cap`, first emptied of its members (the qgroup
+    /// of a deleted subvolume stays until its extents are freed).
+    fn release_cap(&self, cap: &str) -> Result<(), StorageError> {
+        let root = s(self.root()?);
+        let out = self.btrfs(Btrfs::QgroupShow { path: root.clone() })?;
+        let Some(q) = cmd::parse_qgroup(&out, cap) else {
+            return Ok(());
+        };
+        for child in q.children {
+            // A member the cleaner removes meanwhile is no longer one.
+            match self.btrfs(Btrfs::QgroupRelation {
+                child,
+                parent: cap.to_string(),
+                assign: false,
+                path: root.clone(),
+            }) {
+                Err(StorageError::Command { stderr, .. })
+                    if stderr.contains("No such file or directory") => {}
+                r => {
+                    r?;
+                }
+            }
+        }
+        self.btrfs(Btrfs::QgroupDestroy {
+            qgroup: cap.to_string(),
+            path: root,
+        })
+        .map(|_| ())
+    }
+
+    /// Removes the caps of volumes that are gone (deleted by a run a crash
+    /// cut off before it removed their caps).
+    fn sweep_caps(&self, mp: &Path) -> Result<(), StorageError> {
+        if quota_mode(mp)? != Some(QuotaMode::Simple) {
+            return Ok(());
+        }
+        let out = self.btrfs(Btrfs::QgroupShow { path: s(mp) })?;
+        let groups = cmd::parse_qgroups(&out);
+        for q in &groups {
+            let Some(id) = q.id.strip_prefix("1/") else {
+                continue;
+            };
+            let own = format!("0/{id}");
+            if !groups.iter().any(|g| g.id == own) {
+                tracing::info!(qgroup = %q.id, "removing the cap of a deleted volume");
+                self.release_cap(&q.id)?;
             }
         }
         Ok(())
@@ -597,7 +718,7 @@ impl Storage for BtrfsStorage {
             disk_size_bytes,
         };
         if let Err(e) = meta.save(&self.meta_file(phone_id)) {
-            let _ = self.delete_subvolume(&vol);
+            let _ = self.delete_volume_subvolume(&vol);
             return Err(e);
         }
         tracing::info!(phone_id, image_id, disk_size_bytes, "volume created");
@@ -621,11 +742,11 @@ impl Storage for BtrfsStorage {
         let image = image_id.unwrap_or(&meta.image_id).to_string();
         let tmp = root.join("volumes").join(format!(".reset-{phone_id}"));
         if tmp.exists() {
-            self.delete_subvolume(&tmp)?;
+            self.delete_volume_subvolume(&tmp)?;
         }
         self.clone_image(&image, &tmp, meta.disk_size_bytes)?;
-        if let Err(e) = self.delete_subvolume(&vol) {
-            let _ = self.delete_subvolume(&tmp);
+        if let Err(e) = self.delete_volume_subvolume(&vol) {
+            let _ = self.delete_volume_subvolume(&tmp);
             return Err(e);
         }
         std::fs::rename(&tmp, &vol).map_err(|e| StorageError::io("rename", &tmp, e))?;
@@ -658,7 +779,7 @@ impl Storage for BtrfsStorage {
         }
         let tmp = root.join("volumes").join(format!(".upgrade-{phone_id}"));
         if tmp.exists() {
-            self.delete_subvolume(&tmp)?;
+            self.delete_volume_subvolume(&tmp)?;
         }
         self.btrfs(Btrfs::Snapshot {
             source: s(&vol),
@@ -667,10 +788,7 @@ impl Storage for BtrfsStorage {
         })?;
         let filled = (|| {
             if meta.disk_size_bytes > 0 {
-                self.btrfs(Btrfs::QgroupLimit {
-                    bytes: meta.disk_size_bytes,
-                    path: s(&tmp),
-                })?;
+                self.cap_volume(&tmp, meta.disk_size_bytes)?;
             }
             super::remove_all_but(&tmp, keep)?;
             let mut args = vec!["-a".to_string(), "--reflink=auto".into(), "--".into()];
@@ -694,11 +812,11 @@ impl Storage for BtrfsStorage {
             Ok(())
         })();
         if let Err(e) = filled {
-            let _ = self.delete_subvolume(&tmp);
+            let _ = self.delete_volume_subvolume(&tmp);
             return Err(e);
         }
-        if let Err(e) = self.delete_subvolume(&vol) {
-            let _ = self.delete_subvolume(&tmp);
+        if let Err(e) = self.delete_volume_subvolume(&vol) {
+            let _ = self.delete_volume_subvolume(&tmp);
             return Err(e);
         }
         std::fs::rename(&tmp, &vol).map_err(|e| StorageError::io("rename", &tmp, e))?;
@@ -714,7 +832,7 @@ impl Storage for BtrfsStorage {
         let _g = self.guard();
         let vol = self.volume_dir(phone_id);
         if vol.exists() {
-            self.delete_subvolume(&vol)?;
+            self.delete_volume_subvolume(&vol)?;
         }
         let meta = self.meta_file(phone_id);
         match std::fs::remove_file(&meta) {
@@ -732,10 +850,15 @@ impl Storage for BtrfsStorage {
         let meta_path = self.meta_file(phone_id);
         let meta = VolumeMeta::of_volume(phone_id, &vol, &meta_path)?;
         let grown = meta.grown(phone_id, disk_size_bytes)?;
-        self.btrfs(Btrfs::QgroupLimit {
-            bytes: disk_size_bytes,
-            path: s(&vol),
-        })?;
+        self.cap_volume(&vol, disk_size_bytes)?;
+        if self.simple_quotas()? {
+            // A volume made when the cap was on its own qgroup.
+            self.btrfs(Btrfs::QgroupLimit {
+                bytes: 0,
+                qgroup: None,
+                path: s(&vol),
+            })?;
+        }
         grown.save(&meta_path)?;
         tracing::info!(phone_id, disk_size_bytes, "volume grown");
         Ok(meta.disk_size_bytes)
@@ -770,13 +893,14 @@ impl Storage for BtrfsStorage {
         let share = root.join("share");
         let id = self.subvol_id(&share)?;
         let out = self.btrfs(Btrfs::QgroupShow { path: s(root) })?;
-        let (used, max) = cmd::parse_qgroup(&out, id).ok_or_else(|| StorageError::Metadata {
+        let own = format!("0/{id}");
+        let q = cmd::parse_qgroup(&out, &own).ok_or_else(|| StorageError::Metadata {
             path: share.clone(),
-            detail: format!("no qgroup 0/{id}"),
+            detail: format!("no qgroup {own}"),
         })?;
         // The kernel's own limit is the truth; the recorded one is what it
         // was set to.
-        share_usage_of(root, used, max.unwrap_or(0))
+        share_usage_of(root, q.referenced, q.max_referenced.unwrap_or(0))
     }
 
     fn set_share_limit(&self, bytes: u64) -> Result<(), StorageError> {
@@ -784,6 +908,7 @@ impl Storage for BtrfsStorage {
         let root = self.root()?;
         self.btrfs(Btrfs::QgroupLimit {
             bytes,
+            qgroup: None,
             path: s(&root.join("share")),
         })?;
         record_share_limit(root, bytes)

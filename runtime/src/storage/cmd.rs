@@ -127,12 +127,32 @@ pub enum Btrfs {
     SubvolumeDelete {
         path: String,
     },
-    /// Referenced-bytes limit on the subvolume's own qgroup.
+    /// Referenced-bytes limit (0: none) on `qgroup` (`<level>/<id>`) of
+    /// the filesystem at `path`, or on the subvolume at `path`'s own
+    /// qgroup when `None`.
     QgroupLimit {
         bytes: u64,
+        qgroup: Option<String>,
         path: String,
     },
-    /// The qgroups of a filesystem in raw bytes, referenced and limits.
+    /// A qgroup of the filesystem at `path`.
+    QgroupCreate {
+        qgroup: String,
+        path: String,
+    },
+    QgroupDestroy {
+        qgroup: String,
+        path: String,
+    },
+    /// Makes `child` a member of `parent` (`assign`), or no longer one.
+    QgroupRelation {
+        child: String,
+        parent: String,
+        assign: bool,
+        path: String,
+    },
+    /// The qgroups of a filesystem in raw bytes: referenced, limit and
+    /// members.
     QgroupShow {
         path: String,
     },
@@ -165,15 +185,37 @@ impl Btrfs {
                 "btrfs",
                 &["-q", "subvolume", "delete", "--commit-after", path],
             ),
-            Btrfs::QgroupLimit { bytes, path } => {
+            Btrfs::QgroupLimit {
+                bytes,
+                qgroup,
+                path,
+            } => {
                 let size = match bytes {
                     0 => "none".to_string(),
                     b => b.to_string(),
                 };
-                Invocation::new("btrfs", &["qgroup", "limit", &size, path])
+                let mut args = vec!["qgroup", "limit", &size];
+                args.extend(qgroup.as_deref());
+                args.push(path);
+                Invocation::new("btrfs", &args)
+            }
+            Btrfs::QgroupCreate { qgroup, path } => {
+                Invocation::new("btrfs", &["qgroup", "create", qgroup, path])
+            }
+            Btrfs::QgroupDestroy { qgroup, path } => {
+                Invocation::new("btrfs", &["qgroup", "destroy", qgroup, path])
+            }
+            Btrfs::QgroupRelation {
+                child,
+                parent,
+                assign,
+                path,
+            } => {
+                let verb = if *assign { "assign" } else { "remove" };
+                Invocation::new("btrfs", &["qgroup", verb, child, parent, path])
             }
             Btrfs::QgroupShow { path } => {
-                Invocation::new("btrfs", &["qgroup", "show", "-r", "--raw", path])
+                Invocation::new("btrfs", &["qgroup", "show", "-rc", "--raw", path])
             }
             Btrfs::SubvolumeShow { path } => Invocation::new("btrfs", &["subvolume", "show", path]),
         }
@@ -215,20 +257,46 @@ impl Runner for SystemRunner {
     }
 }
 
-/// The referenced bytes and referenced limit of qgroup `0/<subvol id>` in
-/// `btrfs qgroup show -r --raw` output (`qgroupid rfer excl max_rfer ...`).
-pub fn parse_qgroup(out: &str, subvol_id: u64) -> Option<(u64, Option<u64>)> {
-    let want = format!("0/{subvol_id}");
-    out.lines().find_map(|l| {
-        let mut w = l.split_whitespace();
-        if w.next()? != want {
-            return None;
-        }
-        let rfer = w.next()?.parse().ok()?;
-        let _excl = w.next()?;
-        let max = w.next().and_then(|m| m.parse().ok());
-        Some((rfer, max))
-    })
+/// One row of `btrfs qgroup show -rc --raw`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qgroup {
+    /// `<level>/<id>`.
+    pub id: String,
+    pub referenced: u64,
+    pub max_referenced: Option<u64>,
+    /// Member qgroups.
+    pub children: Vec<String>,
+}
+
+/// The qgroups in `btrfs qgroup show -rc --raw` output (`qgroupid rfer
+/// excl max_rfer child path`).
+pub fn parse_qgroups(out: &str) -> Vec<Qgroup> {
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let id = w.next()?;
+            id.split_once('/')
+                .filter(|(level, n)| level.parse::<u16>().is_ok() && n.parse::<u64>().is_ok())?;
+            let referenced = w.next()?.parse().ok()?;
+            let _excl = w.next()?;
+            let max_referenced = w.next()?.parse().ok();
+            let children = match w.next()? {
+                "-" => Vec::new(),
+                c => c.split(',').map(str::to_string).collect(),
+            };
+            Some(Qgroup {
+                id: id.to_string(),
+                referenced,
+                max_referenced,
+                children,
+            })
+        })
+        .collect()
+}
+
+/// Qgroup `id` (`<level>/<id>`) in `btrfs qgroup show -rc --raw` output.
+pub fn parse_qgroup(out: &str, id: &str) -> Option<Qgroup> {
+    parse_qgroups(out).into_iter().find(|q| q.id == id)
 }
 
 #[cfg(test)]
@@ -311,16 +379,50 @@ mod tests {
             (
                 Btrfs::QgroupLimit {
                     bytes: 1 << 30,
-                    path: "/p/volumes/x".into(),
+                    qgroup: Some("1/256".into()),
+                    path: "/p".into(),
                 },
-                "btrfs qgroup limit 1073741824 /p/volumes/x",
+                "btrfs qgroup limit 1073741824 1/256 /p",
             ),
             (
                 Btrfs::QgroupLimit {
                     bytes: 0,
+                    qgroup: None,
                     path: "/p/share".into(),
                 },
                 "btrfs qgroup limit none /p/share",
+            ),
+            (
+                Btrfs::QgroupCreate {
+                    qgroup: "1/256".into(),
+                    path: "/p".into(),
+                },
+                "btrfs qgroup create 1/256 /p",
+            ),
+            (
+                Btrfs::QgroupDestroy {
+                    qgroup: "1/256".into(),
+                    path: "/p".into(),
+                },
+                "btrfs qgroup destroy 1/256 /p",
+            ),
+            (
+                Btrfs::QgroupRelation {
+                    child: "0/256".into(),
+                    parent: "1/256".into(),
+                    assign: true,
+                    path: "/p".into(),
+                },
+                "btrfs qgroup assign 0/256 1/256 /p",
+            ),
+            (
+                Btrfs::QgroupRelation {
+                    child: "0/257".into(),
+                    parent: "1/256".into(),
+                    assign: false,
+                    path: "/p".into(),
+                },
+                "btrfs qgroup remove 0/257 1/256 /p",
             ),
             (
                 Btrfs::SubvolumeDelete {
@@ -334,7 +436,7 @@ mod tests {
             ),
             (
                 Btrfs::QgroupShow { path: "/p".into() },
-                "btrfs qgroup show -r --raw /p",
+                "btrfs qgroup show -rc --raw /p",
             ),
         ];
         for (cmd, want) in cases {
@@ -344,12 +446,25 @@ mod tests {
 
     #[test]
     fn qgroup_output_parses() {
-        let out = "qgroupid         rfer         excl     max_rfer \n\
-                   --------         ----         ----     -------- \n\
-                   0/5             16384        16384         none \n\
-                   0/256         1048576        65536     10485760 \n";
-        assert_eq!(parse_qgroup(out, 256), Some((1048576, Some(10485760))));
-        assert_eq!(parse_qgroup(out, 5), Some((16384, None)));
-        assert_eq!(parse_qgroup(out, 7), None);
+        // As btrfs-progs 6.2 prints it.
+        let out = "Qgroupid    Referenced    Exclusive  Max referenced Child         Path \n\
+                   --------    ----------    ---------  -------------- -----         ---- \n\
+                   0/5              16384        16384            none -             <toplevel>\n\
+                   0/256          1048576        65536        10485760 -             volumes/a\n\
+                   0/257                0            0            none -             volumes/a/n\n\
+                   1/256          1048576      1048576        52428800 0/256,0/257   <0 member qgroups>\n";
+        let q = |id| parse_qgroup(out, id).map(|q| (q.referenced, q.max_referenced, q.children));
+        assert_eq!(q("0/256"), Some((1048576, Some(10485760), vec![])));
+        assert_eq!(q("0/5"), Some((16384, None, vec![])));
+        assert_eq!(
+            q("1/256"),
+            Some((
+                1048576,
+                Some(52428800),
+                vec!["0/256".to_string(), "0/257".to_string()]
+            ))
+        );
+        assert_eq!(q("0/7"), None);
+        assert_eq!(parse_qgroups(out).len(), 4);
     }
 }
