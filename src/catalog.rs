@@ -132,7 +132,7 @@ impl Catalog {
             extend_spec: json!({"eip_count": 1, "vip_count": 1, "emulator_type": 1,
                 "thinpool_size_g": 4, "sharepool_size_g": 2, "max_share_disk_size_g": 1,
                 "encode_server_spec": {"cpu": 1, "memory": 256, "disk": 1,
-                    "image_id": "coderserver_v2.5", "port_num": 0},
+                    "image_id": "coderserver_v2.5", "port_num": 2},
                 "core_bind_strategy": "dev_small"}),
             spec_code: name.into(),
             phone_capacity: 2,

@@ -615,7 +615,10 @@ async fn buy_phones_jobs_isolation_and_restart() {
             .agent_post(
                 "/agent/v1/heartbeat",
                 json!({"node_id": n, "phones": states, "jobs": [],
-                       "encoders": [{"server_id": node_of_server0, "status": 1}]}),
+                       "encoders": [{"server_id": node_of_server0, "status": 1,
+                           "access_infos": [{"type": "port1", "phone_ip": "10.9.0.254",
+                               "listen_port": 6900, "access_port": 30100,
+                               "internet_accessible": true}]}]}),
             )
             .await;
         assert_eq!(r.status, 200);
@@ -1417,6 +1420,24 @@ async fn buy_phones_jobs_isolation_and_restart() {
         r.body
     );
     assert!(r.body["jobs"][0].get("server_id").is_none(), "{:?}", r.body);
+    // Its mapped ports as the reference's access_info has them.
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/encode-servers?server_id={sid}"),
+            None,
+        )
+        .await;
+    let enc = &r.body["encode_servers"][0];
+    let server_ip = enc["encode_server_ip"].clone();
+    assert_eq!(
+        enc["access_infos"],
+        json!([{"type": "port1", "listen_port": 6900, "access_port": 30100,
+                "public_ip": "203.0.113.5", "access_ip": "203.0.113.5",
+                "server_ip": server_ip, "intranet_ip": server_ip}]),
+        "{:?}",
+        r.body
+    );
     for (q, n) in [
         ("status=1", 1),
         ("status=2", 0),

@@ -113,6 +113,9 @@ pub struct ShareApp {
 pub struct EncoderState {
     pub server_id: String,
     pub status: i32,
+    /// Its mapped ports (`phone_ip` is the encoder's address).
+    #[serde(default)]
+    pub access_infos: Vec<AccessInfo>,
 }
 
 /// Generic acknowledgement.
@@ -141,7 +144,16 @@ pub struct PhoneFlavor {
 pub struct EncodeServerSpec {
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Ports it serves (`port_num`, at most [`ENCODER_MAX_PORTS`]): listen
+    /// ports from [`ENCODER_FIRST_PORT`] up, each mapped to a host port.
+    pub ports: u16,
 }
+
+/// The first port an encoding server listens on; its others follow (the
+/// reference's example lists 6900 to 6903).
+pub const ENCODER_FIRST_PORT: u16 = 6900;
+/// The most ports an encoding server maps.
+pub const ENCODER_MAX_PORTS: u16 = 16;
 
 impl PhoneFlavor {
     /// The flavor's encoding server, when `extend_spec` has an
@@ -168,6 +180,7 @@ impl PhoneFlavor {
                 .unwrap_or(1)
                 .max(1),
             memory_mb: num("memory").unwrap_or(256).max(16),
+            ports: num("port_num").map_or(0, |n| n.min(u64::from(ENCODER_MAX_PORTS)) as u16),
         })
     }
 
@@ -701,20 +714,24 @@ mod tests {
             None
         );
         assert_eq!(flavor(json!({})).max_share_disk_gb(), None);
-        let enc = flavor(json!({"encode_server_spec": {"cpu": 2, "memory": 14448, "disk": 10}}));
+        let enc = flavor(
+            json!({"encode_server_spec": {"cpu": 2, "memory": 14448, "disk": 10, "port_num": 4}}),
+        );
         assert_eq!(
             enc.encode_server_spec(),
             Some(EncodeServerSpec {
                 cpus: 2,
-                memory_mb: 14448
+                memory_mb: 14448,
+                ports: 4
             })
         );
-        let text = flavor(json!({"encode_server_spec": "{\"cpu\": \"3\"}"}));
+        let text = flavor(json!({"encode_server_spec": "{\"cpu\": \"3\", \"port_num\": 99}"}));
         assert_eq!(
             text.encode_server_spec(),
             Some(EncodeServerSpec {
                 cpus: 3,
-                memory_mb: 256
+                memory_mb: 256,
+                ports: ENCODER_MAX_PORTS
             })
         );
         assert_eq!(flavor(json!({})).encode_server_spec(), None);

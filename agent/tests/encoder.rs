@@ -5,7 +5,7 @@
 //! forwarded-packet counter moves); the restart job gives it a new init;
 //! deleting the server removes container and namespace. Privileged.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -38,6 +38,19 @@ fn forwarded(netns: &Path) -> u64 {
         .expect("ForwDatagrams value")
 }
 
+/// A listener on `port` of the network namespace at `netns` (bound by a
+/// thread that enters it).
+fn listen_in(netns: &Path, port: u16) -> TcpListener {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        TcpListener::bind(("0.0.0.0", port)).expect("bind in the namespace")
+    })
+    .join()
+    .expect("listener thread")
+}
+
 fn in_netns(netns: &Path, args: &[&str]) -> String {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
@@ -65,7 +78,7 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
         "server_id": server, "server_name": "enc",
         "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
                    "core_bind_strategy": "dev_small",
-                   "extend_spec": {"encode_server_spec": {"cpu": 1, "memory": 128, "disk": 1}}},
+                   "extend_spec": {"encode_server_spec": {"cpu": 1, "memory": 128, "disk": 1, "port_num": 2}}},
         "image": {"image_id": "img", "url": format!("file://{}", image().display())},
         "ports": [], "band_width_size": 100, "public_key": null,
         "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
@@ -83,10 +96,37 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
     let enc_ip = format!("{}.254", net.subnet_prefix);
     let (_, inv) = http(&addr, "GET", "/v1/inventory", &token, None);
     assert_eq!(inv["encoder_ip"], enc_ip.as_str(), "{inv}");
+    // Its two ports, 6900 and 6901, each mapped to a host port.
+    let encoders = inv["encoders"].as_array().expect("encoders");
+    assert_eq!(encoders.len(), 1, "{inv}");
+    assert_eq!(encoders[0]["server_id"], server.as_str());
+    assert_eq!(encoders[0]["status"], 1);
+    let infos = encoders[0]["access_infos"]
+        .as_array()
+        .expect("access infos");
+    let seen: Vec<(&str, u64, &str, bool)> = infos
+        .iter()
+        .map(|a| {
+            (
+                a["type"].as_str().unwrap_or(""),
+                a["listen_port"].as_u64().unwrap_or(0),
+                a["phone_ip"].as_str().unwrap_or(""),
+                a["internet_accessible"] == true,
+            )
+        })
+        .collect();
     assert_eq!(
-        inv["encoders"],
-        json!([{"server_id": server, "status": 1}]),
+        seen,
+        [
+            ("port1", 6900, enc_ip.as_str(), true),
+            ("port2", 6901, enc_ip.as_str(), true)
+        ],
         "{inv}"
+    );
+    let access_port = infos[0]["access_port"].as_u64().expect("access port") as u16;
+    assert_ne!(
+        access_port,
+        infos[1]["access_port"].as_u64().unwrap_or(0) as u16
     );
     assert!(
         in_netns(&enc_ns, &["ip", "-4", "-o", "addr", "show", "eth0"]).contains(&enc_ip),
@@ -104,6 +144,26 @@ fn encoding_server_runs_routes_restarts_and_goes_with_its_server() {
         Some(1),
         "encoder is no phone: {phones}"
     );
+
+    // The host's access port reaches a listener on port 6900 in the
+    // encoder's namespace.
+    let listener = listen_in(&enc_ns, 6900);
+    let echoed = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept in the encoder");
+        let mut line = [0u8; 5];
+        s.read_exact(&mut line).expect("read");
+        s.write_all(&line).expect("write");
+    });
+    let server_ip: std::net::Ipv4Addr = inv["server_ip"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .expect("server ip");
+    let mut c = std::net::TcpStream::connect((server_ip, access_port)).expect("connect");
+    c.write_all(b"ping\n").expect("send");
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"ping\n");
+    echoed.join().expect("encoder listener");
 
     // A phone on `routing` reaches the host through the encoder.
     http(

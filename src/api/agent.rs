@@ -84,8 +84,7 @@ fn apply_encoders(
     encoders: &[cph_agent::protocol::EncoderState],
 ) -> Result<(), ApiError> {
     for e in encoders {
-        st.store
-            .set_encoder_status(node_id, &e.server_id, e.status)?;
+        st.store.set_encoder(node_id, e)?;
     }
     Ok(())
 }

@@ -188,6 +188,13 @@ pub async fn encode_servers_list(
             .node_inventory(&s.node_id)?
             .and_then(|inv| inv.encoder_ip)
             .unwrap_or_else(|| s.server_ip.clone());
+        let encoder = st.store.encoder(&s.server_id)?;
+        let public_ip = s.public_ip.clone().unwrap_or_default();
+        let access: Vec<Value> = encoder
+            .access_infos
+            .iter()
+            .map(|a| super::phones::access_info(a, &s.server_ip, &public_ip))
+            .collect();
         out.push(json!({
             "encode_server_name": format!("{}-encode", s.server_name),
             "encode_server_id": s.server_id,
@@ -195,10 +202,10 @@ pub async fn encode_servers_list(
             "keypair_name": s.keypair_name,
             // What the agent last reported; abnormal while the server
             // itself is (its agent silent).
-            "status": if s.status == 2 { 2 } else { st.store.encoder_status(&s.server_id)? },
+            "status": if s.status == 2 { 2 } else { encoder.status },
             "type": 1,
             "encode_server_ip": ip,
-            "access_infos": [],
+            "access_infos": access,
             "create_time": s.create_time,
             "update_time": s.update_time,
         }));

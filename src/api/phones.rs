@@ -33,6 +33,26 @@ fn of_server(st: &Shared, p: &Phone) -> (Value, String) {
     }
 }
 
+/// One mapped port as the reference's `access_info` has it: the host's
+/// private address, and its public one for a port reachable from the
+/// internet.
+pub(super) fn access_info(
+    a: &cph_agent::protocol::AccessInfo,
+    server_ip: &str,
+    public_ip: &str,
+) -> Value {
+    let public = if a.internet_accessible { public_ip } else { "" };
+    json!({
+        "type": a.kind,
+        "listen_port": a.listen_port,
+        "access_ip": public,
+        "public_ip": public,
+        "intranet_ip": server_ip,
+        "server_ip": server_ip,
+        "access_port": a.access_port,
+    })
+}
+
 fn phone_json(p: &Phone, (meta, zone): (Value, String)) -> Value {
     json!({
         "phone_name": p.phone_name,
@@ -126,22 +146,10 @@ pub async fn detail(
     let access: Vec<Value> = infos
         .iter()
         .map(|a| {
-            let public = if a.internet_accessible {
-                public_ip.clone()
-            } else {
-                String::new()
-            };
-            json!({
-                "type": a.kind,
-                "device_ip": a.phone_ip,
-                "phone_ip": a.phone_ip,
-                "listen_port": a.listen_port,
-                "access_ip": public,
-                "public_ip": public,
-                "intranet_ip": server_ip,
-                "server_ip": server_ip,
-                "access_port": a.access_port,
-            })
+            let mut v = access_info(a, &server_ip, &public_ip);
+            v["device_ip"] = json!(a.phone_ip);
+            v["phone_ip"] = json!(a.phone_ip);
+            v
         })
         .collect();
     let mut v = phone_json(&p, of_server(&st, &p));

@@ -266,4 +266,9 @@ CREATE TABLE server_share_filesystems (
     PRIMARY KEY (server_id, fs_id)
 );
 "#,
+    // 12: the mapped ports of a server's encoding server, as its agent
+    // reports them (`cph_agent::protocol::AccessInfo` list).
+    r#"
+ALTER TABLE servers ADD COLUMN encoder_access_infos TEXT NOT NULL DEFAULT '[]';
+"#,
 ];

@@ -1200,27 +1200,39 @@ impl Store {
         }
     }
 
-    /// Records the encoding server status a node's agent reports for its
+    /// Records the encoding server state a node's agent reports for its
     /// server (nothing when the server is not on that node).
-    pub fn set_encoder_status(&self, node_id: &str, server_id: &str, status: i32) -> Result<()> {
+    pub fn set_encoder(&self, node_id: &str, e: &cph_agent::protocol::EncoderState) -> Result<()> {
         self.db()?.execute(
-            "UPDATE servers SET encoder_status = ?3 WHERE server_id = ?2 AND node_id = ?1",
-            params![node_id, server_id, status],
+            "UPDATE servers SET encoder_status = ?3, encoder_access_infos = ?4
+             WHERE server_id = ?2 AND node_id = ?1",
+            params![
+                node_id,
+                e.server_id,
+                e.status,
+                serde_json::to_string(&e.access_infos)?
+            ],
         )?;
         Ok(())
     }
 
-    /// The last reported status of a server's encoding server.
-    pub fn encoder_status(&self, server_id: &str) -> Result<i32> {
-        Ok(self
+    /// The last reported state of a server's encoding server (status 0,
+    /// being created, and no ports before any report).
+    pub fn encoder(&self, server_id: &str) -> Result<cph_agent::protocol::EncoderState> {
+        let row: Option<(i32, String)> = self
             .db()?
             .query_row(
-                "SELECT encoder_status FROM servers WHERE server_id = ?1",
+                "SELECT encoder_status, encoder_access_infos FROM servers WHERE server_id = ?1",
                 [server_id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-            .unwrap_or(0))
+            .optional()?;
+        let (status, access) = row.unwrap_or((0, "[]".into()));
+        Ok(cph_agent::protocol::EncoderState {
+            server_id: server_id.to_string(),
+            status,
+            access_infos: serde_json::from_str(&access)?,
+        })
     }
 
     /// Recomputes the server status of a node: normal (5) once every phone
@@ -1592,7 +1604,7 @@ impl Store {
         tx.execute(
             "UPDATE servers SET node_id = ?2, status = 1, create_dispatched = 1,
                 phone_model_name = ?3, image_id = ?4, keypair_name = ?5, ports = ?6,
-                encoder_status = 0, update_time = ?7
+                encoder_status = 0, encoder_access_infos = '[]', update_time = ?7
              WHERE server_id = ?1",
             params![
                 sw.server_id,

@@ -234,6 +234,12 @@ def test_encode_servers_list(client, server):
     assert e.encode_server_id and e.encode_server_name
     assert e.type == 1 and e.status == 1, e
     assert e.keypair_name == "default"
+    # The development flavor's encoding server serves two ports (port_num),
+    # each mapped to its own host port on the server's address.
+    infos = e.access_infos or []
+    assert [(a.type, a.listen_port) for a in infos] == [("port1", 6900), ("port2", 6901)], e
+    assert len({a.access_port for a in infos}) == 2 and all(a.access_port for a in infos), e
+    assert all(a.server_ip and a.server_ip == a.intranet_ip for a in infos), e
     mine = client.list_encode_servers(
         m.ListEncodeServersRequest(server_id=server_id)
     ).encode_servers

@@ -28,7 +28,7 @@ use cph_runtime::net::{
 use super::phones::prefixed_name;
 use super::JobFailure;
 use crate::config::{AgentConfig, NetworkConfig};
-use crate::protocol::{AccessInfo, PortSpec};
+use crate::protocol::{AccessInfo, PortSpec, ENCODER_FIRST_PORT, ENCODER_MAX_PORTS};
 
 /// Port ADB listens on inside a phone.
 pub const ADB_PORT: u16 = 5555;
@@ -212,6 +212,20 @@ pub fn port_requests(ports: &[PortSpec]) -> Vec<PortRequest> {
         .collect()
 }
 
+/// The ports of an encoding server serving `n`: `port1` on
+/// [`ENCODER_FIRST_PORT`] and up, reachable from the internet. They are
+/// the platform's own, outside the range of a server's user ports.
+pub fn encoder_port_requests(n: u16) -> Vec<PortRequest> {
+    (0..n.min(ENCODER_MAX_PORTS))
+        .map(|i| PortRequest {
+            name: format!("port{}", i + 1),
+            listen_port: ENCODER_FIRST_PORT + i,
+            internet_accessible: true,
+            system: true,
+        })
+        .collect()
+}
+
 /// The protocol's view of a phone's mappings.
 fn access_infos_of(p: &PhoneNet) -> Vec<AccessInfo> {
     p.ports
@@ -339,18 +353,27 @@ impl Network {
     /// The encoding container's network: its namespace with the encoder
     /// address of the subnet (the `routing` gateway of phones), forwarding
     /// on and redirects off inside it, so phones' traffic passes through it
-    /// to the host. Made the first time, re-plumbed after a host reboot.
-    pub fn ensure_encoder(&self, encoder_id: &str) -> Result<PathBuf, NetworkError> {
+    /// to the host; its `ports` mapped like a phone's user ports. Made the
+    /// first time, re-plumbed after a host reboot.
+    pub fn ensure_encoder(&self, encoder_id: &str, ports: u16) -> Result<PathBuf, NetworkError> {
         let (name, path, fresh) = own_netns(&self.netns_prefix, encoder_id)?;
         let mut mgr = self.lock();
+        let wanted = encoder_port_requests(ports);
         let plumbed = match mgr.phone(encoder_id).cloned() {
             None => mgr
-                .add_phone_at(encoder_id, &path, self.encoder_ip, -1)
+                .add_phone_at(encoder_id, &path, self.encoder_ip, &wanted, -1)
                 .map(drop),
-            Some(known) if fresh || !mgr.host_links()?.contains(&known.host_if) => {
-                mgr.attach_phone(encoder_id, &path)
+            Some(known) => {
+                let replumbed = if fresh || !mgr.host_links()?.contains(&known.host_if) {
+                    mgr.attach_phone(encoder_id, &path)
+                } else {
+                    Ok(())
+                };
+                replumbed.and_then(|()| match same_ports(&known, &wanted) {
+                    true => Ok(()),
+                    false => mgr.set_ports(encoder_id, &wanted).map(drop),
+                })
             }
-            Some(_) => Ok(()),
         };
         if let Err(e) = plumbed {
             if fresh {

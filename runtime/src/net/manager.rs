@@ -492,6 +492,7 @@ impl<R: Runner> NetManager<R> {
         phone_id: &str,
         netns: &Path,
         ip: Ipv4Addr,
+        ports: &[PortRequest],
         bandwidth_limit_kbit: i64,
     ) -> Result<Vec<AccessInfo>, NetError> {
         let offset = u32::from(ip).wrapping_sub(u32::from(self.cfg.subnet.network()));
@@ -513,7 +514,7 @@ impl<R: Runner> NetManager<R> {
         self.add(
             phone_id,
             netns,
-            &[],
+            ports,
             bandwidth_limit_kbit,
             Some((index, ip)),
         )

@@ -84,7 +84,7 @@ impl Phones {
             Err(_) => self.volumes.create(&id, &server.image, 0)?,
         };
         let netns = match &self.net {
-            Some(net) => Some(net.ensure_encoder(&id).map_err(network_fail)?),
+            Some(net) => Some(net.ensure_encoder(&id, spec.ports).map_err(network_fail)?),
             None => None,
         };
         match self.rt.delete(&name, STOP_GRACE) {
@@ -197,7 +197,16 @@ impl Phones {
                     Err(ContainerError::NotFound { .. }) => STATUS_CREATING,
                     _ => STATUS_ABNORMAL,
                 };
-                EncoderState { server_id, status }
+                let access_infos = self
+                    .net
+                    .as_ref()
+                    .map(|n| n.access_infos(&encoder_id(&server_id)))
+                    .unwrap_or_default();
+                EncoderState {
+                    server_id,
+                    status,
+                    access_infos,
+                }
             })
             .collect()
     }
