@@ -243,6 +243,36 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     }
     assert_eq!(f.sh(&name, "getprop ro.product.model").0, "cph-test");
 
+    // Confined, init and what runs in the phone alike: seccomp on, no
+    // capability for modules (16) or the clock (25) in the bounding set,
+    // and a module insertion refused before the kernel reads the module
+    // (unconfined, busybox is refused as an invalid module).
+    let init_pid = f.rt.state(&name).expect("state").pid;
+    let confined = |status: &str| {
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let bounding = u64::from_str_radix(&field("CapBnd:"), 16).expect("CapBnd");
+        (
+            field("Seccomp:"),
+            bounding & (1 << 16 | 1 << 25),
+            bounding & 1 << 21,
+        )
+    };
+    let init_status =
+        std::fs::read_to_string(format!("/proc/{init_pid}/status")).expect("init status");
+    assert_eq!(confined(&init_status), ("2".to_string(), 0, 1 << 21));
+    let (exec_status, _) = f.sh(&name, "cat /proc/self/status");
+    assert_eq!(confined(&exec_status), ("2".to_string(), 0, 1 << 21));
+    let (insmod, code) = f.sh(&name, "insmod /bin/busybox 2>&1");
+    assert_ne!(code, Some(0));
+    assert!(insmod.contains("Operation not permitted"), "{insmod}");
+
     // Exit codes and the timeout that kills the exec's whole tree.
     assert_eq!(f.sh(&name, "exit 7").1, Some(7));
     let started = Instant::now();

@@ -26,6 +26,7 @@
 
 pub mod binder;
 mod cgroup;
+mod confine;
 mod devfilter;
 mod exec;
 pub mod netns;

@@ -782,6 +782,7 @@ fn init_child(
 
     let argv = cstrings(&spec.init_argv())?;
     let env = cstrings(&spec.env)?;
+    super::confine::confine()?;
     match execve(&argv[0], &argv, &env) {
         Ok(never) => match never {},
         Err(e) => Err(format!("exec {}: {e}", spec.init[0])),
@@ -863,6 +864,10 @@ fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
                 .and_then(|()| chdir("/"));
             if let Err(e) = r {
                 eprintln!("cph-shim exec {name}: enter root: {e}");
+                std::process::exit(126);
+            }
+            if let Err(e) = super::confine::confine() {
+                eprintln!("cph-shim exec {name}: {e}");
                 std::process::exit(126);
             }
             let e = execvpe(&argv[0], &argv, &env).err();
