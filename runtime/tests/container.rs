@@ -272,6 +272,17 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     let (insmod, code) = f.sh(&name, "insmod /bin/busybox 2>&1");
     assert_ne!(code, Some(0));
     assert!(insmod.contains("Operation not permitted"), "{insmod}");
+    // What acts on the whole host is read-only (a sysctl written back as
+    // it is fails), what shows the host's memory, keys and timers masked:
+    // each of those this kernel has is a mount point of its own.
+    let script = "for p in /proc/sys /proc/sysrq-trigger /proc/irq /proc/bus /proc/fs; do \
+        [ -e $p ] && ! grep -q \" $p ro,\" /proc/self/mountinfo && echo \"$p writable\"; done; \
+        for p in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug /proc/latency_stats \
+        /proc/acpi /proc/scsi /sys/firmware; do \
+        [ -e $p ] && ! grep -q \" $p \" /proc/self/mountinfo && echo \"$p shown\"; done; \
+        cat /proc/sys/kernel/panic > /proc/sys/kernel/panic 2>/dev/null && echo 'sysctl written'; \
+        echo checked";
+    assert_eq!(f.sh(&name, script).0, "checked");
 
     // Exit codes and the timeout that kills the exec's whole tree.
     assert_eq!(f.sh(&name, "exit 7").1, Some(7));

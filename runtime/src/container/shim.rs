@@ -608,23 +608,42 @@ fn init_child(
         None,
         "proc",
     )?;
-    // /proc/sys and /proc/sysrq-trigger read-only, as OCI runtimes do.
-    m(
-        Some(&at("proc/sys")),
-        &at("proc/sys"),
-        None,
-        MsFlags::MS_BIND,
-        None,
+    // As OCI runtimes do: read-only what in /proc acts on the whole host
+    // (sysctls outside the phone's namespaces, the SysRq trigger, IRQ
+    // affinities, bus and filesystem settings), and masked what shows the
+    // host's memory, keys, timers and firmware.
+    for rel in [
         "proc/sys",
-    )?;
-    m(
-        None,
-        &at("proc/sys"),
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None,
-        "proc/sys ro",
-    )?;
+        "proc/sysrq-trigger",
+        "proc/irq",
+        "proc/bus",
+        "proc/fs",
+    ] {
+        let p = at(rel);
+        if p.symlink_metadata().is_err() {
+            continue;
+        }
+        m(Some(&p), &p, None, MsFlags::MS_BIND, None, rel)?;
+        m(
+            None,
+            &p,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+            rel,
+        )?;
+    }
+    for rel in [
+        "proc/kcore",
+        "proc/keys",
+        "proc/timer_list",
+        "proc/sched_debug",
+        "proc/latency_stats",
+        "proc/acpi",
+        "proc/scsi",
+    ] {
+        mask(&at(rel), rel)?;
+    }
     mkdir(&at("sys"))?;
     match &sys_tree {
         Some(t) => super::userns::attach(t, &at("sys"), "sysfs")?,
@@ -637,6 +656,7 @@ fn init_child(
             "sysfs",
         )?,
     }
+    mask(&at("sys/firmware"), "sys/firmware")?;
 
     mkdir(&at("dev"))?;
     m(
@@ -787,6 +807,32 @@ fn init_child(
         Ok(never) => match never {},
         Err(e) => Err(format!("exec {}: {e}", spec.init[0])),
     }
+}
+
+/// Hides `path` (`what` in errors) under an empty read-only tmpfs, or
+/// `/dev/null` for a file; nothing when the kernel has no such entry.
+fn mask(path: &Path, what: &str) -> Result<(), String> {
+    let Ok(meta) = path.symlink_metadata() else {
+        return Ok(());
+    };
+    let r = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=0"),
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    r.map_err(|e| format!("mask {what} at {}: {e}", path.display()))
 }
 
 fn cstrings(list: &[String]) -> Result<Vec<CString>, String> {
