@@ -26,6 +26,7 @@ const AUDIT_ARCH_AARCH64: u32 = 0xc000_00b7;
 const AUDIT_ARCH_ARM: u32 = 0x4000_0028;
 
 /// x32 calls on x86_64 carry this bit in their number.
+#[cfg(target_arch = "x86_64")]
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 /// One ABI a phone's process may call the kernel through, and the numbers
