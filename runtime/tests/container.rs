@@ -283,6 +283,26 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
         cat /proc/sys/kernel/panic > /proc/sys/kernel/panic 2>/dev/null && echo 'sysctl written'; \
         echo checked";
     assert_eq!(f.sh(&name, script).0, "checked");
+    // The network sysctls are the phone's namespace's, and writable.
+    let host_forward =
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").expect("host sysctl");
+    let flip = if host_forward.trim() == "1" { "0" } else { "1" };
+    assert_eq!(
+        f.sh(
+            &name,
+            &format!(
+                "echo {flip} > /proc/sys/net/ipv4/conf/lo/forwarding && \
+                 cat /proc/sys/net/ipv4/conf/lo/forwarding"
+            )
+        )
+        .0,
+        flip
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").expect("host sysctl"),
+        host_forward,
+        "the host's own sysctl changed"
+    );
 
     // Exit codes and the timeout that kills the exec's whole tree.
     assert_eq!(f.sh(&name, "exit 7").1, Some(7));

@@ -1,8 +1,9 @@
 //! What a phone's processes may not do to the host, whatever capabilities
 //! they hold: load or unload kernel modules, boot another kernel, set the
-//! host's clock, turn swap on or off, start process accounting, or open a
+//! host's clock, turn swap on or off, start process accounting, open a
 //! file by handle (which reaches past the phone's root on a filesystem it
-//! shares with the host, the classic container escape). A phone's root is
+//! shares with the host, the classic container escape), or on x86 reach
+//! the host's I/O ports. A phone's root is
 //! the host's root unless it has a user namespace of its own, and these
 //! act on the whole host.
 //!
@@ -40,7 +41,8 @@ struct Abi {
 
 /// The refused calls, in this order in every ABI: init_module,
 /// finit_module, delete_module, kexec_load, kexec_file_load (where the
-/// ABI has it), open_by_handle_at, swapon, swapoff, acct.
+/// ABI has it), open_by_handle_at, swapon, swapoff, acct; on x86 also
+/// iopl and ioperm (the host's I/O ports).
 #[cfg(target_arch = "x86_64")]
 const ABIS: [Abi; 2] = [
     Abi {
@@ -55,13 +57,15 @@ const ABIS: [Abi; 2] = [
             libc::SYS_swapon as u32,
             libc::SYS_swapoff as u32,
             libc::SYS_acct as u32,
+            libc::SYS_iopl as u32,
+            libc::SYS_ioperm as u32,
         ],
         refused_from: Some(X32_SYSCALL_BIT),
     },
     // asm/unistd_32.h (no kexec_file_load).
     Abi {
         arch: AUDIT_ARCH_I386,
-        refused: &[128, 350, 129, 283, 342, 87, 115, 51],
+        refused: &[128, 350, 129, 283, 342, 87, 115, 51, 110, 101],
         refused_from: None,
     },
 ];
@@ -296,6 +300,12 @@ mod tests {
                 if errno_of(r) != libc::EPERM {
                     return 1 + i as i32;
                 }
+            }
+            // iopl(0) drops nothing and passes unconfined.
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: no pointers.
+            if errno_of(unsafe { libc::syscall(libc::SYS_iopl, 0) }) != libc::EPERM {
+                return 10;
             }
             // Modules and the clock: their capabilities are out of the
             // bounding set, so no program the process execs holds them.

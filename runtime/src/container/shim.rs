@@ -633,6 +633,25 @@ fn init_child(
             rel,
         )?;
     }
+    // The network sysctls are the phone's own network namespace's (a phone
+    // always has one): writable, as Android's init and netd set them.
+    let net = at("proc/sys/net");
+    m(
+        Some(&net),
+        &net,
+        None,
+        MsFlags::MS_BIND,
+        None,
+        "proc/sys/net",
+    )?;
+    m(
+        None,
+        &net,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+        None,
+        "proc/sys/net",
+    )?;
     for rel in [
         "proc/kcore",
         "proc/keys",
