@@ -34,7 +34,7 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 /// of the refused calls in it.
 struct Abi {
     arch: u32,
-    refused: &'static [u32],
+    refused: &'static [&'static [u32]],
     /// Numbers from this one up are refused too (x32).
     refused_from: Option<u32>,
 }
@@ -42,30 +42,31 @@ struct Abi {
 /// The refused calls, in this order in every ABI: init_module,
 /// finit_module, delete_module, kexec_load, kexec_file_load (where the
 /// ABI has it), open_by_handle_at, swapon, swapoff, acct; on x86 also
-/// iopl and ioperm (the host's I/O ports).
+/// iopl and ioperm (the host's I/O ports). The native numbers.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const NATIVE: &[u32] = &[
+    libc::SYS_init_module as u32,
+    libc::SYS_finit_module as u32,
+    libc::SYS_delete_module as u32,
+    libc::SYS_kexec_load as u32,
+    libc::SYS_kexec_file_load as u32,
+    libc::SYS_open_by_handle_at as u32,
+    libc::SYS_swapon as u32,
+    libc::SYS_swapoff as u32,
+    libc::SYS_acct as u32,
+];
+
 #[cfg(target_arch = "x86_64")]
 const ABIS: [Abi; 2] = [
     Abi {
         arch: AUDIT_ARCH_X86_64,
-        refused: &[
-            libc::SYS_init_module as u32,
-            libc::SYS_finit_module as u32,
-            libc::SYS_delete_module as u32,
-            libc::SYS_kexec_load as u32,
-            libc::SYS_kexec_file_load as u32,
-            libc::SYS_open_by_handle_at as u32,
-            libc::SYS_swapon as u32,
-            libc::SYS_swapoff as u32,
-            libc::SYS_acct as u32,
-            libc::SYS_iopl as u32,
-            libc::SYS_ioperm as u32,
-        ],
+        refused: &[NATIVE, &[libc::SYS_iopl as u32, libc::SYS_ioperm as u32]],
         refused_from: Some(X32_SYSCALL_BIT),
     },
     // asm/unistd_32.h (no kexec_file_load).
     Abi {
         arch: AUDIT_ARCH_I386,
-        refused: &[128, 350, 129, 283, 342, 87, 115, 51, 110, 101],
+        refused: &[&[128, 350, 129, 283, 342, 87, 115, 51, 110, 101]],
         refused_from: None,
     },
 ];
@@ -74,23 +75,13 @@ const ABIS: [Abi; 2] = [
 const ABIS: [Abi; 2] = [
     Abi {
         arch: AUDIT_ARCH_AARCH64,
-        refused: &[
-            libc::SYS_init_module as u32,
-            libc::SYS_finit_module as u32,
-            libc::SYS_delete_module as u32,
-            libc::SYS_kexec_load as u32,
-            libc::SYS_kexec_file_load as u32,
-            libc::SYS_open_by_handle_at as u32,
-            libc::SYS_swapon as u32,
-            libc::SYS_swapoff as u32,
-            libc::SYS_acct as u32,
-        ],
+        refused: &[NATIVE],
         refused_from: None,
     },
     // arch/arm/tools/syscall.tbl (EABI).
     Abi {
         arch: AUDIT_ARCH_ARM,
-        refused: &[128, 379, 129, 347, 401, 371, 87, 115, 51],
+        refused: &[&[128, 379, 129, 347, 401, 371, 87, 115, 51]],
         refused_from: None,
     },
 ];
@@ -140,7 +131,8 @@ fn program() -> Vec<libc::sock_filter> {
         // The block: load the number, the range check, one test per
         // refused number, allow, refuse.
         let mut block = vec![load(DATA_NR)];
-        let tests = abi.refused.len() + usize::from(abi.refused_from.is_some());
+        let refused = || abi.refused.iter().flat_map(|list| list.iter().copied());
+        let tests = refused().count() + usize::from(abi.refused_from.is_some());
         // From test `i` (0-based) to the refusal after `allow`.
         let to_refusal = |i: usize| (tests - i) as u8;
         if let Some(from) = abi.refused_from {
@@ -151,7 +143,7 @@ fn program() -> Vec<libc::sock_filter> {
                 0,
             ));
         }
-        for &nr in abi.refused {
+        for nr in refused() {
             let i = block.len() - 1;
             block.push(jump(
                 libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
@@ -262,7 +254,7 @@ mod tests {
                 .iter()
                 .position(|ins| ins.k == abi.arch)
                 .expect("the ABI's check");
-            for &nr in abi.refused {
+            for &nr in abi.refused.iter().flat_map(|list| list.iter()) {
                 let (i, ins) = prog
                     .iter()
                     .enumerate()
