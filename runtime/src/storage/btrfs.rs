@@ -378,9 +378,13 @@ impl BtrfsStorage {
             let rd = std::fs::read_dir(&dir).map_err(|e| StorageError::io("list", &dir, e))?;
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".staging-") || name.starts_with(".reset-") {
+                if name.starts_with(".staging-") {
                     tracing::warn!(path = %e.path().display(), "removing interrupted staging");
                     self.delete_subvolume(&e.path())?;
+                }
+                if name.starts_with(".reset-") {
+                    tracing::warn!(path = %e.path().display(), "removing interrupted reset");
+                    self.delete_volume_subvolume(&e.path())?;
                 }
                 // An image update cut off: before the old volume was
                 // deleted it is still whole and the new one goes; after,
@@ -390,7 +394,7 @@ impl BtrfsStorage {
                     let vol = dir.join(phone);
                     if vol.symlink_metadata().is_ok() {
                         tracing::warn!(path = %e.path().display(), "removing interrupted image update");
-                        self.delete_subvolume(&e.path())?;
+                        self.delete_volume_subvolume(&e.path())?;
                     } else {
                         tracing::warn!(
                             phone_id = phone,
