@@ -1,7 +1,7 @@
 //! Host preparation at agent start: kernel limits sized from the phone
 //! capacity, read and raised through `/proc/sys` (the root is a parameter so
 //! tests use a temporary directory), and a list of what the host lacks for
-//! phones (binderfs, cgroup controllers, nftables, btrfs), reported in
+//! phones (binderfs, cgroup controllers, nftables, btrfs, seccomp), reported in
 //! `Inventory.missing`. Limits are only ever raised, never lowered.
 
 use std::path::Path;
@@ -154,6 +154,12 @@ pub fn missing_features(proc_root: &Path, cgroup_root: &Path) -> Vec<String> {
     if !on_path("nft") {
         missing.push("nftables (nft not on PATH)".to_string());
     }
+    // Every phone is confined with a seccomp filter answering errors.
+    let seccomp = std::fs::read_to_string(proc_root.join("sys/kernel/seccomp/actions_avail"))
+        .unwrap_or_default();
+    if !seccomp.split_whitespace().any(|a| a == "errno") {
+        missing.push("seccomp filters (phones are confined with one: none will start)".to_string());
+    }
     missing
 }
 
@@ -228,6 +234,16 @@ mod tests {
         std::fs::write(dir.path().join("filesystems"), "nodev\tproc\n\tbtrfs\n").expect("w");
         std::fs::write(dir.path().join("cgroup.controllers"), "cpuset cpu memory\n").expect("w");
         let m = missing_features(dir.path(), dir.path());
+        assert!(m.iter().any(|x| x.starts_with("seccomp")), "{m:?}");
+        let seccomp = dir.path().join("sys/kernel/seccomp");
+        std::fs::create_dir_all(&seccomp).expect("mkdir");
+        std::fs::write(
+            seccomp.join("actions_avail"),
+            "kill_process trap errno allow\n",
+        )
+        .expect("w");
+        let m = missing_features(dir.path(), dir.path());
+        assert!(!m.iter().any(|x| x.starts_with("seccomp")), "{m:?}");
         assert!(m.iter().any(|x| x.starts_with("binderfs")), "{m:?}");
         assert!(!m.iter().any(|x| x.starts_with("btrfs")), "{m:?}");
         assert!(m.contains(&"cgroup controller pids".to_string()), "{m:?}");
