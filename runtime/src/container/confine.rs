@@ -3,9 +3,8 @@
 //! host's clock, turn swap on or off, start process accounting, open a
 //! file by handle (which reaches past the phone's root on a filesystem it
 //! shares with the host, the classic container escape), or on x86 reach
-//! the host's I/O ports. A phone's root is
-//! the host's root unless it has a user namespace of its own, and these
-//! act on the whole host.
+//! the host's I/O ports. A phone's root is the host's root unless it has a
+//! user namespace of its own, and these act on the whole host.
 //!
 //! Two layers, set by the shim just before it execs the phone's init or a
 //! command run in the phone, and inherited by everything they start: the
