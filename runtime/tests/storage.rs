@@ -351,13 +351,22 @@ fn fill(path: &Path, max_mib: usize) -> (usize, Option<std::io::Error>) {
     (max_mib, None)
 }
 
-#[test]
-fn new_pools_charge_phones_only_for_their_own_writes() {
-    if !btrfs_available("new_pools_charge_phones_only_for_their_own_writes") {
-        return;
+/// Whether btrfs pools can be made here with simple quotas (kernel 6.7+);
+/// otherwise says why the named test is skipped.
+fn simple_quotas_available(test: &str) -> bool {
+    if !btrfs_available(test) {
+        return false;
     }
     if !Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
-        eprintln!("SKIPPED new_pools_charge_phones_only_for_their_own_writes: no simple quotas");
+        eprintln!("SKIPPED {test}: no simple quotas");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn new_pools_charge_phones_only_for_their_own_writes() {
+    if !simple_quotas_available("new_pools_charge_phones_only_for_their_own_writes") {
         return;
     }
     let pool = Pool::new();
@@ -381,11 +390,7 @@ fn new_pools_charge_phones_only_for_their_own_writes() {
 
 #[test]
 fn subvolumes_a_phone_makes_count_against_its_disk() {
-    if !btrfs_available("subvolumes_a_phone_makes_count_against_its_disk") {
-        return;
-    }
-    if !Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
-        eprintln!("SKIPPED subvolumes_a_phone_makes_count_against_its_disk: no simple quotas");
+    if !simple_quotas_available("subvolumes_a_phone_makes_count_against_its_disk") {
         return;
     }
     let pool = Pool::new();

@@ -207,13 +207,13 @@ impl JobStore {
         ))
     }
 
-    /// Where job `job_id` keeps the write-ahead list of an archive it
-    /// extracts into a phone or the sharepool (removed when the job ends).
     /// The multipart upload notes found at open, taken once.
     pub fn take_left_uploads(&self) -> Vec<PathBuf> {
         std::mem::take(&mut *self.left_uploads.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Where job `job_id` keeps the write-ahead list of an archive it
+    /// extracts into a phone or the sharepool (removed when the job ends).
     pub fn journal_path(&self, job_id: &str) -> PathBuf {
         journal_path(&self.dir, job_id)
     }

@@ -240,6 +240,28 @@ fn access_infos_of(p: &PhoneNet) -> Vec<AccessInfo> {
         .collect()
 }
 
+/// Brings the network of a known phone (or encoding container) to its
+/// namespace at `path` and the `wanted` ports: re-plumbed when the
+/// namespace is new (`fresh`) or another, or its veth is gone (host
+/// reboot); its ports set when they differ.
+fn keep_plumbed(
+    mgr: &mut NetManager,
+    known: &PhoneNet,
+    path: &Path,
+    fresh: bool,
+    wanted: &[PortRequest],
+) -> Result<(), NetError> {
+    let id = known.phone_id.as_str();
+    if fresh || known.netns != path || !mgr.host_links()?.contains(&known.host_if) {
+        tracing::info!(phone_id = id, "re-plumbing the phone's network");
+        mgr.attach_phone(id, path)?;
+    }
+    if !same_ports(known, wanted) {
+        mgr.set_ports(id, wanted)?;
+    }
+    Ok(())
+}
+
 fn same_ports(p: &PhoneNet, wanted: &[PortRequest]) -> bool {
     p.ports.len() == wanted.len()
         && p.ports.iter().zip(wanted).all(|(m, w)| {
@@ -337,13 +359,7 @@ impl Network {
             }
             return Ok(path);
         };
-        if fresh || known.netns != path || !mgr.host_links()?.contains(&known.host_if) {
-            tracing::info!(phone_id, "re-plumbing the phone's network");
-            mgr.attach_phone(phone_id, &path)?;
-        }
-        if !same_ports(&known, &wanted) {
-            mgr.set_ports(phone_id, &wanted)?;
-        }
+        keep_plumbed(&mut mgr, &known, &path, fresh, &wanted)?;
         if known.bandwidth != validate_bandwidth_limit(bandwidth_kbit)? {
             mgr.set_bandwidth_limit(phone_id, bandwidth_kbit)?;
         }
@@ -363,17 +379,7 @@ impl Network {
             None => mgr
                 .add_phone_at(encoder_id, &path, self.encoder_ip, &wanted, -1)
                 .map(drop),
-            Some(known) => {
-                let replumbed = if fresh || !mgr.host_links()?.contains(&known.host_if) {
-                    mgr.attach_phone(encoder_id, &path)
-                } else {
-                    Ok(())
-                };
-                replumbed.and_then(|()| match same_ports(&known, &wanted) {
-                    true => Ok(()),
-                    false => mgr.set_ports(encoder_id, &wanted).map(drop),
-                })
-            }
+            Some(known) => keep_plumbed(&mut mgr, &known, &path, fresh, &wanted),
         };
         if let Err(e) = plumbed {
             if fresh {

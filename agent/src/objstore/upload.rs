@@ -5,8 +5,9 @@
 //! goes through a channel of `queued_parts` slots to an uploader task that
 //! keeps up to `parts_in_flight` UploadPart requests running. The
 //! multipart upload is created with the first full part, so an object
-//! smaller than one part is a single PUT. Finishing completes the upload; dropping the writer unfinished
-//! (or any failure) aborts it, so no partial object appears.
+//! smaller than one part is a single PUT. Finishing completes the upload;
+//! dropping the writer unfinished (or any failure) aborts it, so no partial
+//! object appears.
 //!
 //! A multipart upload holds its parts in the store until it is completed or
 //! aborted. One whose abort cannot be sent (the store out of reach) or

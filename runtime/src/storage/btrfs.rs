@@ -406,7 +406,7 @@ impl BtrfsStorage {
                 }
             }
         }
-        self.sweep_caps(mp)
+        self.sweep_caps()
     }
 
     /// Quotas as they are on an existing pool; simple ones on a new pool
@@ -588,11 +588,13 @@ impl BtrfsStorage {
 
     /// Removes the caps of volumes that are gone (deleted by a run a crash
     /// cut off before it removed their caps).
-    fn sweep_caps(&self, mp: &Path) -> Result<(), StorageError> {
-        if quota_mode(mp)? != Some(QuotaMode::Simple) {
+    fn sweep_caps(&self) -> Result<(), StorageError> {
+        if !self.simple_quotas()? {
             return Ok(());
         }
-        let out = self.btrfs(Btrfs::QgroupShow { path: s(mp) })?;
+        let out = self.btrfs(Btrfs::QgroupShow {
+            path: s(self.root()?),
+        })?;
         let groups = cmd::parse_qgroups(&out);
         for q in &groups {
             let Some(id) = q.id.strip_prefix("1/") else {
