@@ -272,6 +272,12 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     let (insmod, code) = f.sh(&name, "insmod /bin/busybox 2>&1");
     assert_ne!(code, Some(0));
     assert!(insmod.contains("Operation not permitted"), "{insmod}");
+    // Nor may it freeze or thaw the filesystem beneath it, the host's
+    // (unconfined, thawing a filesystem not frozen is refused as invalid;
+    // the harmless half of the pair, should the filter fail).
+    let (thaw, code) = f.sh(&name, "fsfreeze --unfreeze / 2>&1");
+    assert_ne!(code, Some(0));
+    assert!(thaw.contains("Operation not permitted"), "{thaw}");
     // What acts on the whole host is read-only (a sysctl written back as
     // it is fails), what shows the host's memory, keys and timers masked:
     // each of those this kernel has is a mount point of its own.

@@ -502,7 +502,8 @@ impl BtrfsStorage {
     /// Caps what volume `vol` holds at `bytes`, the subvolumes made inside
     /// it included under simple quotas (its level-1 qgroup, made here).
     /// Full accounting gives a new subvolume no parent qgroup: the cap is
-    /// then on the volume's own.
+    /// then on the volume's own (a phone cannot make a subvolume: its
+    /// seccomp filter refuses the btrfs `ioctl`s, `container::confine`).
     fn cap_volume(&self, vol: &Path, bytes: u64) -> Result<(), StorageError> {
         let root = s(self.root()?);
         if !self.simple_quotas()? {
