@@ -775,6 +775,68 @@ fn memory_view_follows_use_inside() {
 }
 
 #[test]
+fn init_console_is_kept_in_a_capped_rotated_log() {
+    if !cph_runtime::privilege::check("init_console_is_kept_in_a_capped_rotated_log") {
+        return;
+    }
+    use cph_runtime::container::shim::CONSOLE_LOG_MAX;
+    let mut f = Fixture::new();
+    let name = unique("console");
+    let spec = f.spec(&name);
+    f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    // A phone writing to its init's console without end (2.5 logs' worth
+    // here, then a last line) fills no more than two logs on the host.
+    let total = CONSOLE_LOG_MAX * 5 / 2;
+    let (_, code) = f.sh(
+        &name,
+        &format!(
+            "head -c {total} /dev/zero | tr '\\0' x > /proc/1/fd/1 && \
+             echo last-line > /proc/1/fd/1"
+        ),
+    );
+    assert_eq!(code, Some(0));
+    let log = f.state.join(&name).join("console.log");
+    let older = f.state.join(&name).join("console.log.1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read(&log).unwrap_or_default();
+        if text.ends_with(b"last-line\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last line never reached the log ({} bytes)",
+            text.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(size(&older), CONSOLE_LOG_MAX, "the rotated log");
+    assert!(size(&log) < CONSOLE_LOG_MAX, "{} bytes", size(&log));
+    let entries = std::fs::read_dir(f.state.join(&name))
+        .expect("state dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("console"))
+        .count();
+    assert_eq!(entries, 2, "console logs kept");
+    // The phone still runs and its console still reaches the log.
+    let (_, code) = f.sh(&name, "echo after > /proc/1/fd/2");
+    assert_eq!(code, Some(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read(&log)
+        .unwrap_or_default()
+        .ends_with(b"after\n")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "later output never reached the log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn phones_get_their_own_binder_devices() {
     if !cph_runtime::privilege::check("phones_get_their_own_binder_devices") {
         return;

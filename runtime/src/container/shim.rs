@@ -99,14 +99,11 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let cg = cgroup::create(parent, spec).map_err(|e| e.to_string())?;
     let binderfs = super::binder::available();
 
-    // Init's console: its own log, never the caller's pipes (which would
-    // then never see end-of-file).
-    let console: OwnedFd = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("console.log"))
-        .map_err(|e| format!("console log: {e}"))?
-        .into();
+    // Init's console: a pipe this process copies into a capped log, never
+    // the caller's pipes (which would then never see end-of-file) nor the
+    // log file itself (which the phone could grow without end).
+    let mut log = ConsoleLog::open(&dir)?;
+    let console = log.writer.take().ok_or("console pipe taken")?;
     let null: OwnedFd = std::fs::File::open("/dev/null")
         .map_err(|e| format!("open /dev/null: {e}"))?
         .into();
@@ -271,6 +268,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         if let Ok(status) = waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             if !matches!(status, WaitStatus::StillAlive) {
                 let _ = cgroup::destroy(&cg, name);
+                log.drain();
                 return match exit_code(status) {
                     Some(code) => Err(format!("{EXITED_AT_ONCE}{code}")),
                     None => Err(format!("init exited at once ({status:?})")),
@@ -297,7 +295,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     report(&format!("ok {}", child.as_raw()));
     detach_stdio();
 
-    let code = hold(child, &views, spec, &cg);
+    let code = hold(child, &views, spec, &cg, &mut log);
     st.status = Status::Exited { code };
     let _ = state::write_json(&path, &st, name);
     Ok(())
@@ -314,19 +312,28 @@ const VIEW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Holds init until it exits, returning its exit code; meanwhile keeps the
 /// phone's `/proc` views current (memory in use, CPU times), as lxcfs does
-/// on every read. Waits on a pidfd so the exit is seen at once.
-fn hold(child: Pid, views: &Views, spec: &ContainerSpec, cg: &cgroups_rs::fs::Cgroup) -> i32 {
+/// on every read, and copies init's console into its log. Waits on a pidfd
+/// so the exit is seen at once.
+fn hold(
+    child: Pid,
+    views: &Views,
+    spec: &ContainerSpec,
+    cg: &cgroups_rs::fs::Cgroup,
+    log: &mut ConsoleLog,
+) -> i32 {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
     let pidfd: Option<OwnedFd> = (raw >= 0).then(|| {
         // SAFETY: `raw` is a freshly opened descriptor owned by nobody else.
         unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) }
     });
+    let mut next_refresh = std::time::Instant::now();
     loop {
         match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
             Ok(status) => {
                 if let Some(code) = exit_code(status) {
+                    log.drain();
                     return code;
                 }
                 continue;
@@ -334,19 +341,183 @@ fn hold(child: Pid, views: &Views, spec: &ContainerSpec, cg: &cgroups_rs::fs::Cg
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return -1,
         }
-        refresh_views(views, spec, cg);
-        match &pidfd {
-            Some(fd) => {
-                let mut p = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut p, 1, VIEW_REFRESH.as_millis() as libc::c_int) };
-            }
-            None => std::thread::sleep(std::time::Duration::from_millis(200)),
+        let now = std::time::Instant::now();
+        if now >= next_refresh {
+            refresh_views(views, spec, cg);
+            next_refresh = now + VIEW_REFRESH;
         }
+        let wait = next_refresh.saturating_duration_since(std::time::Instant::now());
+        let mut fds = Vec::with_capacity(2);
+        if let Some(fd) = &pidfd {
+            fds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        if let Some(fd) = log.reader() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Without a pidfd, waitpid is tried again every 200 ms; a console
+        // that used its rate waits for its next second.
+        let mut timeout = wait.min(log.resumes_in());
+        if pidfd.is_none() {
+            timeout = timeout.min(std::time::Duration::from_millis(200));
+        }
+        // SAFETY: `fds` holds valid pollfds for the duration of the call.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                // Rounded up: a wait of less than a millisecond would spin.
+                timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int,
+            )
+        };
+        log.pump();
+    }
+}
+
+/// Bytes of init's console a log file holds before it is rotated: the
+/// phone keeps `console.log` and the one before it, `console.log.1`.
+pub const CONSOLE_LOG_MAX: u64 = 1 << 20;
+
+/// Bytes of init's console copied per second at most: beyond them the pipe
+/// fills and the phone's writers wait, so a phone cannot make its shim
+/// (whose CPU is the host's, not the phone's) spin on its output.
+pub const CONSOLE_RATE: u64 = 1 << 20;
+
+/// Init's console: the pipe init writes to, and the log this process
+/// copies it into, rotated at [`CONSOLE_LOG_MAX`].
+struct ConsoleLog {
+    reader: Option<OwnedFd>,
+    /// The write end, until it is handed to init.
+    writer: Option<OwnedFd>,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    size: u64,
+    /// The current second of [`CONSOLE_RATE`], and the bytes copied in it.
+    window: std::time::Instant,
+    copied: u64,
+}
+
+impl ConsoleLog {
+    fn open(dir: &Path) -> Result<Self, String> {
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns.
+        unsafe {
+            let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        let path = dir.join("console.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("console log: {e}"))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(ConsoleLog {
+            reader: Some(r),
+            writer: Some(w),
+            path,
+            file: Some(file),
+            size,
+            window: std::time::Instant::now(),
+            copied: 0,
+        })
+    }
+
+    /// Starts a new second of the rate when the last one is over.
+    fn tick(&mut self) {
+        if self.window.elapsed() >= std::time::Duration::from_secs(1) {
+            self.window = std::time::Instant::now();
+            self.copied = 0;
+        }
+    }
+
+    /// The pipe to wait on: while a writer holds it and this second's rate
+    /// is not used up.
+    fn reader(&mut self) -> Option<libc::c_int> {
+        self.tick();
+        if self.copied >= CONSOLE_RATE {
+            return None;
+        }
+        self.reader.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// How long until the pipe is read again: at once unless this second's
+    /// rate is used up.
+    fn resumes_in(&self) -> std::time::Duration {
+        if self.reader.is_none() || self.copied < CONSOLE_RATE {
+            return std::time::Duration::MAX;
+        }
+        std::time::Duration::from_secs(1).saturating_sub(self.window.elapsed())
+    }
+
+    /// Copies what the pipe holds into the log, within this second's rate.
+    fn pump(&mut self) {
+        self.tick();
+        let left = CONSOLE_RATE.saturating_sub(self.copied);
+        self.copied += self.copy(left);
+    }
+
+    /// Copies what the pipe holds (a log's worth at most) whatever the
+    /// rate: init has exited.
+    fn drain(&mut self) {
+        self.copy(CONSOLE_LOG_MAX);
+    }
+
+    /// Copies up to `limit` bytes from the pipe into the log; the bytes
+    /// copied. Best effort: a log that cannot be written drops the output
+    /// (the pipe is still emptied, so init does not wait on it).
+    fn copy(&mut self, limit: u64) -> u64 {
+        let mut buf = [0u8; 64 << 10];
+        let mut copied = 0u64;
+        while copied < limit {
+            let Some(r) = &self.reader else { break };
+            let want = buf.len().min((limit - copied) as usize);
+            match nix::unistd::read(r.as_fd(), &mut buf[..want]) {
+                Ok(0) => self.reader = None,
+                Ok(n) => {
+                    self.write(&buf[..n]);
+                    copied += n as u64;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        copied
+    }
+
+    fn write(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.size >= CONSOLE_LOG_MAX {
+                self.rotate();
+            }
+            let n = data.len().min((CONSOLE_LOG_MAX - self.size) as usize);
+            if let Some(f) = &mut self.file {
+                let _ = f.write_all(&data[..n]);
+            }
+            self.size += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    /// `console.log` becomes `console.log.1` (replacing it); a new one is
+    /// begun.
+    fn rotate(&mut self) {
+        self.file = None;
+        let _ = std::fs::rename(&self.path, self.path.with_extension("log.1"));
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .ok();
+        self.size = 0;
     }
 }
 
