@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub shell_timeout_secs: u64,
     /// Heartbeat period until the control plane names one, seconds.
     pub heartbeat_secs: u64,
+    /// Hours an ended job's record is kept (a repeated job id answers with
+    /// it) before it is removed; at least 1.
+    pub job_retention_hours: u64,
     /// `cph-shim` binary (default: next to `cph-agent`).
     pub shim: Option<PathBuf>,
     /// cgroup parent of the phones.
@@ -273,6 +276,7 @@ impl Default for AgentConfig {
             shutdown_grace_secs: 30,
             shell_timeout_secs: 60,
             heartbeat_secs: 15,
+            job_retention_hours: 168,
             shim: None,
             cgroup_parent: "cph".to_string(),
             prepare_host: true,

@@ -728,3 +728,53 @@ fn output(st: &Value) -> String {
         .trim()
         .to_string()
 }
+
+#[test]
+fn records_of_long_ended_jobs_are_removed() {
+    if !cph_runtime::privilege::check("records_of_long_ended_jobs_are_removed") {
+        return;
+    }
+    use cph_agent::daemon::jobstore::{succeeded, JobStore};
+    use cph_agent::protocol::{JobKind, JobRequest};
+    // Jobs an earlier run of the agent recorded: one ended long ago, one
+    // just now.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let jobs = tmp.path().join("state/jobs");
+    {
+        let (store, _) = JobStore::open(&jobs).expect("job store");
+        for id in ["ancient", "fresh"] {
+            let req = JobRequest {
+                job_id: id.into(),
+                request_id: "r".into(),
+                server_id: "s".into(),
+                phone_id: None,
+                kind: JobKind::StartPhone,
+            };
+            store.insert(&req).expect("insert");
+            store.finish(succeeded(id, Some("done"))).expect("finish");
+        }
+    }
+    let ancient = jobs.join("ancient.json");
+    let mut rec: Value =
+        serde_json::from_slice(&std::fs::read(&ancient).expect("read")).expect("record");
+    rec["ended"] = json!(1_000);
+    std::fs::write(&ancient, rec.to_string()).expect("write");
+
+    // Kept a day, the old one is gone once the agent is up (the sweep runs
+    // at start, then hourly), the recent one still answers.
+    let t = TestAgent::start_in(tmp, "jobgc", false, "job_retention_hours = 24");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ancient.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old record was kept"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        http(&t.addr, "GET", "/v1/jobs/ancient", &t.token, None).0,
+        404
+    );
+    let (code, fresh) = http(&t.addr, "GET", "/v1/jobs/fresh", &t.token, None);
+    assert_eq!((code, output(&fresh)), (200, "done".to_string()), "{fresh}");
+}

@@ -49,6 +49,10 @@ pub struct JobRecord {
     pub status: JobStatus,
     /// Arrival order on this agent.
     pub seq: u64,
+    /// When its end was recorded (seconds since the epoch); a record
+    /// written before this was kept reads its file's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<u64>,
 }
 
 impl JobRecord {
@@ -64,8 +68,16 @@ impl JobRecord {
                 execute_msg: None,
             },
             seq,
+            ended: None,
         }
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A record's file under `dir` and its JSON.
@@ -184,10 +196,19 @@ impl JobStore {
                     }
                 }
                 rec.status = failed(&rec.request.job_id, "CPS.0054", &msg, list.as_deref());
+                rec.ended = Some(now_secs());
                 // Written back to the file it was read from.
                 let (_, bytes) = encode(dir, &rec)?;
                 write_atomic(&path, &bytes).map_err(io(&path))?;
                 interrupted.push(rec.request.job_id.clone());
+            }
+            if rec.ended.is_none() {
+                rec.ended = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
             }
             inner.next_seq = inner.next_seq.max(rec.seq + 1);
             inner.jobs.insert(rec.request.job_id.clone(), rec);
@@ -326,9 +347,45 @@ impl JobStore {
             return Ok(());
         };
         rec.status = status;
+        rec.ended = Some(now_secs());
         let rec = rec.clone();
         drop(inner);
         self.persist(&rec)
+    }
+
+    /// Forgets the jobs that ended more than `keep` ago, but for those in
+    /// `unreported` (their end not yet told to the control plane, which
+    /// sends a job it polls and the agent does not know again): their
+    /// records are removed from disk and memory. The number forgotten.
+    ///
+    /// Until then a repeated job id returns the recorded status; after, the
+    /// control plane has long had the job's end (it is told at the next
+    /// heartbeat and polls running jobs every heartbeat).
+    pub fn forget_ended(
+        &self,
+        keep: std::time::Duration,
+        unreported: &std::collections::HashSet<String>,
+    ) -> Result<usize, JobStoreError> {
+        let cutoff = now_secs().saturating_sub(keep.as_secs());
+        let mut inner = self.lock();
+        let old: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|r| r.status.status != JobState::Running)
+            .filter(|r| r.ended.is_some_and(|t| t < cutoff))
+            .filter(|r| !unreported.contains(&r.request.job_id))
+            .map(|r| r.request.job_id.clone())
+            .collect();
+        for id in &old {
+            let path = self.dir.join(format!("{id}.json"));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+            inner.jobs.remove(id);
+        }
+        Ok(old.len())
     }
 
     /// A job's status.
@@ -402,6 +459,65 @@ mod tests {
             phone_id: Some("p".into()),
             kind: JobKind::StartPhone,
         }
+    }
+
+    #[test]
+    fn jobs_ended_long_ago_are_forgotten_unless_unreported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = JobStore::open(dir.path()).expect("open");
+            for id in ["old", "older-format", "recent", "running", "unreported"] {
+                store.insert(&req(id)).expect("insert");
+            }
+            for id in ["old", "older-format", "recent", "unreported"] {
+                store.finish(succeeded(id, None)).expect("finish");
+            }
+        }
+        // Two ended long ago (one by its record, one, written before
+        // records had an end time, by its file's time), one recently.
+        let edit = |id: &str, ended: Option<u64>| {
+            let path = dir.path().join(format!("{id}.json"));
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
+            match ended {
+                Some(t) => v["ended"] = t.into(),
+                None => {
+                    v.as_object_mut().expect("object").remove("ended");
+                }
+            }
+            fs::write(&path, serde_json::to_vec(&v).expect("encode")).expect("write");
+            path
+        };
+        edit("old", Some(1_000));
+        edit("unreported", Some(1_000));
+        let older = edit("older-format", None);
+        let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86400);
+        fs::File::options()
+            .write(true)
+            .open(&older)
+            .and_then(|f| f.set_modified(two_days_ago))
+            .expect("set mtime");
+
+        let (store, interrupted) = JobStore::open(dir.path()).expect("reopen");
+        assert_eq!(interrupted, ["running"]);
+        let unreported = ["unreported".to_string()].into_iter().collect();
+        let day = std::time::Duration::from_secs(86400);
+        assert_eq!(store.forget_ended(day, &unreported).expect("forget"), 2);
+        for gone in ["old", "older-format"] {
+            assert_eq!(store.get(gone), None, "{gone}");
+            assert!(!dir.path().join(format!("{gone}.json")).exists(), "{gone}");
+        }
+        // The job interrupted just now has ended, recently.
+        for kept in ["recent", "running", "unreported"] {
+            assert!(store.get(kept).is_some(), "{kept}");
+            assert!(dir.path().join(format!("{kept}.json")).exists(), "{kept}");
+        }
+        assert_eq!(store.forget_ended(day, &unreported).expect("again"), 0);
+        // What is forgotten is forgotten after a restart too.
+        drop(store);
+        let (store, _) = JobStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.get("old"), None);
+        assert_eq!(store.all().len(), 3);
     }
 
     #[test]

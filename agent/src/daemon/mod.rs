@@ -697,6 +697,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), DaemonError> {
             }
         };
         tokio::spawn(control::run(Arc::clone(&daemon)));
+        tokio::spawn(forget_ended_jobs(Arc::clone(&daemon)));
         let left_uploads = daemon.store.take_left_uploads();
         tokio::spawn(abort_left_uploads(Arc::clone(&daemon), left_uploads));
         notify::notify("READY=1");
@@ -736,6 +737,39 @@ async fn wait_for_signal() {
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// How often ended jobs past their retention are looked for.
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
+
+/// Removes the records of jobs that ended more than `job_retention_hours`
+/// ago, at start and every [`FORGET_EVERY`], so the job store does not grow
+/// with every job a host ever ran. Those whose end the control plane has
+/// not been told yet are kept.
+async fn forget_ended_jobs(d: Arc<Daemon>) {
+    let keep = Duration::from_secs(d.cfg.job_retention_hours.max(1) * 3600);
+    let mut tick = tokio::time::interval(FORGET_EVERY);
+    loop {
+        tick.tick().await;
+        let d2 = Arc::clone(&d);
+        let done = tokio::task::spawn_blocking(move || {
+            let unreported: std::collections::HashSet<String> = d2
+                .unreported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|s| s.job_id.clone())
+                .collect();
+            d2.store.forget_ended(keep, &unreported)
+        })
+        .await;
+        match done {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(jobs = n, "records of long-ended jobs removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ended jobs not removed"),
+            Err(e) => tracing::warn!(error = %e, "ended-job sweep failed"),
         }
     }
 }
