@@ -785,6 +785,12 @@ impl Store {
     }
 
     /// Opens (creating) the database file and migrates it.
+    ///
+    /// Several processes may open it at once (`cph serve` and `cph admin`):
+    /// every transaction that writes begins `IMMEDIATE`, taking the write
+    /// lock first (waited for up to the busy timeout). A deferred one that
+    /// read first could not write once another connection had committed
+    /// meanwhile (`SQLITE_BUSY_SNAPSHOT`, which no timeout waits out).
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -840,7 +846,7 @@ impl Store {
             if version <= current {
                 continue;
             }
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute_batch(sql)?;
             tx.execute(
                 "INSERT INTO schema_version (version) VALUES (?1)",
@@ -1107,7 +1113,7 @@ impl Store {
     /// Returns the node ids newly marked and the ids of the jobs failed.
     pub fn mark_silent_nodes(&self, deadline: i64) -> Result<(Vec<String>, Vec<String>)> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let ids: Vec<String> = {
             let mut st =
                 tx.prepare("SELECT node_id FROM nodes WHERE alive = 1 AND last_seen < ?1")?;
@@ -1278,7 +1284,7 @@ impl Store {
     /// creates their phone rows. Returns `Ok(None)` when too few are free.
     pub fn assign_servers(&self, order: &Order) -> Result<Option<Vec<Server>>> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let free: Vec<(String, u32)> = {
             let mut st = tx.prepare(&format!(
                 "SELECT n.node_id, n.phone_capacity FROM nodes n
@@ -1506,7 +1512,7 @@ impl Store {
     /// queryable. The host is free for the next purchase.
     pub fn release_server(&self, server_id: &str) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         drop_server(&tx, server_id)?;
         tx.commit()?;
         Ok(())
@@ -1518,7 +1524,7 @@ impl Store {
     /// agent answers is refused.
     pub fn forget_node(&self, node_id: &str) -> Result<Forgotten> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let alive: Option<i64> = tx
             .query_row(
                 "SELECT alive FROM nodes WHERE node_id = ?1",
@@ -1564,7 +1570,7 @@ impl Store {
     /// or abnormal (being made, switched or deleted).
     pub fn switch_server(&self, sw: &Switch) -> Result<Option<Switched>> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Checked again here, against a deletion or switch that raced.
         let old: Option<(String, String, String)> = tx
             .query_row(
@@ -1928,7 +1934,7 @@ impl Store {
         replace: bool,
     ) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current: Option<String> = tx
             .query_row(
                 "SELECT property FROM phones WHERE phone_id = ?1",
@@ -1962,7 +1968,7 @@ impl Store {
     /// Inserts phones directly (fleet import and benchmarks).
     pub fn insert_phones(&self, phones: &[Phone]) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare(&format!(
                 "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
@@ -2002,7 +2008,7 @@ impl Store {
     /// ids of those.
     pub fn insert_jobs(&self, jobs: &[Job]) -> Result<Vec<String>> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut rows = Vec::with_capacity(jobs.len());
         let mut stale = Vec::new();
         for j in jobs {
@@ -2106,7 +2112,7 @@ impl Store {
     /// attempts of each, in order.
     pub fn mark_dispatched_many(&self, outcomes: &[(&str, bool)]) -> Result<Vec<u32>> {
         let mut c = self.db()?;
-        let tx = c.transaction()?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut attempts = Vec::with_capacity(outcomes.len());
         {
             let mut up = tx.prepare_cached(MARK_DISPATCHED)?;
@@ -2277,6 +2283,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_connections_writing_at_once_both_get_through() {
+        // Two handles on one file, as `cph serve` and `cph admin` are;
+        // each inserts jobs, a transaction that reads before it writes.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Store::open_dir(dir.path()).expect("open");
+        let b = Store::open_dir(dir.path()).expect("open again");
+        let p = a.create_project("acme").expect("project");
+        let job = |id: String| Job {
+            job_id: id.clone(),
+            request_id: id,
+            project_id: p.project_id.clone(),
+            server_id: "no-such-server".into(),
+            phone_id: None,
+            node_id: "n".into(),
+            request: "{}".into(),
+            status: 1,
+            dispatched: false,
+            attempts: 0,
+            error_code: None,
+            error_msg: None,
+            execute_msg: None,
+            begin_time: now_string(),
+            end_time: None,
+        };
+        const EACH: usize = 300;
+        std::thread::scope(|scope| {
+            for (name, s) in [("a", &a), ("b", &b)] {
+                let job = &job;
+                scope.spawn(move || {
+                    for i in 0..EACH {
+                        s.insert_jobs(&[job(format!("{name}-{i}"))])
+                            .unwrap_or_else(|e| panic!("{name}-{i}: {e:?}"));
+                    }
+                });
+            }
+        });
+        let n: i64 = a
+            .db()
+            .expect("db")
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 2 * EACH as i64);
+    }
+
+    #[test]
     fn a_backup_is_a_whole_store_and_never_overwrites() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open_dir(dir.path()).expect("open");
@@ -2350,7 +2401,9 @@ mod tests {
         };
         let insert = |id: &str| {
             let mut c = s.db().expect("db");
-            let tx = c.transaction().expect("tx");
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .expect("tx");
             insert_jobs_in(&tx, &[job(id)]).expect("insert");
             tx.commit().expect("commit");
         };
