@@ -2290,22 +2290,15 @@ mod tests {
         let a = Store::open_dir(dir.path()).expect("open");
         let b = Store::open_dir(dir.path()).expect("open again");
         let p = a.create_project("acme").expect("project");
-        let job = |id: String| Job {
-            job_id: id.clone(),
-            request_id: id,
-            project_id: p.project_id.clone(),
-            server_id: "no-such-server".into(),
-            phone_id: None,
-            node_id: "n".into(),
-            request: "{}".into(),
-            status: 1,
-            dispatched: false,
-            attempts: 0,
-            error_code: None,
-            error_msg: None,
-            execute_msg: None,
-            begin_time: now_string(),
-            end_time: None,
+        let job = |id: String| {
+            let req = cph_agent::protocol::JobRequest {
+                job_id: id.clone(),
+                request_id: id,
+                server_id: "no-such-server".into(),
+                phone_id: None,
+                kind: cph_agent::protocol::JobKind::StartPhone,
+            };
+            Job::running(&req, &p.project_id, "n", &now_string()).expect("job")
         };
         const EACH: usize = 300;
         std::thread::scope(|scope| {
