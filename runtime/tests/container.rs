@@ -569,6 +569,22 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
             },
             |e| matches!(e, ContainerError::InitExited { code: 1, .. }),
         ),
+        (
+            {
+                let mut s = f.spec(&unique("says"));
+                s.init = vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo starting; echo no system partition >&2; exit 3".into(),
+                ];
+                s
+            },
+            |e| {
+                matches!(e, ContainerError::InitExited { code: 3, console, .. }
+                    if console == "starting / no system partition")
+                    && e.to_string().ends_with("no system partition")
+            },
+        ),
         (ContainerSpec::new("bad/name", &f.rootfs), |e| {
             matches!(e, ContainerError::InvalidSpec { .. })
         }),
@@ -580,7 +596,7 @@ fn bad_specs_fail_clearly_and_leave_nothing() {
         if emulated
             && matches!(
                 spec.init.first().map(String::as_str),
-                Some("/bin/true" | "/bin/false")
+                Some("/bin/true" | "/bin/false" | "/bin/sh")
             )
         {
             eprintln!("{}: left out under an emulated CPU", spec.name);

@@ -58,8 +58,13 @@ pub enum ContainerError {
     RootfsEmpty { name: String, path: PathBuf },
     #[error("phone {name}: init {init} is not an executable file in the rootfs")]
     InitNotExecutable { name: String, init: String },
-    #[error("phone {name}: init exited at once with status {code}")]
-    InitExited { name: String, code: i32 },
+    #[error("phone {name}: init exited at once with status {code}{}", console_note(.console))]
+    InitExited {
+        name: String,
+        code: i32,
+        /// The end of what init wrote to its console (empty when nothing).
+        console: String,
+    },
     #[error("phone {name}: {field} {list}: {missing} is not online on this host")]
     NotOnHost {
         name: String,
@@ -96,4 +101,13 @@ pub enum ContainerError {
         path: PathBuf,
         reason: String,
     },
+}
+
+/// `: <the end of init's console>`, or nothing when it wrote nothing.
+fn console_note(console: &str) -> String {
+    if console.is_empty() {
+        String::new()
+    } else {
+        format!("; its console ended with: {console}")
+    }
 }

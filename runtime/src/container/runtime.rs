@@ -150,9 +150,11 @@ impl Runtime {
             .strip_prefix(super::shim::EXITED_AT_ONCE)
             .and_then(|c| c.trim().parse().ok())
         {
+            let log = state::dir(&self.state_dir, name).join("console.log");
             return Err(ContainerError::InitExited {
                 name: name.to_string(),
                 code,
+                console: console_tail(&log),
             });
         }
         Err(ContainerError::StartFailed {
@@ -391,5 +393,57 @@ impl Runtime {
     /// Path of the phone's cgroup relative to each hierarchy root.
     pub fn cgroup_path(&self, name: &str) -> String {
         cgroup::path(&self.cgroup_parent, name)
+    }
+}
+
+/// Bytes of init's console an error quotes at most.
+const CONSOLE_TAIL: u64 = 300;
+
+/// The last lines of a console log (at most [`CONSOLE_TAIL`] bytes), on one
+/// line: what an init that failed at once said about it.
+fn console_tail(path: &std::path::Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)))
+        .is_err()
+        || f.read_to_end(&mut buf).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    // A cut first line is left out, unless it is all there is.
+    let text = match text.split_once('\n') {
+        Some((_, rest)) if len > CONSOLE_TAIL && !rest.trim().is_empty() => rest,
+        _ => &text,
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_tail_is_its_last_whole_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("console.log");
+        assert_eq!(console_tail(&log), "", "no log");
+        std::fs::write(&log, "booting\n\n  mount failed  \n").expect("write");
+        assert_eq!(console_tail(&log), "booting / mount failed");
+        // Longer than the tail: the line cut by it is left out.
+        let long = format!("{}\nsecond\nlast\n", "x".repeat(1000));
+        std::fs::write(&log, long).expect("write");
+        assert_eq!(console_tail(&log), "second / last");
+        // One long line: its end.
+        std::fs::write(&log, "y".repeat(1000)).expect("write");
+        assert_eq!(console_tail(&log), "y".repeat(CONSOLE_TAIL as usize));
     }
 }
