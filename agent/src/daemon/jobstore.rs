@@ -6,7 +6,8 @@
 //! crash or kill and are marked failed (CPS.0054) with the reason; a job
 //! that was extracting an archive names, from its journal
 //! (`<job_id>.written`, see [`JobStore::journal_path`]), the paths it may
-//! have written.
+//! have written. Records of jobs that ended long ago are removed
+//! ([`JobStore::forget_ended`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -367,8 +368,8 @@ impl JobStore {
         unreported: &std::collections::HashSet<String>,
     ) -> Result<usize, JobStoreError> {
         let cutoff = now_secs().saturating_sub(keep.as_secs());
-        let mut inner = self.lock();
-        let old: Vec<String> = inner
+        let old: Vec<String> = self
+            .lock()
             .jobs
             .values()
             .filter(|r| r.status.status != JobState::Running)
@@ -376,14 +377,19 @@ impl JobStore {
             .filter(|r| !unreported.contains(&r.request.job_id))
             .map(|r| r.request.job_id.clone())
             .collect();
-        for id in &old {
-            let path = self.dir.join(format!("{id}.json"));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
+        // A file and its record go together under the lock, a few hundred
+        // at a time, so jobs arriving meanwhile wait for one chunk only.
+        for chunk in old.chunks(FORGET_CHUNK) {
+            let mut inner = self.lock();
+            for id in chunk {
+                let path = self.dir.join(format!("{id}.json"));
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(&path)(e)),
+                }
+                inner.jobs.remove(id);
             }
-            inner.jobs.remove(id);
         }
         Ok(old.len())
     }
@@ -411,6 +417,9 @@ pub fn succeeded(job_id: &str, execute_msg: Option<&str>) -> JobStatus {
         execute_msg: execute_msg.map(cap_execute_msg),
     }
 }
+
+/// Records removed under one hold of the store's lock.
+const FORGET_CHUNK: usize = 256;
 
 const JOURNAL_EXT: &str = "written";
 /// A job's note of the multipart upload it has open, beside its journal.
