@@ -268,7 +268,7 @@ impl Store {
     /// Shares an image with a project (pending until it accepts).
     pub fn add_image_member(&self, image_id: &str, member_id: &str) -> Result<MemberWrite> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM image_members WHERE image_id = ?1 AND member_id = ?2)",
             params![image_id, member_id],

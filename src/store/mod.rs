@@ -787,12 +787,13 @@ impl Store {
     /// Opens (creating) the database file and migrates it.
     ///
     /// Several processes may open it at once (`cph serve` and `cph admin`):
-    /// every transaction that writes begins `IMMEDIATE`, taking the write
-    /// lock first (waited for up to the busy timeout). A deferred one that
+    /// the connection's transactions (all of them write) begin `IMMEDIATE`,
+    /// taking the write lock first (waited for up to the busy timeout). A deferred one that
     /// read first could not write once another connection had committed
     /// meanwhile (`SQLITE_BUSY_SNAPSHOT`, which no timeout waits out).
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -846,7 +847,7 @@ impl Store {
             if version <= current {
                 continue;
             }
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = c.transaction()?;
             tx.execute_batch(sql)?;
             tx.execute(
                 "INSERT INTO schema_version (version) VALUES (?1)",
@@ -1113,7 +1114,7 @@ impl Store {
     /// Returns the node ids newly marked and the ids of the jobs failed.
     pub fn mark_silent_nodes(&self, deadline: i64) -> Result<(Vec<String>, Vec<String>)> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let ids: Vec<String> = {
             let mut st =
                 tx.prepare("SELECT node_id FROM nodes WHERE alive = 1 AND last_seen < ?1")?;
@@ -1284,7 +1285,7 @@ impl Store {
     /// creates their phone rows. Returns `Ok(None)` when too few are free.
     pub fn assign_servers(&self, order: &Order) -> Result<Option<Vec<Server>>> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let free: Vec<(String, u32)> = {
             let mut st = tx.prepare(&format!(
                 "SELECT n.node_id, n.phone_capacity FROM nodes n
@@ -1512,7 +1513,7 @@ impl Store {
     /// queryable. The host is free for the next purchase.
     pub fn release_server(&self, server_id: &str) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         drop_server(&tx, server_id)?;
         tx.commit()?;
         Ok(())
@@ -1524,7 +1525,7 @@ impl Store {
     /// agent answers is refused.
     pub fn forget_node(&self, node_id: &str) -> Result<Forgotten> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let alive: Option<i64> = tx
             .query_row(
                 "SELECT alive FROM nodes WHERE node_id = ?1",
@@ -1570,7 +1571,7 @@ impl Store {
     /// or abnormal (being made, switched or deleted).
     pub fn switch_server(&self, sw: &Switch) -> Result<Option<Switched>> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         // Checked again here, against a deletion or switch that raced.
         let old: Option<(String, String, String)> = tx
             .query_row(
@@ -1934,7 +1935,7 @@ impl Store {
         replace: bool,
     ) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let current: Option<String> = tx
             .query_row(
                 "SELECT property FROM phones WHERE phone_id = ?1",
@@ -1968,7 +1969,7 @@ impl Store {
     /// Inserts phones directly (fleet import and benchmarks).
     pub fn insert_phones(&self, phones: &[Phone]) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         {
             let mut st = tx.prepare(&format!(
                 "INSERT INTO phones ({PHONE_COLS}, seq) VALUES
@@ -2008,7 +2009,7 @@ impl Store {
     /// ids of those.
     pub fn insert_jobs(&self, jobs: &[Job]) -> Result<Vec<String>> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let mut rows = Vec::with_capacity(jobs.len());
         let mut stale = Vec::new();
         for j in jobs {
@@ -2112,7 +2113,7 @@ impl Store {
     /// attempts of each, in order.
     pub fn mark_dispatched_many(&self, outcomes: &[(&str, bool)]) -> Result<Vec<u32>> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let mut attempts = Vec::with_capacity(outcomes.len());
         {
             let mut up = tx.prepare_cached(MARK_DISPATCHED)?;
@@ -2394,9 +2395,7 @@ mod tests {
         };
         let insert = |id: &str| {
             let mut c = s.db().expect("db");
-            let tx = c
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .expect("tx");
+            let tx = c.transaction().expect("tx");
             insert_jobs_in(&tx, &[job(id)]).expect("insert");
             tx.commit().expect("commit");
         };

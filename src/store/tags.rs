@@ -29,7 +29,7 @@ impl Store {
         tags: &[(String, String)],
     ) -> Result<TagWrite> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         {
             let mut st = tx.prepare(
                 "INSERT INTO tags (project_id, resource_type, resource_id, key, value)
@@ -61,7 +61,7 @@ impl Store {
         tags: &[(String, Option<String>)],
     ) -> Result<()> {
         let mut c = self.db()?;
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         {
             let mut st = tx.prepare(
                 "DELETE FROM tags WHERE resource_type = ?1 AND resource_id = ?2 AND key = ?3
