@@ -83,7 +83,7 @@ fn now_secs() -> u64 {
 
 /// A record's file under `dir` and its JSON.
 fn encode(dir: &Path, rec: &JobRecord) -> Result<(PathBuf, Vec<u8>), JobStoreError> {
-    let path = dir.join(format!("{}.json", rec.request.job_id));
+    let path = record_path(dir, &rec.request.job_id);
     let bytes = serde_json::to_vec_pretty(rec).map_err(|e| JobStoreError::Corrupt {
         path: path.clone(),
         reason: e.to_string(),
@@ -382,7 +382,7 @@ impl JobStore {
         for chunk in old.chunks(FORGET_CHUNK) {
             let mut inner = self.lock();
             for id in chunk {
-                let path = self.dir.join(format!("{id}.json"));
+                let path = record_path(&self.dir, id);
                 match fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -424,6 +424,11 @@ const FORGET_CHUNK: usize = 256;
 const JOURNAL_EXT: &str = "written";
 /// A job's note of the multipart upload it has open, beside its journal.
 pub const UPLOAD_NOTE_EXT: &str = "upload";
+
+/// Job `job_id`'s record.
+fn record_path(dir: &Path, job_id: &str) -> PathBuf {
+    dir.join(format!("{job_id}.json"))
+}
 
 fn journal_path(dir: &Path, job_id: &str) -> PathBuf {
     dir.join(format!("{job_id}.{JOURNAL_EXT}"))

@@ -150,7 +150,7 @@ impl Runtime {
             .strip_prefix(super::shim::EXITED_AT_ONCE)
             .and_then(|c| c.trim().parse().ok())
         {
-            let log = state::dir(&self.state_dir, name).join("console.log");
+            let log = state::console_path(&self.state_dir, name);
             return Err(ContainerError::InitExited {
                 name: name.to_string(),
                 code,

@@ -102,7 +102,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     // Init's console: a pipe this process copies into a capped log, never
     // the caller's pipes (which would then never see end-of-file) nor the
     // log file itself (which the phone could grow without end).
-    let mut log = ConsoleLog::open(&dir)?;
+    let mut log = ConsoleLog::open(state::console_path(root, name))?;
     let console = log.writer.take().ok_or("console pipe taken")?;
     let null: OwnedFd = std::fs::File::open("/dev/null")
         .map_err(|e| format!("open /dev/null: {e}"))?
@@ -405,7 +405,7 @@ struct ConsoleLog {
 }
 
 impl ConsoleLog {
-    fn open(dir: &Path) -> Result<Self, String> {
+    fn open(path: PathBuf) -> Result<Self, String> {
         let (r, w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns.
@@ -413,7 +413,6 @@ impl ConsoleLog {
             let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        let path = dir.join("console.log");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -46,6 +46,11 @@ pub(crate) fn state_path(root: &Path, name: &str) -> PathBuf {
     dir(root, name).join("state.json")
 }
 
+/// Init's console log, written by the shim (`console.log.1` the one before).
+pub(crate) fn console_path(root: &Path, name: &str) -> PathBuf {
+    dir(root, name).join("console.log")
+}
+
 /// Writes `value` as JSON atomically (temporary file, fsync, rename).
 pub(crate) fn write_json<T: Serialize>(
     path: &Path,
