@@ -408,10 +408,11 @@ impl ConsoleLog {
     fn open(path: PathBuf) -> Result<Self, String> {
         let (r, w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns.
-        unsafe {
-            let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        {
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            let flags = fcntl(&r, FcntlArg::F_GETFL).map_err(|e| format!("console pipe: {e}"))?;
+            let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+            fcntl(&r, FcntlArg::F_SETFL(flags)).map_err(|e| format!("console pipe: {e}"))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
