@@ -102,8 +102,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     // Init's console: a pipe this process copies into a capped log, never
     // the caller's pipes (which would then never see end-of-file) nor the
     // log file itself (which the phone could grow without end).
-    let mut log = ConsoleLog::open(state::console_path(root, name))?;
-    let console = log.writer.take().ok_or("console pipe taken")?;
+    let (mut log, console) = ConsoleLog::open(state::console_path(root, name))?;
     let null: OwnedFd = std::fs::File::open("/dev/null")
         .map_err(|e| format!("open /dev/null: {e}"))?
         .into();
@@ -394,8 +393,6 @@ pub const CONSOLE_RATE: u64 = 1 << 20;
 /// copies it into, rotated at [`CONSOLE_LOG_MAX`].
 struct ConsoleLog {
     reader: Option<OwnedFd>,
-    /// The write end, until it is handed to init.
-    writer: Option<OwnedFd>,
     path: PathBuf,
     file: Option<std::fs::File>,
     size: u64,
@@ -405,7 +402,8 @@ struct ConsoleLog {
 }
 
 impl ConsoleLog {
-    fn open(path: PathBuf) -> Result<Self, String> {
+    /// The log at `path` and the pipe's write end, for init.
+    fn open(path: PathBuf) -> Result<(Self, OwnedFd), String> {
         let (r, w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         {
@@ -420,15 +418,15 @@ impl ConsoleLog {
             .open(&path)
             .map_err(|e| format!("console log: {e}"))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(ConsoleLog {
+        let log = ConsoleLog {
             reader: Some(r),
-            writer: Some(w),
             path,
             file: Some(file),
             size,
             window: std::time::Instant::now(),
             copied: 0,
-        })
+        };
+        Ok((log, w))
     }
 
     /// Starts a new second of the rate when the last one is over.
