@@ -74,11 +74,15 @@ impl JobRecord {
     }
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// `t` in seconds since the epoch (0 before it).
+fn epoch_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn now_secs() -> u64 {
+    epoch_secs(std::time::SystemTime::now())
 }
 
 /// A record's file under `dir` and its JSON.
@@ -208,8 +212,7 @@ impl JobStore {
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs());
+                    .map(epoch_secs);
             }
             inner.next_seq = inner.next_seq.max(rec.seq + 1);
             inner.jobs.insert(rec.request.job_id.clone(), rec);
