@@ -5,10 +5,11 @@
 //! flight are capped by a budget, so memory stays bounded whatever the
 //! archive.
 //!
-//! Entries are routed to a writer by a hash of their path (a hard link by its
-//! target's path), so two entries naming the same path, and a link after its
-//! target, are handled in archive order. When a directory lookup would pass
-//! through a symlink this archive created, all writers are drained first.
+//! Entries are routed to a writer by a hash of their path so that two
+//! entries naming the same path, and a hard link after its target, are
+//! handled in archive order (`route.rs`). When a directory lookup would
+//! pass through a symlink this archive created, all writers are drained
+//! first.
 //! A regular file costs `openat2` (from the cached parent fd), `write`,
 //! `utimensat` (when mtimes are kept), `fchown` (when ownership is mapped)
 //! and `close`; writer threads run with a private zero umask so the mode
@@ -41,6 +42,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 
 use super::path::{bytes_path, prefixes, sanitize, RelPath};
+use super::route::Router;
 use super::sys;
 use super::{
     ArchiveError, ExtractOptions, ExtractReport, Lend, Skipped, SpecialFiles, WrittenPaths,
@@ -922,6 +924,7 @@ struct Parser<'o> {
     opts: &'o ExtractOptions,
     shared: Arc<Shared>,
     pool: Pool,
+    router: Router,
     root: Arc<OwnedFd>,
     dirs: HashMap<Vec<u8>, Arc<OwnedFd>>,
     /// Directory fds cached at most.
@@ -1057,16 +1060,6 @@ impl Parser<'_> {
             }
             Err(e) => Err(ArchiveError::io("create directory", self.full(&p.joined), e).into()),
         }
-    }
-
-    fn writer_for(&self, rel: &[u8]) -> usize {
-        // FNV-1a: cheap and spreads sibling names.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in rel {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        (h >> 7) as usize
     }
 
     fn send(&mut self, i: usize, job: Job) -> Result<(), Stop> {
@@ -1223,7 +1216,7 @@ impl Parser<'_> {
                 self.dirs.retain(|k, _| !k.starts_with(&prefix));
                 self.symlinks.insert(rel.joined.clone());
                 self.report.symlinks += 1;
-                let i = self.writer_for(&rel.joined);
+                let i = self.router.file(&rel.joined);
                 self.send(
                     i,
                     Job::Symlink {
@@ -1255,9 +1248,12 @@ impl Parser<'_> {
                 let tname = cname(&t)?;
                 let parent = self.dir(rel.parent())?;
                 self.report.hardlinks += 1;
-                let i = self.writer_for(&t.joined);
+                let route = self.router.link(&rel.joined, &t.joined);
+                if route.drain_first && !self.pool.barrier() {
+                    return Err(Fail::Stop);
+                }
                 self.send(
-                    i,
+                    route.writer,
                     Job::Hardlink {
                         parent,
                         rel,
@@ -1296,7 +1292,7 @@ impl Parser<'_> {
         self.report.bytes = total;
         self.report.files += 1;
         let parent = self.dir(rel.parent())?;
-        let i = self.writer_for(&rel.joined);
+        let i = self.router.file(&rel.joined);
         let truncated = |e: io::Error| match classify(e, entries, state) {
             ArchiveError::NotATar { .. } => ArchiveError::Truncated { entries },
             e => e,
@@ -1574,12 +1570,14 @@ pub(super) fn run<I: Input>(
     } else {
         opts.threads.min(MAX_THREADS)
     };
+    let router = Router::new(threads);
     let journal = opts.journal.as_deref().map(Journal::open).transpose()?;
     let pool = Pool::new(threads, shared.clone(), journal)?;
     let mut p = Parser {
         opts,
         shared: shared.clone(),
         pool,
+        router,
         root: Arc::new(root),
         dirs: HashMap::new(),
         dir_cache: dir_cache_size(),
@@ -1673,5 +1671,61 @@ pub(super) fn run<I: Input>(
             cause: Box::new(e),
             written,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_path(name).expect("path");
+        h.set_cksum();
+        b.append(&h, data).expect("append");
+    }
+
+    /// A hard link whose name an earlier file took, on another writer than
+    /// its target: the link must win, however the writers' queues run. The
+    /// target's writer is handed a full batch right after the link, while
+    /// the earlier file still waits in the other writer's unsent batch, so
+    /// without the drain the file would land last.
+    #[test]
+    fn a_hard_link_replacing_a_file_queued_on_another_writer_lands_last() {
+        let router = Router::new(2);
+        let names: Vec<String> = (0..200).map(|i| format!("n{i}")).collect();
+        let home = |n: &String| router.home_of(n.as_bytes());
+        let name = &names[0];
+        let target = names.iter().find(|t| home(t) != home(name)).expect("apart");
+        let mut b = tar::Builder::new(Vec::new());
+        append(&mut b, name, tar::EntryType::Regular, b"the file");
+        append(&mut b, target, tar::EntryType::Regular, b"the target");
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_link(&mut h, name, target).expect("link");
+        let fillers: Vec<&String> = names
+            .iter()
+            .filter(|n| home(n) == home(target) && *n != target)
+            .collect();
+        assert!(fillers.len() >= BATCH, "a full batch behind the link");
+        for filler in fillers {
+            append(&mut b, filler, tar::EntryType::Regular, b"x");
+        }
+        let tar = b.into_inner().expect("tar");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = ExtractOptions {
+            threads: 2,
+            ..Default::default()
+        };
+        let report = super::super::extract(&tar[..], dir.path(), &opts).expect("extract");
+        assert_eq!(report.writers, 2);
+        assert_eq!(report.hardlinks, 1);
+        let got = std::fs::read(dir.path().join(name)).expect("read");
+        assert_eq!(got, b"the target", "{name} -> {target}");
     }
 }

@@ -14,6 +14,7 @@
 
 mod extract;
 mod path;
+mod route;
 pub(crate) mod sys;
 mod write;
 
@@ -83,7 +84,8 @@ pub struct ExtractOptions {
     /// (which must not exist) only when everything succeeded: a failure
     /// leaves `target` absent.
     pub staging: bool,
-    /// Writer threads (0 picks from the available cores; at most 8).
+    /// Writer threads (0 picks from the available cores, one on btrfs; at
+    /// most 8).
     pub threads: usize,
     /// A file (made anew) to which every path is appended before it is
     /// created or replaced, a batch of entries at a time: if the process
