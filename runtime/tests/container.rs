@@ -882,6 +882,48 @@ fn phones_get_their_own_binder_devices() {
     assert_ne!(na, nb, "phones share binder devices");
 }
 
+/// Keyrings named `desc` that this process may see in `/proc/keys`.
+fn keyrings_named(desc: &str) -> usize {
+    std::fs::read_to_string("/proc/keys")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(7) == Some(&"keyring") && f.get(8).and_then(|d| d.strip_suffix(':')) == Some(desc)
+        })
+        .count()
+}
+
+/// A phone's init holds a session keyring of its own, named for the phone,
+/// and each process started in it another, never the one the runtime was
+/// started with, which every phone would otherwise share.
+#[test]
+fn phones_get_session_keyrings_of_their_own() {
+    if !cph_runtime::privilege::check("phones_get_session_keyrings_of_their_own") {
+        return;
+    }
+    if !Path::new("/proc/keys").exists() {
+        eprintln!("SKIPPED phones_get_session_keyrings_of_their_own: the kernel has no keyrings");
+        return;
+    }
+    let mut f = Fixture::new();
+    let name = unique("keys");
+    let spec = f.spec(&name);
+    f.rt.start(&spec).expect("start");
+    f.wait_ready();
+    let desc = cph_runtime::container::keyring_name(&name);
+    assert_eq!(keyrings_named(&desc), 1, "init's keyring {desc}");
+    std::thread::scope(|s| {
+        let running = s.spawn(|| f.sh(&name, "sleep 2"));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while keyrings_named(&desc) < 2 {
+            assert!(Instant::now() < deadline, "no keyring for the exec");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(running.join().expect("exec").1, Some(0));
+    });
+}
+
 #[test]
 fn state_changes_are_reported() {
     if !cph_runtime::privilege::check("state_changes_are_reported") {

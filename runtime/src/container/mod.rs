@@ -29,6 +29,7 @@ mod cgroup;
 mod confine;
 mod devfilter;
 mod exec;
+mod keyring;
 pub mod netns;
 mod runtime;
 pub mod shim;
@@ -41,6 +42,7 @@ pub use cgroup::{
     Usage,
 };
 pub use exec::ExecOutput;
+pub use keyring::keyring_name;
 pub use runtime::{Runtime, StatusChange};
 pub use spec::{BindMount, ContainerSpec, DeviceNode, UserNamespace};
 pub use state::{ContainerState, Status};

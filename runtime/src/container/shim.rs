@@ -990,6 +990,7 @@ fn init_child(
 
     let argv = cstrings(&spec.init_argv())?;
     let env = cstrings(&spec.env)?;
+    super::keyring::join_own(&spec.name)?;
     super::confine::confine()?;
     match execve(&argv[0], &argv, &env) {
         Ok(never) => match never {},
@@ -1100,7 +1101,8 @@ fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
                 eprintln!("cph-shim exec {name}: enter root: {e}");
                 std::process::exit(126);
             }
-            if let Err(e) = super::confine::confine() {
+            if let Err(e) = super::keyring::join_own(name).and_then(|()| super::confine::confine())
+            {
                 eprintln!("cph-shim exec {name}: {e}");
                 std::process::exit(126);
             }
