@@ -1295,3 +1295,154 @@ fn the_journal_names_every_path_before_it_is_made() {
     assert_eq!(written, tree(&s.target).into_iter().collect::<HashSet<_>>());
     s.assert_outside_untouched();
 }
+
+/// One entry of a generated archive; names and targets index small pools,
+/// so paths are named again and again.
+#[derive(Debug, Clone)]
+enum Gen {
+    File { name: usize, len: usize, seed: u8 },
+    Link { name: usize, target: usize },
+    Symlink { name: usize, target: usize },
+}
+
+/// Names at the top and in `d/` (a directory the archive makes first).
+fn gen_name(i: usize) -> String {
+    if i < 10 {
+        format!("n{i}")
+    } else {
+        format!("d/m{}", i - 10)
+    }
+}
+
+const GEN_NAMES: usize = 16;
+
+/// The archive of `entries`: hard links only to a name a file or link
+/// already took (GNU tar fails one to nothing) and never to themselves.
+fn gen_archive(entries: &[Gen]) -> Vec<u8> {
+    let mut b = Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, "d", std::io::empty()).expect("dir");
+    let mut taken = std::collections::HashSet::new();
+    for e in entries {
+        let mut h = Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_mtime(1_600_000_000);
+        match *e {
+            Gen::File { name, len, seed } => {
+                let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+                h.set_entry_type(EntryType::Regular);
+                h.set_size(len as u64);
+                b.append_data(&mut h, gen_name(name), &data[..])
+                    .expect("file");
+                taken.insert(name);
+            }
+            Gen::Link { name, target } => {
+                if name == target || !taken.contains(&target) {
+                    continue;
+                }
+                h.set_entry_type(EntryType::Link);
+                h.set_size(0);
+                b.append_link(&mut h, gen_name(name), gen_name(target))
+                    .expect("link");
+                taken.insert(name);
+            }
+            Gen::Symlink { name, target } => {
+                h.set_entry_type(EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, gen_name(name), format!("nowhere-{target}"))
+                    .expect("symlink");
+                taken.insert(name);
+            }
+        }
+    }
+    b.into_inner().expect("tar")
+}
+
+/// What a tree holds: each path's kind and content or link target, and
+/// which paths share an inode.
+fn tree_state(root: &Path) -> (Vec<(String, String)>, Vec<Vec<String>>) {
+    let mut entries = Vec::new();
+    let mut inodes: HashMap<u64, Vec<String>> = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).expect("read dir") {
+            let p = e.expect("entry").path();
+            let rel = p
+                .strip_prefix(root)
+                .expect("beneath")
+                .to_string_lossy()
+                .into_owned();
+            let md = fs::symlink_metadata(&p).expect("stat");
+            let what = if md.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if md.file_type().is_symlink() {
+                format!("symlink {}", fs::read_link(&p).expect("readlink").display())
+            } else {
+                inodes.entry(md.ino()).or_default().push(rel.clone());
+                format!("file {:?}", fs::read(&p).expect("read"))
+            };
+            entries.push((rel, what));
+        }
+    }
+    entries.sort();
+    let mut groups: Vec<Vec<String>> = inodes
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    (entries, groups)
+}
+
+fn gen_entry() -> impl proptest::strategy::Strategy<Value = Gen> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0..GEN_NAMES, 0..40usize, any::<u8>())
+            .prop_map(|(name, len, seed)| Gen::File { name, len, seed }),
+        3 => (0..GEN_NAMES, 0..GEN_NAMES).prop_map(|(name, target)| Gen::Link { name, target }),
+        1 => (0..GEN_NAMES, 0..4usize).prop_map(|(name, target)| Gen::Symlink { name, target }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Archives naming the same paths again and again, as files, hard
+    /// links and symlinks, come out as GNU tar makes them, with one writer
+    /// and with four (entries of one path, and a link and its target, must
+    /// land in archive order whichever writer takes them).
+    #[test]
+    fn archives_naming_paths_again_come_out_as_gnu_tar_makes_them(
+        entries in proptest::collection::vec(gen_entry(), 1..400)
+    ) {
+        let archive = gen_archive(&entries);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.tar");
+        fs::write(&file, &archive).expect("write archive");
+        let gnu = dir.path().join("gnu");
+        fs::create_dir(&gnu).expect("gnu");
+        let out = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&file)
+            .arg("-C")
+            .arg(&gnu)
+            .output()
+            .expect("GNU tar");
+        proptest::prop_assert!(out.status.success(), "GNU tar: {}", String::from_utf8_lossy(&out.stderr));
+        let want = tree_state(&gnu);
+        for threads in [1, 4] {
+            let ours = dir.path().join(format!("ours-{threads}"));
+            fs::create_dir(&ours).expect("ours");
+            let opts = ExtractOptions { threads, ..Default::default() };
+            extract(&archive[..], &ours, &opts).expect("extract");
+            proptest::prop_assert_eq!(&tree_state(&ours), &want, "{} writers", threads);
+        }
+    }
+}
