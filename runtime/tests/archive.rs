@@ -1303,6 +1303,7 @@ enum Gen {
     File { name: usize, len: usize, seed: u8 },
     Link { name: usize, target: usize },
     Symlink { name: usize, target: usize },
+    Dir { name: usize },
 }
 
 /// Names at the top and in `d/` (a directory the archive makes first).
@@ -1316,8 +1317,10 @@ fn gen_name(i: usize) -> String {
 
 const GEN_NAMES: usize = 16;
 
-/// The archive of `entries`: hard links only to a name a file or link
-/// already took (GNU tar fails one to nothing) and never to themselves.
+/// The archive of `entries`: hard links only to a name a file, link or
+/// symlink took last (GNU tar fails one to nothing or to a directory) and
+/// never to themselves. A directory entry's name is never a parent, so
+/// what replaces it finds it empty.
 fn gen_archive(entries: &[Gen]) -> Vec<u8> {
     let mut b = Builder::new(Vec::new());
     let mut h = Header::new_gnu();
@@ -1348,6 +1351,14 @@ fn gen_archive(entries: &[Gen]) -> Vec<u8> {
                 b.append_link(&mut h, gen_name(name), gen_name(target))
                     .expect("link");
                 taken.insert(name);
+            }
+            Gen::Dir { name } => {
+                h.set_entry_type(EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, gen_name(name), std::io::empty())
+                    .expect("dir");
+                taken.remove(&name);
             }
             Gen::Symlink { name, target } => {
                 h.set_entry_type(EntryType::Symlink);
@@ -1408,6 +1419,7 @@ fn gen_entry() -> impl proptest::strategy::Strategy<Value = Gen> {
             .prop_map(|(name, len, seed)| Gen::File { name, len, seed }),
         3 => (0..GEN_NAMES, 0..GEN_NAMES).prop_map(|(name, target)| Gen::Link { name, target }),
         1 => (0..GEN_NAMES, 0..4usize).prop_map(|(name, target)| Gen::Symlink { name, target }),
+        1 => (0..GEN_NAMES).prop_map(|name| Gen::Dir { name }),
     ]
 }
 
@@ -1415,9 +1427,11 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
     /// Archives naming the same paths again and again, as files, hard
-    /// links and symlinks, come out as GNU tar makes them, with one writer
-    /// and with four (entries of one path, and a link and its target, must
-    /// land in archive order whichever writer takes them).
+    /// links, symlinks and (empty) directories, come out as GNU tar makes
+    /// them, with one writer and with four (entries of one path, and a link
+    /// and its target, must land in archive order whichever writer takes
+    /// them; a directory entry after a file of its name replaces it, and a
+    /// file after an empty directory replaces that).
     #[test]
     fn archives_naming_paths_again_come_out_as_gnu_tar_makes_them(
         entries in proptest::collection::vec(gen_entry(), 1..400)

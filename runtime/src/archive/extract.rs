@@ -696,11 +696,16 @@ impl Writer<'_> {
     }
 }
 
-/// Runs `make`; on `EEXIST` unlinks the existing non-directory and retries once.
+/// Runs `make`; on `EEXIST` removes what is there, a non-directory or an
+/// empty directory (as GNU tar does; a directory holding anything stays,
+/// and the entry fails), and retries once.
 fn replace(dir: i32, name: &CString, mut make: impl FnMut() -> io::Result<()>) -> io::Result<()> {
     match make() {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            sys::unlinkat(dir, name, false)?;
+            match sys::unlinkat(dir, name, false) {
+                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => sys::unlinkat(dir, name, true)?,
+                r => r?,
+            }
             make()
         }
         r => r,
@@ -1015,7 +1020,11 @@ impl Parser<'_> {
     }
 
     /// Creates directory `p` (its parent first); `meta` is the archive's
-    /// entry for it, or `None` for an implied parent.
+    /// entry for it, or `None` for an implied parent. An entry replaces a
+    /// file or a symlink that does not lead to a directory at `p`, as GNU
+    /// tar does; a symlink to a directory beneath the target is kept and
+    /// followed (GNU tar's `--keep-directory-symlink`: a phone's root has
+    /// such links, `/sdcard` for one).
     fn mkdir(
         &mut self,
         p: &RelPath,
@@ -1025,7 +1034,31 @@ impl Parser<'_> {
         let parent = self.dir(p.parent())?;
         let name = cname(p)?;
         self.pool.journal_now(&p.joined)?;
-        match sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700) {
+        let mut made = sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700);
+        if matches!(&made, Err(e) if e.raw_os_error() == Some(libc::EEXIST)) {
+            // Exists (maybe raced, maybe a symlink to a directory beneath).
+            let c = sys::cstr(&p.joined)
+                .map_err(|e| ArchiveError::io("open directory", self.full(&p.joined), e))?;
+            match sys::open_dir_follow(self.root.as_raw_fd(), &c) {
+                Ok(fd) => return Ok(self.cache(&p.joined, fd)),
+                Err(e)
+                    if meta.is_some()
+                        && matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ENOENT)) =>
+                {
+                    sys::unlinkat(parent.as_raw_fd(), &name, false)
+                        .map_err(|e| ArchiveError::io("replace", self.full(&p.joined), e))?;
+                    made = sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700);
+                }
+                Err(e) => {
+                    return Err(match e.raw_os_error() {
+                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
+                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
+                    }
+                    .into())
+                }
+            }
+        }
+        match made {
             Ok(()) => {
                 if self.shared.track {
                     self.written.push(&p.joined);
@@ -1039,18 +1072,6 @@ impl Parser<'_> {
                     mtime: None,
                 }));
                 let fd = sys::open_dir(parent.as_raw_fd(), &name).map_err(|e| {
-                    match e.raw_os_error() {
-                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
-                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
-                    }
-                })?;
-                Ok(self.cache(&p.joined, fd))
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                // Exists (maybe raced, maybe a symlink to a directory beneath).
-                let c = sys::cstr(&p.joined)
-                    .map_err(|e| ArchiveError::io("open directory", self.full(&p.joined), e))?;
-                let fd = sys::open_dir_follow(self.root.as_raw_fd(), &c).map_err(|e| {
                     match e.raw_os_error() {
                         Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
                         _ => ArchiveError::io("open directory", self.full(&p.joined), e),
@@ -1197,6 +1218,10 @@ impl Parser<'_> {
                 if self.dirs.contains_key(&rel.joined) {
                     return Ok(());
                 }
+                // What an earlier entry of this path makes lands first.
+                if self.router.may_be_queued(&rel.joined) && !self.pool.barrier() {
+                    return Err(Fail::Stop);
+                }
                 let dm = DirMeta {
                     rel: rel.joined.clone(),
                     mode: meta.mode,
@@ -1248,6 +1273,7 @@ impl Parser<'_> {
                 let tname = cname(&t)?;
                 let parent = self.dir(rel.parent())?;
                 self.report.hardlinks += 1;
+                self.dirs.remove(&rel.joined);
                 let route = self.router.link(&rel.joined, &t.joined);
                 if route.drain_first && !self.pool.barrier() {
                     return Err(Fail::Stop);
@@ -1292,6 +1318,8 @@ impl Parser<'_> {
         self.report.bytes = total;
         self.report.files += 1;
         let parent = self.dir(rel.parent())?;
+        // A directory there is replaced (when empty) by the writer.
+        self.dirs.remove(&rel.joined);
         let i = self.router.file(&rel.joined);
         let truncated = |e: io::Error| match classify(e, entries, state) {
             ArchiveError::NotATar { .. } => ArchiveError::Truncated { entries },
@@ -1353,10 +1381,20 @@ fn finish_dirs(root: &OwnedFd, deferred: &[DirMeta], shared: &Shared) -> Result<
     for d in deferred.iter().rev() {
         let full = || shared.full(&d.rel);
         let c = sys::cstr(&d.rel).map_err(|e| ArchiveError::io("open directory", full(), e))?;
-        let fd = sys::open_dir(root.as_raw_fd(), &c).map_err(|e| match e.raw_os_error() {
-            Some(libc::EXDEV) | Some(libc::ELOOP) => Parser::escape(&d.rel),
-            _ => ArchiveError::io("open directory", full(), e),
-        })?;
+        let fd = match sys::open_dir(root.as_raw_fd(), &c) {
+            Ok(fd) => fd,
+            // A later entry of the archive replaced it.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+                ) =>
+            {
+                continue
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Err(Parser::escape(&d.rel)),
+            Err(e) => return Err(ArchiveError::io("open directory", full(), e)),
+        };
         let raw = fd.as_raw_fd();
         if let Some((uid, gid)) = d.owner {
             sys::fchown(raw, uid, gid).map_err(|e| ArchiveError::io("chown", full(), e))?;

@@ -19,7 +19,7 @@ pub(super) struct Router {
     /// Paths whose latest entry went to a writer other than their home.
     moved: HashMap<Vec<u8>, usize>,
     /// Every path routed so far, as a two-hash Bloom filter (allocated at
-    /// the first path, and only with more than one writer).
+    /// the first path).
     seen: Vec<u64>,
 }
 
@@ -43,9 +43,6 @@ impl Router {
 
     /// The writer of a regular file or symlink at `rel`.
     pub(super) fn file(&mut self, rel: &[u8]) -> usize {
-        if self.writers == 1 {
-            return 0;
-        }
         let h = hash(rel);
         self.mark_seen(h);
         match self.moved.get(rel) {
@@ -57,12 +54,6 @@ impl Router {
     /// The writer of a hard link at `rel` to `target`: the one its target's
     /// latest entry went to.
     pub(super) fn link(&mut self, rel: &[u8], target: &[u8]) -> LinkRoute {
-        if self.writers == 1 {
-            return LinkRoute {
-                writer: 0,
-                drain_first: false,
-            };
-        }
         let writer = match self.moved.get(target) {
             Some(&w) => w,
             None => self.home(hash(target)),
@@ -83,6 +74,12 @@ impl Router {
             writer,
             drain_first: before.is_some_and(|w| w != writer),
         }
+    }
+
+    /// Whether an entry of `rel` may still be queued on a writer (one of
+    /// the paths routed so far, or a false positive of the filter).
+    pub(super) fn may_be_queued(&self, rel: &[u8]) -> bool {
+        self.maybe_seen(hash(rel))
     }
 
     /// The writer entries of `rel` go to when no hard link moved them.
@@ -228,10 +225,18 @@ mod tests {
     }
 
     #[test]
-    fn one_writer_takes_everything_without_a_filter() {
+    fn one_writer_takes_everything_and_knows_what_it_queued() {
         let mut r = Router::new(1);
+        assert!(!r.may_be_queued(b"a"));
         assert_eq!(r.file(b"a"), 0);
-        assert!(!r.link(b"a", b"b").drain_first);
-        assert!(r.seen.is_empty());
+        assert!(r.may_be_queued(b"a"));
+        assert_eq!(
+            r.link(b"a", b"b"),
+            LinkRoute {
+                writer: 0,
+                drain_first: false
+            }
+        );
+        assert!(!r.may_be_queued(b"c"));
     }
 }
