@@ -914,8 +914,8 @@ fn phones_get_session_keyrings_of_their_own() {
     let desc = cph_runtime::container::keyring_name(&name);
     assert_eq!(keyrings_named(&desc), 1, "init's keyring {desc}");
     std::thread::scope(|s| {
-        let running = s.spawn(|| f.sh(&name, "sleep 2"));
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let running = s.spawn(|| f.sh(&name, "sleep 5"));
+        let deadline = Instant::now() + Duration::from_secs(10);
         while keyrings_named(&desc) < 2 {
             assert!(Instant::now() < deadline, "no keyring for the exec");
             std::thread::sleep(Duration::from_millis(20));

@@ -6,7 +6,9 @@
 //! writer, which moves its own name there: later entries of that name
 //! follow it. A hard link whose name may still be queued on another writer
 //! (an earlier entry of the same name) waits for every writer to drain
-//! first, or the earlier entry could land after it.
+//! first, or the earlier entry could land after it; so does a directory
+//! entry (made by the parser itself) whose path may be queued. Which paths
+//! may be queued is kept as a Bloom filter of every path routed.
 
 use std::collections::HashMap;
 
