@@ -1002,12 +1002,18 @@ impl Parser<'_> {
                 let mode = 0o755 & !self.umask;
                 return self.mkdir(&p, mode, None);
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP)) => {
-                return Err(Self::escape(rel).into())
-            }
-            Err(e) => return Err(ArchiveError::io("open directory", self.full(rel), e).into()),
+            Err(e) => return Err(self.open_dir_failed(rel, e).into()),
         };
         Ok(self.cache(rel, fd))
+    }
+
+    /// Why directory `rel` could not be opened: a lookup leaving the
+    /// target through a symlink (`EXDEV`, `ELOOP`) is an escape.
+    fn open_dir_failed(&self, rel: &[u8], e: io::Error) -> ArchiveError {
+        match e.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(rel),
+            _ => ArchiveError::io("open directory", self.full(rel), e),
+        }
     }
 
     fn cache(&mut self, rel: &[u8], fd: OwnedFd) -> Arc<OwnedFd> {
@@ -1049,13 +1055,7 @@ impl Parser<'_> {
                         .map_err(|e| ArchiveError::io("replace", self.full(&p.joined), e))?;
                     made = sys::mkdirat(parent.as_raw_fd(), &name, mode | 0o700);
                 }
-                Err(e) => {
-                    return Err(match e.raw_os_error() {
-                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
-                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
-                    }
-                    .into())
-                }
+                Err(e) => return Err(self.open_dir_failed(&p.joined, e).into()),
             }
         }
         match made {
@@ -1071,12 +1071,8 @@ impl Parser<'_> {
                     owner,
                     mtime: None,
                 }));
-                let fd = sys::open_dir(parent.as_raw_fd(), &name).map_err(|e| {
-                    match e.raw_os_error() {
-                        Some(libc::EXDEV) | Some(libc::ELOOP) => Self::escape(&p.joined),
-                        _ => ArchiveError::io("open directory", self.full(&p.joined), e),
-                    }
-                })?;
+                let fd = sys::open_dir(parent.as_raw_fd(), &name)
+                    .map_err(|e| self.open_dir_failed(&p.joined, e))?;
                 Ok(self.cache(&p.joined, fd))
             }
             Err(e) => Err(ArchiveError::io("create directory", self.full(&p.joined), e).into()),
