@@ -338,6 +338,60 @@ impl Lend for Jagged {
     }
 }
 
+/// A run ending with a sync has the filesystem synced while it goes on,
+/// not only at its end, for large files too (a few of them make few jobs,
+/// so the count of jobs alone would never ask for one): 260 MiB, one file,
+/// made as it is read (never whole in memory).
+#[test]
+fn a_large_file_is_synced_while_it_is_written() {
+    const SIZE: u64 = 260 << 20;
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(SIZE);
+    h.set_path("big.bin").expect("path");
+    h.set_cksum();
+    let tail = vec![0u8; 1024]; // SIZE is a multiple of 512: no padding
+    let tar = || {
+        std::io::Read::chain(
+            std::io::Read::chain(
+                &h.as_bytes()[..],
+                std::io::Read::take(std::io::repeat(7), SIZE),
+            ),
+            &tail[..],
+        )
+    };
+    let s = Scene::new();
+    let report = extract(tar(), &s.target, &synced(2)).expect("extract");
+    assert_eq!(report.bytes, SIZE);
+    let on_btrfs = nix::sys::statfs::statfs(&s.target)
+        .expect("statfs")
+        .filesystem_type()
+        == nix::sys::statfs::BTRFS_SUPER_MAGIC;
+    if on_btrfs {
+        // Each sync there commits a transaction the writer waits on.
+        assert_eq!(report.background_syncs, 0);
+    } else {
+        assert!(
+            report.background_syncs >= 1,
+            "no sync while 260 MiB were written"
+        );
+    }
+    assert_eq!(
+        fs::metadata(s.target.join("big.bin")).expect("stat").len(),
+        SIZE
+    );
+
+    // Without a final sync asked, none in the background either.
+    let s = Scene::new();
+    let opts = ExtractOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let report = extract(tar(), &s.target, &opts).expect("extract");
+    assert_eq!(report.background_syncs, 0);
+}
+
 #[test]
 fn large_files_are_written_from_lent_buffers() {
     let files = large_files();

@@ -195,6 +195,9 @@ pub struct ExtractReport {
     pub written: WrittenPaths,
     /// Writer threads the run used (one on btrfs unless asked otherwise).
     pub writers: usize,
+    /// Filesystem syncs made in the background while the run went on (a
+    /// run ending with a sync, but on btrfs), besides the final one.
+    pub background_syncs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
