@@ -20,6 +20,17 @@
 //! the bits the kernel itself switches on, whatever the size, direction
 //! or upper bits a caller passes.
 //!
+//! Nor may they reach the keyrings of the user they run as, which for a
+//! phone without a user namespace is host root's: the kernel's keyrings
+//! are not namespaced, and the user keyring and user session keyring
+//! (`KEY_SPEC_USER_KEYRING`, `KEY_SPEC_USER_SESSION_KEYRING`) named in any
+//! argument of `keyctl`, `add_key` or `request_key` that takes a keyring,
+//! made the default destination of requested keys, or a persistent
+//! keyring (one per user, host root's too) asked for, are answered
+//! `EPERM`. Every phone process
+//! has a session keyring of its own ([`super::keyring`]), where Android
+//! keeps its keys, and a search there does not go on into the user's.
+//!
 //! Two layers, set by the shim just before it execs the phone's init or a
 //! command run in the phone, and inherited by everything they start: the
 //! capabilities for modules and time leave the bounding set, and a seccomp
@@ -53,6 +64,15 @@ struct Abi {
     /// `ioctl`'s number, whose commands [`IOCTL_ALLOWED`],
     /// [`IOCTL_REFUSED`] and [`IOCTL_REFUSED_TYPES`] sort.
     ioctl: u32,
+    /// The numbers of `keyctl`, `add_key` and `request_key`, whose keyring
+    /// arguments [`keys_blocks`] checks.
+    keys: Keys,
+}
+
+struct Keys {
+    keyctl: u32,
+    add_key: u32,
+    request_key: u32,
 }
 
 /// An `ioctl` command's type and number, the low 16 bits the kernel
@@ -114,6 +134,13 @@ const NATIVE: &[u32] = &[
     libc::SYS_acct as u32,
 ];
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const NATIVE_KEYS: Keys = Keys {
+    keyctl: libc::SYS_keyctl as u32,
+    add_key: libc::SYS_add_key as u32,
+    request_key: libc::SYS_request_key as u32,
+};
+
 #[cfg(target_arch = "x86_64")]
 const ABIS: [Abi; 2] = [
     Abi {
@@ -121,6 +148,7 @@ const ABIS: [Abi; 2] = [
         refused: &[NATIVE, &[libc::SYS_iopl as u32, libc::SYS_ioperm as u32]],
         refused_from: Some(X32_SYSCALL_BIT),
         ioctl: libc::SYS_ioctl as u32,
+        keys: NATIVE_KEYS,
     },
     // asm/unistd_32.h (no kexec_file_load).
     Abi {
@@ -128,6 +156,11 @@ const ABIS: [Abi; 2] = [
         refused: &[&[128, 350, 129, 283, 342, 87, 115, 51, 110, 101]],
         refused_from: None,
         ioctl: 54,
+        keys: Keys {
+            keyctl: 288,
+            add_key: 286,
+            request_key: 287,
+        },
     },
 ];
 
@@ -138,6 +171,7 @@ const ABIS: [Abi; 2] = [
         refused: &[NATIVE],
         refused_from: None,
         ioctl: libc::SYS_ioctl as u32,
+        keys: NATIVE_KEYS,
     },
     // arch/arm/tools/syscall.tbl (EABI).
     Abi {
@@ -145,6 +179,11 @@ const ABIS: [Abi; 2] = [
         refused: &[&[128, 379, 129, 347, 401, 371, 87, 115, 51]],
         refused_from: None,
         ioctl: 54,
+        keys: Keys {
+            keyctl: 311,
+            add_key: 309,
+            request_key: 310,
+        },
     },
 ];
 
@@ -160,13 +199,67 @@ const _: [u32; 4] = [
 ];
 
 /// Offsets in `struct seccomp_data`: the number, the ABI, and the low
-/// half of the second argument (an `ioctl`'s command).
+/// half of an argument (the second is an `ioctl`'s command; the kernel
+/// reads a keyring's id as a 32-bit int, whatever the upper half holds).
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
-#[cfg(target_endian = "little")]
-const DATA_ARG1_LOW: u32 = 24;
-#[cfg(target_endian = "big")]
-const DATA_ARG1_LOW: u32 = 28;
+const fn data_arg_low(i: u32) -> u32 {
+    16 + 8 * i + if cfg!(target_endian = "big") { 4 } else { 0 }
+}
+const DATA_ARG1_LOW: u32 = data_arg_low(1);
+
+/// `KEY_SPEC_USER_KEYRING` and `KEY_SPEC_USER_SESSION_KEYRING` as the
+/// 32-bit words a caller passes (-4, -5).
+const USER_KEYRINGS: [u32; 2] = [-4i32 as u32, -5i32 as u32];
+
+/// `keyctl` operations (`linux/keyctl.h`) and which of their arguments
+/// (counted from 0, the operation) is a key or keyring id. Every
+/// operation naming a key by id takes it first; of those not listed,
+/// the request-key default and persistent keyrings are checked apart
+/// (below), and the rest take no id (joining a keyring by name, the
+/// session-to-parent move, Diffie-Hellman and public-key operations,
+/// whose parameters are in memory, and the capability query).
+const KEYCTL_ID_ARGS: [(u32, &[u32]); 4] = [
+    (
+        1,
+        &[
+            0,  // GET_KEYRING_ID
+            2,  // UPDATE
+            3,  // REVOKE
+            4,  // CHOWN
+            5,  // SETPERM
+            6,  // DESCRIBE
+            7,  // CLEAR
+            8,  // LINK
+            9,  // UNLINK
+            10, // SEARCH
+            11, // READ
+            12, // INSTANTIATE
+            13, // NEGATE
+            15, // SET_TIMEOUT
+            16, // ASSUME_AUTHORITY
+            17, // GET_SECURITY
+            19, // REJECT
+            20, // INSTANTIATE_IOV
+            21, // INVALIDATE
+            24, // PKEY_QUERY
+            29, // RESTRICT_KEYRING
+            30, // MOVE
+            32, // WATCH_KEY
+        ],
+    ),
+    // LINK, UNLINK and MOVE: the keyring; NEGATE and MOVE: the keyring to
+    // link into; SEARCH, INSTANTIATE, REJECT and INSTANTIATE_IOV: the same.
+    (2, &[8, 9, 30]),
+    (3, &[13, 30]),
+    (4, &[10, 12, 19, 20]),
+];
+/// `KEYCTL_SET_REQKEY_KEYRING`, and the defaults it may not set:
+/// `KEY_REQKEY_DEFL_USER_KEYRING` and `KEY_REQKEY_DEFL_USER_SESSION_KEYRING`.
+const KEYCTL_SET_REQKEY_KEYRING: u32 = 14;
+const REQKEY_USER_DEFAULTS: [u32; 2] = [4, 5];
+/// `KEYCTL_GET_PERSISTENT`: any user's persistent keyring, refused whole.
+const KEYCTL_GET_PERSISTENT: u32 = 22;
 
 fn stmt(code: u32, k: u32) -> libc::sock_filter {
     libc::sock_filter {
@@ -193,11 +286,11 @@ fn program() -> Vec<libc::sock_filter> {
     let mut prog = vec![load(DATA_ARCH)];
     for abi in &ABIS {
         // The block: load the number, the range check, one test per
-        // refused number, the test for `ioctl`, allow, refuse, then the
-        // `ioctl` block.
+        // refused number, the tests for `ioctl` and the key calls, allow,
+        // refuse, then the blocks of those calls.
         let mut block = vec![load(DATA_NR)];
         let refused = || abi.refused.iter().flat_map(|list| list.iter().copied());
-        let tests = refused().count() + usize::from(abi.refused_from.is_some()) + 1;
+        let tests = refused().count() + usize::from(abi.refused_from.is_some()) + 4;
         // From test `i` (0-based) to the refusal after `allow`.
         let to_refusal = |i: usize| (tests - i) as u8;
         if let Some(from) = abi.refused_from {
@@ -217,16 +310,32 @@ fn program() -> Vec<libc::sock_filter> {
                 0,
             ));
         }
-        // Past `allow` and the refusal.
-        block.push(jump(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            abi.ioctl,
-            2,
-            0,
-        ));
+        // The calls whose arguments decide, each to its block past `allow`
+        // and the refusal.
+        let ioctl = ioctl_block();
+        let [keyctl, add_key, request_key] = keys_blocks();
+        let sorted = [
+            (abi.ioctl, &ioctl),
+            (abi.keys.keyctl, &keyctl),
+            (abi.keys.add_key, &add_key),
+            (abi.keys.request_key, &request_key),
+        ];
+        let mut skip = sorted.len() - 1 + 2;
+        for (nr, sub) in sorted {
+            block.push(jump(
+                libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+                nr,
+                skip as u8,
+                0,
+            ));
+            // The next test is one nearer, its block this one's length farther.
+            skip = skip - 1 + sub.len();
+        }
         block.push(allow());
         block.push(eperm());
-        block.extend(ioctl_block());
+        for (_, sub) in sorted {
+            block.extend_from_slice(sub);
+        }
         prog.push(jump(
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
             abi.arch,
@@ -263,6 +372,68 @@ fn ioctl_block() -> Vec<libc::sock_filter> {
     block.push(allow());
     block.push(eperm());
     block
+}
+
+/// The blocks of `keyctl`, `add_key` and `request_key`: a user keyring in
+/// an argument that takes a keyring is answered `EPERM` (see the module
+/// doc), the rest passes. Each block ends with its `allow` and refusal.
+fn keys_blocks() -> [Vec<libc::sock_filter>; 3] {
+    let jeq = |k, jt, jf| jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, k, jt, jf);
+    // Jumps to the refusal are written as `REFUSE` and resolved at the end.
+    const REFUSE: u8 = u8::MAX;
+    // Loads argument `arg`; refuses when it is one of `values`.
+    let refuse_if = |block: &mut Vec<libc::sock_filter>, arg: u32, values: &[u32]| {
+        block.push(load(data_arg_low(arg)));
+        for &v in values {
+            block.push(jeq(v, REFUSE, 0));
+        }
+    };
+    // Runs the check of `values` in argument `arg` when the operation
+    // (argument 0) is one of `ops`, and goes on past it otherwise.
+    let when_op = |block: &mut Vec<libc::sock_filter>, ops: &[u32], arg: u32, values: &[u32]| {
+        block.push(load(data_arg_low(0)));
+        for (i, &op) in ops.iter().enumerate() {
+            let left = (ops.len() - 1 - i) as u8;
+            if left == 0 {
+                // The last: on to the check, or past it (a load and a
+                // test per value).
+                block.push(jeq(op, 0, 1 + values.len() as u8));
+            } else {
+                block.push(jeq(op, left, 0));
+            }
+        }
+        refuse_if(block, arg, values);
+    };
+    let finish = |mut block: Vec<libc::sock_filter>| {
+        block.push(allow());
+        block.push(eperm());
+        let refusal = block.len() - 1;
+        for (at, ins) in block.iter_mut().enumerate() {
+            if ins.jt == REFUSE {
+                ins.jt = (refusal - at - 1) as u8;
+            }
+        }
+        block
+    };
+
+    let mut keyctl = vec![load(data_arg_low(0))];
+    keyctl.push(jeq(KEYCTL_GET_PERSISTENT, REFUSE, 0));
+    when_op(
+        &mut keyctl,
+        &[KEYCTL_SET_REQKEY_KEYRING],
+        1,
+        &REQKEY_USER_DEFAULTS,
+    );
+    for (arg, ops) in KEYCTL_ID_ARGS {
+        when_op(&mut keyctl, ops, arg, &USER_KEYRINGS);
+    }
+    // add_key(type, description, payload, length, keyring) and
+    // request_key(type, description, callout, keyring).
+    let mut add_key = Vec::new();
+    refuse_if(&mut add_key, 4, &USER_KEYRINGS);
+    let mut request_key = Vec::new();
+    refuse_if(&mut request_key, 3, &USER_KEYRINGS);
+    [finish(keyctl), finish(add_key), finish(request_key)]
 }
 
 fn load(offset: u32) -> libc::sock_filter {
@@ -355,10 +526,17 @@ mod tests {
     /// Runs `prog` over one call as the kernel does (for the instructions
     /// it uses) and returns its answer.
     fn run(prog: &[libc::sock_filter], arch: u32, nr: u32, arg1: u64) -> u32 {
+        run_args(prog, arch, nr, &[0, arg1])
+    }
+
+    /// As [`run`], with the call's first arguments.
+    fn run_args(prog: &[libc::sock_filter], arch: u32, nr: u32, args: &[u64]) -> u32 {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&nr.to_ne_bytes());
         data[4..8].copy_from_slice(&arch.to_ne_bytes());
-        data[24..32].copy_from_slice(&arg1.to_ne_bytes());
+        for (i, arg) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&arg.to_ne_bytes());
+        }
         let (mut a, mut pc) = (0u32, 0usize);
         loop {
             let ins = prog.get(pc).expect("the program ran past its end");
@@ -436,6 +614,153 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_filter_keeps_the_user_keyrings_out_of_reach() {
+        let prog = program();
+        // -4 and -5 as a 64-bit caller passes them, and with the upper
+        // half clear (the kernel reads an int either way).
+        let user = [-4i64 as u64, -5i64 as u64, 0xffff_fffc, 0xffff_fffb];
+        const SESSION: u64 = -3i64 as u64;
+        const PROCESS: u64 = -2i64 as u64;
+        const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+        for abi in &ABIS {
+            let keyctl = |args: &[u64]| run_args(&prog, abi.arch, abi.keys.keyctl, args);
+            for id in user {
+                // GET_KEYRING_ID, DESCRIBE, CLEAR, LINK (key, keyring),
+                // UNLINK, SEARCH (keyring, type, description, destination),
+                // NEGATE (key, timeout, keyring), INSTANTIATE (key,
+                // payload, length, keyring), MOVE (key, from, to).
+                for args in [
+                    [0, id, 0, 0, 0],
+                    [6, id, 0, 0, 0],
+                    [7, id, 0, 0, 0],
+                    [8, 5, id, 0, 0],
+                    [8, id, SESSION, 0, 0],
+                    [9, 5, id, 0, 0],
+                    [10, SESSION, 1, 1, id],
+                    [10, id, 1, 1, 0],
+                    [13, 5, 60, id, 0],
+                    [12, 5, 1, 1, id],
+                    [30, 5, id, SESSION, 0],
+                    [30, 5, SESSION, id, 0],
+                ] {
+                    assert_eq!(keyctl(&args), EPERM, "keyctl {args:?} {:#x}", abi.arch);
+                }
+                // Where an argument is a pointer or a length, or the
+                // operation takes no id, the value passes: JOIN's name,
+                // DESCRIBE's buffer, UPDATE's length, DH_COMPUTE's
+                // parameters, the capability query.
+                for args in [
+                    [1, id, 0, 0, 0],
+                    [6, SESSION, id, 0, 0],
+                    [2, 5, 1, id, 0],
+                    [23, id, id, id, id],
+                    [31, id, id, 0, 0],
+                ] {
+                    assert_eq!(keyctl(&args), ALLOW, "keyctl {args:?} {:#x}", abi.arch);
+                }
+                // add_key(type, description, payload, length, keyring),
+                // request_key(type, description, callout, keyring).
+                let add_key =
+                    |keyring| run_args(&prog, abi.arch, abi.keys.add_key, &[1, 1, 1, 1, keyring]);
+                let request_key =
+                    |keyring| run_args(&prog, abi.arch, abi.keys.request_key, &[1, 1, 0, keyring]);
+                assert_eq!(add_key(id), EPERM);
+                assert_eq!(request_key(id), EPERM);
+            }
+            // The phone's own keyrings pass.
+            for id in [SESSION, PROCESS, 0x1234_5678] {
+                for op in [0, 6, 7, 11] {
+                    assert_eq!(keyctl(&[op, id]), ALLOW, "keyctl {op} {id:#x}");
+                }
+                assert_eq!(keyctl(&[8, 5, id]), ALLOW);
+                assert_eq!(keyctl(&[10, SESSION, 1, 1, id]), ALLOW);
+            }
+            assert_eq!(
+                run_args(&prog, abi.arch, abi.keys.add_key, &[1, 1, 1, 1, SESSION]),
+                ALLOW
+            );
+            assert_eq!(
+                run_args(&prog, abi.arch, abi.keys.request_key, &[1, 1, 0, 0]),
+                ALLOW
+            );
+            // Requested keys may not go to the user keyrings by default,
+            // nor may any user's persistent keyring be had.
+            assert_eq!(keyctl(&[14, 4]), EPERM);
+            assert_eq!(keyctl(&[14, 5]), EPERM);
+            assert_eq!(keyctl(&[14, 3]), ALLOW);
+            assert_eq!(keyctl(&[14, -1i64 as u64]), ALLOW);
+            assert_eq!(keyctl(&[22, 0, SESSION]), EPERM);
+            assert_eq!(keyctl(&[22, -1i64 as u64, SESSION]), EPERM);
+            // The other calls' blocks are where they were.
+            assert_eq!(run(&prog, abi.arch, abi.ioctl, 0x8030_942b), EPERM);
+            assert_eq!(run(&prog, abi.arch, abi.ioctl, 0x5401), ALLOW);
+        }
+    }
+
+    #[test]
+    fn confined_processes_reach_keyrings_of_their_own_only() {
+        if !crate::privilege::check("confined_processes_reach_keyrings_of_their_own_only") {
+            return;
+        }
+        let code = in_confined_child(|| {
+            const GET_KEYRING_ID: libc::c_long = 0;
+            let get = |id: libc::c_long, create: libc::c_long| {
+                // SAFETY: no pointers.
+                unsafe { libc::syscall(libc::SYS_keyctl, GET_KEYRING_ID, id, create) }
+            };
+            // A keyring of the process's own: made, found (where the
+            // kernel has keyrings at all).
+            let own = get(-2, 1);
+            if own < 0 && errno_of(own) == libc::ENOSYS {
+                return 0;
+            }
+            if own <= 0 {
+                return 1;
+            }
+            // The user's keyrings: refused, by id and as a destination.
+            if errno_of(get(-4, 0)) != libc::EPERM || errno_of(get(-5, 1)) != libc::EPERM {
+                return 2;
+            }
+            let add = |keyring: libc::c_long| {
+                // SAFETY: NUL-terminated strings and a payload that
+                // outlive the call.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_add_key,
+                        c"user".as_ptr(),
+                        c"cph-confine-test".as_ptr(),
+                        b"x".as_ptr(),
+                        1usize,
+                        keyring,
+                    )
+                }
+            };
+            if errno_of(add(-4)) != libc::EPERM {
+                return 3;
+            }
+            // Into the process keyring, gone with the process.
+            if add(-2) <= 0 {
+                return 4;
+            }
+            // SAFETY: NUL-terminated strings that outlive the call.
+            let req = unsafe {
+                libc::syscall(
+                    libc::SYS_request_key,
+                    c"user".as_ptr(),
+                    c"cph-confine-test-none".as_ptr(),
+                    std::ptr::null::<libc::c_char>(),
+                    -4 as libc::c_long,
+                )
+            };
+            if errno_of(req) != libc::EPERM {
+                return 5;
+            }
+            0
+        });
+        assert_eq!(code, 0, "a confined child reached a user keyring");
     }
 
     #[test]
