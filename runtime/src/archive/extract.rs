@@ -522,11 +522,9 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
         }
         shared.budget.release(held);
         if let Some(f) = &shared.flusher {
-            let before = shared.jobs_done.fetch_add(jobs as u64, Ordering::Relaxed);
-            let bytes = shared.bytes_done.fetch_add(held as u64, Ordering::Relaxed);
-            if before / FLUSH_EVERY != (before + jobs as u64) / FLUSH_EVERY
-                || bytes / FLUSH_BYTES != (bytes + held as u64) / FLUSH_BYTES
-            {
+            // Both counters move on, whichever crossed a step.
+            let jobs_step = crosses(&shared.jobs_done, jobs as u64, FLUSH_EVERY);
+            if crosses(&shared.bytes_done, held as u64, FLUSH_BYTES) || jobs_step {
                 f.kick();
             }
         }
@@ -535,6 +533,12 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
         }
     }
     w.written
+}
+
+/// Adds `n` to `counter`; whether it passed a multiple of `every`.
+fn crosses(counter: &AtomicU64, n: u64, every: u64) -> bool {
+    let before = counter.fetch_add(n, Ordering::Relaxed);
+    before / every != (before + n) / every
 }
 
 /// A large file being written in chunks.
@@ -1691,13 +1695,12 @@ pub(super) fn run<I: Input>(
     } = p;
     drop(dirs);
     let joined = pool.finish(&mut written);
-    let background_syncs = flusher
-        .map(|t| {
-            let flusher = t.flusher.clone();
-            drop(t);
-            flusher.syncs.load(Ordering::Relaxed)
-        })
-        .unwrap_or(0);
+    // Joined, so its count is final.
+    drop(flusher);
+    let background_syncs = shared
+        .flusher
+        .as_ref()
+        .map_or(0, |f| f.syncs.load(Ordering::Relaxed));
     let writer_err = shared.take_error();
     let err = match (parsed, joined, writer_err) {
         (_, Err(e), _) => Some(e),
