@@ -485,6 +485,12 @@ fn object_store_jobs_on_a_real_phone() {
         "{st}"
     );
 
+    // The link out of the way, and the phone's own key (not the server's)
+    // in place: the migration below carries it.
+    p.sh("rm /data/misc/adb");
+    let st = p.run(json!({"kind": "update_keypair", "public_key": key}));
+    assert_eq!(st["status"], 2, "{st}");
+
     // Migration, source side: stopped, whole phone in the store.
     let st = p
         .run(json!({"kind": "migrate", "object": {"bucket": "cph-migrate", "key": "m/phone.tar"}, "keep_property": true}));
@@ -527,6 +533,8 @@ fn object_store_jobs_on_a_real_phone() {
             .trim(),
         "no"
     );
+    // Its `/data` is new, and the server's key is back in it.
+    assert_eq!(p.sh("cat /data/misc/adb/adb_keys").trim(), server_key);
     // Migration, target side: the whole phone replaces this one's root,
     // what only this phone had included; a missing object changes nothing.
     p.sh("mkdir -p /data/local/only-here && echo x > /data/local/only-here/f");
@@ -573,6 +581,10 @@ fn object_store_jobs_on_a_real_phone() {
         "replaced"
     );
     assert!(p.sh("cat /data/local/pushed/hello.txt").contains("hello"));
+    // The migrated phone's `adb_keys` held the key it had; this server's
+    // takes its place.
+    assert!(names.iter().any(|n| n == "data/misc/adb/adb_keys"));
+    assert_eq!(p.sh("cat /data/misc/adb/adb_keys").trim(), server_key);
     assert!(
         rt.block_on(store.head(BUCKET, "m/phone.tar")).is_err(),
         "the restored object was kept"

@@ -107,6 +107,8 @@ pub fn execute(ctx: &JobContext<'_>, req: &JobRequest) -> Result<Option<String>,
                 }
                 phones.reset(phone_id, image.as_ref(), property.as_ref())?;
             }
+            // The phone's `/data` is new: the server's key goes back in.
+            install_server_key(ctx, phone_id)?;
             let replaced = image
                 .as_ref()
                 .is_some_and(|i| i.image_id != before.image_id);
@@ -285,15 +287,7 @@ fn create_phone(
     }
     // The key as it is now: a keypair change during the image's download
     // did not see this phone yet.
-    if let Some(key) = phones
-        .server(server_id)?
-        .public_key
-        .as_deref()
-        .filter(|k| !k.trim().is_empty())
-    {
-        install_key(ctx, &phone.phone_id, key)?;
-    }
-    Ok(())
+    install_server_key(ctx, &phone.phone_id)
 }
 
 /// Makes a whole server on this host ([`JobKind::CreateServer`]): the
@@ -372,6 +366,18 @@ fn install_key(ctx: &JobContext<'_>, phone: &str, public_key: &str) -> Result<()
         "data/misc/adb/adb_keys",
         format!("{key}\n").as_bytes(),
     )
+}
+
+/// Puts the current key of the phone's server, when it has one, into the
+/// phone's `adb_keys`: for a new phone, one whose `/data` was made anew
+/// (a reset) and one whose `/data` is another phone's (a migration's
+/// target, on a server that may have another key).
+pub(super) fn install_server_key(ctx: &JobContext<'_>, phone: &str) -> Result<(), JobFailure> {
+    let server_id = ctx.phones.record(phone)?.server_id;
+    match ctx.phones.server(&server_id)?.public_key.as_deref() {
+        Some(key) if !key.trim().is_empty() => install_key(ctx, phone, key),
+        _ => Ok(()),
+    }
 }
 
 /// Keypair change of a server (or of one phone): the key goes into each

@@ -553,12 +553,20 @@ pub fn restore(
             Unpacked::Merges
         };
         let report = unpack_aside(reader, object, &root, into)?;
+        // A whole phone brings the `adb_keys` of its former server: this
+        // server's key replaces them. The phone is restored either way; a
+        // key its data keeps out is named in the answer.
+        let key = if opts.whole_phone {
+            super::jobs::install_server_key(ctx, phone).err()
+        } else {
+            None
+        };
         if let Some(p) = property.filter(|p| !p.is_empty()) {
             ctx.phones.update_property(phone, p)?;
         }
-        Ok(report)
+        Ok((report, key))
     });
-    let report = with_restart(restored, stopped.restart())?;
+    let (report, key) = with_restart(restored, stopped.restart())?;
     if opts.remove_object {
         // The phone is restored whatever becomes of its copy.
         let removed = store(ctx).and_then(|s| {
@@ -570,7 +578,11 @@ pub fn restore(
             tracing::warn!(phone, bucket = %object.bucket, key = %object.key, error = %e.msg, "restored object not removed");
         }
     }
-    Ok(extracted("restored", object, &report))
+    let done = extracted("restored", object, &report);
+    Ok(match key {
+        Some(e) => format!("{done}; the server's key is not in the phone: {}", e.msg),
+        None => done,
+    })
 }
 
 /// A job's result after it started its phone again: a failed start fails
