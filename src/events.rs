@@ -19,7 +19,7 @@ use crate::store::{
 };
 
 /// Phone status of a running phone.
-const PHONE_RUNNING: i32 = 2;
+pub(crate) const PHONE_RUNNING: i32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {

@@ -3800,3 +3800,102 @@ async fn a_job_its_agent_refuses_fails_with_the_agents_reason() {
     beat.abort();
     cp.stop().await;
 }
+
+/// `batch-connection`: each running phone's endpoint (a port of the
+/// server's own, one reachable from the internet first, else VNC on the
+/// private address) and a ticket under the key its agent derives from the
+/// node token; every other phone an entry of `errors`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_tickets_name_the_endpoint_and_sign_the_session() {
+    let (_dir, cp, _url, seen) = with_nodes(&["n1"]).await;
+    buy(&cp, &seen, 1).await;
+    let create = seen.lock().expect("lock").servers[0].clone();
+    let mut states = running_phones(&create);
+    assert_eq!(states.len(), 2, "{create}");
+    let port = |kind: &str, access_port: u16, internet_accessible: bool| AccessInfo {
+        kind: kind.into(),
+        phone_ip: "172.30.0.2".into(),
+        listen_port: 5555,
+        access_port,
+        internet_accessible,
+    };
+    states[0].access_infos = vec![
+        port("adb", 30001, false),
+        port("vnc", 30002, false),
+        port("web", 30003, false),
+        port("game", 30004, true),
+    ];
+    states[1].access_infos = vec![port("adb", 30011, false), port("vnc", 30012, false)];
+    let beat = |states: &[PhoneState]| {
+        cp.agent_post(
+            "/agent/v1/heartbeat",
+            json!({"node_id": "n1", "phones": states, "jobs": []}),
+        )
+    };
+    assert_eq!(beat(&states).await.status, 200);
+    let (a, b) = (states[0].phone_id.clone(), states[1].phone_id.clone());
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let connect = |ids: Value, client: &str| {
+        cp.call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones/batch-connection",
+            Some(json!({"phone_ids": ids, "client_type": client})),
+        )
+    };
+    let r = connect(json!([a, b, unknown]), "WINDOWS").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let infos = r.body["connect_infos"].as_array().expect("connect_infos");
+    assert_eq!(infos.len(), 2, "{:?}", r.body);
+    let (ia, ib) = (&infos[0]["access_info"], &infos[1]["access_info"]);
+    assert_eq!(
+        (&infos[0]["phone_id"], &infos[1]["phone_id"]),
+        (&json!(a), &json!(b))
+    );
+    // The public port of the server's own; VNC where it has none.
+    assert_eq!(ia["access_port"], 30004);
+    assert_eq!(ia["access_ip"], "203.0.113.5");
+    assert_eq!(ia["intranet_ip"], "10.0.0.5");
+    assert_eq!(ib["access_port"], 30012);
+    assert_eq!(ib["access_ip"], "");
+    let text = |v: &Value| v.as_str().expect("string").to_string();
+    for (id, info) in [(&a, ia), (&b, ib)] {
+        let key = cph_agent::connect::phone_key(NODE_TOKEN, id);
+        let (session, ts) = (text(&info["session_id"]), text(&info["timestamp"]));
+        let want = cph_agent::connect::ticket(&key, id, &session, &ts, "WINDOWS");
+        assert_eq!(info["ticket"], json!(want), "{info}");
+        assert_eq!(session.len(), 32);
+    }
+    assert_ne!(ia["session_id"], ib["session_id"]);
+    assert_eq!(
+        r.body["errors"],
+        json!([{"phone_id": unknown, "error_code": "CPS.0005",
+                "error_msg": format!("Phone {unknown} is not found.")}])
+    );
+
+    // A phone whose only mapping is ADB has no endpoint; a stopped phone
+    // none either.
+    states[0].access_infos = vec![port("adb", 30001, true)];
+    states[1].state = PhoneRunState::Stopped;
+    assert_eq!(beat(&states).await.status, 200);
+    let r = connect(json!([a, b]), "android").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["connect_infos"], json!([]));
+    let codes: Vec<&Value> = r.body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| &e["error_code"])
+        .collect();
+    assert_eq!(codes, [&json!("CPS.0022"), &json!("CPS.0141")]);
+
+    // Bad requests: no phones, more than 10, an unknown client.
+    assert_eq!(
+        connect(json!([]), "IOS").await.body["error_code"],
+        "CPS.0009"
+    );
+    let eleven = json!(vec![a.clone(); 11]);
+    assert_eq!(connect(eleven, "IOS").await.body["error_code"], "CPS.0209");
+    let r = connect(json!([a]), "BLACKBERRY").await;
+    assert_eq!((r.status, &r.body["error_code"]), (400, &json!("CPS.0001")));
+    cp.stop().await;
+}

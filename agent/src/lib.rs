@@ -6,6 +6,7 @@
 
 pub mod apk;
 pub mod config;
+pub mod connect;
 pub mod daemon;
 pub mod memory;
 pub mod metrics;

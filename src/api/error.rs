@@ -201,6 +201,8 @@ pub enum ApiError {
     EncodeServerNotFound(String),
     #[error("parameter: {0} is invalid")]
     Field(&'static str),
+    #[error("phone {0} has no mapped port to connect to")]
+    NoAccessPort(String),
     #[error("parameter: type is invalid")]
     Type,
     #[error("parameter: is_public is invalid")]
@@ -349,6 +351,7 @@ impl ApiError {
             E::Forbidden => (StatusCode::FORBIDDEN, "CPS.0001"),
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "APIG.0301"),
             E::Field(_) => (bad, "CPS.0001"),
+            E::NoAccessPort(_) => (bad, "CPS.0022"),
             E::Type => (bad, "CPS.0116"),
             E::IsPublic => (bad, "CPS.0143"),
             E::ProductType => (bad, "CPS.0144"),

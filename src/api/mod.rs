@@ -320,6 +320,10 @@ pub fn router(state: Shared) -> Router {
             "/v1/{project_id}/cloud-phone/phones/sync-commands",
             post(phones::sync_commands),
         )
+        .route(
+            "/v1/{project_id}/cloud-phone/phones/batch-connection",
+            post(phones::connection),
+        )
         // jobs, keys, encoding servers
         .route(
             "/v1/{project_id}/cloud-phone/jobs/{job_id}",

@@ -1,8 +1,10 @@
 """Queries through the official SDK: servers (filters, paging, detail),
 server flavors, bandwidths, phones (filters, paging, detail with access
-information), phone flavors, images, jobs and encoding servers; and the
-servers' tags."""
+information), connection tickets, phone flavors, images, jobs and encoding
+servers; and the servers' tags."""
 
+import hashlib
+import hmac
 import json
 import time
 
@@ -15,6 +17,7 @@ from sdkutil import (
     cph,
     control_dir,
     sdk_error,
+    shell,
     wait_job,
 )
 
@@ -154,6 +157,54 @@ def test_phone_detail_with_access_infos(client, server):
     assert len(set(ports)) == len(ports), ports
     other = client.show_cloud_phone_detail(m.ShowCloudPhoneDetailRequest(phone_id=phones[1]))
     assert not set(ports) & {a.access_port for a in other.access_infos or []}
+
+
+def connect(client, phone_ids, client_type="ANDROID"):
+    return client.batch_show_phone_connect_infos(
+        m.BatchShowPhoneConnectInfosRequest(
+            body=m.ConnectionRequestBody(phone_ids=phone_ids, client_type=client_type)
+        )
+    )
+
+
+def test_connection_tickets(client, server):
+    """Where to connect to a running phone and a ticket for the session,
+    which the phone checks with the key its agent put in it."""
+    _, phones = server
+    unknown = "0" * 32
+    resp = connect(client, [phones[0], unknown, phones[1]], "H5_PC")
+    assert [c.phone_id for c in resp.connect_infos] == [phones[0], phones[1]]
+    assert [(e.phone_id, e.error_code) for e in resp.errors] == [(unknown, "CPS.0005")]
+    assert unknown in resp.errors[0].error_msg
+    first, second = (c.access_info for c in resp.connect_infos)
+    # The server bought no ports of its own: the phone's VNC mapping, on
+    # the host's private address.
+    d = client.show_cloud_phone_detail(m.ShowCloudPhoneDetailRequest(phone_id=phones[0]))
+    vnc = [a for a in d.access_infos or [] if a.type == "vnc"]
+    assert len(vnc) == 1, d.access_infos
+    assert (first.access_port, first.intranet_ip) == (vnc[0].access_port, vnc[0].intranet_ip)
+    assert first.access_ip == "" and second.access_port != first.access_port
+    assert abs(int(first.timestamp) - time.time()) < 600
+    assert first.session_id != second.session_id
+    # The ticket is the HMAC-SHA256, under the phone's key, of phone id,
+    # session id, timestamp and client type.
+    key = shell(client, phones[0], "cat /data/misc/cph/connect_key").strip()
+    assert len(key) == 64 and key != shell(client, phones[1], "cat /data/misc/cph/connect_key").strip()
+    assert shell(client, phones[0], "stat -c %a:%u /data/misc/cph/connect_key").strip() == "600:0"
+    msg = "\n".join([phones[0], first.session_id, first.timestamp, "H5_PC"])
+    assert first.ticket == hmac.new(key.encode(), msg.encode(), hashlib.sha256).hexdigest()
+    # Another request is another session; the English reference's `iOS`
+    # is IOS.
+    again = connect(client, [phones[0]], "iOS").connect_infos[0].access_info
+    assert again.session_id != first.session_id
+    msg = "\n".join([phones[0], again.session_id, again.timestamp, "IOS"])
+    assert again.ticket == hmac.new(key.encode(), msg.encode(), hashlib.sha256).hexdigest()
+    # Bad input.
+    assert sdk_error(connect, client, []).error_code == "CPS.0009"
+    assert sdk_error(connect, client, [phones[0]] * 11).error_code == "CPS.0209"
+    e = sdk_error(connect, client, [phones[0]], "BLACKBERRY")
+    assert e.error_code == "CPS.0001" and "client_type" in e.error_msg
+    assert connect(client, ["not-an-id!"]).errors[0].error_code == "CPS.0004"
 
 
 def test_phone_models(client, server):

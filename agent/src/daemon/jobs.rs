@@ -365,6 +365,7 @@ fn install_key(ctx: &JobContext<'_>, phone: &str, public_key: &str) -> Result<()
         &ctx.phones.rootfs(phone)?,
         "data/misc/adb/adb_keys",
         format!("{key}\n").as_bytes(),
+        0o644,
     )
 }
 

@@ -246,7 +246,8 @@ impl Daemon {
         };
         let phones = Phones::open(&cfg.state_dir, &cfg.cgroup_parent, &shim, volumes, net)
             .map_err(DaemonError::Phones)?
-            .with_user_namespaces(&cfg.user_namespaces);
+            .with_user_namespaces(&cfg.user_namespaces)
+            .with_connect_secret(&cfg.node_token);
         sweep_scratch(&cfg.state_dir.join("staging"), &phones);
         let unreported: Vec<JobStatus> =
             interrupted.iter().filter_map(|id| store.get(id)).collect();

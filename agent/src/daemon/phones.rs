@@ -132,6 +132,9 @@ pub struct Phones {
     /// write-held while unused images are removed, so none is removed
     /// between its import and its first use.
     image_use: RwLock<()>,
+    /// The fleet's node token, from which each phone's connection key is
+    /// derived ([`crate::connect`]); `None` writes no key.
+    connect_secret: Option<String>,
 }
 
 /// The first id range `first + n * size` no phone in `used` has; `None`
@@ -288,7 +291,15 @@ impl Phones {
             busy: Mutex::new(BTreeSet::new()),
             freed: std::sync::Condvar::new(),
             image_use: RwLock::new(()),
+            connect_secret: None,
         })
+    }
+
+    /// Each phone gets its connection key, derived from `node_token`, at
+    /// every start (none when the token is empty).
+    pub fn with_connect_secret(mut self, node_token: &str) -> Self {
+        self.connect_secret = (!node_token.is_empty()).then(|| node_token.to_string());
+        self
     }
 
     /// New phones get user namespaces of their own per `cfg` (when enabled).
@@ -910,6 +921,7 @@ impl Phones {
         if self.rt.state(&name).is_ok() {
             self.rt.delete(&name, STOP_GRACE).map_err(container_fail)?;
         }
+        self.write_connect_key(&rec.spec.phone_id);
         self.rt.start(&spec).map_err(container_fail)?;
         self.wait_ready(&name);
         // Android forgets the others at every boot, but for the
@@ -924,6 +936,28 @@ impl Phones {
             self.update(&rec.spec.phone_id, |r| r.pending_persist.clear())?;
         }
         Ok(())
+    }
+
+    /// Puts the phone's connection key in its root ([`crate::connect`]),
+    /// afresh at every start: a new phone, a reset one and one that came
+    /// from another host all get theirs. A phone whose own files keep the
+    /// key out (a link where its directory goes) starts all the same.
+    fn write_connect_key(&self, phone_id: &str) {
+        let Some(secret) = &self.connect_secret else {
+            return;
+        };
+        let key = crate::connect::phone_key(secret, phone_id);
+        let written = self.rootfs(phone_id).and_then(|root| {
+            super::transfer::write_into_phone(
+                &root,
+                crate::connect::KEY_PATH,
+                format!("{key}\n").as_bytes(),
+                0o600,
+            )
+        });
+        if let Err(e) = written {
+            tracing::warn!(phone_id, error = %e.msg, "connection key not written");
+        }
     }
 
     /// Waits (up to 5 s) for the image's readiness mark.

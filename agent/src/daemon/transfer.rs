@@ -239,11 +239,11 @@ fn stage_apk(
 }
 
 /// A one-file tar stream: `name` holding `size` bytes from `data`.
-fn single_file_tar<R: Read>(name: &str, size: u64, data: R) -> io::Result<impl Read> {
+fn single_file_tar<R: Read>(name: &str, size: u64, mode: u32, data: R) -> io::Result<impl Read> {
     let mut header = tar::Header::new_gnu();
     header.set_path(name)?;
     header.set_size(size);
-    header.set_mode(0o644);
+    header.set_mode(mode);
     header.set_entry_type(tar::EntryType::Regular);
     header.set_cksum();
     let pad = (512 - (size % 512) as usize) % 512;
@@ -332,7 +332,7 @@ pub fn install(
             let name = format!("{in_phone}/{i}.apk");
             let file = std::fs::File::open(&a.path)
                 .map_err(|e| JobFailure::internal(format!("open {}: {e}", a.path.display())))?;
-            let tar = single_file_tar(&name, a.size, io::BufReader::new(file))
+            let tar = single_file_tar(&name, a.size, 0o644, io::BufReader::new(file))
                 .map_err(|e| JobFailure::internal(format!("apk entry {name}: {e}")))?;
             archive::extract(tar, &root, &ExtractOptions::default())
                 .map_err(|e| archive_failure(&objects[i], &e))?;
@@ -1243,8 +1243,8 @@ pub fn share_delete_apps(ctx: &JobContext<'_>, packages: &[String]) -> Result<St
 
 /// Writes `data` beneath the phone's root at `rel` through the extractor
 /// (used for small files the agent places in a phone).
-pub fn write_into_phone(root: &Path, rel: &str, data: &[u8]) -> Result<(), JobFailure> {
-    let tar = single_file_tar(rel, data.len() as u64, data)
+pub fn write_into_phone(root: &Path, rel: &str, data: &[u8], mode: u32) -> Result<(), JobFailure> {
+    let tar = single_file_tar(rel, data.len() as u64, mode, data)
         .map_err(|e| JobFailure::internal(format!("entry {rel}: {e}")))?;
     archive::extract(tar, root, &ExtractOptions::default())
         .map(drop)
@@ -1426,7 +1426,7 @@ mod tests {
     fn single_file_tar_extracts_beneath_root() {
         let dir = tempfile::tempdir().expect("tempdir");
         let body = vec![7u8; 1000];
-        let tar = single_file_tar("data/local/tmp/x/0.apk", 1000, &body[..]).expect("tar");
+        let tar = single_file_tar("data/local/tmp/x/0.apk", 1000, 0o644, &body[..]).expect("tar");
         archive::extract(tar, dir.path(), &ExtractOptions::default()).expect("extract");
         let got = std::fs::read(dir.path().join("data/local/tmp/x/0.apk")).expect("read");
         assert_eq!(got, body);
