@@ -62,6 +62,41 @@ pub fn keypair_create(
     s.put_keypair(&p.project_id, name, public_key)
 }
 
+/// Checks and stores a keypair of a project (replacing one of the same
+/// name): an OpenSSH public key, one line of at most 16 KiB
+/// (`<type> <base64> [comment]`), as the servers' SSH access and the phones'
+/// ADB take it.
+pub fn keypair_add(
+    data_dir: &Path,
+    project: &str,
+    name: &str,
+    public_key: &str,
+) -> anyhow::Result<()> {
+    let key = public_key.trim();
+    let mut words = key.split_whitespace();
+    let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+    if !known || body.is_empty() || key.contains('\n') || key.len() > 16 * 1024 {
+        anyhow::bail!(
+            "not an OpenSSH public key (one line `<type> <base64> [comment]`, type ssh-*, ecdsa-* or sk-*, at most 16 KiB)"
+        );
+    }
+    if !crate::api::validate::is_keypair_name(name) {
+        anyhow::bail!("keypair name {name:?} is invalid: 1 to 64 letters, digits, '-' or '_'");
+    }
+    keypair_create(data_dir, project, name, key)?;
+    Ok(())
+}
+
+/// Lists every project's keypairs as `project_id\tkeypair_name` lines.
+pub fn keypair_list(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    Ok(Store::open_dir(data_dir)?
+        .keypairs()?
+        .into_iter()
+        .map(|(p, n)| format!("{p}\t{n}"))
+        .collect())
+}
+
 /// Lists the fleet's hosts as
 /// `node_id\thostname\tmodel\tserver_ip\talive|silent\tserver_id|-\treleasing|-\tcordoned|-`
 /// lines, `releasing` the server switched away whose phones the host still

@@ -286,6 +286,12 @@ enum AdminCommand {
         #[command(subcommand)]
         command: AdminEvent,
     },
+    /// Keypairs of a project: public keys a purchase, or a server's
+    /// keypair change, names for the host's SSH access and the phones' ADB.
+    Keypair {
+        #[command(subcommand)]
+        command: AdminKeypair,
+    },
     /// Share file systems offered to projects (attached to servers through
     /// the SDK's AttachShareFilesystem).
     Sharefs {
@@ -324,6 +330,22 @@ enum AdminEvent {
     Complete { event_id: String },
     /// Cancel an event that has not started.
     Cancel { event_id: String },
+}
+
+#[derive(Subcommand)]
+enum AdminKeypair {
+    /// Add (or replace) the keypair NAME of a project from an OpenSSH
+    /// public key file (`-` for standard input).
+    Create {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        public_key_file: PathBuf,
+    },
+    /// List them: project, name.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -567,6 +589,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 let id = cph::admin::sharefs_create(&data_dir, &project, &source, id.as_deref())?;
                 println!("{id}");
+                Ok(())
+            }
+            AdminCommand::Keypair {
+                command:
+                    AdminKeypair::Create {
+                        project,
+                        name,
+                        public_key_file,
+                    },
+            } => {
+                let key = if public_key_file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&public_key_file)
+                        .map_err(|e| anyhow::anyhow!("read {}: {e}", public_key_file.display()))?
+                };
+                cph::admin::keypair_add(&data_dir, &project, &name, &key)?;
+                println!("keypair {name} stored");
+                Ok(())
+            }
+            AdminCommand::Keypair {
+                command: AdminKeypair::List,
+            } => {
+                for l in cph::admin::keypair_list(&data_dir)? {
+                    println!("{l}");
+                }
                 Ok(())
             }
             AdminCommand::Sharefs {

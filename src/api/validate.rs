@@ -21,6 +21,15 @@ pub fn is_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// A keypair's name as the key pair service allows it: 1 to 64 ASCII
+/// letters, digits, `-` and `_`.
+pub fn is_keypair_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Letters, digits, `_` and `-`, 1..=max characters.
 pub fn name(s: &str, max: usize) -> Result<(), ()> {
     let n = s.chars().count();

@@ -1243,19 +1243,30 @@ impl Store {
     }
 
     /// Recomputes the server status of a node: normal (5) once every phone
-    /// runs or is stopped, creating (1) while any is being created.
+    /// runs or is stopped, creating (1) while any is being created; a BMS
+    /// without phones (v2.1) is normal once its agent took it.
     pub fn refresh_server_status(&self, node_id: &str) -> Result<()> {
         let c = self.db()?;
-        let row: Option<(String, i32)> = c
+        let row: Option<(String, i32, bool)> = c
             .query_row(
-                "SELECT server_id, status FROM servers WHERE node_id = ?1",
+                "SELECT server_id, status, phone_model_name = '' AND create_dispatched = 1
+                 FROM servers WHERE node_id = ?1",
                 [node_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((server_id, status)) = row else {
+        let Some((server_id, status, bms_made)) = row else {
             return Ok(());
         };
+        if bms_made {
+            if status != SERVER_NORMAL {
+                c.execute(
+                    "UPDATE servers SET status = ?2, update_time = ?3 WHERE server_id = ?1",
+                    params![server_id, SERVER_NORMAL, now_string()],
+                )?;
+            }
+            return Ok(());
+        }
         let (total, creating): (i64, i64) = c.query_row(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN (0, 1) THEN 1 ELSE 0 END), 0)
              FROM phones WHERE server_id = ?1",
@@ -1397,10 +1408,13 @@ impl Store {
             .optional()?)
     }
 
-    /// Records that a server's CreateServer reached its agent.
+    /// Records that a server's CreateServer reached its agent (which has
+    /// then made a BMS without phones whole: it is normal).
     pub fn mark_server_created(&self, server_id: &str) -> Result<()> {
         self.db()?.execute(
-            "UPDATE servers SET create_dispatched = 1, status = CASE WHEN status = 0 THEN 1 ELSE status END
+            "UPDATE servers SET create_dispatched = 1, status = CASE
+                 WHEN status = 0 AND phone_model_name = '' THEN 5
+                 WHEN status = 0 THEN 1 ELSE status END
              WHERE server_id = ?1",
             [server_id],
         )?;
@@ -2236,6 +2250,16 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// Every project's keypairs: (project id, keypair name), sorted.
+    pub fn keypairs(&self) -> Result<Vec<(String, String)>> {
+        let c = self.db()?;
+        let mut st = c.prepare(
+            "SELECT project_id, keypair_name FROM keypairs ORDER BY project_id, keypair_name",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Counts a synchronous shell call in a one-minute window; false when the

@@ -72,6 +72,21 @@ def client(raw_client):
     return raw_client
 
 
+def wait_on_sale(client):
+    """Waits for a free host of the development model (a host is on sale
+    once its agent has registered, and again once a server left it)."""
+
+    def on_sale():
+        offers = client.list_cloud_phone_server_model_offerings(
+            m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
+        ).models or []
+        return any(
+            o.model_name == DEV_SERVER_MODEL and o.sell_status == "available" for o in offers
+        )
+
+    poll(on_sale, 60, f"a host of {DEV_SERVER_MODEL} on sale")
+
+
 def buy_server(client):
     """Buys the local server with the development flavor; its id."""
     body = m.CreateNet2CloudPhoneServerRequestBody(
@@ -91,16 +106,7 @@ def buy_server(client):
             band_width_share_type=1, band_width_charge_mode=0, band_width_size=100
         ),
     )
-    # The local host is on sale once its agent has registered.
-    def on_sale():
-        offers = client.list_cloud_phone_server_model_offerings(
-            m.ListCloudPhoneServerModelOfferingsRequest(limit=1000)
-        ).models or []
-        return any(
-            o.model_name == DEV_SERVER_MODEL and o.sell_status == "available" for o in offers
-        )
-
-    poll(on_sale, 60, f"a host of {DEV_SERVER_MODEL} on sale")
+    wait_on_sale(client)
     resp = client.create_net2_cloud_phone_server(m.CreateNet2CloudPhoneServerRequest(body=body))
     assert resp.server_ids, resp
     return resp.server_ids[0]
