@@ -3834,6 +3834,15 @@ async fn connection_tickets_name_the_endpoint_and_sign_the_session() {
     };
     assert_eq!(beat(&states).await.status, 200);
     let (a, b) = (states[0].phone_id.clone(), states[1].phone_id.clone());
+    // The listing's newer fields: the total, the phone's route.
+    let r = cp
+        .call("GET", "/v1/{p}/cloud-phone/phones?limit=1", None)
+        .await;
+    assert_eq!(r.body["count"], 2, "{:?}", r.body);
+    let r = cp
+        .call("GET", &format!("/v1/{{p}}/cloud-phone/phones/{a}"), None)
+        .await;
+    assert_eq!(r.body["traffic_type"], "direct", "{:?}", r.body);
     let unknown = "0123456789abcdef0123456789abcdef";
     let connect = |ids: Value, client: &str| {
         cp.call(

@@ -90,6 +90,19 @@ pub fn label_of(st: &Shared, project_id: &str, image_id: &str) -> Result<Option<
         .map(|i| i.image_label))
 }
 
+/// The system (`os_name`) of an image the project can use, as a phone's
+/// `image_version`; empty for one it no longer sees.
+pub fn version_of(st: &Shared, project_id: &str, image_id: &str) -> Result<String, ApiError> {
+    if let Some(i) = st.catalog.image(project_id, image_id) {
+        return Ok(i.os_name.clone());
+    }
+    Ok(st
+        .store
+        .visible_image(project_id, image_id)?
+        .map(|i| i.os_name)
+        .unwrap_or_default())
+}
+
 /// A custom image as the catalog lists images: private (2) to its owner.
 pub fn as_phone_image(i: &Image) -> PhoneImage {
     PhoneImage {

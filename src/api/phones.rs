@@ -53,7 +53,16 @@ pub(super) fn access_info(
     })
 }
 
-fn phone_json(p: &Phone, (meta, zone): (Value, String)) -> Value {
+/// What a phone's listing entry takes from its server (order and zone)
+/// and its image (version), looked up once per listing.
+#[derive(Clone)]
+struct Context {
+    server: (Value, String),
+    image_version: String,
+}
+
+fn phone_json(p: &Phone, ctx: Context) -> Value {
+    let (meta, zone) = ctx.server;
     json!({
         "phone_name": p.phone_name,
         "server_id": p.server_id,
@@ -67,6 +76,14 @@ fn phone_json(p: &Phone, (meta, zone): (Value, String)) -> Value {
         "availability_zone": zone,
         "create_time": p.create_time,
         "update_time": p.update_time,
+        "image_version": ctx.image_version,
+        "traffic_type": p.traffic_type,
+        // No modem (the reference's attribute list sets no IMEI); each
+        // phone's data is a volume of the host's pool, not a disk of its
+        // own; no file-level encryption.
+        "imei": "",
+        "volume_mode": 0,
+        "has_encrypt": false,
     })
 }
 
@@ -110,18 +127,32 @@ pub async fn list(
         phone_type,
     };
     let phones = st.store.list_phones(&c.project_id, &f, offset, limit)?;
-    let mut metas: BTreeMap<String, (Value, String)> = BTreeMap::new();
-    let out: Vec<Value> = phones
-        .iter()
-        .map(|p| {
-            let m = metas
-                .entry(p.server_id.clone())
-                .or_insert_with(|| of_server(&st, p))
-                .clone();
-            phone_json(p, m)
-        })
-        .collect();
-    Ok(Reply::ok(json!({"phones": out})))
+    let count = st.store.count_phones(&c.project_id, &f)?;
+    let mut servers: BTreeMap<String, (Value, String)> = BTreeMap::new();
+    let mut versions: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::with_capacity(phones.len());
+    for p in &phones {
+        let server = servers
+            .entry(p.server_id.clone())
+            .or_insert_with(|| of_server(&st, p))
+            .clone();
+        let image_version = match versions.get(&p.image_id) {
+            Some(v) => v.clone(),
+            None => {
+                let v = super::images::version_of(&st, &c.project_id, &p.image_id)?;
+                versions.insert(p.image_id.clone(), v.clone());
+                v
+            }
+        };
+        out.push(phone_json(
+            p,
+            Context {
+                server,
+                image_version,
+            },
+        ));
+    }
+    Ok(Reply::ok(json!({"phones": out, "count": count})))
 }
 
 pub async fn detail(
@@ -152,12 +183,13 @@ pub async fn detail(
             v
         })
         .collect();
-    let mut v = phone_json(&p, of_server(&st, &p));
+    let ctx = Context {
+        server: of_server(&st, &p),
+        image_version: super::images::version_of(&st, &c.project_id, &p.image_id)?,
+    };
+    let mut v = phone_json(&p, ctx);
     v["access_infos"] = json!(access);
     v["property"] = json!(p.property);
-    if let Some(m) = v.as_object_mut() {
-        m.remove("type");
-    }
     Ok(Reply::ok(v))
 }
 
@@ -302,10 +334,27 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
                 "phone_capacity": m.phone_capacity,
                 "image_label": m.image_label,
                 "product_type": m.product_type,
+                "phone_model_version": spec_number(&m.extend_spec, "phone_model_version").unwrap_or(0),
+                "volume_mode": spec_number(&m.extend_spec, "volume_mode").unwrap_or(0),
+                "dpi": spec_number(&m.extend_spec, "dpi"),
+                "fps": m.extend_spec.get("fps").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)),
+                "render_fps": spec_number(&m.extend_spec, "render_fps"),
+                "stream_fps": spec_number(&m.extend_spec, "stream_fps"),
             })
         })
         .collect();
     Ok(Reply::ok(json!({"phone_models": out})))
+}
+
+/// A number of a flavor's `extend_spec` (a number, or a string of digits
+/// as flavor files often write them): the newer SDK's `dpi`, frame rates
+/// and versions, which an operator's catalog gives there.
+fn spec_number(spec: &Value, key: &str) -> Option<i64> {
+    match spec.get(key)? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -351,6 +400,7 @@ pub async fn images(
                 "os_name": i.os_name,
                 "image_id": i.image_id,
                 "is_public": i.is_public,
+                "is_support_encrypt": false,
                 "image_label": i.image_label,
             })
         })

@@ -46,7 +46,7 @@ fn server_json(s: &Server) -> Value {
             "access_ip": public, "public_ip": public,
         }],
         "resource_project_id": s.project_id,
-        "metadata": {"order_id": s.order_id, "product_id": s.product_id},
+        "metadata": {"order_id": s.order_id, "product_id": s.product_id, "charging_mode": 0},
         "availability_zone": s.availability_zone,
         "network_version": s.network_version,
         "enterprise_project_id": "0",
@@ -82,9 +82,11 @@ pub async fn list(
         network_version,
     };
     let servers = st.store.list_servers(&c.project_id, &f, offset, limit)?;
-    Ok(Reply::ok(
-        json!({"servers": servers.iter().map(server_json).collect::<Vec<_>>()}),
-    ))
+    let count = st.store.count_servers(&c.project_id, &f)?;
+    Ok(Reply::ok(json!({
+        "servers": servers.iter().map(server_json).collect::<Vec<_>>(),
+        "count": count,
+    })))
 }
 
 pub async fn detail(
@@ -169,7 +171,14 @@ pub async fn models(State(st): State<Shared>, Query(q): Query<ModelsQuery>) -> A
         .server_models
         .iter()
         .filter(|m| pt.is_none_or(|p| m.product_type == p))
-        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+        .map(|m| {
+            let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+            // The hosts' disks are their own (no cloud disks to mount).
+            if v.get("disk_max_num").is_none() {
+                v["disk_max_num"] = json!(0);
+            }
+            v
+        })
         .collect();
     Ok(Reply::ok(json!({"server_models": out})))
 }

@@ -1477,6 +1477,27 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// How many servers a listing has in all.
+    pub fn count_servers(&self, project_id: &str, f: &ServerFilter) -> Result<u64> {
+        let c = self.db()?;
+        let mut st = c.prepare_cached(
+            "SELECT COUNT(*) FROM servers s JOIN nodes n ON n.node_id = s.node_id
+             WHERE s.project_id = ?1
+               AND (?2 IS NULL OR s.server_name LIKE ?2 ESCAPE '\\')
+               AND (?3 IS NULL OR s.server_id = ?3)
+               AND (?4 IS NULL OR s.network_version = ?4)",
+        )?;
+        Ok(st.query_row(
+            params![
+                project_id,
+                f.server_name.as_deref().map(like_pattern),
+                f.server_id,
+                f.network_version,
+            ],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Renames a server.
     pub fn rename_server(&self, project_id: &str, server_id: &str, name: &str) -> Result<bool> {
         let n = self.db()?.execute(
@@ -1882,6 +1903,16 @@ impl Store {
         let mut st = c.prepare_cached(&sql)?;
         let rows = st.query_map(params_from_iter(values), phone_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many phones a listing has in all (the positions the deep pages
+    /// use, remembered the same way).
+    pub fn count_phones(&self, project_id: &str, f: &PhoneFilter) -> Result<usize> {
+        let c = self.db()?;
+        let (filter, values) = phone_filter(project_id, f);
+        Ok(self
+            .list_positions(&c, project_id, f, &filter, &values)?
+            .len())
     }
 
     /// `(seq, rowid)` of every phone of a listing (`filter` and its `values`

@@ -49,6 +49,12 @@ def test_list_servers_with_filters_and_paging(client, server):
     assert list_servers(client, server_id="0" * 32) == []
     assert len(list_servers(client, offset=0, limit=1)) == 1
     assert list_servers(client, offset=1, limit=1) == []
+    # `count` is the listing's total, whatever the page.
+    page = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest(offset=1, limit=1))
+    assert (page.servers or [], page.count) == ([], 1)
+    page = client.list_cloud_phone_servers(m.ListCloudPhoneServersRequest(server_name="nothing"))
+    assert page.count == 0
+    assert s.metadata.charging_mode == 0
 
 
 def test_server_detail(client, server):
@@ -116,6 +122,13 @@ def test_list_phones_with_filters_and_paging(client, server):
         assert p.image_id == TEST_IMAGE_ID
         assert p.status == 2 and p.type == 0
         assert p.phone_name.startswith("e2e-0001-"), p.phone_name
+        # The test image's system; the traffic route; a volume of the pool.
+        assert p.image_version == "AOSP-test"
+        assert (p.traffic_type, p.volume_mode, p.has_encrypt) == ("direct", 0, False)
+    # `count` is the listing's total, whatever the page.
+    for kw, total in [({}, 2), (dict(offset=1, limit=1), 2), (dict(status=8), 0),
+                      (dict(phone_name=listed[0].phone_name), 1)]:
+        assert client.list_cloud_phones(m.ListCloudPhonesRequest(**kw)).count == total, kw
     first = list_phones(client, offset=0, limit=1)
     second = list_phones(client, offset=1, limit=1)
     assert len(first) == 1 and len(second) == 1
@@ -139,6 +152,7 @@ def test_phone_detail_with_access_infos(client, server):
     assert d.status == 2 and d.image_id == TEST_IMAGE_ID
     assert d.phone_model_name == DEV_PHONE_MODEL
     assert d.vnc_enable in ("true", "false")
+    assert (d.type, d.image_version, d.traffic_type) == (0, "AOSP-test", "direct")
     server_detail = client.show_cloud_phone_server_detail(
         m.ShowCloudPhoneServerDetailRequest(server_id=server_id)
     )
