@@ -24,6 +24,7 @@ from sdkutil import (
     push_share_tar,
     sdk_error,
     wait_job,
+    wait_jobs_ok,
 )
 
 
@@ -143,6 +144,25 @@ def test_a_bms_without_phones(client, creds, server):
     assert not client.list_cloud_phones(m.ListCloudPhonesRequest(server_id=bms)).phones
     assert key in host_keys()
 
+    # A restart has no phones to restart; a keypair change reaches the
+    # host's SSH access.
+    resp = client.restart_cloud_phone_server(
+        m.RestartCloudPhoneServerRequest(
+            body=m.RestartCloudPhoneServerRequestBody(server_ids=[bms])
+        )
+    )
+    wait_jobs_ok(client, resp.jobs)
+    resp = client.update_keypair(
+        m.UpdateKeypairRequest(
+            body=m.UpdateKeypairRequestBody(
+                servers=[m.ServerKeypair(server_id=bms, keypair_name="default")]
+            )
+        )
+    )
+    wait_jobs_ok(client, resp.jobs)
+    assert detail().keypair_name == "default"
+    assert key not in host_keys()
+
     # What only a cloud phone server does is refused.
     e = sdk_error(client.change_cloud_phone_server_model, m.ChangeCloudPhoneServerModelRequest(
         body=m.ChangeCloudPhoneServerModelRequestBody(
@@ -158,7 +178,6 @@ def test_a_bms_without_phones(client, creds, server):
     job = wait_job(client, resp.job_id, limit=120)
     assert job.status == 2, job
     assert bms not in owned() and session_server in owned()
-    assert key not in host_keys()
 
 
 def test_delete_server_then_buy_the_host_again(client, server, s3):
