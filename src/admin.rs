@@ -1,5 +1,5 @@
-//! `cph admin`: projects, credentials and users, written straight into the
-//! data dir's store; the fleet's hosts; scheduled events on servers.
+//! `cph admin`: projects, credentials, users and keypairs, written straight
+//! into the data dir's store; the fleet's hosts; scheduled events on servers.
 
 use std::path::Path;
 
@@ -62,6 +62,20 @@ pub fn keypair_create(
     s.put_keypair(&p.project_id, name, public_key)
 }
 
+/// Why a keypair was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum KeypairError {
+    #[error(
+        "not an OpenSSH public key (one line `<type> <base64> [comment]`, type ssh-*, \
+         ecdsa-* or sk-*, at most 16 KiB)"
+    )]
+    NotAPublicKey,
+    #[error("keypair name {0:?} is invalid: 1 to 64 letters, digits, '-' or '_'")]
+    Name(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Checks and stores a keypair of a project (replacing one of the same
 /// name): an OpenSSH public key, one line of at most 16 KiB
 /// (`<type> <base64> [comment]`), as the servers' SSH access and the phones'
@@ -71,21 +85,18 @@ pub fn keypair_add(
     project: &str,
     name: &str,
     public_key: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), KeypairError> {
     let key = public_key.trim();
     let mut words = key.split_whitespace();
     let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
     if !known || body.is_empty() || key.contains('\n') || key.len() > 16 * 1024 {
-        anyhow::bail!(
-            "not an OpenSSH public key (one line `<type> <base64> [comment]`, type ssh-*, ecdsa-* or sk-*, at most 16 KiB)"
-        );
+        return Err(KeypairError::NotAPublicKey);
     }
     if !crate::api::validate::is_keypair_name(name) {
-        anyhow::bail!("keypair name {name:?} is invalid: 1 to 64 letters, digits, '-' or '_'");
+        return Err(KeypairError::Name(name.to_string()));
     }
-    keypair_create(data_dir, project, name, key)?;
-    Ok(())
+    Ok(keypair_create(data_dir, project, name, key)?)
 }
 
 /// Lists every project's keypairs as `project_id\tkeypair_name` lines.

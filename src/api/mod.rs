@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod connect;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -12,6 +13,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod misc;
 pub mod phones;
+pub mod purchase;
 pub mod servers;
 pub mod sharefs;
 pub mod tags;
@@ -177,15 +179,15 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/v1/{project_id}/cloud-phone/phones",
-            post(servers::buy_v1).get(phones::list),
+            post(purchase::buy_v1).get(phones::list),
         )
         .route(
             "/v2/{project_id}/cloud-phone/servers",
-            post(servers::buy_v2).delete(servers::delete),
+            post(purchase::buy_v2).delete(servers::delete),
         )
         .route(
             "/v2.1/{project_id}/cloud-phone/servers",
-            post(servers::buy_v21),
+            post(purchase::buy_v21),
         )
         .route(
             "/v1/{project_id}/cloud-phone/servers/batch-restart",
@@ -322,7 +324,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/v1/{project_id}/cloud-phone/phones/batch-connection",
-            post(phones::connection),
+            post(connect::connection),
         )
         // jobs, keys, encoding servers
         .route(
