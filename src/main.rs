@@ -89,7 +89,8 @@ enum Command {
         #[arg(long)]
         object_store: Option<PathBuf>,
     },
-    /// Projects, credentials and users of a data dir.
+    /// Projects, credentials, users, keypairs, hosts, events and share file
+    /// systems of a data dir.
     Admin {
         #[arg(long, default_value = "/var/lib/cph", global = true)]
         data_dir: PathBuf,
