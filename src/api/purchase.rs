@@ -16,7 +16,7 @@ use super::servers::{
 };
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ServerModel};
 use crate::store::{new_id, NewServer, Order};
 
 #[derive(Deserialize)]
@@ -259,15 +259,25 @@ struct Purchase<'a> {
     bandwidth: BandwidthChoice,
 }
 
-async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
-    validate::name(&b.server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
-    if !(1..=MAX_COUNT as i64).contains(&b.count) {
-        return Err(ApiError::Count.into());
+/// What every purchase checks first: the name, the count and the server
+/// model, which it returns.
+fn ordered_model<'a>(
+    st: &'a Shared,
+    server_name: &str,
+    count: i64,
+    server_model_name: &str,
+) -> Result<&'a ServerModel, ApiError> {
+    validate::name(server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
+    if !(1..=MAX_COUNT as i64).contains(&count) {
+        return Err(ApiError::Count);
     }
-    let sm = st
-        .catalog
-        .server_model(&b.server_model_name)
-        .ok_or(ApiError::ServerModelName)?;
+    st.catalog
+        .server_model(server_model_name)
+        .ok_or(ApiError::ServerModelName)
+}
+
+async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
+    let sm = ordered_model(&st, &b.server_name, b.count, &b.server_model_name)?;
     let pm = st
         .catalog
         .phone_model(&b.phone_model_name)
@@ -476,14 +486,7 @@ pub async fn buy_v21(
     Extension(c): Extension<Caller>,
     Json(b): Json<BmsBody>,
 ) -> ApiResult {
-    validate::name(&b.server_name, SERVER_NAME_MAX).map_err(|_| ApiError::ServerName)?;
-    if !(1..=MAX_COUNT as i64).contains(&b.count) {
-        return Err(ApiError::Count.into());
-    }
-    let sm = st
-        .catalog
-        .server_model(&b.server_model_name)
-        .ok_or(ApiError::ServerModelName)?;
+    let sm = ordered_model(&st, &b.server_name, b.count, &b.server_model_name)?;
     validate_extend(b.order_param.as_ref())?;
     let nics = b.nics.as_deref().unwrap_or_default();
     let subnet = |n: &Value| n["subnet_id"].as_str().is_some_and(|s| !s.is_empty());
