@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::extract::Json;
+use super::phones::VOLUME_MAX_GIB;
 use super::servers::{
     BANDWIDTH_DEDICATED, BANDWIDTH_MAX, BANDWIDTH_MIN, MAX_COUNT, MAX_PORTS, SERVER_NAME_MAX,
 };
@@ -510,7 +511,8 @@ pub async fn buy_v21(
             .volume_type
             .as_deref()
             .is_some_and(|t| t == "SSD" || t == "GPSSD")
-            && v.size.is_some_and(|s| (1..=32_768).contains(&s))
+            && v.size
+                .is_some_and(|s| (1..=VOLUME_MAX_GIB as i64).contains(&s))
             && v.count.is_none_or(|n| n >= 1);
         if !ok {
             return Err(ApiError::Field("data_volume").into());
