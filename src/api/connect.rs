@@ -40,11 +40,7 @@ pub async fn connection(
         .as_deref()
         .and_then(|t| CLIENT_TYPES.iter().find(|c| c.eq_ignore_ascii_case(t)))
         .ok_or(ApiError::Field("client_type"))?;
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string();
+    let timestamp = crate::store::now_secs().to_string();
     let mut infos = Vec::new();
     let mut errors = Vec::new();
     for id in ids {

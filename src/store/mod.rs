@@ -489,6 +489,15 @@ impl PositionCache {
     }
 }
 
+/// The servers of a project's listing: `?1` the project, `?2` a name
+/// pattern, `?3` a server id, `?4` a network version (each unset when
+/// NULL).
+const SERVER_LISTING: &str = "FROM servers s JOIN nodes n ON n.node_id = s.node_id
+     WHERE s.project_id = ?1
+       AND (?2 IS NULL OR s.server_name LIKE ?2 ESCAPE '\\')
+       AND (?3 IS NULL OR s.server_id = ?3)
+       AND (?4 IS NULL OR s.network_version = ?4)";
+
 const SERVER_COLS: &str =
     "s.server_id, s.project_id, s.node_id, s.server_name, s.server_model_name, \
     s.phone_model_name, s.image_id, s.keypair_name, s.status, s.network_version, s.order_id, \
@@ -1258,22 +1267,13 @@ impl Store {
         let Some((server_id, status, bms_made)) = row else {
             return Ok(());
         };
-        if bms_made {
-            if status != SERVER_NORMAL {
-                c.execute(
-                    "UPDATE servers SET status = ?2, update_time = ?3 WHERE server_id = ?1",
-                    params![server_id, SERVER_NORMAL, now_string()],
-                )?;
-            }
-            return Ok(());
-        }
         let (total, creating): (i64, i64) = c.query_row(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status IN (0, 1) THEN 1 ELSE 0 END), 0)
              FROM phones WHERE server_id = ?1",
             [&server_id],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let next = if total > 0 && creating == 0 {
+        let next = if bms_made || (total > 0 && creating == 0) {
             SERVER_NORMAL
         } else if status == 2 {
             1
@@ -1454,14 +1454,8 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Server>> {
         let c = self.db()?;
-        let sql = format!(
-            "SELECT {SERVER_COLS} FROM servers s JOIN nodes n ON n.node_id = s.node_id
-             WHERE s.project_id = ?1
-               AND (?2 IS NULL OR s.server_name LIKE ?2 ESCAPE '\\')
-               AND (?3 IS NULL OR s.server_id = ?3)
-               AND (?4 IS NULL OR s.network_version = ?4)
-             ORDER BY s.seq DESC LIMIT ?5 OFFSET ?6"
-        );
+        let sql =
+            format!("SELECT {SERVER_COLS} {SERVER_LISTING} ORDER BY s.seq DESC LIMIT ?5 OFFSET ?6");
         let mut st = c.prepare_cached(&sql)?;
         let rows = st.query_map(
             params![
@@ -1480,13 +1474,7 @@ impl Store {
     /// How many servers a listing has in all.
     pub fn count_servers(&self, project_id: &str, f: &ServerFilter) -> Result<u64> {
         let c = self.db()?;
-        let mut st = c.prepare_cached(
-            "SELECT COUNT(*) FROM servers s JOIN nodes n ON n.node_id = s.node_id
-             WHERE s.project_id = ?1
-               AND (?2 IS NULL OR s.server_name LIKE ?2 ESCAPE '\\')
-               AND (?3 IS NULL OR s.server_id = ?3)
-               AND (?4 IS NULL OR s.network_version = ?4)",
-        )?;
+        let mut st = c.prepare_cached(&format!("SELECT COUNT(*) {SERVER_LISTING}"))?;
         Ok(st.query_row(
             params![
                 project_id,
