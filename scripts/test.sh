@@ -5,15 +5,22 @@
 # tests run against a real `cph up` in a fresh data directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each step's heading carries the seconds since the start.
+step() { echo "== [${SECONDS}s] $*"; }
 scripts/install-deps.sh
 image/build-test-image.sh >/dev/null
 export CPH_TEST_IMAGE="$PWD/target/images/cph-test-image.tar.gz"
+step build
 cargo build --bins
+step cargo test
 RUST_TEST_THREADS="${CPH_TEST_THREADS:-2}" cargo test --workspace --all-targets
 # The extractor again as on kernels without openat2 (before 5.6).
+step archive tests without openat2
 CPH_NO_OPENAT2=1 cargo test -p cph-runtime --test archive
 # The runtime's container tests on cgroup v2 alone, in a virtual machine.
+step cgroup v2 VM
 scripts/cgroup-v2-vm.sh
+step official SDK tests
 
 # The platform of the README's first command, on ports of its own, its API
 # over HTTPS (the official SDK trusts the certificate `cph up --tls` made).
@@ -38,3 +45,4 @@ for _ in $(seq 1 120); do
 done
 CPH_CREDENTIALS="$data/credentials.json" python3 -m pytest -q tests/sdk || {
     echo "== cph up log"; cat "$data/up.log"; tail -n 50 "$data"/logs/*.log; exit 1; }
+step done
