@@ -8,6 +8,7 @@ use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};
 
 use super::error::AuthError;
@@ -18,7 +19,6 @@ pub const TOKEN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// PBKDF2 iterations of a password hash.
 pub const PBKDF2_ROUNDS: u32 = 100_000;
 const TOKEN_BYTES: usize = 32;
-const SALT_BYTES: usize = 16;
 
 /// Failures of token and password primitives.
 #[derive(Debug, thiserror::Error)]
@@ -108,13 +108,55 @@ pub fn iso8601(epoch: i64) -> String {
     )
 }
 
+/// SHA-256's initial state.
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
+/// SHA-256's state after `state` compressed `block`.
+fn sha256_compress(mut state: [u32; 8], block: &[u8; 64]) -> [u32; 8] {
+    sha2::compress256(&mut state, &[*GenericArray::from_slice(block)]);
+    state
+}
+
+/// The last block of a hash over one 64-byte block and then `digest`.
+fn digest_block(digest: &[u8; 32]) -> [u8; 64] {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(digest);
+    block[32] = 0x80;
+    // The message's length in bits: 64 + 32 bytes.
+    block[56..].copy_from_slice(&(96u64 * 8).to_be_bytes());
+    block
+}
+
+fn state_bytes(state: [u32; 8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (o, w) in out.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
+    out
+}
+
+/// PBKDF2-HMAC-SHA256, one block (32 bytes). After the first, every round
+/// is an HMAC of a 32-byte digest: the key's inner and outer states are
+/// computed once and each round costs two compressions (the textbook form
+/// takes four), done by the `sha2` crate's compression function directly.
 fn pbkdf2_sha256(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
+    let mut key = [0u8; 64];
+    if password.len() > key.len() {
+        key[..32].copy_from_slice(&Sha256::digest(password));
+    } else {
+        key[..password.len()].copy_from_slice(password);
+    }
+    let inner = sha256_compress(SHA256_IV, &key.map(|b| b ^ 0x36));
+    let outer = sha256_compress(SHA256_IV, &key.map(|b| b ^ 0x5c));
     let mut msg = salt.to_vec();
     msg.extend_from_slice(&1u32.to_be_bytes());
     let mut u = hmac_sha256(password, &msg);
     let mut out = u;
     for _ in 1..rounds {
-        u = hmac_sha256(password, &u);
+        let inner_digest = state_bytes(sha256_compress(inner, &digest_block(&u)));
+        u = state_bytes(sha256_compress(outer, &digest_block(&inner_digest)));
         for (o, b) in out.iter_mut().zip(u) {
             *o ^= b;
         }
@@ -122,15 +164,15 @@ fn pbkdf2_sha256(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
     out
 }
 
-/// Hashes a password: `pbkdf2-sha256$<rounds>$<salt hex>$<hash hex>`.
-pub fn hash_password(password: &str) -> Result<String, TokenError> {
-    let salt = random_bytes(SALT_BYTES)?;
-    let hash = pbkdf2_sha256(password.as_bytes(), &salt, PBKDF2_ROUNDS);
-    Ok(format!(
+/// Hashes a password with a random `salt` (16 bytes or more):
+/// `pbkdf2-sha256$<rounds>$<salt hex>$<hash hex>`.
+pub fn hash_password(password: &str, salt: &[u8]) -> String {
+    let hash = pbkdf2_sha256(password.as_bytes(), salt, PBKDF2_ROUNDS);
+    format!(
         "pbkdf2-sha256${PBKDF2_ROUNDS}${}${}",
         hex::encode(salt),
         hex::encode(hash)
-    ))
+    )
 }
 
 /// Verifies a password against a stored hash, comparing in constant time.
@@ -365,10 +407,11 @@ mod tests {
 
     #[test]
     fn passwords() {
-        let h = hash_password("s3cret").expect("hash");
+        let salt = random_bytes(16).expect("salt");
+        let h = hash_password("s3cret", &salt);
         assert!(verify_password("s3cret", &h).expect("verify"));
         assert!(!verify_password("s3cret!", &h).expect("verify"));
-        assert_ne!(h, hash_password("s3cret").expect("hash"));
+        assert_ne!(h, hash_password("s3cret", &random_bytes(16).expect("salt")));
         assert!(verify_password("x", "plain").is_err());
     }
 
@@ -378,6 +421,16 @@ mod tests {
         assert_eq!(
             hex::encode(pbkdf2_sha256(b"passwd", b"salt", 1)),
             "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+        );
+        // Many rounds, and a password longer than the HMAC's block (hashed
+        // first); values from Python's hashlib.pbkdf2_hmac.
+        assert_eq!(
+            hex::encode(pbkdf2_sha256(b"password", b"salt", 4096)),
+            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a"
+        );
+        assert_eq!(
+            hex::encode(pbkdf2_sha256(&[b'x'; 100], b"salt", 2)),
+            "d43a18cd77bafc1a4b0c6025dbbf29c7e6d67acce6ad02a736d4a3003b6a3c26"
         );
     }
 

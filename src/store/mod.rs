@@ -774,8 +774,10 @@ fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     Ok(())
 }
 
-/// Salted password hash (SHA-256 of salt || password).
-fn hash_password(salt: &str, password: &str) -> String {
+/// The password hash of stores made before PBKDF2: SHA-256 of salt and
+/// password. Such a hash is still accepted, and replaced by a PBKDF2 one at
+/// the user's next login.
+fn legacy_password_hash(salt: &str, password: &str) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(salt.as_bytes());
@@ -956,22 +958,25 @@ impl Store {
             .optional()?)
     }
 
-    /// Creates (or replaces the password of) an IAM user in a project.
+    /// Creates (or replaces the password of) an IAM user in a project. The
+    /// password is kept as a salted PBKDF2-HMAC-SHA256 hash.
     pub fn create_user(&self, name: &str, password: &str, project_id: &str) -> Result<()> {
         if self.project(project_id)?.is_none() {
             return Err(StoreError::ProjectNotFound(project_id.to_string()));
         }
         let salt = new_id();
+        let hash = crate::auth::token::hash_password(password, salt.as_bytes());
         self.db()?.execute(
             "INSERT INTO users (name, password_hash, salt, project_id) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(name) DO UPDATE SET password_hash = excluded.password_hash,
              salt = excluded.salt, project_id = excluded.project_id",
-            params![name, hash_password(&salt, password), salt, project_id],
+            params![name, hash, salt, project_id],
         )?;
         Ok(())
     }
 
-    /// The project of a user whose password matches.
+    /// The project of a user whose password matches. A hash of the former
+    /// scheme that matches is replaced by a PBKDF2 one.
     pub fn check_user(&self, name: &str, password: &str) -> Result<Option<String>> {
         let row: Option<(String, String, String)> = self
             .db()?
@@ -981,16 +986,23 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        Ok(row.and_then(|(hash, salt, project)| {
-            let given = hash_password(&salt, password);
-            let same = given.len() == hash.len()
-                && given
-                    .bytes()
-                    .zip(hash.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0;
-            same.then_some(project)
-        }))
+        let Some((hash, salt, project)) = row else {
+            return Ok(None);
+        };
+        if hash.starts_with("pbkdf2-sha256$") {
+            let same = crate::auth::token::verify_password(password, &hash).unwrap_or(false);
+            return Ok(same.then_some(project));
+        }
+        let given = legacy_password_hash(&salt, password);
+        if !crate::auth::signing::constant_time_eq(given.as_bytes(), hash.as_bytes()) {
+            return Ok(None);
+        }
+        let upgraded = crate::auth::token::hash_password(password, salt.as_bytes());
+        self.db()?.execute(
+            "UPDATE users SET password_hash = ?1 WHERE name = ?2 AND password_hash = ?3",
+            params![upgraded, name, hash],
+        )?;
+        Ok(Some(project))
     }
 
     /// Records an issued token.
@@ -2414,8 +2426,64 @@ mod tests {
         let s = Store::open_dir(dir.path()).expect("open");
         let p = s.create_project("p").expect("project");
         s.create_user("alice", "pw", &p.project_id).expect("user");
-        assert_eq!(s.check_user("alice", "pw").expect("q"), Some(p.project_id));
+        let stored: String = s
+            .db()
+            .expect("db")
+            .query_row(
+                "SELECT password_hash FROM users WHERE name = 'alice'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("row");
+        assert!(stored.starts_with("pbkdf2-sha256$100000$"), "{stored}");
+        assert!(!stored.contains(&hex::encode("pw")), "{stored}");
+        assert_eq!(
+            s.check_user("alice", "pw").expect("q"),
+            Some(p.project_id.clone())
+        );
         assert_eq!(s.check_user("alice", "bad").expect("q"), None);
+        assert_eq!(s.check_user("bob", "pw").expect("q"), None);
+    }
+
+    /// A user of a store made before PBKDF2 logs in with the password it
+    /// had, and its hash is upgraded then (not before: a wrong password
+    /// changes nothing).
+    #[test]
+    fn former_password_hashes_are_accepted_and_upgraded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        let p = s.create_project("p").expect("project");
+        let stored = |s: &Store| -> String {
+            s.db()
+                .expect("db")
+                .query_row(
+                    "SELECT password_hash FROM users WHERE name = 'old'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("row")
+        };
+        let legacy = legacy_password_hash("salt1", "pw");
+        s.db()
+            .expect("db")
+            .execute(
+                "INSERT INTO users (name, password_hash, salt, project_id) VALUES ('old', ?1, 'salt1', ?2)",
+                params![legacy, p.project_id],
+            )
+            .expect("insert");
+        assert_eq!(s.check_user("old", "bad").expect("q"), None);
+        assert_eq!(stored(&s), legacy);
+        assert_eq!(
+            s.check_user("old", "pw").expect("q"),
+            Some(p.project_id.clone())
+        );
+        let upgraded = stored(&s);
+        assert!(upgraded.starts_with("pbkdf2-sha256$"), "{upgraded}");
+        assert_eq!(
+            s.check_user("old", "pw").expect("q"),
+            Some(p.project_id.clone())
+        );
+        assert_eq!(s.check_user("old", "bad").expect("q"), None);
     }
 
     /// Jobs are sent in the order they were made even when the host's
