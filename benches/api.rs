@@ -134,7 +134,7 @@ struct Agents {
 
 impl Agents {
     fn start(dir: &std::path::Path, addrs: &[String]) -> Self {
-        let bin = bins::built(&["cph-agent", "cph-runtime"]);
+        let bin = bins::built();
         let exe = bin.join("cph-agent");
         let mut children = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {

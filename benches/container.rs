@@ -28,7 +28,7 @@ use bins::image;
 
 /// `cph-shim` of this build, brought up to date.
 fn shim() -> PathBuf {
-    bins::built(&["cph-runtime"]).join("cph-shim")
+    bins::built().join("cph-shim")
 }
 
 fn wait_ready(marker: &Path) -> Duration {

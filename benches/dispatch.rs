@@ -96,7 +96,7 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; under `cargo test` it is a smoke run.
     let full = std::env::args().any(|a| a == "--bench");
-    let bin = bins::built(&["cph-agent", "cph-runtime"]);
+    let bin = bins::built();
     let image = bins::image();
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");

@@ -137,12 +137,16 @@ image=${CPH_TEST_IMAGE:-$repo/target/images/cph-test-image.tar.gz}
     echo "export CPH_EXPECT_CGROUP_V2=1 CPH_EMULATED_CPU=1 CPH_BINS_BUILT=1 RUST_BACKTRACE=1"
     echo "rc=0"
     for t in "${tests[@]}"; do
-        bin=$(cargo test -q -p "${t%%:*}" --test "${t#*:}" --no-run --message-format=json 2>/dev/null |
-            python3 -c 'import json,sys
+        # Over the whole workspace, as the README's tests build them: the
+        # same binaries, not ones of one package's features built again.
+        bin=$(cargo test -q --workspace --test "${t#*:}" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import json,sys,tomllib
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["test"] and m.get("executable"):
-        print(m["executable"])')
+        with open(m["manifest_path"], "rb") as f:
+            if tomllib.load(f)["package"]["name"] == sys.argv[1]:
+                print(m["executable"])' "${t%%:*}")
         [ -n "$bin" ] || { echo "test binary $t not built"; exit 1; }
         echo "echo '== $t'"
         printf '%q ' "$bin" --test-threads=1 --color never "$@"

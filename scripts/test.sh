@@ -16,7 +16,7 @@ step cargo test
 RUST_TEST_THREADS="${CPH_TEST_THREADS:-2}" cargo test --workspace --all-targets
 # The extractor again as on kernels without openat2 (before 5.6).
 step archive tests without openat2
-CPH_NO_OPENAT2=1 cargo test -p cph-runtime --test archive
+CPH_NO_OPENAT2=1 cargo test --workspace --test archive
 # The runtime's container tests on cgroup v2 alone, in a virtual machine.
 step cgroup v2 VM
 scripts/cgroup-v2-vm.sh

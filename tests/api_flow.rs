@@ -2226,7 +2226,7 @@ async fn a_forgotten_host_registers_again_when_its_agent_is_back() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = Cp::start(dir.path().to_path_buf()).await;
-    let bin = bins::built(&["cph-agent"]).join("cph-agent");
+    let bin = bins::built().join("cph-agent");
     let node = format!("reregister-{}", std::process::id());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -25,10 +25,13 @@ pub fn image() -> PathBuf {
     path
 }
 
-/// Builds the binaries of `packages` in this bench's profile and returns
-/// the directory holding them (only returns it with `CPH_BINS_BUILT=1`: the
-/// caller built every binary of this checkout already).
-pub fn built(packages: &[&str]) -> PathBuf {
+/// Builds the workspace's binaries in this bench's profile and returns the
+/// directory holding them (only returns it with `CPH_BINS_BUILT=1`: the
+/// caller built every binary of this checkout already). The whole
+/// workspace, as `cargo build` and `cargo test` build it: one package's
+/// build would resolve its dependencies' features anew and compile them
+/// again.
+pub fn built() -> PathBuf {
     let exe = std::env::current_exe().expect("bench path");
     let profile_dir = exe
         .parent()
@@ -40,10 +43,7 @@ pub fn built(packages: &[&str]) -> PathBuf {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.arg("build").arg("--bins");
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
+    cmd.args(["build", "--workspace", "--bins"]);
     // Cargo's per-crate variables of this process would make build scripts
     // that read them rebuild, here and in the next ordinary build.
     for (k, _) in std::env::vars_os() {
@@ -67,6 +67,6 @@ pub fn built(packages: &[&str]) -> PathBuf {
         cmd.arg("--release");
     }
     let ok = cmd.status().expect("cargo build").success();
-    assert!(ok, "building {packages:?} failed");
+    assert!(ok, "building the workspace's binaries failed");
     profile_dir
 }

@@ -21,7 +21,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(60);
 /// first (they belong to the agent and runtime packages, which
 /// `cargo test -p cph` does not build).
 pub fn cph() -> PathBuf {
-    let dir = crate::bins::built(&["cph-agent", "cph-runtime"]);
+    let dir = crate::bins::built();
     for bin in ["cph-agent", "cph-shim"] {
         assert!(
             dir.join(bin).exists(),

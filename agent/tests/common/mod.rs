@@ -42,7 +42,10 @@ pub fn shim() -> PathBuf {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "cph-runtime", "--bin", "cph-shim"]);
+    // Selected from the whole workspace: a build of the runtime package
+    // alone would resolve its dependencies' features anew and compile them
+    // again.
+    cmd.args(["build", "--workspace", "--bin", "cph-shim"]);
     if dir.ends_with("release") {
         cmd.arg("--release");
     }
