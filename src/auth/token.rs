@@ -1,111 +1,23 @@
-//! IAM-compatible tokens (`X-Auth-Token`) and user passwords.
-//!
-//! `POST /v3/auth/tokens` with the password method returns an opaque random token in the
-//! `X-Subject-Token` header, valid 24 hours and bound to one user and project. Only the
-//! token's SHA-256 is stored; passwords are kept as salted PBKDF2-HMAC-SHA256 hashes.
+//! The secrets of IAM users: passwords, kept as salted PBKDF2-HMAC-SHA256
+//! hashes, and the tokens `POST /v3/auth/tokens` issues, of which only the
+//! SHA-256 is stored.
 
-use std::io::Read;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use serde::{Deserialize, Serialize};
 use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};
 
-use super::error::AuthError;
-use super::signing::{constant_time_eq, format_sdk_date, hmac_sha256};
+use super::signing::{constant_time_eq, hmac_sha256};
 
-/// How long an issued token is valid.
-pub const TOKEN_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// PBKDF2 iterations of a password hash.
 pub const PBKDF2_ROUNDS: u32 = 100_000;
-const TOKEN_BYTES: usize = 32;
 
-/// Failures of token and password primitives.
+/// A stored password hash that is not of this module's form.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("reading random bytes from /dev/urandom failed: {0}")]
-    Random(#[from] std::io::Error),
-    #[error("password hash {0:?} is not of the form pbkdf2-sha256$rounds$salt$hash")]
-    BadHash(String),
-}
-
-/// A token as the store keeps it: only its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    /// Lower-case hex SHA-256 of the token.
-    pub token_hash: String,
-    pub user: String,
-    pub project_id: String,
-    /// Seconds since the epoch.
-    pub issued_at: i64,
-    /// Seconds since the epoch.
-    pub expires_at: i64,
-}
-
-/// A freshly issued token: the secret for the client and the record to store.
-#[derive(Debug, Clone)]
-pub struct IssuedToken {
-    pub token: String,
-    pub record: TokenRecord,
-}
-
-fn random_bytes(n: usize) -> Result<Vec<u8>, TokenError> {
-    let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
-fn epoch_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+#[error("password hash {0:?} is not of the form pbkdf2-sha256$rounds$salt$hash")]
+pub struct BadHash(String);
 
 /// Lower-case hex SHA-256 of a token (the stored form).
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// Issues a random 32-byte token (64 hex characters) for a user and project.
-pub fn issue(user: &str, project_id: &str, now: SystemTime) -> Result<IssuedToken, TokenError> {
-    let token = hex::encode(random_bytes(TOKEN_BYTES)?);
-    let issued_at = epoch_secs(now);
-    Ok(IssuedToken {
-        record: TokenRecord {
-            token_hash: hash_token(&token),
-            user: user.to_string(),
-            project_id: project_id.to_string(),
-            issued_at,
-            expires_at: issued_at + TOKEN_VALIDITY.as_secs() as i64,
-        },
-        token,
-    })
-}
-
-/// Checks a presented token against the stored record (hash in constant time, expiry).
-pub fn check(token: &str, record: &TokenRecord, now: SystemTime) -> Result<(), AuthError> {
-    if !constant_time_eq(hash_token(token).as_bytes(), record.token_hash.as_bytes()) {
-        return Err(AuthError::UnknownToken);
-    }
-    if epoch_secs(now) >= record.expires_at {
-        return Err(AuthError::TokenExpired);
-    }
-    Ok(())
-}
-
-/// Keystone's time format: `2026-01-02T03:04:05.000000Z`.
-pub fn iso8601(epoch: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(epoch.max(0) as u64);
-    let s = format_sdk_date(t);
-    format!(
-        "{}-{}-{}T{}:{}:{}.000000Z",
-        &s[0..4],
-        &s[4..6],
-        &s[6..8],
-        &s[9..11],
-        &s[11..13],
-        &s[13..15]
-    )
 }
 
 /// SHA-256's initial state.
@@ -176,8 +88,8 @@ pub fn hash_password(password: &str, salt: &[u8]) -> String {
 }
 
 /// Verifies a password against a stored hash, comparing in constant time.
-pub fn verify_password(password: &str, stored: &str) -> Result<bool, TokenError> {
-    let bad = || TokenError::BadHash(stored.to_string());
+pub fn verify_password(password: &str, stored: &str) -> Result<bool, BadHash> {
+    let bad = || BadHash(stored.to_string());
     let parts: Vec<&str> = stored.split('$').collect();
     let [scheme, rounds, salt, hash] = parts[..] else {
         return Err(bad());
@@ -192,226 +104,27 @@ pub fn verify_password(password: &str, stored: &str) -> Result<bool, TokenError>
     Ok(constant_time_eq(&got, &hash))
 }
 
-// ---- wire types of POST /v3/auth/tokens and GET /v3/projects ----
-
-/// Body of `POST /v3/auth/tokens`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct TokenRequest {
-    pub auth: AuthBody,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct AuthBody {
-    pub identity: Identity,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<Scope>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Identity {
-    /// Must contain `"password"`.
-    pub methods: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<PasswordIdentity>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct PasswordIdentity {
-    pub user: PasswordUser,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct PasswordUser {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub password: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<NameOrId>,
-}
-
-/// `{"id": ...}` or `{"name": ...}` (both optional on the wire).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct NameOrId {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Scope {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub project: Option<NameOrId>,
-}
-
-impl TokenRequest {
-    /// The user name, password, domain name and project (id or name) of a password request.
-    pub fn password_parts(&self) -> Option<(&PasswordUser, Option<&NameOrId>)> {
-        if !self.auth.identity.methods.iter().any(|m| m == "password") {
-            return None;
-        }
-        let user = &self.auth.identity.password.as_ref()?.user;
-        Some((
-            user,
-            self.auth.scope.as_ref().and_then(|s| s.project.as_ref()),
-        ))
-    }
-}
-
-/// Body of the `POST /v3/auth/tokens` answer (201, token in `X-Subject-Token`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenResponse {
-    pub token: TokenBody,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenBody {
-    pub methods: Vec<String>,
-    pub expires_at: String,
-    pub issued_at: String,
-    pub user: TokenUser,
-    pub project: TokenProject,
-    pub roles: Vec<NameOrId>,
-    pub catalog: Vec<CatalogEntry>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenUser {
-    pub id: String,
-    pub name: String,
-    pub domain: NameOrId,
-    pub password_expires_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenProject {
-    pub id: String,
-    pub name: String,
-    pub domain: NameOrId,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CatalogEntry {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub name: String,
-    pub endpoints: Vec<CatalogEndpoint>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CatalogEndpoint {
-    pub id: String,
-    pub interface: String,
-    pub region: String,
-    pub region_id: String,
-    pub url: String,
-}
-
-impl TokenBody {
-    /// The answer for an issued token; `endpoint` is this control plane's URL.
-    pub fn new(
-        record: &TokenRecord,
-        user_id: &str,
-        domain: &str,
-        project_name: &str,
-        endpoint: &str,
-    ) -> Self {
-        let domain = NameOrId {
-            id: Some(domain.to_string()),
-            name: Some(domain.to_string()),
-        };
-        TokenBody {
-            methods: vec!["password".to_string()],
-            expires_at: iso8601(record.expires_at),
-            issued_at: iso8601(record.issued_at),
-            user: TokenUser {
-                id: user_id.to_string(),
-                name: record.user.clone(),
-                domain: domain.clone(),
-                password_expires_at: String::new(),
-            },
-            project: TokenProject {
-                id: record.project_id.clone(),
-                name: project_name.to_string(),
-                domain,
-            },
-            roles: vec![NameOrId {
-                id: Some("cph_adm".to_string()),
-                name: Some("cph_adm".to_string()),
-            }],
-            catalog: vec![CatalogEntry {
-                id: "cph".to_string(),
-                kind: "cph".to_string(),
-                name: "cph".to_string(),
-                endpoints: vec![CatalogEndpoint {
-                    id: "cph-local".to_string(),
-                    interface: "public".to_string(),
-                    region: "local".to_string(),
-                    region_id: "local".to_string(),
-                    url: endpoint.to_string(),
-                }],
-            }],
-        }
-    }
-}
-
-/// Body of `GET /v3/projects` (the SDK reads `projects[0].id`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProjectsResponse {
-    pub projects: Vec<ProjectEntry>,
-    pub links: ProjectLinks,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProjectEntry {
-    pub id: String,
-    pub name: String,
-    pub domain_id: String,
-    pub enabled: bool,
-    pub is_domain: bool,
-    pub parent_id: String,
-    pub description: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProjectLinks {
-    #[serde(rename = "self")]
-    pub self_link: String,
-    pub next: Option<String>,
-    pub previous: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn issue_and_check() {
-        let now = SystemTime::now();
-        let t = issue("alice", "p1", now).expect("issue");
-        assert_eq!(t.token.len(), 64);
-        assert_ne!(t.record.token_hash, t.token);
-        assert!(check(&t.token, &t.record, now).is_ok());
-        assert_eq!(check("nope", &t.record, now), Err(AuthError::UnknownToken));
-        let later = now + TOKEN_VALIDITY + Duration::from_secs(1);
+    fn tokens_are_stored_as_their_hash() {
+        let h = hash_token("abc");
         assert_eq!(
-            check(&t.token, &t.record, later),
-            Err(AuthError::TokenExpired)
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        let other = issue("alice", "p1", now).expect("issue");
-        assert_ne!(other.token, t.token);
+        assert_ne!(hash_token("abd"), h);
     }
 
     #[test]
     fn passwords() {
-        let salt = random_bytes(16).expect("salt");
-        let h = hash_password("s3cret", &salt);
+        let h = hash_password("s3cret", b"0123456789abcdef");
+        assert!(h.starts_with("pbkdf2-sha256$100000$30313233"), "{h}");
         assert!(verify_password("s3cret", &h).expect("verify"));
         assert!(!verify_password("s3cret!", &h).expect("verify"));
-        assert_ne!(h, hash_password("s3cret", &random_bytes(16).expect("salt")));
+        assert_ne!(h, hash_password("s3cret", b"0123456789abcdeF"));
         assert!(verify_password("x", "plain").is_err());
     }
 
@@ -432,30 +145,5 @@ mod tests {
             hex::encode(pbkdf2_sha256(&[b'x'; 100], b"salt", 2)),
             "d43a18cd77bafc1a4b0c6025dbbf29c7e6d67acce6ad02a736d4a3003b6a3c26"
         );
-    }
-
-    #[test]
-    fn token_request_parses_and_response_shape() {
-        let body = r#"{"auth":{"identity":{"methods":["password"],"password":{"user":
-            {"name":"alice","password":"pw","domain":{"name":"dom"}}}},
-            "scope":{"project":{"name":"cn-north-4"}}}}"#;
-        let req: TokenRequest = serde_json::from_str(body).expect("parses");
-        let (user, project) = req.password_parts().expect("password method");
-        assert_eq!(user.name.as_deref(), Some("alice"));
-        assert_eq!(project.and_then(|p| p.name.as_deref()), Some("cn-north-4"));
-        let rec = TokenRecord {
-            token_hash: String::new(),
-            user: "alice".into(),
-            project_id: "p1".into(),
-            issued_at: 1_700_000_000,
-            expires_at: 1_700_086_400,
-        };
-        let v = serde_json::to_value(TokenResponse {
-            token: TokenBody::new(&rec, "u1", "dom", "cn-north-4", "http://127.0.0.1:8443"),
-        })
-        .expect("json");
-        assert_eq!(v["token"]["expires_at"], "2023-11-15T22:13:20.000000Z");
-        assert_eq!(v["token"]["project"]["id"], "p1");
-        assert_eq!(v["token"]["catalog"][0]["type"], "cph");
     }
 }

@@ -271,4 +271,10 @@ CREATE TABLE server_share_filesystems (
     r#"
 ALTER TABLE servers ADD COLUMN encoder_access_infos TEXT NOT NULL DEFAULT '[]';
 "#,
+    // 13: tokens are kept as their SHA-256 from now on; the ones issued
+    // before were kept as they are and are dropped (they last a day: their
+    // users ask for new ones).
+    r#"
+DELETE FROM tokens;
+"#,
 ];

@@ -1005,7 +1005,8 @@ impl Store {
         Ok(Some(project))
     }
 
-    /// Records an issued token.
+    /// Records an issued token: its SHA-256, not the token, which only its
+    /// holder keeps.
     pub fn put_token(
         &self,
         token: &str,
@@ -1017,7 +1018,7 @@ impl Store {
         c.execute("DELETE FROM tokens WHERE expires_at < ?1", [now_secs()])?;
         c.execute(
             "INSERT OR REPLACE INTO tokens (token, user_name, project_id, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![token, user, project_id, expires_at],
+            params![crate::auth::token::hash_token(token), user, project_id, expires_at],
         )?;
         Ok(())
     }
@@ -1028,7 +1029,7 @@ impl Store {
             .db()?
             .query_row(
                 "SELECT project_id FROM tokens WHERE token = ?1 AND expires_at > ?2",
-                params![token, now_secs()],
+                params![crate::auth::token::hash_token(token), now_secs()],
                 |r| r.get(0),
             )
             .optional()?)
@@ -2443,6 +2444,25 @@ mod tests {
         );
         assert_eq!(s.check_user("alice", "bad").expect("q"), None);
         assert_eq!(s.check_user("bob", "pw").expect("q"), None);
+    }
+
+    /// The store holds a token's hash: what it holds does not open the API.
+    #[test]
+    fn tokens_are_kept_as_their_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open_dir(dir.path()).expect("open");
+        let p = s.create_project("p").expect("project");
+        s.put_token("tok-1", "alice", &p.project_id, now_secs() + 60)
+            .expect("put");
+        let kept: String = s
+            .db()
+            .expect("db")
+            .query_row("SELECT token FROM tokens", [], |r| r.get(0))
+            .expect("row");
+        assert_eq!(kept, crate::auth::token::hash_token("tok-1"));
+        assert_eq!(s.token_project("tok-1").expect("q"), Some(p.project_id));
+        assert_eq!(s.token_project(&kept).expect("q"), None);
+        assert_eq!(s.token_project("tok-2").expect("q"), None);
     }
 
     /// A user of a store made before PBKDF2 logs in with the password it
