@@ -180,16 +180,3 @@ where
     worker.abort();
     r
 }
-
-/// Creates a project with one AK/SK credential: `(project_id, ak, sk)`.
-pub fn bootstrap_project(
-    store: &Store,
-    name: &str,
-) -> Result<(String, String, String), StoreError> {
-    let p = match store.project(name)? {
-        Some(p) => p,
-        None => store.create_project(name)?,
-    };
-    let (ak, sk) = store.create_credential(&p.project_id)?;
-    Ok((p.project_id, ak, sk))
-}

@@ -114,11 +114,6 @@ pub fn tc_qdisc_show(dev: &str) -> Invocation {
     Invocation::new("tc", &["qdisc", "show", "dev", dev])
 }
 
-/// `ss -H -l -n -t -u`: the listening TCP and UDP sockets.
-pub fn ss_listening() -> Invocation {
-    Invocation::new("ss", &["-H", "-l", "-n", "-t", "-u"])
-}
-
 /// Local ports from `ss -H -l -n -t -u` (`tcp LISTEN 0 128 0.0.0.0:22 ...`).
 /// The manager reads the same sockets over sock_diag
 /// ([`super::nfnl::DiagSocket`]); this stays for checks against `ss`.

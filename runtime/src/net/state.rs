@@ -288,14 +288,6 @@ impl NetState {
         }
     }
 
-    /// Access ports held by any phone.
-    pub fn used_access_ports(&self) -> BTreeSet<u16> {
-        self.phones
-            .values()
-            .flat_map(|p| p.ports.iter().map(|m| m.access_port))
-            .collect()
-    }
-
     /// The lowest free slot and its address (slot n has host address n + 2;
     /// the bridge holds the first).
     pub fn next_slot(&self, cfg: &NetConfig) -> Result<(u32, Ipv4Addr), NetError> {
