@@ -27,18 +27,8 @@ pub fn phone_status(s: PhoneRunState) -> i32 {
 
 /// The node token as a bearer token, compared in constant time.
 pub(crate) fn check_token(st: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let want = format!("Bearer {}", st.node_token);
-    let got = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let same = got.len() == want.len()
-        && got
-            .bytes()
-            .zip(want.bytes())
-            .fold(0u8, |a, (x, y)| a | (x ^ y))
-            == 0;
-    if same && !st.node_token.is_empty() {
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if cph_agent::daemon::http::authorized(presented, &st.node_token) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized("the node token is wrong".into()))

@@ -255,13 +255,9 @@ pub fn format_sdk_date(t: SystemTime) -> String {
     )
 }
 
-/// Compares two strings in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+/// Compares two strings in time independent of where they differ (the
+/// agent's, which checks the node token the same way).
+pub use cph_agent::daemon::http::constant_time_eq;
 
 /// The project id segment of a `/v1/{project_id}/...` path.
 pub fn path_project(path: &str) -> Option<&str> {
