@@ -11,16 +11,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
+out=${CARGO_TARGET_DIR:-target}/$target
 cargo_x() { local sub=$1; shift; cargo --config cross/config.toml "$sub" --target "$target" "$@"; }
 
 if [ "${1:-}" = "--release-only" ]; then
     cargo_x build --release --bins
-    release=${CARGO_TARGET_DIR:-target}/$target/release
-    ls -l "$release/cph" "$release/cph-agent" "$release/cph-shim"
+    ls -l "$out/release/cph" "$out/release/cph-agent" "$out/release/cph-shim"
     exit 0
 fi
 cargo_x build --workspace --bins
-file "${CARGO_TARGET_DIR:-target}/$target/debug/cph" "${CARGO_TARGET_DIR:-target}/$target/debug/cph-agent"
+file "$out/debug/cph" "$out/debug/cph-agent"
 # Tests that start the project's binaries run them through the emulator too.
 export CPH_SPAWN_WRAPPER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
 if [ "${1:-}" = "--build-only" ]; then

@@ -15,15 +15,21 @@ use sha2::{Digest, Sha256};
 /// Where a phone's key is, beneath its root (mode 0600, root's).
 pub const KEY_PATH: &str = "data/misc/cph/connect_key";
 
-/// HMAC-SHA256 (RFC 2104).
-pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
+/// HMAC-SHA256's key as one SHA-256 block: the key, hashed first when
+/// longer than the block, padded with zeros (RFC 2104).
+pub fn hmac_key_block(key: &[u8]) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    if key.len() > k.len() {
         k[..32].copy_from_slice(&Sha256::digest(key));
     } else {
         k[..key.len()].copy_from_slice(key);
     }
+    k
+}
+
+/// HMAC-SHA256 (RFC 2104).
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let k = hmac_key_block(key);
     let mut inner = Sha256::new();
     inner.update(k.map(|b| b ^ 0x36));
     inner.update(msg);

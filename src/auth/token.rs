@@ -54,12 +54,7 @@ fn state_bytes(state: [u32; 8]) -> [u8; 32] {
 /// computed once and each round costs two compressions (the textbook form
 /// takes four), done by the `sha2` crate's compression function directly.
 fn pbkdf2_sha256(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
-    let mut key = [0u8; 64];
-    if password.len() > key.len() {
-        key[..32].copy_from_slice(&Sha256::digest(password));
-    } else {
-        key[..password.len()].copy_from_slice(password);
-    }
+    let key = cph_agent::connect::hmac_key_block(password);
     let inner = sha256_compress(SHA256_IV, &key.map(|b| b ^ 0x36));
     let outer = sha256_compress(SHA256_IV, &key.map(|b| b ^ 0x5c));
     let mut msg = salt.to_vec();
