@@ -41,9 +41,13 @@ struct UserBody {
 }
 
 pub async fn issue_token(State(st): State<Shared>, Json(body): Json<TokenRequest>) -> Response {
-    match issue(&st, body) {
-        Ok(r) => r,
-        Err(e) => Failure(e).into_response(),
+    // The password check is a PBKDF2 of 100,000 rounds: run on the blocking
+    // pool, so a burst of logins does not hold the workers other requests
+    // are served on.
+    match tokio::task::spawn_blocking(move || issue(&st, body)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Failure(e).into_response(),
+        Err(e) => Failure(ApiError::Internal(format!("token issue: {e}"))).into_response(),
     }
 }
 

@@ -987,6 +987,12 @@ impl Store {
             )
             .optional()?;
         let Some((hash, salt, project)) = row else {
+            // As long as a wrong password, so the answer's time does not
+            // tell which user names exist.
+            std::hint::black_box(crate::auth::token::hash_password(
+                password,
+                b"cph-no-such-user",
+            ));
             return Ok(None);
         };
         if hash.starts_with("pbkdf2-sha256$") {
