@@ -79,6 +79,7 @@ fn fill(dir: &std::path::Path, n: usize, agents: &[String]) -> (String, Vec<Stri
             ports: "[]".into(),
             band_width_id: String::new(),
             property: "{}".into(),
+            new_bandwidth: None,
             servers: chunk
                 .iter()
                 .enumerate()

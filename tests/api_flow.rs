@@ -878,7 +878,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
                 r.body
             );
         } else {
-            assert_eq!(r.status, 429);
+            // The reference's error table: 400 with CPS.0042.
+            assert_eq!((r.status, &r.body["error_code"]), (400, &json!("CPS.0042")));
         }
     }
 
@@ -1294,6 +1295,21 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .as_str()
         .is_some_and(|o| o.starts_with("CS")));
     let job = r.body["job_id"].as_str().expect("job_id").to_string();
+    // Its request id finds the job.
+    let request = r.body["request_id"].as_str().expect("request_id");
+    let listed = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        listed.body["jobs"][0]["job_id"],
+        json!(job),
+        "{:?}",
+        listed.body
+    );
     let sent = sent_job(&seen, &job).await;
     assert_eq!(sent["kind"], "change_flavor");
     assert_eq!(sent["server_id"], json!(sid));
@@ -1751,6 +1767,172 @@ async fn server_deletion_waits_for_earlier_jobs_and_frees_the_host() {
     }
     assert_ne!(buy(&cp, &seen, 1).await, vec![sid]);
     beat.abort();
+    cp.stop().await;
+}
+
+/// A project's bandwidths are found by id however many it has (each order
+/// of a new bandwidth adds one; lookups once saw only the newest 100); a
+/// bandwidth update answers the request id its jobs are filed under; an
+/// order naming a keypair the project lacks is refused before anything is
+/// made; a dedicated bandwidth takes the size given, in the reference's
+/// steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidths_by_id_and_order_checks() {
+    let (_dir, cp, _url, seen) = with_nodes(&["n1", "n2", "n3"]).await;
+    let order = |band_width: Value, keypair: &str| {
+        let mut b = buy_body(1);
+        b["band_width"] = band_width;
+        b["keypair_name"] = json!(keypair);
+        b
+    };
+    let shared = json!({"band_width_share_type": 1, "band_width_size": 100,
+                        "band_width_charge_mode": 0});
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones",
+            Some(order(shared, "")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let first = r.body["server_ids"][0].as_str().expect("id").to_string();
+    wait_for(&seen, |s| s.servers.len() == 1).await;
+    let server = |id: String| {
+        let cp = &cp;
+        async move {
+            cp.call("GET", &format!("/v1/{{p}}/cloud-phone/servers/{id}"), None)
+                .await
+                .body
+        }
+    };
+    let bw = server(first.clone()).await["band_widths"][0]["band_width_id"]
+        .as_str()
+        .expect("the server's bandwidth")
+        .to_string();
+    // 100 newer bandwidths of the project.
+    let store = cph::store::Store::open_dir(&cp.dir).expect("store");
+    for i in 0..100 {
+        store
+            .insert_bandwidth(&cph::store::Bandwidth {
+                band_width_id: format!("bw-{i:03}"),
+                project_id: cp.project_id.clone(),
+                band_width_name: format!("other-{i}"),
+                band_width_size: 10,
+                band_width_share_type: 1,
+                band_width_charge_mode: 0,
+                create_time: "2026-01-01T00:00:00Z".into(),
+                update_time: "2026-01-01T00:00:00Z".into(),
+            })
+            .expect("bandwidth");
+    }
+    let shown = server(first.clone()).await;
+    assert_eq!(
+        shown["band_widths"][0]["band_width_id"],
+        json!(bw),
+        "{shown}"
+    );
+
+    // The update finds it and answers the request id of its job.
+    let r = cp
+        .call(
+            "PUT",
+            &format!("/v1/{{p}}/cloud-phone/bandwidths/{bw}"),
+            Some(json!({"band_width_size": 200})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let request = r.body["request_id"].as_str().expect("request_id");
+    let jobs = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        jobs.body["jobs"][0]["server_id"],
+        json!(first),
+        "{:?}",
+        jobs.body
+    );
+
+    // A keypair the project lacks: CPS.0067, no server made.
+    let joined = json!({"band_width_id": bw});
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones",
+            Some(order(joined.clone(), "no-such-keypair")),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0067", "{:?}", r.body);
+    let listed = cp.call("GET", "/v1/{p}/cloud-phone/servers", None).await;
+    assert_eq!(listed.body["count"], 1, "{:?}", listed.body);
+
+    // An order joining it by id.
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones",
+            Some(order(joined, "")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let second = r.body["server_ids"][0].as_str().expect("id").to_string();
+    let shown = server(second).await;
+    assert_eq!(
+        (
+            &shown["band_widths"][0]["band_width_id"],
+            &shown["band_widths"][0]["band_width_size"]
+        ),
+        (&json!(bw), &json!(200)),
+        "{shown}"
+    );
+
+    // Dedicated: the size given, in the reference's steps.
+    for bad in [0, 301, 2500] {
+        let dedicated = json!({"band_width_share_type": 0, "band_width_size": bad});
+        let r = cp
+            .call(
+                "POST",
+                "/v1/{p}/cloud-phone/phones",
+                Some(order(dedicated, "")),
+            )
+            .await;
+        assert_eq!(r.body["error_code"], "CPS.0036", "{bad}: {:?}", r.body);
+    }
+    let dedicated = json!({"band_width_share_type": 0, "band_width_size": 50});
+    let r = cp
+        .call(
+            "POST",
+            "/v1/{p}/cloud-phone/phones",
+            Some(order(dedicated, "")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let third = r.body["server_ids"][0].as_str().expect("id").to_string();
+    let shown = server(third).await;
+    assert_eq!(
+        shown["band_widths"][0]["band_width_size"],
+        json!(50),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["band_widths"][0]["band_width_share_type"],
+        json!(0),
+        "{shown}"
+    );
+
+    // A share-apps deletion of more package names than a job takes.
+    let names: Vec<String> = (0..101).map(|i| format!("com.example.app{i}")).collect();
+    let r = cp
+        .call(
+            "DELETE",
+            "/v1/{p}/cloud-phone/phones/share-apps",
+            Some(json!({"server_ids": [first], "package_names": names})),
+        )
+        .await;
+    assert_eq!(r.body["error_code"], "CPS.0001", "{:?}", r.body);
     cp.stop().await;
 }
 

@@ -346,7 +346,7 @@ impl ApiError {
             E::InsufficientBms(_) => (bad, "CPS.0242"),
             E::ServerModelNotFound(_) => (bad, "CPS.0246"),
             E::SameModel => (bad, "CPS.0250"),
-            E::SyncShellRate => (StatusCode::TOO_MANY_REQUESTS, "CPS.0042"),
+            E::SyncShellRate => (bad, "CPS.0042"),
             E::NotFound => (StatusCode::NOT_FOUND, "CPS.0001"),
             E::Forbidden => (StatusCode::FORBIDDEN, "CPS.0001"),
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "APIG.0301"),

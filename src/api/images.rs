@@ -192,10 +192,16 @@ pub async fn create(
         object,
     };
     let server_id = phone.server_id.clone();
-    let job_id = submit(&st, &c.project_id, vec![Target::Phone(phone, kind)])
-        .map(|answer| answer["jobs"][0]["job_id"].as_str().map(str::to_string));
-    match job_id {
-        Ok(Some(job_id)) => Ok(Reply::ok(json!({"image_id": image_id, "job_id": job_id}))),
+    let job = submit(&st, &c.project_id, vec![Target::Phone(phone, kind)]).map(|answer| {
+        let job_id = answer["jobs"][0]["job_id"].as_str().map(str::to_string);
+        job_id.map(|j| (j, answer["request_id"].clone()))
+    });
+    match job {
+        Ok(Some((job_id, request_id))) => Ok(Reply::ok(json!({
+            "request_id": request_id,
+            "image_id": image_id,
+            "job_id": job_id,
+        }))),
         // No job will end it: the image goes rather than stay creating.
         // A phone's job is refused only when its server began to be
         // deleted since the check above.

@@ -184,9 +184,13 @@ pub fn submit(st: &Shared, project_id: &str, targets: Vec<Target>) -> Result<Val
             }
         }
     }
-    for job_id in st.store.insert_jobs(&rows)? {
+    let failed = st.store.insert_jobs(&rows)?;
+    for job_id in &failed {
         tracing::info!(%job_id, "job's server moved or is being deleted as it was made, failed");
     }
+    // As if its agent had failed it: an image it was to make reads failed
+    // rather than creating for ever.
+    crate::dispatch::after_failures(&st.store, &failed);
     st.dispatcher.kick();
     Ok(json!({"request_id": request_id, "jobs": out}))
 }

@@ -45,15 +45,14 @@ pub async fn bandwidth_update(
     Path((_p, id)): Path<(String, String)>,
     Json(b): Json<BandwidthBody>,
 ) -> ApiResult {
-    let bws = st.store.list_bandwidths(&c.project_id, 0, 100)?;
-    let bw = bws
-        .iter()
-        .find(|x| x.band_width_id == id)
+    let bw = st
+        .store
+        .bandwidth(&c.project_id, &id)?
         .ok_or_else(|| ApiError::BandWidthNotFound(id.clone()))?;
     if bw.band_width_share_type != 1 {
         return Err(ApiError::OnlySharedBandwidth.into());
     }
-    if !bandwidth_step(b.band_width_size) {
+    if !bandwidth_step(b.band_width_size, super::servers::BANDWIDTH_MIN) {
         return Err(ApiError::BandWidthSize.into());
     }
     let size = b.band_width_size as u32;
@@ -73,10 +72,13 @@ pub async fn bandwidth_update(
             },
         })
         .collect();
-    if !targets.is_empty() {
-        submit(&st, &c.project_id, targets)?;
+    if targets.is_empty() {
+        return Ok(Reply::ok(json!({})));
     }
-    Ok(Reply::ok(json!({})))
+    // The request id the jobs are filed under: the one handle the
+    // reference's answer gives to follow them.
+    let out = submit(&st, &c.project_id, targets)?;
+    Ok(Reply::ok(json!({"request_id": out["request_id"]})))
 }
 
 /// `PUT .../servers/open-access`: each server with the keypair it gets.
@@ -259,11 +261,12 @@ pub async fn encode_servers_restart(
     Ok(Reply::ok(out))
 }
 
-/// A shared bandwidth's new size (Mbit/s): within the sizes on sale, in
-/// steps of 1 up to 300, of 50 up to 1,000 and of 500 beyond, as the
-/// reference's minimum increments say.
-fn bandwidth_step(size: i64) -> bool {
-    let on_sale = super::servers::BANDWIDTH_MIN as i64..=super::servers::BANDWIDTH_MAX as i64;
+/// A bandwidth size (Mbit/s) from `min` up to the largest on sale, in steps
+/// of 1 up to 300, of 50 up to 1,000 and of 500 beyond, as the reference's
+/// minimum increments say. Shared bandwidths start at
+/// [`BANDWIDTH_MIN`](super::servers::BANDWIDTH_MIN), dedicated ones at 1.
+pub(super) fn bandwidth_step(size: i64, min: u32) -> bool {
+    let on_sale = i64::from(min)..=i64::from(super::servers::BANDWIDTH_MAX);
     on_sale.contains(&size)
         && match size {
             ..=300 => true,
@@ -277,10 +280,12 @@ mod tests {
     #[test]
     fn bandwidth_sizes_in_the_reference_steps() {
         for ok in [5, 299, 300, 350, 1000, 1500, 2000] {
-            assert!(super::bandwidth_step(ok), "{ok}");
+            assert!(super::bandwidth_step(ok, 5), "{ok}");
         }
         for bad in [0, 4, 301, 351, 999, 1050, 1200, 2500] {
-            assert!(!super::bandwidth_step(bad), "{bad}");
+            assert!(!super::bandwidth_step(bad, 5), "{bad}");
         }
+        assert!(super::bandwidth_step(1, 1));
+        assert!(!super::bandwidth_step(0, 1));
     }
 }

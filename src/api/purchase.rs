@@ -12,9 +12,7 @@ use serde_json::{json, Value};
 
 use super::extract::Json;
 use super::phones::VOLUME_MAX_GIB;
-use super::servers::{
-    BANDWIDTH_DEDICATED, BANDWIDTH_MAX, BANDWIDTH_MIN, MAX_COUNT, MAX_PORTS, SERVER_NAME_MAX,
-};
+use super::servers::{BANDWIDTH_DEDICATED, BANDWIDTH_MIN, MAX_COUNT, MAX_PORTS, SERVER_NAME_MAX};
 use super::validate;
 use super::{ApiError, ApiResult, Caller, Reply, Shared};
 use crate::catalog::{Catalog, ServerModel};
@@ -204,10 +202,9 @@ fn bandwidth_of(
         });
     };
     if let Some(id) = bw.band_width_id.as_deref().filter(|s| !s.is_empty()) {
-        let found = st.store.list_bandwidths(project_id, 0, 100)?;
-        let f = found
-            .iter()
-            .find(|x| x.band_width_id == id)
+        let f = st
+            .store
+            .bandwidth(project_id, id)?
             .ok_or(ApiError::BandWidthId)?;
         return Ok(BandwidthChoice {
             size: f.band_width_size,
@@ -215,17 +212,17 @@ fn bandwidth_of(
             new: None,
         });
     }
-    let size = match bw.band_width_share_type {
-        Some(0) => BANDWIDTH_DEDICATED,
-        Some(1) => {
-            let size = bw.band_width_size.ok_or(ApiError::BandWidthSize)?;
-            if !(BANDWIDTH_MIN as i64..=BANDWIDTH_MAX as i64).contains(&size) {
-                return Err(ApiError::BandWidthSize);
-            }
-            size as u32
-        }
+    // A dedicated bandwidth is 300 Mbit/s unless a size is given (1 to
+    // 2,000); a shared one needs its size (5 to 2,000); both in the
+    // reference's increments.
+    let (given, min) = match bw.band_width_share_type {
+        Some(0) => (bw.band_width_size.or(Some(BANDWIDTH_DEDICATED.into())), 1),
+        Some(1) => (bw.band_width_size, BANDWIDTH_MIN),
         _ => return Err(ApiError::BandWidthShareType),
     };
+    let size = given
+        .filter(|&s| super::misc::bandwidth_step(s, min))
+        .ok_or(ApiError::BandWidthSize)? as u32;
     if bw.band_width_charge_mode.is_some_and(|m| m != 0 && m != 1) {
         return Err(ApiError::BandWidth);
     }
@@ -303,7 +300,11 @@ async fn buy(st: Shared, c: Caller, b: BuyBody, flavor: Flavor) -> ApiResult {
         }
     }
     let public_key = match b.keypair_name.as_deref() {
-        Some(k) if !k.is_empty() => st.store.keypair(&c.project_id, k)?,
+        Some(k) if !k.is_empty() => Some(
+            st.store
+                .keypair(&c.project_id, k)?
+                .ok_or_else(|| ApiError::KeypairNotFound(k.to_string()))?,
+        ),
         _ => None,
     };
     let _ = &b.nics;
@@ -381,6 +382,19 @@ fn place_order(st: &Shared, c: &Caller, p: Purchase<'_>) -> ApiResult {
         property: serde_json::to_string(&p.property)
             .map_err(|e| ApiError::Internal(e.to_string()))?,
         servers,
+        new_bandwidth: p.bandwidth.new.map(|(share_type, charge_mode)| {
+            let now = crate::store::now_string();
+            crate::store::Bandwidth {
+                band_width_id: p.bandwidth.id.clone(),
+                project_id: c.project_id.clone(),
+                band_width_name: format!("{}-bandwidth", p.server_name),
+                band_width_size: p.bandwidth.size,
+                band_width_share_type: share_type,
+                band_width_charge_mode: charge_mode,
+                create_time: now.clone(),
+                update_time: now,
+            }
+        }),
     };
     let Some(created) = st.store.assign_servers(&order)? else {
         return Err(match p.flavor {
@@ -389,19 +403,6 @@ fn place_order(st: &Shared, c: &Caller, p: Purchase<'_>) -> ApiResult {
         }
         .into());
     };
-    if let Some((share_type, charge_mode)) = p.bandwidth.new {
-        let now = crate::store::now_string();
-        st.store.insert_bandwidth(&crate::store::Bandwidth {
-            band_width_id: order.band_width_id.clone(),
-            project_id: c.project_id.clone(),
-            band_width_name: format!("{}-bandwidth", p.server_name),
-            band_width_size: p.bandwidth.size,
-            band_width_share_type: share_type,
-            band_width_charge_mode: charge_mode,
-            create_time: now.clone(),
-            update_time: now,
-        })?;
-    }
     st.dispatcher.kick();
     tracing::info!(order_id = %order_id, count = created.len(), "servers assigned");
     Ok(Reply::ok(json!({

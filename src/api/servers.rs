@@ -103,10 +103,9 @@ pub async fn detail(
         .server(&c.project_id, &server_id)?
         .ok_or(ApiError::ServerNotFound(server_id))?;
     let mut v = server_json(&s);
-    let bws = st.store.list_bandwidths(&c.project_id, 0, 100)?;
-    v["band_widths"] = json!(bws
+    let bw = st.store.bandwidth(&c.project_id, &s.band_width_id)?;
+    v["band_widths"] = json!(bw
         .iter()
-        .filter(|b| b.band_width_id == s.band_width_id)
         .map(super::misc::bandwidth_json)
         .collect::<Vec<_>>());
     // The host's pools as its agent last measured them: the thinpool
@@ -372,12 +371,8 @@ pub async fn delete(
     if b.server_ids.is_empty() {
         return Err(ApiError::ServerIdsEmpty.into());
     }
-    let mut ids: Vec<&String> = Vec::new();
-    for id in &b.server_ids {
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<&String> = b.server_ids.iter().filter(|id| seen.insert(*id)).collect();
     if ids.len() > MAX_DELETE {
         return Err(ApiError::TooManyServerIds(MAX_DELETE).into());
     }
@@ -590,8 +585,14 @@ pub async fn share_apps_delete(
     // taken too.
     let mut names = b.package_names.clone().unwrap_or_default();
     names.extend(b.package_name.clone());
+    names.sort();
+    names.dedup();
     if names.is_empty() {
         return Err(ApiError::PackageName.into());
+    }
+    // Each server's job carries the whole list.
+    if names.len() > MAX_SHARE_APP_DELETES {
+        return Err(ApiError::Field("package_names").into());
     }
     for n in &names {
         validate::share_package(n)?;
@@ -604,6 +605,10 @@ pub async fn share_apps_delete(
     })?;
     Ok(Reply::ok(submit(&st, &c.project_id, t)?))
 }
+
+/// Package names one share-apps deletion takes at most (the reference's call
+/// names one; a list in `package_names` is this platform's).
+const MAX_SHARE_APP_DELETES: usize = 100;
 
 /// `POST .../servers/change-server-model`: one server and its new flavors.
 #[derive(Deserialize)]
@@ -708,7 +713,9 @@ pub async fn change_model(
         }],
     )?;
     let order_id = format!("CS{}", &new_id()[..15].to_uppercase());
+    // The request id its job is filed under, so `jobs?request_id=` finds it.
     Ok(Reply::ok(json!({
+        "request_id": out["request_id"],
         "order_id": order_id,
         "product_id": cur.product_id,
         "job_id": out["jobs"][0]["job_id"],
@@ -854,6 +861,12 @@ pub async fn switch(
     {
         return Err(ApiError::Field("phone_count_per_ip").into());
     }
+    // A keypair named must exist (a redeploy takes the server's as it is).
+    if let Some(k) = b.keypair_name.as_deref().filter(|k| !k.is_empty()) {
+        if st.store.keypair(&c.project_id, k)?.is_none() {
+            return Err(ApiError::KeypairNotFound(k.to_string()).into());
+        }
+    }
     let sw = switch_plan(
         &st.store,
         &c.project_id,
@@ -908,9 +921,7 @@ pub(crate) fn switch_plan(
         k => store.keypair(project_id, k)?,
     };
     let band_width_size = store
-        .list_bandwidths(project_id, 0, u32::MAX)?
-        .into_iter()
-        .find(|bw| bw.band_width_id == cur.band_width_id)
+        .bandwidth(project_id, &cur.band_width_id)?
         .map_or(BANDWIDTH_DEDICATED, |bw| bw.band_width_size);
     let phone_model_name = spec.flavor.flavor_id.clone();
     let mut req = new_server(

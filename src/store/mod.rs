@@ -310,6 +310,9 @@ pub struct Order {
     pub band_width_id: String,
     pub property: String,
     pub servers: Vec<NewServer>,
+    /// The bandwidth the order makes (none when it joins an existing one),
+    /// recorded with its servers or not at all.
+    pub new_bandwidth: Option<Bandwidth>,
 }
 
 /// Seconds since the Unix epoch.
@@ -771,6 +774,26 @@ fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
             base + i as i64
         ])?;
     }
+    Ok(())
+}
+
+fn insert_bandwidth_in(c: &rusqlite::Connection, b: &Bandwidth) -> Result<()> {
+    c.execute(
+        "INSERT INTO bandwidths (band_width_id, project_id, band_width_name, band_width_size,
+           band_width_share_type, band_width_charge_mode, seq, create_time, update_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            b.band_width_id,
+            b.project_id,
+            b.band_width_name,
+            b.band_width_size,
+            b.band_width_share_type,
+            b.band_width_charge_mode,
+            now_seq(),
+            b.create_time,
+            b.update_time
+        ],
+    )?;
     Ok(())
 }
 
@@ -1379,6 +1402,9 @@ impl Store {
                     seq: base + i as i64 * 1000,
                 },
             )?;
+        }
+        if let Some(b) = &order.new_bandwidth {
+            insert_bandwidth_in(&tx, b)?;
         }
         tx.commit()?;
         drop(c);
@@ -2213,23 +2239,8 @@ impl Store {
 
     /// Inserts a bandwidth.
     pub fn insert_bandwidth(&self, b: &Bandwidth) -> Result<()> {
-        self.db()?.execute(
-            "INSERT INTO bandwidths (band_width_id, project_id, band_width_name, band_width_size,
-               band_width_share_type, band_width_charge_mode, seq, create_time, update_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                b.band_width_id,
-                b.project_id,
-                b.band_width_name,
-                b.band_width_size,
-                b.band_width_share_type,
-                b.band_width_charge_mode,
-                now_seq(),
-                b.create_time,
-                b.update_time
-            ],
-        )?;
-        Ok(())
+        let c = self.db()?;
+        insert_bandwidth_in(&c, b)
     }
 
     /// A project's bandwidths, newest first.
@@ -2258,6 +2269,31 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// One bandwidth of a project.
+    pub fn bandwidth(&self, project_id: &str, id: &str) -> Result<Option<Bandwidth>> {
+        Ok(self
+            .db()?
+            .query_row(
+                "SELECT band_width_id, project_id, band_width_name, band_width_size,
+                   band_width_share_type, band_width_charge_mode, create_time, update_time
+                 FROM bandwidths WHERE project_id = ?1 AND band_width_id = ?2",
+                params![project_id, id],
+                |r| {
+                    Ok(Bandwidth {
+                        band_width_id: r.get(0)?,
+                        project_id: r.get(1)?,
+                        band_width_name: r.get(2)?,
+                        band_width_size: r.get(3)?,
+                        band_width_share_type: r.get(4)?,
+                        band_width_charge_mode: r.get(5)?,
+                        create_time: r.get(6)?,
+                        update_time: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     /// Sets a bandwidth's size.
