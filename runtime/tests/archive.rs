@@ -1514,3 +1514,53 @@ proptest::proptest! {
         }
     }
 }
+
+/// `public_modes`: everything readable by all, directories and executables
+/// searchable and runnable by all, nothing writable but by its owner,
+/// whatever modes the archive gives (a share every phone reads).
+#[test]
+fn public_modes_make_everything_readable_and_nothing_writable_by_others() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    add_dir(&mut b, "private", 0o700);
+    add_dir(&mut b, "open", 0o777);
+    add_file(&mut b, "private/secret", b"s", 0o600);
+    add_file(&mut b, "open/everyone", b"e", 0o666);
+    add_file(&mut b, "open/tool", b"#!/bin/sh\n", 0o700);
+    let opts = ExtractOptions {
+        public_modes: true,
+        ..ExtractOptions::default()
+    };
+    extract(&finish(b)[..], &s.target, &opts).expect("extract");
+    let mode = |p: &str| fs::metadata(s.target.join(p)).expect(p).permissions().mode() & 0o7777;
+    for (path, want) in [
+        ("private", 0o755),
+        ("open", 0o755),
+        ("private/secret", 0o644),
+        ("open/everyone", 0o644),
+        ("open/tool", 0o755),
+    ] {
+        assert_eq!(mode(path), want, "{path}: {:o}", mode(path));
+    }
+    s.assert_outside_untouched();
+}
+
+/// A hard link to the very file it names (directly, or through a symlinked
+/// directory) leaves the file as it was: replacing the name first would
+/// delete the file it links to.
+#[test]
+fn a_hard_link_to_itself_keeps_the_file() {
+    let s = Scene::new();
+    let mut b = Builder::new(Vec::new());
+    add_dir(&mut b, "etc", 0o755);
+    add_file(&mut b, "etc/build.prop", b"ro.x=1\n", 0o644);
+    add_link(&mut b, EntryType::Symlink, "alias", "etc");
+    add_link(&mut b, EntryType::Link, "etc/build.prop", "etc/build.prop");
+    add_link(&mut b, EntryType::Link, "alias/build.prop", "etc/build.prop");
+    extract(&finish(b)[..], &s.target, &ExtractOptions::default()).expect("extract");
+    assert_eq!(
+        fs::read(s.target.join("etc/build.prop")).expect("kept"),
+        b"ro.x=1\n"
+    );
+    s.assert_outside_untouched();
+}

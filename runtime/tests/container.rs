@@ -1011,6 +1011,14 @@ fn run_in_own_user_namespace(named: bool) -> bool {
         host_id,
         size: 65_536,
     });
+    // A read-only share of the host's (as the sharepool is).
+    let share = tempfile::tempdir().expect("tempdir");
+    std::fs::write(share.path().join("app.apk"), "apk\n").expect("write");
+    spec.mounts.push(cph_runtime::container::BindMount {
+        source: share.path().to_path_buf(),
+        target: PathBuf::from("/data/share"),
+        read_only: true,
+    });
     if named {
         let made = std::process::Command::new("ip")
             .args(["netns", "add", &ns])
@@ -1084,6 +1092,19 @@ fn run_in_own_user_namespace(named: bool) -> bool {
         let meta = std::fs::metadata(f.rootfs.join(file)).expect(file);
         assert_eq!((meta.uid(), meta.gid()), (0, 0), "{file} on disk");
     }
+    // The share reads, and stays read-only: the phone's root cannot
+    // remount it writable (its flags are locked), so nothing it writes
+    // reaches the host's copy every phone shares.
+    assert_eq!(f.sh(&name, "cat /data/share/app.apk"), ("apk".to_string(), Some(0)));
+    let (out, code) = f.sh(
+        &name,
+        "mount -o remount,bind,rw /data/share 2>&1; echo x > /data/share/planted 2>&1",
+    );
+    assert_ne!(code, Some(0), "wrote into the read-only share: {out}");
+    assert!(
+        !share.path().join("planted").exists(),
+        "the phone's write reached the host's share"
+    );
     // No host privileges: not even a /dev/null node can be made, while
     // the bound /dev/null works.
     assert!(device_refused(&f, &name, 1, 3), "mknod in a user namespace");

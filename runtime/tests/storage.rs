@@ -493,6 +493,13 @@ fn layout_is_rediscovered_after_restart_and_reboot() {
     std::fs::write(s.share_paths().unwrap().files.join("shared.txt"), b"s").unwrap();
     // Idempotent prepare on a live pool.
     s.prepare().unwrap();
+    // Phones' roots and images are root's alone: no other host user can
+    // run what a phone made setuid there.
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [v.parent().unwrap().to_path_buf(), v.parent().unwrap().with_file_name("images")] {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+    }
     drop(s);
 
     // Agent restart: a new handle over the mounted pool.
@@ -656,6 +663,11 @@ fn overlay_backend_clones_resets_and_remounts() {
     let g = Guard(OverlayStorage::new(cfg.clone()));
     let s = &g.0;
     s.prepare().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["images", "volumes"] {
+        let mode = std::fs::metadata(cfg.root.join(d)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{d} is root's alone");
+    }
     import_dyn(s, "img", &make_image(&[("etc/os", b"one\n")]));
     import_dyn(s, "img2", &make_image(&[("etc/os", b"two\n")]));
     let a = s.create_volume("pa", "img", 0).unwrap();
@@ -827,6 +839,14 @@ fn an_image_update_cut_off_keeps_the_phone_data() {
             btrfs(&["subvolume", "delete", &text(&v)]);
         }
     }
+    // A reset cut off after the old volume was deleted: the fresh clone
+    // of the image is there, under its temporary name.
+    let v = s.create_volume("phone-c", "img", 32 << 20).unwrap();
+    std::fs::write(v.join("data/mine"), b"before the reset\n").unwrap();
+    let tmp = v.with_file_name(".reset-phone-c");
+    let image = v.parent().unwrap().with_file_name("images").join("img");
+    btrfs(&["subvolume", "snapshot", &text(&image), &text(&tmp)]);
+    btrfs(&["subvolume", "delete", &text(&v)]);
     drop(s);
     // The agent starts again.
     let s = pool.open();
@@ -838,6 +858,12 @@ fn an_image_update_cut_off_keeps_the_phone_data() {
         b"new volume\n",
         "the new volume took its place"
     );
+    assert_eq!(
+        std::fs::read(vol("phone-c").join("data/seed")).unwrap(),
+        b"image\n",
+        "the reset's fresh volume took its place"
+    );
+    assert!(!vol("phone-c").join("data/mine").exists());
     let volumes = vol("phone-a").parent().expect("volumes").to_path_buf();
     let left: Vec<String> = std::fs::read_dir(&volumes)
         .unwrap()

@@ -655,11 +655,27 @@ impl Writer<'_> {
             } => {
                 let name = cname(&rel)?;
                 let dir = parent.as_raw_fd();
-                replace(dir, &name, || {
-                    sys::linkat(tparent.as_raw_fd(), &tname, dir, &name)
-                })
-                .map_err(|e| self.io("create hard link", &rel, e))?;
-                self.record(&rel);
+                let link = || sys::linkat(tparent.as_raw_fd(), &tname, dir, &name);
+                match link() {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        // A link to what is already there (itself, or the
+                        // same file through a linked directory) is done:
+                        // removing the name first would lose the file.
+                        let same = sys::same_inode(tparent.as_raw_fd(), &tname, dir, &name)
+                            .map_err(|e| self.io("create hard link", &rel, e))?;
+                        if !same {
+                            // Once the old name is gone the path counts as
+                            // written, whether the link then succeeds or not.
+                            let replaced = replace(dir, &name, link);
+                            self.record(&rel);
+                            replaced.map_err(|e| self.io("create hard link", &rel, e))?;
+                        }
+                    }
+                    r => {
+                        r.map_err(|e| self.io("create hard link", &rel, e))?;
+                        self.record(&rel);
+                    }
+                }
                 Ok(())
             }
             Job::Barrier(_) => Ok(()),
@@ -1126,7 +1142,11 @@ impl Parser<'_> {
             entries,
             detail: e.to_string(),
         };
-        let mode = h.mode().map_err(corrupt)? & 0o1777;
+        let mut mode = h.mode().map_err(corrupt)? & 0o1777;
+        if self.opts.public_modes {
+            let searchable = h.entry_type().is_dir() || mode & 0o111 != 0;
+            mode = (mode | 0o444 | if searchable { 0o111 } else { 0 }) & !0o022;
+        }
         // Empty numeric fields (some writers leave them blank) read as 0.
         let owner = match self.opts.ownership {
             super::Ownership::Unchanged => None,

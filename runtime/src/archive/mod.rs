@@ -75,6 +75,10 @@ pub struct ExtractOptions {
     pub ownership: Ownership,
     /// Set modification times from the archive (as GNU tar does).
     pub preserve_mtime: bool,
+    /// Every entry readable by all (directories and executables searchable
+    /// and runnable by all) and writable by its owner alone, as GNU tar's
+    /// `--mode=a+rX,go-w`: for a share every phone reads and none writes.
+    pub public_modes: bool,
     /// Device nodes and fifos: refuse (default) or skip.
     pub special: SpecialFiles,
     /// xattr name prefixes (from PAX `SCHILY.xattr.*` records) that are set;
@@ -102,6 +106,7 @@ impl Default for ExtractOptions {
             sync: false,
             ownership: Ownership::Unchanged,
             preserve_mtime: true,
+            public_modes: false,
             special: SpecialFiles::Refuse,
             xattr_prefixes: DEFAULT_XATTR_PREFIXES
                 .iter()

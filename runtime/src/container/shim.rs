@@ -223,14 +223,20 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
             .and_then(|ns| {
                 let ns: OwnedFd = ns.into();
                 // The root; the shim's sysfs when it is in a named network
-                // namespace; then each bind mount's source, idmapped too so
-                // that its files show their owners rather than nobody.
+                // namespace; then each bind mount's source: a writable one
+                // idmapped too, so that its files show their owners rather
+                // than nobody; a read-only one as it is on the host (see
+                // `shared_tree`).
                 let mut trees = vec![super::userns::idmapped_tree(&spec.rootfs, &ns)?];
                 if spec.netns.is_some() {
                     trees.push(super::userns::sysfs_tree()?);
                 }
                 for b in &spec.mounts {
-                    trees.push(super::userns::idmapped_tree(&b.source, &ns)?);
+                    trees.push(if b.read_only {
+                        super::userns::shared_tree(&b.source)?
+                    } else {
+                        super::userns::idmapped_tree(&b.source, &ns)?
+                    });
                 }
                 super::userns::send_fds(sock, &trees.iter().collect::<Vec<_>>())
             });

@@ -75,18 +75,44 @@ pub(super) fn write_maps(pid: i32, u: &UserNamespace) -> Result<(), String> {
 /// A detached copy of the mount tree at `path` whose ids are those of the
 /// user namespace `userns` (`open_tree` and `mount_setattr`).
 pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, String> {
+    cloned_tree(
+        path,
+        MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        },
+    )
+}
+
+/// A detached read-only copy of the mount tree at `path`, not idmapped, for
+/// a read-only bind mount of a phone with its own user namespace (the
+/// sharepool). Its files keep the host's owners, none of which the phone's
+/// map holds (they read as nobody): its root has no privilege over them.
+/// The mount's flags could not hold alone: the phone's root owns the mount
+/// namespace it is attached in and could remount it writable; what it may
+/// then write is what any user may (the share holds nothing writable by
+/// others), and no setuid bit of an owner outside its map takes effect.
+pub(super) fn shared_tree(path: &Path) -> Result<OwnedFd, String> {
+    cloned_tree(
+        path,
+        MountAttr {
+            attr_set: u64::from(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV),
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        },
+    )
+}
+
+fn cloned_tree(path: &Path, attr: MountAttr) -> Result<OwnedFd, String> {
     let c = cpath(path)?;
     let flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
     // SAFETY: a NUL-terminated path and plain flags; returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
     let tree = owned_fd(raw).map_err(|e| format!("open_tree {}: {e}", path.display()))?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
     let empty = c"";
     // SAFETY: `tree` is an open mount fd, the path is empty (AT_EMPTY_PATH)
     // and `attr` a valid mount_attr of the size given.
@@ -102,14 +128,20 @@ pub(super) fn idmapped_tree(path: &Path, userns: &OwnedFd) -> Result<OwnedFd, St
     };
     if r < 0 {
         let e = std::io::Error::last_os_error();
-        let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+        let idmap = attr.attr_set & MOUNT_ATTR_IDMAP != 0;
+        let hint = if idmap && e.raw_os_error() == Some(libc::EINVAL) {
             " (the filesystem of the phone's root cannot be mounted idmapped on this \
              kernel: ext4 and xfs can from 5.12, btrfs from 5.15, tmpfs from 6.3; \
              an overlayfs mount cannot)"
         } else {
             ""
         };
-        return Err(format!("idmapped mount of {}: {e}{hint}", path.display()));
+        let what = if idmap {
+            "idmapped mount"
+        } else {
+            "read-only mount"
+        };
+        return Err(format!("{what} of {}: {e}{hint}", path.display()));
     }
     Ok(tree)
 }

@@ -357,6 +357,7 @@ impl BtrfsStorage {
         for d in ["images", "volumes", "meta"] {
             let p = mp.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+            super::make_private(&p)?;
         }
         let share = mp.join("share");
         if !share.exists() {
@@ -382,9 +383,22 @@ impl BtrfsStorage {
                     tracing::warn!(path = %e.path().display(), "removing interrupted staging");
                     self.delete_subvolume(&e.path())?;
                 }
-                if name.starts_with(".reset-") {
-                    tracing::warn!(path = %e.path().display(), "removing interrupted reset");
-                    self.delete_volume_subvolume(&e.path())?;
+                // A reset cut off: before the old volume was deleted the
+                // fresh one goes; after, it takes the old one's place (a
+                // reset's result, as asked).
+                if let Some(phone) = name.strip_prefix(".reset-") {
+                    let vol = dir.join(phone);
+                    if vol.symlink_metadata().is_ok() {
+                        tracing::warn!(path = %e.path().display(), "removing interrupted reset");
+                        self.delete_volume_subvolume(&e.path())?;
+                    } else {
+                        tracing::warn!(
+                            phone_id = phone,
+                            "finishing a reset cut off after the old volume went"
+                        );
+                        std::fs::rename(e.path(), &vol)
+                            .map_err(|err| StorageError::io("rename", e.path(), err))?;
+                    }
                 }
                 // An image update cut off: before the old volume was
                 // deleted it is still whole and the new one goes; after,

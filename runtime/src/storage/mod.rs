@@ -316,11 +316,33 @@ impl VolumeMeta {
     }
 }
 
-/// Writes a file through a temporary sibling and a rename.
+/// Writes a file through a temporary sibling and a rename, both synced: a
+/// crash leaves the old file or the new one, never an empty one (the
+/// pool's owner marker and a volume's record are read at every start).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(|e| StorageError::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))
+    let mut f = std::fs::File::create(&tmp).map_err(|e| StorageError::io("write", &tmp, e))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| StorageError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StorageError::io("sync", dir, e))?;
+    }
+    Ok(())
+}
+
+/// Makes the directories of phones' roots and images reachable by root
+/// alone: a phone writes files there as root (or as its own root, stored
+/// as uid 0 through its idmapped mount), setuid ones included, which no
+/// other user of the host may run.
+pub(crate) fn make_private(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| StorageError::io("chmod", dir, e))
 }
 
 /// The sharepool cap recorded at `root` by [`Storage::set_share_limit`].

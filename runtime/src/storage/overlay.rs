@@ -160,6 +160,9 @@ impl Storage for OverlayStorage {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
         }
+        for d in ["images", "volumes"] {
+            super::make_private(&root.join(d))?;
+        }
         super::claim_owner(root, &self.cfg.owner)?;
         // After a reboot the overlays are gone: mount them again.
         for phone in list_ids(&self.dir("volumes"), None)? {
