@@ -346,6 +346,30 @@ fn object_store_jobs_on_a_real_phone() {
             .contains("refused"),
         "the share is read-only inside phones"
     );
+    // Whatever modes the archive gives, the share is readable by every
+    // phone and writable by none (a phone with a user namespace of its own
+    // reads it as any user would).
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_data(&mut h, "open", std::io::empty())
+        .expect("dir");
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o600);
+    h.set_size(6);
+    b.append_data(&mut h, "open/secret", &b"secret"[..])
+        .expect("file");
+    put("share/modes.tar", b.into_inner().expect("tar"));
+    let st = p.run_server(
+        json!({"kind": "share_push_files", "object": obj("share/modes.tar"), "target_dir": "/"}),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(
+        p.sh("stat -c %a /data/media/share/files/open /data/media/share/files/open/secret"),
+        "755\n644\n"
+    );
     // A missing object makes no directory.
     let st = p.run_server(
         json!({"kind": "share_push_files", "object": obj("share/none.tar"), "target_dir": "/new"}),
@@ -991,5 +1015,77 @@ fn a_push_cut_off_by_a_kill_names_what_it_may_have_written() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let _ = rt.block_on(server_store.shutdown());
+}
+
+/// After a kill of the agent: the installation files a job it cut off left
+/// in a phone are gone once it starts again, the phone's own files kept;
+/// and a phone recorded as stopped whose container still runs (a stop that
+/// failed) is stopped before a restore rewrites its root, and stays
+/// stopped.
+#[test]
+fn an_agent_restart_clears_install_leftovers_and_a_restore_stops_what_runs() {
+    if !cph_runtime::privilege::check(
+        "an_agent_restart_clears_install_leftovers_and_a_restore_stops_what_runs",
+    ) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (server_store, store) = start_store(&rt, &tmp.path().join("store"));
+    let store_toml = format!(
+        "[object_store]\nendpoint = \"{}\"\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n",
+        server_store.endpoint()
+    );
+    let mut t = TestAgent::start_in(tmp, "leftover", false, &store_toml);
+    let pid = std::process::id();
+    let (server, phone) = (format!("ls{pid}"), format!("lp{pid}"));
+    let create = json!({
+        "server_id": server, "server_name": "leftover",
+        "flavor": {"flavor_id": "dev", "vcpus": 1, "memory_mb": 256, "disk_gb": 1, "phone_capacity": 1,
+                    "core_bind_strategy": "dev_small", "extend_spec": {}},
+        "image": {"image_id": "img", "url": format!("file://{}", common::image().display())},
+        "ports": [], "band_width_size": 10, "public_key": null,
+        "phones": [{"phone_id": phone, "phone_name": "phone-1", "slot": 0, "property": {}}]
+    });
+    let (code, body) = t.http("POST", "/v1/servers", Some(&create));
+    assert_eq!(code, 200, "{body}");
+    let created = t.wait_job(&format!("{server}:create:{phone}"));
+    assert_eq!(created["status"], 2, "{created}");
+    let mut p = Phone {
+        addr: t.addr.clone(),
+        token: t.token.clone(),
+        server: server.clone(),
+        phone: phone.clone(),
+        n: 0,
+    };
+    p.sh("mkdir -p /data/local/tmp/cph-install-cut && echo apk > /data/local/tmp/cph-install-cut/0.apk && echo mine > /data/local/tmp/keep.txt");
+
+    t.agent.kill();
+    // A stop whose container did not stop: the record says stopped.
+    let record = t.state.join(format!("phones/cph-{phone}.json"));
+    let mut rec: Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json");
+    rec["stopped"] = json!(true);
+    std::fs::write(&record, rec.to_string()).expect("write record");
+    t.agent.restart();
+
+    assert_eq!(
+        p.sh("ls -A /data/local/tmp"),
+        "keep.txt\n",
+        "the installation files were left"
+    );
+    assert_eq!(p.state(), "running");
+    rt.block_on(store.put_bytes(
+        BUCKET,
+        "restore/r.tar",
+        tar_of(&[("data/local/restored.txt", b"restored")]),
+    ))
+    .expect("put object");
+    let st = p.run(json!({"kind": "restore", "object": obj("restore/r.tar")}));
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(p.state(), "stopped", "the phone ran through its restore");
+    assert_eq!(p.run(json!({"kind": "start_phone"}))["status"], 2);
+    assert_eq!(p.sh("cat /data/local/restored.txt"), "restored");
     let _ = rt.block_on(server_store.shutdown());
 }

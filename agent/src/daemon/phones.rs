@@ -1090,16 +1090,18 @@ impl Phones {
         result
     }
 
-    /// Stops a phone meant to run for a job that starts it again when done
-    /// ([`PhoneRecord::resume`]); whether it was meant to run (a phone
-    /// stopped on purpose is left alone).
+    /// Stops a phone for a job that works on its root and starts it again
+    /// when done if it was meant to run ([`PhoneRecord::resume`]); whether
+    /// it was. A phone stopped on purpose stays stopped, and its container
+    /// is stopped all the same: a stop whose container did not stop leaves
+    /// one running with the phone recorded as stopped.
     pub fn stop_for_job(&self, phone_id: &str) -> Result<bool, JobFailure> {
-        if self.record(phone_id)?.stopped {
-            return Ok(false);
+        let meant_to_run = !self.record(phone_id)?.stopped;
+        if meant_to_run {
+            self.update(phone_id, |r| r.resume = true)?;
         }
-        self.update(phone_id, |r| r.resume = true)?;
         self.stop(phone_id)?;
-        Ok(true)
+        Ok(meant_to_run)
     }
 
     /// Records that a phone a job stopped stays stopped (a migrated
@@ -1463,6 +1465,19 @@ impl Phones {
         }
         let recs: Vec<PhoneRecord> = self.records().values().cloned().collect();
         for r in recs {
+            // What an installation cut off by the agent's kill left in the
+            // phone, running or not (no job runs yet).
+            if let Ok(root) = self.rootfs(&r.spec.phone_id) {
+                match super::transfer::remove_install_leftovers(&root) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(phone = %r.spec.phone_id, removed = n, "installation files left by a job cut off, removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(phone = %r.spec.phone_id, error = %e.msg, "installation files left by a job cut off, not removed")
+                    }
+                }
+            }
             // A running phone (an agent restart leaves it be) has its root
             // as it runs on it.
             let name = container_name(&r.spec.phone_id);

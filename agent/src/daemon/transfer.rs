@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use cph_runtime::archive::{self, ArchiveError, ExtractOptions, ExtractReport, Ownership};
 use cph_runtime::storage::{
-    capacity_report, list_share_dir, SharePaths, StorageError, PHONE_SHARE_APPS_DIR,
+    capacity_report, list_share_dir, ShareListing, SharePaths, StorageError, PHONE_SHARE_APPS_DIR,
 };
 
 use super::jobs::JobContext;
@@ -37,6 +37,11 @@ use crate::protocol::{
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Where an installation's APKs are placed inside the phone.
 const INSTALL_DIR: &str = "data/local/tmp";
+/// Name of an installation's directory in [`INSTALL_DIR`], before its tag.
+const INSTALL_PREFIX: &str = "cph-install-";
+/// Most levels of a leftover installation directory removed (only a
+/// phone makes one deeper than its APKs).
+const INSTALL_LEFTOVER_DEPTH: usize = 64;
 /// What a whole-phone migration leaves out: the sharepool mounts (not the
 /// phone's data) and the runtime's own per-boot files.
 const MIGRATE_EXCLUDE: &[&str] = &["/data/media/share", "/dev", "/proc", "/sys", "/run"];
@@ -318,8 +323,10 @@ pub fn install(
         ));
     }
 
-    // Into the phone beneath its root, through the extractor.
-    let in_phone = format!("{INSTALL_DIR}/cph-install-{tag}");
+    // Into the phone beneath its root, through the extractor. A kill
+    // before the removal below leaves it, removed at the agent's next start
+    // ([`remove_install_leftovers`]).
+    let in_phone = format!("{INSTALL_DIR}/{INSTALL_PREFIX}{tag}");
     let verb = if objects.len() > 1 {
         "install-multiple"
     } else {
@@ -379,6 +386,89 @@ pub fn install(
     Ok(format!("{package}: {text}"))
 }
 
+/// Removes the installation directories that jobs cut off by a kill left
+/// in a phone's root (an installation removes its own when it ends); how
+/// many. The phone may run and may have put links anywhere: nothing is
+/// resolved through a link. Each directory down to [`INSTALL_DIR`] is
+/// opened without following one (a link there leaves nothing to remove),
+/// and a leftover's contents are removed through its directories'
+/// descriptors, a link as a link.
+pub(crate) fn remove_install_leftovers(root: &Path) -> Result<usize, JobFailure> {
+    let dir_path = root.join(INSTALL_DIR);
+    let fail = |what: &str, e: nix::Error| {
+        JobFailure::internal(format!("{what} {}: {e}", dir_path.display()))
+    };
+    // The root is the agent's own path.
+    let root_flags = BENEATH_DIR.difference(nix::fcntl::OFlag::O_NOFOLLOW);
+    let mut dir = nix::dir::Dir::open(root, root_flags, nix::sys::stat::Mode::empty())
+        .map_err(|e| fail("open", e))?;
+    for name in INSTALL_DIR.split('/') {
+        dir = match open_dir_at(&dir, name.as_ref()) {
+            Ok(d) => d,
+            Err(nix::Error::ENOENT | nix::Error::ENOTDIR | nix::Error::ELOOP) => return Ok(0),
+            Err(e) => return Err(fail("open", e)),
+        };
+    }
+    let leftovers: Vec<_> = dir_names(&mut dir)
+        .map_err(|e| fail("list", e))?
+        .into_iter()
+        .filter(|n| n.as_encoded_bytes().starts_with(INSTALL_PREFIX.as_bytes()))
+        .collect();
+    for name in &leftovers {
+        remove_tree_at(&dir, name, INSTALL_LEFTOVER_DEPTH)
+            .map_err(|e| fail(&format!("remove {} in", name.to_string_lossy()), e))?;
+    }
+    Ok(leftovers.len())
+}
+
+/// Flags a directory is opened with beneath a phone's root: never through
+/// a link.
+const BENEATH_DIR: nix::fcntl::OFlag = nix::fcntl::OFlag::O_RDONLY
+    .union(nix::fcntl::OFlag::O_DIRECTORY)
+    .union(nix::fcntl::OFlag::O_NOFOLLOW)
+    .union(nix::fcntl::OFlag::O_CLOEXEC);
+
+/// The directory `name` of `dir`, not through a link.
+fn open_dir_at(dir: &nix::dir::Dir, name: &std::ffi::OsStr) -> nix::Result<nix::dir::Dir> {
+    nix::dir::Dir::openat(dir, name, BENEATH_DIR, nix::sys::stat::Mode::empty())
+}
+
+/// The names in `dir`, without `.` and `..`.
+fn dir_names(dir: &mut nix::dir::Dir) -> nix::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut names = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry?;
+        let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes the entry `name` of `dir` and, a directory, what it holds, at
+/// most `depth` levels down; a link is removed, never followed.
+fn remove_tree_at(dir: &nix::dir::Dir, name: &std::ffi::OsStr, depth: usize) -> nix::Result<()> {
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Err(nix::Error::EISDIR) => {}
+        Err(nix::Error::ENOENT) => return Ok(()),
+        done => return done,
+    }
+    let Some(depth) = depth.checked_sub(1) else {
+        return Err(nix::Error::ELOOP);
+    };
+    let mut sub = open_dir_at(dir, name)?;
+    for child in dir_names(&mut sub)? {
+        remove_tree_at(&sub, &child, depth)?;
+    }
+    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+        Err(nix::Error::ENOENT) => Ok(()),
+        done => done,
+    }
+}
+
 /// A command's output and errors together, trimmed.
 fn output_text(out: &cph_runtime::container::ExecOutput) -> String {
     format!(
@@ -408,7 +498,7 @@ fn upload_tar(
     object: &ObjectRef,
 ) -> Result<String, JobFailure> {
     let (report, stored) = upload(ctx, root, include, exclude, object)?;
-    Ok(format!(
+    let mut msg = format!(
         "exported to {}: {} files, {} directories, {} links, {} bytes of data, {} bytes stored",
         url(object),
         report.files,
@@ -416,7 +506,15 @@ fn upload_tar(
         report.symlinks + report.hardlinks,
         report.bytes,
         stored
-    ))
+    );
+    // A running phone's files come and go while they are read.
+    if report.vanished > 0 {
+        msg.push_str(&format!(
+            "; {} entries were deleted while the export read them, left out",
+            report.vanished
+        ));
+    }
+    Ok(msg)
 }
 
 /// Where a job notes the multipart upload it has open: beside its journal.
@@ -480,7 +578,9 @@ pub fn export(
     upload_tar(ctx, &ctx.phones.rootfs(phone)?, include, exclude, object)
 }
 
-/// Stops the phone when it runs; starts it again when dropped.
+/// Stops the phone's container (whatever its record says, see
+/// [`super::phones::Phones::stop_for_job`]); starts it again when dropped
+/// if it was meant to run.
 struct Stopped<'a, 'b> {
     ctx: &'a JobContext<'b>,
     phone: &'a str,
@@ -816,11 +916,8 @@ pub fn migrate_out(
 ) -> Result<String, JobFailure> {
     ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, MIGRATE_BUCKET)?;
-    let was_running = ctx.phones.stop_for_job(phone)?;
     // A phone stopped on purpose may be migrated too.
-    if !was_running {
-        ctx.phones.stop(phone)?;
-    }
+    let was_running = ctx.phones.stop_for_job(phone)?;
     let written = ctx
         .phones
         .rootfs(phone)
@@ -861,9 +958,6 @@ pub fn create_image(
     ctx.phones.record(phone)?;
     make_own_bucket(ctx, object, IMAGE_BUCKET)?;
     let was_running = ctx.phones.stop_for_job(phone)?;
-    if !was_running {
-        ctx.phones.stop(phone)?;
-    }
     let written = ctx
         .phones
         .rootfs(phone)
@@ -1016,10 +1110,13 @@ pub fn share_push_files(
     std::fs::create_dir_all(&target)
         .map_err(|e| JobFailure::internal(format!("create {}: {e}", target.display())))?;
     let usage = ctx.phones.share_usage()?;
+    // Every phone reads the share, none writes it (a phone with its own
+    // user namespace reads it as any user: see `ExtractOptions::public_modes`).
     let opts = ExtractOptions {
         sync: true,
         max_bytes: Some(usage.avail),
         journal: Some(ctx.journal.to_path_buf()),
+        public_modes: true,
         ..ExtractOptions::default()
     };
     let report = extract_from(reader, object, &target, &opts)?;
@@ -1040,12 +1137,27 @@ pub fn share_list_files(
         .map_err(|e| share_failure("CPS.0155", e))?;
     let usage = ctx.phones.share_usage()?;
     let (capacity, max) = capacity_report(&usage);
-    let msg = serde_json::json!({
-        "files_in_path": {"total": listing.total, "count": listing.count, "files": listing.files},
-        "share_base_capacity": capacity,
-        "share_base_max_size": max,
-    });
-    Ok(msg.to_string())
+    Ok(share_listing_json(listing, &capacity, &max))
+}
+
+/// A share listing in the reference's JSON, at most [`EXECUTE_MSG_MAX`]
+/// bytes: the job store cuts a longer `execute_msg` wherever the limit
+/// falls, which would leave it invalid JSON. Entries are dropped from the
+/// end until it fits; `count` says how many it holds and `total` stays the
+/// directory's, so the next page starts at `offset + count`.
+fn share_listing_json(mut listing: ShareListing, capacity: &str, max: &str) -> String {
+    loop {
+        listing.count = listing.files.len();
+        let msg = serde_json::json!({
+            "files_in_path": listing,
+            "share_base_capacity": capacity,
+            "share_base_max_size": max,
+        })
+        .to_string();
+        if msg.len() <= EXECUTE_MSG_MAX || listing.files.pop().is_none() {
+            return msg;
+        }
+    }
 }
 
 /// Removes a sharepool entry: a directory with its tree, anything else
@@ -1137,6 +1249,7 @@ pub fn share_push_apps(
         sync: true,
         staging: true,
         max_bytes: Some(usage.avail),
+        public_modes: true,
         ..ExtractOptions::default()
     };
     let report = download_extract(ctx, object, PUSH_MAX_BYTES, &fresh, &opts)?;
@@ -1409,6 +1522,93 @@ mod tests {
     }
 
     use super::*;
+
+    /// A listing of long names is cut to fit the job's `execute_msg`, as
+    /// valid JSON whose `count` says how many it holds; a short one is
+    /// whole.
+    #[test]
+    fn a_share_listing_fits_in_an_execute_msg_as_valid_json() {
+        let files: Vec<String> = (0..50)
+            .map(|i| format!("4096 Apr 15 09:49 {}-{i:02}", "long-name".repeat(4)))
+            .collect();
+        let listed = |files: &[String]| {
+            let listing = ShareListing {
+                total: 120,
+                count: files.len(),
+                files: files.to_vec(),
+            };
+            let msg = share_listing_json(listing, "8.9G 323M 8.2G 4%", "50G");
+            // What the job store keeps of it.
+            let kept = super::super::jobstore::succeeded("j", Some(&msg))
+                .execute_msg
+                .expect("execute_msg");
+            serde_json::from_str::<serde_json::Value>(&kept).expect("valid json")
+        };
+        let v = listed(&files);
+        let page = &v["files_in_path"];
+        let count = page["count"].as_u64().expect("count") as usize;
+        assert!(count > 0 && count < files.len(), "{v}");
+        assert_eq!(page["files"], serde_json::json!(files[..count]));
+        assert_eq!(page["total"], 120);
+        assert_eq!(v["share_base_capacity"], "8.9G 323M 8.2G 4%");
+        assert_eq!(v["share_base_max_size"], "50G");
+        let v = listed(&files[..3]);
+        assert_eq!(v["files_in_path"]["count"], 3);
+        assert_eq!(v["files_in_path"]["files"], serde_json::json!(files[..3]));
+    }
+
+    /// The installation directories a kill left go, whatever they hold,
+    /// and nothing else: not the phone's other files, and nothing a link
+    /// the phone made points at, in a leftover or on the way to it.
+    #[test]
+    fn install_leftovers_go_and_no_link_is_followed() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (root, outside) = (t.path().join("root"), t.path().join("outside"));
+        let tmp = root.join(INSTALL_DIR);
+        write(&tmp, "cph-install-a/0.apk", "apk");
+        write(&tmp, "cph-install-b/sub/deep/f", "f");
+        write(&tmp, "cph-install-c", "a file by the name");
+        write(&tmp, "keep/cph-install-d/0.apk", "not in the directory");
+        write(&tmp, "keep.txt", "kept");
+        write(&outside, "cph-install-o/f", "the host's");
+        write(&outside, "data/local/tmp/cph-install-x/f", "the host's");
+        std::os::unix::fs::symlink(&outside, tmp.join("cph-install-link")).expect("symlink");
+        std::os::unix::fs::symlink(&outside, tmp.join("cph-install-a/out")).expect("symlink");
+        let host = files(&outside);
+        assert_eq!(remove_install_leftovers(&root).expect("removed"), 4);
+        assert_eq!(
+            files(&root),
+            [
+                ("data/local/tmp/keep.txt", "kept"),
+                (
+                    "data/local/tmp/keep/cph-install-d/0.apk",
+                    "not in the directory"
+                ),
+            ]
+            .map(|(p, t)| (p.to_string(), t.to_string()))
+        );
+        assert_eq!(files(&outside), host);
+        assert_eq!(remove_install_leftovers(&root).expect("none"), 0);
+        // A link on the way (`/data/local` -> the host) is not followed.
+        std::fs::remove_dir_all(root.join("data/local")).expect("rm");
+        std::os::unix::fs::symlink(outside.join("data/local"), root.join("data/local"))
+            .expect("symlink");
+        assert_eq!(remove_install_leftovers(&root).expect("nothing"), 0);
+        assert_eq!(files(&outside), host);
+        // A phone without the directory has none.
+        assert_eq!(
+            remove_install_leftovers(&outside.join("cph-install-o")).expect("none"),
+            0
+        );
+        // One deeper than the limit fails rather than going on down.
+        let deep = ["d"; INSTALL_LEFTOVER_DEPTH + 1].join("/");
+        write(
+            &outside,
+            &format!("data/local/tmp/cph-install-x/{deep}/f"),
+            "f",
+        );
+        assert!(remove_install_leftovers(&outside).is_err());
+    }
 
     #[test]
     fn export_paths_stay_in_data_and_cache() {

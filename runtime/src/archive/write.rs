@@ -8,6 +8,10 @@
 //! to name every entry beginning so; an empty include list means
 //! everything, and exclude wins. Hard-linked files are
 //! stored once and linked after; xattrs are not exported.
+//!
+//! The tree may change while it is read (a running phone's): an entry gone
+//! between its directory's listing and its reading is left out and counted
+//! ([`WriteReport::vanished`]); any other failure ends the export.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,6 +33,29 @@ pub struct WriteReport {
     pub bytes: u64,
     /// Sockets, fifos and device nodes left out.
     pub skipped: u64,
+    /// Entries listed but gone (or no longer a directory) when read, left
+    /// out.
+    pub vanished: u64,
+}
+
+/// A step of the walk on the entry at a relative path, just before it is
+/// taken: where a tree that changes while it is read can change under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `lstat` of a listed entry.
+    Stat,
+    /// Opening a listed file or directory, or reading a listed link.
+    Open,
+}
+
+/// Whether `e` says the entry a walk listed is no longer there: gone
+/// (`ENOENT`), or, for a directory, replaced by something else (`ENOTDIR`).
+fn vanished(e: &io::Error, dir: bool) -> bool {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => true,
+        Some(libc::ENOTDIR) => dir,
+        _ => false,
+    }
 }
 
 /// An include/exclude path: a prefix at component boundaries, or, ending
@@ -105,6 +132,8 @@ struct Walk<'w, W: Write> {
     builder: tar::Builder<&'w mut W>,
     links: HashMap<(u64, u64), Vec<u8>>,
     report: WriteReport,
+    /// Called before each [`Step`] (a no-op but in tests).
+    before: &'w mut dyn FnMut(Step, &[u8]),
 }
 
 enum Want {
@@ -144,7 +173,8 @@ impl<W: Write> Walk<'_, W> {
         h
     }
 
-    /// Stores the children of directory `dir` (at `rel`), recursively.
+    /// Stores the children of directory `dir` (at `rel`), recursively. A
+    /// directory removed since it was opened lists as empty.
     fn dir(&mut self, dir: &OwnedFd, rel: &[u8], all: bool) -> Result<(), ArchiveError> {
         let listing = dir
             .try_clone()
@@ -187,11 +217,21 @@ impl<W: Write> Walk<'_, W> {
         all: bool,
     ) -> Result<(), ArchiveError> {
         let c = sys::cstr(name).map_err(|e| self.io("open", rel, e))?;
-        let st = lstatat(dir, &c).map_err(|e| self.io("stat", rel, e))?;
+        (self.before)(Step::Stat, rel);
+        let st = match lstatat(dir, &c) {
+            Ok(st) => st,
+            Err(e) if vanished(&e, false) => return self.gone(),
+            Err(e) => return Err(self.io("stat", rel, e)),
+        };
         let path = bytes_path(rel);
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
-                let fd = sys::open_dir(dir.as_raw_fd(), &c).map_err(|e| self.io("open", rel, e))?;
+                (self.before)(Step::Open, rel);
+                let fd = match sys::open_dir(dir.as_raw_fd(), &c) {
+                    Ok(fd) => fd,
+                    Err(e) if vanished(&e, true) => return self.gone(),
+                    Err(e) => return Err(self.io("open", rel, e)),
+                };
                 let st = fstat(&fd).map_err(|e| self.io("stat", rel, e))?;
                 let mut h = Self::header(&st, tar::EntryType::Directory);
                 self.builder
@@ -204,8 +244,12 @@ impl<W: Write> Walk<'_, W> {
                 if !all {
                     return Ok(());
                 }
-                let target = nix::fcntl::readlinkat(dir, c.as_c_str())
-                    .map_err(|e| self.io("read symlink", rel, e.into()))?;
+                (self.before)(Step::Open, rel);
+                let target = match nix::fcntl::readlinkat(dir, c.as_c_str()) {
+                    Ok(t) => t,
+                    Err(e) if vanished(&e.into(), false) => return self.gone(),
+                    Err(e) => return Err(self.io("read symlink", rel, e.into())),
+                };
                 let mut h = Self::header(&st, tar::EntryType::Symlink);
                 self.builder
                     .append_link(&mut h, &path, Path::new(&target))
@@ -217,8 +261,16 @@ impl<W: Write> Walk<'_, W> {
                 if !all {
                     return Ok(());
                 }
-                let fd = sys::openat2(dir.as_raw_fd(), &c, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                    .map_err(|e| self.io("open", rel, e))?;
+                (self.before)(Step::Open, rel);
+                // Not blocking: a fifo swapped in since the stat (a running
+                // phone's tree) would hold the open until someone writes
+                // to it; what is not a regular file is left out below.
+                let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+                let fd = match sys::openat2(dir.as_raw_fd(), &c, flags, 0) {
+                    Ok(fd) => fd,
+                    Err(e) if vanished(&e, false) => return self.gone(),
+                    Err(e) => return Err(self.io("open", rel, e)),
+                };
                 let st = fstat(&fd).map_err(|e| self.io("stat", rel, e))?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     return Ok(());
@@ -255,6 +307,12 @@ impl<W: Write> Walk<'_, W> {
             }
         }
     }
+
+    /// Leaves out an entry gone since it was listed, counting it.
+    fn gone(&mut self) -> Result<(), ArchiveError> {
+        self.report.vanished += 1;
+        Ok(())
+    }
 }
 
 fn lstatat(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<libc::stat> {
@@ -287,12 +345,23 @@ fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
 
 /// Writes a tar of the tree beneath `root` to `writer`: paths relative to
 /// `root`, `include`/`exclude` as path prefixes (exclude wins), symlinks
-/// stored, never followed.
+/// stored, never followed, entries gone while read left out.
 pub fn write_tar<W: Write>(
     root: &Path,
     include: &[String],
     exclude: &[String],
+    writer: W,
+) -> Result<WriteReport, ArchiveError> {
+    write_tar_stepped(root, include, exclude, writer, &mut |_, _| {})
+}
+
+/// [`write_tar`], calling `before` ahead of each step of the walk.
+fn write_tar_stepped<W: Write>(
+    root: &Path,
+    include: &[String],
+    exclude: &[String],
     mut writer: W,
+    before: &mut dyn FnMut(Step, &[u8]),
 ) -> Result<WriteReport, ArchiveError> {
     let include = include
         .iter()
@@ -314,6 +383,7 @@ pub fn write_tar<W: Write>(
         builder,
         links: HashMap::new(),
         report: WriteReport::default(),
+        before,
     };
     walk.dir(&root_fd, b"", false)?;
     let report = walk.report.clone();
@@ -323,4 +393,141 @@ pub fn write_tar<W: Write>(
         .flush()
         .map_err(|e| ArchiveError::io("flush tar of", root, e))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{write_tar_stepped, Step, WriteReport};
+    use std::fs;
+    use std::path::Path;
+
+    /// Every entry of `tar` (each must parse) and a file's contents.
+    fn entries(tar: &[u8]) -> Vec<(String, String)> {
+        let mut a = tar::Archive::new(tar);
+        let mut out = Vec::new();
+        for e in a.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let name = e.path().expect("path").to_string_lossy().into_owned();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).expect("data");
+            out.push((name.trim_end_matches('/').to_string(), text));
+        }
+        out
+    }
+
+    fn write_tree(root: &Path) {
+        for d in ["a/dir_gone", "a/dir_swapped", "b"] {
+            fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        for f in [
+            "a/keep.txt",
+            "a/gone_at_stat.txt",
+            "a/gone_at_open.txt",
+            "a/dir_gone/x",
+            "b/other.txt",
+        ] {
+            fs::write(root.join(f), f).expect("write");
+        }
+        std::os::unix::fs::symlink("keep.txt", root.join("a/link")).expect("symlink");
+    }
+
+    /// A tree that loses entries while it is written (a running phone's):
+    /// each one gone between its directory's listing and its reading is
+    /// left out and counted, whichever step found it gone, and the archive
+    /// holds the rest, whole.
+    #[test]
+    fn entries_gone_while_read_are_left_out_and_counted() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path();
+        write_tree(root);
+        let mut changes = |step: Step, rel: &[u8]| {
+            let p = root.join(std::str::from_utf8(rel).expect("utf-8"));
+            match (step, rel) {
+                (Step::Stat, b"a/gone_at_stat.txt") | (Step::Open, b"a/gone_at_open.txt") => {
+                    fs::remove_file(p).expect("remove file")
+                }
+                (Step::Open, b"a/link") => fs::remove_file(p).expect("remove link"),
+                (Step::Open, b"a/dir_gone") => fs::remove_dir_all(p).expect("remove dir"),
+                (Step::Open, b"a/dir_swapped") => {
+                    fs::remove_dir(&p).expect("remove dir");
+                    fs::write(&p, "now a file").expect("file in its place");
+                }
+                _ => {}
+            }
+        };
+        let mut out = Vec::new();
+        let report =
+            write_tar_stepped(root, &[], &[], &mut out, &mut changes).expect("written whole");
+        assert_eq!(
+            report,
+            WriteReport {
+                files: 2,
+                dirs: 2,
+                bytes: ("a/keep.txt".len() + "b/other.txt".len()) as u64,
+                vanished: 5,
+                ..WriteReport::default()
+            }
+        );
+        let want: Vec<(String, String)> = [
+            ("a", ""),
+            ("a/keep.txt", "a/keep.txt"),
+            ("b", ""),
+            ("b/other.txt", "b/other.txt"),
+        ]
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+        assert_eq!(entries(&out), want);
+    }
+
+    /// A file swapped for a fifo between its stat and its open is left out;
+    /// the open does not wait for a writer that never comes.
+    #[test]
+    fn a_file_swapped_for_a_fifo_is_left_out() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().to_path_buf();
+        write_tree(&root);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let walk_root = root.clone();
+        std::thread::spawn(move || {
+            let mut changes = |step: Step, rel: &[u8]| {
+                if (step, rel) == (Step::Open, b"a/keep.txt".as_slice()) {
+                    let p = walk_root.join("a/keep.txt");
+                    fs::remove_file(&p).expect("remove file");
+                    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o644))
+                        .expect("fifo in its place");
+                }
+            };
+            let mut out = Vec::new();
+            let r = write_tar_stepped(&walk_root, &[], &[], &mut out, &mut changes);
+            let _ = tx.send(r.map(|_| entries(&out)));
+        });
+        // Without a writer the open would block for ever: the walk is
+        // waited for (generously), not timed.
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the walk ended")
+            .expect("written");
+        assert!(got.iter().all(|(n, _)| n != "a/keep.txt"), "{got:?}");
+        assert!(got.iter().any(|(n, _)| n == "b/other.txt"), "{got:?}");
+    }
+
+    /// Only an entry gone is left out: one that changed into what the walk
+    /// may not read (a file become a link) still fails the export.
+    #[test]
+    fn other_failures_while_read_still_fail() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path();
+        write_tree(root);
+        let mut changes = |step: Step, rel: &[u8]| {
+            if (step, rel) == (Step::Open, b"a/keep.txt".as_slice()) {
+                let p = root.join("a/keep.txt");
+                fs::remove_file(&p).expect("remove file");
+                std::os::unix::fs::symlink("/etc/passwd", &p).expect("link in its place");
+            }
+        };
+        let e = write_tar_stepped(root, &[], &[], &mut Vec::new(), &mut changes)
+            .expect_err("a link where a file was listed");
+        assert!(e.to_string().contains("a/keep.txt"), "{e}");
+    }
 }
