@@ -740,8 +740,9 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
         ["0", "0", phone_ids.as_str(), "131072", "eth0", "lo"],
         "{who:?}"
     );
-    // The sharepool is mounted idmapped too: its directories (the agent's,
-    // host root's) show root as their owner, not the overflow id.
+    // The sharepool is not idmapped: its directories (the agent's, host
+    // root's) show the overflow id, so the phone's root, which could
+    // remount it writable, has no right to write there.
     let (st, owners) = sh(
         &addr,
         &token,
@@ -753,8 +754,18 @@ fn a_phone_in_its_own_user_namespace_on_the_phone_network() {
     assert_eq!(st, 2, "{owners}");
     assert_eq!(
         owners.split_whitespace().collect::<Vec<_>>(),
-        ["0:0", "0:0"]
+        ["65534:65534", "65534:65534"]
     );
+    let (_, wrote) = sh(
+        &addr,
+        &token,
+        &server,
+        &phone_id,
+        "share-write",
+        "mount -o remount,bind,rw /data/media/share/files 2>/dev/null; \
+         touch /data/media/share/files/planted 2>/dev/null && echo wrote || echo refused",
+    );
+    assert_eq!(wrote.trim(), "refused");
     // Its access port reaches a listener inside it.
     let (_, web) = access(phone(&phones(&addr, &token), &phone_id), "web");
     let (st, msg) = sh(

@@ -493,12 +493,13 @@ fn layout_is_rediscovered_after_restart_and_reboot() {
     std::fs::write(s.share_paths().unwrap().files.join("shared.txt"), b"s").unwrap();
     // Idempotent prepare on a live pool.
     s.prepare().unwrap();
-    // Phones' roots and images are root's alone: no other host user can
-    // run what a phone made setuid there.
+    // Phones' roots and images are root's: no other host user lists them
+    // (phones with user namespaces pass through `volumes` to their roots).
     use std::os::unix::fs::PermissionsExt;
-    for dir in [v.parent().unwrap().to_path_buf(), v.parent().unwrap().with_file_name("images")] {
+    let volumes = v.parent().unwrap().to_path_buf();
+    for (dir, want) in [(volumes.with_file_name("images"), 0o700), (volumes, 0o711)] {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700, "{}", dir.display());
+        assert_eq!(mode, want, "{}", dir.display());
     }
     drop(s);
 
@@ -665,7 +666,10 @@ fn overlay_backend_clones_resets_and_remounts() {
     s.prepare().unwrap();
     use std::os::unix::fs::PermissionsExt;
     for d in ["images", "volumes"] {
-        let mode = std::fs::metadata(cfg.root.join(d)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(cfg.root.join(d))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700, "{d} is root's alone");
     }
     import_dyn(s, "img", &make_image(&[("etc/os", b"one\n")]));

@@ -357,7 +357,8 @@ impl BtrfsStorage {
         for d in ["images", "volumes", "meta"] {
             let p = mp.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
-            super::make_private(&p)?;
+            // Phones with user namespaces run from `volumes` (btrfs only).
+            super::make_private(&p, if d == "volumes" { 0o711 } else { 0o700 })?;
         }
         let share = mp.join("share");
         if !share.exists() {

@@ -335,13 +335,16 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError>
     Ok(())
 }
 
-/// Makes the directories of phones' roots and images reachable by root
-/// alone: a phone writes files there as root (or as its own root, stored
-/// as uid 0 through its idmapped mount), setuid ones included, which no
-/// other user of the host may run.
-pub(crate) fn make_private(dir: &Path) -> Result<(), StorageError> {
+/// Makes a directory of phones' roots or images root's: `0o700`, or
+/// `0o711` where a phone with a user namespace of its own (an unprivileged
+/// host user) must pass through to its root. A phone writes files there as
+/// root (or as its own root, stored as uid 0 through its idmapped mount),
+/// setuid ones included, which no other user of the host should run: with
+/// `0o700` none can reach them; with `0o711` none can list the phones,
+/// only one that knows a phone's id could reach its files.
+pub(crate) fn make_private(dir: &Path, mode: u32) -> Result<(), StorageError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
         .map_err(|e| StorageError::io("chmod", dir, e))
 }
 

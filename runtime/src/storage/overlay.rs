@@ -161,7 +161,8 @@ impl Storage for OverlayStorage {
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
         }
         for d in ["images", "volumes"] {
-            super::make_private(&root.join(d))?;
+            // Phones on overlay run as host root (no user namespace).
+            super::make_private(&root.join(d), 0o700)?;
         }
         super::claim_owner(root, &self.cfg.owner)?;
         // After a reboot the overlays are gone: mount them again.
