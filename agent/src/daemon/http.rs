@@ -11,7 +11,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{Daemon, SubmitError};
+use super::{Daemon, ServerError, SubmitError};
 use crate::protocol::{Accepted, CreateServer, JobBatch, JobKind, JobRequest, AUTHORIZATION};
 
 /// Equality of two byte strings in time independent of where they differ.
@@ -115,6 +115,7 @@ fn submit_error(e: SubmitError) -> Response {
             let code = s.code();
             error(status, code, e)
         }
+        SubmitError::Task(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "CPS.0003", e),
     }
 }
 
@@ -133,6 +134,7 @@ async fn submit_batch(State(d): State<Arc<Daemon>>, Json(b): Json<JobBatch>) -> 
 }
 
 async fn job(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Response {
+    // Never waits for a disk write (see `JobStore::get`).
     match d.store.get(&id) {
         Some(s) => Json(s).into_response(),
         None => error(
@@ -163,42 +165,11 @@ async fn create_server(State(d): State<Arc<Daemon>>, Json(server): Json<CreateSe
             ),
         );
     }
-    // The server's key opens the host's SSH access from now on.
-    if let Err(e) = d
-        .phones
-        .put_server(&server)
-        .and_then(|()| super::jobs::write_host_keys(&d.phones, &d.authorized_keys()))
-    {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, &e.code, e.msg);
+    match d.create_server(server).await {
+        Ok(()) => Json(Accepted { accepted: true }).into_response(),
+        Err(ServerError::Record(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.code, e.msg),
+        Err(ServerError::Submit(e)) => submit_error(e),
     }
-    // The flavor's encoding server comes up beside the phones.
-    if server.flavor.encode_server_spec().is_some() {
-        let req = JobRequest {
-            job_id: format!("{}:encoder", server.server_id),
-            request_id: format!("{}:create", server.server_id),
-            server_id: server.server_id.clone(),
-            phone_id: None,
-            kind: JobKind::RestartEncodeServer,
-        };
-        if let Err(e) = d.submit(req).await {
-            return submit_error(e);
-        }
-    }
-    for phone in &server.phones {
-        let req = JobRequest {
-            job_id: format!("{}:create:{}", server.server_id, phone.phone_id),
-            request_id: format!("{}:create", server.server_id),
-            server_id: server.server_id.clone(),
-            phone_id: Some(phone.phone_id.clone()),
-            kind: JobKind::CreatePhone {
-                phone: phone.clone(),
-            },
-        };
-        if let Err(e) = d.submit(req).await {
-            return submit_error(e);
-        }
-    }
-    Json(Accepted { accepted: true }).into_response()
 }
 
 async fn delete_server(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Response {

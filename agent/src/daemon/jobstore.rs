@@ -8,12 +8,17 @@
 //! (`<job_id>.written`, see [`JobStore::journal_path`]), the paths it may
 //! have written. Records of jobs that ended long ago are removed
 //! ([`JobStore::forget_ended`]).
+//!
+//! The store's lock covers its memory only: a record's file is written or
+//! removed outside it by the one caller that has taken its job id busy, so
+//! reading a job never waits for another job's flush, and a caller wanting
+//! an id that is busy waits for that id alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -95,20 +100,85 @@ fn encode(dir: &Path, rec: &JobRecord) -> Result<(PathBuf, Vec<u8>), JobStoreErr
     Ok((path, bytes))
 }
 
+/// Called with the job ids of records about to be written, before they
+/// reach the disk (tests hold a write in progress there).
+pub type WriteHook = Box<dyn Fn(&[&str]) + Send + Sync>;
+
 /// The job records, on disk and in memory.
-#[derive(Debug)]
 pub struct JobStore {
     dir: PathBuf,
+    /// Held for in-memory work only, never across a disk write.
     inner: Mutex<Inner>,
+    /// Signalled when job ids stop being busy.
+    settled: Condvar,
     /// The multipart upload notes found at open (left by jobs a kill cut
     /// off, or whose abort failed), until taken.
     left_uploads: Mutex<Vec<PathBuf>>,
+    before_write: Option<WriteHook>,
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The records as they are on disk.
     jobs: HashMap<String, JobRecord>,
+    /// Job ids whose file one caller is writing or removing.
+    busy: HashSet<String>,
     next_seq: u64,
+}
+
+/// Job ids a caller has taken busy: given back, and those waiting for
+/// them woken, when settled or dropped (after a failure or a panic too).
+struct Taken<'a> {
+    store: &'a JobStore,
+    ids: Vec<String>,
+}
+
+impl Taken<'_> {
+    /// Applies `change` to the records and gives the ids back in one hold
+    /// of the lock, so no one sees an id neither recorded nor busy between.
+    fn settle(mut self, change: impl FnOnce(&mut HashMap<String, JobRecord>)) {
+        let mut inner = self.store.lock();
+        change(&mut inner.jobs);
+        self.release(&mut inner);
+        drop(inner);
+        self.store.settled.notify_all();
+    }
+
+    fn release(&mut self, inner: &mut Inner) {
+        for id in self.ids.drain(..) {
+            inner.busy.remove(&id);
+        }
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut inner = self.store.lock();
+        self.release(&mut inner);
+        drop(inner);
+        self.store.settled.notify_all();
+    }
+}
+
+/// What [`JobStore::admit`] made of a list of requests.
+struct Admitted<'a> {
+    /// One outcome per request, in order.
+    out: Vec<Result<Inserted, JobStoreError>>,
+    /// The new records, with their index in the requests.
+    fresh: Vec<(usize, JobRecord)>,
+    /// Their ids, busy until they are written.
+    taken: Taken<'a>,
 }
 
 /// Outcome of [`JobStore::insert`].
@@ -226,7 +296,9 @@ impl JobStore {
             Self {
                 dir: dir.to_path_buf(),
                 inner: Mutex::new(inner),
+                settled: Condvar::new(),
                 left_uploads: Mutex::new(left_uploads),
+                before_write: None,
             },
             interrupted,
         ))
@@ -243,39 +315,49 @@ impl JobStore {
         journal_path(&self.dir, job_id)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// Calls `hook` before each write of records, with their job ids.
+    pub fn on_write(&mut self, hook: WriteHook) {
+        self.before_write = Some(hook);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The lock, once none of `ids` is busy.
+    fn lock_when_idle(&self, ids: &[&str]) -> MutexGuard<'_, Inner> {
+        let mut inner = self.lock();
+        while ids.iter().any(|id| inner.busy.contains(*id)) {
+            inner = self.settled.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        inner
+    }
+
+    /// Takes `ids` busy; the caller holds the lock and has seen them idle.
+    fn take(&self, inner: &mut Inner, ids: Vec<String>) -> Taken<'_> {
+        inner.busy.extend(ids.iter().cloned());
+        Taken { store: self, ids }
+    }
+
+    fn announce(&self, ids: &[&str]) {
+        if let Some(hook) = &self.before_write {
+            hook(ids);
+        }
+    }
+
     fn persist(&self, rec: &JobRecord) -> Result<(), JobStoreError> {
+        self.announce(&[rec.request.job_id.as_str()]);
         let (path, bytes) = encode(&self.dir, rec)?;
         write_atomic(&path, &bytes).map_err(io(&path))
     }
 
-    /// Records a new job as running (on disk first), or returns the status of
-    /// the job already recorded under that id.
-    pub fn insert(&self, request: &JobRequest) -> Result<Inserted, JobStoreError> {
-        if !valid_job_id(&request.job_id) {
-            return Err(JobStoreError::InvalidId(request.job_id.clone()));
-        }
-        let mut inner = self.lock();
-        if let Some(rec) = inner.jobs.get(&request.job_id) {
-            return Ok(Inserted::Existing(rec.status.clone()));
-        }
-        let rec = JobRecord::running(request, inner.next_seq);
-        self.persist(&rec)?;
-        inner.next_seq += 1;
-        let status = rec.status.clone();
-        inner.jobs.insert(request.job_id.clone(), rec);
-        Ok(Inserted::New(status))
-    }
-
-    /// Records several jobs with one flush of the file system (a batch from
-    /// the control plane): the records are written, made durable together
-    /// with `syncfs`, then renamed into place. One outcome per request, in
-    /// order; a job id repeated in the batch is recorded once.
-    pub fn insert_many(&self, requests: &[JobRequest]) -> Vec<Result<Inserted, JobStoreError>> {
-        let mut inner = self.lock();
+    /// Under one hold of the lock, once none of the requested ids is busy:
+    /// the recorded status of each known id, a new running record (its id
+    /// taken busy) for each other valid one. A job id repeated in
+    /// `requests` gets one record.
+    fn admit(&self, requests: &[JobRequest]) -> Admitted<'_> {
+        let ids: Vec<&str> = requests.iter().map(|r| r.job_id.as_str()).collect();
+        let mut inner = self.lock_when_idle(&ids);
         let mut out = Vec::with_capacity(requests.len());
         let mut fresh: Vec<(usize, JobRecord)> = Vec::new();
         let mut in_batch: HashMap<&str, usize> = HashMap::new();
@@ -295,6 +377,41 @@ impl JobStore {
                 fresh.push((i, rec));
             }
         }
+        let new_ids = fresh.iter().map(|(_, r)| r.request.job_id.clone());
+        let taken = self.take(&mut inner, new_ids.collect());
+        drop(inner);
+        Admitted { out, fresh, taken }
+    }
+
+    /// Records a new job as running (on disk first), or returns the status of
+    /// the job already recorded under that id. A request for an id whose
+    /// record is being written waits for that write, and never records it
+    /// twice.
+    pub fn insert(&self, request: &JobRequest) -> Result<Inserted, JobStoreError> {
+        let Admitted { out, fresh, taken } = self.admit(std::slice::from_ref(request));
+        for (_, rec) in &fresh {
+            self.persist(rec)?;
+        }
+        taken.settle(|jobs| {
+            for (_, rec) in fresh {
+                jobs.insert(rec.request.job_id.clone(), rec);
+            }
+        });
+        out.into_iter()
+            .next()
+            .unwrap_or_else(|| Err(JobStoreError::InvalidId(request.job_id.clone())))
+    }
+
+    /// Records several jobs with one flush of the file system (a batch from
+    /// the control plane): the records are written, made durable together
+    /// with `syncfs`, then renamed into place. One outcome per request, in
+    /// order; a job id repeated in the batch is recorded once.
+    pub fn insert_many(&self, requests: &[JobRequest]) -> Vec<Result<Inserted, JobStoreError>> {
+        let Admitted {
+            mut out,
+            fresh,
+            taken,
+        } = self.admit(requests);
         if let Err(e) = self.persist_many(fresh.iter().map(|(_, r)| r)) {
             tracing::error!(error = %e, "job batch not recorded");
             for (i, _) in &fresh {
@@ -305,26 +422,34 @@ impl JobStore {
             }
             return out;
         }
-        for (_, rec) in fresh {
-            inner.jobs.insert(rec.request.job_id.clone(), rec);
-        }
+        taken.settle(|jobs| {
+            for (_, rec) in fresh {
+                jobs.insert(rec.request.job_id.clone(), rec);
+            }
+        });
         out
     }
 
+    /// Writes new records (their ids busy): on a failure none is left on
+    /// disk.
     fn persist_many<'a>(
         &self,
         recs: impl Iterator<Item = &'a JobRecord>,
     ) -> Result<(), JobStoreError> {
+        let recs: Vec<&JobRecord> = recs.collect();
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = recs.iter().map(|r| r.request.job_id.as_str()).collect();
+        self.announce(&ids);
         let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut renamed = 0;
         let result = (|| {
             for rec in recs {
                 let (path, bytes) = encode(&self.dir, rec)?;
                 let tmp = path.with_extension("tmp");
                 written.push((tmp.clone(), path));
                 fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-            }
-            if written.is_empty() {
-                return Ok(());
             }
             let dir = fs::File::open(&self.dir).map_err(io(&self.dir))?;
             nix::unistd::syncfs(&dir).map_err(|e| JobStoreError::Io {
@@ -333,28 +458,39 @@ impl JobStore {
             })?;
             for (tmp, path) in &written {
                 fs::rename(tmp, path).map_err(io(tmp))?;
+                renamed += 1;
             }
             dir.sync_all().map_err(io(&self.dir))
         })();
         if result.is_err() {
-            for (tmp, _) in &written {
-                let _ = fs::remove_file(tmp);
+            // The jobs are refused: none may read as known after a restart.
+            for (k, (tmp, path)) in written.iter().enumerate() {
+                let _ = fs::remove_file(if k < renamed { path } else { tmp });
             }
         }
         result
     }
 
-    /// Records the final status of a job.
+    /// Records the final status of a job (on disk first). The status is
+    /// kept in memory even when it could not be written: the job ended.
     pub fn finish(&self, status: JobStatus) -> Result<(), JobStoreError> {
-        let mut inner = self.lock();
-        let Some(rec) = inner.jobs.get_mut(&status.job_id) else {
+        let id = status.job_id.clone();
+        let mut inner = self.lock_when_idle(&[id.as_str()]);
+        let Some(rec) = inner.jobs.get(&id) else {
             return Ok(());
         };
-        rec.status = status;
-        rec.ended = Some(now_secs());
-        let rec = rec.clone();
+        let rec = JobRecord {
+            status,
+            ended: Some(now_secs()),
+            ..rec.clone()
+        };
+        let taken = self.take(&mut inner, vec![id.clone()]);
         drop(inner);
-        self.persist(&rec)
+        let written = self.persist(&rec);
+        taken.settle(|jobs| {
+            jobs.insert(id, rec);
+        });
+        written
     }
 
     /// Forgets the jobs that ended more than `keep` ago, but for those in
@@ -380,24 +516,55 @@ impl JobStore {
             .filter(|r| !unreported.contains(&r.request.job_id))
             .map(|r| r.request.job_id.clone())
             .collect();
-        // A file and its record go together under the lock, a few hundred
-        // at a time, so jobs arriving meanwhile wait for one chunk only.
+        // A file and its record go together, a few hundred at a time, their
+        // ids busy meanwhile: a job sent again under one of them waits for
+        // its old file to go, never has its new one removed.
+        let mut forgotten = 0;
         for chunk in old.chunks(FORGET_CHUNK) {
-            let mut inner = self.lock();
-            for id in chunk {
-                let path = record_path(&self.dir, id);
+            let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let mut inner = self.lock_when_idle(&ids);
+            let still: Vec<String> = chunk
+                .iter()
+                .filter(|id| {
+                    inner
+                        .jobs
+                        .get(id.as_str())
+                        .is_some_and(|r| r.status.status != JobState::Running)
+                })
+                .cloned()
+                .collect();
+            let taken = self.take(&mut inner, still.clone());
+            drop(inner);
+            let mut gone = Vec::with_capacity(still.len());
+            let mut failure = None;
+            for id in still {
+                let path = record_path(&self.dir, &id);
                 match fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io(&path)(e)),
+                    Err(e) => {
+                        failure = Some(io(&path)(e));
+                        break;
+                    }
                 }
-                inner.jobs.remove(id);
+                gone.push(id);
+            }
+            forgotten += gone.len();
+            taken.settle(|jobs| {
+                for id in &gone {
+                    jobs.remove(id);
+                }
+            });
+            if let Some(e) = failure {
+                return Err(e);
             }
         }
-        Ok(old.len())
+        Ok(forgotten)
     }
 
-    /// A job's status.
+    /// A job's status: the one on disk (a job whose record is being
+    /// written reads as not there yet, or as before). Never waits for a
+    /// disk write, so async code calls it directly.
     pub fn get(&self, job_id: &str) -> Option<JobStatus> {
         self.lock().jobs.get(job_id).map(|r| r.status.clone())
     }
@@ -421,7 +588,7 @@ pub fn succeeded(job_id: &str, execute_msg: Option<&str>) -> JobStatus {
     }
 }
 
-/// Records removed under one hold of the store's lock.
+/// Records removed with their ids busy at once.
 const FORGET_CHUNK: usize = 256;
 
 const JOURNAL_EXT: &str = "written";
@@ -463,10 +630,168 @@ pub fn failed(job_id: &str, code: &str, msg: &str, execute_msg: Option<&str>) ->
     }
 }
 
+/// A write of the store held in progress, for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+
+    use super::JobStore;
+
+    /// Holds the first write of job `id`'s record, until [`Gate::release`]
+    /// or the gate's drop; counts the writes of that record.
+    pub(crate) struct Gate {
+        held: mpsc::Receiver<()>,
+        release: Option<mpsc::Sender<()>>,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl Gate {
+        pub(crate) fn on(store: &mut JobStore, id: &'static str) -> Self {
+            let (held_tx, held) = mpsc::channel();
+            let (release, released) = mpsc::channel::<()>();
+            let released = Mutex::new(released);
+            let writes = Arc::new(AtomicUsize::new(0));
+            let counted = Arc::clone(&writes);
+            store.on_write(Box::new(move |ids| {
+                if ids.contains(&id) && counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let _ = held_tx.send(());
+                    let _ = released.lock().map(|r| r.recv());
+                }
+            }));
+            Self {
+                held,
+                release: Some(release),
+                writes,
+            }
+        }
+
+        /// Waits until the write is held.
+        pub(crate) fn wait_held(&self) {
+            self.held.recv().expect("the gated write never came");
+        }
+
+        /// Lets the held write go on.
+        pub(crate) fn release(&mut self) {
+            self.release.take();
+        }
+
+        /// Writes of the record so far.
+        pub(crate) fn writes(&self) -> usize {
+            self.writes.load(Ordering::SeqCst)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::Gate;
     use super::*;
     use crate::protocol::JobKind;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    /// Runs `f` on a thread of its own: its result, or `None` if it was
+    /// still blocked long after it should have ended (then it is left).
+    fn unblocked<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20)).ok()
+    }
+
+    #[test]
+    fn other_jobs_do_not_wait_for_a_batch_being_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = JobStore::open(dir.path()).expect("open");
+        store.insert(&req("done")).expect("done");
+        store.finish(succeeded("done", None)).expect("finish");
+        let mut gate = Gate::on(&mut store, "slow");
+        let store = Arc::new(store);
+        let batch = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.insert_many(&[req("slow"), req("slow-2")]))
+        };
+        gate.wait_held();
+        // With the batch's flush held: polls, another job and another
+        // job's end go through; the held jobs are not known yet.
+        let others = {
+            let store = Arc::clone(&store);
+            unblocked(move || {
+                let polled = store.get("done").map(|s| s.status);
+                let inserted = store.insert(&req("other")).expect("other");
+                store
+                    .finish(succeeded("other", None))
+                    .expect("finish other");
+                (polled, inserted, store.get("slow"), store.all().len())
+            })
+        };
+        gate.release();
+        let (polled, inserted, slow, all) = others.expect("waited for another job's flush");
+        assert_eq!(polled, Some(JobState::Succeeded));
+        assert!(matches!(inserted, Inserted::New(_)), "{inserted:?}");
+        assert_eq!((slow, all), (None, 2));
+        let out = batch.join().expect("batch");
+        assert!(
+            out.iter().all(|o| matches!(o, Ok(Inserted::New(_)))),
+            "{out:?}"
+        );
+        assert_eq!(store.get("slow").map(|s| s.status), Some(JobState::Running));
+        let order: Vec<String> = store.all().into_iter().map(|r| r.request.job_id).collect();
+        assert_eq!(order, ["done", "slow", "slow-2", "other"]);
+    }
+
+    #[test]
+    fn a_job_id_sent_twice_at_once_is_recorded_once_and_answered_once_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = JobStore::open(dir.path()).expect("open");
+        let mut gate = Gate::on(&mut store, "dup");
+        let store = Arc::new(store);
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let send = |batch: bool| {
+            let (store, released) = (Arc::clone(&store), Arc::clone(&released));
+            std::thread::spawn(move || {
+                let outcome = if batch {
+                    store.insert_many(&[req("dup")]).remove(0)
+                } else {
+                    store.insert(&req("dup"))
+                };
+                (outcome.expect("dup"), released.load(SeqCst))
+            })
+        };
+        let first = send(false);
+        gate.wait_held();
+        let second = send(true);
+        let third = send(false);
+        released.store(true, SeqCst);
+        gate.release();
+        let answers = [first, second, third].map(|t| t.join().expect("sender"));
+        assert!(matches!(answers[0].0, Inserted::New(_)), "{answers:?}");
+        for (outcome, after_write) in &answers[1..] {
+            assert!(matches!(outcome, Inserted::Existing(_)), "{answers:?}");
+            assert!(after_write, "answered before the record was written");
+        }
+        assert_eq!(gate.writes(), 1, "the record was written twice");
+    }
+
+    #[test]
+    fn a_refused_batch_leaves_no_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = JobStore::open(dir.path()).expect("open");
+        // `b`'s record cannot be renamed into place: a directory is there.
+        fs::create_dir(dir.path().join("b.json")).expect("dir in the way");
+        fs::write(dir.path().join("b.json/x"), b"").expect("not empty");
+        let out = store.insert_many(&[req("a"), req("b")]);
+        assert!(out.iter().all(Result::is_err), "{out:?}");
+        assert_eq!(store.get("a"), None);
+        drop(store);
+        fs::remove_dir_all(dir.path().join("b.json")).expect("remove the directory");
+        let (store, interrupted) = JobStore::open(dir.path()).expect("reopen");
+        assert!(interrupted.is_empty(), "{interrupted:?}");
+        assert_eq!(store.all(), []);
+    }
 
     fn req(id: &str) -> JobRequest {
         JobRequest {

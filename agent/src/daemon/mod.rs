@@ -4,7 +4,10 @@
 //! every route behind `Authorization: Bearer <node_token>` (compared in
 //! constant time; an empty configured token refuses everything). Jobs are
 //! recorded on disk ([`jobstore`]) before they are acknowledged and are
-//! idempotent on `job_id`.
+//! idempotent on `job_id`. Recording a job and queueing (or running) it
+//! happen in a task of their own that the request only waits for: a
+//! request dropped half-way (the control plane timed out) leaves no job
+//! recorded as running that never runs.
 //!
 //! Ordering: each phone (or, for server-wide jobs, each server) has a FIFO
 //! queue worked by one task, so a phone runs one job at a time in arrival
@@ -49,7 +52,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::config::{AgentConfig, StorageBackend};
 use crate::objstore::ObjectStore;
-use crate::protocol::{BatchedJob, Inventory, JobKind, JobRequest, JobStatus};
+use crate::protocol::{BatchedJob, CreateServer, Inventory, JobKind, JobRequest, JobStatus};
 use jobstore::{Inserted, JobStore, JobStoreError};
 use phones::Phones;
 
@@ -132,6 +135,18 @@ pub enum SubmitError {
     ShuttingDown,
     #[error(transparent)]
     Store(#[from] JobStoreError),
+    #[error("job task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a server was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Its record or the host's SSH keys not written.
+    #[error("server not recorded: {0}")]
+    Record(JobFailure),
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
 }
 
 /// The running agent.
@@ -280,11 +295,18 @@ impl Daemon {
     }
 
     /// Takes a job: recorded first, then queued (or, for a sync shell, run
-    /// at once and answered with its final status).
+    /// at once and answered with its final status), in a task of its own
+    /// that goes on if the caller stops waiting.
     pub async fn submit(self: &Arc<Self>, req: JobRequest) -> Result<JobStatus, SubmitError> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.take(req).await }).await?
+    }
+
+    /// Records a job and queues or runs it; see [`Daemon::submit`].
+    async fn take(self: Arc<Self>, req: JobRequest) -> Result<JobStatus, SubmitError> {
         let r = req.clone();
         let status = match self.on_store(move |s| s.insert(&r)).await?? {
             Inserted::Existing(s) => return Ok(s),
@@ -293,13 +315,13 @@ impl Daemon {
         if matches!(req.kind, JobKind::SyncShell { .. }) {
             return Ok(self.run_now(req).await);
         }
-        self.enqueue(req);
-        Ok(status)
+        Ok(self.enqueue(req).await.unwrap_or(status))
     }
 
-    /// Takes several jobs recorded together (one flush for the batch). Sync
-    /// shells in a batch run at once but are answered as running; the
-    /// control plane sends them alone to wait for their output.
+    /// Takes several jobs recorded together (one flush for the batch), in
+    /// a task of its own like [`Daemon::submit`]. Sync shells in a batch
+    /// run at once but are answered as running; the control plane sends
+    /// them alone to wait for their output.
     pub async fn submit_batch(
         self: &Arc<Self>,
         reqs: Vec<JobRequest>,
@@ -307,6 +329,14 @@ impl Daemon {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.take_batch(reqs).await }).await?
+    }
+
+    async fn take_batch(
+        self: Arc<Self>,
+        reqs: Vec<JobRequest>,
+    ) -> Result<Vec<BatchedJob>, SubmitError> {
         let (reqs, outcomes) = self
             .on_store(move |s| {
                 let outcomes = s.insert_many(&reqs);
@@ -319,12 +349,13 @@ impl Daemon {
             match outcome {
                 Ok(Inserted::Existing(s)) => out.push(BatchedJob::accepted(s)),
                 Ok(Inserted::New(s)) => {
-                    if matches!(req.kind, JobKind::SyncShell { .. }) {
-                        let me = Arc::clone(self);
+                    let s = if matches!(req.kind, JobKind::SyncShell { .. }) {
+                        let me = Arc::clone(&self);
                         tokio::spawn(async move { me.run_now(req).await });
+                        s
                     } else {
-                        self.enqueue(req);
-                    }
+                        self.enqueue(req).await.unwrap_or(s)
+                    };
                     out.push(BatchedJob::accepted(s));
                 }
                 Err(e) => out.push(BatchedJob::refused(job_id, e.code(), e.to_string())),
@@ -333,25 +364,67 @@ impl Daemon {
         Ok(out)
     }
 
-    /// Runs a job-store write (it syncs to disk) on a blocking thread.
+    /// Takes a server: recorded (its key opens the host's SSH access at
+    /// once), then its encoding server's and phones' creation queued as
+    /// jobs, in a task of its own like [`Daemon::submit`].
+    pub async fn create_server(self: &Arc<Self>, server: CreateServer) -> Result<(), ServerError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown.into());
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.take_server(server).await })
+            .await
+            .map_err(SubmitError::from)?
+    }
+
+    async fn take_server(self: Arc<Self>, server: CreateServer) -> Result<(), ServerError> {
+        let me = Arc::clone(&self);
+        let s = server.clone();
+        tokio::task::spawn_blocking(move || {
+            me.phones
+                .put_server(&s)
+                .and_then(|()| jobs::write_host_keys(&me.phones, &me.authorized_keys()))
+        })
+        .await
+        .map_err(SubmitError::from)?
+        .map_err(ServerError::Record)?;
+        let id = &server.server_id;
+        // The flavor's encoding server comes up beside the phones.
+        let encoder = server.flavor.encode_server_spec().map(|_| JobRequest {
+            job_id: format!("{id}:encoder"),
+            request_id: format!("{id}:create"),
+            server_id: id.clone(),
+            phone_id: None,
+            kind: JobKind::RestartEncodeServer,
+        });
+        let phones = server.phones.iter().map(|phone| JobRequest {
+            job_id: format!("{id}:create:{}", phone.phone_id),
+            request_id: format!("{id}:create"),
+            server_id: id.clone(),
+            phone_id: Some(phone.phone_id.clone()),
+            kind: JobKind::CreatePhone {
+                phone: phone.clone(),
+            },
+        });
+        for req in encoder.into_iter().chain(phones) {
+            Arc::clone(&self).take(req).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a job-store call (it may sync to disk) on a blocking thread.
     async fn on_store<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&JobStore) -> T + Send + 'static,
     ) -> Result<T, SubmitError> {
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&me.store))
-            .await
-            .map_err(|e| {
-                SubmitError::Store(JobStoreError::Io {
-                    path: self.cfg.state_dir.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })
+        Ok(tokio::task::spawn_blocking(move || f(&me.store)).await?)
     }
 
     /// Queues a recorded job behind the earlier ones of its phone (or
-    /// server).
-    fn enqueue(self: &Arc<Self>, req: JobRequest) {
+    /// server). A job that cannot be queued is recorded failed at once
+    /// (never left running): its status then.
+    async fn enqueue(self: &Arc<Self>, req: JobRequest) -> Option<JobStatus> {
         let key = match (&req.kind, &req.phone_id) {
             (JobKind::CreatePhone { phone }, _) => format!("phone:{}", phone.phone_id),
             (_, Some(p)) => format!("phone:{p}"),
@@ -359,18 +432,24 @@ impl Daemon {
         };
         let sender = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            queues
-                .entry(key)
-                .or_insert_with(|| {
+            match queues.get(&key) {
+                // A queue whose task ended (it panicked) is made anew.
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(Arc::clone(self).work_queue(rx));
+                    queues.insert(key, tx.clone());
                     tx
-                })
-                .clone()
+                }
+            }
         };
-        if sender.send(req).is_err() {
-            tracing::error!("job queue closed");
-        }
+        let Err(mpsc::error::SendError(req)) = sender.send(req) else {
+            return None;
+        };
+        tracing::error!(job_id = %req.job_id, "job queue closed");
+        let st = jobstore::failed(&req.job_id, "CPS.0003", "job queue closed", None);
+        self.finish(st.clone()).await;
+        Some(st)
     }
 
     async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<JobRequest>) {
@@ -391,7 +470,7 @@ impl Daemon {
                     "agent shut down before the job started",
                     None,
                 );
-                self.finish(st);
+                self.finish(st).await;
                 continue;
             }
             self.run_now(req).await;
@@ -438,7 +517,7 @@ impl Daemon {
             Err(e) => jobstore::failed(&job_id, "CPS.0003", &format!("job task failed: {e}"), None),
         };
         tracing::info!(job_id = %job_id, status = ?status.status, error = ?status.error_msg, "job ended");
-        self.finish(status.clone());
+        self.finish(status.clone()).await;
         // The status names what a failed extraction wrote; the journal was
         // only for a kill.
         if let Err(e) = std::fs::remove_file(&journal) {
@@ -452,8 +531,11 @@ impl Daemon {
         status
     }
 
-    fn finish(&self, status: JobStatus) {
-        if let Err(e) = self.store.finish(status.clone()) {
+    /// Records a job's end (on a blocking thread) and has it reported.
+    async fn finish(self: &Arc<Self>, status: JobStatus) {
+        let st = status.clone();
+        let recorded = self.on_store(move |s| s.finish(st)).await;
+        if let Err(e) = recorded.and_then(|r| r.map_err(SubmitError::from)) {
             tracing::error!(error = %e, job_id = %status.job_id, "job status not recorded");
         }
         self.unreported
@@ -777,7 +859,96 @@ async fn forget_ended_jobs(d: Arc<Daemon>) {
 
 #[cfg(test)]
 mod tests {
+    use super::jobstore::testing::Gate;
     use super::*;
+    use crate::protocol::JobState;
+
+    /// A daemon over `dir`: no network, no host changes, a stand-in shim
+    /// (the jobs here name a phone that does not exist and never start
+    /// one); the first write of job `gated`'s record is held.
+    fn daemon(dir: &std::path::Path, gated: &'static str) -> (Arc<Daemon>, Gate) {
+        let shim = dir.join("cph-shim");
+        std::fs::write(&shim, b"").expect("shim");
+        let mut cfg = AgentConfig {
+            state_dir: dir.join("state"),
+            prepare_host: false,
+            shim: Some(shim),
+            node_id: Some("unit".to_string()),
+            ..AgentConfig::default()
+        };
+        cfg.network.enabled = false;
+        let mut d = Daemon::open(cfg).expect("daemon");
+        let store = &mut Arc::get_mut(&mut d).expect("not shared yet").store;
+        let gate = Gate::on(store, gated);
+        (d, gate)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_request_is_dropped_while_it_is_recorded_still_runs() {
+        let shell = JobKind::Shell {
+            command: "true".into(),
+        };
+        let sync_shell = JobKind::SyncShell {
+            command: "true".into(),
+            timeout_ms: 1000,
+        };
+        for (id, kind, batch) in [
+            ("shell", shell.clone(), false),
+            ("sync-shell", sync_shell.clone(), false),
+            ("batched-shell", shell, true),
+            ("batched-sync-shell", sync_shell, true),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (d, mut gate) = daemon(dir.path(), id);
+            let req = JobRequest {
+                job_id: id.into(),
+                request_id: "r".into(),
+                server_id: "s".into(),
+                phone_id: Some("nophone".into()),
+                kind,
+            };
+            let request: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if batch
+            {
+                let (d, req) = (Arc::clone(&d), req.clone());
+                Box::pin(async move {
+                    let _ = d.submit_batch(vec![req]).await;
+                })
+            } else {
+                let (d, req) = (Arc::clone(&d), req.clone());
+                Box::pin(async move {
+                    let _ = d.submit(req).await;
+                })
+            };
+            // The control plane gives up on the request while its job's
+            // record is being written.
+            tokio::select! {
+                () = request => panic!("{id}: answered before its record was written"),
+                () = async {
+                    while gate.writes() == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                } => {}
+            }
+            gate.release();
+            // The job still runs and ends (failed: its phone does not
+            // exist), and nothing is left counted as running.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let st = d.store.get(id).map(|s| s.status);
+                if st.is_some_and(|s| s != JobState::Running) && d.running_jobs() == 0 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id}: left {st:?} after its request was dropped"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The control plane sending it again reads its end.
+            let again = d.submit(req).await.expect("sent again");
+            assert_eq!(again.status, JobState::Failed, "{id}: {again:?}");
+        }
+    }
 
     #[test]
     fn user_namespaces_need_idmappable_volumes() {

@@ -243,7 +243,12 @@ pub fn same_inode(adir: RawFd, a: &CStr, bdir: RawFd, b: &CStr) -> io::Result<bo
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: a valid C string and a buffer of the size fstatat fills.
         cvt(unsafe {
-            libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            libc::fstatat(
+                dir,
+                name.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         })?;
         // SAFETY: fstatat succeeded, so it filled the buffer.
         Ok::<_, io::Error>(unsafe { st.assume_init() })
