@@ -1532,7 +1532,13 @@ fn public_modes_make_everything_readable_and_nothing_writable_by_others() {
         ..ExtractOptions::default()
     };
     extract(&finish(b)[..], &s.target, &opts).expect("extract");
-    let mode = |p: &str| fs::metadata(s.target.join(p)).expect(p).permissions().mode() & 0o7777;
+    let mode = |p: &str| {
+        fs::metadata(s.target.join(p))
+            .expect(p)
+            .permissions()
+            .mode()
+            & 0o7777
+    };
     for (path, want) in [
         ("private", 0o755),
         ("open", 0o755),
@@ -1556,7 +1562,12 @@ fn a_hard_link_to_itself_keeps_the_file() {
     add_file(&mut b, "etc/build.prop", b"ro.x=1\n", 0o644);
     add_link(&mut b, EntryType::Symlink, "alias", "etc");
     add_link(&mut b, EntryType::Link, "etc/build.prop", "etc/build.prop");
-    add_link(&mut b, EntryType::Link, "alias/build.prop", "etc/build.prop");
+    add_link(
+        &mut b,
+        EntryType::Link,
+        "alias/build.prop",
+        "etc/build.prop",
+    );
     extract(&finish(b)[..], &s.target, &ExtractOptions::default()).expect("extract");
     assert_eq!(
         fs::read(s.target.join("etc/build.prop")).expect("kept"),

@@ -1095,7 +1095,10 @@ fn run_in_own_user_namespace(named: bool) -> bool {
     // The share reads, and stays read-only: the phone's root cannot
     // remount it writable (its flags are locked), so nothing it writes
     // reaches the host's copy every phone shares.
-    assert_eq!(f.sh(&name, "cat /data/share/app.apk"), ("apk".to_string(), Some(0)));
+    assert_eq!(
+        f.sh(&name, "cat /data/share/app.apk"),
+        ("apk".to_string(), Some(0))
+    );
     let (out, code) = f.sh(
         &name,
         "mount -o remount,bind,rw /data/share 2>&1; echo x > /data/share/planted 2>&1",
