@@ -584,6 +584,41 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
 
+    // Arrival order holds between a server's job and its phones' own: a
+    // shell, a stop, then a server restart behind them: the restart comes
+    // last (the phone ends running), not as soon as the shell ended.
+    for (id, kind) in [
+        (
+            "order-shell",
+            json!({"kind": "shell", "command": "sleep 1"}),
+        ),
+        ("order-stop", json!({"kind": "stop_phone"})),
+    ] {
+        http(
+            &addr,
+            "POST",
+            "/v1/jobs",
+            &token,
+            Some(&job(id, &server, &phone, kind)),
+        );
+    }
+    http(
+        &addr,
+        "POST",
+        "/v1/jobs",
+        &token,
+        Some(&server_job(
+            "order-restart",
+            &server,
+            json!({"kind": "restart_server"}),
+        )),
+    );
+    for id in ["order-shell", "order-stop", "order-restart"] {
+        assert_eq!(wait_job(&addr, &token, id)["status"], 2, "{id}");
+    }
+    let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
+    assert_eq!(phones[0]["state"], "running", "restart ran last: {phones}");
+
     // A restart that cannot start the phone again (its init gone) leaves
     // it reading "restart failed" (the API's -6), not "creation failed".
     let init = t.state.join(format!("pool/volumes/{phone}/rootfs/init"));

@@ -11,7 +11,11 @@
 //!
 //! Ordering: each phone (or, for server-wide jobs, each server) has a FIFO
 //! queue worked by one task, so a phone runs one job at a time in arrival
-//! order; at most `max_parallel_jobs` run at once on the host. A sync shell
+//! order; at most `max_parallel_jobs` run at once on the host. A server's
+//! job that works on its phones (restart, flavor change, keypair, share
+//! file systems, shared apps' installation, deletion) takes its turn in
+//! each phone's queue as well: it runs once every job its phones received
+//! before it ended, and their jobs received after it wait for it. A sync shell
 //! bypasses the queues and the limit: it runs at once, is answered within
 //! 2 s in the `POST /v1/jobs` response itself, and is recorded like any job.
 //!
@@ -149,6 +153,29 @@ pub enum ServerError {
     Submit(#[from] SubmitError),
 }
 
+/// What a queue's task takes in turn.
+enum Queued {
+    /// A job, and for a server's job working on its phones, its turns in
+    /// their queues.
+    Job(JobRequest, Option<Turns>),
+    /// A server's job's turn in one of its phones' queues: reached once
+    /// the phone's earlier jobs ended; the phone's later ones wait until
+    /// the server's job ended (its [`Turns::done`] dropped).
+    Turn {
+        reached: Arc<Semaphore>,
+        done: tokio::sync::watch::Receiver<()>,
+    },
+}
+
+/// A server's job's turns in its phones' queues.
+struct Turns {
+    /// A permit from each phone's queue as it reaches the job's turn.
+    reached: Arc<Semaphore>,
+    phones: u32,
+    /// Dropped when the job ended: the phones' queues go on.
+    _done: tokio::sync::watch::Sender<()>,
+}
+
 /// The running agent.
 pub struct Daemon {
     pub cfg: AgentConfig,
@@ -158,7 +185,7 @@ pub struct Daemon {
     pub missing: Vec<String>,
     /// The object store of images, APKs, pushes and exports, when configured.
     pub object_store: Option<ObjectStore>,
-    queues: Mutex<HashMap<String, mpsc::UnboundedSender<JobRequest>>>,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
     jobs_limit: Arc<Semaphore>,
     creates_limit: Arc<Semaphore>,
     accepting: AtomicBool,
@@ -422,28 +449,54 @@ impl Daemon {
     }
 
     /// Queues a recorded job behind the earlier ones of its phone (or
-    /// server). A job that cannot be queued is recorded failed at once
-    /// (never left running): its status then.
+    /// server). A server's job that works on its phones also takes its
+    /// turn in each of their queues, so it runs after the jobs each phone
+    /// received before it and before those it receives after. A job that
+    /// cannot be queued is recorded failed at once (never left running):
+    /// its status then.
     async fn enqueue(self: &Arc<Self>, req: JobRequest) -> Option<JobStatus> {
         let key = match (&req.kind, &req.phone_id) {
             (JobKind::CreatePhone { phone }, _) => format!("phone:{}", phone.phone_id),
             (_, Some(p)) => format!("phone:{p}"),
             (_, None) => format!("server:{}", req.server_id),
         };
-        let sender = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            match queues.get(&key) {
-                // A queue whose task ended (it panicked) is made anew.
-                Some(tx) if !tx.is_closed() => tx.clone(),
-                _ => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(Arc::clone(self).work_queue(rx));
-                    queues.insert(key, tx.clone());
-                    tx
-                }
-            }
+        let works_on_phones = req.phone_id.is_none()
+            && (req.kind.is_server_wide() || matches!(req.kind, JobKind::UpdateKeypair { .. }));
+        let phones = if works_on_phones {
+            self.phones.phones_of(&req.server_id)
+        } else {
+            Vec::new()
         };
-        let Err(mpsc::error::SendError(req)) = sender.send(req) else {
+        let sent = {
+            // One hold of the lock: the turns and the job are queued in
+            // the same arrival order everywhere.
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let turns = works_on_phones.then(|| {
+                let (done, watch) = tokio::sync::watch::channel(());
+                let reached = Arc::new(Semaphore::new(0));
+                let mut taken = 0;
+                for phone in &phones {
+                    let turn = Queued::Turn {
+                        reached: Arc::clone(&reached),
+                        done: watch.clone(),
+                    };
+                    if self
+                        .queue(&mut queues, format!("phone:{phone}"))
+                        .send(turn)
+                        .is_ok()
+                    {
+                        taken += 1;
+                    }
+                }
+                Turns {
+                    reached,
+                    phones: taken,
+                    _done: done,
+                }
+            });
+            self.queue(&mut queues, key).send(Queued::Job(req, turns))
+        };
+        let Err(mpsc::error::SendError(Queued::Job(req, _))) = sent else {
             return None;
         };
         tracing::error!(job_id = %req.job_id, "job queue closed");
@@ -452,8 +505,44 @@ impl Daemon {
         Some(st)
     }
 
-    async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<JobRequest>) {
-        while let Some(req) = rx.recv().await {
+    /// The sender of the queue `key`, its task started if it has none.
+    fn queue(
+        self: &Arc<Self>,
+        queues: &mut HashMap<String, mpsc::UnboundedSender<Queued>>,
+        key: String,
+    ) -> mpsc::UnboundedSender<Queued> {
+        match queues.get(&key) {
+            // A queue whose task ended (it panicked) is made anew.
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(Arc::clone(self).work_queue(rx));
+                queues.insert(key, tx.clone());
+                tx
+            }
+        }
+    }
+
+    async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        while let Some(item) = rx.recv().await {
+            let (req, turns) = match item {
+                Queued::Job(req, turns) => (req, turns),
+                Queued::Turn { reached, mut done } => {
+                    // The phone's earlier jobs ended; its later ones wait
+                    // for the server's job (until its sender is dropped).
+                    reached.add_permits(1);
+                    while done.changed().await.is_ok() {}
+                    continue;
+                }
+            };
+            // A server's job waits for its turn in each of its phones'
+            // queues (before taking a permit: the phones' earlier jobs
+            // may need them).
+            if let Some(t) = &turns {
+                if let Ok(p) = t.reached.acquire_many(t.phones).await {
+                    p.forget();
+                }
+            }
             let create = matches!(req.kind, JobKind::CreatePhone { .. });
             let _create_permit = if create {
                 Arc::clone(&self.creates_limit).acquire_owned().await.ok()
@@ -474,6 +563,8 @@ impl Daemon {
                 continue;
             }
             self.run_now(req).await;
+            // Its phones' queues go on.
+            drop(turns);
         }
     }
 
