@@ -157,7 +157,7 @@ pub enum ServerError {
 enum Queued {
     /// A job, and for a server's job working on its phones, its turns in
     /// their queues.
-    Job(JobRequest, Option<Turns>),
+    Job(Box<JobRequest>, Option<Turns>),
     /// A server's job's turn in one of its phones' queues: reached once
     /// the phone's earlier jobs ended; the phone's later ones wait until
     /// the server's job ended (its [`Turns::done`] dropped).
@@ -494,7 +494,8 @@ impl Daemon {
                     _done: done,
                 }
             });
-            self.queue(&mut queues, key).send(Queued::Job(req, turns))
+            self.queue(&mut queues, key)
+                .send(Queued::Job(Box::new(req), turns))
         };
         let Err(mpsc::error::SendError(Queued::Job(req, _))) = sent else {
             return None;
@@ -526,7 +527,7 @@ impl Daemon {
     async fn work_queue(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Queued>) {
         while let Some(item) = rx.recv().await {
             let (req, turns) = match item {
-                Queued::Job(req, turns) => (req, turns),
+                Queued::Job(req, turns) => (*req, turns),
                 Queued::Turn { reached, mut done } => {
                     // The phone's earlier jobs ended; its later ones wait
                     // for the server's job (until its sender is dropped).
