@@ -584,6 +584,34 @@ fn agent_runs_phones_and_jobs_through_the_protocol() {
     let (_, phones) = http(&addr, "GET", "/v1/phones", &token, None);
     assert_eq!(phones[0]["state"], "running", "{phones}");
 
+    // A property update that fails half-way sets back what it had set:
+    // the locale cannot be written (a directory where setprop writes), so
+    // the main keys, set before it, get their former value again.
+    let sync =
+        |command: &str| json!({"kind": "sync_shell", "command": command, "timeout_ms": 2000});
+    let st = run(
+        "props-block",
+        sync("mkdir -p /data/property/persist.sys.locale.tmp"),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+    assert_eq!(getprop("props-before", "com.cph.mainkeys"), "1");
+    let st = run(
+        "props-half",
+        json!({"kind": "update_property",
+               "property": {"com.cph.mainkeys": "0", "persist.sys.locale": "fr-FR"}}),
+    );
+    assert_eq!(st["status"], -1, "{st}");
+    assert_eq!(
+        getprop("props-after", "com.cph.mainkeys"),
+        "1",
+        "set back after the failure"
+    );
+    let st = run(
+        "props-unblock",
+        sync("rmdir /data/property/persist.sys.locale.tmp"),
+    );
+    assert_eq!(st["status"], 2, "{st}");
+
     // Arrival order holds between a server's job and its phones' own: a
     // shell, a stop, then a server restart behind them: the restart comes
     // last (the phone ends running), not as soon as the shell ended.

@@ -1240,19 +1240,41 @@ impl Phones {
             .net
             .as_ref()
             .filter(|_| property.contains_key(BANDWIDTH_LIMIT));
+        let mut set: Vec<&String> = Vec::new();
         let applied = limit
             .map_or(Ok(()), |net| {
                 net.set_bandwidth_limit(phone_id, bandwidth_limit(&rec.spec.property))
                     .map_err(network_fail)
             })
-            .and_then(|()| live.iter().try_for_each(|(k, v)| self.setprop(&name, k, v)));
-        if let Err(e) = applied {
+            .and_then(|()| {
+                live.iter().try_for_each(|(k, v)| {
+                    self.setprop(&name, k, v)?;
+                    set.push(k);
+                    Ok(())
+                })
+            });
+        if let Err(mut e) = applied {
             let _ = self.update(phone_id, |r| {
                 r.spec.property = before.spec.property.clone();
                 r.pending_persist = before.pending_persist.clone();
             });
             if let Some(net) = limit {
                 let _ = net.set_bandwidth_limit(phone_id, bandwidth_limit(&before.spec.property));
+            }
+            // The ones set before the failure get their former values back
+            // (empty where the platform had none): the phone is left as
+            // it was, or the failure names what stays changed.
+            let kept: Vec<&str> = set
+                .into_iter()
+                .filter(|k| {
+                    let old = before.spec.property.get(*k).map_or("", String::as_str);
+                    self.setprop(&name, k, old).is_err()
+                })
+                .map(String::as_str)
+                .collect();
+            if !kept.is_empty() {
+                e.msg
+                    .push_str(&format!("; left set in the phone: {}", kept.join(",")));
             }
             return Err(e);
         }
