@@ -777,6 +777,23 @@ fn insert_jobs_in(tx: &rusqlite::Transaction<'_>, jobs: &[Job]) -> Result<()> {
     Ok(())
 }
 
+const BANDWIDTH_COLS: &str = "band_width_id, project_id, band_width_name, band_width_size,
+    band_width_share_type, band_width_charge_mode, create_time, update_time";
+
+/// A bandwidth from a row of [`BANDWIDTH_COLS`].
+fn bandwidth_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Bandwidth> {
+    Ok(Bandwidth {
+        band_width_id: r.get(0)?,
+        project_id: r.get(1)?,
+        band_width_name: r.get(2)?,
+        band_width_size: r.get(3)?,
+        band_width_share_type: r.get(4)?,
+        band_width_charge_mode: r.get(5)?,
+        create_time: r.get(6)?,
+        update_time: r.get(7)?,
+    })
+}
+
 fn insert_bandwidth_in(c: &rusqlite::Connection, b: &Bandwidth) -> Result<()> {
     c.execute(
         "INSERT INTO bandwidths (band_width_id, project_id, band_width_name, band_width_size,
@@ -2251,23 +2268,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Bandwidth>> {
         let c = self.db()?;
-        let mut st = c.prepare(
-            "SELECT band_width_id, project_id, band_width_name, band_width_size,
-               band_width_share_type, band_width_charge_mode, create_time, update_time
-             FROM bandwidths WHERE project_id = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3",
-        )?;
-        let rows = st.query_map(params![project_id, limit, offset], |r| {
-            Ok(Bandwidth {
-                band_width_id: r.get(0)?,
-                project_id: r.get(1)?,
-                band_width_name: r.get(2)?,
-                band_width_size: r.get(3)?,
-                band_width_share_type: r.get(4)?,
-                band_width_charge_mode: r.get(5)?,
-                create_time: r.get(6)?,
-                update_time: r.get(7)?,
-            })
-        })?;
+        let mut st = c.prepare(&format!(
+            "SELECT {BANDWIDTH_COLS} FROM bandwidths
+             WHERE project_id = ?1 ORDER BY seq DESC LIMIT ?2 OFFSET ?3"
+        ))?;
+        let rows = st.query_map(params![project_id, limit, offset], bandwidth_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -2276,22 +2281,12 @@ impl Store {
         Ok(self
             .db()?
             .query_row(
-                "SELECT band_width_id, project_id, band_width_name, band_width_size,
-                   band_width_share_type, band_width_charge_mode, create_time, update_time
-                 FROM bandwidths WHERE project_id = ?1 AND band_width_id = ?2",
+                &format!(
+                    "SELECT {BANDWIDTH_COLS} FROM bandwidths
+                     WHERE project_id = ?1 AND band_width_id = ?2"
+                ),
                 params![project_id, id],
-                |r| {
-                    Ok(Bandwidth {
-                        band_width_id: r.get(0)?,
-                        project_id: r.get(1)?,
-                        band_width_name: r.get(2)?,
-                        band_width_size: r.get(3)?,
-                        band_width_share_type: r.get(4)?,
-                        band_width_charge_mode: r.get(5)?,
-                        create_time: r.get(6)?,
-                        update_time: r.get(7)?,
-                    })
-                },
+                bandwidth_row,
             )
             .optional()?)
     }

@@ -384,44 +384,30 @@ impl BtrfsStorage {
                     tracing::warn!(path = %e.path().display(), "removing interrupted staging");
                     self.delete_subvolume(&e.path())?;
                 }
-                // A reset cut off: before the old volume was deleted the
-                // fresh one goes; after, it takes the old one's place (a
-                // reset's result, as asked).
-                if let Some(phone) = name.strip_prefix(".reset-") {
-                    let vol = dir.join(phone);
-                    if vol.symlink_metadata().is_ok() {
-                        tracing::warn!(path = %e.path().display(), "removing interrupted reset");
-                        self.delete_volume_subvolume(&e.path())?;
-                    } else {
-                        tracing::warn!(
-                            phone_id = phone,
-                            "finishing a reset cut off after the old volume went"
-                        );
-                        std::fs::rename(e.path(), &vol)
-                            .map_err(|err| StorageError::io("rename", e.path(), err))?;
-                    }
-                }
-                // An image update cut off: before the old volume was
-                // deleted it is still whole and the new one goes; after,
-                // the new one (the phone's kept data on the new image,
-                // complete by then) takes its place, so no data is lost.
-                if let Some(phone) = name.strip_prefix(".upgrade-") {
-                    let vol = dir.join(phone);
-                    if vol.symlink_metadata().is_ok() {
-                        tracing::warn!(path = %e.path().display(), "removing interrupted image update");
-                        self.delete_volume_subvolume(&e.path())?;
-                    } else {
-                        tracing::warn!(
-                            phone_id = phone,
-                            "finishing an image update cut off after the old volume went"
-                        );
-                        std::fs::rename(e.path(), &vol)
-                            .map_err(|err| StorageError::io("rename", e.path(), err))?;
+                // A reset or an image update cut off: before the old
+                // volume was deleted it is still whole and the new one
+                // goes; after, the new one (a fresh clone, or the phone's
+                // kept data on the new image, complete by then) takes its
+                // place, so nothing asked for is lost.
+                for (prefix, what) in [(".reset-", "reset"), (".upgrade-", "image update")] {
+                    if let Some(phone) = name.strip_prefix(prefix) {
+                        self.settle_replacement(&e.path(), &dir.join(phone), what)?;
                     }
                 }
             }
         }
         self.sweep_caps()
+    }
+
+    /// A volume's replacement `new` a crash left beside `vol`: removed
+    /// while `vol` is there, else renamed to it.
+    fn settle_replacement(&self, new: &Path, vol: &Path, what: &str) -> Result<(), StorageError> {
+        if vol.symlink_metadata().is_ok() {
+            tracing::warn!(path = %new.display(), "removing interrupted {what}");
+            return self.delete_volume_subvolume(new);
+        }
+        tracing::warn!(volume = %vol.display(), "finishing a {what} cut off after the old volume went");
+        std::fs::rename(new, vol).map_err(|err| StorageError::io("rename", new, err))
     }
 
     /// Quotas as they are on an existing pool; simple ones on a new pool
