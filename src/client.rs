@@ -440,17 +440,39 @@ async fn object_url(creds: &Credentials, file: String) -> Result<String, ClientE
     }
 }
 
+/// Every item of a paged listing (`offset`/`limit`, at most 100 a page):
+/// the `key` arrays of its pages, asked for until a short page.
+async fn list_all(
+    client: &Client,
+    path: &str,
+    query: &str,
+    key: &str,
+) -> Result<Vec<Value>, ClientError> {
+    const PAGE: usize = 100;
+    let mut all = Vec::new();
+    loop {
+        let q = format!("{query}&limit={PAGE}&offset={}", all.len());
+        let v = client
+            .call("GET", path, q.trim_start_matches('&'), None)
+            .await?;
+        let page = v[key].as_array().cloned().unwrap_or_default();
+        let short = page.len() < PAGE;
+        all.extend(page);
+        if short {
+            return Ok(all);
+        }
+    }
+}
+
 /// Runs one client action; `Ok(false)` when a job failed.
 pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError> {
     let creds = Credentials::load(creds_path)?;
     let client = Client::new(creds.clone())?;
     match action {
         Action::Servers => {
-            let v = client
-                .call("GET", "/v1/{p}/cloud-phone/servers", "limit=100", None)
-                .await?;
+            let servers = list_all(&client, "/v1/{p}/cloud-phone/servers", "", "servers").await?;
             println!("{:<34} {:<24} {:>6}  model", "server_id", "name", "status");
-            for s in v["servers"].as_array().into_iter().flatten() {
+            for s in &servers {
                 println!(
                     "{:<34} {:<24} {:>6}  {}",
                     s["server_id"].as_str().unwrap_or(""),
@@ -463,17 +485,15 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
         }
         Action::Phones { server_id } => {
             let query = match &server_id {
-                Some(s) => format!("limit=100&server_id={s}"),
-                None => "limit=100".to_string(),
+                Some(s) => format!("server_id={s}"),
+                None => String::new(),
             };
-            let v = client
-                .call("GET", "/v1/{p}/cloud-phone/phones", &query, None)
-                .await?;
+            let phones = list_all(&client, "/v1/{p}/cloud-phone/phones", &query, "phones").await?;
             println!(
                 "{:<34} {:<28} {:>6}  server_id",
                 "phone_id", "name", "status"
             );
-            for p in v["phones"].as_array().into_iter().flatten() {
+            for p in &phones {
                 println!(
                     "{:<34} {:<28} {:>6}  {}",
                     p["phone_id"].as_str().unwrap_or(""),
@@ -537,14 +557,12 @@ pub async fn run(creds_path: &Path, action: Action) -> Result<bool, ClientError>
             Ok(print_jobs(&answers, &jobs))
         }
         Action::Images => {
-            let v = client
-                .call("GET", "/v1/{p}/cloud-phone/images", "limit=100", None)
-                .await?;
+            let images = list_all(&client, "/v1/{p}/cloud-phone/images", "", "image_infos").await?;
             println!(
                 "{:<34} {:<24} {:>6} {:>12}  type",
                 "image_id", "name", "status", "bytes"
             );
-            for i in v["image_infos"].as_array().into_iter().flatten() {
+            for i in &images {
                 println!(
                     "{:<34} {:<24} {:>6} {:>12}  {}",
                     i["image_id"].as_str().unwrap_or(""),

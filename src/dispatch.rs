@@ -495,13 +495,26 @@ async fn send_jobs(
                 batches.entry(base).or_default().push((j.job_id, req));
             }
         }
+        // An agent's batches go one after another, in the jobs' order,
+        // and stop at the first not delivered: the agent queues a phone's
+        // jobs as they arrive, so a later batch must never overtake an
+        // earlier one (the rest go on a later pass, after it).
         for (base, jobs) in batches {
-            let mut jobs = jobs.into_iter().peekable();
-            while jobs.peek().is_some() {
-                let chunk: Vec<_> = jobs.by_ref().take(BATCH_MAX).collect();
-                let (client, cfg, base) = (client.clone(), cfg.clone(), base.clone());
-                set.spawn(async move { post_batch(&client, &cfg, &base, chunk).await });
-            }
+            let (client, cfg) = (client.clone(), cfg.clone());
+            set.spawn(async move {
+                let mut out = Vec::new();
+                let mut jobs = jobs.into_iter().peekable();
+                while jobs.peek().is_some() {
+                    let chunk: Vec<_> = jobs.by_ref().take(BATCH_MAX).collect();
+                    let sent = post_batch(&client, &cfg, &base, chunk).await;
+                    let delivered = sent.iter().all(|(_, ok, _)| *ok);
+                    out.extend(sent);
+                    if !delivered {
+                        break;
+                    }
+                }
+                out
+            });
         }
         let mut sent: Vec<Sent> = Vec::new();
         while let Some(res) = set.join_next().await {
@@ -624,13 +637,39 @@ async fn post_batch(
     }
 }
 
+/// What a poll of a running job found.
+enum Polled {
+    /// The agent does not know it (it restarted before accepting it).
+    Lost(String),
+    Status(JobStatus),
+}
+
+/// Asks the agents how their running jobs are: each host's jobs one after
+/// another, the hosts at once. A host not alive is left to the liveness
+/// check, and one that does not answer to the next pass, so a host gone
+/// quiet holds up the loop for one request's timeout, not one per job.
 async fn poll_jobs(
     store: &Arc<Store>,
     client: &reqwest::Client,
     cfg: &LoopConfig,
 ) -> Result<(), DispatchError> {
+    let mut bases: std::collections::HashMap<String, Option<String>> =
+        std::collections::HashMap::new();
+    let mut by_host: std::collections::HashMap<String, Vec<(String, String)>> =
+        std::collections::HashMap::new();
     for j in store.dispatched_running_jobs(500)? {
-        let Some(node) = store.node(&j.node_id)? else {
+        let base = match bases.get(&j.node_id) {
+            Some(b) => b.clone(),
+            None => {
+                let b = store
+                    .node(&j.node_id)?
+                    .filter(|n| n.alive)
+                    .map(|n| n.agent_url.trim_end_matches('/').to_string());
+                bases.insert(j.node_id.clone(), b.clone());
+                b
+            }
+        };
+        let Some(base) = base else {
             continue;
         };
         // The agent knows the job by its request's id (a migration's
@@ -638,23 +677,38 @@ async fn poll_jobs(
         let agent_job_id = serde_json::from_str::<JobRequest>(&j.request)
             .map(|r| r.job_id)
             .unwrap_or_else(|_| j.job_id.clone());
-        let url = format!(
-            "{}/v1/jobs/{}",
-            node.agent_url.trim_end_matches('/'),
-            agent_job_id
-        );
-        let resp = client.get(&url).bearer_auth(&cfg.node_token).send().await;
-        match resp {
-            Ok(r) if r.status().as_u16() == 404 => {
-                // The agent lost it (restarted before accepting): send again.
-                store.mark_dispatched(&j.job_id, false)?;
-            }
-            Ok(r) if r.status().is_success() => {
-                if let Ok(s) = r.json::<JobStatus>().await {
-                    apply_status(store, &s)?;
+        let url = format!("{base}/v1/jobs/{agent_job_id}");
+        by_host.entry(j.node_id).or_default().push((j.job_id, url));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for jobs in by_host.into_values() {
+        let (client, token) = (client.clone(), cfg.node_token.clone());
+        set.spawn(async move {
+            let mut found = Vec::new();
+            for (row, url) in jobs {
+                match client.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().as_u16() == 404 => found.push(Polled::Lost(row)),
+                    Ok(r) if r.status().is_success() => {
+                        if let Ok(s) = r.json::<JobStatus>().await {
+                            found.push(Polled::Status(s));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
                 }
             }
-            _ => {}
+            found
+        });
+    }
+    while let Some(found) = set.join_next().await {
+        for p in found.unwrap_or_default() {
+            match p {
+                // Sent again.
+                Polled::Lost(row) => {
+                    store.mark_dispatched(&row, false)?;
+                }
+                Polled::Status(s) => apply_status(store, &s)?,
+            }
         }
     }
     Ok(())
