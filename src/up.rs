@@ -33,6 +33,8 @@ pub enum UpError {
     NoBinary { name: &'static str, exe: PathBuf },
     #[error("phone image {0} not found; build it with image/build-test-image.sh")]
     NoImage(PathBuf),
+    #[error("stopped by signal {0} while starting; the services started were stopped")]
+    Interrupted(i32),
     #[error("{service} did not come up on {addr} within {secs} s; its log: {log}")]
     NotUp {
         service: &'static str,
@@ -302,6 +304,22 @@ fn start_child(
     // Own process group: Ctrl-C in the terminal reaches `cph up` only,
     // which then stops the services in order.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // The child inherits the signals `cph up` blocks (see
+    // `block_stop_signals`): unblocked, so that SIGTERM stops it.
+    // SAFETY: only async-signal-safe calls (sigemptyset, sigaddset,
+    // sigprocmask) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+            libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+            if libc::sigprocmask(libc::SIG_UNBLOCK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.spawn().map_err(io("start", log))
 }
 
@@ -358,6 +376,9 @@ impl Service {
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
+            }
+            if let Some(sig) = stop_signal(Duration::ZERO) {
+                return Err(UpError::Interrupted(sig));
             }
             if start.elapsed() > limit {
                 return Err(UpError::NotUp {
@@ -718,6 +739,7 @@ fn agent_config(opts: &UpOptions, secrets: &Secrets, host: &LocalHost) -> String
 
 /// Runs the platform until Ctrl-C or SIGTERM.
 pub fn up(opts: &UpOptions) -> Result<(), UpError> {
+    block_stop_signals();
     let data = &opts.data_dir;
     std::fs::create_dir_all(data).map_err(io("create", data))?;
     let image =
@@ -832,6 +854,35 @@ pub fn up(opts: &UpOptions) -> Result<(), UpError> {
     result
 }
 
+fn stop_signal_set() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set
+}
+
+/// Blocks SIGINT and SIGTERM from the start of `cph up` (the services it
+/// starts unblock them before they run), so one that
+/// arrives while the services start is taken by [`stop_signal`] and the
+/// services started so far are stopped, rather than `cph up` dying with
+/// them left running (in their own process groups, a terminal's Ctrl-C
+/// reaches `cph up` alone).
+fn block_stop_signals() {
+    if stop_signal_set().thread_block().is_err() {
+        tracing::warn!("cannot block signals; stopping on service exit only");
+    }
+}
+
+/// A pending SIGINT or SIGTERM, waited for up to `wait`.
+fn stop_signal(wait: Duration) -> Option<i32> {
+    let set = stop_signal_set();
+    let ts = nix::sys::time::TimeSpec::from_duration(wait);
+    // SAFETY: sigtimedwait only reads the set and writes no info (null).
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), ts.as_ref()) };
+    (r > 0).then_some(r)
+}
+
 /// Creates (once) the default project, its AK/SK and a keypair named
 /// `default`, and writes `credentials.json`.
 fn bootstrap(
@@ -918,20 +969,10 @@ const DEV_PUBLIC_KEY: &str =
 /// (phones keep running through an agent restart), and one that keeps
 /// dying stops the platform with an error.
 fn wait_for_signal_or_exit(services: &mut [Service]) -> Result<(), UpError> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    if set.thread_block().is_err() {
-        tracing::warn!("cannot block signals; stopping on service exit only");
-    }
     loop {
         // Poll for a pending signal once per 200 ms.
-        let ts = nix::sys::time::TimeSpec::from_duration(Duration::from_millis(200));
-        // SAFETY: sigtimedwait only reads the set and writes no info (null).
-        let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), ts.as_ref()) };
-        if r > 0 {
-            tracing::info!(signal = r, "stopping");
+        if let Some(sig) = stop_signal(Duration::from_millis(200)) {
+            tracing::info!(signal = sig, "stopping");
             return Ok(());
         }
         for svc in services.iter_mut() {
@@ -947,6 +988,24 @@ fn wait_for_signal_or_exit(services: &mut [Service]) -> Result<(), UpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service starts with SIGINT and SIGTERM unblocked though `cph up`
+    /// blocks them (or it could not be stopped but by SIGKILL).
+    #[test]
+    fn services_start_with_stop_signals_unblocked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        block_stop_signals();
+        let args = ["-c".into(), "grep SigBlk /proc/self/status".into()];
+        let mut child = start_child("sh".as_ref(), &args, &log).expect("start");
+        child.wait().expect("wait");
+        let text = std::fs::read_to_string(&log).expect("log");
+        let mask = u64::from_str_radix(text.split_whitespace().nth(1).expect("mask"), 16)
+            .expect("hex mask");
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            assert_eq!(mask & (1 << (sig - 1)), 0, "signal {sig} blocked: {text}");
+        }
+    }
 
     fn options(user_namespaces: bool) -> UpOptions {
         UpOptions {
