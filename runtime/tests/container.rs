@@ -222,6 +222,16 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     );
     assert_eq!(f.sh(&name, "cat /sys/devices/system/cpu/online").0, "0");
     assert_eq!(f.sh(&name, "grep -c ^processor /proc/cpuinfo").0, "1");
+    // The views are the host's files, read-only to the phone.
+    for view in [
+        "/proc/cpuinfo",
+        "/proc/meminfo",
+        "/sys/devices/system/cpu/online",
+    ] {
+        let (_, code) = f.sh(&name, &format!("echo x >> {view}"));
+        assert_ne!(code, Some(0), "{view} written");
+    }
+    assert_eq!(f.sh(&name, "grep -c ^processor /proc/cpuinfo").0, "1");
     let mut devs = f.sh(&name, "ls /dev | sort | tr '\\n' ' '").0;
     if binder::available() {
         for d in ["binder ", "binderfs ", "hwbinder ", "vndbinder "] {

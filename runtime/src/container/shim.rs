@@ -951,6 +951,9 @@ fn init_child(
                     None,
                     "proc view",
                 )?;
+                // Files of the host's state directory: the phone reads
+                // them, and writing them would grow the host's disk.
+                super::userns::remount_read_only(&at(rel))?;
             }
         }
     }
