@@ -539,6 +539,19 @@ fn traffic_diversion_and_reconcile_after_restart() {
     net.reconcile().unwrap();
     assert_eq!(echo_from(&public, access(ap), b"again").unwrap(), b"again");
     assert!(redirected());
+    // So is one that deleted its end and made a link of its own under
+    // that name; a phone that cannot be re-plumbed fails no one else's.
+    in_ns(&phone_ns, "ip", &["link", "del", "eth0"]);
+    in_ns(
+        &phone_ns,
+        "ip",
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "mine0",
+        ],
+    );
+    net.reconcile().unwrap();
+    assert_eq!(echo_from(&public, access(ap), b"mine").unwrap(), b"mine");
+    assert!(redirected());
     drop(tx);
     net.teardown().unwrap();
     assert!(!in_ns(&host, "nft", &["list", "tables"]).contains(&cfg.table));

@@ -417,7 +417,11 @@ impl<R: Runner> NetManager<R> {
         for p in missing {
             if p.netns.exists() {
                 info!(phone_id = %p.phone_id, "re-plumbing phone veth");
-                self.plumb(&p)?;
+                // One phone's network is not every phone's: a failure is
+                // its alone (it is tried again at its next attach).
+                if let Err(e) = self.replumb(&p) {
+                    warn!(phone_id = %p.phone_id, error = %e, "phone veth not re-plumbed");
+                }
             } else {
                 warn!(phone_id = %p.phone_id, netns = %p.netns.display(), "phone namespace gone; waiting for attach");
             }
@@ -426,11 +430,24 @@ impl<R: Runner> NetManager<R> {
         self.delete_shaping(|i| !wanted.contains(&i))
     }
 
-    /// Creates the veth pair into the phone namespace and configures it.
+    /// [`Self::plumb`] of a phone whose veth went: a link the phone made in
+    /// its place under the name its end takes (it can delete its end, and
+    /// the host's goes with it) is removed first.
+    fn replumb(&self, p: &PhoneNet) -> Result<(), NetError> {
+        if self.plumb(p).is_ok() {
+            return Ok(());
+        }
+        let squatter = cmd::ip_batch(&[format!("link del {PHONE_IF}")]).in_netns(Some(&p.netns));
+        let _ = self.runner.run(&squatter);
+        self.plumb(p)
+    }
+
+    /// Creates the veth pair into the phone namespace and configures it;
+    /// nothing is left of it on a failure.
     fn plumb(&self, p: &PhoneNet) -> Result<(), NetError> {
         let br = &self.cfg.bridge;
         let h = &p.host_if;
-        self.host_ip(vec![
+        if let Err(e) = self.host_ip(vec![
             format!(
                 "link add {h} type veth peer name {PHONE_IF} address {} netns {}",
                 phone_mac(p.ip),
@@ -438,7 +455,11 @@ impl<R: Runner> NetManager<R> {
             ),
             format!("link set {h} master {br}"),
             format!("link set {h} up"),
-        ])?;
+        ]) {
+            // The batch stops at its first failure: a pair it made goes.
+            let _ = self.host_ip(vec![format!("link del {h}")]);
+            return Err(e);
+        }
         // Uploads: every frame the phone sends goes through the upload
         // device's tree first.
         let redirect = tc::render_upload_redirect(h, &self.cfg.upload_dev(), &self.cfg.subnet);
