@@ -394,6 +394,17 @@ fn phone_runs_isolated_with_its_limits_and_stops_cleanly() {
     f.rt.resume(&name).expect("resume");
     assert_eq!(f.rt.state(&name).expect("state").status, Status::Running);
 
+    // On v2 the phone (holding CAP_SYS_ADMIN) can make cgroups beneath its
+    // own, as Android's init does for its apps: they go with it.
+    if unified() {
+        let (out, code) = f.sh(
+            &name,
+            "mkdir -p /run/cg && mount -t cgroup2 none /run/cg && \
+             mkdir -p /run/cg/uid_0/pid_1 /run/cg/uid_1000 && umount /run/cg && echo made",
+        );
+        assert_eq!((out.as_str(), code), ("made", Some(0)));
+    }
+
     // Stop: init exits 0 on SIGTERM, well within the grace period.
     let started = Instant::now();
     let status = f.rt.stop(&name, Duration::from_secs(5)).expect("stop");

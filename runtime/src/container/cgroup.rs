@@ -342,12 +342,50 @@ pub(crate) fn freeze(cg: &Cgroup, name: &str, frozen: bool) -> Result<(), Contai
     }
 }
 
-/// Kills every process of the phone and removes its cgroup.
+/// The cgroups beneath `dir` (v2), deepest first: a phone holding
+/// `CAP_SYS_ADMIN` makes its own (Android's init puts each app's processes
+/// in `uid_N/pid_M`), and a cgroup with children cannot be removed.
+fn descendants(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+                found.push(e.path());
+            }
+        }
+    }
+    // A child is always found after its parent.
+    found.reverse();
+    found
+}
+
+/// Pids in the cgroups `dirs` (v2).
+fn procs_in(dirs: &[std::path::PathBuf]) -> Vec<i32> {
+    dirs.iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// Kills every process of the phone and removes its cgroup, with the
+/// cgroups the phone made beneath it.
 pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
     // A frozen cgroup cannot die: thaw first.
     let _ = freeze(cg, name, false);
+    let below = if cg.v2() {
+        descendants(&std::path::Path::new(hierarchies::UNIFIED_MOUNTPOINT).join(cg.path()))
+    } else {
+        Vec::new()
+    };
     for _ in 0..200 {
-        let pids = procs(cg);
+        let mut pids = procs(cg);
+        pids.extend(procs_in(&below));
         if pids.is_empty() {
             break;
         }
@@ -364,6 +402,9 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
     // shim) is what was asked: v1 skips a missing directory, v2 reports it.
     let mut tries = 0;
     loop {
+        for d in &below {
+            let _ = std::fs::remove_dir(d);
+        }
         match cg.delete() {
             Ok(()) => return Ok(()),
             Err(_) if !cg.exists() => return Ok(()),
