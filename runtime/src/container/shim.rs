@@ -167,8 +167,17 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
                 return 127;
             }
         }
+        // Released once the shim has put it in the phone's cgroup (and
+        // given it its ids); a shim gone before that (EOF) means no phone:
+        // it must not run outside its cgroup with no one watching it.
         let mut byte = [0u8; 1];
-        let _ = nix::unistd::read(go_r.as_fd(), &mut byte);
+        loop {
+            match nix::unistd::read(go_r.as_fd(), &mut byte) {
+                Ok(1) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                _ => return 127,
+            }
+        }
         let tree = match &tree_rx {
             Some(sock) => {
                 match super::userns::become_root().and_then(|()| super::userns::recv_fds(sock)) {
