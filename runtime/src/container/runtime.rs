@@ -175,6 +175,7 @@ impl Runtime {
                     pid: 0,
                     start_time: 0,
                     shim_pid: 0,
+                    boot_id: None,
                     status: Status::Failed { reason },
                 });
             }
@@ -184,7 +185,7 @@ impl Runtime {
         }
         let mut st: ContainerState = state::read_json(&path, name)?;
         if matches!(st.status, Status::Running | Status::Paused) {
-            if !state::alive(st.pid, st.start_time) {
+            if !st.init_alive() {
                 st.status = Status::Exited { code: -1 };
             } else if self.frozen(name) {
                 st.status = Status::Paused;
@@ -328,7 +329,7 @@ impl Runtime {
             let _ = cgroup::freeze(&cg, name, false);
             let _ = kill(Pid::from_raw(st.pid), Signal::SIGTERM);
             let deadline = Instant::now() + grace;
-            while state::alive(st.pid, st.start_time) && Instant::now() < deadline {
+            while st.init_alive() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

@@ -300,6 +300,7 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
         pid: child.as_raw(),
         start_time,
         shim_pid: std::process::id() as i32,
+        boot_id: state::boot_id(),
         status: Status::Running,
     };
     let path = state::state_path(root, name);
@@ -1058,7 +1059,7 @@ fn exec(root: &Path, name: &str, parent: &str, argv: &[String]) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    if !state::alive(st.pid, st.start_time) {
+    if !st.init_alive() {
         return fail("phone is not running".to_string());
     }
     let open = |what: &str| -> Result<OwnedFd, String> {

@@ -34,8 +34,32 @@ pub struct ContainerState {
     pub start_time: u64,
     /// Pid of the phone's shim.
     pub shim_pid: i32,
+    /// The boot the pids are of (`/proc/sys/kernel/random/boot_id`): a pid
+    /// and start time recorded before a reboot may be another process's
+    /// after it. Absent in records made before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
     #[serde(flatten)]
     pub status: Status,
+}
+
+impl ContainerState {
+    /// Whether the recorded init still runs: same boot, pid alive with the
+    /// recorded start time.
+    pub fn init_alive(&self) -> bool {
+        let same_boot = match (&self.boot_id, boot_id()) {
+            (Some(recorded), Some(now)) => *recorded == now,
+            _ => true,
+        };
+        same_boot && alive(self.pid, self.start_time)
+    }
+}
+
+/// This boot's id, as the kernel gives it.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 pub(crate) fn dir(root: &Path, name: &str) -> PathBuf {
@@ -106,4 +130,27 @@ pub fn alive(pid: i32, start: u64) -> bool {
                 .and_then(|i| s.get(i + 2..i + 3).map(str::to_string))
         });
     state.as_deref() != Some("Z")
+}
+
+#[cfg(test)]
+mod boot_tests {
+    use super::*;
+
+    /// A record's init is alive only in the boot it was made in: the same
+    /// pid and start time in another boot are another process.
+    #[test]
+    fn a_record_of_another_boot_is_not_alive() {
+        let pid = std::process::id() as i32;
+        let record = |boot_id: Option<String>| ContainerState {
+            name: "p".into(),
+            pid,
+            start_time: start_time(pid).expect("own start time"),
+            shim_pid: 0,
+            boot_id,
+            status: Status::Running,
+        };
+        assert!(record(boot_id()).init_alive());
+        assert!(record(None).init_alive(), "a record made before boot ids");
+        assert!(!record(Some("another-boot".into())).init_alive());
+    }
 }
