@@ -214,7 +214,9 @@ impl Store {
 
     /// Moves an event from `from` to `to` at `at_ms` (the start time when
     /// it starts executing, the finish time when it ends), recording the
-    /// phones it stopped; false when it was not in `from`.
+    /// phones it stopped; false when it was not in `from`. One statement:
+    /// of two moves at once (the loop starting an event, an operator
+    /// canceling it) one wins and the other is told so.
     pub fn move_event(
         &self,
         event_id: &str,
@@ -223,17 +225,7 @@ impl Store {
         at_ms: i64,
         stopped_phones: Option<&[String]>,
     ) -> Result<bool> {
-        let c = self.db()?;
-        let state: Option<String> = c
-            .query_row(
-                "SELECT state FROM scheduled_events WHERE event_id = ?1",
-                [event_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if !state.is_some_and(|s| from.contains(&s.as_str())) {
-            return Ok(false);
-        }
+        use rusqlite::types::Value;
         let stopped =
             stopped_phones.map(|p| serde_json::to_string(p).unwrap_or_else(|_| "[]".into()));
         let column = if to == EVENT_EXECUTING {
@@ -241,15 +233,24 @@ impl Store {
         } else {
             "finish_ms"
         };
-        c.execute(
+        let states: Vec<String> = (0..from.len()).map(|i| format!("?{}", i + 5)).collect();
+        let mut values = vec![
+            Value::from(event_id.to_string()),
+            Value::from(to.to_string()),
+            Value::from(at_ms),
+            stopped.map_or(Value::Null, Value::from),
+        ];
+        values.extend(from.iter().map(|s| Value::from(s.to_string())));
+        let changed = self.db()?.execute(
             &format!(
                 "UPDATE scheduled_events SET state = ?2, {column} = ?3,
                      stopped_phones = COALESCE(?4, stopped_phones)
-                 WHERE event_id = ?1"
+                 WHERE event_id = ?1 AND state IN ({})",
+                states.join(", ")
             ),
-            params![event_id, to, at_ms, stopped],
+            rusqlite::params_from_iter(values),
         )?;
-        Ok(true)
+        Ok(changed > 0)
     }
 }
 
