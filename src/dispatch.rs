@@ -345,6 +345,10 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
     // Jobs whose delivery failed, since when.
     let mut undelivered: std::collections::HashMap<String, std::time::Instant> =
         std::collections::HashMap::new();
+    // Servers whose creation their agent did not take: since when, how
+    // many times.
+    let mut refused: std::collections::HashMap<String, (std::time::Instant, u32)> =
+        std::collections::HashMap::new();
     loop {
         let deadline = crate::store::now_secs() - (cfg.heartbeat_secs * cfg.silent_after) as i64;
         match store.mark_silent_nodes(deadline) {
@@ -356,7 +360,7 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
             }
             Err(e) => tracing::error!(error = %e, "liveness check failed"),
         }
-        if let Err(e) = create_servers(&store, &client, &cfg).await {
+        if let Err(e) = create_servers(&store, &client, &cfg, &mut refused).await {
             tracing::warn!(error = %e, "server creation dispatch failed");
         }
         if let Err(e) = crate::events::start_due(&store, &catalog, crate::store::now_ms()) {
@@ -403,12 +407,20 @@ async fn post_json<T: serde::Serialize>(
     Ok(resp)
 }
 
+/// Sends each server bought to its agent (`POST /v1/servers`) until it is
+/// taken. One its agent, alive, keeps refusing ([`MAX_ATTEMPTS`] times and
+/// for as long as an agent may be silent) is given up: its phones read
+/// creation failed and the server abnormal, as when its creation job fails.
 async fn create_servers(
     store: &Arc<Store>,
     client: &reqwest::Client,
     cfg: &LoopConfig,
+    refused: &mut std::collections::HashMap<String, (std::time::Instant, u32)>,
 ) -> Result<(), DispatchError> {
-    for s in store.servers_to_create()? {
+    let patience = Duration::from_secs(cfg.heartbeat_secs.max(1) * cfg.silent_after.max(1));
+    let waiting = store.servers_to_create()?;
+    refused.retain(|id, _| waiting.iter().any(|s| &s.server_id == id));
+    for s in waiting {
         let Some(node) = store.node(&s.node_id)? else {
             continue;
         };
@@ -419,11 +431,23 @@ async fn create_servers(
         let url = format!("{}/v1/servers", node.agent_url.trim_end_matches('/'));
         match post_json(client, cfg, url, &req).await {
             Ok(_) => {
+                refused.remove(&s.server_id);
                 store.mark_server_created(&s.server_id)?;
                 tracing::info!(server_id = %s.server_id, node_id = %s.node_id, "server creation sent");
             }
             Err(e) => {
-                tracing::warn!(server_id = %s.server_id, error = %e, "server creation not sent")
+                tracing::warn!(server_id = %s.server_id, error = %e, "server creation not sent");
+                let (since, tries) = refused
+                    .entry(s.server_id.clone())
+                    .or_insert_with(|| (std::time::Instant::now(), 0));
+                *tries += 1;
+                if *tries >= MAX_ATTEMPTS && since.elapsed() >= patience {
+                    refused.remove(&s.server_id);
+                    store.mark_server_created(&s.server_id)?;
+                    let failed = store.fail_unmade_phones(&s.server_id)?;
+                    store.set_server_abnormal(&s.server_id)?;
+                    tracing::error!(server_id = %s.server_id, phones = failed, error = %e, "server creation given up");
+                }
             }
         }
     }

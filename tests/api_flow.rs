@@ -1936,6 +1936,73 @@ async fn bandwidths_by_id_and_order_checks() {
     cp.stop().await;
 }
 
+/// A server whose agent, alive, keeps refusing its creation is given up
+/// once the agent had as long as it may be silent: its phones read
+/// creation failed (-8) and the server abnormal (2), rather than creating
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_its_agent_keeps_refusing_is_given_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = Cp::start(dir.path().to_path_buf()).await;
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = tries.clone();
+    let app = axum::Router::new().route(
+        "/v1/servers",
+        post(move || {
+            let t = counted.clone();
+            async move {
+                t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    let inv = serde_json::to_value(inventory("n1", &url)).expect("json");
+    assert_eq!(cp.agent_post("/agent/v1/register", inv).await.status, 200);
+    let beat = keep_beating(&cp, "n1", vec![]);
+    let r = cp
+        .call("POST", "/v1/{p}/cloud-phone/phones", Some(buy_body(1)))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sid = r.body["server_ids"][0].as_str().expect("id").to_string();
+    let path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    let mut status = Value::Null;
+    for _ in 0..120 * slowdown() {
+        status = cp.call("GET", &path, None).await.body["status"].clone();
+        if status == json!(2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(status, json!(2), "the server reads abnormal");
+    assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 5);
+    let phones = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/phones?server_id={sid}"),
+            None,
+        )
+        .await;
+    let states: Vec<&Value> = phones.body["phones"]
+        .as_array()
+        .expect("phones")
+        .iter()
+        .map(|p| &p["status"])
+        .collect();
+    assert!(
+        !states.is_empty() && states.iter().all(|s| **s == json!(-8)),
+        "{states:?}"
+    );
+    beat.abort();
+    cp.stop().await;
+}
+
 /// Tags of servers (the SDK's tag operations): set, replaced, deleted,
 /// listed per server and per project, and servers found by tags and name;
 /// bad input answers the reference's CPS.03xx codes and changes nothing.
