@@ -312,7 +312,13 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
 
     let code = hold(child, &views, spec, &cg, &mut log);
     st.status = Status::Exited { code };
-    let _ = state::write_json(&path, &st, name);
+    // Only over its own record: a shim slow to end (its phone given up on
+    // and started again meanwhile) must not write over the new one's.
+    let own = state::read_json::<ContainerState>(&path, name)
+        .is_ok_and(|recorded| recorded.shim_pid == st.shim_pid);
+    if own {
+        let _ = state::write_json(&path, &st, name);
+    }
     Ok(())
 }
 

@@ -87,7 +87,9 @@ pub(crate) fn write_json<T: Serialize>(
         reason,
     };
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| err(e.to_string()))?;
-    let tmp = path.with_extension("tmp");
+    // The writer's own temporary file: a runtime and a shim, or two shims,
+    // may write the same record at once.
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let mut f = fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
     f.write_all(&bytes).map_err(|e| err(e.to_string()))?;
     f.sync_all().map_err(|e| err(e.to_string()))?;
