@@ -18,6 +18,17 @@ use crate::store::{Store, StoreError};
 
 /// Attempts before a job that cannot reach its agent fails.
 pub const MAX_ATTEMPTS: u32 = 5;
+
+/// How far the wall clock may move apart from the monotonic one between
+/// two passes of the loop before it counts as stepped.
+const CLOCK_STEP_SECS: i64 = 10;
+
+/// Whether the wall clock (Unix seconds) moved apart from the monotonic
+/// one between two readings of both by more than [`CLOCK_STEP_SECS`].
+fn clock_stepped(before: (std::time::Instant, i64), now: (std::time::Instant, i64)) -> bool {
+    let elapsed = now.0.saturating_duration_since(before.0).as_secs() as i64;
+    (now.1 - before.1 - elapsed).abs() > CLOCK_STEP_SECS
+}
 /// Undispatched jobs read at once.
 const UNDISPATCHED_BATCH: u32 = 2000;
 
@@ -349,7 +360,20 @@ pub async fn run(store: Arc<Store>, catalog: Arc<Catalog>, d: Dispatcher, cfg: L
     // many times.
     let mut refused: std::collections::HashMap<String, (std::time::Instant, u32)> =
         std::collections::HashMap::new();
+    let mut last_pass = (std::time::Instant::now(), crate::store::now_secs());
     loop {
+        // Liveness is kept in wall-clock seconds: when the clock stepped
+        // (an NTP correction, a paused machine resumed) it counts from
+        // now, as after a restart, rather than every agent reading silent
+        // at once (or a dead one late).
+        let now = (std::time::Instant::now(), crate::store::now_secs());
+        if clock_stepped(last_pass, now) {
+            match store.restart_liveness() {
+                Ok(n) => tracing::warn!(nodes = n, "the clock stepped; liveness counted from now"),
+                Err(e) => tracing::error!(error = %e, "liveness not reset after a clock step"),
+            }
+        }
+        last_pass = now;
         let deadline = crate::store::now_secs() - (cfg.heartbeat_secs * cfg.silent_after) as i64;
         match store.mark_silent_nodes(deadline) {
             Ok((ids, failed)) => {
@@ -796,4 +820,21 @@ async fn release_hosts(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_step_is_told_from_time_passing() {
+        let t0 = std::time::Instant::now();
+        let t1 = t0 + Duration::from_secs(30);
+        // 30 s passed on both clocks: no step, however long the pass.
+        assert!(!clock_stepped((t0, 1000), (t1, 1030)));
+        assert!(!clock_stepped((t0, 1000), (t1, 1035)));
+        // The wall clock jumped ahead (or the machine was paused), or back.
+        assert!(clock_stepped((t0, 1000), (t1, 1100)));
+        assert!(clock_stepped((t0, 1000), (t1, 980)));
+    }
 }
