@@ -54,6 +54,19 @@ pub fn start_due(store: &Store, catalog: &Catalog, now: i64) -> Result<Vec<Strin
             )?;
             continue;
         };
+        // The server left the host the event is about (switched away, or
+        // redeployed by another event): nothing to do on its new one.
+        if !e.node_id.is_empty() && e.node_id != server.node_id {
+            tracing::info!(event_id = %e.event_id, server_id = %e.server_id, "the server left the event's host, event canceled");
+            store.move_event(
+                &e.event_id,
+                &[EVENT_SCHEDULED, EVENT_INQUIRING],
+                EVENT_CANCELED,
+                now,
+                None,
+            )?;
+            continue;
+        }
         if e.authorization_type == "redeploy" {
             match redeploy(store, catalog, &e, &server, now) {
                 Ok(true) => {

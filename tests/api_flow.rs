@@ -3006,6 +3006,49 @@ async fn scheduled_events_stop_phones_when_authorized_and_start_them_after() {
         cph::admin::event_complete(dir.path(), &ev).is_err(),
         "completed once"
     );
+
+    // An event about a host the server has left since (switched away) is
+    // canceled when due, and stops nothing on the server's new host.
+    let ev2 =
+        cph::admin::event_create(dir.path(), &sid, "system-maintenance", "fan", 72).expect("event");
+    // As if announced while the server was on a host it has left.
+    let db = rusqlite::Connection::open(dir.path().join("cph.db")).expect("db");
+    db.execute(
+        "UPDATE scheduled_events SET node_id = 'the-host-it-left' WHERE event_id = ?1",
+        [&ev2],
+    )
+    .expect("event's host");
+    let r = authorize(
+        &ev2,
+        json!({"authorization_type": "maintenance", "not_before": hour}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let path2 = format!("/v1/{{p}}/cloud-phone/scheduled-events/{ev2}");
+    let r = cp
+        .call("PUT", &path2, Some(json!({"not_before": ""})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut state = Value::Null;
+    for _ in 0..40 * slowdown() {
+        let events = list(&format!("?event_id={ev2}")).await;
+        state = events.body["scheduled_events"][0]["state"].clone();
+        if state != json!("scheduled") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, json!("canceled"));
+    // (Jobs this recorder does not answer for are sent again: counted by id.)
+    let stopped: std::collections::HashSet<String> = seen
+        .lock()
+        .expect("lock")
+        .jobs
+        .iter()
+        .filter(|j| j["kind"] == "stop_phone")
+        .filter_map(|j| j["job_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(stopped.len(), phones.len(), "no more stops");
     beat.abort();
 }
 

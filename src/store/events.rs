@@ -36,6 +36,10 @@ pub struct Event {
     pub server_name: String,
     pub server_model_name: String,
     pub server_status: i32,
+    /// The host the server was on when the event was announced (the
+    /// event is about that host); empty for events announced before it
+    /// was recorded.
+    pub node_id: String,
 }
 
 /// An event as the operator announces it.
@@ -64,7 +68,8 @@ pub struct EventFilter {
 const COLS: &str = "e.event_id, e.project_id, e.server_id, e.type, e.state, \
     e.authorization_type, e.description, e.publish_ms, e.not_before_deadline_ms, \
     e.not_before_ms, e.start_ms, e.finish_ms, e.stopped_phones, \
-    COALESCE(s.server_name, ''), COALESCE(s.server_model_name, ''), COALESCE(s.status, 0)";
+    COALESCE(s.server_name, ''), COALESCE(s.server_model_name, ''), COALESCE(s.status, 0), \
+    e.node_id";
 const FROM: &str = "scheduled_events e LEFT JOIN servers s ON s.server_id = e.server_id";
 
 fn event_row(r: &Row<'_>) -> rusqlite::Result<Event> {
@@ -86,6 +91,7 @@ fn event_row(r: &Row<'_>) -> rusqlite::Result<Event> {
         server_name: r.get(13)?,
         server_model_name: r.get(14)?,
         server_status: r.get(15)?,
+        node_id: r.get(16)?,
     })
 }
 
@@ -94,8 +100,9 @@ impl Store {
     pub fn insert_event(&self, e: &NewEvent<'_>) -> Result<()> {
         self.db()?.execute(
             "INSERT INTO scheduled_events (event_id, project_id, server_id, type, state,
-                 description, publish_ms, not_before_deadline_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 description, publish_ms, not_before_deadline_ms, node_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
+                 COALESCE((SELECT node_id FROM servers WHERE server_id = ?3), ''))",
             params![
                 e.event_id,
                 e.project_id,

@@ -277,4 +277,9 @@ ALTER TABLE servers ADD COLUMN encoder_access_infos TEXT NOT NULL DEFAULT '[]';
     r#"
 DELETE FROM tokens;
 "#,
+    // 14: the host a scheduled event is about (its server's when it was
+    // announced): an event whose server has left that host is canceled.
+    r#"
+ALTER TABLE scheduled_events ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+"#,
 ];
