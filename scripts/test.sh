@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 # Each step's heading carries the seconds since the start.
 step() { echo "== [${SECONDS}s] $*"; }
 scripts/install-deps.sh
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
+# The official SDK's Python (the signing test and the SDK tests run it).
+export PATH="$PWD/target/sdk-venv/bin:$PATH"
 image/build-test-image.sh >/dev/null
 export CPH_TEST_IMAGE="$PWD/target/images/cph-test-image.tar.gz"
 step build

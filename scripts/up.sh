@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --bins
 image/build-test-image.sh >/dev/null
 exec target/release/cph up --image target/images/cph-test-image.tar.gz "$@"
