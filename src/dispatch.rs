@@ -432,9 +432,10 @@ async fn post_json<T: serde::Serialize>(
 }
 
 /// Sends each server bought to its agent (`POST /v1/servers`) until it is
-/// taken. One its agent, alive, keeps refusing ([`MAX_ATTEMPTS`] times and
-/// for as long as an agent may be silent) is given up: its phones read
-/// creation failed and the server abnormal, as when its creation job fails.
+/// taken. One its agent, alive, keeps refusing with an error answer (not
+/// out of reach, not shutting down: [`MAX_ATTEMPTS`] times and for as long
+/// as an agent may be silent) is given up: its phones read creation failed
+/// and the server abnormal, as when its creation job fails.
 async fn create_servers(
     store: &Arc<Store>,
     client: &reqwest::Client,
@@ -461,6 +462,12 @@ async fn create_servers(
             }
             Err(e) => {
                 tracing::warn!(server_id = %s.server_id, error = %e, "server creation not sent");
+                // Only an answer refusing it counts: not an agent out of
+                // reach or shutting down (503) for a restart.
+                let refusal = matches!(e, DispatchError::Status { status, .. } if status != 503);
+                if !refusal {
+                    continue;
+                }
                 let (since, tries) = refused
                     .entry(s.server_id.clone())
                     .or_insert_with(|| (std::time::Instant::now(), 0));

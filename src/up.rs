@@ -978,7 +978,14 @@ fn wait_for_signal_or_exit(services: &mut [Service]) -> Result<(), UpError> {
         for svc in services.iter_mut() {
             if let Some(status) = svc.exited() {
                 tracing::warn!(service = svc.name, %status, log = %svc.log.display(), "service exited; restarting it");
-                svc.restart(status)?;
+                match svc.restart(status) {
+                    // A Ctrl-C while it restarted: the platform stops.
+                    Err(UpError::Interrupted(sig)) => {
+                        tracing::info!(signal = sig, "stopping");
+                        return Ok(());
+                    }
+                    r => r?,
+                }
                 tracing::info!(service = svc.name, "service restarted");
             }
         }

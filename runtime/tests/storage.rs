@@ -490,12 +490,25 @@ fn layout_is_rediscovered_after_restart_and_reboot() {
     import(&s, "img", &make_image(&[("etc/hostname", b"phone\n")]));
     let v = s.create_volume("phone-r", "img", 32 << 20).unwrap();
     std::fs::write(v.join("data.txt"), b"kept").unwrap();
-    std::fs::write(s.share_paths().unwrap().files.join("shared.txt"), b"s").unwrap();
+    let files = s.share_paths().unwrap().files;
+    std::fs::write(files.join("shared.txt"), b"s").unwrap();
+    // A share written with the archive's modes (before shares were made
+    // readable by all): made so at the next start.
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    std::fs::create_dir(files.join("private")).unwrap();
+    std::fs::write(files.join("private/app.apk"), b"apk").unwrap();
+    set(&files.join("private/app.apk"), 0o600);
+    set(&files.join("private"), 0o700);
     // Idempotent prepare on a live pool.
     s.prepare().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&files.join("private")), 0o755);
+    assert_eq!(mode(&files.join("private/app.apk")), 0o644);
     // Phones' roots and images are root's: no other host user lists them
     // (phones with user namespaces pass through `volumes` to their roots).
-    use std::os::unix::fs::PermissionsExt;
     let volumes = v.parent().unwrap().to_path_buf();
     for (dir, want) in [(volumes.with_file_name("images"), 0o700), (volumes, 0o711)] {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;

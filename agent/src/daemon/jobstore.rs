@@ -765,6 +765,15 @@ mod tests {
         gate.wait_held();
         let second = send(true);
         let third = send(false);
+        // Both wait for the record being written: not answered while it
+        // is held (they cannot end before the release when they wait, so
+        // this cannot fail spuriously; a store that answered at once would
+        // have them ended by then).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !second.is_finished() && !third.is_finished(),
+            "answered while the record was being written"
+        );
         released.store(true, SeqCst);
         gate.release();
         let answers = [first, second, third].map(|t| t.join().expect("sender"));

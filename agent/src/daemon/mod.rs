@@ -162,9 +162,29 @@ enum Queued {
     /// the phone's earlier jobs ended; the phone's later ones wait until
     /// the server's job ended (its [`Turns::done`] dropped).
     Turn {
-        reached: Arc<Semaphore>,
+        reached: Reached,
         done: tokio::sync::watch::Receiver<()>,
     },
+}
+
+/// A phone queue's permit to a server's job waiting for its turn: given
+/// when the queue reaches the turn, or when the turn is dropped unreached
+/// (its queue's task ended): a server's job never waits for a queue that
+/// is gone.
+struct Reached(Option<Arc<Semaphore>>);
+
+impl Reached {
+    fn give(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.add_permits(1);
+        }
+    }
+}
+
+impl Drop for Reached {
+    fn drop(&mut self) {
+        self.give();
+    }
 }
 
 /// A server's job's turns in its phones' queues.
@@ -477,7 +497,7 @@ impl Daemon {
                 let mut taken = 0;
                 for phone in &phones {
                     let turn = Queued::Turn {
-                        reached: Arc::clone(&reached),
+                        reached: Reached(Some(Arc::clone(&reached))),
                         done: watch.clone(),
                     };
                     if self
@@ -528,10 +548,13 @@ impl Daemon {
         while let Some(item) = rx.recv().await {
             let (req, turns) = match item {
                 Queued::Job(req, turns) => (*req, turns),
-                Queued::Turn { reached, mut done } => {
+                Queued::Turn {
+                    mut reached,
+                    mut done,
+                } => {
                     // The phone's earlier jobs ended; its later ones wait
                     // for the server's job (until its sender is dropped).
-                    reached.add_permits(1);
+                    reached.give();
                     while done.changed().await.is_ok() {}
                     continue;
                 }

@@ -378,14 +378,15 @@ fn procs_in(dirs: &[std::path::PathBuf]) -> Vec<i32> {
 pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
     // A frozen cgroup cannot die: thaw first.
     let _ = freeze(cg, name, false);
-    let below = if cg.v2() {
-        descendants(&std::path::Path::new(hierarchies::UNIFIED_MOUNTPOINT).join(cg.path()))
-    } else {
-        Vec::new()
-    };
+    // Listed again at each round: the phone's processes may make more
+    // until they are dead.
+    let v2_dir = cg
+        .v2()
+        .then(|| std::path::Path::new(hierarchies::UNIFIED_MOUNTPOINT).join(cg.path()));
+    let below = || v2_dir.as_deref().map(descendants).unwrap_or_default();
     for _ in 0..200 {
         let mut pids = procs(cg);
-        pids.extend(procs_in(&below));
+        pids.extend(procs_in(&below()));
         if pids.is_empty() {
             break;
         }
@@ -402,7 +403,7 @@ pub(crate) fn destroy(cg: &Cgroup, name: &str) -> Result<(), ContainerError> {
     // shim) is what was asked: v1 skips a missing directory, v2 reports it.
     let mut tries = 0;
     loop {
-        for d in &below {
+        for d in below() {
             let _ = std::fs::remove_dir(d);
         }
         match cg.delete() {

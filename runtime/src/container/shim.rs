@@ -153,7 +153,20 @@ fn monitor(root: &Path, spec: &ContainerSpec, parent: &str) -> Result<(), String
     let mut stack = vec![0u8; 1024 * 1024];
     let child_spec = spec.clone();
     let child_views = views.clone();
+    // The shim's ends of the child's channels, which the child's copy of
+    // the descriptor table holds too: closed there first, so a shim gone
+    // before releasing it reads as end-of-file, not as a wait for ever.
+    let parent_ends: Vec<i32> = std::iter::once(go_w.as_raw_fd())
+        .chain(tree_tx.as_ref().map(|t| t.as_raw_fd()))
+        .collect();
     let cb = Box::new(move || -> isize {
+        for fd in &parent_ends {
+            // SAFETY: closing the child's own copy of a descriptor it never
+            // uses; the shim's stays open.
+            unsafe {
+                libc::close(*fd);
+            }
+        }
         // SAFETY: dup2 onto the standard descriptors of the cloned child,
         // which runs alone; both sources stay open until exec.
         unsafe {

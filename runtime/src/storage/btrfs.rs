@@ -367,6 +367,7 @@ impl BtrfsStorage {
         for d in ["files", "apps"] {
             let p = share.join(d);
             std::fs::create_dir_all(&p).map_err(|e| StorageError::io("create", &p, e))?;
+            super::make_share_public(&p)?;
         }
         // A cap a flavor set earlier wins over the configured default.
         let limit = recorded_share_limit(mp)?.unwrap_or(self.cfg.max_share_bytes);

@@ -335,6 +335,39 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError>
     Ok(())
 }
 
+/// Makes what `dir` holds readable by all (directories and executables
+/// searchable and runnable by all) and writable by its owner alone, as the
+/// agent writes a share (`ExtractOptions::public_modes`): a phone with a
+/// user namespace of its own reads the sharepool as any user, and a share
+/// written before kept the archive's modes. Links are left as they are.
+pub(crate) fn make_share_public(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| StorageError::io("list", &d, e))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            let searchable = meta.is_dir() || mode & 0o111 != 0;
+            let public = (mode | 0o444 | if searchable { 0o111 } else { 0 }) & !0o022;
+            if public != mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(public))
+                    .map_err(|e| StorageError::io("chmod", &path, e))?;
+            }
+            if meta.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Makes a directory of phones' roots or images root's: `0o700`, or
 /// `0o711` where a phone with a user namespace of its own (an unprivileged
 /// host user) must pass through to its root. A phone writes files there as

@@ -164,6 +164,9 @@ impl Storage for OverlayStorage {
             // Phones on overlay run as host root (no user namespace).
             super::make_private(&root.join(d), 0o700)?;
         }
+        for d in ["share/files", "share/apps"] {
+            super::make_share_public(&root.join(d))?;
+        }
         super::claim_owner(root, &self.cfg.owner)?;
         // After a reboot the overlays are gone: mount them again.
         for phone in list_ids(&self.dir("volumes"), None)? {
