@@ -43,8 +43,14 @@ pub enum EventError {
 pub fn start_due(store: &Store, catalog: &Catalog, now: i64) -> Result<Vec<String>, EventError> {
     let mut started = Vec::new();
     for e in store.due_events(now)? {
-        let Some(server) = store.server(&e.project_id, &e.server_id)? else {
-            // The server was deleted before its maintenance: nothing to do.
+        // Nothing to do when the server was deleted before its maintenance,
+        // or has left the host the event is about (switched away, or
+        // redeployed by another event).
+        let server = store
+            .server(&e.project_id, &e.server_id)?
+            .filter(|s| e.node_id.is_empty() || e.node_id == s.node_id);
+        let Some(server) = server else {
+            tracing::info!(event_id = %e.event_id, server_id = %e.server_id, "the event's server is gone from its host, event canceled");
             store.move_event(
                 &e.event_id,
                 &[EVENT_SCHEDULED, EVENT_INQUIRING],
@@ -54,19 +60,6 @@ pub fn start_due(store: &Store, catalog: &Catalog, now: i64) -> Result<Vec<Strin
             )?;
             continue;
         };
-        // The server left the host the event is about (switched away, or
-        // redeployed by another event): nothing to do on its new one.
-        if !e.node_id.is_empty() && e.node_id != server.node_id {
-            tracing::info!(event_id = %e.event_id, server_id = %e.server_id, "the server left the event's host, event canceled");
-            store.move_event(
-                &e.event_id,
-                &[EVENT_SCHEDULED, EVENT_INQUIRING],
-                EVENT_CANCELED,
-                now,
-                None,
-            )?;
-            continue;
-        }
         if e.authorization_type == "redeploy" {
             match redeploy(store, catalog, &e, &server, now) {
                 Ok(true) => {

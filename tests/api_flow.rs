@@ -204,6 +204,32 @@ async fn buy(cp: &Cp, seen: &Arc<Mutex<Seen>>, count: u32) -> Vec<String> {
         .collect()
 }
 
+/// `field` of each phone of the server `sid`, as the phone list shows it.
+async fn phone_fields(cp: &Cp, sid: &str, field: &str) -> Vec<Value> {
+    let r = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/phones?server_id={sid}"),
+            None,
+        )
+        .await;
+    let phones = r.body["phones"].as_array().cloned().unwrap_or_default();
+    phones.iter().map(|p| p[field].clone()).collect()
+}
+
+/// The jobs listed under the request id the answer `r` carries.
+async fn jobs_of_request(cp: &Cp, r: &common::Resp) -> Vec<Value> {
+    let request = r.body["request_id"].as_str().expect("request_id");
+    let listed = cp
+        .call(
+            "GET",
+            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
+            None,
+        )
+        .await;
+    listed.body["jobs"].as_array().cloned().unwrap_or_default()
+}
+
 /// Heartbeats of node `node` reporting `phones`, every 300 ms, until the
 /// handle is aborted (a silent node's jobs would fail).
 fn keep_beating(cp: &Cp, node: &str, phones: Vec<PhoneState>) -> tokio::task::JoinHandle<()> {
@@ -1296,20 +1322,8 @@ async fn buy_phones_jobs_isolation_and_restart() {
         .is_some_and(|o| o.starts_with("CS")));
     let job = r.body["job_id"].as_str().expect("job_id").to_string();
     // Its request id finds the job.
-    let request = r.body["request_id"].as_str().expect("request_id");
-    let listed = cp
-        .call(
-            "GET",
-            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
-            None,
-        )
-        .await;
-    assert_eq!(
-        listed.body["jobs"][0]["job_id"],
-        json!(job),
-        "{:?}",
-        listed.body
-    );
+    let listed = jobs_of_request(&cp, &r).await;
+    assert_eq!(listed[0]["job_id"], json!(job), "{listed:?}");
     let sent = sent_job(&seen, &job).await;
     assert_eq!(sent["kind"], "change_flavor");
     assert_eq!(sent["server_id"], json!(sid));
@@ -1785,15 +1799,16 @@ async fn bandwidths_by_id_and_order_checks() {
         b["keypair_name"] = json!(keypair);
         b
     };
+    let place = |body: Value| {
+        let cp = &cp;
+        async move {
+            cp.call("POST", "/v1/{p}/cloud-phone/phones", Some(body))
+                .await
+        }
+    };
     let shared = json!({"band_width_share_type": 1, "band_width_size": 100,
                         "band_width_charge_mode": 0});
-    let r = cp
-        .call(
-            "POST",
-            "/v1/{p}/cloud-phone/phones",
-            Some(order(shared, "")),
-        )
-        .await;
+    let r = place(order(shared, "")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let first = r.body["server_ids"][0].as_str().expect("id").to_string();
     wait_for(&seen, |s| s.servers.len() == 1).await;
@@ -1841,42 +1856,18 @@ async fn bandwidths_by_id_and_order_checks() {
         )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let request = r.body["request_id"].as_str().expect("request_id");
-    let jobs = cp
-        .call(
-            "GET",
-            &format!("/v1/{{p}}/cloud-phone/jobs?request_id={request}"),
-            None,
-        )
-        .await;
-    assert_eq!(
-        jobs.body["jobs"][0]["server_id"],
-        json!(first),
-        "{:?}",
-        jobs.body
-    );
+    let jobs = jobs_of_request(&cp, &r).await;
+    assert_eq!(jobs[0]["server_id"], json!(first), "{jobs:?}");
 
     // A keypair the project lacks: CPS.0067, no server made.
     let joined = json!({"band_width_id": bw});
-    let r = cp
-        .call(
-            "POST",
-            "/v1/{p}/cloud-phone/phones",
-            Some(order(joined.clone(), "no-such-keypair")),
-        )
-        .await;
+    let r = place(order(joined.clone(), "no-such-keypair")).await;
     assert_eq!(r.body["error_code"], "CPS.0067", "{:?}", r.body);
     let listed = cp.call("GET", "/v1/{p}/cloud-phone/servers", None).await;
     assert_eq!(listed.body["count"], 1, "{:?}", listed.body);
 
     // An order joining it by id.
-    let r = cp
-        .call(
-            "POST",
-            "/v1/{p}/cloud-phone/phones",
-            Some(order(joined, "")),
-        )
-        .await;
+    let r = place(order(joined, "")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let second = r.body["server_ids"][0].as_str().expect("id").to_string();
     let shown = server(second).await;
@@ -1892,23 +1883,11 @@ async fn bandwidths_by_id_and_order_checks() {
     // Dedicated: the size given, in the reference's steps.
     for bad in [0, 301, 2500] {
         let dedicated = json!({"band_width_share_type": 0, "band_width_size": bad});
-        let r = cp
-            .call(
-                "POST",
-                "/v1/{p}/cloud-phone/phones",
-                Some(order(dedicated, "")),
-            )
-            .await;
+        let r = place(order(dedicated, "")).await;
         assert_eq!(r.body["error_code"], "CPS.0036", "{bad}: {:?}", r.body);
     }
     let dedicated = json!({"band_width_share_type": 0, "band_width_size": 50});
-    let r = cp
-        .call(
-            "POST",
-            "/v1/{p}/cloud-phone/phones",
-            Some(order(dedicated, "")),
-        )
-        .await;
+    let r = place(order(dedicated, "")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let third = r.body["server_ids"][0].as_str().expect("id").to_string();
     let shown = server(third).await;
@@ -1982,21 +1961,9 @@ async fn a_server_its_agent_keeps_refusing_is_given_up() {
     }
     assert_eq!(status, json!(2), "the server reads abnormal");
     assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 5);
-    let phones = cp
-        .call(
-            "GET",
-            &format!("/v1/{{p}}/cloud-phone/phones?server_id={sid}"),
-            None,
-        )
-        .await;
-    let states: Vec<&Value> = phones.body["phones"]
-        .as_array()
-        .expect("phones")
-        .iter()
-        .map(|p| &p["status"])
-        .collect();
+    let states = phone_fields(&cp, &sid, "status").await;
     assert!(
-        !states.is_empty() && states.iter().all(|s| **s == json!(-8)),
+        !states.is_empty() && states.iter().all(|s| *s == json!(-8)),
         "{states:?}"
     );
     beat.abort();
@@ -3855,21 +3822,9 @@ async fn share_jobs_need_a_flavor_with_shared_storage() {
     let without = r.body["server_ids"][0].as_str().expect("id").to_string();
     wait_for(&seen, |s| s.servers.len() == 2).await;
     // Its phones are in its availability zone.
-    let r = cp
-        .call(
-            "GET",
-            &format!("/v1/{{p}}/cloud-phone/phones?server_id={without}"),
-            None,
-        )
-        .await;
-    let zones: Vec<&Value> = r.body["phones"]
-        .as_array()
-        .expect("phones")
-        .iter()
-        .map(|p| &p["availability_zone"])
-        .collect();
+    let zones = phone_fields(&cp, &without, "availability_zone").await;
     assert!(
-        !zones.is_empty() && zones.iter().all(|z| **z == json!("az-dev-1")),
+        !zones.is_empty() && zones.iter().all(|z| *z == json!("az-dev-1")),
         "{:?}",
         r.body
     );
