@@ -241,10 +241,12 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
 
     // TCP goodput carries 1448 payload bytes per 1514-byte frame (95.6%);
     // the shaper counts frames, so the layer-2 rate is goodput * 1514/1448.
-    // More than the limit fails at once. Less is measured again, up to three
-    // runs: a loaded host can starve the sender for a moment (0.85 once).
+    // More than the limit fails at once. Less is measured again, up to six
+    // runs: a loaded host (the suite's other tests on both cores) can starve
+    // the sender for a while (0.80-0.88 three runs in a row once, then 1.00).
     let check = |measure: &mut dyn FnMut() -> f64, limit_bps: f64, what: &str| {
-        for run in 1..=3 {
+        const RUNS: u32 = 6;
+        for run in 1..=RUNS {
             let ratio = measure() / limit_bps;
             let l2 = ratio * 1514.0 / 1448.0;
             eprintln!(
@@ -253,7 +255,7 @@ fn bandwidth_limits_shape_downloads_and_change_live() {
             );
             assert!(ratio <= 1.0, "{what}: goodput ratio {ratio:.3}");
             assert!(l2 <= 1.03, "{what}: layer-2 ratio {l2:.3}");
-            if (ratio >= 0.93 && l2 >= 0.97) || run == 3 {
+            if (ratio >= 0.93 && l2 >= 0.97) || run == RUNS {
                 assert!(ratio >= 0.93, "{what}: goodput ratio {ratio:.3}");
                 assert!(l2 >= 0.97, "{what}: layer-2 ratio {l2:.3}");
                 return;
