@@ -434,8 +434,8 @@ async fn post_json<T: serde::Serialize>(
 /// Sends each server bought to its agent (`POST /v1/servers`) until it is
 /// taken. One its agent, alive, keeps refusing with an error answer (not
 /// out of reach, not shutting down: [`MAX_ATTEMPTS`] times and for as long
-/// as an agent may be silent) is given up: its phones read creation failed
-/// and the server abnormal, as when its creation job fails.
+/// as an agent may be silent) is given up as when its creation job fails:
+/// its phones read creation failed (-8), and the server no longer creating.
 async fn create_servers(
     store: &Arc<Store>,
     client: &reqwest::Client,
@@ -476,7 +476,7 @@ async fn create_servers(
                     refused.remove(&s.server_id);
                     store.mark_server_created(&s.server_id)?;
                     let failed = store.fail_unmade_phones(&s.server_id)?;
-                    store.set_server_abnormal(&s.server_id)?;
+                    store.refresh_server_status(&s.node_id)?;
                     tracing::error!(server_id = %s.server_id, phones = failed, error = %e, "server creation given up");
                 }
             }

@@ -1917,8 +1917,8 @@ async fn bandwidths_by_id_and_order_checks() {
 
 /// A server whose agent, alive, keeps refusing its creation is given up
 /// once the agent had as long as it may be silent: its phones read
-/// creation failed (-8) and the server abnormal (2), rather than creating
-/// for ever.
+/// creation failed (-8), as when a creation job fails, rather than
+/// creating for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_its_agent_keeps_refusing_is_given_up() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1950,22 +1950,22 @@ async fn a_server_its_agent_keeps_refusing_is_given_up() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let sid = r.body["server_ids"][0].as_str().expect("id").to_string();
-    let path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
-    let mut status = Value::Null;
+    let mut states = Vec::new();
     for _ in 0..120 * slowdown() {
-        status = cp.call("GET", &path, None).await.body["status"].clone();
-        if status == json!(2) {
+        states = phone_fields(&cp, &sid, "status").await;
+        if !states.is_empty() && states.iter().all(|s| *s == json!(-8)) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    assert_eq!(status, json!(2), "the server reads abnormal");
-    assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 5);
-    let states = phone_fields(&cp, &sid, "status").await;
     assert!(
         !states.is_empty() && states.iter().all(|s| *s == json!(-8)),
-        "{states:?}"
+        "creation failed: {states:?}"
     );
+    assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 5);
+    let path = format!("/v1/{{p}}/cloud-phone/servers/{sid}");
+    let status = cp.call("GET", &path, None).await.body["status"].clone();
+    assert_ne!(status, json!(1), "the server no longer reads creating");
     beat.abort();
     cp.stop().await;
 }
