@@ -1520,6 +1520,17 @@ async fn buy_phones_jobs_isolation_and_restart() {
     // Restart: same data dir, same state. A control plane away longer than
     // the silent period gives its agents a whole period to reach it again
     // before their servers read abnormal.
+    // The agents report in just before (the steps above take longer than
+    // the silent period under emulation, password checks among them).
+    for n in ["n1", "n2"] {
+        let r = cp
+            .agent_post(
+                "/agent/v1/heartbeat",
+                json!({"node_id": n, "phones": states, "jobs": []}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
     let server_path = format!("/v1/{{p}}/cloud-phone/servers/{node_of_server0}");
     let before = cp.call("GET", &server_path, None).await.body["status"].clone();
     assert_ne!(before, json!(2), "alive before the restart");
