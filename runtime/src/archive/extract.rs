@@ -1144,8 +1144,7 @@ impl Parser<'_> {
         };
         let mut mode = h.mode().map_err(corrupt)? & 0o1777;
         if self.opts.public_modes {
-            let searchable = h.entry_type().is_dir() || mode & 0o111 != 0;
-            mode = (mode | 0o444 | if searchable { 0o111 } else { 0 }) & !0o022;
+            mode = super::public_mode(mode, h.entry_type().is_dir());
         }
         // Empty numeric fields (some writers leave them blank) read as 0.
         let owner = match self.opts.ownership {

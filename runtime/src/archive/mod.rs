@@ -23,6 +23,14 @@ use std::path::{Path, PathBuf};
 
 pub use write::{write_tar, WriteReport};
 
+/// `mode` readable by all (searchable and runnable by all for a directory
+/// or an executable) and writable by its owner alone, as GNU tar's
+/// `--mode=a+rX,go-w` ([`ExtractOptions::public_modes`]).
+pub fn public_mode(mode: u32, dir: bool) -> u32 {
+    let searchable = dir || mode & 0o111 != 0;
+    (mode | 0o444 | if searchable { 0o111 } else { 0 }) & !0o022
+}
+
 /// Who owns what an archive creates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Ownership {

@@ -236,24 +236,26 @@ pub fn linkat(odir: RawFd, oname: &CStr, dir: RawFd, name: &CStr) -> io::Result<
     cvt(unsafe { libc::linkat(odir, oname.as_ptr(), dir, name.as_ptr(), 0) }).map(drop)
 }
 
+/// `name` in `dir`, not followed if a symlink.
+pub fn lstatat(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid C string and a buffer of the size fstatat fills.
+    cvt(unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled the buffer.
+    Ok(unsafe { st.assume_init() })
+}
+
 /// Whether `a` in `adir` and `b` in `bdir` are one inode (neither followed
 /// if a symlink).
 pub fn same_inode(adir: RawFd, a: &CStr, bdir: RawFd, b: &CStr) -> io::Result<bool> {
-    let stat = |dir: RawFd, name: &CStr| {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: a valid C string and a buffer of the size fstatat fills.
-        cvt(unsafe {
-            libc::fstatat(
-                dir,
-                name.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?;
-        // SAFETY: fstatat succeeded, so it filled the buffer.
-        Ok::<_, io::Error>(unsafe { st.assume_init() })
-    };
-    let (x, y) = (stat(adir, a)?, stat(bdir, b)?);
+    let (x, y) = (lstatat(adir, a)?, lstatat(bdir, b)?);
     Ok((x.st_dev, x.st_ino) == (y.st_dev, y.st_ino))
 }
 

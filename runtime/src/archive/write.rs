@@ -218,7 +218,7 @@ impl<W: Write> Walk<'_, W> {
     ) -> Result<(), ArchiveError> {
         let c = sys::cstr(name).map_err(|e| self.io("open", rel, e))?;
         (self.before)(Step::Stat, rel);
-        let st = match lstatat(dir, &c) {
+        let st = match sys::lstatat(dir.as_raw_fd(), &c) {
             Ok(st) => st,
             Err(e) if vanished(&e, false) => return self.gone(),
             Err(e) => return Err(self.io("stat", rel, e)),
@@ -313,24 +313,6 @@ impl<W: Write> Walk<'_, W> {
         self.report.vanished += 1;
         Ok(())
     }
-}
-
-fn lstatat(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<libc::stat> {
-    // SAFETY: all-zero is a valid `stat`, filled by the kernel on success.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is a valid C string and `st` a valid out-pointer.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {

@@ -354,8 +354,7 @@ pub(crate) fn make_share_public(dir: &Path) -> Result<(), StorageError> {
                 continue;
             }
             let mode = meta.permissions().mode() & 0o7777;
-            let searchable = meta.is_dir() || mode & 0o111 != 0;
-            let public = (mode | 0o444 | if searchable { 0o111 } else { 0 }) & !0o022;
+            let public = crate::archive::public_mode(mode, meta.is_dir());
             if public != mode {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(public))
                     .map_err(|e| StorageError::io("chmod", &path, e))?;
