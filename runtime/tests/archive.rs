@@ -1575,3 +1575,184 @@ fn a_hard_link_to_itself_keeps_the_file() {
     );
     s.assert_outside_untouched();
 }
+
+/// Regular files, directories, symlinks and hard links of `root` (relative
+/// path, kind, mode, contents or link target, inode group), to compare two
+/// extractions.
+fn snapshot(root: &Path) -> Vec<(PathBuf, String, u32, Vec<u8>, u64)> {
+    let mut paths = tree(root);
+    paths.sort();
+    // Hard links are compared as "same inode as the first path with it".
+    let mut first_of: HashMap<u64, u64> = HashMap::new();
+    paths
+        .into_iter()
+        .enumerate()
+        .map(|(n, p)| {
+            let full = root.join(&p);
+            let md = fs::symlink_metadata(&full).expect("metadata");
+            let group = *first_of.entry(md.ino()).or_insert(n as u64);
+            let (kind, body) = if md.is_symlink() {
+                let t = fs::read_link(&full).expect("read_link");
+                ("symlink", t.into_os_string().into_encoded_bytes())
+            } else if md.is_dir() {
+                ("dir", Vec::new())
+            } else {
+                ("file", fs::read(&full).expect("read"))
+            };
+            (p, kind.to_string(), md.mode() & 0o7777, body, group)
+        })
+        .collect()
+}
+
+/// Files held back to be created directory by directory land as they
+/// would in archive order: a later entry of a held path wins, a hard
+/// link to a held file links its data, a symlink, a directory or a large
+/// file between them sees what came before, and a file at the path of a
+/// directory held files are in (or beneath a held file) is not reordered.
+/// Compared with a run that holds nothing, with windows that release
+/// every few files and one that holds everything.
+#[test]
+fn files_held_back_land_as_in_archive_order() {
+    let mut b = Builder::new(Vec::new());
+    for i in 0..120 {
+        add_file(&mut b, &format!("d{}/f{i}", i % 6), &[i as u8; 300], 0o644);
+    }
+    add_file(&mut b, "d1/f7", b"second f7", 0o600);
+    add_link(&mut b, EntryType::Link, "d2/hard", "d3/f9");
+    add_file(&mut b, "d3/f15", b"after the link", 0o644);
+    add_link(&mut b, EntryType::Symlink, "d4/sym", "f10");
+    add_file(&mut b, "d4/f16", b"after the symlink", 0o644);
+    let large: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    add_file(&mut b, "d5/f11", &large, 0o644);
+    add_file(&mut b, "d5/f17", b"after the large one", 0o644);
+    add_file(&mut b, "d0/f0", b"second f0", 0o644);
+    add_dir(&mut b, "late", 0o700);
+    add_file(&mut b, "late/x", b"in a late dir", 0o644);
+    add_file(&mut b, "plain", b"plain", 0o644);
+    add_file(&mut b, "nest/a/b", b"deep", 0o644);
+    for i in 120..200 {
+        add_file(&mut b, &format!("d{}/f{i}", i % 6), &[i as u8; 900], 0o644);
+    }
+    let tar = finish(b);
+
+    let run = |window: Option<usize>, threads: usize| {
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            group_window: window,
+            threads,
+            ..Default::default()
+        };
+        let report = extract(&tar[..], &s.target, &opts).expect("extract");
+        s.assert_outside_untouched();
+        (snapshot(&s.target), report)
+    };
+    let (want, plain) = run(Some(0), 1);
+    assert_eq!(plain.grouped, 0);
+    let f7 = want
+        .iter()
+        .find(|e| e.0 == Path::new("d1/f7"))
+        .expect("d1/f7");
+    assert_eq!(f7.3, b"second f7");
+    for (window, threads) in [(1000, 1), (5000, 1), (64 << 20, 1), (3000, 3)] {
+        let (got, report) = run(Some(window), threads);
+        assert_eq!(got, want, "window {window}, {threads} writers");
+        assert_eq!(report.files, plain.files);
+        let sorted = |w: &cph_runtime::archive::WrittenPaths| {
+            let mut v: Vec<PathBuf> = w.iter().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(&report.written), sorted(&plain.written));
+        assert!(
+            report.grouped >= 190,
+            "window {window}: {} held",
+            report.grouped
+        );
+    }
+}
+
+/// Archives whose order matters: a file at the path of the directory a
+/// held file is in, and one beneath a held file. Each fails as it does
+/// when nothing is held, having written the same.
+#[test]
+fn files_held_back_fail_as_in_archive_order() {
+    let mut cases = Vec::new();
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "a/x", b"x", 0o644);
+    add_file(&mut b, "q/r", b"r", 0o644);
+    add_file(&mut b, "q", b"a file where a directory is", 0o644);
+    cases.push(finish(b));
+    // Enough files beneath `e` for a small window to release them before
+    // the file `e` itself when it may.
+    let mut b = Builder::new(Vec::new());
+    add_file(&mut b, "a/x", b"x", 0o644);
+    add_file(&mut b, "e", b"a file", 0o644);
+    for i in 0..20 {
+        add_file(&mut b, &format!("e/x{i}"), &[1u8; 300], 0o644);
+    }
+    cases.push(finish(b));
+    for (n, tar) in cases.iter().enumerate() {
+        let run = |window: usize| {
+            let s = Scene::new();
+            let opts = ExtractOptions {
+                group_window: Some(window),
+                threads: 1,
+                ..Default::default()
+            };
+            let e = extract(&tar[..], &s.target, &opts).expect_err("fails");
+            let mut written: Vec<PathBuf> =
+                e.written().map(|w| w.iter().collect()).unwrap_or_default();
+            written.sort();
+            let target = s.target.to_str().expect("utf8");
+            (
+                e.to_string().replace(target, "T"),
+                written,
+                snapshot(&s.target),
+            )
+        };
+        let want = run(0);
+        for window in [2000, 1 << 20] {
+            assert_eq!(run(window), want, "case {n}, window {window}");
+        }
+    }
+}
+
+/// Held files are created only once released: a run failing with files
+/// held names exactly what it wrote, which is what is there.
+#[test]
+fn a_failed_run_with_files_held_names_what_is_there() {
+    let mut b = Builder::new(Vec::new());
+    for i in 0..50 {
+        add_file(&mut b, &format!("d{}/f{i}", i % 5), &[7u8; 400], 0o644);
+    }
+    let tar = finish(b);
+    // Cut inside the 41st file's data: 40 whole entries of 512 + 512.
+    let cut = 40 * 1024 + 512 + 100;
+    for window in [2000, 64 << 20] {
+        let s = Scene::new();
+        let opts = ExtractOptions {
+            group_window: Some(window),
+            ..Default::default()
+        };
+        let e = extract(&tar[..cut], &s.target, &opts).expect_err("truncated");
+        assert!(
+            matches!(e.root_cause(), ArchiveError::Truncated { .. }),
+            "{e}"
+        );
+        let mut written: Vec<PathBuf> = e.written().map(|w| w.iter().collect()).unwrap_or_default();
+        written.retain(|p| s.target.join(p).is_file());
+        let mut there: Vec<PathBuf> = tree(&s.target)
+            .into_iter()
+            .filter(|p| s.target.join(p).is_file())
+            .collect();
+        written.sort();
+        there.sort();
+        assert_eq!(written, there, "window {window}");
+        // A small window released files before the cut; a large one none.
+        if window == 2000 {
+            assert!(!there.is_empty());
+        } else {
+            assert!(there.is_empty(), "{there:?}");
+        }
+    }
+}

@@ -917,6 +917,8 @@ fn pushes_onto_a_btrfs_pool_use_one_writer() {
         cph_runtime::archive::extract(std::io::Cursor::new(tar), &target, &opts).expect("extract");
     assert_eq!(report.writers, 1);
     assert_eq!(report.files, 300);
+    // Held back and created directory by directory (GROUP_WINDOW).
+    assert_eq!(report.grouped, 300);
     for (name, data) in &files {
         assert_eq!(std::fs::read(target.join(name)).unwrap(), *data, "{name}");
     }

@@ -55,8 +55,9 @@ const READ_BUFFER: usize = 1 << 20;
 const CHUNK: usize = 1 << 20;
 /// Bytes of file data queued to writers at most. With the read buffer and
 /// the spare chunk buffers this is most of the extractor's memory (a local
-/// extraction peaks at 15-27 MiB resident in the tar bench); a streamed
-/// push adds the download's parts to it.
+/// extraction peaks at 15-27 MiB resident in the tar bench, 35-37 on
+/// btrfs with the small files held back, [`super::GROUP_WINDOW`]); a
+/// streamed push adds the download's parts to it.
 const BUDGET: usize = 8 << 20;
 /// Batches queued per writer at most.
 const QUEUE: usize = 64;
@@ -976,6 +977,69 @@ struct Parser<'o> {
     /// What the tar parser is given to "read" a lent chunk into: never
     /// written, so never touched.
     scratch: Vec<u8>,
+    /// Small files held back to be created directory by directory.
+    window: Window,
+}
+
+/// Small files read but not yet handed to a writer, created grouped by
+/// directory when the window fills.
+#[derive(Default)]
+struct Window {
+    files: Vec<Staged>,
+    /// Their data, one after the other.
+    data: Vec<u8>,
+    /// The paths of the files held.
+    paths: HashSet<Vec<u8>>,
+    /// The directories files held are in, and their ancestors (kept from
+    /// one partial release to the next, up to the parser's directory cache
+    /// size: a full release empties it).
+    dirs: HashSet<Vec<u8>>,
+    /// Bytes of data held at most; 0 when files are not held.
+    limit: usize,
+}
+
+struct Staged {
+    parent: Arc<OwnedFd>,
+    rel: RelPath,
+    meta: Meta,
+    data: std::ops::Range<usize>,
+}
+
+impl Window {
+    /// Whether a file at `rel` may be held with the others: only where
+    /// creating it out of archive order changes nothing, so neither at the
+    /// path of a directory one is in nor beneath a file held (what lands
+    /// there depends on the order). Files of one path are released in
+    /// archive order: one directory's files keep their order.
+    fn admits(&self, rel: &RelPath) -> bool {
+        if self.limit == 0 || self.dirs.contains(&rel.joined) {
+            return false;
+        }
+        let parent = rel.parent();
+        self.dirs.contains(parent) || !prefixes(parent).any(|p| self.paths.contains(p))
+    }
+
+    /// Whether holding a file at `rel` keeps the directories listed within
+    /// `max` (held files keep their directories open).
+    fn room_for(&self, rel: &RelPath, max: usize) -> bool {
+        let parent = rel.parent();
+        self.dirs.contains(parent) || self.dirs.len() + prefixes(parent).count() <= max
+    }
+
+    /// Whether the window is to be released: its bytes or its files.
+    fn full(&self) -> bool {
+        self.data.len() >= self.limit || self.files.len() >= MAX_HELD
+    }
+
+    fn hold(&mut self, f: Staged) {
+        if !self.dirs.contains(f.rel.parent()) {
+            for p in prefixes(f.rel.parent()) {
+                self.dirs.insert(p.to_vec());
+            }
+        }
+        self.paths.insert(f.rel.joined.clone());
+        self.files.push(f);
+    }
 }
 
 /// Stops the parse loop early because a writer failed (its error is in `Shared`).
@@ -1244,6 +1308,9 @@ impl Parser<'_> {
             .into());
         }
         let meta = self.meta(&mut entry, entries, state)?;
+        if matches!(kind, T::Directory | T::Symlink | T::Link) {
+            self.release(false)?;
+        }
         match kind {
             T::Directory => {
                 if self.dirs.contains_key(&rel.joined) {
@@ -1324,6 +1391,102 @@ impl Parser<'_> {
         Ok(())
     }
 
+    /// Hands the window's files to the writers, directory by directory:
+    /// all of them, or (`some`) those of the directories holding most
+    /// files, about half the window, the others kept to gather more.
+    fn release(&mut self, some: bool) -> Result<(), Fail> {
+        if self.window.files.is_empty() {
+            return Ok(());
+        }
+        let mut files = std::mem::take(&mut self.window.files);
+        let data = std::mem::take(&mut self.window.data);
+        files.sort_by(|a, b| a.rel.parent().cmp(b.rel.parent()));
+        // Runs of one directory, largest first.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        for (k, f) in files.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if files[g.start].rel.parent() == f.rel.parent() => g.end = k + 1,
+                _ => groups.push(k..k + 1),
+            }
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        let mut go = vec![!some; files.len()];
+        if some {
+            let (mut bytes, mut count) = (0, 0);
+            for g in &groups {
+                if count > 0 && (bytes >= self.window.limit / 2 || count >= files.len() / 2) {
+                    break;
+                }
+                for k in g.clone() {
+                    go[k] = true;
+                    bytes += files[k].data.len();
+                    count += 1;
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        let mut result = Ok(());
+        for (f, go) in files.into_iter().zip(go) {
+            if !go {
+                kept.push(f);
+                continue;
+            }
+            if result.is_err() {
+                continue;
+            }
+            if let Err(e) = self.check() {
+                result = Err(e.into());
+                continue;
+            }
+            let i = self.router.file(&f.rel.joined);
+            let n = f.data.len();
+            self.shared.budget.acquire(n);
+            let (buf, start) = match self.pool.buffer(i, n) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.shared.budget.release(n);
+                    result = Err(e.into());
+                    continue;
+                }
+            };
+            buf.copy_from_slice(&data[f.data]);
+            self.pool.fill(i, n);
+            self.window.paths.remove(&f.rel.joined);
+            self.report.grouped += 1;
+            if let Err(e) = self.send(
+                i,
+                Job::File {
+                    parent: f.parent,
+                    rel: f.rel,
+                    meta: f.meta,
+                    data: start..start + n,
+                    total: n as u64,
+                },
+            ) {
+                result = Err(e.into());
+            }
+        }
+        // The kept files' data moved to the front, in place: in the order
+        // it was read, each piece moves down, over data already sent.
+        let mut data = data;
+        kept.sort_by_key(|f| f.data.start);
+        let mut end = 0;
+        for f in &mut kept {
+            let n = f.data.len();
+            data.copy_within(f.data.clone(), end);
+            f.data = end..end + n;
+            end += n;
+        }
+        data.truncate(end);
+        if !some {
+            self.window.paths.clear();
+            self.window.dirs.clear();
+        }
+        self.window.files = kept;
+        self.window.data = data;
+        result
+    }
+
     fn file<R: Read>(
         &mut self,
         mut entry: tar::Entry<'_, R>,
@@ -1333,9 +1496,14 @@ impl Parser<'_> {
         state: &Mutex<SourceState>,
     ) -> Result<(), Fail> {
         let size = entry.size();
+        let sparse = entry.header().entry_type() == tar::EntryType::GNUSparse;
+        let stage = size <= STAGE_MAX && !sparse && self.window.admits(&rel);
+        if !stage || !self.window.room_for(&rel, self.dir_cache) {
+            self.release(false)?;
+        }
         // A sparse file's data is the archive's pieces with holes between
         // them: read (and copied), never lent.
-        let contiguous = entry.header().entry_type() != tar::EntryType::GNUSparse;
+        let contiguous = !sparse;
         let total = self.report.bytes.saturating_add(size);
         if let Some(limit) = self.opts.max_bytes {
             if total > limit {
@@ -1351,11 +1519,33 @@ impl Parser<'_> {
         let parent = self.dir(rel.parent())?;
         // A directory there is replaced (when empty) by the writer.
         self.dirs.remove(&rel.joined);
-        let i = self.router.file(&rel.joined);
         let truncated = |e: io::Error| match classify(e, entries, state) {
             ArchiveError::NotATar { .. } => ArchiveError::Truncated { entries },
             e => e,
         };
+        if stage {
+            let w = &mut self.window;
+            let start = w.data.len();
+            if w.data.capacity() == 0 {
+                w.data.reserve_exact(w.limit + STAGE_MAX as usize);
+            }
+            w.data.resize(start + size as usize, 0);
+            if let Err(e) = entry.read_exact(&mut w.data[start..]) {
+                w.data.truncate(start);
+                return Err(truncated(e).into());
+            }
+            w.hold(Staged {
+                parent,
+                rel,
+                meta,
+                data: start..start + size as usize,
+            });
+            if w.full() {
+                self.release(true)?;
+            }
+            return Ok(());
+        }
+        let i = self.router.file(&rel.joined);
         let budget = &self.shared.budget;
         let first = size.min(CHUNK as u64) as usize;
         budget.acquire(first);
@@ -1467,6 +1657,11 @@ fn default_threads(on_btrfs: bool) -> usize {
         .unwrap_or(2)
         .clamp(2, 4)
 }
+
+/// Files up to this size may be held in the window.
+const STAGE_MAX: u64 = 64 << 10;
+/// Files held in the window at most (empty ones take no bytes).
+const MAX_HELD: usize = 16 << 10;
 
 fn dir_cache_size() -> usize {
     let limit = sys::open_files_limit().unwrap_or(1024);
@@ -1667,6 +1862,16 @@ pub(super) fn run<I: Input>(
             Vec::new()
         },
         capture,
+        window: Window {
+            limit: opts
+                .group_window
+                .unwrap_or(if on_btrfs == Some(true) && threads == 1 {
+                    super::GROUP_WINDOW
+                } else {
+                    0
+                }),
+            ..Window::default()
+        },
     };
 
     let mut parsed: Result<(), Fail> = Ok(());
@@ -1686,6 +1891,9 @@ pub(super) fn run<I: Input>(
                     parsed = r;
                     break;
                 }
+            }
+            if parsed.is_ok() {
+                parsed = p.release(false);
             }
         }
     }
