@@ -1425,46 +1425,24 @@ impl Parser<'_> {
             }
         }
         let mut kept = Vec::new();
-        let mut result = Ok(());
         for (f, go) in files.into_iter().zip(go) {
             if !go {
                 kept.push(f);
                 continue;
             }
-            if result.is_err() {
-                continue;
-            }
-            if let Err(e) = self.check() {
-                result = Err(e.into());
-                continue;
-            }
+            // A failure ends the run: what is held is dropped with it.
+            self.check()?;
             let i = self.router.file(&f.rel.joined);
-            let n = f.data.len();
-            self.shared.budget.acquire(n);
-            let (buf, start) = match self.pool.buffer(i, n) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.shared.budget.release(n);
-                    result = Err(e.into());
-                    continue;
-                }
-            };
-            buf.copy_from_slice(&data[f.data]);
-            self.pool.fill(i, n);
-            self.window.paths.remove(&f.rel.joined);
-            self.report.grouped += 1;
-            if let Err(e) = self.send(
-                i,
-                Job::File {
-                    parent: f.parent,
-                    rel: f.rel,
-                    meta: f.meta,
-                    data: start..start + n,
-                    total: n as u64,
-                },
-            ) {
-                result = Err(e.into());
+            if some {
+                self.window.paths.remove(&f.rel.joined);
             }
+            self.report.grouped += 1;
+            let n = f.data.len();
+            let held = &data[f.data];
+            self.queue_file(i, f.parent, f.rel, f.meta, n, n as u64, |buf| {
+                buf.copy_from_slice(held);
+                Ok(())
+            })?;
         }
         // The kept files' data moved to the front, in place: in the order
         // it was read, each piece moves down, over data already sent.
@@ -1484,7 +1462,41 @@ impl Parser<'_> {
         }
         self.window.files = kept;
         self.window.data = data;
-        result
+        Ok(())
+    }
+
+    /// Queues a regular file on writer `i` with its first `first` bytes,
+    /// which `fill` writes into the writer's batch; `total` beyond them
+    /// means chunks follow.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_file(
+        &mut self,
+        i: usize,
+        parent: Arc<OwnedFd>,
+        rel: RelPath,
+        meta: Meta,
+        first: usize,
+        total: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), ArchiveError>,
+    ) -> Result<(), Fail> {
+        self.shared.budget.acquire(first);
+        let start = match self.pool.buffer(i, first) {
+            Ok((buf, start)) => fill(buf).map(|()| start).map_err(Fail::from),
+            Err(stop) => Err(stop.into()),
+        };
+        let start = start.inspect_err(|_| self.shared.budget.release(first))?;
+        self.pool.fill(i, first);
+        self.send(
+            i,
+            Job::File {
+                parent,
+                rel,
+                meta,
+                data: start..start + first,
+                total,
+            },
+        )?;
+        Ok(())
     }
 
     fn file<R: Read>(
@@ -1546,25 +1558,10 @@ impl Parser<'_> {
             return Ok(());
         }
         let i = self.router.file(&rel.joined);
-        let budget = &self.shared.budget;
         let first = size.min(CHUNK as u64) as usize;
-        budget.acquire(first);
-        let (buf, start) = self.pool.buffer(i, first)?;
-        if let Err(e) = entry.read_exact(buf) {
-            budget.release(first);
-            return Err(truncated(e).into());
-        }
-        self.pool.fill(i, first);
-        self.send(
-            i,
-            Job::File {
-                parent,
-                rel,
-                meta,
-                data: start..start + first,
-                total: size,
-            },
-        )?;
+        self.queue_file(i, parent, rel, meta, first, size, |buf| {
+            entry.read_exact(buf).map_err(truncated)
+        })?;
         let mut left = size - first as u64;
         while left > 0 {
             self.check()?;

@@ -316,7 +316,7 @@ impl<W: Write> Walk<'_, W> {
 }
 
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    // SAFETY: as in `lstatat`.
+    // SAFETY: all-zero is a valid `stat`, filled by the kernel on success.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open and `st` a valid out-pointer.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
