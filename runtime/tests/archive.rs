@@ -939,6 +939,106 @@ fn ownership_is_shifted_or_fixed() {
     assert_eq!((md.uid(), md.gid()), (4242, 4343));
 }
 
+/// A file owned as the archive says, with the header's mode and mtime.
+fn add_owned(b: &mut Builder<Vec<u8>>, path: &str, data: &[u8], (uid, gid): (u64, u64)) {
+    let mut h = file_header(data.len() as u64, 0o640);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    b.append_data(&mut h, path, data).expect("append file");
+}
+
+/// Whether the process is marked dumpable, allowing for another test's
+/// writer between changing its ids and marking the process again.
+fn dumpable_soon() -> bool {
+    (0..100).any(|_| {
+        // SAFETY: prctl with integer arguments only.
+        let d = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } == 1;
+        if !d {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        d
+    })
+}
+
+#[test]
+fn files_are_created_with_their_owners() {
+    if !is_root() {
+        eprintln!("skipping: creating as other users needs root");
+        return;
+    }
+    // Owners in runs, owners alone between others, links, a large file
+    // (written in chunks, closed later) and a set-group-ID directory that
+    // was there before, whose files would otherwise take its group.
+    let big = vec![5u8; 3 << 20];
+    let mut want: Vec<(&str, (u64, u64))> = vec![
+        ("a1", (1000, 1000)),
+        ("a2", (1000, 1000)),
+        ("a3", (1000, 1000)),
+        ("lone", (2000, 3000)),
+        ("r1", (0, 0)),
+        ("r2", (0, 0)),
+        ("d/b1", (5000, 5001)),
+        ("d/b2", (5000, 5001)),
+        ("sg/g1", (1000, 1000)),
+        ("sg/g2", (1000, 1000)),
+        ("sg/g3", (1000, 1000)),
+        ("c1", (1000, 1000)),
+    ];
+    let mut b = Builder::new(Vec::new());
+    for (path, owner) in &want {
+        add_owned(&mut b, path, b"data", *owner);
+    }
+    add_owned(&mut b, "big1", &big, (6000, 6000));
+    add_owned(&mut b, "big2", &big, (6000, 6000));
+    let mut link = |path: &str, (uid, gid): (u64, u64)| {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        b.append_link(&mut h, path, "a1").expect("append symlink");
+    };
+    link("l1", (7000, 7000));
+    link("l2", (7000, 7000));
+    link("l3", (8000, 9000));
+    let tar = finish(b);
+    want.extend([
+        ("big1", (6000, 6000)),
+        ("big2", (6000, 6000)),
+        ("l1", (7000, 7000)),
+        ("l2", (7000, 7000)),
+        ("l3", (8000, 9000)),
+    ]);
+    for threads in [1, 3] {
+        let s = Scene::new();
+        let sg = s.target.join("sg");
+        fs::create_dir(&sg).expect("sg");
+        std::os::unix::fs::chown(&sg, Some(0), Some(4242)).expect("chown sg");
+        fs::set_permissions(&sg, fs::Permissions::from_mode(0o2775)).expect("chmod sg");
+        let opts = ExtractOptions {
+            ownership: Ownership::Archive,
+            threads,
+            ..Default::default()
+        };
+        extract(&tar[..], &s.target, &opts).expect("extract");
+        for (path, (uid, gid)) in &want {
+            let md = fs::symlink_metadata(s.target.join(path)).expect(path);
+            assert_eq!(
+                (u64::from(md.uid()), u64::from(md.gid())),
+                (*uid, *gid),
+                "{path} with {threads} writers"
+            );
+        }
+        assert_eq!(fs::read(s.target.join("big2")).expect("big2"), big);
+        assert_eq!(
+            fs::metadata(s.target.join("a2")).expect("a2").mode() & 0o7777,
+            0o640
+        );
+    }
+    assert!(dumpable_soon(), "the process is left undumpable");
+}
+
 #[test]
 fn export_round_trip_with_include_and_exclude() {
     let src = Scene::new();
@@ -1208,19 +1308,31 @@ fn syscalls_per_regular_file() {
     }
     // Both archives make the same directories; the second visits each
     // one more times.
-    let total = |n| traced_calls(n).and_then(|c| c.get("total").copied());
-    let (Some(a), Some(b)) = (total(STRACE_DIRS), total(STRACE_DIRS + 2000)) else {
+    let (Some(a), Some(b)) = (traced_calls(STRACE_DIRS), traced_calls(STRACE_DIRS + 2000)) else {
         eprintln!("skipping: strace could not trace the test binary (ptrace refused?)");
         return;
     };
     // The difference cancels start-up, the harness and the final sync.
-    let per_file = (b as f64 - a as f64) / 2000.0;
+    let per_file = |name: &str| {
+        let n = |c: &HashMap<String, u64>| c.get(name).copied().unwrap_or(0) as f64;
+        (n(&b) - n(&a)) / 2000.0
+    };
+    let calls = per_file("total");
     eprintln!(
-        "syscalls per regular file: {per_file:.2} ({a} for {} files, {b} for {})",
+        "syscalls per regular file: {calls:.2} ({} for {} files, {} for {})",
+        a["total"],
         STRACE_DIRS,
+        b["total"],
         STRACE_DIRS + 2000
     );
-    assert!(per_file <= 6.0, "{per_file:.2} syscalls per file");
+    assert!(calls <= 6.0, "{calls:.2} syscalls per file");
+    if is_root() {
+        // Every file has the same owner (not root's): the writer creates
+        // as that owner rather than chowning each file.
+        let chowns = per_file("fchown");
+        assert!(chowns < 0.01, "{chowns:.3} fchown calls per file");
+        assert!(calls <= 5.0, "{calls:.2} syscalls per file");
+    }
 }
 
 /// Every path beneath `root` (relative), directories included.

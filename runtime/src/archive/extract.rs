@@ -11,9 +11,11 @@
 //! pass through a symlink this archive created, all writers are drained
 //! first.
 //! A regular file costs `openat2` (from the cached parent fd), `write`,
-//! `utimensat` (when mtimes are kept), `fchown` (when ownership is mapped)
-//! and `close`; writer threads run with a private zero umask so the mode
-//! given to `openat2` is final.
+//! `utimensat` (when mtimes are kept) and `close`; writer threads run with a
+//! private zero umask so the mode given to `openat2` is final, and create
+//! as the owner the archive gives (their filesystem ids follow it, see
+//! [`Creds`]), so only a file whose owner differs from its neighbours' also
+//! costs an `fchown`.
 //!
 //! Large files travel in 1 MiB chunks whose buffers go back to the parser
 //! once written; from a source that lends its bytes ([`Lend`], a download)
@@ -32,7 +34,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,11 +100,39 @@ struct Meta {
     xattrs: Vec<(CString, Vec<u8>)>,
 }
 
+/// A directory beneath the target, open.
+struct Dir {
+    fd: OwnedFd,
+    /// Set-group-ID: what is created in it takes its group, not the
+    /// creator's.
+    setgid: bool,
+}
+
+impl Dir {
+    /// A directory that was there before this run: its mode read once.
+    /// (A phone setting the bit later makes a file created after take
+    /// the directory's group, one the directory's owner could give it
+    /// anyway.)
+    fn opened(fd: OwnedFd) -> io::Result<Dir> {
+        let st = sys::fstat(fd.as_raw_fd())?;
+        Ok(Dir {
+            setgid: st.st_mode & libc::S_ISGID != 0,
+            fd,
+        })
+    }
+}
+
+impl AsRawFd for Dir {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 enum Job {
     /// A regular file: its first bytes (a range of the batch's data);
     /// `total` beyond them means chunks follow on the same writer.
     File {
-        parent: Arc<OwnedFd>,
+        parent: Arc<Dir>,
         rel: RelPath,
         meta: Meta,
         data: std::ops::Range<usize>,
@@ -110,15 +140,15 @@ enum Job {
     },
     Chunk(Chunk),
     Symlink {
-        parent: Arc<OwnedFd>,
+        parent: Arc<Dir>,
         rel: RelPath,
         target: CString,
         meta: Meta,
     },
     Hardlink {
-        parent: Arc<OwnedFd>,
+        parent: Arc<Dir>,
         rel: RelPath,
-        tparent: Arc<OwnedFd>,
+        tparent: Arc<Dir>,
         tname: CString,
     },
     Barrier(SyncSender<()>),
@@ -236,6 +266,9 @@ struct Shared {
     /// Chunk buffers, and batch data buffers.
     spare: Spare,
     batch_buffers: Spare,
+    /// Entries get owners from the archive (mapped): writers create them
+    /// with those owners where they can ([`Creds`]).
+    set_owners: bool,
 }
 
 /// Buffers written out and handed back for the parser to fill again (no
@@ -502,6 +535,7 @@ fn writer(rx: Receiver<Batch>, shared: &Shared) -> WrittenPaths {
         shared,
         written: WrittenPaths::default(),
         open: None,
+        creds: Creds::new(shared.set_owners),
     };
     if let Err(e) = sys::private_zero_umask() {
         shared.fail(ArchiveError::io("set writer umask for", &shared.target, e));
@@ -547,6 +581,8 @@ struct OpenFile {
     fd: OwnedFd,
     rel: RelPath,
     meta: Meta,
+    /// Created with its owner: no chown.
+    owned: bool,
     /// The file's size in the archive.
     total: u64,
     /// Bytes written so far, and how many of them writeback was asked for.
@@ -558,6 +594,70 @@ struct Writer<'a> {
     shared: &'a Shared,
     written: WrittenPaths,
     open: Option<OpenFile>,
+    creds: Creds,
+}
+
+/// Who a writer creates as: its thread's filesystem uid and gid, the owner
+/// the kernel gives a new file. Set to the owner the archive wants, a file
+/// needs no `fchown` after it is made (a call and an inode update less per
+/// file; file servers create as their clients the same way). The thread
+/// keeps its capabilities across the change, so root's writer still passes
+/// every permission check as root.
+struct Creds {
+    /// The filesystem uid and gid in effect.
+    current: (u32, u32),
+    /// The owner wanted for the previous file or symlink.
+    last: Option<(u32, u32)>,
+    /// Whether this thread may change them.
+    switchable: bool,
+    /// Whether to mark the process dumpable again after a change: the
+    /// kernel clears the flag, for the whole process, whenever a thread's
+    /// filesystem ids change, which would hide the agent's `/proc` entries
+    /// from its own children in a user namespace and stop its core dumps.
+    /// Setting it back gives no one a hold on the process: ptrace goes by
+    /// the real and effective ids, root's throughout.
+    dumpable: bool,
+}
+
+impl Creds {
+    fn new(set_owners: bool) -> Creds {
+        let switchable = set_owners && sys::keep_caps_across_id_changes().is_ok();
+        Creds {
+            current: sys::fs_ids(),
+            last: None,
+            switchable,
+            dumpable: switchable && sys::dumpable(),
+        }
+    }
+
+    /// Whether an entry created now in `parent` gets `owner` (`None`: any
+    /// owner) without a chown. The ids change to an owner wanted twice in a
+    /// row, so a file whose owner differs from both its neighbours' costs a
+    /// chown, as before, rather than two changes.
+    fn creates_as(&mut self, parent: &Dir, owner: Option<(u32, u32)>) -> bool {
+        let Some(wanted) = owner else {
+            return true;
+        };
+        let last = self.last.replace(wanted);
+        if parent.setgid {
+            // The group comes from the directory.
+            return false;
+        }
+        if wanted != self.current && self.switchable && last == Some(wanted) {
+            let gid = sys::set_fsgid(wanted.1);
+            let uid = sys::set_fsuid(wanted.0);
+            self.current = (uid, gid);
+            if self.current != wanted {
+                // An id the kernel refused (not mapped in this user
+                // namespace): chown from here on.
+                self.switchable = false;
+            }
+            if self.dumpable {
+                let _ = sys::set_dumpable();
+            }
+        }
+        wanted == self.current
+    }
 }
 
 impl Writer<'_> {
@@ -581,6 +681,7 @@ impl Writer<'_> {
                 total,
             } => {
                 let name = cname(&rel)?;
+                let owned = self.creds.creates_as(&parent, meta.owner);
                 let fd = self.create(&parent, &rel, &name, meta.mode)?;
                 self.record(&rel);
                 let data = &batch[data];
@@ -591,6 +692,7 @@ impl Writer<'_> {
                     fd,
                     rel,
                     meta,
+                    owned,
                     total,
                     written: data.len() as u64,
                     flushed: 0,
@@ -636,10 +738,11 @@ impl Writer<'_> {
             } => {
                 let name = cname(&rel)?;
                 let dir = parent.as_raw_fd();
+                let owned = self.creds.creates_as(&parent, meta.owner);
                 replace(dir, &name, || sys::symlinkat(&target, dir, &name))
                     .map_err(|e| self.io("create symlink", &rel, e))?;
                 self.record(&rel);
-                if let Some((uid, gid)) = meta.owner {
+                if let Some((uid, gid)) = meta.owner.filter(|_| !owned) {
                     sys::lchownat(dir, &name, uid, gid).map_err(|e| self.io("chown", &rel, e))?;
                 }
                 if let Some(m) = meta.mtime {
@@ -687,7 +790,7 @@ impl Writer<'_> {
     /// first, so an existing inode (or a symlink) is never written through.
     fn create(
         &self,
-        parent: &OwnedFd,
+        parent: &Dir,
         rel: &RelPath,
         name: &CString,
         mode: u32,
@@ -716,7 +819,7 @@ impl Writer<'_> {
 
     fn close(&mut self, file: OpenFile) -> Result<(), ArchiveError> {
         let fd = file.fd.as_raw_fd();
-        if let Some((uid, gid)) = file.meta.owner {
+        if let Some((uid, gid)) = file.meta.owner.filter(|_| !file.owned) {
             sys::fchown(fd, uid, gid).map_err(|e| self.io("chown", &file.rel, e))?;
         }
         for (name, value) in &file.meta.xattrs {
@@ -963,8 +1066,8 @@ struct Parser<'o> {
     shared: Arc<Shared>,
     pool: Pool,
     router: Router,
-    root: Arc<OwnedFd>,
-    dirs: HashMap<Vec<u8>, Arc<OwnedFd>>,
+    root: Arc<Dir>,
+    dirs: HashMap<Vec<u8>, Arc<Dir>>,
     /// Directory fds cached at most.
     dir_cache: usize,
     symlinks: HashSet<Vec<u8>>,
@@ -999,7 +1102,7 @@ struct Window {
 }
 
 struct Staged {
-    parent: Arc<OwnedFd>,
+    parent: Arc<Dir>,
     rel: RelPath,
     meta: Meta,
     data: std::ops::Range<usize>,
@@ -1076,7 +1179,7 @@ impl Parser<'_> {
 
     /// The directory `rel` beneath the target, created (with parents) when
     /// missing; `entry` names the archive entry for errors.
-    fn dir(&mut self, rel: &[u8]) -> Result<Arc<OwnedFd>, Fail> {
+    fn dir(&mut self, rel: &[u8]) -> Result<Arc<Dir>, Fail> {
         if rel.is_empty() {
             return Ok(self.root.clone());
         }
@@ -1091,7 +1194,7 @@ impl Parser<'_> {
         }
         let c =
             sys::cstr(rel).map_err(|e| ArchiveError::io("open directory", self.full(rel), e))?;
-        let fd = match sys::open_dir_follow(self.root.as_raw_fd(), &c) {
+        let fd = match sys::open_dir_follow(self.root.as_raw_fd(), &c).and_then(Dir::opened) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 let p = sanitize(rel).map_err(|_| Self::escape(rel))?;
@@ -1112,7 +1215,7 @@ impl Parser<'_> {
         }
     }
 
-    fn cache(&mut self, rel: &[u8], fd: OwnedFd) -> Arc<OwnedFd> {
+    fn cache(&mut self, rel: &[u8], fd: Dir) -> Arc<Dir> {
         if self.dirs.len() >= self.dir_cache {
             self.dirs.clear();
         }
@@ -1127,12 +1230,7 @@ impl Parser<'_> {
     /// tar does; a symlink to a directory beneath the target is kept and
     /// followed (GNU tar's `--keep-directory-symlink`: a phone's root has
     /// such links, `/sdcard` for one).
-    fn mkdir(
-        &mut self,
-        p: &RelPath,
-        mode: u32,
-        meta: Option<DirMeta>,
-    ) -> Result<Arc<OwnedFd>, Fail> {
+    fn mkdir(&mut self, p: &RelPath, mode: u32, meta: Option<DirMeta>) -> Result<Arc<Dir>, Fail> {
         let parent = self.dir(p.parent())?;
         let name = cname(p)?;
         self.pool.journal_now(&p.joined)?;
@@ -1141,7 +1239,7 @@ impl Parser<'_> {
             // Exists (maybe raced, maybe a symlink to a directory beneath).
             let c = sys::cstr(&p.joined)
                 .map_err(|e| ArchiveError::io("open directory", self.full(&p.joined), e))?;
-            match sys::open_dir_follow(self.root.as_raw_fd(), &c) {
+            match sys::open_dir_follow(self.root.as_raw_fd(), &c).and_then(Dir::opened) {
                 Ok(fd) => return Ok(self.cache(&p.joined, fd)),
                 Err(e)
                     if meta.is_some()
@@ -1169,7 +1267,13 @@ impl Parser<'_> {
                 }));
                 let fd = sys::open_dir(parent.as_raw_fd(), &name)
                     .map_err(|e| self.open_dir_failed(&p.joined, e))?;
-                Ok(self.cache(&p.joined, fd))
+                // Made here: set-group-ID only as its parent (whose bit
+                // a new directory inherits).
+                let dir = Dir {
+                    fd,
+                    setgid: parent.setgid,
+                };
+                Ok(self.cache(&p.joined, dir))
             }
             Err(e) => Err(ArchiveError::io("create directory", self.full(&p.joined), e).into()),
         }
@@ -1472,7 +1576,7 @@ impl Parser<'_> {
     fn queue_file(
         &mut self,
         i: usize,
-        parent: Arc<OwnedFd>,
+        parent: Arc<Dir>,
         rel: RelPath,
         meta: Meta,
         first: usize,
@@ -1831,6 +1935,7 @@ pub(super) fn run<I: Input>(
         // In a steady run a writer hands a buffer back as the parser needs
         // one; a few more cover the writers' queues.
         batch_buffers: Spare::new(2 * MAX_THREADS, BATCH_BYTES),
+        set_owners: !matches!(opts.ownership, super::Ownership::Unchanged),
     });
     let threads = if opts.threads == 0 {
         default_threads(on_btrfs == Some(true))
@@ -1845,7 +1950,7 @@ pub(super) fn run<I: Input>(
         shared: shared.clone(),
         pool,
         router,
-        root: Arc::new(root),
+        root: Arc::new(Dir::opened(root).map_err(|e| ArchiveError::io("open target", target, e))?),
         dirs: HashMap::new(),
         dir_cache: dir_cache_size(),
         symlinks: HashSet::new(),
@@ -1935,7 +2040,7 @@ pub(super) fn run<I: Input>(
     };
     let err = match err {
         Some(e) => Some(e),
-        None => finish_dirs(&root, &deferred, &shared).err(),
+        None => finish_dirs(&root.fd, &deferred, &shared).err(),
     };
     let err = match err {
         Some(e) => Some(e),

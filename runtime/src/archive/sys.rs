@@ -259,6 +259,74 @@ pub fn same_inode(adir: RawFd, a: &CStr, bdir: RawFd, b: &CStr) -> io::Result<bo
     Ok((x.st_dev, x.st_ino) == (y.st_dev, y.st_ino))
 }
 
+/// `fstat` of an open descriptor.
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a buffer of the size fstat fills; an invalid fd is an error.
+    cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it filled the buffer.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `SECBIT_NO_SETUID_FIXUP` (`<linux/securebits.h>`).
+const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+
+/// Lets the calling thread change its filesystem ids and keep its
+/// capabilities (`SECBIT_NO_SETUID_FIXUP`): root's thread creating files as
+/// another user still overrides permissions, as root. Needs
+/// `CAP_SETPCAP`; applies to this thread alone.
+pub fn keep_caps_across_id_changes() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    let bits = cvt(unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) })?;
+    let bits = bits as libc::c_ulong | SECBIT_NO_SETUID_FIXUP;
+    // SAFETY: as above.
+    cvt(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) }).map(drop)
+}
+
+/// Sets the calling thread's filesystem uid (the owner of what it creates)
+/// and returns the one in effect after: `uid` unless the kernel refused it
+/// (an id this user namespace does not map, or no `CAP_SETUID`).
+pub fn set_fsuid(uid: u32) -> u32 {
+    // SAFETY: setfsuid takes an integer; -1 (invalid) changes nothing and
+    // returns the current value.
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, uid);
+        libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32
+    }
+}
+
+/// As [`set_fsuid`], for the filesystem gid.
+pub fn set_fsgid(gid: u32) -> u32 {
+    // SAFETY: as in `set_fsuid`.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, gid);
+        libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32
+    }
+}
+
+/// The calling thread's filesystem uid and gid.
+pub fn fs_ids() -> (u32, u32) {
+    // SAFETY: -1 changes nothing and returns the current value.
+    unsafe {
+        (
+            libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+            libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+        )
+    }
+}
+
+/// Whether the process is dumpable (`PR_GET_DUMPABLE` is 1).
+pub fn dumpable() -> bool {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
+}
+
+/// Marks the process dumpable again.
+pub fn set_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }).map(drop)
+}
+
 pub fn unlinkat(dir: RawFd, name: &CStr, remove_dir: bool) -> io::Result<()> {
     let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
     // SAFETY: `name` is a valid C string.

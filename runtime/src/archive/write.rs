@@ -232,7 +232,7 @@ impl<W: Write> Walk<'_, W> {
                     Err(e) if vanished(&e, true) => return self.gone(),
                     Err(e) => return Err(self.io("open", rel, e)),
                 };
-                let st = fstat(&fd).map_err(|e| self.io("stat", rel, e))?;
+                let st = sys::fstat(fd.as_raw_fd()).map_err(|e| self.io("stat", rel, e))?;
                 let mut h = Self::header(&st, tar::EntryType::Directory);
                 self.builder
                     .append_data(&mut h, &path, io::empty())
@@ -271,7 +271,7 @@ impl<W: Write> Walk<'_, W> {
                     Err(e) if vanished(&e, false) => return self.gone(),
                     Err(e) => return Err(self.io("open", rel, e)),
                 };
-                let st = fstat(&fd).map_err(|e| self.io("stat", rel, e))?;
+                let st = sys::fstat(fd.as_raw_fd()).map_err(|e| self.io("stat", rel, e))?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     return Ok(());
                 }
@@ -313,16 +313,6 @@ impl<W: Write> Walk<'_, W> {
         self.report.vanished += 1;
         Ok(())
     }
-}
-
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    // SAFETY: all-zero is a valid `stat`, filled by the kernel on success.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open and `st` a valid out-pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
 }
 
 /// Writes a tar of the tree beneath `root` to `writer`: paths relative to
