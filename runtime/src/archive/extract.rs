@@ -25,7 +25,7 @@
 //! file has its writeback started every 8 MiB (`sync_file_range`, not
 //! waited for), and, except on btrfs, a flusher thread calls `syncfs` each
 //! time the writers have finished another 4,096 jobs or 128 MiB (small
-//! files have no per-file call for it: that would be a sixth syscall each).
+//! files have no per-file call for it: that would be a fifth syscall each).
 //! On a two-core host the final sync of 100,000 small files was a third of
 //! the run, on one core while the other idled; a VM's disk that took 1 GiB
 //! of large files into its host's cache flushed it for a second at the end.
