@@ -283,36 +283,34 @@ pub fn keep_caps_across_id_changes() -> io::Result<()> {
     cvt(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) }).map(drop)
 }
 
+/// `setfsuid`/`setfsgid` (`nr`) with `id`, then with -1, which is never a
+/// valid id: that call changes nothing and returns the id in effect.
+fn fs_id(nr: libc::c_long, id: u32) -> u32 {
+    // SAFETY: both calls take an integer and cannot fail.
+    unsafe {
+        libc::syscall(nr, id);
+        libc::syscall(nr, u32::MAX) as u32
+    }
+}
+
 /// Sets the calling thread's filesystem uid (the owner of what it creates)
 /// and returns the one in effect after: `uid` unless the kernel refused it
 /// (an id this user namespace does not map, or no `CAP_SETUID`).
 pub fn set_fsuid(uid: u32) -> u32 {
-    // SAFETY: setfsuid takes an integer; -1 (invalid) changes nothing and
-    // returns the current value.
-    unsafe {
-        libc::syscall(libc::SYS_setfsuid, uid);
-        libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32
-    }
+    fs_id(libc::SYS_setfsuid, uid)
 }
 
 /// As [`set_fsuid`], for the filesystem gid.
 pub fn set_fsgid(gid: u32) -> u32 {
-    // SAFETY: as in `set_fsuid`.
-    unsafe {
-        libc::syscall(libc::SYS_setfsgid, gid);
-        libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32
-    }
+    fs_id(libc::SYS_setfsgid, gid)
 }
 
 /// The calling thread's filesystem uid and gid.
 pub fn fs_ids() -> (u32, u32) {
-    // SAFETY: -1 changes nothing and returns the current value.
-    unsafe {
-        (
-            libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
-            libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
-        )
-    }
+    (
+        fs_id(libc::SYS_setfsuid, u32::MAX),
+        fs_id(libc::SYS_setfsgid, u32::MAX),
+    )
 }
 
 /// Whether the process is dumpable (`PR_GET_DUMPABLE` is 1).
