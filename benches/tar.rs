@@ -3,7 +3,9 @@
 //! sync (`syncfs` for ours, `sync -f` after GNU tar). Shapes: many small
 //! files, a few large files, a mix. Writes `target/bench-report/tar.json`
 //! with time ratios ours / GNU tar (target <= 0.8), each side its fastest
-//! sample (see [`fastest`]).
+//! sample (see [`fastest`]), and the ratio of the median round: samples are
+//! taken in rounds, one run of each extractor per round, so each ratio
+//! compares runs minutes apart at most (see `main`).
 //!
 //! Both keep ownership and modification times (GNU tar as root keeps
 //! owners by default; ours with `Ownership::Archive`). Every run starts from
@@ -36,12 +38,12 @@
 //! default, it lands on the host's own filesystem).
 //! That run writes `target/bench-report/tar_btrfs.json`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use cph_runtime::archive::{extract, extract_lent, ExtractOptions, Ownership};
@@ -298,6 +300,14 @@ fn cpu_time() -> Duration {
     usage(libc::RUSAGE_SELF) + usage(libc::RUSAGE_CHILDREN)
 }
 
+/// Runs of each extractor per shape that are reported (after one more
+/// that warms up).
+const SAMPLES: usize = 10;
+
+/// Criterion's warm-up time, and the measurement time it is asked for
+/// (the runs take far longer: one run per sample).
+const WARM_UP: Duration = Duration::from_millis(1);
+
 /// One timed run: wall time and the CPU time it took.
 #[derive(Clone, Copy, Default)]
 struct Sample {
@@ -369,6 +379,33 @@ fn settle(inputs: &[PathBuf]) {
     for p in inputs {
         let mut f = File::open(p).expect("open input");
         std::io::copy(&mut f, &mut std::io::sink()).expect("read input");
+    }
+}
+
+/// Removes what runs extracted, untimed, and waits for the filesystem to
+/// be done with it, so that no run meets the work of an earlier one's
+/// removal (whichever extractor it was): the removal committed (`sync -f`)
+/// and, on a btrfs pool (`trim`), the space it freed discarded at once. The
+/// pool discards freed space in the background otherwise (`discard=async`,
+/// the default on devices that support it, as loop devices do), holes
+/// punched in the pool's file over the next seconds: the 1 GB that 100,000
+/// small files freed took 15 s, a `fstrim` 1.2 s.
+fn clear(dests: &[PathBuf], root: &Path, trim: bool) {
+    for dest in dests {
+        std::fs::remove_dir_all(dest).expect("clean dest");
+    }
+    let status = Command::new("sync")
+        .arg("-f")
+        .arg(root)
+        .status()
+        .expect("run sync");
+    assert!(status.success(), "sync -f {}: {status}", root.display());
+    if trim {
+        let status = Command::new("fstrim")
+            .arg(root)
+            .status()
+            .expect("run fstrim");
+        assert!(status.success(), "fstrim {}: {status}", root.display());
     }
 }
 
@@ -487,9 +524,9 @@ fn main() {
         })
         .collect();
     let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(1))
-        .measurement_time(Duration::from_secs(1));
+        .sample_size(SAMPLES)
+        .warm_up_time(WARM_UP)
+        .measurement_time(WARM_UP);
     if full {
         c = c.configure_from_args();
     }
@@ -511,6 +548,7 @@ fn main() {
     let root: PathBuf = pool
         .as_ref()
         .map_or_else(|| dir.path().to_path_buf(), |p| p.subvolume.clone());
+    let trim = pool.is_some();
     let mut metrics = Vec::new();
     for shape in &shapes {
         let archive = dir.path().join(format!("{}.tar", shape.name));
@@ -522,7 +560,6 @@ fn main() {
             std::fs::create_dir(dest).expect("dest");
             store.download(&key);
         };
-        let mut times: Vec<Vec<Sample>> = Vec::new();
         let runs: [(&str, &Extractor); 5] = [
             ("ours", &ours),
             ("gnu_tar", &gnu),
@@ -530,59 +567,80 @@ fn main() {
             ("ours_plain_tcp", &ours_tcp),
             ("download_only", &download_only),
         ];
-        for (label, run) in runs {
-            let samples = Rc::new(RefCell::new(Vec::new()));
-            let rec = samples.clone();
-            let counter = RefCell::new(0u64);
-            let archive = archive.clone();
-            let root = root.clone();
-            // What every run reads: the archive, and the store's copy of it.
-            let inputs = [
-                archive.clone(),
-                dir.path().join("objects").join(BUCKET).join(&key),
-            ];
-            assert!(inputs[1].is_file(), "the store keeps objects elsewhere");
+        // What every run reads: the archive, and the store's copy of it.
+        let inputs = [
+            archive.clone(),
+            dir.path().join("objects").join(BUCKET).join(&key),
+        ];
+        assert!(inputs[1].is_file(), "the store keeps objects elsewhere");
+        settle(&inputs);
+        let counter = Cell::new(0u64);
+        // One run of extractor `i` into a new directory, then that removed
+        // and the host settled for whichever run is next.
+        let measure = |i: usize| {
+            let (label, run) = runs[i];
+            counter.set(counter.get() + 1);
+            let dest = root.join(format!("x-{label}-{}", counter.get()));
+            let c = cpu_time();
+            let t = Instant::now();
+            run(&archive, &dest);
+            let wall = t.elapsed();
+            let cpu = cpu_time().saturating_sub(c);
+            clear(&[dest], &root, trim);
             settle(&inputs);
-            let mut g = c.benchmark_group(format!("tar/{}", shape.name));
-            g.sampling_mode(SamplingMode::Flat);
-            g.bench_function(label, |b| {
+            Sample { wall, cpu }
+        };
+        // Rounds of one run of each extractor, each round starting with the
+        // next one, so that a host whose speed drifts over the minutes a
+        // shape takes (these VMs' does, by a quarter and more) slows every
+        // extractor alike rather than whichever had its runs then.
+        let mut queued: Vec<VecDeque<Sample>> = vec![VecDeque::new(); runs.len()];
+        let mut rounds: Vec<Vec<Sample>> = Vec::new();
+        for round in 0..=SAMPLES {
+            let mut this = vec![Sample::default(); runs.len()];
+            for k in 0..runs.len() {
+                let i = (round + k) % runs.len();
+                this[i] = measure(i);
+                queued[i].push_back(this[i]);
+            }
+            rounds.push(this);
+        }
+        // The first round is criterion's warm-up. It is left out: the
+        // first extractor would have it right after the archive was
+        // written, on memory the host has not reclaimed yet.
+        let rounds = &rounds[1..];
+        // Criterion is handed the same runs in their order. Its warm-up
+        // goes by the clock: it calls again, with twice the iterations,
+        // until its calls have taken `warm_up_time`, so the first call
+        // takes that long before it hands over the warm-up round's run;
+        // then each sample takes one run (flat sampling, with the calls
+        // far longer than the measurement time asked). The queue so holds
+        // exactly what criterion asks for; should it ask for more, those
+        // are measured then.
+        let queued = RefCell::new(queued);
+        let mut g = c.benchmark_group(format!("tar/{}", shape.name));
+        g.sampling_mode(SamplingMode::Flat);
+        for (i, (label, _)) in runs.iter().enumerate() {
+            let mut warming = true;
+            g.bench_function(*label, |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let n = {
-                            let mut k = counter.borrow_mut();
-                            *k += 1;
-                            *k
-                        };
-                        let dest = root.join(format!("x-{label}-{n}"));
-                        let c = cpu_time();
-                        let t = Instant::now();
-                        run(&archive, &dest);
-                        let d = t.elapsed();
-                        let cpu = cpu_time().saturating_sub(c);
-                        std::fs::remove_dir_all(&dest).expect("clean dest");
-                        // Untimed: the removal's writeback must not land on
-                        // the next run (whichever extractor it is).
-                        Command::new("sync")
-                            .arg("-f")
-                            .arg(&root)
-                            .status()
-                            .expect("run sync");
-                        settle(&inputs);
-                        total += d;
-                        rec.borrow_mut().push(Sample { wall: d, cpu });
+                    if std::mem::take(&mut warming) {
+                        std::thread::sleep(WARM_UP * 2);
                     }
-                    total
+                    (0..iters)
+                        .map(|_| {
+                            let next = queued.borrow_mut()[i].pop_front();
+                            next.unwrap_or_else(|| {
+                                eprintln!("tar bench: {label} measured outside the rounds");
+                                measure(i)
+                            })
+                            .wall
+                        })
+                        .sum()
                 })
             });
-            g.finish();
-            // The first run is criterion's warm-up. It is left out: the
-            // first extractor of a shape would have it right after the
-            // archive was written, on memory the host has not reclaimed yet.
-            let v = samples.borrow().clone();
-            let skip = usize::from(v.len() > 1);
-            times.push(v[skip..].to_vec());
         }
+        g.finish();
         // Peak memory, each extraction in a process of its own.
         let exe = std::env::current_exe().expect("bench executable");
         let dest = |what: &str| root.join(format!("peak-{what}-{}", shape.name));
@@ -603,10 +661,20 @@ fn main() {
         let mut gnu_cmd = Command::new("tar");
         gnu_cmd.arg("-xf").arg(&archive).arg("-C").arg(dest("gnu"));
         let rss = [&mut local_cmd, &mut streamed_cmd, &mut gnu_cmd].map(peak_rss_mib);
-        for what in ["ours", "streamed", "gnu"] {
-            std::fs::remove_dir_all(dest(what)).expect("clean dest");
-        }
-        let [local, gnu_tar, streamed, tcp, download] = [0, 1, 2, 3, 4].map(|i| fastest(&times[i]));
+        // The next shape's first runs must not meet these removals' work.
+        clear(&["ours", "streamed", "gnu"].map(dest), &root, trim);
+        let [local, gnu_tar, streamed, tcp, download] = [0, 1, 2, 3, 4].map(|i| {
+            let samples: Vec<Sample> = rounds.iter().map(|r| r[i]).collect();
+            fastest(&samples)
+        });
+        // The round whose ratio of ours to GNU tar is the median: a
+        // comparison of runs minutes apart at most, whatever the drift.
+        let mut by_ratio: Vec<&Vec<Sample>> = rounds.iter().collect();
+        by_ratio.sort_by(|a, b| {
+            let r = |x: &Vec<Sample>| x[0].wall.as_secs_f64() / x[1].wall.as_secs_f64();
+            r(a).total_cmp(&r(b))
+        });
+        let median = by_ratio[by_ratio.len() / 2];
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         // The least a streamed run can take on this host: the download's
         // CPU (the store's and the client's, both in this process) and the
@@ -619,6 +687,7 @@ fn main() {
         // the extractor share them).
         let pairs = [
             ("_time", local.wall, gnu_tar.wall),
+            ("_median_round_time", median[0].wall, median[1].wall),
             ("_streamed_vs_local_time", streamed.wall, local.wall),
             ("_plain_tcp_vs_local_time", tcp.wall, local.wall),
             ("_streamed_vs_plain_tcp_time", streamed.wall, tcp.wall),
