@@ -594,17 +594,22 @@ fn main() {
         // next one, so that a host whose speed drifts over the minutes a
         // shape takes (these VMs' does, by a quarter and more) slows every
         // extractor alike rather than whichever had its runs then.
-        let mut queued: Vec<VecDeque<Sample>> = vec![VecDeque::new(); runs.len()];
         let mut rounds: Vec<Vec<Sample>> = Vec::new();
         for round in 0..=SAMPLES {
             let mut this = vec![Sample::default(); runs.len()];
             for k in 0..runs.len() {
                 let i = (round + k) % runs.len();
                 this[i] = measure(i);
-                queued[i].push_back(this[i]);
             }
             rounds.push(this);
         }
+        // Extractor `i`'s runs, in their order.
+        let runs_of = |rounds: &[Vec<Sample>], i: usize| -> Vec<Sample> {
+            rounds.iter().map(|r| r[i]).collect()
+        };
+        let queued: Vec<VecDeque<Sample>> = (0..runs.len())
+            .map(|i| runs_of(&rounds, i).into())
+            .collect();
         // The first round is criterion's warm-up. It is left out: the
         // first extractor would have it right after the archive was
         // written, on memory the host has not reclaimed yet.
@@ -663,10 +668,8 @@ fn main() {
         let rss = [&mut local_cmd, &mut streamed_cmd, &mut gnu_cmd].map(peak_rss_mib);
         // The next shape's first runs must not meet these removals' work.
         clear(&["ours", "streamed", "gnu"].map(dest), &root, trim);
-        let [local, gnu_tar, streamed, tcp, download] = [0, 1, 2, 3, 4].map(|i| {
-            let samples: Vec<Sample> = rounds.iter().map(|r| r[i]).collect();
-            fastest(&samples)
-        });
+        let [local, gnu_tar, streamed, tcp, download] =
+            [0, 1, 2, 3, 4].map(|i| fastest(&runs_of(rounds, i)));
         // The round whose ratio of ours to GNU tar is the median: a
         // comparison of runs minutes apart at most, whatever the drift.
         let mut by_ratio: Vec<&Vec<Sample>> = rounds.iter().collect();
