@@ -19,7 +19,8 @@
 //! the file and writing it to the socket, no HTTP): what any network
 //! stream costs on this host before the object store protocol adds its
 //! share. And the same download taken into nothing: the stream's own cost.
-//! Each run's CPU time (this process and its children: user + system) is
+//! Each run's CPU time (user + system: this process, its children and the
+//! store, which runs in a process of its own as the agent's does) is
 //! reported next to its wall time, since on a host with few cores the
 //! store, the client and the extractor of a streamed run share them; the
 //! streamed run is also reported against the least it could take here,
@@ -200,30 +201,107 @@ fn ours_tcp(archive: &Path, dest: &Path) {
 }
 
 /// The embedded S3 store on loopback holding the bench's archives, and a
-/// client of it. The store runs in the bench's own process; a peak-memory
-/// probe connects to it from a process of its own ([`Store::connect`]).
+/// client of it. The store runs in a process of its own (this executable,
+/// [`SERVE`]), as the agent's store is never in the agent's process (`cph
+/// up` runs it as `cph-agent object-store`; in production it is OBS); a
+/// peak-memory probe connects to it from a third ([`Store::connect`]).
 struct Store {
     rt: tokio::runtime::Runtime,
     client: cph_agent::objstore::ObjectStore,
-    server: Option<cph_agent::objstore::EmbeddedStore>,
+    server: Option<StoreProcess>,
 }
 
 const BUCKET: &str = "tar-bench";
 const STORE_AK: &str = "bench-ak";
 const STORE_SK: &str = "bench-sk-0123456789";
 
+/// The argument that makes this executable the bench's store:
+/// `--serve-store ROOT` serves ROOT on a loopback port, prints its
+/// endpoint on a line of its own and serves until its stdin closes.
+const SERVE: &str = "--serve-store";
+
+/// Serves the store in this process (see [`SERVE`]).
+fn serve_store(root: &Path) {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let server = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        cph_agent::objstore::serve(root.to_path_buf(), l, STORE_AK.into(), STORE_SK.into())
+            .await
+            .expect("embedded store")
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", server.endpoint()).expect("print endpoint");
+    out.flush().expect("print endpoint");
+    // Until the bench closes its end (or dies).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(server);
+}
+
+/// The store's process, stopped when dropped (also on a panic).
+struct StoreProcess {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl StoreProcess {
+    fn start(root: &Path) -> StoreProcess {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(std::env::current_exe().expect("bench executable"))
+            .arg(SERVE)
+            .arg(root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the store");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("store stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("store endpoint");
+        assert!(line.starts_with("http://"), "store said {line:?}");
+        StoreProcess {
+            child,
+            endpoint: line.trim().to_string(),
+        }
+    }
+
+    /// The CPU time (user + system) the store has taken so far: it is not
+    /// waited for until the bench ends, so `RUSAGE_CHILDREN` does not have
+    /// it yet.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("store's /proc stat");
+        // Fields after the command's closing parenthesis, from the third:
+        // utime and stime are the 14th and 15th.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().expect("stat field"))
+            .collect();
+        // SAFETY: sysconf reads a constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_micros((f[0] + f[1]) * 1_000_000 / hz)
+    }
+}
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 impl Store {
     fn start(root: &Path) -> Store {
+        let server = StoreProcess::start(root);
         let rt = tokio::runtime::Runtime::new().expect("tokio");
-        let server = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            cph_agent::objstore::serve(root.to_path_buf(), l, STORE_AK.into(), STORE_SK.into())
-                .await
-                .expect("embedded store")
-        });
-        let mut store = Store::connect(rt, &server.endpoint());
+        let mut store = Store::connect(rt, &server.endpoint);
         store
             .rt
             .block_on(store.client.create_bucket(BUCKET))
@@ -243,12 +321,15 @@ impl Store {
         }
     }
 
-    /// The store's endpoint (only for the store this process serves).
-    fn endpoint(&self) -> String {
-        self.server
-            .as_ref()
-            .map(|s| s.endpoint())
-            .expect("a store this process serves")
+    /// The store this bench started.
+    fn process(&self) -> &StoreProcess {
+        self.server.as_ref().expect("a store this bench started")
+    }
+
+    /// CPU time (user + system) of this process, of its waited-for
+    /// children (GNU tar, `sync`) and of the store so far.
+    fn cpu_time(&self) -> Duration {
+        cpu_time() + self.process().cpu()
     }
 
     /// Uploads `file` as `key` (multipart for large archives).
@@ -285,7 +366,7 @@ impl Store {
 }
 
 /// CPU time (user + system) of this process and of its waited-for
-/// children (GNU tar, `sync`) so far.
+/// children so far.
 fn cpu_time() -> Duration {
     let usage = |who| {
         // SAFETY: getrusage only writes the struct it is given.
@@ -470,6 +551,12 @@ fn main() {
         probe(&args[at + 1..]);
         return;
     }
+    if let Some(at) = args.iter().position(|a| a == SERVE) {
+        serve_store(Path::new(
+            args.get(at + 1).expect("usage: --serve-store ROOT"),
+        ));
+        return;
+    }
     let full = args.iter().any(|a| a == "--bench");
     if Command::new("tar").arg("--version").output().is_err() {
         eprintln!("skipping tar bench: GNU tar not installed");
@@ -581,11 +668,11 @@ fn main() {
             let (label, run) = runs[i];
             counter.set(counter.get() + 1);
             let dest = root.join(format!("x-{label}-{}", counter.get()));
-            let c = cpu_time();
+            let c = store.cpu_time();
             let t = Instant::now();
             run(&archive, &dest);
             let wall = t.elapsed();
-            let cpu = cpu_time().saturating_sub(c);
+            let cpu = store.cpu_time().saturating_sub(c);
             clear(&[dest], &root, trim);
             settle(&inputs);
             Sample { wall, cpu }
@@ -659,7 +746,7 @@ fn main() {
         streamed_cmd
             .arg(PROBE)
             .arg("streamed")
-            .arg(store.endpoint())
+            .arg(&store.process().endpoint)
             .arg(&key)
             .arg(dest("streamed"));
         std::fs::create_dir(dest("gnu")).expect("dest");
@@ -680,7 +767,7 @@ fn main() {
         let median = by_ratio[by_ratio.len() / 2];
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         // The least a streamed run can take on this host: the download's
-        // CPU (the store's and the client's, both in this process) and the
+        // CPU (the store's and the client's, in two processes) and the
         // extraction's, spread over every core without a gap.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         let streamed_bound = (download.cpu + local.cpu) / cores;
