@@ -37,7 +37,12 @@
 //! without the agent's simple quotas): where a push lands on a host whose
 //! phones live on btrfs volumes (with the overlay backend, `cph up`'s
 //! default, it lands on the host's own filesystem).
-//! That run writes `target/bench-report/tar_btrfs.json`.
+//! That run writes `target/bench-report/tar_btrfs.json`. With
+//! `CPH_TAR_BENCH_FS=ext4` they land on an ext4 made with `mkfs.ext4`'s
+//! defaults (a journal, as a host's own filesystem has) on a loop file the
+//! same way, and the run writes `target/bench-report/tar_ext4.json`: the
+//! build's filesystem on these VMs is an ext4 without a journal, where the
+//! kernel treats freed inodes differently (see [`settle`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -448,11 +453,18 @@ fn peak_rss_mib(cmd: &mut Command) -> f64 {
 /// whichever extractor ran later looked slower (100,000 small files:
 /// 1.95-2.2 s settled, 3.5-5 s not). On ext4 without a journal (these VMs'
 /// root filesystem) the cause is in the inode allocator: it skips inodes
-/// freed in the last minute or so, which it recognises from the inode
-/// table blocks it has cached, so after a run removed 100,000 files the
-/// next run's creations step past them one by one. Dropping the cache
+/// freed in the last minute or so (longer while their inode table block
+/// is dirty, as a new inode in the block makes it), which it recognises
+/// from the inode table blocks it has cached, so after a run removed
+/// 100,000 files the next run's creations step past them one by one, each
+/// from the start of the directory's block group. Dropping the cache
 /// shortens that walk without removing it: in a profile of a settled run
-/// of ours it still took a sixth of the CPU.
+/// of ours it still took a sixth of the CPU, and half of it for 20,000
+/// small files in 200 directories, where two writers allocating in one
+/// group walked twice what one did (2.2-2.9 CPU-s against 1.5-1.7; GNU tar
+/// 1.6-1.9). The kernel makes that check only when the filesystem has no
+/// journal (`find_inode_bit`); `CPH_TAR_BENCH_FS=ext4` measures an ext4
+/// with one.
 fn settle(inputs: &[PathBuf]) {
     if std::fs::write("/proc/sys/vm/drop_caches", "1").is_err() {
         return;
@@ -626,16 +638,17 @@ fn main() {
         .expect("tempdir");
     let _no_reporting = NoPageReporting::start();
     let store = Store::start(&dir.path().join("objects"));
-    // Where extractions land: next to the archives, or a pool's subvolume.
+    // Where extractions land: next to the archives, or a loop filesystem.
     let pool = match std::env::var("CPH_TAR_BENCH_FS").as_deref() {
-        Ok("btrfs") => Some(Pool::make(&dir.path().join("pool"))),
+        Ok("btrfs") => Some(Pool::make(&dir.path().join("pool"), PoolFs::Btrfs)),
+        Ok("ext4") => Some(Pool::make(&dir.path().join("pool"), PoolFs::Ext4)),
         Ok("") | Err(_) => None,
-        Ok(other) => panic!("CPH_TAR_BENCH_FS={other}: only btrfs is known"),
+        Ok(other) => panic!("CPH_TAR_BENCH_FS={other}: btrfs and ext4 are known"),
     };
     let root: PathBuf = pool
         .as_ref()
-        .map_or_else(|| dir.path().to_path_buf(), |p| p.subvolume.clone());
-    let trim = pool.is_some();
+        .map_or_else(|| dir.path().to_path_buf(), |p| p.root.clone());
+    let trim = pool.as_ref().is_some_and(|p| p.fs == PoolFs::Btrfs);
     let mut metrics = Vec::new();
     for shape in &shapes {
         let archive = dir.path().join(format!("{}.tar", shape.name));
@@ -827,27 +840,47 @@ fn main() {
         }
         return;
     }
-    report::write(if pool.is_some() { "tar_btrfs" } else { "tar" }, &metrics);
+    let name = match pool.as_ref().map(|p| p.fs) {
+        None => "tar",
+        Some(PoolFs::Btrfs) => "tar_btrfs",
+        Some(PoolFs::Ext4) => "tar_ext4",
+    };
+    report::write(name, &metrics);
 }
 
-/// A btrfs pool on a loop file, as the agent makes one, with one subvolume
-/// (a phone's) to extract into; removed when dropped, also on a panic.
+/// A filesystem on a loop file with a directory to extract into; removed
+/// when dropped, also on a panic.
 struct Pool {
+    fs: PoolFs,
     image: PathBuf,
     mount: PathBuf,
     device: String,
-    subvolume: PathBuf,
+    root: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PoolFs {
+    /// A btrfs pool as the agent makes one, extracted into a subvolume (a
+    /// phone's).
+    Btrfs,
+    /// `mkfs.ext4`'s defaults, extracted into a directory.
+    Ext4,
 }
 
 impl Pool {
-    fn make(base: &Path) -> Pool {
+    fn make(base: &Path, fs: PoolFs) -> Pool {
         let run = |inv: Invocation| SystemRunner.run(&inv).expect("pool command");
         let text = |p: &Path| p.to_string_lossy().into_owned();
         let image = base.with_extension("img");
         let mount = base.to_path_buf();
-        // Sparse: only what the runs write takes space.
+        // Sparse: only what the runs write takes space. The ext4 smaller,
+        // as its inode tables are written whole at `mkfs` (below).
+        let size = match fs {
+            PoolFs::Btrfs => 256 << 30,
+            PoolFs::Ext4 => 32 << 30,
+        };
         File::create(&image)
-            .and_then(|f| f.set_len(256 << 30))
+            .and_then(|f| f.set_len(size))
             .expect("pool image");
         let attach = Losetup::Attach {
             file: text(&image),
@@ -855,18 +888,42 @@ impl Pool {
         };
         let device = run(attach.render()).trim().to_string();
         let pool = Pool {
+            fs,
             image,
             mount,
             device,
-            subvolume: base.join("phone"),
+            root: base.join("phone"),
         };
-        run(cmd::mkfs_btrfs(&pool.device, POOL_LABEL));
         std::fs::create_dir_all(&pool.mount).expect("pool mount point");
-        run(pool_mount(&pool.device, &pool.mount).render());
-        run(Btrfs::SubvolumeCreate {
-            path: text(&pool.subvolume),
+        match fs {
+            PoolFs::Btrfs => {
+                run(cmd::mkfs_btrfs(&pool.device, POOL_LABEL));
+                run(pool_mount(&pool.device, &pool.mount).render());
+                run(Btrfs::SubvolumeCreate {
+                    path: text(&pool.root),
+                }
+                .render());
+            }
+            PoolFs::Ext4 => {
+                // Inode tables and journal written now: left to the
+                // kernel, they would be written in the background during
+                // the first runs.
+                let opts = "lazy_itable_init=0,lazy_journal_init=0";
+                let device = pool.device.as_str();
+                let mount = text(&pool.mount);
+                for args in [
+                    &["mkfs.ext4", "-q", "-F", "-E", opts, device][..],
+                    &["mount", device, &mount],
+                ] {
+                    let status = Command::new(args[0])
+                        .args(&args[1..])
+                        .status()
+                        .expect("ext4 command");
+                    assert!(status.success(), "{args:?}: {status}");
+                }
+                std::fs::create_dir(&pool.root).expect("ext4 root");
+            }
         }
-        .render());
         pool
     }
 }
