@@ -1754,10 +1754,11 @@ fn process_umask() -> u32 {
 /// the kernel's inode allocator steps past inodes freed in the last
 /// minutes, two writers walked twice what one did (2.2-2.9 CPU-s against
 /// 1.5-1.7) and were still as fast or faster (1.3-1.6 s against 1.5-1.7).
-/// They race for the same free inode there: with their creations taken
-/// one at a time (a lock around `openat2`) the walk was one writer's
-/// (1.3-1.5 CPU-s), but on the ext4 with a journal that lock made the
-/// runs a fifth to a half slower, so creations are not serialized.
+/// Their allocations running at once are what doubles it: with their
+/// creations taken one at a time (a lock around `openat2`) the walk was
+/// one writer's (1.3-1.5 CPU-s), but on the ext4 with a journal that lock
+/// made the runs a fifth to a half slower, so creations are not
+/// serialized.
 fn default_threads(on_btrfs: bool) -> usize {
     if on_btrfs {
         return 1;
