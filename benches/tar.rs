@@ -909,18 +909,19 @@ impl Pool {
                 // kernel, they would be written in the background during
                 // the first runs.
                 let opts = "lazy_itable_init=0,lazy_journal_init=0";
-                let device = pool.device.as_str();
-                let mount = text(&pool.mount);
-                for args in [
-                    &["mkfs.ext4", "-q", "-F", "-E", opts, device][..],
-                    &["mount", device, &mount],
-                ] {
-                    let status = Command::new(args[0])
-                        .args(&args[1..])
-                        .status()
-                        .expect("ext4 command");
-                    assert!(status.success(), "{args:?}: {status}");
+                run(Invocation {
+                    program: "mkfs.ext4",
+                    args: ["-q", "-F", "-E", opts, &pool.device]
+                        .map(String::from)
+                        .into(),
+                });
+                run(cmd::Mount {
+                    fstype: Some("ext4"),
+                    options: Vec::new(),
+                    source: pool.device.clone(),
+                    target: text(&pool.mount),
                 }
+                .render());
                 std::fs::create_dir(&pool.root).expect("ext4 root");
             }
         }
