@@ -131,8 +131,8 @@ pub struct ExtractOptions {
 /// the filesystem's preemptive reclaim starts writeback during the run,
 /// and its workers then insert the written extents and the delayed inode
 /// updates into the same tree. GNU tar's run meets the same, which is why
-/// the two are closer on small files here (0.84-0.89 of GNU tar's time in
-/// the bench) than on ext4 (0.66-0.72).
+/// the two are closer on small files here (0.79-0.89 of GNU tar's time in
+/// the bench) than on ext4 (0.56-0.72).
 pub const GROUP_WINDOW: usize = 8 << 20;
 
 impl Default for ExtractOptions {
